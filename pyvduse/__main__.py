@@ -1,0 +1,3 @@
+from pyvduse.cli.main import main
+import sys
+sys.exit(main())

@@ -1,0 +1,49 @@
+"""A RAM backend: the disk lives in an anonymous mapping and vanishes with the process."""
+
+from __future__ import annotations
+
+import mmap
+
+from pyvduse.backend.base import Backend
+
+
+class MemoryBackend(Backend):
+    """Backed by anonymous memory, so untouched pages cost nothing."""
+
+    kind = "memory"
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._map = mmap.mmap(-1, max(size, 1))
+        self._mem = memoryview(self._map)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def readv(self, offset: int, bufs: list[memoryview]) -> None:
+        mem = self._mem
+        for b in bufs:
+            n = len(b)
+            b[:] = mem[offset : offset + n]
+            offset += n
+
+    def writev(self, offset: int, bufs: list[memoryview]) -> None:
+        mem = self._mem
+        for b in bufs:
+            n = len(b)
+            mem[offset : offset + n] = b
+            offset += n
+
+    def discard(self, offset: int, length: int) -> None:
+        self.write_zeroes(offset, length, True)
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        if unmap and offset % mmap.PAGESIZE == 0 and length % mmap.PAGESIZE == 0:
+            self._map.madvise(mmap.MADV_DONTNEED, offset, length)  # pages read back as zero
+            return
+        self._mem[offset : offset + length] = bytes(length)
+
+    def close(self) -> None:
+        self._mem.release()
+        self._map.close()

@@ -1,0 +1,28 @@
+"""A backend that stores nothing and reads zeroes: for benchmarks and tests."""
+
+from __future__ import annotations
+
+from pyvduse.backend.base import Backend
+from pyvduse.ring.iovec import fill_zero
+
+
+class NullBackend(Backend):
+    """Writes vanish, reads return zeroes (like QEMU's null-co with read-zeroes=on)."""
+
+    kind = "null"
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def readv(self, offset: int, bufs: list[memoryview]) -> None:
+        fill_zero(bufs)
+
+    def writev(self, offset: int, bufs: list[memoryview]) -> None:
+        pass
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        pass

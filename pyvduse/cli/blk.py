@@ -1,0 +1,175 @@
+"""``pyvduse blk``: serve a disk image (or RAM, or nothing) as a virtio-blk device."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+from pyvduse.backend.base import Backend
+from pyvduse.backend.file import FileBackend
+from pyvduse.backend.memory import MemoryBackend
+from pyvduse.backend.null import NullBackend
+from pyvduse.device.blk import BlkConfigError, BlkDevice, BlkOptions
+from pyvduse.errors import UserError
+from pyvduse.runtime.server import DeviceServer
+from pyvduse.sizes import parse_size
+from pyvduse.transport.kernel import sysfs
+from pyvduse.transport.kernel.control import missing_module_hint
+from pyvduse.transport.kernel.transport import KernelTransport
+
+log = logging.getLogger("pyvduse")
+
+NODE_WAIT_SECONDS = 30.0
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("blk", help="serve a virtio-blk device",
+                       description="Create a VDUSE virtio-blk device, attach it to the vdpa "
+                       "bus and serve it until SIGINT or SIGTERM.")
+    p.add_argument("--name", required=True, help="device name (/dev/vduse/NAME, vdpa NAME)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--file", metavar="PATH", help="raw image file or block device to serve")
+    src.add_argument("--memory", metavar="SIZE", help="serve SIZE bytes of RAM (e.g. 1G)")
+    src.add_argument("--null", metavar="SIZE", help="discard writes, read zeroes, SIZE bytes")
+    p.add_argument("--readonly", action="store_true", help="offer the device read-only")
+    p.add_argument("--queues", type=int, default=1, metavar="N", help="virtqueues (default 1)")
+    p.add_argument("--queue-size", type=int, default=256, metavar="N",
+                   help="descriptors per virtqueue, a power of two (default 256)")
+    p.add_argument("--block-size", type=int, default=512, choices=(512, 4096),
+                   help="logical block size (default 512)")
+    p.add_argument("--serial", default="", help="serial number, up to 20 bytes")
+    p.add_argument("--msg-timeout", type=int, metavar="SECONDS",
+                   help="kernel's per-message timeout (sysfs msg_timeout)")
+    p.add_argument("--bounce-size", metavar="SIZE",
+                   help="kernel bounce buffer size, 1M to 1G (sysfs bounce_size)")
+    p.set_defaults(func=run)
+
+
+def _check_name(name: str) -> None:
+    if not name or "/" in name or name in (".", "..", "control") or len(name.encode()) > 255:
+        raise UserError(f"'{name}' cannot be a device name: use 1 to 255 characters, no '/'")
+
+
+def make_backend(args: argparse.Namespace) -> Backend:
+    """The backend the arguments ask for; UserError on a missing file or bad size."""
+    if args.file is not None:
+        path = args.file
+        if not os.path.exists(path):
+            raise UserError(f"image file {path} does not exist: create it first, for example "
+                            f"'truncate -s 1G {path}'")
+        try:
+            return FileBackend(path, readonly=args.readonly)
+        except PermissionError:
+            mode = "reading" if args.readonly else "reading and writing"
+            raise UserError(f"no permission to open {path} for {mode}: fix its permissions "
+                            "or use --readonly") from None
+        except OSError as e:
+            raise UserError(f"cannot open {path}: {e.strerror}") from None
+    text = args.memory if args.memory is not None else args.null
+    try:
+        size = parse_size(text)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if size <= 0:
+        raise UserError("the size must be larger than zero")
+    return MemoryBackend(size) if args.memory is not None else NullBackend(size)
+
+
+def preflight() -> None:
+    """Fail early, with what to do, when the kernel side is missing."""
+    if not sysfs.CONTROL.exists():
+        raise UserError(missing_module_hint())
+    if not sysfs.vdpa_drivers():
+        raise UserError("no vdpa bus driver is loaded: run 'modprobe virtio_vdpa' for a "
+                        "host block device (or 'modprobe vhost_vdpa' to give it to a VM)")
+
+
+def wait_for_node(name: str, stop: threading.Event, timeout: float = NODE_WAIT_SECONDS) -> str:
+    """The device node the bound vdpa driver created for ``name``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not stop.is_set():
+        driver = sysfs.bound_driver(name)
+        if driver == "vhost_vdpa":
+            nodes = [f"/dev/{n}" for n in sysfs.vhost_devices(name)]
+        else:
+            nodes = [f"/dev/{n}" for n in sysfs.block_devices(name)]
+        for node in nodes:
+            if Path(node).exists():
+                return node
+        time.sleep(0.05)
+    raise UserError(f"no device node appeared for '{name}' within {timeout:.0f} s: check "
+                    "'dmesg' for virtio_blk errors")
+
+
+def build_device(args: argparse.Namespace, backend: Backend) -> BlkDevice:
+    options = BlkOptions(
+        readonly=args.readonly, block_size=args.block_size, serial=args.serial,
+        num_queues=args.queues, queue_size=args.queue_size,
+    )
+    try:
+        return BlkDevice(backend, options)
+    except BlkConfigError as e:
+        raise UserError(str(e)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_name(args.name)
+    bounce = None
+    if args.bounce_size is not None:
+        try:
+            bounce = parse_size(args.bounce_size)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    preflight()
+    backend = make_backend(args)
+    try:
+        device = build_device(args, backend)
+        return serve(args.name, device, msg_timeout=args.msg_timeout, bounce_size=bounce)
+    finally:
+        backend.close()
+
+
+def serve(name: str, device: BlkDevice, *, msg_timeout: int | None = None,
+          bounce_size: int | None = None) -> int:
+    """Create, attach, announce, serve until a signal, then tear everything down."""
+    stop = threading.Event()
+    broken: list[str] = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    def on_broken(why: str) -> None:
+        broken.append(why)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    server = DeviceServer(device)
+    transport = KernelTransport(name, device.spec(), server, msg_timeout=msg_timeout,
+                                bounce_size=bounce_size)
+    transport.on_broken = on_broken
+    server.bind(transport)
+    try:
+        transport.create()
+        transport.attach()
+        node = wait_for_node(name, stop)
+        if not stop.is_set():
+            sys.stdout.write(f"READY name={name} dev={node}\n")
+            sys.stdout.flush()
+            log.info("serving %s on %s", device.backend.description, node)
+        while not stop.wait(1.0):
+            pass
+    finally:
+        transport.close()
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if broken:
+        raise UserError(f"device '{name}' broke: {broken[0]}; it was removed, start again")
+    return 0

@@ -1,0 +1,85 @@
+"""Walking a descriptor table: the validation shared by split and packed rings.
+
+Every rule of the spec that protects the device is checked here: addresses must lie in mapped
+memory (writable memory for device-writable buffers), device-readable buffers come before
+device-writable ones, an indirect table is only followed when negotiated, never nested and
+never combined with NEXT, its length is a non-zero multiple of 16, and a chain may not hold
+more descriptors than the queue has (which also ends loops).
+"""
+
+from __future__ import annotations
+
+from pyvduse.abi.virtio import (
+    DESC_SIZE,
+    VRING_DESC,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+)
+from pyvduse.ring.errors import ChainError
+from pyvduse.ring.memory import GuestMemory, MemoryFault
+
+_unpack_desc = VRING_DESC.unpack_from
+
+
+def add_buffer(
+    memory: GuestMemory,
+    addr: int,
+    length: int,
+    flags: int,
+    readable: list[memoryview],
+    writable: list[memoryview],
+) -> None:
+    """Translate one direct descriptor and append it to the right list."""
+    if flags & VRING_DESC_F_WRITE:
+        if length:
+            try:
+                writable.extend(memory.segments(addr, length, True))
+            except MemoryFault as e:
+                raise ChainError(f"writable buffer: {e}") from None
+    else:
+        if writable:
+            raise ChainError("device-readable descriptor after a device-writable one")
+        if length:
+            try:
+                readable.extend(memory.segments(addr, length, False))
+            except MemoryFault as e:
+                raise ChainError(f"readable buffer: {e}") from None
+
+
+def indirect_table(memory: GuestMemory, addr: int, length: int, limit: int) -> memoryview:
+    """Map an indirect descriptor table after checking its size."""
+    if length == 0 or length % DESC_SIZE:
+        raise ChainError(f"indirect table length {length} is not a non-zero multiple of 16")
+    if length // DESC_SIZE > limit:
+        raise ChainError(f"indirect table of {length // DESC_SIZE} descriptors exceeds {limit}")
+    try:
+        return memory.view(addr, length, False)
+    except MemoryFault as e:
+        raise ChainError(f"indirect table: {e}") from None
+
+
+def walk_indirect(
+    memory: GuestMemory,
+    table: memoryview,
+    readable: list[memoryview],
+    writable: list[memoryview],
+    budget: int,
+) -> int:
+    """Follow the chain inside an indirect table from entry 0; returns descriptors used."""
+    n = len(table) // DESC_SIZE
+    i = 0
+    count = 0
+    while True:
+        count += 1
+        if count > budget:
+            raise ChainError("indirect chain is longer than the queue (or loops)")
+        addr, length, flags, nxt = _unpack_desc(table, i * DESC_SIZE)
+        if flags & VRING_DESC_F_INDIRECT:
+            raise ChainError("nested indirect descriptor")
+        add_buffer(memory, addr, length, flags, readable, writable)
+        if not flags & VRING_DESC_F_NEXT:
+            return count
+        if nxt >= n:
+            raise ChainError(f"indirect next {nxt} is outside the table of {n}")
+        i = nxt

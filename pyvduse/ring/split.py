@@ -1,0 +1,183 @@
+"""The split virtqueue, device side (virtio 1.2 section 2.7), as a plain object over memory.
+
+It does no I/O: ``pop`` reads the avail ring and returns validated chains, ``push`` and
+``publish`` write the used ring and say whether the driver wants an interrupt, and
+``enable_kicks`` says whether more work arrived while kicks were off. A worker thread (or a
+test) drives it.
+
+Ring-level corruption (an avail index that runs ahead by more than the queue size, a head
+outside the table) raises ``RingError``: nothing on that ring can be trusted any more. A bad
+chain only fails its own request: ``pop`` returns a ``Chain`` with ``error`` set.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from pyvduse.abi.virtio import (
+    DESC_SIZE,
+    F_RING_EVENT_IDX,
+    F_RING_INDIRECT_DESC,
+    LE16,
+    VRING_AVAIL_F_NO_INTERRUPT,
+    VRING_DESC,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_USED_ELEM,
+    VRING_USED_F_NO_NOTIFY,
+    avail_ring_size,
+    has,
+    need_event,
+    used_ring_size,
+)
+from pyvduse.ring.chain import Chain
+from pyvduse.ring.descriptors import add_buffer, indirect_table, walk_indirect
+from pyvduse.ring.errors import ChainError, RingError
+from pyvduse.ring.memory import GuestMemory, MemoryFault
+
+_unpack_desc = VRING_DESC.unpack_from
+_unpack16 = LE16.unpack_from
+_pack16 = LE16.pack_into
+_pack_used = VRING_USED_ELEM.pack_into
+
+MAX_QUEUE_SIZE = 32768
+
+# Taking and releasing a lock is a locked instruction, i.e. a full memory barrier on x86 and
+# a acquire/release pair elsewhere: what the spec asks between publishing avail_event and
+# re-reading avail->idx, which Python has no other way to express.
+_fence_lock = threading.Lock()
+
+
+def full_fence() -> None:
+    """A store-load barrier."""
+    with _fence_lock:
+        pass
+
+
+class SplitQueue:
+    """Device-side state and operations of one split virtqueue."""
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        num: int,
+        desc_addr: int,
+        driver_addr: int,
+        device_addr: int,
+        features: int,
+        last_avail_idx: int = 0,
+        used_idx: int | None = None,
+    ) -> None:
+        if num <= 0 or num > MAX_QUEUE_SIZE or num & (num - 1):
+            raise RingError(f"queue size {num} is not a power of two up to {MAX_QUEUE_SIZE}")
+        self.num = num
+        self.memory = memory
+        self.event_idx = has(features, F_RING_EVENT_IDX)
+        self.indirect = has(features, F_RING_INDIRECT_DESC)
+        try:
+            self.desc = memory.view(desc_addr, DESC_SIZE * num, False)
+            self.avail = memory.view(driver_addr, avail_ring_size(num, self.event_idx), False)
+            self.used = memory.view(device_addr, used_ring_size(num, self.event_idx), True)
+        except MemoryFault as e:
+            raise RingError(f"ring not mapped: {e}") from None
+        self.last_avail_idx = last_avail_idx & 0xFFFF
+        self.used_idx = _unpack16(self.used, 2)[0] if used_idx is None else used_idx & 0xFFFF
+        self._signalled_used = self.used_idx  # used index when the driver was last notified
+        self._used_event_off = 4 + 2 * num
+        self._avail_event_off = 4 + 8 * num
+        self.broken: str | None = None
+
+    # -- avail side ---------------------------------------------------------------------
+
+    def avail_idx(self) -> int:
+        return int(_unpack16(self.avail, 2)[0])
+
+    def pending(self) -> int:
+        """How many chains the driver has made available that we have not taken."""
+        n = (_unpack16(self.avail, 2)[0] - self.last_avail_idx) & 0xFFFF
+        if n > self.num:
+            self._break(f"avail index moved by {n}, more than the queue size {self.num}")
+        return n
+
+    def pop(self) -> Chain | None:
+        """Take the next available chain, or None when the ring is empty."""
+        if self.broken:
+            raise RingError(self.broken)
+        if not self.pending():
+            return None
+        slot = self.last_avail_idx % self.num
+        head = _unpack16(self.avail, 4 + 2 * slot)[0]
+        if head >= self.num:
+            self._break(f"avail ring names head {head}, outside the queue of {self.num}")
+        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        try:
+            self._walk(head, readable, writable)
+        except ChainError as e:
+            return Chain(head, readable, writable, str(e))
+        return Chain(head, readable, writable)
+
+    def _walk(self, head: int, readable: list[memoryview], writable: list[memoryview]) -> None:
+        memory, desc, num = self.memory, self.desc, self.num
+        i = head
+        count = 0
+        while True:
+            count += 1
+            if count > num:
+                raise ChainError("descriptor chain is longer than the queue (or loops)")
+            addr, length, flags, nxt = _unpack_desc(desc, i * DESC_SIZE)
+            if flags & VRING_DESC_F_INDIRECT:
+                if not self.indirect:
+                    raise ChainError("indirect descriptor without VIRTIO_F_RING_INDIRECT_DESC")
+                if flags & VRING_DESC_F_NEXT:
+                    raise ChainError("indirect descriptor with NEXT set")
+                table = indirect_table(memory, addr, length, num)
+                walk_indirect(memory, table, readable, writable, num - count + 1)
+                return
+            add_buffer(memory, addr, length, flags, readable, writable)
+            if not flags & VRING_DESC_F_NEXT:
+                return
+            if nxt >= num:
+                raise ChainError(f"next {nxt} is outside the queue of {num}")
+            i = nxt
+
+    # -- used side ----------------------------------------------------------------------
+
+    def push(self, head: int, written: int) -> None:
+        """Record a completion (not yet visible to the driver: see ``publish``)."""
+        _pack_used(self.used, 4 + 8 * (self.used_idx % self.num), head, written)
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+
+    def publish(self) -> bool:
+        """Make pushed completions visible; True if the driver asked to be interrupted."""
+        new = self.used_idx
+        _pack16(self.used, 2, new)
+        old = self._signalled_used
+        if new == old:
+            return False
+        self._signalled_used = new
+        if self.event_idx:
+            full_fence()
+            return need_event(_unpack16(self.avail, self._used_event_off)[0], new, old)
+        return not _unpack16(self.avail, 0)[0] & VRING_AVAIL_F_NO_INTERRUPT
+
+    # -- kick suppression ---------------------------------------------------------------
+
+    def disable_kicks(self) -> None:
+        """Ask the driver not to kick while we are busy (best effort, per the spec)."""
+        if not self.event_idx:
+            _pack16(self.used, 0, VRING_USED_F_NO_NOTIFY)
+
+    def enable_kicks(self) -> bool:
+        """Ask for a kick on new work; True if work is already there (process it now)."""
+        if self.event_idx:
+            _pack16(self.used, self._avail_event_off, self.last_avail_idx)
+        else:
+            _pack16(self.used, 0, 0)
+        full_fence()
+        return self.pending() > 0
+
+    def _break(self, why: str) -> None:
+        self.broken = why
+        raise RingError(why)

@@ -1,0 +1,89 @@
+"""The device runtime: turns a transport's control events into running queue workers."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from pyvduse.abi.virtio import F_RING_PACKED, has
+from pyvduse.device.base import VirtioDevice
+from pyvduse.ring.errors import RingError
+from pyvduse.ring.split import SplitQueue
+from pyvduse.runtime.worker import QueueWorker
+from pyvduse.transport.base import QueueSetup, Transport
+
+log = logging.getLogger(__name__)
+
+
+class DeviceServer:
+    """Implements ``DeviceEvents`` for one device on one transport."""
+
+    def __init__(self, device: VirtioDevice) -> None:
+        self.device = device
+        self.transport: Transport | None = None
+        self.workers: dict[int, QueueWorker] = {}
+        self.features = 0
+        self.running = threading.Event()  # set between DRIVER_OK and reset
+        self._lock = threading.Lock()
+
+    def bind(self, transport: Transport) -> None:
+        self.transport = transport
+        self.device.bind_config_writer(transport.set_config)
+
+    # -- DeviceEvents ---------------------------------------------------------------------
+
+    def features_ok(self, features: int) -> bool:
+        ok = self.device.accept_features(features)
+        if not ok:
+            log.warning("refusing features 0x%x", features)
+        return ok
+
+    def driver_ok(self, features: int, queues: list[QueueSetup]) -> None:
+        assert self.transport is not None
+        with self._lock:
+            self._stop_workers()
+            self.features = features
+            self.device.start(features)
+            if has(features, F_RING_PACKED):
+                raise NotImplementedError("packed rings are not served yet")
+            for q in queues:
+                if not q.ready:
+                    continue
+                try:
+                    ring = SplitQueue(self.transport.memory, q.num, q.desc_addr, q.driver_addr,
+                                      q.device_addr, features, last_avail_idx=q.avail_index)
+                except RingError as e:
+                    log.error("queue %d cannot be served: %s", q.index, e)
+                    continue
+                w = QueueWorker(self.device, q.index, ring, self.transport.kick_fd(q.index),
+                                self.transport.notify)
+                self.workers[q.index] = w
+            for w in self.workers.values():
+                w.start()
+            self.running.set()
+            log.info("driver ready: features 0x%x, %d queue(s) served", features,
+                     len(self.workers))
+
+    def reset(self) -> None:
+        with self._lock:
+            self._stop_workers()
+            self.features = 0
+            self.device.reset()
+            self.running.clear()
+
+    def queue_state(self, index: int) -> tuple[int, ...]:
+        w = self.workers.get(index)
+        return (w.queue.last_avail_idx,) if w else (0,)
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _stop_workers(self) -> None:
+        for w in self.workers.values():
+            w.stop()
+        self.workers.clear()
+
+    def stop(self) -> None:
+        """Stop serving (used on shutdown when no reset will come)."""
+        with self._lock:
+            self._stop_workers()
+            self.running.clear()

@@ -1,0 +1,72 @@
+"""The one interface between a device runtime and whatever plays the kernel's half.
+
+A transport owns the control path: it creates the device from its ``DeviceSpec``, answers the
+driver's status changes by calling a ``DeviceEvents`` (the runtime), and gives the runtime
+what the data path needs: driver memory, one kick fd per queue, a way to interrupt the
+driver and a way to change config space. The real kernel (``/dev/vduse``) and the in-process
+model implement it alike, so devices never know which one they run on.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Protocol
+
+from pyvduse.ring.memory import GuestMemory
+
+
+@dataclass(frozen=True)
+class QueueSetup:
+    """A virtqueue as the driver configured it (VDUSE_VQ_GET_INFO)."""
+
+    index: int
+    num: int
+    desc_addr: int
+    driver_addr: int
+    device_addr: int
+    ready: bool
+    avail_index: int = 0  # split: where the device resumes taking requests
+    # packed: (last_avail_counter, last_avail_idx, last_used_counter, last_used_idx)
+    packed_state: tuple[int, int, int, int] = (1, 0, 1, 0)
+
+
+class DeviceEvents(Protocol):
+    """Called by a transport's control thread; each call returns when it is done."""
+
+    def features_ok(self, features: int) -> bool:
+        """The driver set FEATURES_OK: accept (True) or refuse these features."""
+        ...
+
+    def driver_ok(self, features: int, queues: list[QueueSetup]) -> None:
+        """The driver set DRIVER_OK: start serving the ready queues."""
+        ...
+
+    def reset(self) -> None:
+        """Status 0: stop every queue and forget all ring state before returning."""
+        ...
+
+    def queue_state(self, index: int) -> tuple[int, ...]:
+        """Where queue ``index`` stands: ``(avail_index,)`` split or the packed 4-tuple."""
+        ...
+
+
+class Transport(ABC):
+    """The kernel half of a device as the runtime sees it."""
+
+    @property
+    @abstractmethod
+    def memory(self) -> GuestMemory:
+        """Driver memory; valid between DRIVER_OK and the next reset."""
+
+    @abstractmethod
+    def kick_fd(self, index: int) -> int:
+        """An eventfd that becomes readable when the driver kicks queue ``index``."""
+
+    @abstractmethod
+    def notify(self, index: int) -> None:
+        """Send a used-buffer notification (interrupt) for queue ``index``."""
+
+    @abstractmethod
+    def set_config(self, offset: int, data: bytes) -> None:
+        """Change config space and raise the config-change interrupt."""

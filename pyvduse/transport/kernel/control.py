@@ -1,0 +1,73 @@
+"""``/dev/vduse/control``: creating and destroying VDUSE devices, with errors users can act on."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+
+from pyvduse.abi import vduse as v
+from pyvduse.errors import UserError
+from pyvduse.transport.kernel import sysfs
+
+
+def missing_module_hint() -> str:
+    return "the vduse kernel module is not loaded: run 'modprobe vduse' as root"
+
+
+class Control:
+    """An open control fd, set to API version 0 (portable from 5.15 to the newest kernel)."""
+
+    def __init__(self) -> None:
+        path = str(sysfs.CONTROL)
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise UserError(missing_module_hint()) from None
+        except PermissionError:
+            raise UserError(
+                f"no permission to open {path}: run as root, or give your user access to it "
+                "with a udev rule"
+            ) from None
+        try:
+            fcntl.ioctl(self.fd, v.VDUSE_SET_API_VERSION,
+                        bytearray(struct.pack("<Q", v.VDUSE_API_VERSION)))
+        except OSError:
+            os.close(self.fd)
+            raise
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Control:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def create(self, config: v.DevConfig) -> None:
+        try:
+            fcntl.ioctl(self.fd, v.VDUSE_CREATE_DEV, bytearray(config.pack()))
+        except OSError as e:
+            if e.errno == errno.EEXIST:
+                raise UserError(
+                    f"a VDUSE device named '{config.name}' already exists: choose another "
+                    f"--name, or remove the old one with 'pyvduse destroy {config.name}'"
+                ) from None
+            if e.errno == errno.EPERM:
+                raise UserError(
+                    f"the kernel refused to create '{config.name}' (EPERM): network devices "
+                    "need CAP_NET_ADMIN; run as root"
+                ) from None
+            if e.errno == errno.EINVAL:
+                raise UserError(
+                    f"the kernel refused the configuration of '{config.name}' (EINVAL): "
+                    "check the device type, features and queue count this kernel supports"
+                ) from None
+            raise
+
+    def destroy(self, name: str) -> None:
+        fcntl.ioctl(self.fd, v.VDUSE_DESTROY_DEV, bytearray(v.name_buffer(name)))

@@ -1,0 +1,77 @@
+"""Typed calls on a VDUSE device fd (``/dev/vduse/NAME``): one method per ioctl or message.
+
+Arguments are always passed as mutable buffers: ``fcntl.ioctl`` then hands the kernel a
+pointer to our memory (no 1024-byte copy limit) and returns the ioctl's integer result.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+
+from pyvduse.abi import vduse as v
+
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+class DeviceFd:
+    """An open ``/dev/vduse/NAME``."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._irq_args: dict[int, bytearray] = {}
+
+    @classmethod
+    def open(cls, path: str) -> DeviceFd:
+        return cls(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # -- ioctls -------------------------------------------------------------------------
+
+    def vq_setup(self, index: int, max_size: int) -> None:
+        fcntl.ioctl(self.fd, v.VDUSE_VQ_SETUP, bytearray(v.VqConfig(index, max_size).pack()))
+
+    def vq_get_info(self, index: int) -> v.VqInfo:
+        buf = bytearray(v.VqInfo.query(index))
+        fcntl.ioctl(self.fd, v.VDUSE_VQ_GET_INFO, buf)
+        return v.VqInfo.unpack(bytes(buf))
+
+    def vq_setup_kickfd(self, index: int, fd: int) -> None:
+        fcntl.ioctl(self.fd, v.VDUSE_VQ_SETUP_KICKFD, bytearray(v.VqEventfd(index, fd).pack()))
+
+    def vq_inject_irq(self, index: int) -> None:
+        arg = self._irq_args.get(index)
+        if arg is None:
+            arg = self._irq_args[index] = bytearray(_U32.pack(index))
+        fcntl.ioctl(self.fd, v.VDUSE_VQ_INJECT_IRQ, arg)
+
+    def get_features(self) -> int:
+        buf = bytearray(8)
+        fcntl.ioctl(self.fd, v.VDUSE_DEV_GET_FEATURES, buf)
+        return int(_U64.unpack(buf)[0])
+
+    def set_config(self, offset: int, data: bytes) -> None:
+        fcntl.ioctl(self.fd, v.VDUSE_DEV_SET_CONFIG, bytearray(v.config_data(offset, data)))
+
+    def inject_config_irq(self) -> None:
+        fcntl.ioctl(self.fd, v.VDUSE_DEV_INJECT_CONFIG_IRQ, 0)
+
+    def iotlb_get_fd(self, start: int, last: int) -> tuple[v.IotlbEntry, int]:
+        """The IOTLB region overlapping ``[start, last]`` and a new fd for its memory."""
+        buf = bytearray(v.IotlbEntry(0, start, last, 0).pack())
+        fd = fcntl.ioctl(self.fd, v.VDUSE_IOTLB_GET_FD, buf)
+        return v.IotlbEntry.unpack(bytes(buf)), fd
+
+    # -- messages -----------------------------------------------------------------------
+
+    def read_request(self) -> v.Request:
+        return v.Request.unpack(os.read(self.fd, v.MESSAGE_SIZE))
+
+    def write_response(self, response: bytes) -> None:
+        os.write(self.fd, response)

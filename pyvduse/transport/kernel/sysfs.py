@@ -1,0 +1,66 @@
+"""The sysfs and /dev paths of VDUSE and vdpa devices, and small readers for them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEV_VDUSE = Path("/dev/vduse")
+CONTROL = DEV_VDUSE / "control"
+CLASS_VDUSE = Path("/sys/class/vduse")
+MODULE_VDUSE = Path("/sys/module/vduse")
+VDPA_BUS = Path("/sys/bus/vdpa")
+VDPA_DEVICES = VDPA_BUS / "devices"
+VDPA_DRIVERS = VDPA_BUS / "drivers"
+
+
+def device_node(name: str) -> Path:
+    return DEV_VDUSE / name
+
+
+def vduse_attr(name: str, attr: str) -> Path:
+    return CLASS_VDUSE / name / attr
+
+
+def write_attr(path: Path, value: str) -> None:
+    path.write_text(value)
+
+
+def vdpa_drivers() -> list[str]:
+    """The vdpa bus drivers loaded (virtio_vdpa, vhost_vdpa)."""
+    try:
+        return sorted(os.listdir(VDPA_DRIVERS))
+    except FileNotFoundError:
+        return []
+
+
+def bound_driver(name: str) -> str | None:
+    """Which vdpa driver bound device ``name``, if any."""
+    link = VDPA_DEVICES / name / "driver"
+    try:
+        return Path(os.readlink(link)).name
+    except OSError:
+        return None
+
+
+def block_devices(name: str) -> list[str]:
+    """Block device names (``vda``) that virtio_vdpa created for vdpa device ``name``."""
+    out = []
+    for virtio in (VDPA_DEVICES / name).glob("virtio*"):
+        block = virtio / "block"
+        if block.is_dir():
+            out.extend(sorted(os.listdir(block)))
+    return out
+
+
+def vhost_devices(name: str) -> list[str]:
+    """``vhost-vdpa-N`` char devices that vhost_vdpa created for vdpa device ``name``."""
+    return sorted(p.name for p in (VDPA_DEVICES / name).glob("vhost-vdpa-*"))
+
+
+def vduse_devices() -> list[str]:
+    """Names of the VDUSE devices that exist."""
+    try:
+        return sorted(n for n in os.listdir(DEV_VDUSE) if n != "control")
+    except FileNotFoundError:
+        return []

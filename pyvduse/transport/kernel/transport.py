@@ -1,0 +1,291 @@
+"""The real-kernel transport: a VDUSE device under ``/dev/vduse`` attached to the vdpa bus.
+
+Lifecycle (see docs of VDUSE): create the device, set up its queues, start the control
+thread, then attach over vdpa netlink. The control thread answers every kernel message
+(SET_STATUS, GET_VQ_STATE, UPDATE_IOTLB) and is never blocked by the data path: queue
+workers run on their own threads. Attach and detach block in the kernel until the driver has
+probed or removed the device, which needs the control thread's answers, hence the thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import threading
+from collections.abc import Callable
+from types import TracebackType
+
+from pyvduse.abi import vduse as v
+from pyvduse.abi.virtio import Status
+from pyvduse.device.base import DeviceSpec
+from pyvduse.errors import UserError
+from pyvduse.ring.memory import GuestMemory
+from pyvduse.transport.base import DeviceEvents, QueueSetup, Transport
+from pyvduse.transport.kernel import sysfs
+from pyvduse.transport.kernel.control import Control
+from pyvduse.transport.kernel.device_fd import DeviceFd
+from pyvduse.transport.kernel.iotlb import IotlbMapper
+from pyvduse.transport.kernel.vdpa_netlink import VdpaError, VdpaNetlink
+
+log = logging.getLogger(__name__)
+
+VQ_ALIGN = 4096
+
+
+class KernelTransport(Transport):
+    """One VDUSE device: its creation, its control thread and its vdpa attachment."""
+
+    def __init__(
+        self,
+        name: str,
+        spec: DeviceSpec,
+        events: DeviceEvents,
+        *,
+        msg_timeout: int | None = None,
+        bounce_size: int | None = None,
+    ) -> None:
+        self.name = name
+        self.spec = spec
+        self.events = events
+        self.msg_timeout = msg_timeout
+        self.bounce_size = bounce_size
+        self.status = 0
+        self.negotiated = 0
+        self.broken: str | None = None
+        self.on_broken: Callable[[str], None] | None = None
+        self._created = False
+        self._attached = False
+        self._dev: DeviceFd | None = None
+        self._iotlb: IotlbMapper | None = None
+        self._kick_fds: dict[int, int] = {}
+        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._thread: threading.Thread | None = None
+
+    # -- Transport ----------------------------------------------------------------------
+
+    @property
+    def memory(self) -> GuestMemory:
+        assert self._iotlb is not None
+        return self._iotlb.regions
+
+    def kick_fd(self, index: int) -> int:
+        return self._kick_fds[index]
+
+    def notify(self, index: int) -> None:
+        assert self._dev is not None
+        try:
+            self._dev.vq_inject_irq(index)
+        except OSError as e:
+            # EINVAL: DRIVER_OK not recorded yet or being reset; EPERM: device broken.
+            log.debug("interrupt for queue %d not sent: %s", index, e)
+
+    def set_config(self, offset: int, data: bytes) -> None:
+        assert self._dev is not None
+        self._dev.set_config(offset, data)
+        if self.status & Status.DRIVER_OK:
+            self._dev.inject_config_irq()
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def create(self) -> None:
+        """Create the device, open it, set up queues and start answering the kernel."""
+        spec = self.spec
+        config = v.DevConfig(self.name, spec.vendor_id, spec.device_id, spec.features,
+                             spec.num_queues, VQ_ALIGN, spec.config)
+        with Control() as ctl:
+            ctl.create(config)
+        self._created = True
+        try:
+            self._dev = DeviceFd.open(str(sysfs.device_node(self.name)))
+            for i in range(spec.num_queues):
+                self._dev.vq_setup(i, spec.queue_size)
+            if self.msg_timeout is not None:
+                sysfs.write_attr(sysfs.vduse_attr(self.name, "msg_timeout"), str(self.msg_timeout))
+            if self.bounce_size is not None:
+                sysfs.write_attr(sysfs.vduse_attr(self.name, "bounce_size"), str(self.bounce_size))
+            self._iotlb = IotlbMapper(self._dev)
+            self._thread = threading.Thread(target=self._control_loop, name="vduse-control",
+                                            daemon=True)
+            self._thread.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def attach(self) -> None:
+        """Put the device on the vdpa bus; returns once the bound driver has probed it."""
+        try:
+            with VdpaNetlink() as nl:
+                nl.dev_add(self.name)
+        except VdpaError as e:
+            if e.errno == errno.ENOENT:
+                raise UserError(str(e)) from None
+            if e.errno == errno.EPERM:
+                raise UserError("attaching a vdpa device needs CAP_NET_ADMIN: run as root") from None
+            raise
+        self._attached = True
+        if self.broken:
+            raise UserError(f"the kernel marked device '{self.name}' broken: {self.broken}")
+
+    def detach(self) -> None:
+        if not self._attached:
+            return
+        with VdpaNetlink() as nl:
+            nl.dev_del(self.name)
+        self._attached = False
+
+    def close(self) -> None:
+        """Detach if attached, stop the control thread, close and destroy the device."""
+        try:
+            self.detach()
+        except OSError as e:
+            log.error("detaching %s failed: %s", self.name, e)
+        if self._thread is not None:
+            os.eventfd_write(self._stop_fd, 1)
+            self._thread.join()
+            self._thread = None
+        self.events.reset()
+        self._forget_driver_state()
+        if self._dev is not None:
+            self._dev.close()
+            self._dev = None
+        if self._created:
+            try:
+                with Control() as ctl:
+                    ctl.destroy(self.name)
+                self._created = False
+            except OSError as e:
+                log.error("destroying %s failed: %s", self.name, e)
+
+    def __enter__(self) -> KernelTransport:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- the control thread -------------------------------------------------------------
+
+    def _control_loop(self) -> None:
+        assert self._dev is not None
+        dev = self._dev
+        poller = select.poll()
+        poller.register(dev.fd, select.POLLIN)
+        poller.register(self._stop_fd, select.POLLIN)
+        while True:
+            events = dict(poller.poll())
+            if self._stop_fd in events:
+                return
+            ev = events.get(dev.fd, 0)
+            if ev & select.POLLERR:
+                self._mark_broken("a control message timed out (see msg_timeout)")
+                return
+            if not ev & select.POLLIN:
+                continue
+            try:
+                req = dev.read_request()
+            except BlockingIOError:
+                continue
+            except OSError as e:
+                self._mark_broken(f"reading a control message failed: {e}")
+                return
+            try:
+                self._handle(dev, req)
+            except Exception as e:  # answer FAILED rather than leave the kernel waiting
+                log.exception("control message %d failed", req.type)
+                try:
+                    dev.write_response(v.pack_response(req.request_id, v.VDUSE_REQ_RESULT_FAILED))
+                except OSError:
+                    self._mark_broken(f"answering a control message failed: {e}")
+                    return
+
+    def _handle(self, dev: DeviceFd, req: v.Request) -> None:
+        ok, failed = v.VDUSE_REQ_RESULT_OK, v.VDUSE_REQ_RESULT_FAILED
+        if req.type == v.MsgType.SET_STATUS:
+            log.debug("SET_STATUS 0x%x", req.status)
+            after = self._set_status(req.status)
+            dev.write_response(v.pack_response(req.request_id, ok if after is not None else failed))
+            if after is not None:
+                after()
+        elif req.type == v.MsgType.GET_VQ_STATE:
+            state = self.events.queue_state(req.vq_index)
+            if len(state) == 4:
+                packed = v.VqStatePacked(*state)
+                dev.write_response(v.pack_response(req.request_id, ok, packed=packed,
+                                                   vq_index=req.vq_index))
+            else:
+                dev.write_response(v.pack_response(req.request_id, ok, avail_index=state[0],
+                                                   vq_index=req.vq_index))
+        elif req.type == v.MsgType.UPDATE_IOTLB:
+            log.debug("UPDATE_IOTLB [0x%x, 0x%x]", req.iova_start, req.iova_last)
+            assert self._iotlb is not None
+            remap = getattr(self.events, "remap", None)
+            iotlb = self._iotlb
+            if remap is not None:
+                remap(lambda: iotlb.invalidate(req.iova_start, req.iova_last))
+            else:
+                iotlb.invalidate(req.iova_start, req.iova_last)
+            dev.write_response(v.pack_response(req.request_id, ok))
+        else:
+            log.warning("unknown control message type %d", req.type)
+            dev.write_response(v.pack_response(req.request_id, failed))
+
+    def _set_status(self, status: int) -> Callable[[], None] | None:
+        """Apply a status write; None refuses it, else a step to run after answering OK."""
+        if status == 0:
+            self.events.reset()
+            self._forget_driver_state()
+            self.status = 0
+            return lambda: None
+        prev = self.status
+        if status & Status.FEATURES_OK and not prev & Status.FEATURES_OK:
+            assert self._dev is not None
+            self.negotiated = self._dev.get_features()
+            if not self.events.features_ok(self.negotiated):
+                return None
+        self.status = status
+        if status & Status.DRIVER_OK and not prev & Status.DRIVER_OK:
+            # The kernel records DRIVER_OK only after our answer, and refuses interrupts
+            # until then: start the queues after answering.
+            return self._start_queues
+        return lambda: None
+
+    def _start_queues(self) -> None:
+        assert self._dev is not None
+        dev = self._dev
+        self.negotiated = dev.get_features()
+        queues = []
+        for i in range(self.spec.num_queues):
+            info = dev.vq_get_info(i)
+            kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._kick_fds[i] = kick
+            dev.vq_setup_kickfd(i, kick)
+            p = info.packed
+            queues.append(QueueSetup(
+                index=i, num=info.num, desc_addr=info.desc_addr, driver_addr=info.driver_addr,
+                device_addr=info.device_addr, ready=info.ready, avail_index=info.avail_index,
+                packed_state=(p.last_avail_counter, p.last_avail_idx, p.last_used_counter,
+                              p.last_used_idx),
+            ))
+        self.events.driver_ok(self.negotiated, queues)
+
+    def _forget_driver_state(self) -> None:
+        """After reset: unmap every region, drop kick fds and negotiated features."""
+        for i, fd in self._kick_fds.items():
+            if self._dev is not None:
+                try:
+                    self._dev.vq_setup_kickfd(i, v.VDUSE_EVENTFD_DEASSIGN)
+                except OSError:
+                    pass
+            os.close(fd)
+        self._kick_fds.clear()
+        if self._iotlb is not None:
+            self._iotlb.invalidate()
+        self.negotiated = 0
+
+    def _mark_broken(self, why: str) -> None:
+        self.broken = why
+        log.error("device %s is broken: %s", self.name, why)
+        if self.on_broken is not None:
+            self.on_broken(why)
