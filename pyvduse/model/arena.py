@@ -1,0 +1,39 @@
+"""An IOVA space backed by one local buffer, with a bump allocator.
+
+It stands in for the kernel's IOVA domain: the ring engine sees it through a ``RegionMap``
+exactly as it sees the real mmapped regions.
+"""
+
+from __future__ import annotations
+
+from pyvduse.ring.memory import RegionMap, buffer_region
+
+
+class Arena:
+    """``size`` bytes of driver memory at IOVA ``base``."""
+
+    def __init__(self, size: int, base: int = 0) -> None:
+        self.base = base
+        self.buf = bytearray(size)
+        self.memory = RegionMap()
+        self.memory.add(buffer_region(base, self.buf))
+        self._next = base
+
+    @property
+    def end(self) -> int:
+        return self.base + len(self.buf)
+
+    def alloc(self, size: int, align: int = 16) -> int:
+        iova = -(-self._next // align) * align
+        if iova + size > self.end:
+            raise MemoryError("arena exhausted")
+        self._next = iova + size
+        return iova
+
+    def write(self, iova: int, data: bytes) -> None:
+        off = iova - self.base
+        self.buf[off : off + len(data)] = data
+
+    def read(self, iova: int, length: int) -> bytes:
+        off = iova - self.base
+        return bytes(self.buf[off : off + length])

@@ -1,0 +1,151 @@
+"""Test-suite plumbing: tests under tests/vm run inside the test VM against the real kernel.
+
+On a host without VDUSE, every collected VM test is replaced by a proxy. The first proxy to
+run boots the VM once and runs all the selected VM tests there with pytest (the checkout is
+shared into the guest); each proxy then reports its own test's outcome from the guest's
+JUnit XML, so a failure in the guest shows up here under the test's own name, with the
+guest's message. Inside the VM (PYVDUSE_IN_VM=1) the tests simply run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_VM = os.environ.get("PYVDUSE_IN_VM") == "1"
+RESULTS = ROOT / ".vm-results"
+VM_TIMEOUT = float(os.environ.get("PYVDUSE_VM_TIMEOUT", "1500"))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--no-vm", action="store_true",
+                     help="skip the tests that run in the test VM (real kernel)")
+
+
+@dataclass
+class GuestOutcome:
+    outcome: str  # passed, failed, skipped
+    message: str = ""
+
+
+class VmSession:
+    """One VM run shared by all proxies of a pytest session."""
+
+    def __init__(self, nodeids: list[str]) -> None:
+        self.nodeids = nodeids
+        self.results: dict[str, GuestOutcome] | None = None
+        self.error = ""
+        self.console = ""
+
+    def ensure(self) -> None:
+        if self.results is not None or self.error:
+            return
+        from pyvduse import testvm
+
+        RESULTS.mkdir(exist_ok=True)
+        junit = RESULTS / f"junit-{os.getpid()}.xml"
+        junit.unlink(missing_ok=True)
+        args = " ".join(f"'{n}'" for n in self.nodeids)
+        command = (f"{sys.executable} -m pytest -p no:cacheprovider -q -rfEs "
+                   f"--junitxml={junit} {args}")
+        sys.stderr.write(f"\n[vm] booting the test VM for {len(self.nodeids)} test(s)\n")
+        try:
+            result = testvm.run(command, cwd=str(ROOT), timeout=VM_TIMEOUT, console=sys.stderr)
+        except Exception as e:  # no root, no qemu, no kernel package...
+            self.error = f"the test VM could not run: {e}"
+            return
+        self.console = result.output
+        (RESULTS / "console.log").write_text(result.output)
+        (RESULTS / "kernel.log").write_text(result.kernel_log)
+        if not junit.exists():
+            self.error = (f"the guest produced no results (exit {result.exit_code}"
+                          f"{', timed out' if result.timed_out else ''}); console tail:\n"
+                          + result.output[-3000:])
+            return
+        self.results = parse_junit(junit)
+
+
+def parse_junit(path: Path) -> dict[str, GuestOutcome]:
+    out: dict[str, GuestOutcome] = {}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        classname, name = case.get("classname", ""), case.get("name", "")
+        parts = classname.split(".")
+        module = "/".join(parts[:-1] if parts and parts[-1][:1].isupper() else parts)
+        cls = parts[-1] if parts and parts[-1][:1].isupper() else None
+        nodeid = f"{module}.py::" + (f"{cls}::" if cls else "") + name
+        outcome = GuestOutcome("passed")
+        for tag in ("failure", "error"):
+            el = case.find(tag)
+            if el is not None:
+                outcome = GuestOutcome("failed", (el.get("message", "") + "\n" + (el.text or "")))
+        el = case.find("skipped")
+        if el is not None and outcome.outcome == "passed":
+            outcome = GuestOutcome("skipped", el.get("message", ""))
+        out[nodeid] = outcome
+    return out
+
+
+class GuestFailure(Exception):
+    pass
+
+
+class VmProxyItem(pytest.Item):
+    """Stands for one VM test on the host and reports what it did in the guest."""
+
+    def __init__(self, *, session_ref: VmSession, original: pytest.Item, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.vm = session_ref
+        self.original = original
+        self.own_markers = list(original.own_markers)
+
+    def runtest(self) -> None:
+        self.vm.ensure()
+        if self.vm.error:
+            raise GuestFailure(self.vm.error)
+        assert self.vm.results is not None
+        res = self.vm.results.get(self.nodeid)
+        if res is None:
+            raise GuestFailure("did not run in the guest; console tail:\n" + self.vm.console[-2000:])
+        if res.outcome == "skipped":
+            pytest.skip(f"in the VM: {res.message}")
+        if res.outcome == "failed":
+            raise GuestFailure(res.message)
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException],
+                     style: Any = None) -> str:
+        if isinstance(excinfo.value, GuestFailure):
+            return f"[in the test VM] {excinfo.value}"
+        return str(super().repr_failure(excinfo))
+
+    def reportinfo(self) -> tuple[Any, int | None, str]:
+        return self.original.reportinfo()
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
+                                  items: list[pytest.Item]) -> None:
+    vm_items = [i for i in items if i.get_closest_marker("vm") is not None]
+    if not vm_items:
+        return
+    if config.getoption("--no-vm"):
+        skip = pytest.mark.skip(reason="--no-vm given")
+        for i in vm_items:
+            i.add_marker(skip)
+        return
+    if IN_VM:
+        if not Path("/dev/vduse/control").exists():
+            skip = pytest.mark.skip(reason="no /dev/vduse/control in this VM")
+            for i in vm_items:
+                i.add_marker(skip)
+        return
+    vm = VmSession([i.nodeid for i in vm_items])
+    for n, item in enumerate(items):
+        if item.get_closest_marker("vm") is not None:
+            items[n] = VmProxyItem.from_parent(item.parent, name=item.name, session_ref=vm,
+                                               original=item)

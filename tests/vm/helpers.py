@@ -1,0 +1,73 @@
+"""Running the pyvduse daemon and shell tools inside the test VM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MiB = 1 << 20
+
+
+def sh(cmd: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run a shell command, returning its output; raise with the output on failure."""
+    p = subprocess.run(cmd, shell=True, text=True, capture_output=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"`{cmd}` exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+class Daemon:
+    """``pyvduse blk`` as a child process, started and waited for like a user would."""
+
+    def __init__(self, *args: str, name: str, ready_timeout: float = 120) -> None:
+        self.name = name
+        self.argv = [sys.executable, "-m", "pyvduse", "--log-level", "info", "blk", "--name",
+                     name, *args]
+        self.log = Path(f"/tmp/pyvduse-{name}.log")
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=self.log.open("w"),
+                                     text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()  # blocks until READY or exit
+        if not line.startswith("READY "):
+            self.proc.wait(timeout=ready_timeout)
+            raise AssertionError(f"daemon did not become ready: {line!r}\n{self.stderr()}")
+        fields = dict(kv.split("=", 1) for kv in line.split()[1:])
+        assert fields["name"] == name
+        self.dev = fields["dev"]
+        self.ready_line = line
+
+    def stderr(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 120) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=timeout)
+        return code
+
+    def __enter__(self) -> Daemon:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.stop()
+
+
+def wait_gone(path: str, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not os.path.exists(path):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def make_image(path: Path, size: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
