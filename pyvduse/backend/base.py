@@ -38,6 +38,7 @@ class Backend(ABC):
 
     def discard(self, offset: int, length: int) -> None:
         """Forget a range; later reads may return anything (we return zeroes)."""
+        self.write_zeroes(offset, length, True)
 
     @abstractmethod
     def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:

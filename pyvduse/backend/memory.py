@@ -14,7 +14,8 @@ class MemoryBackend(Backend):
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._map = mmap.mmap(-1, max(size, 1))
+        # Private: MADV_DONTNEED then drops pages so they read back as zeroes.
+        self._map = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._mem = memoryview(self._map)
 
     @property

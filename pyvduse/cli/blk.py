@@ -127,10 +127,10 @@ def run(args: argparse.Namespace) -> int:
             bounce = parse_size(args.bounce_size)
         except ValueError as e:
             raise UserError(str(e)) from None
-    preflight()
     backend = make_backend(args)
     try:
         device = build_device(args, backend)
+        preflight()
         return serve(args.name, device, msg_timeout=args.msg_timeout, bounce_size=bounce)
     finally:
         backend.close()

@@ -71,13 +71,13 @@ class DriverSplitRing:
         self.set_avail_flags(VRING_AVAIL_F_NO_INTERRUPT if on else 0)
 
     def used_idx(self) -> int:
-        return LE16.unpack(self.arena.read(self.used_addr + 2, 2))[0]
+        return int(LE16.unpack(self.arena.read(self.used_addr + 2, 2))[0])
 
     def avail_event(self) -> int:
-        return LE16.unpack(self.arena.read(self.used_addr + 4 + 8 * self.num, 2))[0]
+        return int(LE16.unpack(self.arena.read(self.used_addr + 4 + 8 * self.num, 2))[0])
 
     def used_flags(self) -> int:
-        return LE16.unpack(self.arena.read(self.used_addr, 2))[0]
+        return int(LE16.unpack(self.arena.read(self.used_addr, 2))[0])
 
     # -- requests -----------------------------------------------------------------------
 

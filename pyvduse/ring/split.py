@@ -94,7 +94,7 @@ class SplitQueue:
 
     def pending(self) -> int:
         """How many chains the driver has made available that we have not taken."""
-        n = (_unpack16(self.avail, 2)[0] - self.last_avail_idx) & 0xFFFF
+        n: int = (_unpack16(self.avail, 2)[0] - self.last_avail_idx) & 0xFFFF
         if n > self.num:
             self._break(f"avail index moved by {n}, more than the queue size {self.num}")
         return n

@@ -9,6 +9,7 @@ raise: a corrupt ring stops this queue and is reported, the process carries on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -68,10 +69,8 @@ class QueueWorker:
                     break
                 for fd, _ in events:
                     if fd == self.kick_fd:
-                        try:
+                        with contextlib.suppress(BlockingIOError):
                             os.eventfd_read(self.kick_fd)
-                        except BlockingIOError:
-                            pass
                 if self.broken is None:
                     self._drain()
         except Exception as e:  # never let a ring take the process down

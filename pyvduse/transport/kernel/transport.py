@@ -9,6 +9,7 @@ probed or removed the device, which needs the control thread's answers, hence th
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -274,10 +275,8 @@ class KernelTransport(Transport):
         """After reset: unmap every region, drop kick fds and negotiated features."""
         for i, fd in self._kick_fds.items():
             if self._dev is not None:
-                try:
+                with contextlib.suppress(OSError):
                     self._dev.vq_setup_kickfd(i, v.VDUSE_EVENTFD_DEASSIGN)
-                except OSError:
-                    pass
             os.close(fd)
         self._kick_fds.clear()
         if self._iotlb is not None:
