@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from pyvduse.abi.virtio import F_RING_PACKED, has
 from pyvduse.device.base import VirtioDevice
@@ -22,6 +23,7 @@ class DeviceServer:
         self.device = device
         self.transport: Transport | None = None
         self.workers: dict[int, QueueWorker] = {}
+        self._setups: dict[int, QueueSetup] = {}
         self.features = 0
         self.running = threading.Event()  # set between DRIVER_OK and reset
         self._lock = threading.Lock()
@@ -46,20 +48,10 @@ class DeviceServer:
             self.device.start(features)
             if has(features, F_RING_PACKED):
                 raise NotImplementedError("packed rings are not served yet")
+            self._setups = {q.index: q for q in queues}
             for q in queues:
-                if not q.ready:
-                    continue
-                try:
-                    ring = SplitQueue(self.transport.memory, q.num, q.desc_addr, q.driver_addr,
-                                      q.device_addr, features, last_avail_idx=q.avail_index)
-                except RingError as e:
-                    log.error("queue %d cannot be served: %s", q.index, e)
-                    continue
-                w = QueueWorker(self.device, q.index, ring, self.transport.kick_fd(q.index),
-                                self.transport.notify)
-                self.workers[q.index] = w
-            for w in self.workers.values():
-                w.start()
+                if q.ready:
+                    self._start_worker(q, q.avail_index, None)
             self.running.set()
             log.info("driver ready: features 0x%x, %d queue(s) served", features,
                      len(self.workers))
@@ -67,15 +59,40 @@ class DeviceServer:
     def reset(self) -> None:
         with self._lock:
             self._stop_workers()
+            self._setups.clear()
             self.features = 0
             self.device.reset()
             self.running.clear()
+
+    def remap(self, invalidate: Callable[[], None]) -> None:
+        """The driver's memory map changed (UPDATE_IOTLB): pause, remap, resume in place."""
+        with self._lock:
+            setups = dict(self._setups)
+            saved = {i: (w.queue.last_avail_idx, w.queue.used_idx) for i, w in self.workers.items()}
+            self._stop_workers()
+            invalidate()
+            for i, (last_avail, used) in saved.items():
+                self._start_worker(setups[i], last_avail, used)
 
     def queue_state(self, index: int) -> tuple[int, ...]:
         w = self.workers.get(index)
         return (w.queue.last_avail_idx,) if w else (0,)
 
     # -- helpers ------------------------------------------------------------------------
+
+    def _start_worker(self, q: QueueSetup, last_avail: int, used_idx: int | None) -> None:
+        assert self.transport is not None
+        try:
+            ring = SplitQueue(self.transport.memory, q.num, q.desc_addr, q.driver_addr,
+                              q.device_addr, self.features, last_avail_idx=last_avail,
+                              used_idx=used_idx)
+        except RingError as e:
+            log.error("queue %d cannot be served: %s", q.index, e)
+            return
+        w = QueueWorker(self.device, q.index, ring, self.transport.kick_fd(q.index),
+                        self.transport.notify)
+        self.workers[q.index] = w
+        w.start()
 
     def _stop_workers(self) -> None:
         for w in self.workers.values():
