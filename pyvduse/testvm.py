@@ -1,0 +1,1013 @@
+"""Run one shell command in a throwaway Linux 6.12 guest that has the real VDUSE module.
+
+Why: VDUSE needs a kernel module that CI and developer machines do not have, and loading
+kernel modules on the host is neither possible nor wise. So we boot Debian's 6.12 cloud
+kernel under QEMU (TCG, no KVM needed) with a tiny busybox initramfs that loads the
+vduse/vdpa/virtio_vdpa/vhost_vdpa/virtio_blk/virtio_net modules, mounts this machine's
+whole filesystem at / through virtiofs (so the same Python, packages and checkout are
+there), gives the guest its own /dev, /proc, /sys and a private tmpfs at /tmp, runs the
+command in a chroot, saves its exit status and the kernel log, and powers off.
+
+Several VMs may run at once: each run gets its own directory under /run/pyvduse-testvm/
+(named on the kernel command line) holding the command script, the exit status and the
+kernel log, so nothing is scraped from the console except the command's own output.
+
+    python -m pyvduse.testvm [--mem 2G] [--smp 2] [--timeout 900] [--cwd DIR] -- COMMAND...
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import ctypes
+import dataclasses
+import fcntl
+import gzip
+import hashlib
+import io
+import json
+import lzma
+import os
+import re
+import selectors
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import IO, TextIO
+
+__all__ = [
+    "EXIT_NO_STATUS",
+    "EXIT_TIMEOUT",
+    "GuestImage",
+    "HostTools",
+    "RunResult",
+    "TestVMError",
+    "default_cache",
+    "ensure_guest",
+    "ensure_tools",
+    "main",
+    "run",
+]
+
+# Bump when the guest image recipe changes in a way the hash below cannot see (e.g. the
+# way modules are picked); the init script and module list are hashed in automatically.
+RECIPE = 1
+
+APT_PACKAGES = (
+    "qemu-system-x86",
+    "qemu-system-common",
+    "busybox-static",
+    "cpio",
+    "kmod",
+    "xz-utils",
+    "iproute2",
+)
+# Commands the packages above provide; any missing one triggers the apt install. The guest
+# sees the host's filesystem, so kmod (modprobe) and iproute2 (vdpa) are for the guest.
+REQUIRED_COMMANDS = ("qemu-system-x86_64", "cpio", "depmod", "xz", "vdpa")
+VIRTIOFSD_CANDIDATES = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd")
+SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+STANDARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# Debian's cloud kernel: small, boots fast under TCG, ships VDUSE as a module.
+KERNEL_PACKAGE_RE = re.compile(r"^linux-image-6\.12\.(\d+)\+deb(\d+)-cloud-amd64-unsigned$")
+KERNEL_PACKAGE_APT_RE = r"^linux-image-6\.12\.[0-9]+\+deb[0-9]+-cloud-amd64-unsigned$"
+# What the tests need; their dependencies (vdpa, vhost_iotlb, vhost, irqbypass, failover,
+# net_failover) are found from each module's modinfo and loaded first.
+GUEST_MODULES = ("vduse", "virtio_vdpa", "vhost_vdpa", "virtio_blk", "virtio_net", "tun")
+
+RUN_BASE = Path("/run/pyvduse-testvm")
+# Ignored by the kernel (a dotted name is a module parameter), read by the init.
+CMDLINE_KEY = "pyvduse.rundir"
+READY_MARKER = "pyvduse-testvm: guest ready"
+DONE_MARKER = "pyvduse-testvm: guest done"
+KMSG_START = "pyvduse-testvm: command start"
+
+EXIT_TIMEOUT = 124  # like timeout(1)
+EXIT_NO_STATUS = 99  # the guest never reported a status (boot failure, crash, panic)
+
+INIT_SCRIPT = r"""#!/bin/busybox sh
+# pyvduse test VM init: load the VDUSE modules, mount the host's / over virtiofs, run the
+# command from the run directory named on the kernel command line, save its status and
+# the kernel log there, power off.
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts
+mount -t tmpfs shm /dev/shm
+fail() {
+  echo "pyvduse-testvm: $*"
+  dmesg | tail -n 40
+  poweroff -f
+}
+bad=
+for m in $(cat /mods/order); do
+  insmod "/mods/$m.ko" 2>/dev/null || bad="$bad $m"
+done
+rundir=
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in pyvduse.rundir=*) rundir="${arg#pyvduse.rundir=}" ;; esac
+done
+[ -n "$rundir" ] || fail "no pyvduse.rundir= on the kernel command line"
+token="${rundir##*/}"
+mount -t virtiofs hostroot /host || fail "virtiofs mount failed"
+for d in proc sys dev; do mount -o rbind "/$d" "/host/$d"; done
+mount -t tmpfs tmp /host/tmp
+ip link set lo up
+run="/host$rundir"
+[ -f "$run/command.sh" ] || fail "no $rundir/command.sh on the host"
+echo
+echo "pyvduse-testvm: guest ready $token"
+[ -z "$bad" ] || echo "pyvduse-testvm: could not load:$bad"
+echo "<6>pyvduse-testvm: command start" > /dev/kmsg
+env -i chroot /host /bin/bash "$rundir/command.sh" </dev/null
+status=$?
+echo "<6>pyvduse-testvm: command exited with status $status" > /dev/kmsg
+dmesg > "$run/kernel.log"
+echo "$status" > "$run/status"
+sync
+echo
+echo "pyvduse-testvm: guest done $token"
+poweroff -f
+"""
+
+
+class TestVMError(RuntimeError):
+    """The test VM cannot be set up (missing tools, no kernel package, not root...)."""
+
+    __test__ = False  # not a pytest test class despite the name
+
+
+@dataclasses.dataclass(frozen=True)
+class HostTools:
+    """Host binaries the VM needs, found by ensure_tools()."""
+
+    qemu: str
+    virtiofsd: str
+    busybox: str
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestImage:
+    """A bootable kernel + initramfs pair in the cache."""
+
+    vmlinuz: Path
+    initrd: Path
+    kernel_release: str
+    package: str
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What one VM run gave: the command's status, its console output and the kernel log."""
+
+    exit_code: int
+    output: str
+    kernel_log: str
+    timed_out: bool
+    duration: float
+
+    @property
+    def command_kernel_log(self) -> str:
+        """Kernel messages logged while the command ran (after the boot noise)."""
+        lines = self.kernel_log.splitlines(keepends=True)
+        for i, line in enumerate(lines):
+            if KMSG_START in line:
+                return "".join(lines[i + 1 :])
+        return self.kernel_log
+
+
+def _note(message: str) -> None:
+    """Progress for slow one-off steps (apt, download, build) so a first run is not silent."""
+    print(f"pyvduse testvm: {message}", file=sys.stderr, flush=True)
+
+
+def _is_root() -> bool:
+    return os.geteuid() == 0
+
+
+# --------------------------------------------------------------------------- host tools
+
+
+def _which(name: str) -> str | None:
+    """shutil.which that also looks in the sbin directories (depmod, vdpa live there)."""
+    path = os.environ.get("PATH", "") + ":" + ":".join(SBIN_DIRS)
+    return shutil.which(name, path=path)
+
+
+def find_virtiofsd() -> str | None:
+    """Debian 12 ships virtiofsd in qemu-system-common; newer ones have the Rust package."""
+    for candidate in VIRTIOFSD_CANDIDATES:
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return _which("virtiofsd")
+
+
+def is_static_elf(path: str) -> bool:
+    """True for an ELF executable without a program interpreter (runs in a bare initramfs)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
+                return False  # only 64-bit little-endian is expected here
+            phoff = int.from_bytes(head[0x20:0x28], "little")
+            phentsize = int.from_bytes(head[0x36:0x38], "little")
+            phnum = int.from_bytes(head[0x38:0x3A], "little")
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+    except OSError:
+        return False
+    types = (int.from_bytes(table[i * phentsize : i * phentsize + 4], "little") for i in range(phnum))
+    return 3 not in types  # PT_INTERP: needs a dynamic loader
+
+
+def _find_busybox() -> str | None:
+    for candidate in (_which("busybox"), "/bin/busybox", "/usr/bin/busybox"):
+        if candidate and is_static_elf(candidate):
+            return candidate
+    return None
+
+
+def _missing_tools() -> list[str]:
+    """Names of what the VM needs but the host lacks."""
+    missing = [name for name in REQUIRED_COMMANDS if _which(name) is None]
+    if find_virtiofsd() is None:
+        missing.append("virtiofsd")
+    if _find_busybox() is None:
+        missing.append("busybox (static)")
+    return missing
+
+
+def _apt(*args: str) -> None:
+    """apt-get, non-interactive, waiting for a concurrent dpkg instead of failing."""
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    cmd = ["apt-get", "-o", "DPkg::Lock::Timeout=300", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise TestVMError(f"{shlex.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def ensure_tools() -> HostTools:
+    """Install what the VM needs with apt when root; otherwise say exactly what is missing."""
+    missing = _missing_tools()
+    if missing:
+        if not _is_root():
+            raise TestVMError(
+                f"the test VM needs {', '.join(missing)}; as root run: "
+                f"apt-get update && apt-get install -y {' '.join(APT_PACKAGES)}"
+            )
+        _note(f"installing {' '.join(APT_PACKAGES)} (missing: {', '.join(missing)})")
+        _apt("update", "-qq")
+        _apt("install", "-y", "-qq", *APT_PACKAGES)
+        if find_virtiofsd() is None:  # Debian 13+: virtiofsd is its own (Rust) package
+            _apt("install", "-y", "-qq", "virtiofsd")
+        missing = _missing_tools()
+        if missing:
+            raise TestVMError(f"still missing after apt-get install: {', '.join(missing)}")
+    qemu, virtiofsd, busybox = _which("qemu-system-x86_64"), find_virtiofsd(), _find_busybox()
+    assert qemu and virtiofsd and busybox
+    return HostTools(qemu=qemu, virtiofsd=virtiofsd, busybox=busybox)
+
+
+# --------------------------------------------------------------------------- guest image
+
+
+def default_cache() -> Path:
+    """$PYVDUSE_TESTVM_CACHE, else ~/.cache/pyvduse/testvm."""
+    env = os.environ.get("PYVDUSE_TESTVM_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "pyvduse" / "testvm"
+
+
+def recipe_key() -> str:
+    """Names the cached image; changes whenever the init or the module set changes."""
+    h = hashlib.sha256()
+    h.update(f"{RECIPE}\n{' '.join(GUEST_MODULES)}\n{INIT_SCRIPT}".encode())
+    return h.hexdigest()[:12]
+
+
+def pick_kernel_package(names: Iterable[str]) -> str | None:
+    """The newest linux-image-6.12.N+debM-cloud-amd64-unsigned among names."""
+    best: tuple[int, int] | None = None
+    best_name = None
+    for name in names:
+        m = KERNEL_PACKAGE_RE.match(name.strip())
+        if m:
+            key = (int(m.group(1)), int(m.group(2)))
+            if best is None or key > best:
+                best, best_name = key, name.strip()
+    return best_name
+
+
+def _search_kernel_package() -> str | None:
+    """Ask apt (no download) which 6.12 cloud kernels it knows."""
+    proc = subprocess.run(
+        ["apt-cache", "search", "--names-only", KERNEL_PACKAGE_APT_RE],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return pick_kernel_package(line.split(" ", 1)[0] for line in proc.stdout.splitlines())
+
+
+def _download_deb(package: str, debs: Path) -> Path:
+    """apt-get download into debs/ (kept, so a recipe change does not download again)."""
+    debs.mkdir(parents=True, exist_ok=True)
+    existing = sorted(debs.glob(f"{package}_*.deb"))
+    if existing:
+        return existing[-1]
+    _note(f"downloading {package}")
+    with tempfile.TemporaryDirectory(dir=debs, prefix=".dl-") as tmp:
+
+        def download() -> subprocess.CompletedProcess[str]:
+            argv = ["apt-get", "download", package]
+            return subprocess.run(argv, cwd=tmp, capture_output=True, text=True, check=False)
+
+        proc = download()
+        if proc.returncode != 0 and _is_root():
+            _apt("update", "-qq")  # stale package lists may name a file the mirror dropped
+            proc = download()
+        if proc.returncode != 0:
+            raise TestVMError(f"apt-get download {package} failed: {proc.stderr[-3000:]}")
+        (downloaded,) = Path(tmp).glob("*.deb")
+        target = debs / downloaded.name
+        downloaded.rename(target)
+    for old in debs.glob("*.deb"):
+        if old != target:
+            old.unlink()
+    return target
+
+
+_MODULE_RE = re.compile(r"^(?:usr/)?lib/modules/([^/]+)/kernel/.*/([^/]+)\.ko(\.xz|\.gz)?$")
+_BUILTIN_RE = re.compile(r"^(?:usr/)?lib/modules/[^/]+/modules\.builtin$")
+
+
+class _Modules(Mapping[str, bytes]):
+    """Module name -> .ko bytes, decompressed on first use (a kernel ships ~1000)."""
+
+    def __init__(self, compressed: dict[str, tuple[str, bytes]]) -> None:
+        self._compressed = compressed
+        self._plain: dict[str, bytes] = {}
+
+    def __getitem__(self, name: str) -> bytes:
+        if name not in self._plain:
+            suffix, data = self._compressed[name]
+            if suffix == ".xz":
+                data = lzma.decompress(data)
+            elif suffix == ".gz":
+                data = gzip.decompress(data)
+            self._plain[name] = data
+        return self._plain[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._compressed)
+
+    def __len__(self) -> int:
+        return len(self._compressed)
+
+
+@dataclasses.dataclass
+class _KernelPackage:
+    release: str
+    vmlinuz: bytes
+    modules: _Modules
+    builtin: set[str]
+
+
+def _module_name(stem: str) -> str:
+    return stem.replace("-", "_")
+
+
+def _read_kernel_deb(deb: Path) -> _KernelPackage:
+    """Stream the .deb's data tarball and keep only the kernel image and the modules."""
+    proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    vmlinuz: dict[str, bytes] = {}
+    compressed: dict[str, tuple[str, bytes]] = {}
+    builtin: set[str] = set()
+    release = None
+    with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            name = member.name.removeprefix("./")
+            m = _MODULE_RE.match(name)
+            if m is None and not name.startswith("boot/vmlinuz-") and not _BUILTIN_RE.match(name):
+                continue
+            f = tar.extractfile(member)
+            assert f is not None
+            data = f.read()
+            if name.startswith("boot/vmlinuz-"):
+                vmlinuz[name.removeprefix("boot/vmlinuz-")] = data
+            elif m is not None:
+                release = m.group(1)
+                compressed[_module_name(m.group(2))] = (m.group(3) or "", data)
+            else:
+                builtin |= {
+                    _module_name(Path(line).name.split(".ko")[0])
+                    for line in data.decode().splitlines()
+                    if line
+                }
+    if proc.wait() != 0:
+        raise TestVMError(f"dpkg-deb --fsys-tarfile {deb} failed")
+    if release is None or release not in vmlinuz:
+        raise TestVMError(f"{deb} has no boot/vmlinuz-* matching its modules")
+    return _KernelPackage(
+        release=release, vmlinuz=vmlinuz[release], modules=_Modules(compressed), builtin=builtin
+    )
+
+
+def module_depends(ko: bytes) -> list[str]:
+    """The depends= field of a .ko's .modinfo section."""
+    m = re.search(rb"(?:^|\x00)depends=([^\x00]*)\x00", ko)
+    if m is None or not m.group(1):
+        return []
+    return [_module_name(d) for d in m.group(1).decode().split(",") if d]
+
+
+def module_load_order(
+    wanted: Sequence[str], modules: Mapping[str, bytes], builtin: Iterable[str] = ()
+) -> list[str]:
+    """wanted plus their dependencies, each after what it depends on (insmod order)."""
+    skip = set(builtin)
+    order: list[str] = []
+    visiting: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in order or name in skip:
+            return
+        if name in visiting:
+            raise TestVMError(f"module dependency cycle through {name}")
+        if name not in modules:
+            raise TestVMError(f"kernel package has no module {name}")
+        visiting.add(name)
+        for dep in module_depends(modules[name]):
+            visit(dep)
+        visiting.discard(name)
+        order.append(name)
+
+    for name in wanted:
+        visit(_module_name(name))
+    return order
+
+
+@dataclasses.dataclass(frozen=True)
+class CpioEntry:
+    """One member of a newc cpio archive (a directory, regular file or device node)."""
+
+    name: str
+    mode: int  # including the file type bits (stat.S_IFDIR etc.)
+    data: bytes = b""
+    rdev: tuple[int, int] = (0, 0)
+
+
+def cpio_newc(entries: Iterable[CpioEntry]) -> bytes:
+    """The "newc" format the kernel unpacks as initramfs; written here to need no cpio tool
+    and no root (device nodes are just headers)."""
+    out = io.BytesIO()
+
+    def put(ino: int, entry: CpioEntry) -> None:
+        name = entry.name.encode() + b"\x00"
+        nlink = 2 if entry.mode & 0o170000 == 0o040000 else 1
+        fields = (ino, entry.mode, 0, 0, nlink, 0, len(entry.data), 0, 0, *entry.rdev, len(name), 0)
+        out.write(b"070701" + b"".join(b"%08X" % v for v in fields) + name)
+        out.write(b"\x00" * (-out.tell() % 4))
+        out.write(entry.data)
+        out.write(b"\x00" * (-out.tell() % 4))
+
+    ino = 0
+    for ino, entry in enumerate(entries, start=1):
+        put(ino, entry)
+    put(ino + 1, CpioEntry("TRAILER!!!", 0))
+    return out.getvalue()
+
+
+def initramfs_entries(busybox: bytes, modules: Sequence[tuple[str, bytes]]) -> list[CpioEntry]:
+    """The guest's whole initramfs: busybox, the init script and the modules in load order."""
+    d, f, x, c = 0o040755, 0o100644, 0o100755, 0o020600
+    entries = [CpioEntry(name, d) for name in ("bin", "dev", "proc", "sys", "host", "mods")]
+    entries.append(CpioEntry("dev/console", c, rdev=(5, 1)))
+    entries.append(CpioEntry("bin/busybox", x, busybox))
+    entries.append(CpioEntry("init", x, INIT_SCRIPT.encode()))
+    entries.extend(CpioEntry(f"mods/{name}.ko", f, data) for name, data in modules)
+    order = "".join(f"{name}\n" for name, _ in modules)
+    entries.append(CpioEntry("mods/order", f, order.encode()))
+    return entries
+
+
+def build_initrd(busybox: bytes, modules: Sequence[tuple[str, bytes]]) -> bytes:
+    """gzip'd newc archive (gzip: every kernel can unpack it; level 6 is plenty fast)."""
+    return gzip.compress(cpio_newc(initramfs_entries(busybox, modules)), 6, mtime=0)
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive flock so concurrent callers build the image once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _load_image(directory: Path) -> GuestImage | None:
+    """A finished build (guest.json is written last, then the dir is renamed in)."""
+    try:
+        info = json.loads((directory / "guest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return GuestImage(
+        vmlinuz=directory / "vmlinuz",
+        initrd=directory / "initrd.gz",
+        kernel_release=str(info["kernel_release"]),
+        package=str(info["package"]),
+    )
+
+
+def ensure_guest(cache: Path | None = None) -> GuestImage:
+    """The cached kernel + initramfs for the current recipe, downloading/building if needed."""
+    cache = default_cache() if cache is None else cache
+    final = cache / f"guest-{recipe_key()}"
+    image = _load_image(final)
+    if image is not None:
+        return image
+    with _locked(cache / ".lock"):
+        image = _load_image(final)  # another process may have built it while we waited
+        if image is not None:
+            return image
+        for stale in cache.glob(".build-*"):  # left by a killed build (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        busybox = _find_busybox()
+        if busybox is None:
+            raise TestVMError("no static busybox: apt-get install busybox-static")
+        package = _search_kernel_package()
+        if package is None and _is_root():
+            _apt("update", "-qq")
+            package = _search_kernel_package()
+        if package is None:
+            raise TestVMError(
+                "apt knows no linux-image-6.12.*+deb*-cloud-amd64-unsigned package "
+                "(run apt-get update as root?)"
+            )
+        deb = _download_deb(package, cache / "debs")
+        _note(f"building the guest initramfs from {deb.name}")
+        kernel = _read_kernel_deb(deb)
+        order = module_load_order(GUEST_MODULES, kernel.modules, kernel.builtin)
+        initrd = build_initrd(Path(busybox).read_bytes(), [(name, kernel.modules[name]) for name in order])
+        build = Path(tempfile.mkdtemp(dir=cache, prefix=".build-"))
+        (build / "vmlinuz").write_bytes(kernel.vmlinuz)
+        (build / "initrd.gz").write_bytes(initrd)
+        info = {
+            "kernel_release": kernel.release,
+            "package": package,
+            "modules": order,
+            "recipe": RECIPE,
+        }
+        (build / "guest.json").write_text(json.dumps(info, indent=1) + "\n")
+        build.chmod(0o755)
+        shutil.rmtree(final, ignore_errors=True)  # a damaged earlier build (no guest.json)
+        build.rename(final)
+    image = _load_image(final)
+    assert image is not None
+    return image
+
+
+# --------------------------------------------------------------------------- running
+
+
+def guest_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The command's whole environment: nothing leaks in from the host or the init.
+
+    PATH starts with the directory of the running interpreter because the guest's
+    /bin/python3 (the system one) lacks our packages; the host's venv/pyenv python is
+    reachable at the same path through virtiofs.
+    """
+    path = STANDARD_PATH
+    exe_dir = os.path.dirname(sys.executable) if sys.executable else ""
+    if exe_dir:
+        path = f"{exe_dir}:{path}"
+    env = {
+        "PATH": path,
+        "HOME": "/root",
+        "PYVDUSE_IN_VM": "1",
+        "LANG": "C.UTF-8",
+        "TERM": "dumb",
+    }
+    env.update(extra or {})
+    return env
+
+
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def command_script(command: str, *, cwd: str, env: Mapping[str, str]) -> str:
+    """The bash script the guest runs (in the chroot, from an empty environment)."""
+    lines = ["# generated by pyvduse.testvm: runs under bash in the test VM's chroot"]
+    for name, value in env.items():
+        if not _ENV_NAME_RE.match(name):
+            raise ValueError(f"not an environment variable name: {name!r}")
+        lines.append(f"export {name}={shlex.quote(value)}")
+    lines.append(f"cd -- {shlex.quote(cwd)} || exit")
+    lines.append(command)
+    return "\n".join(lines) + "\n"
+
+
+def qemu_argv(qemu: str, image: GuestImage, socket: Path, rundir: Path, *, mem: str, smp: int) -> list[str]:
+    """The QEMU command line: serial console on stdout, no default devices, no NIC."""
+    # TCG by default: it works everywhere, and a /dev/kvm that exists is no promise that
+    # KVM works (on nested/PVM hosts guests hang at boot). Opt in with ...ACCEL=kvm.
+    accel = os.environ.get("PYVDUSE_TESTVM_ACCEL", "tcg")
+    append = f"console=ttyS0 quiet panic=-1 {CMDLINE_KEY}={rundir}"
+    return [
+        qemu,
+        "-machine", "q35", "-accel", accel, "-cpu", "max", "-m", mem, "-smp", str(smp),
+        "-nodefaults", "-display", "none", "-no-reboot", "-serial", "stdio",
+        "-kernel", str(image.vmlinuz), "-initrd", str(image.initrd), "-append", append,
+        "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
+        "-numa", "node,memdev=mem",
+        "-chardev", f"socket,id=vfs,path={socket}",
+        "-device", "vhost-user-fs-pci,chardev=vfs,tag=hostroot",
+    ]  # fmt: skip
+
+
+def virtiofsd_argv(virtiofsd: str, socket: Path) -> list[str]:
+    """Share / uncached (the host may change files under the guest) in a chroot sandbox."""
+    try:
+        usage = subprocess.run([virtiofsd, "--help"], capture_output=True, text=True, timeout=10, check=False)
+        rust = "--shared-dir" in usage.stdout + usage.stderr
+    except (OSError, subprocess.TimeoutExpired):
+        rust = False
+    if rust:
+        return [
+            virtiofsd,
+            f"--socket-path={socket}",
+            "--shared-dir=/",
+            "--cache=never",
+            "--sandbox=chroot",
+        ]
+    return [
+        virtiofsd,
+        f"--socket-path={socket}",
+        "-o",
+        "source=/",
+        "-o",
+        "cache=none",
+        "-o",
+        "sandbox=chroot",
+    ]
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGKILL the child if we die, so a killed test leaves no qemu behind."""
+    if _libc is not None:
+        _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _spawn(argv: Sequence[str], stdout: int | IO[bytes]) -> subprocess.Popen[bytes]:
+    """Start a helper that cannot outlive us and that we can kill as a process group."""
+    global _libc
+    if _libc is None:
+        with suppress(OSError):
+            _libc = ctypes.CDLL(None, use_errno=True)
+    return subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # our own process group: Ctrl-C reaches us, we clean up
+        preexec_fn=_die_with_parent,
+    )
+
+
+def _stop(proc: subprocess.Popen[bytes], grace: float = 2.0) -> None:
+    """SIGTERM then SIGKILL the child's whole process group, and reap it."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 30.0)):
+        if proc.poll() is not None:
+            break
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+    # The group may outlive its leader (a forked helper); it must not outlive the run.
+    with suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@contextmanager
+def _virtiofsd(virtiofsd: str, socket: Path, log: Path) -> Iterator[None]:
+    """A virtiofsd serving / on socket for the lifetime of the block."""
+    with open(log, "wb") as logf:
+        proc = _spawn(virtiofsd_argv(virtiofsd, socket), logf)
+    try:
+        deadline = time.monotonic() + 10
+        while not socket.exists():
+            if proc.poll() is not None:
+                raise TestVMError(
+                    f"virtiofsd exited with {proc.returncode}: {log.read_text(errors='replace')}"
+                )
+            if time.monotonic() > deadline:
+                raise TestVMError("virtiofsd did not create its socket within 10 s")
+            time.sleep(0.02)
+        yield
+    finally:
+        _stop(proc)
+        socket.unlink(missing_ok=True)
+
+
+class ConsoleFilter:
+    """Splits the raw serial console into boot noise, the command's output and the tail.
+
+    Text before "<READY_MARKER> <token>" is boot noise (held back, shown only if the guest
+    never got ready); text up to "<DONE_MARKER> <token>" is the command's output, passed to
+    `sink` as it arrives; the rest (power-off messages) is dropped. The serial line's CRLF
+    is turned back into LF. Markers carry the run's token so a command printing the bare
+    marker text cannot end its own output early.
+    """
+
+    def __init__(self, token: str, sink: TextIO | None = None) -> None:
+        self.sink = sink
+        self.boot = ""
+        self.output = ""
+        self.ready = False
+        self.done = False
+        self._ready_line = f"{READY_MARKER} {token}\n"
+        self._done_line = f"\n{DONE_MARKER} {token}"
+        self._pending = ""  # run-state text that might be the start of the done marker
+        self._cr = False  # a chunk ended in "\r" that may pair with the next "\n"
+
+    def _emit(self, text: str) -> None:
+        if text:
+            self.output += text
+            if self.sink is not None:
+                self.sink.write(text)
+                self.sink.flush()
+
+    def feed(self, text: str) -> None:
+        """Add console text (any chunking)."""
+        if self._cr:
+            text = "\r" + text
+        self._cr = text.endswith("\r")
+        if self._cr:
+            text = text[:-1]
+        self._process(text.replace("\r\n", "\n"))
+
+    def _process(self, text: str) -> None:
+        if self.done:
+            return
+        if not self.ready:
+            self.boot += text
+            i = self.boot.find(self._ready_line)
+            if i < 0:
+                return
+            self.ready = True
+            text = self.boot[i + len(self._ready_line) :]
+            self.boot = self.boot[:i]
+        self._pending += text
+        i = self._pending.find(self._done_line)
+        if i >= 0:
+            self.done = True
+            self._emit(self._pending[:i])
+            self._pending = ""
+            return
+        keep = 0  # longest suffix of pending that is a prefix of the done marker
+        for n in range(min(len(self._pending), len(self._done_line) - 1), 0, -1):
+            if self._done_line.startswith(self._pending[-n:]):
+                keep = n
+                break
+        self._emit(self._pending[: len(self._pending) - keep])
+        self._pending = self._pending[len(self._pending) - keep :]
+
+    def close(self) -> None:
+        """End of console: flush what was held back; an unready guest shows its boot text."""
+        if self._cr:
+            self._cr = False
+            self._process("\r")  # a lone CR is kept as is
+        if not self.ready:
+            self.ready = True
+            self._pending = ""
+            self._emit(self.boot)
+            self.boot = ""
+        elif not self.done:
+            self._emit(self._pending)
+            self._pending = ""
+
+
+def _drive(argv: Sequence[str], timeout: float, console: ConsoleFilter) -> tuple[int | None, bool]:
+    """Run the VM, feeding its console to `console` until it exits or the timeout passes.
+
+    Returns (qemu's exit status or None if killed, timed out?).
+    """
+    proc = _spawn(argv, subprocess.PIPE)
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    deadline = time.monotonic() + timeout
+    timed_out = eof = False
+    try:
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_READ)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    timed_out = True
+                    break
+                if not sel.select(remaining):
+                    continue
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    eof = True
+                    break
+                console.feed(decoder.decode(chunk))
+    finally:
+        if eof:  # qemu closed its console: it is exiting, give it a moment to do so
+            with suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+        # Timed out, interrupted (Ctrl-C, SIGTERM) or hung on exit: nothing worth keeping.
+        _stop(proc, grace=0.0)
+        proc.stdout.close()
+        console.feed(decoder.decode(b"", final=True))
+        console.close()
+    return (None if timed_out else proc.returncode), timed_out
+
+
+def _run_prepared(argv: Sequence[str], rundir: Path, *, timeout: float, console: TextIO | None) -> RunResult:
+    """Boot with a prepared run directory and collect the result from it."""
+    start = time.monotonic()
+    screen = ConsoleFilter(rundir.name, console)
+    _, timed_out = _drive(argv, timeout, screen)
+    duration = time.monotonic() - start
+    try:
+        kernel_log = (rundir / "kernel.log").read_text(errors="replace")
+    except OSError:
+        kernel_log = ""
+    exit_code = EXIT_NO_STATUS
+    if timed_out:
+        exit_code = EXIT_TIMEOUT
+    else:
+        with suppress(OSError, ValueError):
+            exit_code = int((rundir / "status").read_text().strip())
+    return RunResult(
+        exit_code=exit_code,
+        output=screen.output,
+        kernel_log=kernel_log,
+        timed_out=timed_out,
+        duration=duration,
+    )
+
+
+def _prune_stale_rundirs() -> None:
+    """Remove run directories whose owner process is gone (a harness killed by SIGKILL)."""
+    try:
+        entries = list(RUN_BASE.iterdir())
+    except OSError:
+        return
+    for d in entries:
+        try:
+            pid = int((d / "owner").read_text())
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (OSError, ValueError):
+            pass
+
+
+def _check_cwd(cwd: str) -> str:
+    """The guest sees the host's tree, except /tmp (a private tmpfs), so refuse that early."""
+    if not os.path.isabs(cwd):
+        cwd = os.path.abspath(cwd)
+    norm = os.path.normpath(cwd)
+    if norm == "/tmp" or norm.startswith("/tmp/"):
+        raise ValueError(f"cwd {cwd} is under /tmp, which the guest replaces with its own tmpfs")
+    return norm
+
+
+def run(
+    command: str,
+    *,
+    cwd: str | None = None,
+    mem: str = "2G",
+    smp: int = 2,
+    timeout: float = 900,
+    env: dict[str, str] | None = None,
+    console: TextIO | None = None,
+) -> RunResult:
+    """Run `command` (bash) as root in a fresh test VM, cwd defaulting to the current one.
+
+    The console output from 'guest ready' on is streamed to `console` (if given) and
+    returned in `output`; exit_code is the command's status, EXIT_TIMEOUT (timed_out set)
+    when `timeout` seconds passed first, or EXIT_NO_STATUS when the guest never reported.
+    """
+    workdir = _check_cwd(os.getcwd() if cwd is None else cwd)
+    script = command_script(command, cwd=workdir, env=guest_env(env))
+    if not _is_root():
+        raise TestVMError("the test VM needs root (virtiofsd shares / and runs as root)")
+    tools = ensure_tools()
+    image = ensure_guest()
+    RUN_BASE.mkdir(parents=True, exist_ok=True)
+    _prune_stale_rundirs()
+    rundir = Path(tempfile.mkdtemp(prefix="r", dir=RUN_BASE))
+    try:
+        (rundir / "owner").write_text(f"{os.getpid()}\n")
+        (rundir / "command.sh").write_text(script)
+        socket = rundir / "virtiofsd.sock"
+        with _virtiofsd(tools.virtiofsd, socket, rundir / "virtiofsd.log"):
+            argv = qemu_argv(tools.qemu, image, socket, rundir, mem=mem, smp=smp)
+            return _run_prepared(argv, rundir, timeout=timeout, console=console)
+    finally:
+        shutil.rmtree(rundir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pyvduse testvm",
+        description="Run a shell command as root in a Linux 6.12 VM with the VDUSE module; "
+        "the host's / is the guest's /, except a private /tmp. Exits with the command's "
+        f"status ({EXIT_TIMEOUT} on timeout, {EXIT_NO_STATUS} if the guest gave none).",
+    )
+    p.add_argument("--mem", default="2G", help="guest memory (default 2G)")
+    p.add_argument("--smp", type=int, default=2, help="guest CPUs (default 2)")
+    p.add_argument("--timeout", type=float, default=900, help="seconds (default 900)")
+    p.add_argument("--cwd", default=None, help="directory to run in (default: current)")
+    p.add_argument("--kernel-log", action="store_true", help="print the guest's whole dmesg afterwards")
+    p.add_argument("--prepare", action="store_true", help="only install tools and build the guest image")
+    p.add_argument("command", nargs="*", help="one word: shell code as is; several: an argv (shlex-joined)")
+    return p
+
+
+def join_command(words: Sequence[str]) -> str:
+    """One word is shell code ('uname -r; ls'); several are an argv quoted with shlex."""
+    return words[0] if len(words) == 1 else shlex.join(words)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """Turn SIGTERM into an exception so finally-blocks stop the VM."""
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`pyvduse testvm`: stream the guest's console to stdout, exit with its status."""
+    args = _parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        # A plain SIGTERM would skip the cleanup in run(); make it unwind like Ctrl-C.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        if args.prepare:
+            ensure_tools()
+            image = ensure_guest()
+            print(f"guest image: {image.package} in {image.vmlinuz.parent}")
+            return 0
+        if not args.command:
+            _parser().error("no command given (use: pyvduse testvm -- COMMAND...)")
+        result = run(
+            join_command(args.command),
+            cwd=args.cwd,
+            mem=args.mem,
+            smp=args.smp,
+            timeout=args.timeout,
+            console=sys.stdout,
+        )
+    except (TestVMError, ValueError) as e:
+        print(f"pyvduse testvm: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # run() has already stopped the VM and cleaned up
+        return 130
+    if args.kernel_log:
+        sys.stderr.write(result.kernel_log)
+    elif result.exit_code != 0:
+        ours = f"] {KMSG_START.split(':')[0]}:"  # our own markers say nothing new
+        tail = [line for line in result.command_kernel_log.splitlines() if ours not in line]
+        tail = tail[-60:]
+        if tail:
+            print("--- guest kernel messages while the command ran ---", file=sys.stderr)
+            print("\n".join(tail), file=sys.stderr)
+    if result.timed_out:
+        print(f"pyvduse testvm: timed out after {args.timeout:g} s", file=sys.stderr)
+    elif result.exit_code == EXIT_NO_STATUS and not result.kernel_log:
+        # The init saves the kernel log just before the status: no log, no status.
+        print("pyvduse testvm: the guest reported no exit status", file=sys.stderr)
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,450 @@
+"""Tests for the test-VM harness: everything but the boot runs without QEMU or root."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import platform
+import shutil
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pyvduse import testvm
+from pyvduse.testvm import (
+    DONE_MARKER,
+    EXIT_NO_STATUS,
+    EXIT_TIMEOUT,
+    INIT_SCRIPT,
+    KMSG_START,
+    READY_MARKER,
+    ConsoleFilter,
+    RunResult,
+)
+
+# --------------------------------------------------------------------------- command script
+
+
+def test_command_script_sets_env_and_cwd_and_keeps_exit_status(tmp_path: Path) -> None:
+    env = testvm.guest_env({"EXTRA": "x y'z $HOME"})
+    script = testvm.command_script("pwd; env; exit 5", cwd=str(tmp_path), env=env)
+    path = tmp_path / "command.sh"
+    path.write_text(script)
+    # The guest init runs it exactly like this: empty environment, bash, no stdin.
+    proc = subprocess.run(["env", "-i", "/bin/bash", str(path)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 5, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == str(tmp_path)
+    got = dict(line.split("=", 1) for line in lines[1:] if "=" in line)
+    assert got["PYVDUSE_IN_VM"] == "1"
+    assert got["HOME"] == "/root"
+    assert got["EXTRA"] == "x y'z $HOME"
+    assert got["PATH"].split(":")[0] == os.path.dirname(sys.executable)
+    assert "/usr/bin" in got["PATH"].split(":")
+
+
+def test_command_script_fails_when_cwd_is_missing(tmp_path: Path) -> None:
+    path = tmp_path / "command.sh"
+    path.write_text(testvm.command_script("echo ran", cwd=str(tmp_path / "nope"), env={}))
+    proc = subprocess.run(["/bin/bash", str(path)], capture_output=True, text=True, check=False)
+    assert proc.returncode != 0
+    assert "ran" not in proc.stdout
+
+
+def test_command_script_rejects_bad_env_names() -> None:
+    with pytest.raises(ValueError, match="environment variable"):
+        testvm.command_script("true", cwd="/", env={"A B": "1"})
+
+
+def test_guest_env_defaults_and_overrides() -> None:
+    env = testvm.guest_env()
+    assert env["PYVDUSE_IN_VM"] == "1" and env["HOME"] == "/root"
+    assert env["PATH"].startswith(os.path.dirname(sys.executable) + ":")
+    assert testvm.guest_env({"PATH": "/bin", "X": "1"})["PATH"] == "/bin"
+
+
+def test_run_refuses_cwd_under_tmp_before_booting() -> None:
+    # The guest mounts its own tmpfs on /tmp, so such a cwd can never exist in there.
+    with pytest.raises(ValueError, match="/tmp"):
+        testvm.run("true", cwd="/tmp/somewhere")
+
+
+def test_join_command() -> None:
+    assert testvm.join_command(["uname -r; ls /dev"]) == "uname -r; ls /dev"
+    assert testvm.join_command(["echo", "a b", "$X"]) == "echo 'a b' '$X'"
+
+
+# --------------------------------------------------------------------------- guest image
+
+
+def test_pick_kernel_package_takes_the_newest_6_12_cloud_image() -> None:
+    names = [
+        "linux-image-6.12.9+deb12-cloud-amd64-unsigned",
+        "linux-image-6.12.117+deb12-cloud-amd64-unsigned",
+        "linux-image-6.12.38+deb12-cloud-amd64-unsigned",
+        "linux-image-6.12.117+deb12-amd64-unsigned",
+        "linux-image-6.1.0-40-cloud-amd64-unsigned",
+    ]
+    assert testvm.pick_kernel_package(names) == "linux-image-6.12.117+deb12-cloud-amd64-unsigned"
+    assert testvm.pick_kernel_package(["linux-image-amd64"]) is None
+
+
+def _fake_ko(depends: str) -> bytes:
+    return b"\x7fELF junk\x00license=GPL\x00depends=" + depends.encode() + b"\x00name=x\x00"
+
+
+def test_module_load_order_puts_dependencies_first() -> None:
+    modules = {
+        "vduse": _fake_ko("vhost_iotlb,vdpa"),
+        "vdpa": _fake_ko(""),
+        "vhost_iotlb": _fake_ko(""),
+        "vhost_vdpa": _fake_ko("vhost_iotlb,vdpa,vhost,irqbypass"),
+        "vhost": _fake_ko("vhost_iotlb"),
+        "irqbypass": _fake_ko(""),
+    }
+    order = testvm.module_load_order(["vduse", "vhost_vdpa"], modules)
+    assert sorted(order) == sorted(modules)
+    for name, ko in modules.items():
+        for dep in testvm.module_depends(ko):
+            assert order.index(dep) < order.index(name)
+    # Built-in modules are neither needed nor loaded.
+    assert testvm.module_load_order(["vduse"], modules, builtin={"vdpa"}) == ["vhost_iotlb", "vduse"]
+    with pytest.raises(testvm.TestVMError, match="no module"):
+        testvm.module_load_order(["vduse"], {"vduse": _fake_ko("vdpa")})
+
+
+def _read_newc(data: bytes) -> dict[str, tuple[int, bytes, tuple[int, int]]]:
+    """A minimal independent newc reader: name -> (mode, data, (rdevmajor, rdevminor))."""
+    out: dict[str, tuple[int, bytes, tuple[int, int]]] = {}
+    pos = 0
+    while True:
+        assert data[pos : pos + 6] == b"070701"
+        fields = [int(data[pos + 6 + 8 * i : pos + 14 + 8 * i], 16) for i in range(13)]
+        mode, size, rmaj, rmin, namesize = fields[1], fields[6], fields[9], fields[10], fields[11]
+        name = data[pos + 110 : pos + 110 + namesize - 1].decode()
+        pos = (pos + 110 + namesize + 3) & ~3
+        body = data[pos : pos + size]
+        pos = (pos + size + 3) & ~3
+        if name == "TRAILER!!!":
+            return out
+        out[name] = (mode, body, (rmaj, rmin))
+
+
+def test_initrd_contents() -> None:
+    mods = [("vdpa", b"VDPA-KO"), ("vduse", b"VDUSE-KO")]
+    initrd = testvm.build_initrd(b"BUSYBOX", mods)
+    raw = gzip.decompress(initrd)
+    files = _read_newc(raw)
+    assert files["init"][1] == INIT_SCRIPT.encode()
+    assert files["init"][0] & 0o111 and stat.S_ISREG(files["init"][0])
+    assert files["bin/busybox"][1] == b"BUSYBOX" and files["bin/busybox"][0] & 0o111
+    assert stat.S_ISCHR(files["dev/console"][0]) and files["dev/console"][2] == (5, 1)
+    for d in ("bin", "dev", "proc", "sys", "host", "mods"):
+        assert stat.S_ISDIR(files[d][0])
+    assert files["mods/vduse.ko"][1] == b"VDUSE-KO"
+    assert files["mods/order"][1] == b"vdpa\nvduse\n"
+    if shutil.which("cpio"):  # cross-check the format with an independent reader
+        listing = subprocess.run(
+            ["cpio", "-t", "--quiet"], input=raw, capture_output=True, check=True
+        ).stdout.decode()
+        assert set(listing.split()) == set(files)
+
+
+def test_init_script_is_valid_shell() -> None:
+    sh = shutil.which("busybox")
+    argv = [sh, "sh", "-n"] if sh else ["/bin/sh", "-n"]
+    proc = subprocess.run(argv, input=INIT_SCRIPT, text=True, capture_output=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert INIT_SCRIPT.startswith("#!/bin/busybox sh\n")
+    assert f"{testvm.CMDLINE_KEY}=" in INIT_SCRIPT
+
+
+def test_recipe_key_follows_the_init_script(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = testvm.recipe_key()
+    monkeypatch.setattr(testvm, "INIT_SCRIPT", INIT_SCRIPT + "# changed\n")
+    assert testvm.recipe_key() != before
+
+
+def _fake_kernel_deb(tmp_path: Path) -> Path:
+    """A tiny .deb laid out like Debian's kernel package (xz modules, modules.builtin)."""
+    import lzma
+
+    kv = "6.12.99+deb12-cloud-amd64"
+    root = tmp_path / "pkg"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text(
+        "Package: fake-kernel\nVersion: 1\nArchitecture: all\nMaintainer: t <t@t>\nDescription: fake\n"
+    )
+    (root / "boot").mkdir()
+    (root / "boot" / f"vmlinuz-{kv}").write_bytes(b"KERNEL")
+    mods = root / "lib" / "modules" / kv / "kernel"
+    for rel, deps in {
+        "drivers/vdpa/vdpa_user/vduse": "vhost_iotlb,vdpa",
+        "drivers/vdpa/vdpa": "",
+        "drivers/vhost/vhost_iotlb": "",
+        "drivers/net/unrelated": "",
+    }.items():
+        (mods / rel).parent.mkdir(parents=True, exist_ok=True)
+        (mods / f"{rel}.ko.xz").write_bytes(lzma.compress(_fake_ko(deps)))
+    (root / "lib" / "modules" / kv / "modules.builtin").write_text("kernel/fs/fuse/virtiofs.ko\n")
+    deb = tmp_path / "fake.deb"
+    subprocess.run(["dpkg-deb", "--build", str(root), str(deb)], capture_output=True, check=True)
+    return deb
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
+def test_ensure_guest_builds_once_and_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    deb = _fake_kernel_deb(tmp_path)
+    downloads: list[str] = []
+
+    def fake_download(package: str, debs: Path) -> Path:
+        downloads.append(package)
+        return deb
+
+    monkeypatch.setattr(testvm, "GUEST_MODULES", ("vduse",))
+    monkeypatch.setattr(testvm, "_search_kernel_package", lambda: "linux-image-fake")
+    monkeypatch.setattr(testvm, "_download_deb", fake_download)
+    monkeypatch.setattr(testvm, "_find_busybox", lambda: sys.executable)
+    monkeypatch.setattr(testvm, "_note", lambda message: None)
+    cache = tmp_path / "cache"
+    images: list[testvm.GuestImage] = []
+    threads = [threading.Thread(target=lambda: images.append(testvm.ensure_guest(cache))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(images) == 3 and len(set(images)) == 1
+    assert downloads == ["linux-image-fake"]  # the lock made the others wait and reuse it
+    image = images[0]
+    assert image.kernel_release == "6.12.99+deb12-cloud-amd64"
+    assert image.vmlinuz.read_bytes() == b"KERNEL"
+    assert image.vmlinuz.parent.name == f"guest-{testvm.recipe_key()}"
+    files = _read_newc(gzip.decompress(image.initrd.read_bytes()))
+    assert files["mods/order"][1] == b"vhost_iotlb\nvdpa\nvduse\n"
+    assert files["mods/vduse.ko"][1] == _fake_ko("vhost_iotlb,vdpa")
+    assert "mods/unrelated.ko" not in files
+    assert testvm.ensure_guest(cache) == image and len(downloads) == 1
+    # A new init means a new image.
+    monkeypatch.setattr(testvm, "INIT_SCRIPT", INIT_SCRIPT + "# v2\n")
+    assert testvm.ensure_guest(cache).vmlinuz.parent != image.vmlinuz.parent
+    assert len(downloads) == 2
+
+
+def test_ensure_tools_tells_a_non_root_user_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(testvm, "_missing_tools", lambda: ["virtiofsd", "qemu-system-x86_64"])
+    monkeypatch.setattr(testvm, "_is_root", lambda: False)
+    with pytest.raises(testvm.TestVMError, match=r"apt-get install -y qemu-system-x86 .*busybox-static"):
+        testvm.ensure_tools()
+
+
+def test_ensure_tools_installs_as_root_updating_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, ...]] = []
+    missing = [["vdpa"], []]
+    monkeypatch.setattr(testvm, "_missing_tools", lambda: missing.pop(0))
+    monkeypatch.setattr(testvm, "_is_root", lambda: True)
+    monkeypatch.setattr(testvm, "_apt", lambda *args: calls.append(args))
+    monkeypatch.setattr(testvm, "_note", lambda message: None)
+    monkeypatch.setattr(testvm, "find_virtiofsd", lambda: "/usr/lib/qemu/virtiofsd")
+    monkeypatch.setattr(testvm, "_find_busybox", lambda: "/bin/busybox")
+    monkeypatch.setattr(testvm, "_which", lambda name: f"/usr/bin/{name}")
+    tools = testvm.ensure_tools()
+    assert calls[0][0] == "update" and calls[1][:2] == ("install", "-y")
+    assert set(testvm.APT_PACKAGES) <= set(calls[1])
+    assert tools.virtiofsd == "/usr/lib/qemu/virtiofsd"
+
+
+def test_ensure_tools_does_nothing_when_all_present(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(testvm, "_missing_tools", lambda: [])
+    monkeypatch.setattr(testvm, "_apt", lambda *args: pytest.fail("apt must not run"))
+    monkeypatch.setattr(testvm, "find_virtiofsd", lambda: "/v")
+    monkeypatch.setattr(testvm, "_find_busybox", lambda: "/b")
+    monkeypatch.setattr(testvm, "_which", lambda name: f"/usr/bin/{name}")
+    assert testvm.ensure_tools() == testvm.HostTools("/usr/bin/qemu-system-x86_64", "/v", "/b")
+
+
+def test_is_static_elf(tmp_path: Path) -> None:
+    (tmp_path / "script").write_text("#!/bin/sh\n")
+    assert not testvm.is_static_elf(str(tmp_path / "script"))
+    assert not testvm.is_static_elf(str(tmp_path / "missing"))
+    assert not testvm.is_static_elf("/bin/bash")  # dynamically linked on Debian
+
+
+def test_virtiofsd_argv_knows_both_flavours(tmp_path: Path) -> None:
+    rust = tmp_path / "rust-virtiofsd"
+    rust.write_text("#!/bin/sh\necho '  --shared-dir <DIR>  Shared directory path'\n")
+    rust.chmod(0o755)
+    sock = tmp_path / "s.sock"
+    assert "--shared-dir=/" in testvm.virtiofsd_argv(str(rust), sock)
+    c = tmp_path / "c-virtiofsd"
+    c.write_text("#!/bin/sh\necho '-o source=PATH'\n")
+    c.chmod(0o755)
+    assert testvm.virtiofsd_argv(str(c), sock)[-6:] == [
+        "-o", "source=/", "-o", "cache=none", "-o", "sandbox=chroot",
+    ]  # fmt: skip
+
+
+# --------------------------------------------------------------------------- console
+
+
+def _console(token: str, body: str) -> str:
+    """What the serial line carries: CRLF line ends, boot noise, markers, power-off."""
+    text = (
+        "[    0.9] some early error\n"
+        f"\n{READY_MARKER} {token}\n"
+        f"{body}"
+        f"\n{DONE_MARKER} {token}\n"
+        "[    3.1] reboot: Power down\n"
+    )
+    return text.replace("\n", "\r\n")
+
+
+@pytest.mark.parametrize("body", ["hello\nworld\n", "no newline", "", "a\r\n\rprogress\n"])
+def test_console_filter_any_chunking(body: str) -> None:
+    raw = _console("rtok", body)  # the serial line turns each LF the command wrote into CRLF
+    for size in (1, 2, 3, 7, len(raw)):
+        sink = io.StringIO()
+        f = ConsoleFilter("rtok", sink)
+        for i in range(0, len(raw), size):
+            f.feed(raw[i : i + size])
+        f.close()
+        assert f.output == body, size  # exactly what the command wrote
+        assert sink.getvalue() == f.output
+
+
+def test_console_filter_ignores_markers_of_other_runs() -> None:
+    f = ConsoleFilter("rmine")
+    f.feed(f"\n{READY_MARKER} rmine\nout\n{DONE_MARKER} rother\nmore\n")
+    f.close()
+    assert f.output == f"out\n{DONE_MARKER} rother\nmore\n"
+
+
+def test_console_filter_shows_boot_text_when_never_ready() -> None:
+    sink = io.StringIO()
+    f = ConsoleFilter("rtok", sink)
+    f.feed("Kernel panic - not syncing: VFS\r\n")
+    assert sink.getvalue() == ""  # boot noise is held back while booting
+    f.close()
+    assert f.output == sink.getvalue() == "Kernel panic - not syncing: VFS\n"
+
+
+def test_command_kernel_log() -> None:
+    log = f"[0.1] boot\n[2.0] {KMSG_START}\n[2.5] vduse: oops\n"
+    r = RunResult(exit_code=0, output="", kernel_log=log, timed_out=False, duration=1.0)
+    assert r.command_kernel_log == "[2.5] vduse: oops\n"
+
+
+# --------------------------------------------------------------------------- driving a fake qemu
+
+FAKE_QEMU = textwrap.dedent(
+    """
+    import os, sys, time
+    rundir, mode = sys.argv[1], sys.argv[2]
+    token = os.path.basename(rundir)
+    open(os.path.join(rundir, "pid"), "w").write(str(os.getpid()))
+    out = sys.stdout
+    out.write("[ 0.5] boot noise\\r\\n\\r\\n{ready} " + token + "\\r\\n")
+    out.write("hello-from-fake\\r\\n")
+    out.flush()
+    if mode == "hang":
+        time.sleep(120)
+    if mode == "ok":
+        open(os.path.join(rundir, "kernel.log"), "w").write("[ 0.0] Linux version 6.12\\n")
+        open(os.path.join(rundir, "status"), "w").write("3\\n")
+        out.write("\\r\\n{done} " + token + "\\r\\n[ 2.0] reboot: Power down\\r\\n")
+    """
+).format(ready=READY_MARKER, done=DONE_MARKER)
+
+
+@pytest.fixture
+def fake_qemu(tmp_path: Path) -> tuple[Path, Path]:
+    script = tmp_path / "fake_qemu.py"
+    script.write_text(FAKE_QEMU)
+    rundir = tmp_path / "rfake123"
+    rundir.mkdir()
+    return script, rundir
+
+
+def _pid_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_run_prepared_reads_status_and_kernel_log(fake_qemu: tuple[Path, Path]) -> None:
+    script, rundir = fake_qemu
+    sink = io.StringIO()
+    argv = [sys.executable, str(script), str(rundir), "ok"]
+    r = testvm._run_prepared(argv, rundir, timeout=60, console=sink)
+    assert (r.exit_code, r.timed_out) == (3, False)
+    assert r.output == "hello-from-fake\n" == sink.getvalue()
+    assert r.kernel_log.startswith("[ 0.0] Linux version")
+
+
+def test_run_prepared_without_status(fake_qemu: tuple[Path, Path]) -> None:
+    script, rundir = fake_qemu
+    r = testvm._run_prepared(
+        [sys.executable, str(script), str(rundir), "crash"], rundir, timeout=60, console=None
+    )
+    assert (r.exit_code, r.timed_out, r.kernel_log) == (EXIT_NO_STATUS, False, "")
+    assert "hello-from-fake" in r.output
+
+
+def test_run_prepared_timeout_kills_the_vm(fake_qemu: tuple[Path, Path]) -> None:
+    script, rundir = fake_qemu
+    sink = io.StringIO()
+    argv = [sys.executable, str(script), str(rundir), "hang"]
+    r = testvm._run_prepared(argv, rundir, timeout=2.0, console=sink)
+    assert (r.exit_code, r.timed_out) == (EXIT_TIMEOUT, True)
+    assert 2.0 <= r.duration < 15
+    assert "hello-from-fake" in sink.getvalue()
+    assert _pid_gone(int((rundir / "pid").read_text()))
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_main_passes_options_and_returns_the_guest_status(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, object] = {}
+
+    def fake_run(command: str, **kwargs: object) -> RunResult:
+        seen.update(kwargs, command=command)
+        return RunResult(exit_code=7, output="", kernel_log="", timed_out=False, duration=0.1)
+
+    monkeypatch.setattr(testvm, "run", fake_run)
+    argv = ["--mem", "1G", "--smp", "1", "--timeout", "30", "--cwd", "/", "--", "echo", "a b"]
+    assert testvm.main(argv) == 7
+    assert seen["command"] == "echo 'a b'"
+    assert (seen["mem"], seen["smp"], seen["timeout"], seen["cwd"]) == ("1G", 1, 30.0, "/")
+    assert seen["console"] is sys.stdout
+    assert testvm.main(["--", "uname -r; ls"]) == 7
+    assert seen.get("command") == "uname -r; ls"  # one word: shell code as is
+
+
+def test_main_without_command_is_a_usage_error() -> None:
+    with pytest.raises(SystemExit) as e:
+        testvm.main([])
+    assert e.value.code == 2
+
+
+# --------------------------------------------------------------------------- the real thing
+
+
+@pytest.mark.boots_vm
+@pytest.mark.skipif(os.geteuid() != 0, reason="the test VM needs root (virtiofsd)")
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the guest kernel is amd64")
+@pytest.mark.skipif(os.environ.get("PYVDUSE_IN_VM") == "1", reason="no VM inside the VM")
+def test_vm_boots_with_vduse_and_reports_exit_status() -> None:
+    r = testvm.run("test -e /dev/vduse/control && echo hello-from-guest && exit 3", cwd="/", timeout=600)
+    assert not r.timed_out, r.output
+    assert r.exit_code == 3, (r.output, r.kernel_log[-3000:])
+    assert "hello-from-guest" in r.output
+    assert r.kernel_log
