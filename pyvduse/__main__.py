@@ -1,3 +1,5 @@
-from pyvduse.cli.main import main
 import sys
+
+from pyvduse.cli.main import main
+
 sys.exit(main())

@@ -222,12 +222,12 @@ class BlkDevice(VirtioDevice):
         return length >= 0 and offset + length <= self.capacity_bytes
 
     def _discard_or_zero(self, rtype: int, readable: list[memoryview]) -> int:
+        if self.options.readonly:
+            return IOERR
         feature = vb.F_DISCARD if rtype == T_DISCARD else vb.F_WRITE_ZEROES
         negotiated = self.features or self.spec().features  # unit tests may skip negotiation
         if not negotiated >> feature & 1:
             return UNSUPP
-        if self.options.readonly:
-            return IOERR
         payload = gather(readable, _OUTHDR.size, total(readable) - _OUTHDR.size)
         nseg, rest = divmod(len(payload), _SEG.size)
         if nseg == 0 or rest or nseg > MAX_DISCARD_SEG:

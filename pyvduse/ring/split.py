@@ -144,8 +144,11 @@ class SplitQueue:
 
     # -- used side ----------------------------------------------------------------------
 
-    def push(self, head: int, written: int) -> None:
-        """Record a completion (not yet visible to the driver: see ``publish``)."""
+    def push(self, head: int, written: int, ndesc: int = 1) -> None:
+        """Record a completion (not yet visible to the driver: see ``publish``).
+
+        ``ndesc`` (the ring slots the chain used) matters to packed rings only.
+        """
         _pack_used(self.used, 4 + 8 * (self.used_idx % self.num), head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
 

@@ -88,7 +88,7 @@ class QueueWorker:
                     chain = pop()
                     if chain is None:
                         break
-                    push(chain.head, dev.handle(idx, chain))
+                    push(chain.head, dev.handle(idx, chain), chain.ndesc)
                     n += 1
                 self.completed += n
                 if q.publish():
