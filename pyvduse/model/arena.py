@@ -30,6 +30,12 @@ class Arena:
         self._next = iova + size
         return iova
 
+    def free(self, iova: int) -> None:
+        """Bump allocation: nothing is reused (tests build a fresh arena each time)."""
+
+    def alloc_coherent(self, size: int, align: int = 16) -> int:
+        return self.alloc(size, align)
+
     def write(self, iova: int, data: bytes) -> None:
         off = iova - self.base
         self.buf[off : off + len(data)] = data

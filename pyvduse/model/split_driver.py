@@ -8,6 +8,7 @@ setters let hostile tests write any descriptor or avail entry they like.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from pyvduse.abi.virtio import (
     DESC_SIZE,
@@ -19,9 +20,20 @@ from pyvduse.abi.virtio import (
     VRING_DESC_F_WRITE,
     VRING_USED_ELEM,
     avail_ring_size,
+    need_event,
     used_ring_size,
 )
-from pyvduse.model.arena import Arena
+from pyvduse.ring.split import full_fence
+
+
+class DmaSpace(Protocol):
+    """Driver memory: streaming allocations for buffers, coherent ones for rings."""
+
+    def alloc(self, size: int, align: int = 16) -> int: ...
+    def alloc_coherent(self, size: int, align: int = 16) -> int: ...
+    def free(self, iova: int) -> None: ...
+    def write(self, iova: int, data: bytes) -> None: ...
+    def read(self, iova: int, length: int) -> bytes: ...
 
 
 @dataclass
@@ -32,22 +44,28 @@ class Completion:
     length: int
     writable: list[tuple[int, int]]  # (iova, len) of each writable buffer
     token: object = None
+    data: bytes = b""  # the writable buffers' contents, read at collection
 
 
 class DriverSplitRing:
     """A split ring of ``num`` entries owned by a test 'driver'."""
 
-    def __init__(self, arena: Arena, num: int, event_idx: bool = True) -> None:
+    def __init__(self, arena: DmaSpace, num: int, event_idx: bool = True) -> None:
         self.arena = arena
         self.num = num
         self.event_idx = event_idx
-        self.desc_addr = arena.alloc(DESC_SIZE * num, 16)
-        self.avail_addr = arena.alloc(avail_ring_size(num, True), 2)
-        self.used_addr = arena.alloc(used_ring_size(num, True), 4)
+        # One coherent allocation laid out like vring_init(): desc, avail, then used aligned.
+        avail_off = DESC_SIZE * num
+        used_off = -(-(avail_off + avail_ring_size(num, True)) // 4096) * 4096
+        base = arena.alloc_coherent(used_off + used_ring_size(num, True), 4096)
+        self.desc_addr = base
+        self.avail_addr = base + avail_off
+        self.used_addr = base + used_off
         self.free = list(range(num))
         self.avail_idx = 0
+        self._kicked_idx = 0
         self.last_used = 0
-        self.pending: dict[int, tuple[list[int], list[tuple[int, int]], object]] = {}
+        self.pending: dict[int, tuple[list[int], list[tuple[int, int]], object, list[int]]] = {}
 
     # -- raw access ---------------------------------------------------------------------
 
@@ -92,17 +110,21 @@ class DriverSplitRing:
     ) -> int:
         """Queue one request: buffers holding ``readable``, then buffers of ``writable`` sizes."""
         bufs: list[tuple[int, int, int]] = []
+        allocs: list[int] = []
         for data in readable:
             iova = self.arena.alloc(max(len(data), 1))
+            allocs.append(iova)
             self.arena.write(iova, data)
             bufs.append((iova, len(data), 0))
         wbufs: list[tuple[int, int]] = []
         for n in writable:
             iova = self.arena.alloc(max(n, 1))
+            allocs.append(iova)
             bufs.append((iova, n, VRING_DESC_F_WRITE))
             wbufs.append((iova, n))
         if indirect:
             table = self.arena.alloc(DESC_SIZE * len(bufs), 16)
+            allocs.append(table)
             for k, (iova, n, f) in enumerate(bufs):
                 f |= VRING_DESC_F_NEXT if k + 1 < len(bufs) else 0
                 self.arena.write(table + DESC_SIZE * k, VRING_DESC.pack(iova, n, f, k + 1))
@@ -118,7 +140,7 @@ class DriverSplitRing:
                 self.write_desc(ids[k], iova, n, f | (0 if last else VRING_DESC_F_NEXT),
                                 0 if last else ids[k + 1])
             head = ids[0]
-        self.pending[head] = (ids, wbufs, token)
+        self.pending[head] = (ids, wbufs, token, allocs)
         self.set_avail_entry(self.avail_idx, head)
         if publish:
             self.set_avail_idx(self.avail_idx + 1)
@@ -138,10 +160,23 @@ class DriverSplitRing:
             head, length = VRING_USED_ELEM.unpack(
                 self.arena.read(self.used_addr + 4 + 8 * slot, 8))
             self.last_used = (self.last_used + 1) & 0xFFFF
-            ids, wbufs, token = self.pending.pop(head)
+            ids, wbufs, token, allocs = self.pending.pop(head)
             self.free.extend(ids)
-            out.append(Completion(head, length, wbufs, token))
+            c = Completion(head, length, wbufs, token)
+            c.data = self.read_writable(c)
+            for iova in allocs:
+                self.arena.free(iova)
+            out.append(c)
         return out
+
+    def kick_needed(self) -> bool:
+        """After publishing: does the device want a kick for what was added since the last?"""
+        old, new = self._kicked_idx, self.avail_idx
+        self._kicked_idx = new
+        full_fence()
+        if self.event_idx:
+            return need_event(self.avail_event(), new, old)
+        return not self.used_flags() & 1
 
     def read_writable(self, c: Completion) -> bytes:
         return b"".join(self.arena.read(iova, n) for iova, n in c.writable)

@@ -29,6 +29,7 @@ from pyvduse.transport.kernel.control import Control
 from pyvduse.transport.kernel.device_fd import DeviceFd
 from pyvduse.transport.kernel.iotlb import IotlbMapper
 from pyvduse.transport.kernel.vdpa_netlink import VdpaError, VdpaNetlink
+from pyvduse.transport.status import StatusMachine
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,9 @@ class KernelTransport(Transport):
         self.events = events
         self.msg_timeout = msg_timeout
         self.bounce_size = bounce_size
-        self.status = 0
+        self.status_machine = StatusMachine(
+            events, read_features=self._get_features, start_queues=self._start_queues,
+            forget=self._forget_driver_state)
         self.negotiated = 0
         self.broken: str | None = None
         self.on_broken: Callable[[str], None] | None = None
@@ -85,7 +88,7 @@ class KernelTransport(Transport):
     def set_config(self, offset: int, data: bytes) -> None:
         assert self._dev is not None
         self._dev.set_config(offset, data)
-        if self.status & Status.DRIVER_OK:
+        if self.status_machine.status & Status.DRIVER_OK:
             self._dev.inject_config_irq()
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -205,7 +208,7 @@ class KernelTransport(Transport):
         ok, failed = v.VDUSE_REQ_RESULT_OK, v.VDUSE_REQ_RESULT_FAILED
         if req.type == v.MsgType.SET_STATUS:
             log.debug("SET_STATUS 0x%x", req.status)
-            after = self._set_status(req.status)
+            after = self.status_machine.write(req.status)
             dev.write_response(v.pack_response(req.request_id, ok if after is not None else failed))
             if after is not None:
                 after()
@@ -232,25 +235,9 @@ class KernelTransport(Transport):
             log.warning("unknown control message type %d", req.type)
             dev.write_response(v.pack_response(req.request_id, failed))
 
-    def _set_status(self, status: int) -> Callable[[], None] | None:
-        """Apply a status write; None refuses it, else a step to run after answering OK."""
-        if status == 0:
-            self.events.reset()
-            self._forget_driver_state()
-            self.status = 0
-            return lambda: None
-        prev = self.status
-        if status & Status.FEATURES_OK and not prev & Status.FEATURES_OK:
-            assert self._dev is not None
-            self.negotiated = self._dev.get_features()
-            if not self.events.features_ok(self.negotiated):
-                return None
-        self.status = status
-        if status & Status.DRIVER_OK and not prev & Status.DRIVER_OK:
-            # The kernel records DRIVER_OK only after our answer, and refuses interrupts
-            # until then: start the queues after answering.
-            return self._start_queues
-        return lambda: None
+    def _get_features(self) -> int:
+        assert self._dev is not None
+        return self._dev.get_features()
 
     def _start_queues(self) -> None:
         assert self._dev is not None

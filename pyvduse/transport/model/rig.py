@@ -1,0 +1,30 @@
+"""Putting a device on the model in one line: kernel + transport + runtime."""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+from pyvduse.device.base import VirtioDevice
+from pyvduse.runtime.server import DeviceServer
+from pyvduse.transport.model.kernel import ModelKernel
+from pyvduse.transport.model.transport import ModelTransport
+
+
+class ModelRig:
+    """A device served on the model, ready for a model driver to probe."""
+
+    def __init__(self, device: VirtioDevice, *, msg_timeout: float = 5.0,
+                 bounce_size: int = 16 << 20) -> None:
+        self.device = device
+        self.kernel = ModelKernel(device.spec(), msg_timeout=msg_timeout, bounce_size=bounce_size)
+        self.server = DeviceServer(device)
+        self.transport = ModelTransport(self.kernel, self.server)
+        self.server.bind(self.transport)
+
+    def __enter__(self) -> ModelRig:
+        self.transport.start()
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.transport.close()
