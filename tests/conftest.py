@@ -53,16 +53,18 @@ class VmSession:
         junit = RESULTS / f"junit-{os.getpid()}.xml"
         junit.unlink(missing_ok=True)
         args = " ".join(f"'{n}'" for n in self.nodeids)
-        command = (f"{sys.executable} -m pytest -p no:cacheprovider -q -rfEs "
+        command = (f"{sys.executable} -m pytest -p no:cacheprovider -v -rfEs "
                    f"--junitxml={junit} {args}")
-        sys.stderr.write(f"\n[vm] booting the test VM for {len(self.nodeids)} test(s)\n")
+        live = RESULTS / "console.log"  # follow it with tail -f while the VM runs
+        sys.stderr.write(f"\n[vm] running {len(self.nodeids)} test(s) in the test VM; "
+                         f"console: {live}\n")
         try:
-            result = testvm.run(command, cwd=str(ROOT), timeout=VM_TIMEOUT, console=sys.stderr)
+            with live.open("w") as console:
+                result = testvm.run(command, cwd=str(ROOT), timeout=VM_TIMEOUT, console=console)
         except Exception as e:  # no root, no qemu, no kernel package...
             self.error = f"the test VM could not run: {e}"
             return
         self.console = result.output
-        (RESULTS / "console.log").write_text(result.output)
         (RESULTS / "kernel.log").write_text(result.kernel_log)
         if not junit.exists():
             self.error = (f"the guest produced no results (exit {result.exit_code}"

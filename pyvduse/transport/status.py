@@ -6,6 +6,7 @@ Shared by every transport, so the real kernel and the model apply the same rules
 - FEATURES_OK can be refused (the driver sees the bit missing when it re-reads status);
 - DRIVER_OK starts the queues, but only after the answer has been sent, because VDUSE records
   DRIVER_OK (and accepts interrupts) only once it has our OK;
+- DRIVER_OK is refused when features were never accepted, or changed after FEATURES_OK;
 - any other status (for instance FAILED, or ACKNOWLEDGE after a reset) is stored and is not a
   reset.
 """
@@ -55,7 +56,12 @@ class StatusMachine:
             self.features = self._read_features()
             if not self.events.features_ok(self.features):
                 return None
-        self.status = status
         if status & Status.DRIVER_OK and not prev & Status.DRIVER_OK:
+            if not prev & Status.FEATURES_OK and not status & Status.FEATURES_OK:
+                return None  # DRIVER_OK without negotiated features
+            if self._read_features() != self.features:
+                return None  # the driver changed its features after FEATURES_OK
+            self.status = status
             return self._start_queues
+        self.status = status
         return _nothing

@@ -138,3 +138,36 @@ def test_create_validation() -> None:
         ModelKernel(DeviceSpec(2, 1 << 32, b"", 1, 256))  # no ACCESS_PLATFORM
     with pytest.raises(ModelError):
         ModelKernel(DeviceSpec(2, (1 << 33) | (1 << vb.F_CONFIG_WCE), b"", 1, 256))
+
+
+def test_features_changed_after_features_ok_are_refused() -> None:
+    with ModelRig(blk()) as rig:
+        k = rig.kernel
+        k.set_status(0)
+        k.set_status(Status.ACKNOWLEDGE | Status.DRIVER)
+        k.set_driver_features(k.get_device_features())
+        k.set_status(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK)
+        assert k.get_status() & Status.FEATURES_OK
+        k.set_driver_features(k.get_device_features() & ~bit(F_RING_EVENT_IDX))
+        k.set_status(k.get_status() | Status.DRIVER_OK)
+        assert not k.get_status() & Status.DRIVER_OK
+        assert not rig.server.running.is_set()
+
+
+def test_kick_on_a_queue_that_is_not_ready_is_dropped() -> None:
+    with ModelRig(blk(num_queues=2)) as rig:
+        drv = BlkDriver(rig.kernel, num_queues=1)  # the driver sets up queue 0 only
+        assert rig.server.running.wait(2)
+        rig.kernel.kick(1)
+        assert 1 not in rig.server.workers
+        drv.write(0, b"k" * 512, queue=0)
+        assert drv.read(0, 512, queue=0) == b"k" * 512
+
+
+def test_status_without_driver_ok_is_not_a_reset() -> None:
+    with ModelRig(blk()) as rig:
+        drv = BlkDriver(rig.kernel)
+        drv.write(0, b"s" * 512)
+        rig.kernel.set_status(rig.kernel.get_status() | Status.FAILED)
+        assert rig.server.running.is_set()  # FAILED is stored, queues keep their state
+        assert drv.read(0, 512) == b"s" * 512

@@ -38,9 +38,18 @@ def test_name_taken_leaves_the_first_device_alone(tmp_path: Path) -> None:
 
 
 def test_no_permission_leaves_nothing(tmp_path: Path) -> None:
-    p = pyvduse("blk", "--name", "cli-perm", "--memory", "1M",
-                prefix=("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"))
-    one_line_error(p, "no permission", "/dev/vduse/control")
+    # A root process without CAP_DAC_OVERRIDE, facing a control node it may not open: what an
+    # unprivileged user meets (a plain other uid cannot even read this machine's Python).
+    control = "/dev/vduse/control"
+    mode = os.stat(control).st_mode & 0o7777
+    os.chmod(control, 0)
+    try:
+        caps = "-dac_override,-dac_read_search"
+        p = pyvduse("blk", "--name", "cli-perm", "--memory", "1M",
+                    prefix=("setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}"))
+    finally:
+        os.chmod(control, mode)
+    one_line_error(p, "no permission", control)
     assert not os.path.exists("/dev/vduse/cli-perm")
 
 
