@@ -21,10 +21,12 @@ from pyvduse.abi.virtio import (
 )
 from pyvduse.backend.base import Backend
 from pyvduse.device.base import REQUIRED_FEATURES, DeviceSpec, VirtioDevice
+from pyvduse.ratelimit import RateLimitedLogger
 from pyvduse.ring.chain import Chain
 from pyvduse.ring.iovec import gather, slice_segments, total
 
 log = logging.getLogger(__name__)
+bad_request_log = RateLimitedLogger(log)
 
 _OUTHDR = vb.OUTHDR
 _SEG = vb.DISCARD_SEGMENT
@@ -150,12 +152,13 @@ class BlkDevice(VirtioDevice):
         writable = chain.writable
         if chain.error is not None:
             self.stats.bad_chains += 1
-            log.warning("queue %d: bad request %d: %s", queue, chain.head, chain.error)
+            bad_request_log.warning("queue %d: bad request %d: %s", queue, chain.head, chain.error)
             return 0
         readable = chain.readable
         if not writable or total(readable) < _OUTHDR.size:
             self.stats.bad_chains += 1
-            log.warning("queue %d: request %d has no header or no status byte", queue, chain.head)
+            bad_request_log.warning("queue %d: request %d has no header or no status byte", queue,
+                                    chain.head)
             return 0
         last = writable[-1]
         status_byte = last[len(last) - 1 :]
@@ -167,8 +170,8 @@ class BlkDevice(VirtioDevice):
         try:
             status, written = self._dispatch(rtype, sector, readable, writable, in_len)
         except OSError as e:
-            log.warning("queue %d: request type %d at sector %d failed: %s", queue, rtype,
-                        sector, e)
+            bad_request_log.warning("queue %d: request type %d at sector %d failed: %s", queue,
+                                    rtype, sector, e)
             status, written = IOERR, 0
         except Exception:  # a bug must fail one request, not the queue
             log.exception("queue %d: request type %d failed unexpectedly", queue, rtype)

@@ -1,0 +1,1 @@
+"""Fuzzing the ring engine: one case runner shared by hypothesis, a timed loop and atheris."""
