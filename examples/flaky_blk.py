@@ -1,0 +1,63 @@
+"""A virtio-blk device that fails every Nth write: fault injection in a few lines.
+
+Serve it on the real kernel (where the vduse module is loaded):
+
+    python3 examples/flaky_blk.py --name flaky0 --size 64M --every 10
+
+or drive it in-process through the model, as tests/unit/test_example_flaky.py does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pyvduse.abi import virtio_blk as vb
+from pyvduse.backend.memory import MemoryBackend
+from pyvduse.device.blk import BlkDevice, BlkOptions
+from pyvduse.ring.chain import Chain
+from pyvduse.ring.iovec import gather
+
+
+class FlakyBlk(BlkDevice):
+    """Like BlkDevice, but every ``every``-th write completes with IOERR and stores nothing."""
+
+    def __init__(self, size: int, every: int, options: BlkOptions | None = None) -> None:
+        super().__init__(MemoryBackend(size), options)
+        self.every = every
+        self.writes = 0
+        self.failed = 0
+
+    def handle(self, queue: int, chain: Chain) -> int:
+        if chain.error is None and chain.writable and chain.readable:
+            rtype = vb.OUTHDR.unpack(gather(chain.readable, 0, vb.OUTHDR.size))[0]
+            if rtype == vb.ReqType.OUT:
+                self.writes += 1
+                if self.writes % self.every == 0:
+                    self.failed += 1
+                    last = chain.writable[-1]
+                    last[len(last) - 1] = vb.ReqStatus.IOERR  # the status byte
+                    return 1
+        return super().handle(queue, chain)
+
+
+def main() -> int:
+    from pyvduse.cli.blk import preflight, serve
+    from pyvduse.errors import UserError
+    from pyvduse.sizes import parse_size
+
+    ap = argparse.ArgumentParser(description="serve a block device that fails every Nth write")
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--size", default="64M")
+    ap.add_argument("--every", type=int, default=10)
+    args = ap.parse_args()
+    try:
+        preflight()
+        return serve(args.name, FlakyBlk(parse_size(args.size), args.every))
+    except UserError as e:
+        print(f"flaky_blk: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
