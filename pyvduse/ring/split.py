@@ -99,6 +99,22 @@ class SplitQueue:
             self._break(f"avail index moved by {n}, more than the queue size {self.num}")
         return n
 
+    def head_at(self, index: int) -> int:
+        """The head the avail ring holds at (free-running) index ``index``."""
+        return int(_unpack16(self.avail, 4 + 2 * (index % self.num))[0])
+
+    def chain_at(self, head: int) -> Chain:
+        """Walk the chain starting at ``head`` again (to repeat a request after a restart)."""
+        if head >= self.num:
+            self._break(f"head {head} outside the queue of {self.num}")
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        try:
+            self._walk(head, readable, writable)
+        except ChainError as e:
+            return Chain(head, readable, writable, str(e))
+        return Chain(head, readable, writable)
+
     def pop(self) -> Chain | None:
         """Take the next available chain, or None when the ring is empty."""
         if self.broken:

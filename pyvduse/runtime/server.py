@@ -8,8 +8,12 @@ from collections.abc import Callable
 
 from pyvduse.abi.virtio import F_RING_PACKED, has
 from pyvduse.device.base import VirtioDevice
+from pyvduse.ring.chain import Chain
 from pyvduse.ring.errors import RingError
+from pyvduse.ring.inflight import LoggedQueue
+from pyvduse.ring.queue import VirtQueue
 from pyvduse.ring.split import SplitQueue
+from pyvduse.runtime.state_file import StateFile
 from pyvduse.runtime.worker import QueueWorker
 from pyvduse.transport.base import QueueSetup, Transport
 
@@ -19,8 +23,9 @@ log = logging.getLogger(__name__)
 class DeviceServer:
     """Implements ``DeviceEvents`` for one device on one transport."""
 
-    def __init__(self, device: VirtioDevice) -> None:
+    def __init__(self, device: VirtioDevice, state: StateFile | None = None) -> None:
         self.device = device
+        self.state = state  # in-flight logs, for surviving a restart
         self.transport: Transport | None = None
         self.workers: dict[int, QueueWorker] = {}
         self._setups: dict[int, QueueSetup] = {}
@@ -40,7 +45,8 @@ class DeviceServer:
             log.warning("refusing features 0x%x", features)
         return ok
 
-    def driver_ok(self, features: int, queues: list[QueueSetup]) -> None:
+    def driver_ok(self, features: int, queues: list[QueueSetup], resume: bool = False) -> None:
+        """Start serving; with ``resume`` the state file says where a dead daemon stopped."""
         assert self.transport is not None
         with self._lock:
             self._stop_workers()
@@ -51,10 +57,10 @@ class DeviceServer:
             self._setups = {q.index: q for q in queues}
             for q in queues:
                 if q.ready:
-                    self._start_worker(q, q.avail_index, None)
+                    self._start_worker(q, q.avail_index, None, "resume" if resume else "fresh")
             self.running.set()
-            log.info("driver ready: features 0x%x, %d queue(s) served", features,
-                     len(self.workers))
+            log.info("driver ready: features 0x%x, %d queue(s) served%s", features,
+                     len(self.workers), " (resumed)" if resume else "")
 
     def reset(self) -> None:
         with self._lock:
@@ -72,7 +78,7 @@ class DeviceServer:
             self._stop_workers()
             invalidate()
             for i, (last_avail, used) in saved.items():
-                self._start_worker(setups[i], last_avail, used)
+                self._start_worker(setups[i], last_avail, used, "continue")
 
     def queue_state(self, index: int) -> tuple[int, ...]:
         w = self.workers.get(index)
@@ -80,7 +86,9 @@ class DeviceServer:
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _start_worker(self, q: QueueSetup, last_avail: int, used_idx: int | None) -> None:
+    def _start_worker(self, q: QueueSetup, last_avail: int, used_idx: int | None,
+                      mode: str) -> None:
+        """``mode``: "fresh" (new driver), "resume" (after a restart), "continue" (remap)."""
         assert self.transport is not None
         try:
             ring = SplitQueue(self.transport.memory, q.num, q.desc_addr, q.driver_addr,
@@ -89,8 +97,20 @@ class DeviceServer:
         except RingError as e:
             log.error("queue %d cannot be served: %s", q.index, e)
             return
-        w = QueueWorker(self.device, q.index, ring, self.transport.kick_fd(q.index),
-                        self.transport.notify)
+        queue: VirtQueue = ring
+        resubmit: list[Chain] = []
+        if self.state is not None:
+            log_ = self.state.log(q.index, q.num)
+            if mode == "resume":
+                lq = LoggedQueue.recovered(ring, log_)
+                resubmit = lq.resubmit
+            elif mode == "fresh":
+                lq = LoggedQueue.fresh(ring, log_)
+            else:
+                lq = LoggedQueue(ring, log_)
+            queue = lq
+        w = QueueWorker(self.device, q.index, queue, self.transport.kick_fd(q.index),
+                        self.transport.notify, resubmit)
         self.workers[q.index] = w
         w.start()
 

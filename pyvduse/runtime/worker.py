@@ -17,8 +17,9 @@ import threading
 from collections.abc import Callable
 
 from pyvduse.device.base import VirtioDevice
+from pyvduse.ring.chain import Chain
 from pyvduse.ring.errors import RingError
-from pyvduse.ring.split import SplitQueue
+from pyvduse.ring.queue import VirtQueue
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +31,17 @@ class QueueWorker:
         self,
         device: VirtioDevice,
         index: int,
-        queue: SplitQueue,
+        queue: VirtQueue,
         kick_fd: int,
         notify: Callable[[int], None],
+        resubmit: list[Chain] | None = None,
     ) -> None:
         self.device = device
         self.index = index
         self.queue = queue
         self.kick_fd = kick_fd
         self._notify = notify
+        self._resubmit = resubmit or []  # requests in flight when the last daemon died
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._stopping = False
         self.broken: str | None = None
@@ -62,6 +65,8 @@ class QueueWorker:
         poller.register(self.kick_fd, select.POLLIN)
         poller.register(self._stop_fd, select.POLLIN)
         try:
+            if self._resubmit:
+                self._replay()
             self._drain()  # requests may be waiting from before we started
             while not self._stopping:
                 events = poller.poll()
@@ -76,6 +81,17 @@ class QueueWorker:
         except Exception as e:  # never let a ring take the process down
             self.broken = f"{type(e).__name__}: {e}"
             log.exception("queue %d stopped", self.index)
+
+    def _replay(self) -> None:
+        """Serve again, in their original order, the requests a dead daemon left in flight."""
+        q, dev, idx = self.queue, self.device, self.index
+        for chain in self._resubmit:
+            q.push(chain.head, dev.handle(idx, chain), chain.ndesc)
+        self.completed += len(self._resubmit)
+        log.info("queue %d: repeated %d request(s) left in flight", idx, len(self._resubmit))
+        self._resubmit = []
+        q.publish()
+        self._notify(idx)  # whatever the driver asked: it may have missed one while we were down
 
     def _drain(self) -> None:
         q, dev, idx = self.queue, self.device, self.index

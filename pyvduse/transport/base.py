@@ -38,8 +38,12 @@ class DeviceEvents(Protocol):
         """The driver set FEATURES_OK: accept (True) or refuse these features."""
         ...
 
-    def driver_ok(self, features: int, queues: list[QueueSetup]) -> None:
-        """The driver set DRIVER_OK: start serving the ready queues."""
+    def driver_ok(self, features: int, queues: list[QueueSetup], resume: bool = False) -> None:
+        """The driver set DRIVER_OK: start serving the ready queues.
+
+        ``resume``: the driver set it long ago and a new daemon takes over where a dead one
+        stopped (the in-flight log says where).
+        """
         ...
 
     def reset(self) -> None:

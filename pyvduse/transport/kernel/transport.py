@@ -117,6 +117,50 @@ class KernelTransport(Transport):
             self.close()
             raise
 
+    def reconnect(self) -> None:
+        """Take over an existing device whose daemon died, and resume serving it.
+
+        The kernel kept the device attached and the driver running; it keeps no ring state, so
+        the runtime's state file says where to resume. Messages the dead daemon read but never
+        answered are delivered again to us.
+        """
+        path = str(sysfs.device_node(self.name))
+        try:
+            self._dev = DeviceFd.open(path)
+        except FileNotFoundError:
+            raise UserError(f"there is no device '{self.name}' to reconnect to") from None
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                raise UserError(f"'{self.name}' is already served by a running daemon") from None
+            raise
+        self._created = True
+        self._attached = sysfs.bound_driver(self.name) is not None or bool(
+            sysfs.block_devices(self.name))
+        try:
+            self._iotlb = IotlbMapper(self._dev)
+            try:
+                features = self._dev.get_features()
+                infos = [self._dev.vq_get_info(i) for i in range(self.spec.num_queues)]
+            except PermissionError:
+                raise UserError(
+                    f"device '{self.name}' is broken: the kernel timed out waiting for a daemon "
+                    f"(msg_timeout); remove it with 'pyvduse destroy {self.name}' and start "
+                    "again") from None
+            if features and any(i.ready for i in infos):
+                sm = self.status_machine
+                sm.features = features
+                sm.status = (Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK
+                             | Status.DRIVER_OK)
+                self._start_queues(resume=True)
+            self._thread = threading.Thread(target=self._control_loop, name="vduse-control",
+                                            daemon=True)
+            self._thread.start()
+        except BaseException:
+            # Leave the device as we found it: neither detach nor destroy it on failure.
+            self._created = self._attached = False
+            self.close()
+            raise
+
     def attach(self) -> None:
         """Put the device on the vdpa bus; returns once the bound driver has probed it."""
         try:
@@ -239,7 +283,7 @@ class KernelTransport(Transport):
         assert self._dev is not None
         return self._dev.get_features()
 
-    def _start_queues(self) -> None:
+    def _start_queues(self, resume: bool = False) -> None:
         assert self._dev is not None
         dev = self._dev
         self.negotiated = dev.get_features()
@@ -256,7 +300,7 @@ class KernelTransport(Transport):
                 packed_state=(p.last_avail_counter, p.last_avail_idx, p.last_used_counter,
                               p.last_used_idx),
             ))
-        self.events.driver_ok(self.negotiated, queues)
+        self.events.driver_ok(self.negotiated, queues, resume)
 
     def _forget_driver_state(self) -> None:
         """After reset: unmap every region, drop kick fds and negotiated features."""

@@ -115,7 +115,7 @@ class ModelTransport(Transport):
             self._kick_fds[i] = fd
             k.vq_setup_kickfd(i, fd)
             queues.append(k.vq_get_info(i))
-        self.events.driver_ok(k.dev_get_features(), queues)
+        self.events.driver_ok(k.dev_get_features(), queues, False)
 
     def _forget(self) -> None:
         for i, fd in self._kick_fds.items():

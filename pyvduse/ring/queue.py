@@ -1,0 +1,29 @@
+"""What the runtime needs of a virtqueue, whatever its layout (split, packed, logged)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from pyvduse.ring.chain import Chain
+
+
+class VirtQueue(Protocol):
+    """The device side of one virtqueue."""
+
+    num: int
+
+    @property
+    def last_avail_idx(self) -> int: ...
+
+    @property
+    def used_idx(self) -> int: ...
+
+    @property
+    def broken(self) -> str | None: ...
+
+    def pending(self) -> int: ...
+    def pop(self) -> Chain | None: ...
+    def push(self, head: int, written: int, ndesc: int = 1) -> None: ...
+    def publish(self) -> bool: ...
+    def disable_kicks(self) -> None: ...
+    def enable_kicks(self) -> bool: ...

@@ -1,0 +1,109 @@
+"""The per-device state file: identity plus one in-flight log per queue, memory-mapped.
+
+It lives under ``/run/pyvduse/NAME/state`` by default (``--state-dir``). Writes to the shared
+mapping reach the page cache at once, so they survive the daemon being killed; they are not
+meant to survive a reboot (nor does the VDUSE device). The identity (backend, size, features,
+queue geometry) makes a restart with a different configuration fail clearly instead of
+replaying one disk's log onto another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import mmap
+import os
+from pathlib import Path
+from typing import Any
+
+from pyvduse.ring.inflight import InflightLog, log_size
+
+MAGIC = b"PYVDUSE-STATE-1\n"
+HEADER_SIZE = 4096
+DEFAULT_STATE_DIR = Path("/run/pyvduse")
+
+
+class IdentityMismatch(Exception):
+    """The state file belongs to a device configured differently."""
+
+    def __init__(self, diffs: dict[str, tuple[Any, Any]]) -> None:
+        self.diffs = diffs
+        what = ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in sorted(diffs.items()))
+        super().__init__(what)
+
+
+class StateFile:
+    """Opens or creates the state file of one device."""
+
+    def __init__(self, path: Path, identity: dict[str, Any], num_queues: int,
+                 queue_size: int) -> None:
+        self.path = path
+        self.identity = identity
+        self.num_queues = num_queues
+        self.queue_size = queue_size
+        self._stride = -(-log_size(queue_size) // 64) * 64
+        size = HEADER_SIZE + self._stride * num_queues
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            self.existed = os.fstat(fd).st_size >= HEADER_SIZE
+            if os.fstat(fd).st_size < size:
+                os.ftruncate(fd, size)
+            self._map = mmap.mmap(fd, size, mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+        self.mem = memoryview(self._map)
+
+    @classmethod
+    def for_device(cls, name: str, state_dir: Path, identity: dict[str, Any], num_queues: int,
+                   queue_size: int) -> StateFile:
+        return cls(state_dir / name / "state", identity, num_queues, queue_size)
+
+    def stored_identity(self) -> dict[str, Any] | None:
+        if bytes(self.mem[: len(MAGIC)]) != MAGIC:
+            return None
+        n = int.from_bytes(self.mem[len(MAGIC) : len(MAGIC) + 4], "little")
+        raw = bytes(self.mem[len(MAGIC) + 4 : len(MAGIC) + 4 + n])
+        try:
+            stored: dict[str, Any] = json.loads(raw)
+        except ValueError:
+            return None
+        return stored
+
+    def check_identity(self) -> None:
+        """Raise IdentityMismatch if the file describes another configuration."""
+        stored = self.stored_identity()
+        if stored is None:
+            return
+        diffs = {k: (stored.get(k), v) for k, v in self.identity.items() if stored.get(k) != v}
+        if diffs:
+            raise IdentityMismatch(diffs)
+
+    def write_identity(self) -> None:
+        raw = json.dumps(self.identity, sort_keys=True).encode()
+        if len(MAGIC) + 4 + len(raw) > HEADER_SIZE:
+            raise ValueError("identity too large")
+        self.mem[: HEADER_SIZE] = bytes(HEADER_SIZE)
+        self.mem[len(MAGIC) : len(MAGIC) + 4] = len(raw).to_bytes(4, "little")
+        self.mem[len(MAGIC) + 4 : len(MAGIC) + 4 + len(raw)] = raw
+        self.mem[: len(MAGIC)] = MAGIC
+
+    def log(self, queue: int, num: int) -> InflightLog:
+        """The in-flight log of ``queue`` (ring size ``num`` as the driver chose it)."""
+        if not 0 <= queue < self.num_queues or num > self.queue_size:
+            raise ValueError("queue outside the state file")
+        start = HEADER_SIZE + self._stride * queue
+        return InflightLog(self.mem[start : start + self._stride], num)
+
+    def remove(self) -> None:
+        """The device is gone for good (clean shutdown): nothing to recover."""
+        self.close()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+            self.path.parent.rmdir()
+
+    def close(self) -> None:
+        # Logs still referenced by a worker being torn down keep the mapping until collected.
+        with contextlib.suppress(BufferError, ValueError):
+            self.mem.release()
+            self._map.close()
