@@ -1,7 +1,8 @@
 """The driver side of a packed virtqueue, for feeding the device engine in tests.
 
-It lays out the descriptor ring and the two event suppression areas in an ``Arena`` and does
-what section 2.8 asks of a driver: descriptors carry AVAIL/USED bits from the Driver Ring
+It lays out the descriptor ring and the two event suppression areas in driver memory (an
+``Arena``, or anything with the same ``alloc``/``write``/``read``) and does what section 2.8
+asks of a driver: descriptors carry AVAIL/USED bits from the Driver Ring
 Wrap Counter, the counter flips after the ring's last slot, a chain's buffer id is in its last
 descriptor (written in all of them, as Linux does), and the chain's *first* flags are written
 last so the device never sees half a chain. Completions are read in ring order, skipping the
@@ -14,6 +15,9 @@ hostile tests write anything they like.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Protocol
+
 from pyvduse.abi.virtio import (
     DESC_SIZE,
     VRING_DESC_F_INDIRECT,
@@ -25,7 +29,6 @@ from pyvduse.abi.virtio import (
     VRING_PACKED_EVENT_FLAG_DISABLE,
     VRING_PACKED_EVENT_FLAG_ENABLE,
 )
-from pyvduse.model.arena import Arena
 from pyvduse.model.split_driver import Completion
 from pyvduse.ring.packed_layout import (
     AVAIL_PATTERN,
@@ -37,33 +40,51 @@ from pyvduse.ring.packed_layout import (
     linear,
     off_wrap,
 )
+from pyvduse.ring.split import full_fence
 
-__all__ = ["Completion", "DriverPackedRing"]
+__all__ = ["Completion", "DmaMemory", "DriverPackedRing"]
 
 _HEAD = VRING_PACKED_DESC.size - 2  # bytes of a descriptor before its flags
+
+
+class DmaMemory(Protocol):
+    """What the driver needs of memory: an ``Arena`` or the kernel model's IOVA space.
+
+    ``alloc_coherent`` (for the ring) and ``free`` are used when the object has them.
+    """
+
+    def alloc(self, size: int, align: int = 16) -> int: ...
+    def write(self, iova: int, data: bytes) -> None: ...
+    def read(self, iova: int, length: int) -> bytes: ...
 
 
 class DriverPackedRing:
     """A packed ring of ``num`` entries owned by a test 'driver'."""
 
-    def __init__(self, arena: Arena, num: int) -> None:
+    def __init__(self, arena: DmaMemory, num: int, event_idx: bool = True) -> None:
         if not 0 < num <= 32768:
             raise ValueError(f"queue size {num} is not between 1 and 32768")
         self.arena = arena
         self.num = num
-        self.desc_addr = arena.alloc(DESC_SIZE * num, 16)
-        self.driver_addr = arena.alloc(EVENT_AREA_SIZE, 4)
-        self.device_addr = arena.alloc(EVENT_AREA_SIZE, 4)
+        self.event_idx = event_idx
+        # One coherent allocation: the descriptor ring, then the driver and device areas.
+        alloc_ring: Callable[[int, int], int] = getattr(arena, "alloc_coherent", arena.alloc)
+        self._free: Callable[[int], None] | None = getattr(arena, "free", None)
+        base = alloc_ring(DESC_SIZE * num + 2 * EVENT_AREA_SIZE, 16)
+        self.desc_addr = base
+        self.driver_addr = base + DESC_SIZE * num
+        self.device_addr = self.driver_addr + EVENT_AREA_SIZE
+        arena.write(base, bytes(DESC_SIZE * num + 2 * EVENT_AREA_SIZE))  # zero-initialized
         self.next_avail = 0  # next slot to make available
         self.avail_wrap = 1  # Driver Ring Wrap Counter
         self.next_used = 0  # next slot a used descriptor will appear in
         self.used_wrap = 1  # the device's counter as the driver tracks it
         self.free_ids = list(range(num - 1, -1, -1))  # pop() hands out 0, 1, 2, ...
         self.free_slots = num
-        # buffer id -> (slots occupied, writable (iova, len) buffers, token)
-        self.pending: dict[int, tuple[int, list[tuple[int, int]], object]] = {}
+        # buffer id -> (slots occupied, writable (iova, len) buffers, token, allocations)
+        self.pending: dict[int, tuple[int, list[tuple[int, int]], object, list[int]]] = {}
         self._unpublished: list[tuple[int, int]] = []  # (head slot, head flags) not yet written
-        self._kick_pos = 0  # linear avail position at the last should_kick()
+        self._kick_pos = 0  # linear avail position at the last kick_needed()
 
     # -- raw access ---------------------------------------------------------------------
 
@@ -99,7 +120,7 @@ class DriverPackedRing:
         """
         if buf_id in self.free_ids:
             self.free_ids.remove(buf_id)
-        self.pending[buf_id] = (nslots, writable or [], token)
+        self.pending[buf_id] = (nslots, writable or [], token, [])
         self.free_slots -= nslots
         self._advance_avail(nslots)
 
@@ -123,19 +144,24 @@ class DriverPackedRing:
         """Interrupt once the used descriptor at ring offset ``off`` in lap ``wrap`` is written."""
         self.set_driver_event(VRING_PACKED_EVENT_FLAG_DESC, off, wrap)
 
-    def interrupt_at_next_used(self) -> None:
-        """Interrupt on the next completion (what Linux does with EVENT_IDX)."""
-        self.set_used_event(self.next_used, self.used_wrap)
+    def enable_interrupts(self) -> None:
+        """Interrupt on the next completion: DESC at the next used slot with EVENT_IDX (as
+        Linux does), ENABLE without."""
+        if self.event_idx:
+            self.set_used_event(self.next_used, self.used_wrap)
+        else:
+            self.suppress_interrupts(False)
 
     def device_event(self) -> tuple[int, int, int]:
         """(offset, wrap counter, flags) of the device event suppression area."""
         ow, flags = VRING_PACKED_DESC_EVENT.unpack(self.arena.read(self.device_addr, EVENT_AREA_SIZE))
         return ow & EVENT_OFF_MASK, ow >> 15, flags
 
-    def should_kick(self) -> bool:
-        """Whether the device asked for a kick for what was published since the last call."""
+    def kick_needed(self) -> bool:
+        """After publishing: does the device want a kick for what was added since the last?"""
         new = linear(self.next_avail, self.avail_wrap, self.num)
         old, self._kick_pos = self._kick_pos, new
+        full_fence()
         off, wrap, flags = self.device_event()
         flags &= EVENT_FLAGS_MASK
         if flags == VRING_PACKED_EVENT_FLAG_DISABLE:
@@ -162,24 +188,29 @@ class DriverPackedRing:
         """
         arena = self.arena
         bufs: list[tuple[int, int, int]] = []
+        allocs: list[int] = []
         for data in readable:
             iova = arena.alloc(max(len(data), 1))
+            allocs.append(iova)
             arena.write(iova, data)
             bufs.append((iova, len(data), 0))
         wbufs: list[tuple[int, int]] = []
         for n in writable:
             iova = arena.alloc(max(n, 1))
+            allocs.append(iova)
             bufs.append((iova, n, VRING_DESC_F_WRITE))
             wbufs.append((iova, n))
         if not bufs:
             raise ValueError("a request needs at least one buffer")
         if indirect:
             table = arena.alloc(DESC_SIZE * len(bufs), 16)
+            allocs.append(table)
             arena.write(table, b"".join(VRING_PACKED_DESC.pack(iova, n, 0, f) for iova, n, f in bufs))
             ring: list[tuple[int, int, int]] = [(table, DESC_SIZE * len(bufs), VRING_DESC_F_INDIRECT)]
         else:
             ring = bufs
         if len(ring) > self.free_slots or not self.free_ids:
+            self._release(allocs)
             raise RuntimeError("ring full")
         buf_id = self.free_ids.pop()
         head_flags = 0
@@ -193,7 +224,7 @@ class DriverPackedRing:
                 head_flags = f
             else:
                 self.write_desc(i, iova, n, buf_id, f)
-        self.pending[buf_id] = (len(ring), wbufs, token)
+        self.pending[buf_id] = (len(ring), wbufs, token, allocs)
         self.free_slots -= len(ring)
         self._advance_avail(len(ring))
         self._unpublished.append((head_slot, head_flags))
@@ -211,12 +242,14 @@ class DriverPackedRing:
         """Completions the device has published since the last call."""
         out = []
         for _ in range(self.num):
-            _addr, length, buf_id, flags = self.read_desc(self.next_used)
-            if not is_used(flags, self.used_wrap):
+            # the flags first: the device writes them after the id and len
+            off = self.desc_addr + DESC_SIZE * self.next_used + _HEAD
+            if not is_used(int.from_bytes(self.arena.read(off, 2), "little"), self.used_wrap):
                 break
+            _addr, length, buf_id, flags = self.read_desc(self.next_used)
             if buf_id not in self.pending:
                 raise RuntimeError(f"device completed buffer id {buf_id}, which is not in flight")
-            nslots, wbufs, token = self.pending.pop(buf_id)
+            nslots, wbufs, token, allocs = self.pending.pop(buf_id)
             pos = self.next_used + nslots
             if pos >= self.num:
                 pos -= self.num
@@ -225,8 +258,16 @@ class DriverPackedRing:
             self.free_ids.append(buf_id)
             self.free_slots += nslots
             # len is only meaningful in a used descriptor with WRITE (section 2.8.4)
-            out.append(Completion(buf_id, length if flags & VRING_DESC_F_WRITE else 0, wbufs, token))
+            c = Completion(buf_id, length if flags & VRING_DESC_F_WRITE else 0, wbufs, token)
+            c.data = self.read_writable(c)
+            self._release(allocs)
+            out.append(c)
         return out
+
+    def _release(self, allocs: list[int]) -> None:
+        if self._free is not None:
+            for iova in allocs:
+                self._free(iova)
 
     def read_writable(self, c: Completion) -> bytes:
         return b"".join(self.arena.read(iova, n) for iova, n in c.writable)

@@ -48,7 +48,7 @@ addresses = st.one_of(
 lengths = st.one_of(st.integers(0, 64), st.sampled_from([1, 16, 32, 512, 4096, 1 << 31, (1 << 32) - 1]))
 # Mostly ids that are valid once reduced modulo the queue size; sometimes not.
 ids = st.one_of(st.integers(0, 255), st.integers(0, 255), st.integers(0, 255), st.integers(0, 255),
-                st.sampled_from([MAX_NUM, 0x7FFF, 0xFFFF]))
+                st.sampled_from([256, 0x7FFF, 0xFFFF]))  # 256: exactly the queue size
 low_flags = st.one_of(st.integers(0, 7), st.sampled_from([0, NEXT, WRITE, NEXT | WRITE, INDIRECT]))
 # How the AVAIL/USED bits are chosen: "ok" gives the pattern that makes the slot available
 # in the lap the device reads it in; anything else is written as is (the wrong lap, used,
@@ -64,7 +64,7 @@ rewrites = st.lists(st.tuples(st.integers(0, MAX_NUM - 1), ring_descs), max_size
 
 
 def _id(raw: int, num: int) -> int:
-    return raw % num if raw < 256 else raw
+    return raw % num if raw < 256 else num if raw == 256 else raw
 
 
 def _flags(low: int, mode: object, slot: int, pos: int, wrap: int) -> int:
@@ -99,10 +99,47 @@ def _allow_writes(ok: bytearray, arena: Arena, drv: DriverPackedRing, num: int) 
             allow(addr, length)
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+requests = st.lists(
+    st.tuples(st.sampled_from([vb.ReqType.IN, vb.ReqType.OUT, vb.ReqType.FLUSH, vb.ReqType.GET_ID, 99]),
+              st.integers(0, 2100), st.integers(0, 2), st.booleans()),
+    max_size=MAX_NUM)
+
+
+def _valid_ring(arena: Arena, drv: DriverPackedRing, num: int, warmup: int,
+                reqs: list[tuple[int, int, int, bool]]) -> tuple[int, int, int, int]:
+    """Cycle ``warmup`` one-slot requests through a scratch engine (so the ring starts at any
+    position and lap), then queue well-formed blk requests; returns the engine state."""
+    q0 = PackedQueue(arena.memory, num, drv.desc_addr, drv.driver_addr, drv.device_addr,
+                     bit(F_RING_INDIRECT_DESC))
+    for _ in range(warmup):
+        drv.add([b"w"], [])
+        c = q0.pop()
+        assert c is not None
+        q0.push(c.head, 0, c.ndesc)
+        q0.publish()
+        assert len(drv.collect()) == 1
+    for rtype, sector, nsect, indirect in reqs:
+        readable = [vb.OUTHDR.pack(rtype, 0, sector)]
+        writable = [1]
+        if rtype == vb.ReqType.OUT:
+            readable.append(bytes(range(256)) * 2 * nsect)
+        elif nsect:
+            writable.insert(0, 512 * nsect)
+        try:
+            drv.add(readable, writable, indirect=indirect)
+        except RuntimeError:  # ring full
+            break
+    return q0.state()
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     num=st.sampled_from([1, 2, 5, 8]),
+    valid=st.booleans(),
     main=st.lists(ring_descs, min_size=MAX_NUM, max_size=MAX_NUM),
+    warmup=st.integers(0, 2 * MAX_NUM),
+    reqs=requests,
+    mutations=st.lists(st.tuples(st.integers(0, MAX_NUM - 1), ring_descs), max_size=3),
     indirect=tables,
     later=rewrites,
     state=st.tuples(st.integers(0, MAX_NUM - 1), st.integers(0, 1), st.integers(0, MAX_NUM - 1),
@@ -111,7 +148,9 @@ def _allow_writes(ok: bytearray, arena: Arena, drv: DriverPackedRing, num: int) 
     header=headers,
     features=st.tuples(st.booleans(), st.booleans()),
 )
-def test_hostile_packed_ring(num: int, main: list[tuple[int, int, int, int, object]],
+def test_hostile_packed_ring(num: int, valid: bool, main: list[tuple[int, int, int, int, object]],
+                             warmup: int, reqs: list[tuple[int, int, int, bool]],
+                             mutations: list[tuple[int, tuple[int, int, int, int, object]]],
                              indirect: list[tuple[int, list[tuple[int, int, int, int]]]],
                              later: list[tuple[int, tuple[int, int, int, int, object]]],
                              state: tuple[int, int, int, int, bool],
@@ -119,24 +158,34 @@ def test_hostile_packed_ring(num: int, main: list[tuple[int, int, int, int, obje
                              features: tuple[bool, bool]) -> None:
     arena = Arena(ARENA)
     drv = DriverPackedRing(arena, num)
-    data_start = arena.alloc(0, 4096)
-    assert data_start == DATA
-    arena.buf[data_start:] = bytes([GUARD]) * (ARENA - data_start)
+    assert arena.alloc(0, 4096) == DATA
+    arena.buf[DATA:] = bytes([GUARD]) * (ARENA - DATA)
     hdr = vb.OUTHDR.pack(header[0], 0, header[1])  # plausible requests where buffers may land
-    for a in range(data_start, ARENA - 16, 1024):
+    for a in range(DATA, ARENA - 16, 1024):
         arena.write(a, hdr)
-    avail_idx, avail_wrap, used_idx, used_wrap, fresh = state
-    avail_idx %= num
-    used_idx %= num
-    for i, (addr, length, buf_id, low, mode) in enumerate(main[:num]):
-        drv.write_desc(i, addr, length, _id(buf_id, num), _flags(low, mode, i, avail_idx, avail_wrap))
     for slot, table in indirect:
         table_addr = TABLES + slot * 0x80
         if table_addr + DESC_SIZE * len(table) <= ARENA:
             for k, d in enumerate(table):
                 arena.write(table_addr + DESC_SIZE * k, VRING_PACKED_DESC.pack(*d))
+
+    def rewrite(descs: list[tuple[int, tuple[int, int, int, int, object]]], pos: int, wrap: int) -> None:
+        for slot, (addr, length, buf_id, low, mode) in descs:
+            i = slot % num
+            drv.write_desc(i, addr, length, _id(buf_id, num), _flags(low, mode, i, pos, wrap))
+
+    if valid:  # well-formed requests (from any ring position), a few descriptors corrupted
+        arena.alloc(0x8000 - DATA)  # the model's buffers go above the generated tables
+        avail_wrap, avail_idx, used_wrap, used_idx = _valid_ring(arena, drv, num, warmup, reqs)
+        fresh = False
+        rewrite(mutations, avail_idx, avail_wrap)
+    else:  # an arbitrary ring and an arbitrary saved state
+        avail_idx, avail_wrap, used_idx, used_wrap, fresh = state
+        avail_idx %= num
+        used_idx %= num
+        rewrite(list(enumerate(main[:num])), avail_idx, avail_wrap)
     arena.write(drv.driver_addr, VRING_PACKED_DESC_EVENT.pack(*driver_event))
-    feats = ((bit(F_RING_INDIRECT_DESC) if features[0] else 0)
+    feats = ((bit(F_RING_INDIRECT_DESC) if features[0] or valid else 0)
              | (bit(F_RING_EVENT_IDX) if features[1] else 0))
     ok = bytearray(ARENA)
     _allow_writes(ok, arena, drv, num)
@@ -149,12 +198,8 @@ def test_hostile_packed_ring(num: int, main: list[tuple[int, int, int, int, obje
     try:
         for rnd in range(ROUNDS):
             if rnd == 1:  # the driver keeps writing, relative to where the device now is
-                _, pos, _, _ = q.state()
-                wrap = q.avail_wrap
-                for slot, (addr, length, buf_id, low, mode) in later:
-                    i = slot % num
-                    drv.write_desc(i, addr, length, _id(buf_id, num), _flags(low, mode, i, pos, wrap))
                 _check(before, arena.buf, ok)  # what the device did so far
+                rewrite(later, q.last_avail_idx, q.avail_wrap)
                 before = bytes(arena.buf)  # the driver's rewrite is the new baseline
             q.disable_kicks()
             popped = 0
