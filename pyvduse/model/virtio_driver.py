@@ -15,17 +15,19 @@ from pyvduse.abi.virtio import (
     F_ACCESS_PLATFORM,
     F_RING_EVENT_IDX,
     F_RING_INDIRECT_DESC,
+    F_RING_PACKED,
     F_VERSION_1,
     Status,
     bit,
     has,
 )
+from pyvduse.model.packed_driver import DriverPackedRing
 from pyvduse.model.split_driver import Completion, DriverSplitRing
 from pyvduse.transport.model.kernel import ModelKernel
 
 #: Transport features this driver implements.
 DRIVER_TRANSPORT_FEATURES = (bit(F_VERSION_1) | bit(F_ACCESS_PLATFORM) | bit(F_RING_EVENT_IDX)
-                             | bit(F_RING_INDIRECT_DESC))
+                             | bit(F_RING_INDIRECT_DESC) | bit(F_RING_PACKED))
 
 
 class ProbeError(RuntimeError):
@@ -35,7 +37,8 @@ class ProbeError(RuntimeError):
 class DriverQueue:
     """One virtqueue as the driver uses it."""
 
-    def __init__(self, kernel: ModelKernel, index: int, ring: DriverSplitRing) -> None:
+    def __init__(self, kernel: ModelKernel, index: int,
+                 ring: DriverSplitRing | DriverPackedRing) -> None:
         self.kernel = kernel
         self.index = index
         self.ring = ring
@@ -103,12 +106,19 @@ class VirtioDriver:
         nq = self.num_queues or len(k.vqs)
         num = min(self.queue_size or k.get_vq_num_max(), k.get_vq_num_max())
         event_idx = has(self.features, F_RING_EVENT_IDX)
+        packed = has(self.features, F_RING_PACKED)
         for i in range(nq):
-            ring = DriverSplitRing(k.iova, num, event_idx=event_idx)
+            ring: DriverSplitRing | DriverPackedRing
+            if packed:
+                ring = DriverPackedRing(k.iova, num, event_idx=event_idx)
+                k.set_vq_address(i, ring.desc_addr, ring.driver_addr, ring.device_addr)
+                k.set_vq_state(i, (1, 0, 1, 0))
+            else:
+                ring = DriverSplitRing(k.iova, num, event_idx=event_idx)
+                k.set_vq_address(i, ring.desc_addr, ring.avail_addr, ring.used_addr)
+                k.set_vq_state(i, (0,))
             q = DriverQueue(k, i, ring)
             k.set_vq_num(i, num)
-            k.set_vq_address(i, ring.desc_addr, ring.avail_addr, ring.used_addr)
-            k.set_vq_state(i, (0,))
             k.set_vq_callback(i, q.on_interrupt)
             k.set_vq_ready(i, True)
             self.queues.append(q)

@@ -11,6 +11,7 @@ from pyvduse.device.base import VirtioDevice
 from pyvduse.ring.chain import Chain
 from pyvduse.ring.errors import RingError
 from pyvduse.ring.inflight import LoggedQueue
+from pyvduse.ring.packed import PackedQueue
 from pyvduse.ring.queue import VirtQueue
 from pyvduse.ring.split import SplitQueue
 from pyvduse.runtime.state_file import StateFile
@@ -52,12 +53,10 @@ class DeviceServer:
             self._stop_workers()
             self.features = features
             self.device.start(features)
-            if has(features, F_RING_PACKED):
-                raise NotImplementedError("packed rings are not served yet")
             self._setups = {q.index: q for q in queues}
             for q in queues:
                 if q.ready:
-                    self._start_worker(q, q.avail_index, None, "resume" if resume else "fresh")
+                    self._start_worker(q, self._initial_position(q), "resume" if resume else "fresh")
             self.running.set()
             log.info("driver ready: features 0x%x, %d queue(s) served%s", features,
                      len(self.workers), " (resumed)" if resume else "")
@@ -74,32 +73,55 @@ class DeviceServer:
         """The driver's memory map changed (UPDATE_IOTLB): pause, remap, resume in place."""
         with self._lock:
             setups = dict(self._setups)
-            saved = {i: (w.queue.last_avail_idx, w.queue.used_idx) for i, w in self.workers.items()}
+            saved = {i: self._position(w.queue) for i, w in self.workers.items()}
             self._stop_workers()
             invalidate()
-            for i, (last_avail, used) in saved.items():
-                self._start_worker(setups[i], last_avail, used, "continue")
+            for i, position in saved.items():
+                self._start_worker(setups[i], position, "continue")
 
     def queue_state(self, index: int) -> tuple[int, ...]:
         w = self.workers.get(index)
-        return (w.queue.last_avail_idx,) if w else (0,)
+        if w is None:
+            return (1, 0, 1, 0) if self.packed else (0,)
+        return self._position(w.queue)[:4] if self.packed else (w.queue.last_avail_idx,)
+
+    @property
+    def packed(self) -> bool:
+        return has(self.features, F_RING_PACKED)
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _start_worker(self, q: QueueSetup, last_avail: int, used_idx: int | None,
-                      mode: str) -> None:
+    def _initial_position(self, q: QueueSetup) -> tuple[int, ...]:
+        """Where the driver says a queue starts: split (avail, used from the ring), packed
+        (avail wrap, avail idx, used wrap, used idx)."""
+        return q.packed_state if self.packed else (q.avail_index,)
+
+    def _position(self, queue: VirtQueue) -> tuple[int, ...]:
+        if isinstance(queue, PackedQueue):
+            return queue.state()
+        return (queue.last_avail_idx, queue.used_idx)
+
+    def _start_worker(self, q: QueueSetup, position: tuple[int, ...], mode: str) -> None:
         """``mode``: "fresh" (new driver), "resume" (after a restart), "continue" (remap)."""
         assert self.transport is not None
+        memory = self.transport.memory
+        ring: SplitQueue | PackedQueue
         try:
-            ring = SplitQueue(self.transport.memory, q.num, q.desc_addr, q.driver_addr,
-                              q.device_addr, self.features, last_avail_idx=last_avail,
-                              used_idx=used_idx)
+            if self.packed:
+                avail_wrap, last_avail, used_wrap, used = position
+                ring = PackedQueue(memory, q.num, q.desc_addr, q.driver_addr, q.device_addr,
+                                   self.features, last_avail_idx=last_avail, used_idx=used,
+                                   avail_wrap=avail_wrap, used_wrap=used_wrap)
+            else:
+                ring = SplitQueue(memory, q.num, q.desc_addr, q.driver_addr, q.device_addr,
+                                  self.features, last_avail_idx=position[0],
+                                  used_idx=position[1] if len(position) > 1 else None)
         except RingError as e:
             log.error("queue %d cannot be served: %s", q.index, e)
             return
         queue: VirtQueue = ring
         resubmit: list[Chain] = []
-        if self.state is not None:
+        if self.state is not None and isinstance(ring, SplitQueue):
             log_ = self.state.log(q.index, q.num)
             if mode == "resume":
                 lq = LoggedQueue.recovered(ring, log_)

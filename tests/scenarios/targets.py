@@ -77,6 +77,8 @@ class KernelTarget:
             args += ["--serial", options.serial]
         if options.readonly:
             args.append("--readonly")
+        if options.packed:
+            args.append("--packed")
         self.daemon = Daemon(*args, name=name)
         self.dev = self.daemon.dev
         flags = (os.O_RDONLY if options.readonly else os.O_RDWR) | os.O_DIRECT
@@ -122,9 +124,10 @@ class KernelTarget:
 class TargetFactory(AbstractContextManager["TargetFactory"]):
     """Builds targets of one kind and closes them all at the end of a test."""
 
-    def __init__(self, kind: str, tmp: Path) -> None:
+    def __init__(self, kind: str, tmp: Path, packed: bool = False) -> None:
         self.kind = kind
         self.tmp = tmp
+        self.packed = packed
         self.opened: list[ModelTarget | KernelTarget] = []
 
     def __call__(self, size: int, **opts: object) -> ModelTarget | KernelTarget:
@@ -135,7 +138,7 @@ class TargetFactory(AbstractContextManager["TargetFactory"]):
         else:
             with open(image, "wb") as f:
                 f.truncate(size)
-        options = BlkOptions(**opts)  # type: ignore[arg-type]
+        options = BlkOptions(packed=self.packed, **opts)  # type: ignore[arg-type]
         if self.kind == "model":
             t: ModelTarget | KernelTarget = ModelTarget(image, options)
         else:

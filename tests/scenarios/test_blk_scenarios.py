@@ -21,9 +21,14 @@ from tests.scenarios.targets import TargetFactory
 MiB = 1 << 20
 
 
-@pytest.fixture(params=["model", pytest.param("kernel", marks=pytest.mark.vm)])
+@pytest.fixture(params=[
+    "model-split", "model-packed",
+    pytest.param("kernel-split", marks=pytest.mark.vm),
+    pytest.param("kernel-packed", marks=pytest.mark.vm),
+])
 def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TargetFactory]:
-    with TargetFactory(request.param, tmp_path) as factory:
+    kind, ring = request.param.split("-")
+    with TargetFactory(kind, tmp_path, packed=ring == "packed") as factory:
         yield factory
 
 
