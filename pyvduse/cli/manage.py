@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import select
-import threading
 
-from pyvduse.abi import vduse as v
+from pyvduse.device.failing import FailingDevice
 from pyvduse.errors import UserError
+from pyvduse.runtime.server import DeviceServer
 from pyvduse.transport.kernel import sysfs
 from pyvduse.transport.kernel.control import Control, missing_module_hint
-from pyvduse.transport.kernel.device_fd import DeviceFd
+from pyvduse.transport.kernel.transport import KernelTransport
 from pyvduse.transport.kernel.vdpa_netlink import VdpaError, VdpaNetlink
 
 
@@ -46,61 +45,33 @@ def run_list(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Answerer:
-    """Answers OK to every control message while an orphaned device is detached.
-
-    Without it the kernel would wait ``msg_timeout`` for the dead daemon and then mark the
-    device broken.
-    """
-
-    def __init__(self, dev: DeviceFd) -> None:
-        self.dev = dev
-        self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        poller = select.poll()
-        poller.register(self.dev.fd, select.POLLIN)
-        poller.register(self.stop_fd, select.POLLIN)
-        while True:
-            ready = dict(poller.poll())
-            if self.stop_fd in ready or ready.get(self.dev.fd, 0) & select.POLLERR:
-                return
-            req = self.dev.read_request()
-            self.dev.write_response(v.pack_response(req.request_id, v.VDUSE_REQ_RESULT_OK,
-                                                    vq_index=req.vq_index))
-
-    def close(self) -> None:
-        os.eventfd_write(self.stop_fd, 1)
-        self.thread.join()
-        os.close(self.stop_fd)
-
-
 def run_destroy(args: argparse.Namespace) -> int:
     name = args.name
     if not sysfs.CONTROL.exists():
         raise UserError(missing_module_hint())
     if name not in sysfs.vduse_devices():
         raise UserError(f"no VDUSE device named '{name}' (see 'pyvduse list')")
-    try:
-        dev = DeviceFd.open(str(sysfs.device_node(name)))
-    except OSError as e:
-        if e.errno == errno.EBUSY:
-            raise UserError(f"'{name}' is still served by a running daemon: stop that process "
-                            "(SIGTERM) instead") from None
-        raise
-    answerer = _Answerer(dev)
+    if _served(name):
+        raise UserError(f"'{name}' is still served by a running daemon: stop that process "
+                        "(SIGTERM) instead")
     try:
         with VdpaNetlink() as nl:
-            if any(d.name == name for d in nl.dev_list()):
-                nl.dev_del(name)
+            found = [d for d in nl.dev_list() if d.name == name]
     except VdpaError as e:
-        raise UserError(f"cannot detach '{name}': {e}") from None
-    finally:
-        answerer.close()
-        dev.close()
-    with Control() as ctl:
-        ctl.destroy(name)
+        raise UserError(f"cannot query the vdpa bus: {e}") from None
+    if found:
+        # Attached: take the device over with a stand-in that fails all I/O, so the driver's
+        # remove path (flush, reset) is answered, then detach and destroy it.
+        d = found[0]
+        device = FailingDevice(d.device_id, d.max_vqs, d.max_vq_size)
+        server = DeviceServer(device)
+        transport = KernelTransport(name, device.spec(), server)
+        server.bind(transport)
+        transport.remove_orphan()
+    else:
+        with Control() as ctl:
+            ctl.destroy(name)
+    if name in sysfs.vduse_devices():
+        raise UserError(f"'{name}' could not be removed: see 'dmesg'")
     print(f"destroyed {name}")
     return 0

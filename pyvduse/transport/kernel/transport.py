@@ -161,6 +161,13 @@ class KernelTransport(Transport):
             self.close()
             raise
 
+    def remove_orphan(self) -> None:
+        """Take over an attached device whose daemon died, then detach and destroy it."""
+        with contextlib.suppress(UserError):  # broken: the kernel asks nothing more of us
+            self.reconnect()
+        self._created = self._attached = True
+        self.close()
+
     def attach(self) -> None:
         """Put the device on the vdpa bus; returns once the bound driver has probed it."""
         try:
