@@ -55,7 +55,7 @@ class VmSession:
         args = " ".join(f"'{n}'" for n in self.nodeids)
         command = (f"{sys.executable} -m pytest -p no:cacheprovider -v -rfEs "
                    f"--junitxml={junit} {args}")
-        live = RESULTS / "console.log"  # follow it with tail -f while the VM runs
+        live = RESULTS / f"console-{os.getpid()}.log"  # tail -f it while the VM runs
         sys.stderr.write(f"\n[vm] running {len(self.nodeids)} test(s) in the test VM; "
                          f"console: {live}\n")
         try:
@@ -65,7 +65,7 @@ class VmSession:
             self.error = f"the test VM could not run: {e}"
             return
         self.console = result.output
-        (RESULTS / "kernel.log").write_text(result.kernel_log)
+        (RESULTS / f"kernel-{os.getpid()}.log").write_text(result.kernel_log)
         if not junit.exists():
             self.error = (f"the guest produced no results (exit {result.exit_code}"
                           f"{', timed out' if result.timed_out else ''}); console tail:\n"
