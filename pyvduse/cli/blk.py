@@ -19,9 +19,11 @@ from pyvduse.backend.null import NullBackend
 from pyvduse.device.blk import BlkConfigError, BlkDevice, BlkOptions
 from pyvduse.errors import UserError
 from pyvduse.runtime.server import DeviceServer
+from pyvduse.runtime.state_file import DEFAULT_STATE_DIR, IdentityMismatch, StateFile
 from pyvduse.sizes import parse_size
 from pyvduse.transport.kernel import sysfs
 from pyvduse.transport.kernel.control import missing_module_hint
+from pyvduse.transport.kernel.device_fd import device_in_use
 from pyvduse.transport.kernel.transport import KernelTransport
 
 log = logging.getLogger("pyvduse")
@@ -49,6 +51,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="kernel's per-message timeout (sysfs msg_timeout)")
     p.add_argument("--bounce-size", metavar="SIZE",
                    help="kernel bounce buffer size, 1M to 1G (sysfs bounce_size)")
+    p.add_argument("--packed", action="store_true",
+                   help="offer the packed virtqueue layout (VIRTIO_F_RING_PACKED)")
+    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR",
+                   help="where the crash-recovery state lives (default /run/pyvduse)")
+    p.add_argument("--reconnect", action="store_true",
+                   help="require an existing device left by a dead daemon, and resume it "
+                   "(the default when /dev/vduse/NAME exists)")
     p.set_defaults(func=run)
 
 
@@ -111,7 +120,7 @@ def wait_for_node(name: str, stop: threading.Event, timeout: float = NODE_WAIT_S
 def build_device(args: argparse.Namespace, backend: Backend) -> BlkDevice:
     options = BlkOptions(
         readonly=args.readonly, block_size=args.block_size, serial=args.serial,
-        num_queues=args.queues, queue_size=args.queue_size,
+        num_queues=args.queues, queue_size=args.queue_size, packed=args.packed,
     )
     try:
         return BlkDevice(backend, options)
@@ -131,13 +140,58 @@ def run(args: argparse.Namespace) -> int:
     try:
         device = build_device(args, backend)
         preflight()
-        return serve(args.name, device, msg_timeout=args.msg_timeout, bounce_size=bounce)
+        reconnect = args.name in sysfs.vduse_devices()
+        if reconnect and device_in_use(str(sysfs.device_node(args.name))):
+            raise UserError(f"a VDUSE device named '{args.name}' already exists and a running "
+                            "daemon serves it: choose another --name")
+        if args.reconnect and not reconnect:
+            raise UserError(f"there is no device '{args.name}' to reconnect to")
+        state = open_state(args.name, args.state_dir, device, reconnect)
+        return serve(args.name, device, msg_timeout=args.msg_timeout, bounce_size=bounce,
+                     state=state, reconnect=reconnect)
     finally:
         backend.close()
 
 
+def device_identity(device: BlkDevice) -> dict[str, object]:
+    """What must not change across a restart for the in-flight log to apply."""
+    spec = device.spec()
+    return {"backend": device.backend.description, "size": device.backend.size,
+            "features": spec.features, "queues": spec.num_queues,
+            "queue_size": spec.queue_size, "block_size": device.options.block_size}
+
+
+def open_state(name: str, state_dir: Path, device: BlkDevice, reconnect: bool) -> StateFile:
+    """The device's state file: new for a new device, checked for a reconnect."""
+    identity = device_identity(device)
+    path = state_dir / name / "state"
+    if reconnect and not path.exists():
+        raise UserError(
+            f"a VDUSE device named '{name}' already exists but has no pyvduse state in "
+            f"{path.parent}: choose another --name, or remove the old one with "
+            f"'pyvduse destroy {name}'")
+    try:
+        state = StateFile.for_device(name, state_dir, identity, device.spec().num_queues,
+                                     device.spec().queue_size)
+    except OSError as e:
+        raise UserError(f"cannot use state directory {state_dir}: {e.strerror}; choose "
+                        "another with --state-dir") from None
+    if reconnect:
+        try:
+            state.check_identity()
+        except IdentityMismatch as e:
+            state.close()
+            raise UserError(
+                f"refusing to resume '{name}': its configuration differs ({e}); start it with "
+                f"the options it was created with, or 'pyvduse destroy {name}'") from None
+    else:
+        state.write_identity()
+    return state
+
+
 def serve(name: str, device: BlkDevice, *, msg_timeout: int | None = None,
-          bounce_size: int | None = None) -> int:
+          bounce_size: int | None = None, state: StateFile | None = None,
+          reconnect: bool = False) -> int:
     """Create, attach, announce, serve until a signal, then tear everything down."""
     stop = threading.Event()
     broken: list[str] = []
@@ -151,14 +205,18 @@ def serve(name: str, device: BlkDevice, *, msg_timeout: int | None = None,
         stop.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    server = DeviceServer(device)
+    server = DeviceServer(device, state)
     transport = KernelTransport(name, device.spec(), server, msg_timeout=msg_timeout,
                                 bounce_size=bounce_size)
     transport.on_broken = on_broken
     server.bind(transport)
     try:
-        transport.create()
-        transport.attach()
+        if reconnect:
+            transport.reconnect()
+            log.info("resumed %s after its previous daemon stopped", name)
+        else:
+            transport.create()
+            transport.attach()
         node = wait_for_node(name, stop)
         if not stop.is_set():
             sys.stdout.write(f"READY name={name} dev={node}\n")
@@ -170,6 +228,8 @@ def serve(name: str, device: BlkDevice, *, msg_timeout: int | None = None,
         transport.close()
         for s, h in previous.items():
             signal.signal(s, h)
+        if state is not None:  # nothing to recover once the device is gone
+            state.remove() if name not in sysfs.vduse_devices() else state.close()
     if broken:
         raise UserError(f"device '{name}' broke: {broken[0]}; it was removed, start again")
     return 0

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import errno
-import os
 
 from pyvduse.device.failing import FailingDevice
 from pyvduse.errors import UserError
 from pyvduse.runtime.server import DeviceServer
 from pyvduse.transport.kernel import sysfs
 from pyvduse.transport.kernel.control import Control, missing_module_hint
+from pyvduse.transport.kernel.device_fd import device_in_use
 from pyvduse.transport.kernel.transport import KernelTransport
 from pyvduse.transport.kernel.vdpa_netlink import VdpaError, VdpaNetlink
 
@@ -24,13 +23,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def _served(name: str) -> bool:
-    """Whether a process holds ``/dev/vduse/NAME`` open (only one open is allowed)."""
-    try:
-        fd = os.open(sysfs.device_node(name), os.O_RDWR | os.O_CLOEXEC)
-    except OSError as e:
-        return e.errno == errno.EBUSY
-    os.close(fd)
-    return False
+    return device_in_use(str(sysfs.device_node(name)))
 
 
 def run_list(args: argparse.Namespace) -> int:

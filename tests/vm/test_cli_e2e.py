@@ -60,8 +60,9 @@ def test_killed_daemon_then_destroy_then_serve_again(tmp_path: Path) -> None:
     assert os.path.exists("/dev/vduse/cli-killed")
     listing = pyvduse("list").stdout
     assert "cli-killed\torphaned" in listing, listing
-    one_line_error(pyvduse("blk", "--name", "cli-killed", "--file", str(img)),
-                   "already exists", "pyvduse destroy cli-killed")
+    # restarting it with other options is refused (the same options would resume it)
+    one_line_error(pyvduse("blk", "--name", "cli-killed", "--file", str(img), "--readonly"),
+                   "configuration differs", "pyvduse destroy cli-killed")
     p = pyvduse("destroy", "cli-killed")
     assert p.returncode == 0, p.stderr
     assert not os.path.exists("/dev/vduse/cli-killed")

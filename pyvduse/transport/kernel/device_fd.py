@@ -6,6 +6,7 @@ pointer to our memory (no 1024-byte copy limit) and returns the ioctl's integer 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import struct
@@ -14,6 +15,16 @@ from pyvduse.abi import vduse as v
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+
+
+def device_in_use(path: str) -> bool:
+    """Whether a process holds a VDUSE device open (the kernel allows only one open)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        return e.errno == errno.EBUSY
+    os.close(fd)
+    return False
 
 
 class DeviceFd:

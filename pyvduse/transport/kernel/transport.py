@@ -137,6 +137,8 @@ class KernelTransport(Transport):
         self._attached = sysfs.bound_driver(self.name) is not None or bool(
             sysfs.block_devices(self.name))
         try:
+            if self.msg_timeout is not None:
+                sysfs.write_attr(sysfs.vduse_attr(self.name, "msg_timeout"), str(self.msg_timeout))
             self._iotlb = IotlbMapper(self._dev)
             try:
                 features = self._dev.get_features()
