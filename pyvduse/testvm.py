@@ -125,6 +125,9 @@ token="${rundir##*/}"
 mount -t virtiofs hostroot /host || fail "virtiofs mount failed"
 for d in proc sys dev; do mount -o rbind "/$d" "/host/$d"; done
 mount -t tmpfs tmp /host/tmp
+# /run is tmpfs on a real host; pyvduse keeps memory-mapped state there, which virtiofs
+# (without DAX) cannot share-map.
+mkdir -p /host/run/pyvduse && mount -t tmpfs run-pyvduse /host/run/pyvduse
 ip link set lo up
 run="/host$rundir"
 [ -f "$run/command.sh" ] || fail "no $rundir/command.sh on the host"
