@@ -70,6 +70,7 @@ def walk_indirect(
     n = len(table) // DESC_SIZE
     i = 0
     count = 0
+    segments = memory.segments
     while True:
         count += 1
         if count > budget:
@@ -77,7 +78,14 @@ def walk_indirect(
         addr, length, flags, nxt = _unpack_desc(table, i * DESC_SIZE)
         if flags & VRING_DESC_F_INDIRECT:
             raise ChainError("nested indirect descriptor")
-        add_buffer(memory, addr, length, flags, readable, writable)
+        if length:  # add_buffer(), inlined: this is the hot path of every request
+            write = flags & VRING_DESC_F_WRITE
+            if not write and writable:
+                raise ChainError("device-readable descriptor after a device-writable one")
+            try:
+                (writable if write else readable).extend(segments(addr, length, bool(write)))
+            except MemoryFault as e:
+                raise ChainError(f"{'writable' if write else 'readable'} buffer: {e}") from None
         if not flags & VRING_DESC_F_NEXT:
             return count
         if nxt >= n:

@@ -81,6 +81,7 @@ class SplitQueue:
         except MemoryFault as e:
             raise RingError(f"ring not mapped: {e}") from None
         self.last_avail_idx = last_avail_idx & 0xFFFF
+        self._avail_seen = self.last_avail_idx  # avail->idx as last read (validated)
         self.used_idx = _unpack16(self.used, 2)[0] if used_idx is None else used_idx & 0xFFFF
         self._signalled_used = self.used_idx  # used index when the driver was last notified
         self._used_event_off = 4 + 2 * num
@@ -94,9 +95,11 @@ class SplitQueue:
 
     def pending(self) -> int:
         """How many chains the driver has made available that we have not taken."""
-        n: int = (_unpack16(self.avail, 2)[0] - self.last_avail_idx) & 0xFFFF
+        seen = _unpack16(self.avail, 2)[0]
+        n: int = (seen - self.last_avail_idx) & 0xFFFF
         if n > self.num:
             self._break(f"avail index moved by {n}, more than the queue size {self.num}")
+        self._avail_seen = seen
         return n
 
     def head_at(self, index: int) -> int:
@@ -119,9 +122,10 @@ class SplitQueue:
         """Take the next available chain, or None when the ring is empty."""
         if self.broken:
             raise RingError(self.broken)
-        if not self.pending():
-            return None
-        slot = self.last_avail_idx % self.num
+        last = self.last_avail_idx
+        if last == self._avail_seen and not self.pending():  # re-read avail->idx only when
+            return None                                       # what we saw is used up
+        slot = last % self.num
         head = _unpack16(self.avail, 4 + 2 * slot)[0]
         if head >= self.num:
             self._break(f"avail ring names head {head}, outside the queue of {self.num}")

@@ -10,7 +10,7 @@ from pyvduse.abi import virtio_blk as vb
 from pyvduse.abi.virtio import F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, bit
 from pyvduse.backend.memory import MemoryBackend
 from pyvduse.device.base import REQUIRED_FEATURES
-from pyvduse.device.blk import BlkDevice
+from pyvduse.device.blk import BlkDevice, BlkOptions
 from pyvduse.model.arena import Arena
 from pyvduse.model.split_driver import DriverSplitRing
 from pyvduse.ring.memory import GuestMemory
@@ -52,7 +52,7 @@ def setup(queues: int = 2) -> tuple[DeviceServer, LoopbackTransport, list[Driver
     arena = Arena(8 << 20)
     rings = [DriverSplitRing(arena, 32) for _ in range(queues)]
     t = LoopbackTransport(arena, queues)
-    server = DeviceServer(BlkDevice(MemoryBackend(4 << 20)))
+    server = DeviceServer(BlkDevice(MemoryBackend(4 << 20), BlkOptions(num_queues=queues)))
     server.bind(t)
     assert server.features_ok(FEATURES)
     server.driver_ok(FEATURES, [QueueSetup(i, 32, r.desc_addr, r.avail_addr, r.used_addr, True)
