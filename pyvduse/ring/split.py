@@ -102,6 +102,14 @@ class SplitQueue:
         self._avail_seen = seen
         return n
 
+    def resume_at_used(self) -> None:
+        """Without an in-flight log, take up where the used ring says the device stopped.
+
+        Exact for a device that completes in the order it takes (as pyvduse's workers do):
+        what lies between used->idx and avail->idx was in flight or never taken.
+        """
+        self.last_avail_idx = self._avail_seen = self.used_idx
+
     def head_at(self, index: int) -> int:
         """The head the avail ring holds at (free-running) index ``index``."""
         return int(_unpack16(self.avail, 4 + 2 * (index % self.num))[0])

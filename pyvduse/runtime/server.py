@@ -121,6 +121,11 @@ class DeviceServer:
             return
         queue: VirtQueue = ring
         resubmit: list[Chain] = []
+        if mode == "resume" and self.state is None:
+            if not isinstance(ring, SplitQueue):
+                log.error("queue %d: cannot resume a packed ring without its state", q.index)
+                return
+            ring.resume_at_used()
         if self.state is not None and isinstance(ring, SplitQueue):
             log_ = self.state.log(q.index, q.num)
             if mode == "resume":

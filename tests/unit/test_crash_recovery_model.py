@@ -135,3 +135,23 @@ def test_kill_after_logging_before_avail_index() -> None:
     d1.q.log.taken(chain.head, 0)  # the head is in flight but last_avail still says 0
     Daemon(arena, drv, log_mem, device, fresh=False, crash_at=None).run()
     assert sorted(str(c.token) for c in drv.collect()) == ["a", "b"]
+
+
+def test_takeover_without_a_log_starts_at_the_used_index() -> None:
+    arena = Arena(1 << 20)
+    drv = DriverSplitRing(arena, NUM)
+    device = BlkDevice(MemoryBackend(1 << 20))
+    for t in ("done", "in flight", "new"):
+        drv.add([vb.OUTHDR.pack(vb.ReqType.FLUSH, 0, 0)], [1], token=t)
+    q = SplitQueue(arena.memory, NUM, drv.desc_addr, drv.avail_addr, drv.used_addr, FEATURES)
+    first = q.pop()
+    assert first is not None
+    q.push(first.head, device.handle(0, first))
+    q.publish()
+    assert q.pop() is not None  # taken, then the daemon dies
+    q2 = SplitQueue(arena.memory, NUM, drv.desc_addr, drv.avail_addr, drv.used_addr, FEATURES)
+    q2.resume_at_used()
+    while (chain := q2.pop()) is not None:
+        q2.push(chain.head, device.handle(0, chain))
+    q2.publish()
+    assert [c.token for c in drv.collect()] == ["done", "in flight", "new"]
