@@ -79,20 +79,22 @@ class Reader:
         return (16, 512, 4096, raw)[raw % 4] if kind == 2 else raw % 70000
 
 
-def _allowed_writes(arena: Arena, drv: DriverSplitRing, num: int) -> bytearray:
-    ok = bytearray(ARENA)
+def allowed_writes(arena: Arena, drv: DriverSplitRing, num: int) -> bytearray:
+    """Bytes the device may change: the used ring and every buffer a descriptor (in the
+    table or an indirect table it names) marks device-writable."""
+    ok = bytearray(len(arena.buf))
     size = used_ring_size(num)
     ok[drv.used_addr : drv.used_addr + size] = b"\1" * size
 
     def allow(addr: int, length: int) -> None:
-        lo, hi = max(addr, 0), min(addr + length, ARENA)
+        lo, hi = max(addr, 0), min(addr + length, len(ok))
         if lo < hi:
             ok[lo:hi] = b"\1" * (hi - lo)
 
     def scan(table: int, count: int, nested: bool) -> None:
-        for i in range(min(count, ARENA // DESC_SIZE)):
+        for i in range(min(count, len(ok) // DESC_SIZE)):
             a = table + i * DESC_SIZE
-            if not 0 <= a <= ARENA - DESC_SIZE:
+            if not 0 <= a <= len(ok) - DESC_SIZE:
                 return
             addr, length, f, _ = VRING_DESC.unpack(arena.read(a, DESC_SIZE))
             if f & VRING_DESC_F_INDIRECT and not nested:
@@ -132,7 +134,7 @@ def run_case(data: bytes) -> int:
     jump = r.u8()
     drv.set_avail_idx(jump % (num + 1) if jump < 200 else r.u16())
     drv.set_used_event(r.u16())
-    allowed = _allowed_writes(arena, drv, num)
+    allowed = allowed_writes(arena, drv, num)
     before = bytes(arena.buf)
 
     q = SplitQueue(arena.memory, num, drv.desc_addr, drv.avail_addr, drv.used_addr, feats)

@@ -118,6 +118,10 @@ class SplitQueue:
         """Walk the chain starting at ``head`` again (to repeat a request after a restart)."""
         if head >= self.num:
             self._break(f"head {head} outside the queue of {self.num}")
+        return self._chain(head)
+
+    def _chain(self, head: int) -> Chain:
+        """The validated chain at ``head``; a malformed one comes back with ``error`` set."""
         readable: list[memoryview] = []
         writable: list[memoryview] = []
         try:
@@ -138,13 +142,7 @@ class SplitQueue:
         if head >= self.num:
             self._break(f"avail ring names head {head}, outside the queue of {self.num}")
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
-        readable: list[memoryview] = []
-        writable: list[memoryview] = []
-        try:
-            self._walk(head, readable, writable)
-        except ChainError as e:
-            return Chain(head, readable, writable, str(e))
-        return Chain(head, readable, writable)
+        return self._chain(head)
 
     def _walk(self, head: int, readable: list[memoryview], writable: list[memoryview]) -> None:
         memory, desc, num = self.memory, self.desc, self.num

@@ -7,16 +7,14 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fuzz.ring_cases import allowed_writes
 from pyvduse.abi import virtio_blk as vb
 from pyvduse.abi.virtio import (
     DESC_SIZE,
     F_RING_EVENT_IDX,
     F_RING_INDIRECT_DESC,
     VRING_DESC,
-    VRING_DESC_F_INDIRECT,
-    VRING_DESC_F_WRITE,
     bit,
-    used_ring_size,
 )
 from pyvduse.backend.memory import MemoryBackend
 from pyvduse.device.blk import BlkDevice
@@ -40,31 +38,6 @@ descs = st.tuples(addresses, lengths, flags, st.integers(0, NUM + 2))
 tables = st.lists(st.tuples(st.integers(0, 15), st.lists(descs, min_size=1, max_size=6)),
                   max_size=3)
 headers = st.tuples(st.sampled_from([0, 1, 4, 8, 11, 13, 99]), st.integers(0, 1 << 20))
-
-
-def _allowed_writes(arena: Arena, drv: DriverSplitRing) -> bytearray:
-    """Bytes the device may change: the used ring and every WRITE buffer a descriptor names."""
-    ok = bytearray(ARENA)
-    ok[drv.used_addr : drv.used_addr + used_ring_size(NUM)] = b"\1" * used_ring_size(NUM)
-
-    def allow(addr: int, length: int) -> None:
-        lo, hi = max(addr, 0), min(addr + length, ARENA)
-        if lo < hi:
-            ok[lo:hi] = b"\1" * (hi - lo)
-
-    def scan(table_addr: int, count: int, nested: bool) -> None:
-        for i in range(count):
-            a = table_addr + i * DESC_SIZE
-            if a + DESC_SIZE > ARENA:
-                return
-            addr, length, f, _ = VRING_DESC.unpack(arena.read(a, DESC_SIZE))
-            if f & VRING_DESC_F_INDIRECT and not nested:
-                scan(addr, length // DESC_SIZE, True)
-            elif f & VRING_DESC_F_WRITE:
-                allow(addr, length)
-
-    scan(drv.desc_addr, NUM, False)
-    return ok
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -99,7 +72,7 @@ def test_hostile_split_ring(main: list[tuple[int, int, int, int]],
         drv.set_avail_entry(slot, head)
     drv.set_avail_idx(avail_idx)
     features = bit(F_RING_INDIRECT_DESC) | (bit(F_RING_EVENT_IDX) if event_idx else 0)
-    allowed = _allowed_writes(arena, drv)
+    allowed = allowed_writes(arena, drv, NUM)
     before = bytes(arena.buf)
 
     q = SplitQueue(arena.memory, NUM, drv.desc_addr, drv.avail_addr, drv.used_addr, features)
