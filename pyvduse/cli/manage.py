@@ -11,7 +11,6 @@ from pyvduse.transport.kernel import sysfs
 from pyvduse.transport.kernel.control import Control, missing_module_hint
 from pyvduse.transport.kernel.device_fd import device_in_use
 from pyvduse.transport.kernel.transport import KernelTransport
-from pyvduse.transport.kernel.vdpa_netlink import VdpaError, VdpaNetlink
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -44,6 +43,8 @@ def run_destroy(args: argparse.Namespace) -> int:
         raise UserError(missing_module_hint())
     if name not in sysfs.vduse_devices():
         raise UserError(f"no VDUSE device named '{name}' (see 'pyvduse list')")
+    from pyvduse.transport.kernel.vdpa_netlink import VdpaError, VdpaNetlink  # slow import
+
     if _served(name):
         raise UserError(f"'{name}' is still served by a running daemon: stop that process "
                         "(SIGTERM) instead")

@@ -28,7 +28,6 @@ from pyvduse.transport.kernel import sysfs
 from pyvduse.transport.kernel.control import Control
 from pyvduse.transport.kernel.device_fd import DeviceFd
 from pyvduse.transport.kernel.iotlb import IotlbMapper
-from pyvduse.transport.kernel.vdpa_netlink import VdpaError, VdpaNetlink
 from pyvduse.transport.status import StatusMachine
 
 log = logging.getLogger(__name__)
@@ -172,6 +171,9 @@ class KernelTransport(Transport):
 
     def attach(self) -> None:
         """Put the device on the vdpa bus; returns once the bound driver has probed it."""
+        # Imported here: pyroute2 is slow to import and a reconnecting daemon never needs it.
+        from pyvduse.transport.kernel.vdpa_netlink import VdpaError, VdpaNetlink
+
         try:
             with VdpaNetlink() as nl:
                 nl.dev_add(self.name)
@@ -188,6 +190,8 @@ class KernelTransport(Transport):
     def detach(self) -> None:
         if not self._attached:
             return
+        from pyvduse.transport.kernel.vdpa_netlink import VdpaNetlink
+
         with VdpaNetlink() as nl:
             nl.dev_del(self.name)
         self._attached = False
