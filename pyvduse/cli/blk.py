@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -18,6 +19,7 @@ from pyvduse.backend.memory import MemoryBackend
 from pyvduse.backend.null import NullBackend
 from pyvduse.device.blk import BlkConfigError, BlkDevice, BlkOptions
 from pyvduse.errors import UserError
+from pyvduse.ops.service import DEFAULT_DRAIN_TIMEOUT, Operations, OpsOptions
 from pyvduse.runtime.server import DeviceServer
 from pyvduse.runtime.state_file import DEFAULT_STATE_DIR, IdentityMismatch, StateFile
 from pyvduse.sizes import parse_size
@@ -58,7 +60,41 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--reconnect", action="store_true",
                    help="require an existing device left by a dead daemon, and resume it "
                    "(the default when /dev/vduse/NAME exists)")
+    add_ops_arguments(p)
     p.set_defaults(func=run)
+
+
+def add_ops_arguments(p: argparse.ArgumentParser) -> None:
+    """Operations: management socket, metrics endpoint, shutdown drain."""
+    p.add_argument("--control", metavar="PATH",
+                   help="management socket for 'pyvduse ctl' (default /run/pyvduse/NAME.sock)")
+    p.add_argument("--metrics", metavar="ADDR:PORT",
+                   help="serve Prometheus metrics on http://ADDR:PORT/metrics "
+                   "(needs prometheus_client)")
+    p.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT,
+                   metavar="SECONDS", help="on SIGTERM, wait this long for requests in "
+                   f"flight before detaching (default {DEFAULT_DRAIN_TIMEOUT:g})")
+
+
+def keep_identity(state: StateFile | None, device: BlkDevice) -> Callable[[int], None] | None:
+    """After a live resize the state file must give the new size, or a restart after a crash
+    would refuse to resume the device."""
+    if state is None:
+        return None
+
+    def on_resize(size: int) -> None:
+        state.identity = device_identity(device)
+        state.write_identity()
+
+    return on_resize
+
+
+def ops_options(args: argparse.Namespace) -> OpsOptions:
+    """The operations options, checked (one-line UserError) before any device exists."""
+    ops = OpsOptions(control=args.control, metrics=args.metrics,
+                     drain_timeout=args.drain_timeout)
+    ops.validate()
+    return ops
 
 
 def _check_name(name: str) -> None:
@@ -136,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
             bounce = parse_size(args.bounce_size)
         except ValueError as e:
             raise UserError(str(e)) from None
+    ops = ops_options(args)
     backend = make_backend(args)
     try:
         device = build_device(args, backend)
@@ -151,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"there is no device '{args.name}' to reconnect to")
         state = open_state(args.name, args.state_dir, device, reconnect)
         return serve(args.name, device, msg_timeout=args.msg_timeout, bounce_size=bounce,
-                     state=state, reconnect=reconnect)
+                     state=state, reconnect=reconnect, ops=ops)
     finally:
         backend.close()
 
@@ -194,13 +231,16 @@ def open_state(name: str, state_dir: Path, device: BlkDevice, reconnect: bool) -
 
 def serve(name: str, device: BlkDevice, *, msg_timeout: int | None = None,
           bounce_size: int | None = None, state: StateFile | None = None,
-          reconnect: bool = False) -> int:
+          reconnect: bool = False, ops: OpsOptions | None = None) -> int:
     """Create, attach, announce, serve until a signal, then tear everything down."""
     stop = threading.Event()
+    hurry = threading.Event()  # a second signal: stop waiting for requests in flight
     broken: list[str] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("received %s, shutting down", signal.Signals(signum).name)
+        if stop.is_set():
+            hurry.set()
         stop.set()
 
     def on_broken(why: str) -> None:
@@ -213,6 +253,8 @@ def serve(name: str, device: BlkDevice, *, msg_timeout: int | None = None,
                                 bounce_size=bounce_size)
     transport.on_broken = on_broken
     server.bind(transport)
+    operations = Operations(name, server, transport, ops, on_quit=stop.set,
+                            on_resize=keep_identity(state, device))
     try:
         if reconnect:
             transport.reconnect()
@@ -220,15 +262,21 @@ def serve(name: str, device: BlkDevice, *, msg_timeout: int | None = None,
         else:
             transport.create()
             transport.attach()
+        operations.start()
         node = wait_for_node(name, stop)
         if not stop.is_set():
             sys.stdout.write(f"READY name={name} dev={node}\n")
             sys.stdout.flush()
             log.info("serving %s on %s", device.backend.description, node)
+            operations.ready(node)
         while not stop.wait(1.0):
             pass
+        operations.shutdown(drain_requests=not broken, abort=hurry)
     finally:
-        transport.close()
+        try:
+            transport.close()
+        finally:
+            operations.close()
         for s, h in previous.items():
             signal.signal(s, h)
         if state is not None:  # nothing to recover once the device is gone

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from pyvduse import __version__
-from pyvduse.cli import blk, manage
+from pyvduse.cli import blk, ctl, manage
 from pyvduse.errors import UserError
 
 
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     blk.add_parser(sub)
     manage.add_parsers(sub)
+    ctl.add_parser(sub)
     tv = sub.add_parser("testvm", add_help=False,
                         help="run a command in the test VM (Linux with VDUSE, under QEMU)")
     tv.add_argument("rest", nargs=argparse.REMAINDER)

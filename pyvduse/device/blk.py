@@ -59,13 +59,21 @@ class BlkOptions:
 
 @dataclass
 class BlkStats:
-    """Per-device request counters (kept cheap: plain integer adds)."""
+    """Request counters of one queue (kept cheap: plain integer adds by its worker only)."""
 
     by_type: dict[int, int] = field(default_factory=dict)
-    errors: int = 0
-    bad_chains: int = 0
+    errors: int = 0  # requests completed with a status other than OK
+    bad_chains: int = 0  # malformed requests (no header, no status byte, bad chain)
     bytes_read: int = 0
     bytes_written: int = 0
+
+    def add(self, other: BlkStats) -> None:
+        for rtype, n in list(other.by_type.items()):
+            self.by_type[rtype] = self.by_type.get(rtype, 0) + n
+        self.errors += other.errors
+        self.bad_chains += other.bad_chains
+        self.bytes_read += other.bytes_read
+        self.bytes_written += other.bytes_written
 
 
 class BlkDevice(VirtioDevice):
@@ -91,7 +99,16 @@ class BlkDevice(VirtioDevice):
             raise BlkConfigError(f"serial is longer than {vb.ID_BYTES} bytes")
         self.serial = opts.serial.encode().ljust(vb.ID_BYTES, b"\0")
         self.capacity_bytes = backend.size
-        self.stats = BlkStats()
+        #: One ``BlkStats`` per queue, written only by that queue's worker (no lock).
+        self.queue_stats = [BlkStats() for _ in range(opts.num_queues)]
+
+    @property
+    def stats(self) -> BlkStats:
+        """All queues' counters added up (a snapshot)."""
+        out = BlkStats()
+        for st in self.queue_stats:
+            out.add(st)
+        return out
 
     # -- identity -----------------------------------------------------------------------
 
@@ -140,35 +157,42 @@ class BlkDevice(VirtioDevice):
         )
 
     def set_capacity(self, size_bytes: int) -> None:
-        """Change the capacity seen by the driver (config update + config interrupt)."""
+        """Change the capacity seen by the driver (config update + config interrupt).
+
+        Safe while queues run: requests are range-checked against ``capacity_bytes``, which
+        changes in one store; when shrinking, the caller frees the storage only after this.
+        """
         if size_bytes <= 0 or size_bytes % self.options.block_size:
-            raise BlkConfigError(f"size {size_bytes} is not a multiple of the block size")
+            raise BlkConfigError(f"size {size_bytes} is not a multiple of the block size "
+                                 f"{self.options.block_size}")
         self.capacity_bytes = size_bytes
         self.update_config(vb.CAPACITY_OFFSET, (size_bytes // vb.SECTOR_SIZE).to_bytes(8, "little"))
 
     # -- requests -----------------------------------------------------------------------
 
     def handle(self, queue: int, chain: Chain) -> int:
+        st = self.queue_stats[queue]
         writable = chain.writable
+        readable = chain.readable
         if chain.error is not None:
-            self.stats.bad_chains += 1
+            st.bad_chains += 1
             bad_request_log.warning("queue %d: bad request %d: %s", queue, chain.head, chain.error)
             return 0
-        readable = chain.readable
-        if not writable or total(readable) < _OUTHDR.size:
-            self.stats.bad_chains += 1
+        if not writable or not readable or (len(readable[0]) < _OUTHDR.size
+                                            and total(readable) < _OUTHDR.size):
+            st.bad_chains += 1
             bad_request_log.warning("queue %d: request %d has no header or no status byte", queue,
                                     chain.head)
             return 0
         last = writable[-1]
         status_byte = last[len(last) - 1 :]
-        in_len = total(writable) - 1
+        in_len = (len(last) - 1) if len(writable) == 1 else total(writable) - 1
         rtype, _prio, sector = _OUTHDR.unpack(gather(readable, 0, _OUTHDR.size))
         rtype &= ~vb.T_BARRIER
-        counts = self.stats.by_type
+        counts = st.by_type
         counts[rtype] = counts.get(rtype, 0) + 1
         try:
-            status, written = self._dispatch(rtype, sector, readable, writable, in_len)
+            status, written = self._dispatch(rtype, sector, readable, writable, in_len, st)
         except OSError as e:
             bad_request_log.warning("queue %d: request type %d at sector %d failed: %s", queue,
                                     rtype, sector, e)
@@ -177,13 +201,13 @@ class BlkDevice(VirtioDevice):
             log.exception("queue %d: request type %d failed unexpectedly", queue, rtype)
             status, written = IOERR, 0
         if status:
-            self.stats.errors += 1
+            st.errors += 1
         status_byte[0] = status
         return written + 1
 
     def _dispatch(
         self, rtype: int, sector: int, readable: list[memoryview], writable: list[memoryview],
-        in_len: int,
+        in_len: int, st: BlkStats,
     ) -> tuple[int, int]:
         if rtype == T_IN:
             offset = sector << vb.SECTOR_SHIFT
@@ -191,7 +215,7 @@ class BlkDevice(VirtioDevice):
                 return IOERR, 0
             if in_len:
                 self.backend.readv(offset, slice_segments(writable, 0, in_len))
-            self.stats.bytes_read += in_len
+            st.bytes_read += in_len
             return OK, in_len
         if rtype == T_OUT:
             if self.options.readonly:
@@ -203,7 +227,7 @@ class BlkDevice(VirtioDevice):
             if out_len:
                 self.backend.writev(offset, slice_segments(readable, _OUTHDR.size,
                                                            _OUTHDR.size + out_len))
-            self.stats.bytes_written += out_len
+            st.bytes_written += out_len
             return OK, 0
         if rtype == T_FLUSH:
             if not self.options.readonly:

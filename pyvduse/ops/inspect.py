@@ -1,0 +1,223 @@
+"""``status`` and ``stats``: snapshots of a running device as plain JSON-ready dicts.
+
+Read without locks from whatever thread asks (the management socket, a metrics scrape): the
+counters are plain integers written by one worker each, so a snapshot is at most a request
+old. Nothing here reads through anything that can block (no backend call, no kernel message).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pyvduse.abi import virtio as vio
+from pyvduse.abi import virtio_blk as vb
+from pyvduse.device.blk import BlkDevice, BlkStats
+from pyvduse.ops.protocol import Json
+from pyvduse.ops.target import Target
+from pyvduse.runtime.worker import LATENCY_BUCKETS, QueueCounters, QueueWorker, queue_counters
+
+
+def _bit_names(module: Any, lo: int, hi: int) -> dict[int, str]:
+    out = {}
+    for attr, value in vars(module).items():
+        if attr.startswith("F_") and isinstance(value, int) and lo <= value < hi:
+            out[value] = attr[2:]
+    return out
+
+
+TRANSPORT_FEATURES = _bit_names(vio, vio.TRANSPORT_F_START, 64)
+BLK_FEATURES = _bit_names(vb, 0, vio.TRANSPORT_F_START)
+
+_REQ_NAMES: dict[int, str] = {
+    vb.ReqType.IN: "read", vb.ReqType.OUT: "write", vb.ReqType.FLUSH: "flush",
+    vb.ReqType.GET_ID: "get_id", vb.ReqType.DISCARD: "discard",
+    vb.ReqType.WRITE_ZEROES: "write_zeroes",
+}
+
+
+def request_type_name(rtype: int) -> str:
+    name = _REQ_NAMES.get(rtype)
+    if name is not None:
+        return name
+    try:
+        return str(vb.ReqType(rtype).name).lower()
+    except ValueError:
+        return f"type_{rtype}"
+
+
+def feature_names(features: int, device_id: int) -> list[str]:
+    names = []
+    device = BLK_FEATURES if device_id == vio.DeviceId.BLOCK else {}
+    for n in range(64):
+        if features >> n & 1:
+            names.append(TRANSPORT_FEATURES.get(n) or device.get(n) or f"BIT_{n}")
+    return names
+
+
+def status_names(status: int) -> list[str]:
+    return [s.name or "" for s in vio.Status if status & s]
+
+
+_KINDS: dict[int, str] = {vio.DeviceId.BLOCK: "virtio-blk", vio.DeviceId.NET: "virtio-net",
+          vio.DeviceId.FS: "virtio-fs"}
+
+
+def device_kind(device_id: int) -> str:
+    return _KINDS.get(device_id, f"virtio device {device_id}")
+
+
+# -- status ---------------------------------------------------------------------------------
+
+
+def _workers(target: Target) -> dict[int, QueueWorker]:
+    for _ in range(10):  # the control thread may replace workers while we copy
+        try:
+            return dict(target.server.workers)
+        except RuntimeError:
+            continue
+    return {}
+
+
+def _ring_avail_idx(queue: object) -> int | None:
+    """The driver's avail index, read from the ring (split rings; None when unknown)."""
+    inner = getattr(queue, "queue", queue)  # a LoggedQueue wraps the ring
+    read = getattr(inner, "avail_idx", None)
+    if read is None:
+        return None
+    try:
+        value = read()
+    except Exception:  # the ring may be going away under us: report nothing
+        return None
+    return value if isinstance(value, int) else None
+
+
+def queue_status(index: int, size: int, worker: QueueWorker | None,
+                 counters: QueueCounters | None) -> Json:
+    q: Json = {"index": index, "size": size, "served": worker is not None}
+    if worker is not None:
+        ring = worker.queue
+        q["size"] = ring.num
+        last_avail, used = ring.last_avail_idx, ring.used_idx
+        avail = _ring_avail_idx(ring)
+        q.update(avail_idx=avail, last_avail_idx=last_avail, used_idx=used,
+                 pending=None if avail is None else (avail - last_avail) & 0xFFFF,
+                 broken=worker.broken or ring.broken)
+    q["in_flight"] = counters.in_flight if counters else 0
+    q["in_flight_s"] = in_flight_seconds(counters)
+    q["completed"] = counters.completed if counters else 0
+    return q
+
+
+def in_flight_seconds(counters: QueueCounters | None) -> float | None:
+    """How long the request in flight has been (None when there is none)."""
+    started = counters.started if counters else 0
+    return round((time.monotonic_ns() - started) / 1e9, 6) if started else None
+
+
+def status(target: Target) -> Json:
+    server, spec = target.server, target.spec
+    device = server.device
+    counters = queue_counters(device)
+    workers = _workers(target)
+    features = server.features
+    out: Json = {
+        "name": target.name,
+        "pid": target.pid,
+        "state": target.state,
+        "node": target.node,
+        "uptime_s": round(time.monotonic() - target.started, 3),
+        "device": device_kind(spec.device_id),
+        "driver_ok": server.running.is_set(),
+        "status": target.status_byte,
+        "status_names": status_names(target.status_byte or 0),
+        "features": f"0x{features:x}",
+        "ring": "packed" if features >> vio.F_RING_PACKED & 1 else "split",
+        "feature_names": feature_names(features, spec.device_id),
+        "offered_features": f"0x{spec.features:x}",
+        "control": target.control_path,
+        "metrics": target.metrics_address,
+    }
+    if isinstance(device, BlkDevice):
+        o = device.options
+        out.update(backend=device.backend.description, backend_kind=device.backend.kind,
+                   capacity=device.capacity_bytes, block_size=o.block_size,
+                   readonly=o.readonly, serial=o.serial)
+    out["queues"] = [queue_status(i, spec.queue_size, workers.get(i), counters.get(i))
+                     for i in range(spec.num_queues)]
+    return out
+
+
+# -- stats ----------------------------------------------------------------------------------
+
+
+def latency(hist: list[int], sum_ns: int) -> Json:
+    """A latency histogram as JSON: ``buckets`` are ``[upper bound in µs, count]`` (not
+    cumulative: bucket b holds requests that took [2**(b-1), 2**b) µs, bucket 0 under 1 µs),
+    up to the last non-empty one."""
+    last = max((b for b, n in enumerate(hist) if n), default=-1)
+    return {
+        "count": sum(hist),
+        "sum_us": round(sum_ns / 1000, 3),
+        "buckets": [[1 << b, hist[b]] for b in range(last + 1)],
+    }
+
+
+def _blk_counts(st: BlkStats) -> Json:
+    by_type = dict(st.by_type)
+    return {
+        "requests": {request_type_name(t): n for t, n in sorted(by_type.items())},
+        "requests_total": sum(by_type.values()),
+        "bytes_read": st.bytes_read,
+        "bytes_written": st.bytes_written,
+        "errors": st.errors,
+        "bad_requests": st.bad_chains,
+    }
+
+
+def stats(target: Target) -> Json:
+    """Per-queue counters and their totals."""
+    device = target.server.device
+    blk = device if isinstance(device, BlkDevice) else None
+    counters = queue_counters(device)
+    queues = []
+    all_hist = [0] * LATENCY_BUCKETS
+    all_ns = in_flight = completed = 0
+    for i in range(target.spec.num_queues):
+        c = counters.get(i)
+        hist = list(c.latency) if c else [0] * LATENCY_BUCKETS
+        sum_ns = c.latency_ns if c else 0
+        q: Json = {"index": i}
+        if blk is not None:
+            q.update(_blk_counts(blk.queue_stats[i]))
+        q["in_flight"] = c.in_flight if c else 0
+        q["in_flight_s"] = in_flight_seconds(c)
+        q["completed"] = sum(hist)
+        q["latency"] = latency(hist, sum_ns)
+        queues.append(q)
+        all_hist = [a + b for a, b in zip(all_hist, hist, strict=True)]
+        all_ns += sum_ns
+        in_flight += q["in_flight"]
+        completed += q["completed"]
+    total: Json = {}
+    if blk is not None:
+        total = _blk_counts(blk.stats)
+    total.update(in_flight=in_flight, completed=completed, latency=latency(all_hist, all_ns))
+    out: Json = {"name": target.name, "queues": queues, "total": total}
+    if blk is not None:
+        out["capacity"] = blk.capacity_bytes
+    return out
+
+
+def percentile(lat: Json, fraction: float) -> int | None:
+    """Upper bound (µs) of the bucket holding the ``fraction`` quantile; None if empty."""
+    count = lat["count"]
+    if not count:
+        return None
+    want = fraction * count
+    seen = 0
+    for bound, n in lat["buckets"]:
+        seen += n
+        if seen >= want:
+            return int(bound)
+    return None
