@@ -21,20 +21,37 @@ def build_parser() -> argparse.ArgumentParser:
     blk.add_parser(sub)
     manage.add_parsers(sub)
     ctl.add_parser(sub)
-    tv = sub.add_parser("testvm", add_help=False,
-                        help="run a command in the test VM (Linux with VDUSE, under QEMU)")
-    tv.add_argument("rest", nargs=argparse.REMAINDER)
-    tv.set_defaults(func=_run_testvm)
+    # Listed for --help only: main() hands everything after "testvm" to its own parser,
+    # since argparse's REMAINDER drops options that come before "--".
+    sub.add_parser("testvm", add_help=False,
+                   help="run a command in the test VM (Linux with VDUSE, under QEMU)")
     return parser
 
 
-def _run_testvm(args: argparse.Namespace) -> int:
-    from pyvduse import testvm
-
-    return testvm.main(args.rest)
+def split_testvm(argv: list[str]) -> tuple[list[str], list[str]] | None:
+    """(global options, testvm's own arguments) when the subcommand is ``testvm``."""
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "testvm":
+            return argv[:i], argv[i + 1:]
+        if word == "--log-level":
+            i += 2
+            continue
+        if not word.startswith("-"):
+            return None
+        i += 1
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    testvm_args = split_testvm(argv)
+    if testvm_args is not None:
+        from pyvduse import testvm
+
+        build_parser().parse_args([*testvm_args[0], "testvm"])  # checks the global options
+        return testvm.main(testvm_args[1])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="pyvduse: %(levelname)s: %(message)s")

@@ -58,3 +58,14 @@ def test_sizes() -> None:
     assert parse_size("2GiB") == 2 << 30
     with pytest.raises(ValueError):
         parse_size("-1")
+
+
+def test_testvm_options_reach_its_own_parser() -> None:
+    from pyvduse.cli.main import split_testvm
+
+    assert split_testvm(["testvm", "--prepare"]) == ([], ["--prepare"])
+    assert split_testvm(["--log-level", "info", "testvm", "--mem", "1G", "--", "true"]) == (
+        ["--log-level", "info"], ["--mem", "1G", "--", "true"])
+    assert split_testvm(["blk", "--name", "testvm"]) is None
+    p = pyvduse("testvm", "--help")
+    assert p.returncode == 0 and "--prepare" in p.stdout and "--mem" in p.stdout
