@@ -143,7 +143,7 @@ class LoggedQueue:
             return q.head_at(i)
 
         last_avail, heads = log.recover(q.used_idx, avail_head)
-        q.last_avail_idx = last_avail
+        q.resume_at(last_avail)
         lq = cls(q, log)
         lq.resubmit = [q.chain_at(h) for h in heads]
         return lq

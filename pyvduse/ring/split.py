@@ -102,13 +102,21 @@ class SplitQueue:
         self._avail_seen = seen
         return n
 
+    def resume_at(self, index: int) -> None:
+        """Take the next chain from avail index ``index`` (after a restart).
+
+        The cached avail index moves with it, so ``pop`` reads the driver's index again
+        before it takes anything: it never trusts entries the driver has not published.
+        """
+        self.last_avail_idx = self._avail_seen = index & 0xFFFF
+
     def resume_at_used(self) -> None:
         """Without an in-flight log, take up where the used ring says the device stopped.
 
         Exact for a device that completes in the order it takes (as pyvduse's workers do):
         what lies between used->idx and avail->idx was in flight or never taken.
         """
-        self.last_avail_idx = self._avail_seen = self.used_idx
+        self.resume_at(self.used_idx)
 
     def head_at(self, index: int) -> int:
         """The head the avail ring holds at (free-running) index ``index``."""

@@ -155,3 +155,22 @@ def test_takeover_without_a_log_starts_at_the_used_index() -> None:
         q2.push(chain.head, device.handle(0, chain))
     q2.publish()
     assert [c.token for c in drv.collect()] == ["done", "in flight", "new"]
+
+
+def test_restart_takes_nothing_the_driver_has_not_published() -> None:
+    """A daemon that resumes at avail index N must read avail->idx before taking slot N:
+    the slots past it hold stale or no heads (a real kernel test once saw phantom requests)."""
+    arena = Arena(1 << 20)
+    drv = DriverSplitRing(arena, NUM)
+    device = BlkDevice(MemoryBackend(1 << 20))
+    log_mem = memoryview(bytearray(log_size(NUM)))
+    for k in range(3):
+        drv.add([vb.OUTHDR.pack(vb.ReqType.FLUSH, 0, 0)], [1], token=k)
+    Daemon(arena, drv, log_mem, device, fresh=True, crash_at=None).run()
+    assert [c.token for c in drv.collect()] == [0, 1, 2]
+    second = Daemon(arena, drv, log_mem, device, fresh=False, crash_at=None)
+    assert second.q.pop() is None  # nothing new: nothing taken
+    drv.add([vb.OUTHDR.pack(vb.ReqType.FLUSH, 0, 0)], [1], token="new")
+    second.run()
+    assert [c.token for c in drv.collect()] == ["new"]
+    assert device.stats.bad_chains == 0 and device.stats.errors == 0
