@@ -69,3 +69,16 @@ def test_testvm_options_reach_its_own_parser() -> None:
     assert split_testvm(["blk", "--name", "testvm"]) is None
     p = pyvduse("testvm", "--help")
     assert p.returncode == 0 and "--prepare" in p.stdout and "--mem" in p.stdout
+
+
+def test_missing_module_hint_knows_whether_modprobe_can_work(tmp_path: Path) -> None:
+    import os
+
+    from pyvduse.transport.kernel.control import missing_module_hint
+
+    assert "pyvduse testvm" in missing_module_hint(tmp_path)
+    dep = tmp_path / os.uname().release / "modules.dep"
+    dep.parent.mkdir(parents=True)
+    dep.write_text("kernel/drivers/vdpa/vdpa_user/vduse.ko.xz: kernel/drivers/vdpa/vdpa.ko.xz\n")
+    assert missing_module_hint(tmp_path) == (
+        "the vduse kernel module is not loaded: run 'modprobe vduse' as root")

@@ -6,14 +6,28 @@ import errno
 import fcntl
 import os
 import struct
+from pathlib import Path
 
 from pyvduse.abi import vduse as v
 from pyvduse.errors import UserError
 from pyvduse.transport.kernel import sysfs
 
 
-def missing_module_hint() -> str:
-    return "the vduse kernel module is not loaded: run 'modprobe vduse' as root"
+def kernel_has_vduse_module(modules_root: Path = Path("/lib/modules")) -> bool:
+    """Whether ``modprobe vduse`` can work: the running kernel ships the module."""
+    index = modules_root / os.uname().release / "modules.dep"
+    try:
+        return "/vduse.ko" in index.read_text()
+    except OSError:
+        return False
+
+
+def missing_module_hint(modules_root: Path = Path("/lib/modules")) -> str:
+    if kernel_has_vduse_module(modules_root):
+        return "the vduse kernel module is not loaded: run 'modprobe vduse' as root"
+    return ("the vduse kernel module is not loaded and this kernel does not ship it: run "
+            "'modprobe vduse' on Linux 5.15+ built with CONFIG_VDPA_USER, or try pyvduse in "
+            "the test VM: 'pyvduse testvm -- bash examples/quickstart.sh'")
 
 
 class Control:
