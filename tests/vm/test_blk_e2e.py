@@ -34,13 +34,29 @@ def fio_ok(out: str) -> None:
         assert line.split(";")[4] == "0", f"fio job failed: {line[:300]}"
 
 
-def test_ext4_files_survive_remount_and_fsck(tmp_path: Path) -> None:
+RINGS = pytest.mark.parametrize("ring", ["split", "packed"])
+
+
+def ring_args(ring: str) -> tuple[str, ...]:
+    return ("--packed",) if ring == "packed" else ()
+
+
+def assert_ring(dev: str, ring: str) -> None:
+    """The driver really runs the ring asked for (VIRTIO_F_RING_PACKED is feature bit 34)."""
+    features = Path(f"/sys/block/{blockdev_name(dev)}/device/features").read_text().strip()
+    assert features[34] == ("1" if ring == "packed" else "0"), features
+
+
+@RINGS
+def test_ext4_files_survive_remount_and_fsck(tmp_path: Path, ring: str) -> None:
     img = make_image(tmp_path / "ext4.img", 256 * MiB)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     rng = random.Random(20261125)
     sums: dict[str, str] = {}
-    with Daemon("--file", str(img), "--queues", "2", name="e2e-ext4") as d:
+    name = f"e2e-ext4-{ring}"
+    with Daemon("--file", str(img), "--queues", "2", *ring_args(ring), name=name) as d:
+        assert_ring(d.dev, ring)
         sh(f"mkfs.ext4 -q -F {d.dev}")
         sh(f"mount {d.dev} {mnt}")
         total = 0
@@ -64,13 +80,15 @@ def test_ext4_files_survive_remount_and_fsck(tmp_path: Path) -> None:
             assert hashlib.sha256((mnt / rel).read_bytes()).hexdigest() == digest, rel
         sh(f"umount {mnt}")
         assert d.stop() == 0
-    assert wait_gone("/dev/vduse/e2e-ext4")
+    assert wait_gone(f"/dev/vduse/{name}")
     sh(f"e2fsck -fn {img}")
 
 
-def test_fio_random_write_verify(tmp_path: Path) -> None:
+@RINGS
+def test_fio_random_write_verify(tmp_path: Path, ring: str) -> None:
     img = make_image(tmp_path / "fio.img", 128 * MiB)
-    with Daemon("--file", str(img), name="e2e-fio") as d:
+    with Daemon("--file", str(img), *ring_args(ring), name=f"e2e-fio-{ring}") as d:
+        assert_ring(d.dev, ring)
         out = sh(f"{FIO} --name=verify --filename={d.dev} --direct=1 --ioengine=libaio "
                  "--rw=randwrite --bsrange=4k-64k --iodepth=16 --size=48M "
                  "--verify=crc32c --verify_fatal=1 --do_verify=1").stdout
