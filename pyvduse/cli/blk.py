@@ -181,9 +181,6 @@ def run(args: argparse.Namespace) -> int:
         if reconnect and device_in_use(str(sysfs.device_node(args.name))):
             raise UserError(f"a VDUSE device named '{args.name}' already exists and a running "
                             "daemon serves it: choose another --name")
-        if reconnect and args.packed:
-            raise UserError(f"'{args.name}' exists, and resuming a packed-ring device is not "
-                            f"supported yet: remove it with 'pyvduse destroy {args.name}'")
         if args.reconnect and not reconnect:
             raise UserError(f"there is no device '{args.name}' to reconnect to")
         state = open_state(args.name, args.state_dir, device, reconnect)

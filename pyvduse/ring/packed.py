@@ -127,6 +127,10 @@ class PackedQueue:
         self._signalled = self._used_pos()  # used position when the driver was last notified
         self.broken: str | None = None
 
+    def reset_signalled(self) -> None:
+        """After the used position was moved by hand (a restart): count from there."""
+        self._signalled = self._used_pos()
+
     def _used_pos(self) -> int:
         return self.used_idx if self.used_wrap else self.used_idx + self.num
 

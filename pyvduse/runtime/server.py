@@ -11,6 +11,7 @@ from pyvduse.device.base import VirtioDevice
 from pyvduse.ring.chain import Chain
 from pyvduse.ring.errors import RingError
 from pyvduse.ring.inflight import LoggedQueue
+from pyvduse.ring.inflight_packed import LoggedPackedQueue, PackedInflightLog
 from pyvduse.ring.packed import PackedQueue
 from pyvduse.ring.queue import VirtQueue
 from pyvduse.ring.split import SplitQueue
@@ -97,7 +98,7 @@ class DeviceServer:
         return q.packed_state if self.packed else (q.avail_index,)
 
     def _position(self, queue: VirtQueue) -> tuple[int, ...]:
-        if isinstance(queue, PackedQueue):
+        if isinstance(queue, PackedQueue | LoggedPackedQueue):
             return queue.state()
         return (queue.last_avail_idx, queue.used_idx)
 
@@ -136,6 +137,16 @@ class DeviceServer:
             else:
                 lq = LoggedQueue(ring, log_)
             queue = lq
+        elif self.state is not None and isinstance(ring, PackedQueue):
+            plog = PackedInflightLog(self.state.region(q.index, q.num), q.num)
+            if mode == "resume":
+                pq = LoggedPackedQueue.recovered(ring, plog)
+                resubmit = pq.resubmit
+            elif mode == "fresh":
+                pq = LoggedPackedQueue.fresh(ring, plog)
+            else:
+                pq = LoggedPackedQueue(ring, plog)
+            queue = pq
         w = QueueWorker(self.device, q.index, queue, self.transport.kick_fd(q.index),
                         self.transport.notify, resubmit)
         self.workers[q.index] = w

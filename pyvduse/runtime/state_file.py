@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pyvduse.ring.inflight import InflightLog, log_size
+from pyvduse.ring.inflight_packed import packed_log_size
 
 MAGIC = b"PYVDUSE-STATE-1\n"
 HEADER_SIZE = 4096
@@ -41,7 +42,7 @@ class StateFile:
         self.identity = identity
         self.num_queues = num_queues
         self.queue_size = queue_size
-        self._stride = -(-log_size(queue_size) // 64) * 64
+        self._stride = -(-max(log_size(queue_size), packed_log_size(queue_size)) // 64) * 64
         size = HEADER_SIZE + self._stride * num_queues
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -88,12 +89,16 @@ class StateFile:
         self.mem[len(MAGIC) + 4 : len(MAGIC) + 4 + len(raw)] = raw
         self.mem[: len(MAGIC)] = MAGIC
 
-    def log(self, queue: int, num: int) -> InflightLog:
-        """The in-flight log of ``queue`` (ring size ``num`` as the driver chose it)."""
+    def region(self, queue: int, num: int) -> memoryview:
+        """The bytes of ``queue``'s log (ring size ``num`` as the driver chose it)."""
         if not 0 <= queue < self.num_queues or num > self.queue_size:
             raise ValueError("queue outside the state file")
         start = HEADER_SIZE + self._stride * queue
-        return InflightLog(self.mem[start : start + self._stride], num)
+        return self.mem[start : start + self._stride]
+
+    def log(self, queue: int, num: int) -> InflightLog:
+        """The split-ring in-flight log of ``queue``."""
+        return InflightLog(self.region(queue, num), num)
 
     def remove(self) -> None:
         """The device is gone for good (clean shutdown): nothing to recover."""

@@ -40,12 +40,14 @@ def check_fio(p: subprocess.Popen[bytes]) -> None:
     assert jobs and all(line.split(";")[4] == "0" for line in jobs), text[-2000:]
 
 
-def test_fio_verify_survives_20_kills(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ring", ["split", "packed"])
+def test_fio_verify_survives_20_kills(tmp_path: Path, ring: str) -> None:
     img = make_image(tmp_path / "crash.img", 128 * MiB)
-    args = ("--file", str(img), "--queues", "2")
+    args = ("--file", str(img), "--queues", "2", *(("--packed",) if ring == "packed" else ()))
+    name = f"crash-fio-{ring}"
     rng = random.Random(5)
     before = kernel_log()
-    d = Daemon(*args, name="crash-fio")
+    d = Daemon(*args, name=name)
 
     def start_fio() -> subprocess.Popen[bytes]:
         return subprocess.Popen(
@@ -62,7 +64,7 @@ def test_fio_verify_survives_20_kills(tmp_path: Path) -> None:
             fio = start_fio()
             rounds += 1
         time.sleep(rng.uniform(0.2, 1.5))
-        d = restart(d, args, "crash-fio")
+        d = restart(d, args, name)
     check_fio(fio)
     new_log = kernel_log()[len(before):]
     assert "I/O error" not in new_log and "blk_update_request" not in new_log, new_log[-2000:]
