@@ -22,6 +22,11 @@ class MemoryBackend(Backend):
     def size(self) -> int:
         return self._size
 
+    @property
+    def buffer(self) -> memoryview:
+        """The disk's bytes (the native data path copies to and from them directly)."""
+        return self._mem
+
     def readv(self, offset: int, bufs: list[memoryview]) -> None:
         mem = self._mem
         for b in bufs:

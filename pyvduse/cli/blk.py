@@ -19,6 +19,8 @@ from pyvduse.backend.memory import MemoryBackend
 from pyvduse.backend.null import NullBackend
 from pyvduse.device.blk import BlkConfigError, BlkDevice, BlkOptions
 from pyvduse.errors import UserError
+from pyvduse.fastpath import engine as native
+from pyvduse.fastpath.engine import DataPath
 from pyvduse.ops.service import DEFAULT_DRAIN_TIMEOUT, Operations, OpsOptions
 from pyvduse.runtime.server import DeviceServer
 from pyvduse.runtime.state_file import DEFAULT_STATE_DIR, IdentityMismatch, StateFile
@@ -60,6 +62,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--reconnect", action="store_true",
                    help="require an existing device left by a dead daemon, and resume it "
                    "(the default when /dev/vduse/NAME exists)")
+    p.add_argument("--data-path", choices=[d.value for d in DataPath], default="auto",
+                   help="who serves the queues: 'native' (the C loop of pyvduse.fastpath), "
+                   "'python' (the reference engine) or 'auto' (native where it can; "
+                   "the default)")
     add_ops_arguments(p)
     p.set_defaults(func=run)
 
@@ -173,9 +179,13 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UserError(str(e)) from None
     ops = ops_options(args)
+    data_path = DataPath(args.data_path)
     backend = make_backend(args)
     try:
         device = build_device(args, backend)
+        why_not = native.why_not(device, args.packed)
+        if data_path is DataPath.NATIVE and why_not is not None:
+            raise UserError(f"--data-path native: {why_not}; or use --data-path python")
         preflight()
         reconnect = args.name in sysfs.vduse_devices()
         if reconnect and device_in_use(str(sysfs.device_node(args.name))):
@@ -184,8 +194,10 @@ def run(args: argparse.Namespace) -> int:
         if args.reconnect and not reconnect:
             raise UserError(f"there is no device '{args.name}' to reconnect to")
         state = open_state(args.name, args.state_dir, device, reconnect)
+        if data_path is DataPath.AUTO and why_not is not None:
+            log.info("queues served by the Python engine: %s", why_not)
         return serve(args.name, device, msg_timeout=args.msg_timeout, bounce_size=bounce,
-                     state=state, reconnect=reconnect, ops=ops)
+                     state=state, reconnect=reconnect, ops=ops, data_path=data_path)
     finally:
         backend.close()
 
@@ -228,7 +240,8 @@ def open_state(name: str, state_dir: Path, device: BlkDevice, reconnect: bool) -
 
 def serve(name: str, device: BlkDevice, *, msg_timeout: int | None = None,
           bounce_size: int | None = None, state: StateFile | None = None,
-          reconnect: bool = False, ops: OpsOptions | None = None) -> int:
+          reconnect: bool = False, ops: OpsOptions | None = None,
+          data_path: DataPath = DataPath.AUTO) -> int:
     """Create, attach, announce, serve until a signal, then tear everything down."""
     stop = threading.Event()
     hurry = threading.Event()  # a second signal: stop waiting for requests in flight
@@ -245,7 +258,7 @@ def serve(name: str, device: BlkDevice, *, msg_timeout: int | None = None,
         stop.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    server = DeviceServer(device, state)
+    server = DeviceServer(device, state, data_path)
     transport = KernelTransport(name, device.spec(), server, msg_timeout=msg_timeout,
                                 bounce_size=bounce_size)
     transport.on_broken = on_broken

@@ -8,7 +8,9 @@ capacity before the backend is touched.
 
 from __future__ import annotations
 
+import array
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pyvduse.abi import virtio_blk as vb
@@ -98,16 +100,36 @@ class BlkDevice(VirtioDevice):
         if len(opts.serial.encode()) > vb.ID_BYTES:
             raise BlkConfigError(f"serial is longer than {vb.ID_BYTES} bytes")
         self.serial = opts.serial.encode().ljust(vb.ID_BYTES, b"\0")
-        self.capacity_bytes = backend.size
+        #: The capacity in one 8-byte cell, so a native data path reads it as it changes.
+        self.capacity_cell = array.array("Q", [backend.size])
         #: One ``BlkStats`` per queue, written only by that queue's worker (no lock).
         self.queue_stats = [BlkStats() for _ in range(opts.num_queues)]
+        #: Per queue, the counters of an engine serving it outside Python (see fastpath).
+        self.stats_sources: dict[int, Callable[[], BlkStats]] = {}
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.capacity_cell[0]
+
+    @capacity_bytes.setter
+    def capacity_bytes(self, value: int) -> None:
+        self.capacity_cell[0] = value
+
+    def queue_snapshot(self, queue: int) -> BlkStats:
+        """The counters of one queue, including those of a native engine serving it."""
+        out = BlkStats()
+        out.add(self.queue_stats[queue])
+        source = self.stats_sources.get(queue)
+        if source is not None:
+            out.add(source())
+        return out
 
     @property
     def stats(self) -> BlkStats:
         """All queues' counters added up (a snapshot)."""
         out = BlkStats()
-        for st in self.queue_stats:
-            out.add(st)
+        for i in range(len(self.queue_stats)):
+            out.add(self.queue_snapshot(i))
         return out
 
     # -- identity -----------------------------------------------------------------------

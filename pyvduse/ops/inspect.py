@@ -15,6 +15,7 @@ from pyvduse.abi import virtio_blk as vb
 from pyvduse.device.blk import BlkDevice, BlkStats
 from pyvduse.ops.protocol import Json
 from pyvduse.ops.target import Target
+from pyvduse.runtime.native_worker import NativeQueueWorker
 from pyvduse.runtime.worker import LATENCY_BUCKETS, QueueCounters, QueueWorker, queue_counters
 
 
@@ -98,11 +99,12 @@ def queue_status(index: int, size: int, worker: QueueWorker | None,
     if worker is not None:
         ring = worker.queue
         q["size"] = ring.num
-        last_avail, used = ring.last_avail_idx, ring.used_idx
+        last_avail, used = worker.indices()
         avail = _ring_avail_idx(ring)
         q.update(avail_idx=avail, last_avail_idx=last_avail, used_idx=used,
                  pending=None if avail is None else (avail - last_avail) & 0xFFFF,
-                 broken=worker.broken or ring.broken)
+                 broken=worker.broken or ring.broken,
+                 engine="native" if isinstance(worker, NativeQueueWorker) else "python")
     q["in_flight"] = counters.in_flight if counters else 0
     q["in_flight_s"] = in_flight_seconds(counters)
     q["completed"] = counters.completed if counters else 0
@@ -189,7 +191,7 @@ def stats(target: Target) -> Json:
         sum_ns = c.latency_ns if c else 0
         q: Json = {"index": i}
         if blk is not None:
-            q.update(_blk_counts(blk.queue_stats[i]))
+            q.update(_blk_counts(blk.queue_snapshot(i)))
         q["in_flight"] = c.in_flight if c else 0
         q["in_flight_s"] = in_flight_seconds(c)
         q["completed"] = sum(hist)

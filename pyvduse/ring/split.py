@@ -72,6 +72,7 @@ class SplitQueue:
             raise RingError(f"queue size {num} is not a power of two up to {MAX_QUEUE_SIZE}")
         self.num = num
         self.memory = memory
+        self.desc_addr, self.avail_addr, self.used_addr = desc_addr, driver_addr, device_addr
         self.event_idx = has(features, F_RING_EVENT_IDX)
         self.indirect = has(features, F_RING_INDIRECT_DESC)
         try:
@@ -109,6 +110,16 @@ class SplitQueue:
         before it takes anything: it never trusts entries the driver has not published.
         """
         self.last_avail_idx = self._avail_seen = index & 0xFFFF
+
+    def position(self) -> tuple[int, int, int]:
+        """(last_avail_idx, used_idx, used index last signalled): all another engine serving
+        this ring needs to take over (and ``set_position`` to hand it back)."""
+        return self.last_avail_idx, self.used_idx, self._signalled_used
+
+    def set_position(self, last_avail: int, used: int, signalled: int) -> None:
+        self.resume_at(last_avail)
+        self.used_idx = used & 0xFFFF
+        self._signalled_used = signalled & 0xFFFF
 
     def resume_at_used(self) -> None:
         """Without an in-flight log, take up where the used ring says the device stopped.

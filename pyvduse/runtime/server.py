@@ -8,13 +8,18 @@ from collections.abc import Callable
 
 from pyvduse.abi.virtio import F_RING_PACKED, has
 from pyvduse.device.base import VirtioDevice
+from pyvduse.device.blk import BlkDevice
+from pyvduse.fastpath import engine as native
+from pyvduse.fastpath.engine import DataPath
 from pyvduse.ring.chain import Chain
 from pyvduse.ring.errors import RingError
 from pyvduse.ring.inflight import LoggedQueue
 from pyvduse.ring.inflight_packed import LoggedPackedQueue, PackedInflightLog
+from pyvduse.ring.memory import RegionMap
 from pyvduse.ring.packed import PackedQueue
 from pyvduse.ring.queue import VirtQueue
 from pyvduse.ring.split import SplitQueue
+from pyvduse.runtime.native_worker import NativeQueueWorker
 from pyvduse.runtime.state_file import StateFile
 from pyvduse.runtime.worker import QueueWorker
 from pyvduse.transport.base import QueueSetup, Transport
@@ -25,9 +30,11 @@ log = logging.getLogger(__name__)
 class DeviceServer:
     """Implements ``DeviceEvents`` for one device on one transport."""
 
-    def __init__(self, device: VirtioDevice, state: StateFile | None = None) -> None:
+    def __init__(self, device: VirtioDevice, state: StateFile | None = None,
+                 data_path: DataPath = DataPath.AUTO) -> None:
         self.device = device
         self.state = state  # in-flight logs, for surviving a restart
+        self.data_path = data_path
         self.transport: Transport | None = None
         self.workers: dict[int, QueueWorker] = {}
         self._setups: dict[int, QueueSetup] = {}
@@ -59,8 +66,11 @@ class DeviceServer:
                 if q.ready:
                     self._start_worker(q, self._initial_position(q), "resume" if resume else "fresh")
             self.running.set()
-            log.info("driver ready: features 0x%x, %d queue(s) served%s", features,
-                     len(self.workers), " (resumed)" if resume else "")
+            n_native = sum(isinstance(w, NativeQueueWorker) for w in self.workers.values())
+            log.info("driver ready: features 0x%x, %d queue(s) served%s (%s)", features,
+                     len(self.workers), " (resumed)" if resume else "",
+                     "native data path" if n_native == len(self.workers) and n_native else
+                     "Python data path" if not n_native else f"{n_native} native")
 
     def reset(self) -> None:
         with self._lock:
@@ -74,8 +84,9 @@ class DeviceServer:
         """The driver's memory map changed (UPDATE_IOTLB): pause, remap, resume in place."""
         with self._lock:
             setups = dict(self._setups)
-            saved = {i: self._position(w.queue) for i, w in self.workers.items()}
-            self._stop_workers()
+            workers = dict(self.workers)
+            self._stop_workers()  # first: a stopped worker's ring says exactly where it is
+            saved = {i: self._position(w.queue) for i, w in workers.items()}
             invalidate()
             for i, position in saved.items():
                 self._start_worker(setups[i], position, "continue")
@@ -84,7 +95,7 @@ class DeviceServer:
         w = self.workers.get(index)
         if w is None:
             return (1, 0, 1, 0) if self.packed else (0,)
-        return self._position(w.queue)[:4] if self.packed else (w.queue.last_avail_idx,)
+        return self._position(w.queue)[:4] if self.packed else (w.indices()[0],)
 
     @property
     def packed(self) -> bool:
@@ -147,10 +158,25 @@ class DeviceServer:
             else:
                 pq = LoggedPackedQueue(ring, plog)
             queue = pq
-        w = QueueWorker(self.device, q.index, queue, self.transport.kick_fd(q.index),
-                        self.transport.notify, resubmit)
+        w = self._native_worker(q.index, queue, resubmit) or QueueWorker(
+            self.device, q.index, queue, self.transport.kick_fd(q.index),
+            self.transport.notify, resubmit)
         self.workers[q.index] = w
         w.start()
+
+    def _native_worker(self, index: int, queue: VirtQueue,
+                       resubmit: list[Chain]) -> NativeQueueWorker | None:
+        """A native worker when the data path allows it and the queue is one it serves."""
+        assert self.transport is not None
+        memory = self.transport.memory
+        if (self.data_path is DataPath.PYTHON or not isinstance(self.device, BlkDevice)
+                or native.why_not(self.device, self.packed) is not None
+                or not isinstance(queue, SplitQueue | LoggedQueue)
+                or not isinstance(memory, RegionMap)):
+            return None
+        return NativeQueueWorker(self.device, index, queue, self.transport.kick_fd(index),
+                                 self.transport.notify, memory,
+                                 self.transport.irq_ioctl(index), resubmit)
 
     def _stop_workers(self) -> None:
         for w in self.workers.values():

@@ -23,6 +23,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from typing import Any, Protocol
 
 from pyvduse.device.base import VirtioDevice
 from pyvduse.ring.chain import Chain
@@ -41,16 +42,36 @@ class QueueCounters:
     """In-flight and latency accounting of one queue, written by its worker only.
 
     A request's latency runs from when the worker takes it from the ring to when its
-    completion is pushed (the device's own time, queueing in the driver excluded).
+    completion is pushed (the device's own time, queueing in the driver excluded). While a
+    native engine serves the queue (``native``), its own counters are added in.
     """
 
-    __slots__ = ("latency", "latency_ns", "started")
+    __slots__ = ("hist", "native", "started_at", "sum_ns")
 
     def __init__(self) -> None:
         #: ``time.monotonic_ns()`` when the request in flight was taken; 0 when none is.
-        self.started = 0
-        self.latency = [0] * LATENCY_BUCKETS
-        self.latency_ns = 0  # sum of the latencies of the completed requests
+        self.started_at = 0
+        self.hist = [0] * LATENCY_BUCKETS
+        self.sum_ns = 0  # sum of the latencies of the completed requests
+        self.native: NativeCounters | None = None
+
+    @property
+    def started(self) -> int:
+        n = self.native
+        return (n.started if n is not None else 0) or self.started_at
+
+    @property
+    def latency(self) -> list[int]:
+        n = self.native
+        if n is None:
+            return list(self.hist)
+        extra: list[int] = n.counters()["latency"]
+        return [a + b for a, b in zip(self.hist, extra, strict=True)]
+
+    @property
+    def latency_ns(self) -> int:
+        n = self.native
+        return self.sum_ns + (int(n.counters()["latency_ns"]) if n is not None else 0)
 
     @property
     def in_flight(self) -> int:
@@ -60,6 +81,21 @@ class QueueCounters:
     @property
     def completed(self) -> int:
         return sum(self.latency)
+
+    def absorb(self, hist: list[int], sum_ns: int) -> None:
+        """Add a finished native engine's latency counters to our own."""
+        for b, n in enumerate(hist):
+            self.hist[b] += n
+        self.sum_ns += sum_ns
+
+
+class NativeCounters(Protocol):
+    """What ``QueueCounters`` reads of a native engine."""
+
+    @property
+    def started(self) -> int: ...
+
+    def counters(self) -> dict[str, Any]: ...
 
 
 _counters: weakref.WeakKeyDictionary[VirtioDevice, dict[int, QueueCounters]] = (
@@ -103,9 +139,18 @@ class QueueWorker:
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._stopping = False
         self.broken: str | None = None
-        self.completed = 0
+        self._completed = 0
         self.counters = _counters_for(device, index)
         self._thread = threading.Thread(target=self._run, name=f"vq{index}", daemon=True)
+
+    @property
+    def completed(self) -> int:
+        """Requests this worker has completed."""
+        return self._completed
+
+    def indices(self) -> tuple[int, int]:
+        """(last avail index taken, used index pushed), as the serving engine has them."""
+        return self.queue.last_avail_idx, self.queue.used_idx
 
     def start(self) -> None:
         self._thread.start()
@@ -159,14 +204,14 @@ class QueueWorker:
             self.broken = f"{type(e).__name__}: {e}"
             log.exception("queue %d stopped", self.index)
         finally:
-            self.counters.started = 0  # nothing is in flight any more
+            self.counters.started_at = 0  # nothing is in flight any more
 
     def _replay(self) -> None:
         """Serve again, in their original order, the requests a dead daemon left in flight."""
         q, dev, idx = self.queue, self.device, self.index
         for chain in self._resubmit:
             q.push(chain.head, dev.handle(idx, chain), chain.ndesc)
-        self.completed += len(self._resubmit)
+        self._completed += len(self._resubmit)
         log.info("queue %d: repeated %d request(s) left in flight", idx, len(self._resubmit))
         self._resubmit = []
         q.publish()
@@ -175,7 +220,7 @@ class QueueWorker:
     def _drain(self) -> None:
         q, dev, idx = self.queue, self.device, self.index
         pop, push = q.pop, q.push
-        c, hist, clock = self.counters, self.counters.latency, time.monotonic_ns
+        c, hist, clock = self.counters, self.counters.hist, time.monotonic_ns
         try:
             while not self._stopping:
                 q.disable_kicks()
@@ -185,15 +230,15 @@ class QueueWorker:
                     chain = pop()
                     if chain is None:
                         break
-                    c.started = t
+                    c.started_at = t
                     push(chain.head, dev.handle(idx, chain), chain.ndesc)
                     done = clock()
-                    c.started = 0
+                    c.started_at = 0
                     hist[((done - t) // 1000).bit_length()] += 1
                     t = done
                     n += 1
-                c.latency_ns += t - start
-                self.completed += n
+                c.sum_ns += t - start
+                self._completed += n
                 if q.publish():
                     self._notify(idx)
                 if n < q.num and not q.enable_kicks():

@@ -71,6 +71,11 @@ class Transport(ABC):
     def notify(self, index: int) -> None:
         """Send a used-buffer notification (interrupt) for queue ``index``."""
 
+    def irq_ioctl(self, index: int) -> tuple[int, int] | None:
+        """``(fd, request)``: an ioctl taking the u32 queue index that interrupts the
+        driver, for a native data path to call without Python; None: use ``notify``."""
+        return None
+
     @abstractmethod
     def set_config(self, offset: int, data: bytes) -> None:
         """Change config space and raise the config-change interrupt."""

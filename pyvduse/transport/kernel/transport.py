@@ -76,6 +76,9 @@ class KernelTransport(Transport):
     def kick_fd(self, index: int) -> int:
         return self._kick_fds[index]
 
+    def irq_ioctl(self, index: int) -> tuple[int, int] | None:
+        return None if self._dev is None else (self._dev.fd, v.VDUSE_VQ_INJECT_IRQ)
+
     def notify(self, index: int) -> None:
         assert self._dev is not None
         try:

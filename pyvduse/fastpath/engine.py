@@ -1,0 +1,98 @@
+"""Building a native engine for one queue, and telling when one can be used.
+
+The native loop serves a queue only in the configuration it implements exactly: a split ring
+of a plain ``BlkDevice`` (not a subclass that changes ``handle``) whose backend is null,
+memory or a file, over driver memory that is a ``RegionMap``. Everything else keeps the
+Python worker. Choosing is the runtime's job (``DataPath``); this module only answers
+"can it?" and "build it".
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Callable
+from typing import Any
+
+from pyvduse.backend.file import FileBackend
+from pyvduse.backend.memory import MemoryBackend
+from pyvduse.backend.null import NullBackend
+from pyvduse.device.base import VirtioDevice
+from pyvduse.device.blk import BlkDevice
+from pyvduse.ring.inflight import InflightLog
+from pyvduse.ring.memory import GuestMemory, RegionMap
+from pyvduse.ring.split import SplitQueue
+
+try:
+    import pyvduse.fastpath._splitblk as _splitblk
+except ImportError:  # not built: no compiler or no Python headers at install time
+    _splitblk = None  # type: ignore[assignment]
+
+RUN_STOPPED = 0
+RUN_DEFER = 1
+Engine = Any  # _splitblk.Engine when built (typed in _splitblk.pyi)
+
+
+class DataPath(enum.Enum):
+    """Which engine serves the queues: the user's ``--data-path``."""
+
+    AUTO = "auto"  # native where it can, Python elsewhere
+    NATIVE = "native"  # native or refuse to start
+    PYTHON = "python"  # the reference engine only
+
+
+def available() -> bool:
+    """Whether the extension was built (``pip install`` with a C compiler and headers)."""
+    return _splitblk is not None and os.environ.get("PYVDUSE_NO_NATIVE") != "1"
+
+
+def why_not(device: VirtioDevice, packed: bool) -> str | None:
+    """Why the native loop cannot serve ``device`` (None: it can)."""
+    if not available():
+        return ("the native data path is not built (reinstall with a C compiler and the "
+                "Python headers: apt install gcc python3-dev; pip install -e .)")
+    if packed:
+        return "the native data path serves split rings only"
+    if type(device) is not BlkDevice:
+        return f"the native data path serves plain virtio-blk devices, not {type(device).__name__}"
+    if type(device.backend) not in (NullBackend, MemoryBackend, FileBackend):
+        return f"the native data path has no {device.backend.kind} backend"
+    return None
+
+
+def _backend_args(device: BlkDevice) -> dict[str, Any]:
+    b = device.backend
+    assert _splitblk is not None
+    if isinstance(b, FileBackend):
+        return {"backend": _splitblk.BACKEND_FD, "fd": b.fd}
+    if isinstance(b, MemoryBackend):
+        return {"backend": _splitblk.BACKEND_MEMORY, "memory": b.buffer}
+    return {"backend": _splitblk.BACKEND_NULL}
+
+
+def region_tuples(memory: RegionMap) -> list[tuple[int, int, memoryview, bool]]:
+    return [(r.start, r.last, r.mem, r.writable) for r in memory.regions]
+
+
+def build(
+    device: BlkDevice,
+    index: int,
+    ring: SplitQueue,
+    memory: GuestMemory,
+    log: InflightLog | None,
+    irq: tuple[int, int] | None,
+    notify: Callable[[int], None],
+    on_error: Callable[[int, int, int], None],
+) -> Engine:
+    """A native engine positioned where ``ring`` stands."""
+    assert _splitblk is not None and isinstance(memory, RegionMap)
+    last_avail, used, signalled = ring.position()
+    irq_fd, irq_request = irq if irq is not None else (-1, 0)
+    return _splitblk.Engine(
+        regions=region_tuples(memory), num=ring.num, desc=ring.desc_addr, avail=ring.avail_addr,
+        used=ring.used_addr, event_idx=ring.event_idx, indirect=ring.indirect,
+        last_avail=last_avail, used_idx=used, signalled=signalled,
+        capacity=device.capacity_cell, readonly=device.options.readonly, serial=device.serial,
+        log=None if log is None else log.mem, irq_fd=irq_fd, irq_request=irq_request,
+        irq_index=index, notify=None if irq is not None else notify, on_error=on_error,
+        **_backend_args(device))

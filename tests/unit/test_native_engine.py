@@ -1,0 +1,208 @@
+"""The native data path (pyvduse.fastpath) against the Python engine it must agree with.
+
+Two kinds of evidence: property tests that serve the same hostile ring with both engines and
+require byte-identical results (driver memory, the disk, what was served, whether the queue
+broke), and the model's virtio-blk driver doing real I/O through each data path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fuzz.ring_cases import SplitCase, build_case, build_request_case, check_writes, serve
+from pyvduse.abi import virtio_blk as vb
+from pyvduse.backend.file import FileBackend
+from pyvduse.backend.memory import MemoryBackend
+from pyvduse.backend.null import NullBackend
+from pyvduse.device.blk import BlkDevice, BlkOptions
+from pyvduse.fastpath import engine as native
+from pyvduse.fastpath.engine import DataPath
+from pyvduse.model.blk_driver import BlkDriver, BlkIOError
+from pyvduse.ring.inflight import FREE, InflightLog, log_size
+from pyvduse.runtime.native_worker import NativeQueueWorker
+from pyvduse.runtime.worker import QueueWorker
+from pyvduse.transport.model.rig import ModelRig
+
+MiB = 1 << 20
+
+
+def test_the_extension_is_built_where_ci_requires_it() -> None:
+    if os.environ.get("PYVDUSE_REQUIRE_NATIVE") == "1":
+        assert native.available(), "pip install did not build pyvduse/fastpath/_splitblk.c"
+
+
+needs_native = pytest.mark.skipif(not native.available(), reason="native extension not built")
+pytestmark = needs_native
+
+
+def both(build: type[object] | object, data: bytes) -> tuple[SplitCase, SplitCase]:
+    logging.disable(logging.WARNING)  # bad requests are logged, rate-limited
+    try:
+        ref, nat = build(data), build(data)  # type: ignore[operator]
+        ref_result, nat_result = serve(ref, False), serve(nat, True)
+    finally:
+        logging.disable(logging.NOTSET)
+    check_writes(nat)
+    assert nat_result == ref_result, "the engines served or broke differently"
+    assert nat.disk == ref.disk, "the engines left different disks"
+    if not ref_result[1]:
+        assert nat.arena.buf == ref.arena.buf, "the engines left different driver memory"
+    else:  # a broken ring: the batch before the break may or may not be published
+        used = ref.drv.used_addr
+        a, b = bytearray(ref.arena.buf), bytearray(nat.arena.buf)
+        a[used : used + 4] = b[used : used + 4] = bytes(4)
+        assert a == b, "the engines left different driver memory"
+    return ref, nat
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(min_size=8, max_size=400))
+def test_requests_with_corruptions_are_served_identically(data: bytes) -> None:
+    both(build_request_case, data)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(min_size=16, max_size=700))
+def test_garbage_rings_are_served_identically(data: bytes) -> None:
+    both(build_case, data)
+
+
+# -- through the model's driver ----------------------------------------------------------
+
+
+def device(backend: object = None, **opts: object) -> BlkDevice:
+    return BlkDevice(backend or MemoryBackend(8 * MiB), BlkOptions(**opts))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("path", [DataPath.NATIVE, DataPath.PYTHON])
+def test_io_through_each_data_path(path: DataPath, tmp_path: Path) -> None:
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(4 * MiB))
+    for backend in (MemoryBackend(4 * MiB), FileBackend(str(img)), NullBackend(4 * MiB)):
+        dev = device(backend, serial="native-1", num_queues=2)
+        with ModelRig(dev, data_path=path) as rig:
+            drv = BlkDriver(rig.kernel)
+            kind = NativeQueueWorker if path is DataPath.NATIVE else QueueWorker
+            assert all(type(w) is kind for w in rig.server.workers.values())
+            data = os.urandom(192 * 1024)
+            for q in (0, 1):
+                drv.write(8192 * q, data, queue=q)
+                got = drv.read(8192 * q, len(data), queue=q)
+                assert got == (bytes(len(data)) if backend.kind == "null" else data)
+            drv.flush()
+            assert drv.get_id() == "native-1"
+            drv.discard(0, 4096)  # not on the native path: served by Python in between
+            assert drv.read(0, 4096) == bytes(4096)
+            with pytest.raises(BlkIOError):
+                drv.read(4 * MiB - 512, 1024)  # past the end
+            st = dev.stats
+            assert st.by_type[vb.ReqType.OUT] == 2 and st.by_type[vb.ReqType.IN] == 4
+            assert st.by_type[vb.ReqType.DISCARD] == 1 and st.errors == 1
+            assert st.bytes_written == 2 * len(data)
+            workers = rig.server.workers.values()
+            assert sum(w.completed for w in workers) >= 9
+            if path is DataPath.NATIVE:  # Python took only the discard and first touches
+                assert sum(w.deferred for w in workers if isinstance(w, NativeQueueWorker)) <= 4
+            from pyvduse.runtime.worker import queue_counters
+
+            assert sum(c.completed for c in queue_counters(dev).values()) >= 9
+        if isinstance(backend, FileBackend):
+            assert img.read_bytes()[8192 : 8192 + len(data)] == data
+
+
+def test_readonly_and_resize_are_seen_by_the_native_path() -> None:
+    dev = device(readonly=True)
+    with ModelRig(dev, data_path=DataPath.NATIVE) as rig:
+        drv = BlkDriver(rig.kernel)
+        with pytest.raises(BlkIOError):
+            drv.write(0, bytes(512))
+        drv.flush()
+    dev = device()
+    with ModelRig(dev, data_path=DataPath.NATIVE) as rig:
+        drv = BlkDriver(rig.kernel)
+        drv.read(6 * MiB, 512)
+        dev.set_capacity(4 * MiB)  # one store, seen by the running loop
+        with pytest.raises(BlkIOError):
+            drv.read(6 * MiB, 512)
+
+
+def test_backend_errors_fail_the_request_and_are_logged(
+        caplog: pytest.LogCaptureFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyvduse.runtime.native_worker as nw
+    from pyvduse.ratelimit import RateLimitedLogger
+
+    monkeypatch.setattr(nw, "bad_request_log", RateLimitedLogger(logging.getLogger("t")))
+    img = tmp_path / "short.img"
+    img.write_bytes(bytes(MiB))
+    backend = FileBackend(str(img))
+    dev = device(backend)
+    with ModelRig(dev, data_path=DataPath.NATIVE) as rig:
+        drv = BlkDriver(rig.kernel)
+        drv.read(0, 512)
+        os.close(backend.fd)  # every further I/O fails with EBADF
+        with pytest.raises(BlkIOError), caplog.at_level(logging.WARNING):
+            drv.read(0, 512)
+        assert "failed" in caplog.text
+        backend.fd = os.open(img, os.O_RDWR)
+
+
+class CustomBlk(BlkDevice):
+    """A device that changes ``handle``: only the Python engine can serve it."""
+
+
+class CustomBackend(NullBackend):
+    kind = "custom"
+
+
+def test_devices_the_native_path_does_not_serve_keep_the_python_worker() -> None:
+    for dev in (CustomBlk(MemoryBackend(MiB)), BlkDevice(CustomBackend(MiB))):
+        assert native.why_not(dev, packed=False) is not None
+        with ModelRig(dev) as rig:
+            BlkDriver(rig.kernel).read(0, 512)
+            assert all(type(w) is QueueWorker for w in rig.server.workers.values())
+    assert "split rings only" in (native.why_not(device(), packed=True) or "")
+
+
+def test_the_log_is_clean_after_native_serving() -> None:
+    """The native loop keeps the in-flight log exactly as the Python engine does."""
+    from pyvduse.model.arena import Arena
+    from pyvduse.model.split_driver import DriverSplitRing
+    from pyvduse.ring.inflight import LoggedQueue
+    from pyvduse.ring.split import SplitQueue
+    from pyvduse.runtime.native_worker import run_native
+
+    arena = Arena(1 << 16)
+    drv = DriverSplitRing(arena, 8)
+    dev = device()
+    log = InflightLog(memoryview(bytearray(log_size(8))), 8)
+    for n in range(20):
+        drv.add([vb.OUTHDR.pack(vb.ReqType.IN if n % 3 else 99, 0, n)], [512, 1])
+        q = SplitQueue(arena.memory, 8, drv.desc_addr, drv.avail_addr, drv.used_addr, 0,
+                       last_avail_idx=n, used_idx=n)
+        lq = LoggedQueue.fresh(q, log) if n == 0 else LoggedQueue(q, log)
+        eng = native.build(dev, 0, q, arena.memory, log, None, lambda i: None, lambda *a: None)
+        kick, stop = os.eventfd(0), os.eventfd(1)
+
+        def one(lq: LoggedQueue = lq) -> bool:
+            chain = lq.pop()
+            if chain is None:
+                return False
+            lq.push(chain.head, dev.handle(0, chain))
+            lq.publish()
+            return True
+
+        run_native(eng, q, log, arena.memory, kick, stop, one, lambda: False)
+        os.close(kick)
+        os.close(stop)
+        drv.collect()
+        assert log.last_avail == n + 1 and log.base in (n, n + 1)
+        assert all(log.state(h)[0] == FREE for h in range(8))
+        assert log.seq == n + 1  # one "taken" per request, whichever engine took it
+    assert struct.unpack_from("<H", arena.buf, drv.used_addr + 2)[0] == 20
