@@ -198,3 +198,19 @@ def test_bench_quick_run(tmp_path: Path, host: ModuleType) -> None:
     assert "our CPU µs/IO" in table
     for b, w in rows:
         assert any(line.split()[:2] == [b, w] for line in table.splitlines())
+
+
+def test_ring_engine_bench_runs(tmp_path: Path) -> None:
+    """bench/ring_engine.py on a tiny budget: every engine, kind and batch gives a rate."""
+    from pyvduse.fastpath import engine as native
+
+    out = tmp_path / "ring.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "ring_engine.py"), "--seconds", "0.05",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300,
+                          check=False, cwd=BENCH.parent)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [(r["requests"], r["batch"]) for r in rows] == [
+        (k, b) for k in ("null", "4k-copy") for b in (1, 32, 256)]
+    engines = ["python"] + (["native"] if native.available() else [])
+    assert all(r[f"{e}_req_per_s"] > 0 for r in rows for e in engines)
