@@ -256,6 +256,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated (default null,file)")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON,
                    help=f"default {DEFAULT_JSON.relative_to(ROOT)}")
+    p.add_argument("--our-args", default="", metavar="ARGS",
+                   help="extra 'pyvduse blk' options for our daemon, e.g. '--poll-us 50'")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--mem", default=os.environ.get("TESTVM_MEM", "3G"), help="guest memory (default 3G)")
     p.add_argument("--smp", type=int, default=2, help="guest vCPUs (default 2)")
@@ -295,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = host_load()
     date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     guest = run_guest(["--seconds", f"{seconds:g}", "--ramp", f"{ramp:g}", "--workloads", ",".join(names),
-                       "--backends", ",".join(backends)],
+                       "--backends", ",".join(backends), f"--our-args={args.our_args}"],
                       mem=args.mem, smp=args.smp, timeout=vm_timeout(cells, seconds, ramp))
     rows = build_rows(guest["cells"])
     two_q = two_queue_ratios(rows)
@@ -307,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         "host_load_after": host_load(),
         "vm": {"accel": os.environ.get("PYVDUSE_TESTVM_ACCEL", "tcg"), "vcpus": args.smp, "mem": args.mem},
         "guest": guest["info"],
+        "our_args": args.our_args,
         "pyvduse_commit": git_commit(),
         "pyvduse_source_sha256": source_digest(),
         "seconds_per_cell": seconds,

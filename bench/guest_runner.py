@@ -247,10 +247,14 @@ class Device:
         return ""
 
 
+#: Extra ``pyvduse blk`` options for every cell (``--our-args``), to compare configurations.
+OUR_EXTRA: list[str] = []
+
+
 def our_argv(backend: str, name: str, queues: int, image: str, profile: str | None = None) -> list[str]:
     source = ["--null", str(IMAGE_SIZE)] if backend == "null" else ["--file", image]
     blk = ["blk", "--name", name, *source, "--queues", str(queues), "--queue-size", str(QUEUE_SIZE),
-           "--block-size", str(BLOCK_SIZE), "--serial", name]  # fmt: skip
+           "--block-size", str(BLOCK_SIZE), "--serial", name, *OUR_EXTRA]  # fmt: skip
     if profile:
         return [sys.executable, str(HERE / "profile_daemon.py"), profile, *blk]
     return [sys.executable, "-m", "pyvduse", *blk]
@@ -560,7 +564,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workloads", default=",".join(w.name for w in WORKLOADS))
     p.add_argument("--backends", default=",".join(BACKENDS))
     p.add_argument("--profile", metavar="PATH", help="profile our daemon for one cell instead")
+    p.add_argument("--our-args", default="", help="extra 'pyvduse blk' options for our daemon")
     args = p.parse_args(argv)
+    OUR_EXTRA[:] = shlex.split(args.our_args)
     try:
         if args.profile:
             result = run_profile(args.profile, args.seconds, args.ramp)

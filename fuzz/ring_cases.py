@@ -124,17 +124,24 @@ class SplitCase:
     disk: bytes = b""  # the backend's contents after ``serve``
 
 
-def build_case(data: bytes) -> SplitCase:
-    """Lay out the ring, tables and headers that ``data`` describes."""
-    r = Reader(data)
-    num = 1 << (r.u8() % 5 + 1)  # 2..32
-    features = r.u8()
-    feats = (bit(F_RING_INDIRECT_DESC) if features & 1 else 0) | (
-        bit(F_RING_EVENT_IDX) if features & 2 else 0)
+def _ring(r: Reader, num: int) -> tuple[Arena, DriverSplitRing, int, int]:
+    """An arena with a ring of ``num`` at its start and guard bytes above: (arena, ring,
+    features read from ``r``, where data memory starts)."""
+    flags = r.u8()
+    feats = (bit(F_RING_INDIRECT_DESC) if flags & 1 else 0) | (
+        bit(F_RING_EVENT_IDX) if flags & 2 else 0)
     arena = Arena(ARENA)
     drv = DriverSplitRing(arena, num)
     data_start = arena.alloc(0, 4096)
     arena.buf[data_start:] = bytes([GUARD]) * (ARENA - data_start)
+    return arena, drv, feats, data_start
+
+
+def build_case(data: bytes) -> SplitCase:
+    """Lay out the ring, tables and headers that ``data`` describes."""
+    r = Reader(data)
+    num = 1 << (r.u8() % 5 + 1)  # 2..32
+    arena, drv, feats, data_start = _ring(r, num)
     hdr = vb.OUTHDR.pack((0, 1, 4, 8, 11, 13, 14, 99)[r.u8() & 7], 0, r.u32() % 4096)
     for a in range(data_start, ARENA - 16, 2048):
         arena.write(a, hdr)
@@ -168,13 +175,7 @@ def build_request_case(data: bytes) -> SplitCase:
     """
     r = Reader(data)
     num = 1 << (r.u8() % 4 + 2)  # 4..32
-    flags = r.u8()
-    feats = (bit(F_RING_INDIRECT_DESC) if flags & 1 else 0) | (
-        bit(F_RING_EVENT_IDX) if flags & 2 else 0)
-    arena = Arena(ARENA)
-    drv = DriverSplitRing(arena, num)
-    data_start = arena.alloc(0, 4096)
-    arena.buf[data_start:] = bytes([GUARD]) * (ARENA - data_start)
+    arena, drv, feats, data_start = _ring(r, num)
     free_desc = 0
     tables: list[tuple[int, int]] = []  # (address, entries) of indirect tables
     nreq = 0

@@ -100,6 +100,7 @@ typedef struct {
     PyObject *notify, *on_error;
     PyThreadState *ts; /* while run() has released the GIL */
     /* control */
+    uint64_t poll_ns; /* after the ring empties, poll it this long before sleeping */
     volatile int stop;
     int running;
     /* counters, written by the serving thread only */
@@ -284,23 +285,6 @@ static uint64_t iov_total(const struct iovec *iov, int n)
     return t;
 }
 
-/* Copy len bytes at offset off of the concatenation of iov into out. */
-static void iov_gather(const struct iovec *iov, int n, uint64_t off, uint8_t *out, size_t len)
-{
-    for (int k = 0; k < n && len; k++) {
-        size_t l = iov[k].iov_len;
-        if (off >= l) {
-            off -= l;
-            continue;
-        }
-        size_t take = l - off < len ? l - off : len;
-        memcpy(out, (uint8_t *)iov[k].iov_base + off, take);
-        out += take;
-        len -= take;
-        off = 0;
-    }
-}
-
 /* The segments covering bytes [off, off+len) of iov, into out (at most n of them). */
 static int iov_slice(const struct iovec *iov, int n, uint64_t off, uint64_t len,
                      struct iovec *out)
@@ -320,6 +304,17 @@ static int iov_slice(const struct iovec *iov, int n, uint64_t off, uint64_t len,
         off = 0;
     }
     return m;
+}
+
+/* Copy the first OUTHDR_SIZE bytes of the concatenation of iov into out (which holds them). */
+static void gather_header(const struct iovec *iov, int n, uint8_t *out)
+{
+    struct iovec parts[OUTHDR_SIZE]; /* every segment holds at least one byte */
+    int m = iov_slice(iov, n < OUTHDR_SIZE ? n : OUTHDR_SIZE, 0, OUTHDR_SIZE, parts);
+    for (int k = 0; k < m; k++) {
+        memcpy(out, parts[k].iov_base, parts[k].iov_len);
+        out += parts[k].iov_len;
+    }
 }
 
 /* -- the backend ---------------------------------------------------------------------- */
@@ -591,7 +586,7 @@ static int take(Engine *e, uint16_t *head, uint32_t *rtype, uint64_t *sector, ui
     if (h >= e->num || walk(e, h) < 0 || e->nwr == 0 || e->nrd == 0 ||
         iov_total(e->rd, e->nrd) < OUTHDR_SIZE)
         return -1;
-    iov_gather(e->rd, e->nrd, 0, hdr, OUTHDR_SIZE);
+    gather_header(e->rd, e->nrd, hdr);
     t = ld32(hdr) & ~T_BARRIER;
     if (t != T_IN && t != T_OUT && t != T_FLUSH && t != T_GET_ID)
         return -1;
@@ -603,6 +598,24 @@ static int take(Engine *e, uint16_t *head, uint32_t *rtype, uint64_t *sector, ui
     e->last_avail++;
     log_taken(e, h);
     return 1;
+}
+
+/* With kicks still off, watch the avail index for up to poll_ns: 1 when the driver made
+ * more available (serve it with no kick and no wake-up), 0 when the time ran out. */
+static int poll_for_work(Engine *e)
+{
+    uint64_t deadline = now_ns() + e->poll_ns;
+    for (unsigned spins = 0;; spins++) {
+        if (ld16_acquire(e->avail + 2) != e->last_avail)
+            return 1;
+        if (e->stop)
+            return 0;
+        if ((spins & 63) == 63 && now_ns() >= deadline)
+            return 0;
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+    }
 }
 
 /* Serve until the ring is empty with kicks re-enabled (RUN_STOPPED is not returned then:
@@ -645,7 +658,10 @@ static int drain(Engine *e)
         if (r != DRAIN_SLEEP)
             return r;
         if (n < e->num) {
-            int p = enable_kicks(e);
+            int p;
+            if (e->poll_ns && poll_for_work(e))
+                continue;
+            p = enable_kicks(e);
             if (p < 0)
                 return RUN_DEFER;
             if (p == 0)
@@ -730,13 +746,15 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
     static char *names[] = {"regions", "num", "desc", "avail", "used", "event_idx", "indirect",
                             "last_avail", "used_idx", "signalled", "capacity", "readonly",
                             "serial", "backend", "fd", "memory", "log", "irq_fd",
-                            "irq_request", "irq_index", "notify", "on_error", NULL};
+                            "irq_request", "irq_index", "notify", "on_error", "poll_ns",
+                            NULL};
     PyObject *regions, *capacity, *memory = Py_None, *log = Py_None, *notify = Py_None,
              *on_error = Py_None;
     unsigned long long desc, avail, used;
     unsigned int num, irq_index = 0;
     unsigned short last_avail, used_idx, signalled;
     unsigned long irq_request = 0;
+    unsigned long long poll_ns = 0;
     int event_idx, indirect, readonly, backend, fd = -1, irq_fd = -1;
     const char *serial;
     Py_ssize_t serial_len;
@@ -745,11 +763,12 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_RuntimeError, "engine is already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OIKKKppHHHOpy#i|iOOikIOO", names, &regions,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OIKKKppHHHOpy#i|iOOikIOOK", names, &regions,
                                      &num, &desc, &avail, &used, &event_idx, &indirect,
                                      &last_avail, &used_idx, &signalled, &capacity, &readonly,
                                      &serial, &serial_len, &backend, &fd, &memory, &log,
-                                     &irq_fd, &irq_request, &irq_index, &notify, &on_error))
+                                     &irq_fd, &irq_request, &irq_index, &notify, &on_error,
+                                     &poll_ns))
         return -1;
     if (num == 0 || num > 32768 || (num & (num - 1))) {
         PyErr_SetString(PyExc_ValueError, "queue size must be a power of two up to 32768");
@@ -803,6 +822,7 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
             return -1;
         }
     }
+    e->poll_ns = poll_ns;
     e->irq_fd = irq_fd;
     e->irq_request = irq_request;
     e->irq_index = irq_index;

@@ -83,6 +83,7 @@ def build(
     irq: tuple[int, int] | None,
     notify: Callable[[int], None],
     on_error: Callable[[int, int, int], None],
+    poll_ns: int = 0,
 ) -> Engine:
     """A native engine positioned where ``ring`` stands."""
     assert _splitblk is not None and isinstance(memory, RegionMap)
@@ -95,4 +96,4 @@ def build(
         capacity=device.capacity_cell, readonly=device.options.readonly, serial=device.serial,
         log=None if log is None else log.mem, irq_fd=irq_fd, irq_request=irq_request,
         irq_index=index, notify=None if irq is not None else notify, on_error=on_error,
-        **_backend_args(device))
+        poll_ns=poll_ns, **_backend_args(device))

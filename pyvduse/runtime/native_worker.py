@@ -67,6 +67,7 @@ class NativeQueueWorker(QueueWorker):
         memory: RegionMap,
         irq: tuple[int, int] | None,
         resubmit: list[Any] | None = None,
+        poll_ns: int = 0,
     ) -> None:
         super().__init__(device, index, queue, kick_fd, notify, resubmit)
         self.blk = device
@@ -74,7 +75,7 @@ class NativeQueueWorker(QueueWorker):
         self.ring = queue.queue if isinstance(queue, LoggedQueue) else queue
         self.log: InflightLog | None = queue.log if isinstance(queue, LoggedQueue) else None
         self.engine = native.build(device, index, self.ring, memory, self.log, irq, notify,
-                                   self._backend_error)
+                                   self._backend_error, poll_ns)
         self.deferred = 0  # chains the native loop left to Python
         self.counters.native = self.engine
         device.stats_sources[index] = self._engine_stats

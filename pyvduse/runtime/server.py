@@ -31,10 +31,11 @@ class DeviceServer:
     """Implements ``DeviceEvents`` for one device on one transport."""
 
     def __init__(self, device: VirtioDevice, state: StateFile | None = None,
-                 data_path: DataPath = DataPath.AUTO) -> None:
+                 data_path: DataPath = DataPath.AUTO, poll_us: int = 0) -> None:
         self.device = device
         self.state = state  # in-flight logs, for surviving a restart
         self.data_path = data_path
+        self.poll_us = poll_us  # native queues: poll an empty ring this long before sleeping
         self.transport: Transport | None = None
         self.workers: dict[int, QueueWorker] = {}
         self._setups: dict[int, QueueSetup] = {}
@@ -176,7 +177,8 @@ class DeviceServer:
             return None
         return NativeQueueWorker(self.device, index, queue, self.transport.kick_fd(index),
                                  self.transport.notify, memory,
-                                 self.transport.irq_ioctl(index), resubmit)
+                                 self.transport.irq_ioctl(index), resubmit,
+                                 poll_ns=self.poll_us * 1000)
 
     def _stop_workers(self) -> None:
         for w in self.workers.values():

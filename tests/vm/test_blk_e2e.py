@@ -34,17 +34,26 @@ def fio_ok(out: str) -> None:
         assert line.split(";")[4] == "0", f"fio job failed: {line[:300]}"
 
 
+# split: the native data path (the default where it can serve); packed: the Python engine
 RINGS = pytest.mark.parametrize("ring", ["split", "packed"])
+# ... and the Python engine on a split ring too
+RINGS_AND_ENGINES = pytest.mark.parametrize("ring", ["split", "packed", "split-python"])
 
 
 def ring_args(ring: str) -> tuple[str, ...]:
-    return ("--packed",) if ring == "packed" else ()
+    return {"packed": ("--packed",), "split-python": ("--data-path", "python")}.get(ring, ())
 
 
-def assert_ring(dev: str, ring: str) -> None:
-    """The driver really runs the ring asked for (VIRTIO_F_RING_PACKED is feature bit 34)."""
-    features = Path(f"/sys/block/{blockdev_name(dev)}/device/features").read_text().strip()
+def assert_ring(d: Daemon, ring: str) -> None:
+    """The driver really runs the ring asked for (VIRTIO_F_RING_PACKED is feature bit 34),
+    served by the engine expected."""
+    features = Path(f"/sys/block/{blockdev_name(d.dev)}/device/features").read_text().strip()
     assert features[34] == ("1" if ring == "packed" else "0"), features
+    engine = "native data path" if ring == "split" else "Python data path"
+    deadline = time.monotonic() + 30  # logged right after DRIVER_OK, before READY
+    while engine not in d.stderr() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert engine in d.stderr(), d.stderr()[-2000:]
 
 
 @RINGS
@@ -56,7 +65,7 @@ def test_ext4_files_survive_remount_and_fsck(tmp_path: Path, ring: str) -> None:
     sums: dict[str, str] = {}
     name = f"e2e-ext4-{ring}"
     with Daemon("--file", str(img), "--queues", "2", *ring_args(ring), name=name) as d:
-        assert_ring(d.dev, ring)
+        assert_ring(d, ring)
         sh(f"mkfs.ext4 -q -F {d.dev}")
         sh(f"mount {d.dev} {mnt}")
         total = 0
@@ -84,11 +93,11 @@ def test_ext4_files_survive_remount_and_fsck(tmp_path: Path, ring: str) -> None:
     sh(f"e2fsck -fn {img}")
 
 
-@RINGS
+@RINGS_AND_ENGINES
 def test_fio_random_write_verify(tmp_path: Path, ring: str) -> None:
     img = make_image(tmp_path / "fio.img", 128 * MiB)
     with Daemon("--file", str(img), *ring_args(ring), name=f"e2e-fio-{ring}") as d:
-        assert_ring(d.dev, ring)
+        assert_ring(d, ring)
         out = sh(f"{FIO} --name=verify --filename={d.dev} --direct=1 --ioengine=libaio "
                  "--rw=randwrite --bsrange=4k-64k --iodepth=16 --size=48M "
                  "--verify=crc32c --verify_fatal=1 --do_verify=1").stdout
