@@ -8,11 +8,10 @@ zeroes where the filesystem cannot.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
 import stat
+from typing import Any
 
 from pyvduse.backend.base import Backend
 
@@ -22,14 +21,21 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 _ZERO_CHUNK = 1 << 20
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate.restype = ctypes.c_int
+_fallocate: Any = None  # libc's fallocate(2), bound on first use
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2) with its mode flags, which ``os.posix_fallocate`` does not expose."""
+    global _fallocate
+    import ctypes  # here, not at the top: most daemons never discard, and it costs at start
+
+    if _fallocate is None:
+        # The C library is already loaded into the interpreter: look fallocate up there
+        # (ctypes.util.find_library("c") would run ldconfig in a subprocess).
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        fn.restype = ctypes.c_int
+        _fallocate = fn
     if _fallocate(fd, mode, offset, length) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))

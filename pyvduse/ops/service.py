@@ -12,16 +12,19 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pyvduse.errors import UserError
 from pyvduse.ops import sdnotify
 from pyvduse.ops.drain import drain
-from pyvduse.ops.metrics import MetricsServer, parse_address, require_client
 from pyvduse.ops.protocol import default_control_path
 from pyvduse.ops.server import OpsServer
 from pyvduse.ops.target import DRAINING, SERVING, STOPPING, Target
 from pyvduse.runtime.server import DeviceServer
 from pyvduse.transport.base import Transport
+
+if TYPE_CHECKING:  # imported where used: a daemon without --metrics never needs it
+    from pyvduse.ops.metrics import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,8 @@ class OpsOptions:
         if self.control is not None and not self.control:
             raise UserError("--control needs a path")
         if self.metrics is not None:
+            from pyvduse.ops.metrics import parse_address, require_client
+
             parse_address(self.metrics)
             require_client()
 
@@ -68,6 +73,8 @@ class Operations:
         """Open the management socket and the metrics endpoint (UserError if impossible)."""
         try:
             if self.options.metrics is not None:
+                from pyvduse.ops.metrics import MetricsServer
+
                 self.metrics = MetricsServer(self.target, self.options.metrics)
                 self.metrics.start()
             self.socket = OpsServer(self.target, self.control_path)

@@ -82,3 +82,58 @@ def test_missing_module_hint_knows_whether_modprobe_can_work(tmp_path: Path) -> 
     dep.write_text("kernel/drivers/vdpa/vdpa_user/vduse.ko.xz: kernel/drivers/vdpa/vdpa.ko.xz\n")
     assert missing_module_hint(tmp_path) == (
         "the vduse kernel module is not loaded: run 'modprobe vduse' as root")
+
+
+def test_one_command_parser_parses_like_the_full_one() -> None:
+    from pyvduse.cli.main import build_parser, daemon_command
+
+    assert daemon_command(["--log-level", "info", "blk", "--name", "x"]) == "blk"
+    assert daemon_command(["--log-level=info", "ctl", "x", "status"]) == "ctl"
+    for argv in ([], ["--version"], ["-h", "blk"], ["--log", "blk"]):  # the full parser
+        assert daemon_command(argv) is None, argv
+    argv = ["--log-level", "info", "blk", "--name", "x", "--null", "1M", "--queues", "2"]
+    assert vars(build_parser().parse_args(argv)) == vars(build_parser("blk").parse_args(argv))
+    for command in (None, "testvm", "nonsense"):  # these get every subcommand
+        assert build_parser(command).format_help() == build_parser().format_help()
+    for words in (["blk", "--help"], ["ctl", "--help"], ["destroy", "--help"]):
+        p = pyvduse(*words)
+        assert p.returncode == 0 and p.stdout.startswith(f"usage: pyvduse {words[0]}"), p.stderr
+
+
+def test_daemon_start_imports_only_what_it_needs() -> None:
+    """In the test VM every module costs tens of ms; a restart after kill -9 pays them all."""
+    code = (
+        "import sys\n"
+        "from pyvduse.cli.main import build_parser\n"
+        "build_parser('blk').parse_args(['blk', '--name', 'x', '--null', '1M'])\n"
+        "import pyvduse.cli.blk\n"
+        "print(' '.join(sorted(sys.modules)))\n"
+        "import pyvduse.transport.kernel.vdpa_netlink\n"
+        "print(' '.join(sorted(sys.modules)))\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       check=True)
+    daemon, attach = (set(line.split()) for line in p.stdout.splitlines())
+    # other commands' modules, --metrics only, ctypes (fallocate binds it on first use)
+    for name in ("pyvduse.cli.ctl", "pyvduse.cli.manage", "pyvduse.ops.client",
+                 "pyvduse.ops.metrics", "ctypes", "subprocess", "pyroute2"):
+        assert name not in daemon, name
+    # attaching needs pyroute2's netlink client, not all of pyroute2/__init__.py imports
+    assert "pyroute2.netlink.generic" in attach
+    for name in ("pyroute2.ndb", "pyroute2.iproute", "pyroute2.ipdb", "pyroute2.conntrack"):
+        assert name not in attach, name
+
+
+def test_pyroute2_package_still_whole_when_asked() -> None:
+    code = (
+        "import pyvduse.transport.kernel.vdpa_netlink\n"
+        "import pyroute2\n"
+        "from pyroute2 import IPRoute, config\n"
+        "assert pyroute2.NetlinkError is pyroute2.netlink.exceptions.NetlinkError\n"
+        "try:\n"
+        "    pyroute2.no_such_name\n"
+        "except AttributeError:\n"
+        "    print('ok', IPRoute.__name__)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.strip() == "ok IPRoute", p.stderr

@@ -13,17 +13,58 @@ socket with a private asyncio loop, so do not call this from inside a running ev
 from __future__ import annotations
 
 import errno
+import importlib
+import importlib.util
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from pyroute2.netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, genlmsg
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.generic import AsyncGenericNetlinkSocket, GenericNetlinkSocket
-
 from pyvduse.abi.vdpa import GENL_NAME, GENL_VERSION, VDUSE_MGMTDEV, VdpaAttr, VdpaCmd
+
+
+def defer_package_init(name: str) -> None:
+    """Let ``import NAME.sub`` load the submodule without running ``NAME/__init__.py``; that
+    runs, once, when something asks ``NAME`` for a name that only ``__init__`` defines.
+
+    ``pyroute2/__init__.py`` imports every subsystem of pyroute2 (ndb, ipdb, iproute,
+    conntrack, nftables, ...), some 280 modules, of which the netlink client below needs
+    about 15. Where a module import is slow (the test VM: tens of ms each) those cost a
+    daemon 15 s at start and again at stop. Does nothing if ``NAME`` is already imported or
+    cannot be found (the plain import that follows then reports it).
+    """
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None or spec.submodule_search_locations is None:
+        return
+    package = importlib.util.module_from_spec(spec)
+    loader = spec.loader
+
+    def __getattr__(attr: str) -> object:
+        if importlib.util.find_spec(f"{name}.{attr}") is not None:  # e.g. from NAME import x
+            return importlib.import_module(f"{name}.{attr}")
+        package.__dict__.pop("__getattr__", None)
+        loader.exec_module(package)
+        try:
+            return package.__dict__[attr]
+        except KeyError:
+            raise AttributeError(f"module {name!r} has no attribute {attr!r}") from None
+
+    package.__getattr__ = __getattr__  # type: ignore[method-assign]
+    sys.modules[name] = package
+
+
+defer_package_init("pyroute2")
+
+from pyroute2.netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, genlmsg  # noqa: E402
+from pyroute2.netlink.exceptions import NetlinkError  # noqa: E402
+from pyroute2.netlink.generic import (  # noqa: E402
+    AsyncGenericNetlinkSocket,
+    GenericNetlinkSocket,
+)
 
 FAMILY_NOT_FOUND = "vdpa netlink family not found: load the vdpa and vduse modules (modprobe vduse)"
 
