@@ -35,8 +35,8 @@ def stats_of(counters: dict[str, Any]) -> BlkStats:
                     bytes_written=counters["bytes_written"])
 
 
-def run_native(engine: Engine, ring: SplitQueue, log: InflightLog | None, memory: RegionMap,
-               kick_fd: int, stop_fd: int, serve_one: Callable[[], bool],
+def run_native(engine: Engine, ring: SplitQueue, inflight: InflightLog | None,
+               memory: RegionMap, kick_fd: int, stop_fd: int, serve_one: Callable[[], bool],
                stopping: Callable[[], bool]) -> None:
     """Alternate the native loop and ``serve_one`` (the Python engine taking the one chain
     the loop left) until the loop returns stopped; raises what ``serve_one`` raises."""
@@ -45,12 +45,12 @@ def run_native(engine: Engine, ring: SplitQueue, log: InflightLog | None, memory
         code = engine.run(kick_fd, stop_fd)
         last_avail, used, signalled, seq = engine.position()
         ring.set_position(last_avail, used, signalled)
-        if log is not None:
-            log.seq = seq
+        if inflight is not None:
+            inflight.seq = seq
         if code == native.RUN_STOPPED:
             return
-        if not serve_one():
-            raise RuntimeError("the native loop left a chain the Python engine does not see")
+        if not serve_one():  # the loop saw a chain there a moment ago
+            raise RingError("the avail index went backwards")
         engine.set_regions(native.region_tuples(memory))
 
 
