@@ -77,6 +77,7 @@ typedef struct {
     /* the ring */
     uint32_t num;
     uint8_t *desc, *avail, *used;
+    uint64_t desc_iova, avail_iova, used_iova;
     int event_idx, indirect;
     uint16_t last_avail, avail_seen, used_idx, signalled;
     /* the in-flight log (optional) */
@@ -728,6 +729,21 @@ fail:
     return -1;
 }
 
+/* Point at the ring's three parts inside the current regions (sizes as in virtio 1.2
+ * 2.7.6 and 2.7.8: the event-idx fields only when negotiated). */
+static int map_ring(Engine *e)
+{
+    uint64_t extra = e->event_idx ? 2 : 0;
+    e->desc = contiguous(e, e->desc_iova, 16ull * e->num, 0);
+    e->avail = contiguous(e, e->avail_iova, 4 + 2ull * e->num + extra, 0);
+    e->used = contiguous(e, e->used_iova, 4 + 8ull * e->num + extra, 1);
+    if (e->desc == NULL || e->avail == NULL || e->used == NULL) {
+        PyErr_SetString(PyExc_ValueError, "ring not inside the regions given");
+        return -1;
+    }
+    return 0;
+}
+
 static int get_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t min_len, const char *what)
 {
     if (PyObject_GetBuffer(obj, view, PyBUF_WRITABLE) < 0)
@@ -784,13 +800,11 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
     e->num = num;
     e->event_idx = event_idx;
     e->indirect = indirect;
-    e->desc = contiguous(e, desc, 16ull * num, 0);
-    e->avail = contiguous(e, avail, 6 + 2ull * num, 0);
-    e->used = contiguous(e, used, 6 + 8ull * num, 1);
-    if (e->desc == NULL || e->avail == NULL || e->used == NULL) {
-        PyErr_SetString(PyExc_ValueError, "ring not inside the regions given");
+    e->desc_iova = desc;
+    e->avail_iova = avail;
+    e->used_iova = used;
+    if (map_ring(e) < 0)
         return -1;
-    }
     e->last_avail = e->avail_seen = last_avail;
     e->used_idx = used_idx;
     e->signalled = signalled;
@@ -910,28 +924,26 @@ static PyObject *Engine_set_regions(Engine *e, PyObject *regions)
         PyErr_SetString(PyExc_RuntimeError, "engine is running");
         return NULL;
     }
-    /* Ring pointers must stay valid: the caller passes a superset of the old map. */
     {
-        uint8_t *desc = e->desc, *avail = e->avail, *used = e->used;
         Py_buffer *old_views = e->views;
         Region *old_regions = e->regions;
         int old_n = e->nregions;
         e->views = NULL;
         e->regions = NULL;
         e->nregions = 0;
-        if (load_regions(e, regions) < 0) {
+        if (load_regions(e, regions) < 0 || map_ring(e) < 0) {
+            release_regions(e); /* the new map, if any: keep serving from the old one */
             e->views = old_views;
             e->regions = old_regions;
             e->nregions = old_n;
+            e->hit = -1;
+            map_ring(e);
             return NULL;
         }
         for (int k = 0; k < old_n; k++)
             PyBuffer_Release(&old_views[k]);
         PyMem_Free(old_views);
         PyMem_Free(old_regions);
-        e->desc = desc;
-        e->avail = avail;
-        e->used = used;
     }
     Py_RETURN_NONE;
 }

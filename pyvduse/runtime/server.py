@@ -175,10 +175,14 @@ class DeviceServer:
                 or not isinstance(queue, SplitQueue | LoggedQueue)
                 or not isinstance(memory, RegionMap)):
             return None
-        return NativeQueueWorker(self.device, index, queue, self.transport.kick_fd(index),
-                                 self.transport.notify, memory,
-                                 self.transport.irq_ioctl(index), resubmit,
-                                 poll_ns=self.poll_us * 1000)
+        try:
+            return NativeQueueWorker(self.device, index, queue, self.transport.kick_fd(index),
+                                     self.transport.notify, memory,
+                                     self.transport.irq_ioctl(index), resubmit,
+                                     poll_ns=self.poll_us * 1000)
+        except ValueError as e:  # e.g. a ring the native loop cannot map as one piece
+            log.warning("queue %d: served by the Python engine: %s", index, e)
+            return None
 
     def _stop_workers(self) -> None:
         for w in self.workers.values():

@@ -225,3 +225,21 @@ def test_polling_an_empty_ring_serves_and_stops() -> None:
         t = time.monotonic()
     assert time.monotonic() - t < 2
     assert dev.stats.by_type[vb.ReqType.IN] == 50
+
+
+def test_a_ring_the_loop_cannot_map_falls_back_to_python() -> None:
+    """The engine refuses a ring outside its regions; the server then uses the Python worker."""
+    from pyvduse.model.arena import Arena
+    from pyvduse.model.split_driver import DriverSplitRing
+    from pyvduse.ring.split import SplitQueue
+
+    arena = Arena(1 << 16)
+    drv = DriverSplitRing(arena, 8)
+    q = SplitQueue(arena.memory, 8, drv.desc_addr, drv.avail_addr, drv.used_addr, 0)
+    with pytest.raises(ValueError, match="ring not inside"):
+        native.build(device(), 0, q, type(arena.memory)(), None, None, lambda i: None,
+                     lambda *a: None)
+    eng = native.build(device(), 0, q, arena.memory, None, None, lambda i: None, lambda *a: None)
+    with pytest.raises(ValueError, match="ring not inside"):
+        eng.set_regions([])  # refused, and the engine keeps its old map
+    assert eng.position()[:3] == (0, 0, 0)
