@@ -103,7 +103,7 @@ typedef struct {
     /* control */
     uint64_t poll_ns; /* after the ring empties, poll it this long before sleeping */
     volatile int stop;
-    int running;
+    int running, closed;
     /* counters, written by the serving thread only */
     volatile uint64_t started;
     uint64_t completed, latency_ns, hist[HIST_BUCKETS];
@@ -851,15 +851,11 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
     return 0;
 }
 
+static void release_buffers(Engine *e);
+
 static void Engine_dealloc(Engine *e)
 {
-    release_regions(e);
-    if (e->cap_view.obj)
-        PyBuffer_Release(&e->cap_view);
-    if (e->mem_view.obj)
-        PyBuffer_Release(&e->mem_view);
-    if (e->log_view.obj)
-        PyBuffer_Release(&e->log_view);
+    release_buffers(e);
     PyMem_Free(e->batch);
     Py_XDECREF(e->notify);
     Py_XDECREF(e->on_error);
@@ -872,8 +868,8 @@ static PyObject *Engine_run(Engine *e, PyObject *args)
     struct pollfd fds[2];
     if (!PyArg_ParseTuple(args, "ii", &kick_fd, &stop_fd))
         return NULL;
-    if (e->running) {
-        PyErr_SetString(PyExc_RuntimeError, "engine is already running");
+    if (e->running || e->closed || e->num == 0) {
+        PyErr_SetString(PyExc_RuntimeError, "engine is running, closed or not initialised");
         return NULL;
     }
     e->running = 1;
@@ -912,6 +908,33 @@ static PyObject *Engine_run(Engine *e, PyObject *args)
     return PyLong_FromLong(r);
 }
 
+/* Let go of every buffer (driver memory, the disk, the log, the capacity) so their owners
+ * can close them; the counters stay readable. */
+static void release_buffers(Engine *e)
+{
+    release_regions(e);
+    if (e->cap_view.obj)
+        PyBuffer_Release(&e->cap_view);
+    if (e->mem_view.obj)
+        PyBuffer_Release(&e->mem_view);
+    if (e->log_view.obj)
+        PyBuffer_Release(&e->log_view);
+    e->desc = e->avail = e->used = NULL;
+    e->capacity = NULL;
+    e->mem = e->log = NULL;
+}
+
+static PyObject *Engine_close(Engine *e, PyObject *unused)
+{
+    if (e->running) {
+        PyErr_SetString(PyExc_RuntimeError, "engine is running");
+        return NULL;
+    }
+    release_buffers(e);
+    e->closed = 1;
+    Py_RETURN_NONE;
+}
+
 static PyObject *Engine_request_stop(Engine *e, PyObject *unused)
 {
     __atomic_store_n(&e->stop, 1, __ATOMIC_SEQ_CST);
@@ -920,7 +943,7 @@ static PyObject *Engine_request_stop(Engine *e, PyObject *unused)
 
 static PyObject *Engine_set_regions(Engine *e, PyObject *regions)
 {
-    if (e->running) {
+    if (e->running || e->closed || e->num == 0) {
         PyErr_SetString(PyExc_RuntimeError, "engine is running");
         return NULL;
     }
@@ -1000,6 +1023,8 @@ static PyObject *Engine_get_started(Engine *e, void *closure)
 static PyMethodDef Engine_methods[] = {
     {"run", (PyCFunction)Engine_run, METH_VARARGS,
      "run(kick_fd, stop_fd) -> 0 stopped, 1 the next chain is for the Python path"},
+    {"close", (PyCFunction)Engine_close, METH_NOARGS,
+     "release driver memory, the disk and the log (after run() returned for good)"},
     {"request_stop", (PyCFunction)Engine_request_stop, METH_NOARGS,
      "make run() return at the next request (also write stop_fd to wake it)"},
     {"set_regions", (PyCFunction)Engine_set_regions, METH_O,

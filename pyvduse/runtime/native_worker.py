@@ -112,6 +112,7 @@ class NativeQueueWorker(QueueWorker):
         self.blk.queue_stats[self.index].add(stats_of(c))
         self.counters.native = None
         self.blk.stats_sources.pop(self.index, None)
+        self.engine.close()  # its views of the disk and the log would keep them from closing
 
     def _run(self) -> None:
         try:

@@ -243,3 +243,11 @@ def test_a_ring_the_loop_cannot_map_falls_back_to_python() -> None:
     with pytest.raises(ValueError, match="ring not inside"):
         eng.set_regions([])  # refused, and the engine keeps its old map
     assert eng.position()[:3] == (0, 0, 0)
+
+
+def test_the_disk_can_close_once_the_queues_stopped() -> None:
+    """A stopped native worker lets go of the backend's memory (as a daemon's shutdown needs)."""
+    backend = MemoryBackend(MiB)
+    with ModelRig(device(backend), data_path=DataPath.NATIVE) as rig:
+        BlkDriver(rig.kernel).read(0, 4096)
+    backend.close()  # BufferError if an engine still held a view of it
