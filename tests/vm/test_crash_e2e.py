@@ -81,8 +81,9 @@ def test_ext4_stays_consistent_through_kills(tmp_path: Path) -> None:
     sh(f"mkfs.ext4 -q -F {d.dev}")
     sh(f"mount {d.dev} {mnt}")
     writer = subprocess.Popen(
-        f"for i in $(seq 1 400); do head -c $((RANDOM * 4)) /dev/urandom > {mnt}/f$i; "
-        f"[ $((i % 50)) = 0 ] && sync; done; sync",
+        # about as long as the 8 kill-and-restart rounds below, so they all hit it writing
+        f"for i in $(seq 1 240); do head -c $((RANDOM * 4)) /dev/urandom > {mnt}/f$i; "
+        f"[ $((i % 30)) = 0 ] && sync; done; sync",
         shell=True)
     for _ in range(8):
         time.sleep(rng.uniform(0.3, 2.0))
