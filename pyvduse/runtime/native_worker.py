@@ -69,13 +69,15 @@ class NativeQueueWorker(QueueWorker):
         resubmit: list[Any] | None = None,
         poll_ns: int = 0,
     ) -> None:
+        self.index = index
+        self.ring = queue.queue if isinstance(queue, LoggedQueue) else queue
+        self.log: InflightLog | None = queue.log if isinstance(queue, LoggedQueue) else None
+        # First, as it may refuse (ValueError) before the worker holds anything to release.
+        self.engine = native.build(device, index, self.ring, memory, self.log, irq, notify,
+                                   self._backend_error, poll_ns)
         super().__init__(device, index, queue, kick_fd, notify, resubmit)
         self.blk = device
         self.memory = memory
-        self.ring = queue.queue if isinstance(queue, LoggedQueue) else queue
-        self.log: InflightLog | None = queue.log if isinstance(queue, LoggedQueue) else None
-        self.engine = native.build(device, index, self.ring, memory, self.log, irq, notify,
-                                   self._backend_error, poll_ns)
         self.deferred = 0  # chains the native loop left to Python
         self.counters.native = self.engine
         device.stats_sources[index] = self._engine_stats

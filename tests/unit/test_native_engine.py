@@ -251,3 +251,24 @@ def test_the_disk_can_close_once_the_queues_stopped() -> None:
     with ModelRig(device(backend), data_path=DataPath.NATIVE) as rig:
         BlkDriver(rig.kernel).read(0, 4096)
     backend.close()  # BufferError if an engine still held a view of it
+
+
+def test_a_refused_native_worker_leaks_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server falls back to Python when the engine refuses: by then the native worker
+    has opened nothing (no stop eventfd) that would leak."""
+    from pyvduse.model.arena import Arena
+    from pyvduse.model.split_driver import DriverSplitRing
+    from pyvduse.ring.memory import RegionMap
+    from pyvduse.ring.split import SplitQueue
+    from pyvduse.runtime import worker
+
+    opened: list[int] = []
+    real = os.eventfd
+    monkeypatch.setattr(worker.os, "eventfd",
+                        lambda *a: opened.append(1) or real(*a))  # type: ignore[func-returns-value]
+    arena = Arena(1 << 16)
+    drv = DriverSplitRing(arena, 8)
+    q = SplitQueue(arena.memory, 8, drv.desc_addr, drv.avail_addr, drv.used_addr, 0)
+    with pytest.raises(ValueError):
+        NativeQueueWorker(device(), 0, q, -1, lambda i: None, RegionMap(), None)
+    assert not opened
