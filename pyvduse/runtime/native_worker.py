@@ -68,6 +68,8 @@ class NativeQueueWorker(QueueWorker):
         irq: tuple[int, int] | None,
         resubmit: list[Any] | None = None,
         poll_ns: int = 0,
+        *,
+        resumed: bool = False,
     ) -> None:
         self.index = index
         self.ring = queue.queue if isinstance(queue, LoggedQueue) else queue
@@ -75,7 +77,7 @@ class NativeQueueWorker(QueueWorker):
         # First, as it may refuse (ValueError) before the worker holds anything to release.
         self.engine = native.build(device, index, self.ring, memory, self.log, irq, notify,
                                    self._backend_error, poll_ns)
-        super().__init__(device, index, queue, kick_fd, notify, resubmit)
+        super().__init__(device, index, queue, kick_fd, notify, resubmit, resumed=resumed)
         self.blk = device
         self.memory = memory
         self.deferred = 0  # chains the native loop left to Python
@@ -118,7 +120,7 @@ class NativeQueueWorker(QueueWorker):
 
     def _run(self) -> None:
         try:
-            if self._resubmit:
+            if self._resumed:
                 self._replay()
             run_native(self.engine, self.ring, self.log, self.memory, self.kick_fd,
                        self._stop_fd, self._serve_one, lambda: self._stopping)

@@ -159,14 +159,15 @@ class DeviceServer:
             else:
                 pq = LoggedPackedQueue(ring, plog)
             queue = pq
-        w = self._native_worker(q.index, queue, resubmit) or QueueWorker(
+        resumed = mode == "resume"
+        w = self._native_worker(q.index, queue, resubmit, resumed) or QueueWorker(
             self.device, q.index, queue, self.transport.kick_fd(q.index),
-            self.transport.notify, resubmit)
+            self.transport.notify, resubmit, resumed=resumed)
         self.workers[q.index] = w
         w.start()
 
-    def _native_worker(self, index: int, queue: VirtQueue,
-                       resubmit: list[Chain]) -> NativeQueueWorker | None:
+    def _native_worker(self, index: int, queue: VirtQueue, resubmit: list[Chain],
+                       resumed: bool) -> NativeQueueWorker | None:
         """A native worker when the data path allows it and the queue is one it serves."""
         assert self.transport is not None
         memory = self.transport.memory
@@ -179,7 +180,7 @@ class DeviceServer:
             return NativeQueueWorker(self.device, index, queue, self.transport.kick_fd(index),
                                      self.transport.notify, memory,
                                      self.transport.irq_ioctl(index), resubmit,
-                                     poll_ns=self.poll_us * 1000)
+                                     poll_ns=self.poll_us * 1000, resumed=resumed)
         except ValueError as e:  # e.g. a ring the native loop cannot map as one piece
             log.warning("queue %d: served by the Python engine: %s", index, e)
             return None

@@ -129,6 +129,8 @@ class QueueWorker:
         kick_fd: int,
         notify: Callable[[int], None],
         resubmit: list[Chain] | None = None,
+        *,
+        resumed: bool = False,
     ) -> None:
         self.device = device
         self.index = index
@@ -136,6 +138,7 @@ class QueueWorker:
         self.kick_fd = kick_fd
         self._notify = notify
         self._resubmit = resubmit or []  # requests in flight when the last daemon died
+        self._resumed = resumed  # this queue was served by a daemon that died
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._stopping = False
         self.broken: str | None = None
@@ -187,7 +190,7 @@ class QueueWorker:
         poller.register(self.kick_fd, select.POLLIN)
         poller.register(self._stop_fd, select.POLLIN)
         try:
-            if self._resubmit:
+            if self._resumed:
                 self._replay()
             self._drain()  # requests may be waiting from before we started
             while not self._stopping:
@@ -207,15 +210,21 @@ class QueueWorker:
             self.counters.started_at = 0  # nothing is in flight any more
 
     def _replay(self) -> None:
-        """Serve again, in their original order, the requests a dead daemon left in flight."""
+        """Take over from a dead daemon: serve again, in their original order, the requests
+        it left in flight, then interrupt the driver once whatever it asked for. The dead
+        daemon may have published completions and died before its interrupt: with nothing
+        else in flight the driver would wait for that interrupt forever (a spurious one is
+        harmless: the driver finds nothing new)."""
         q, dev, idx = self.queue, self.device, self.index
-        for chain in self._resubmit:
-            q.push(chain.head, dev.handle(idx, chain), chain.ndesc)
-        self._completed += len(self._resubmit)
-        log.info("queue %d: repeated %d request(s) left in flight", idx, len(self._resubmit))
-        self._resubmit = []
-        q.publish()
-        self._notify(idx)  # whatever the driver asked: it may have missed one while we were down
+        if self._resubmit:
+            for chain in self._resubmit:
+                q.push(chain.head, dev.handle(idx, chain), chain.ndesc)
+            self._completed += len(self._resubmit)
+            log.info("queue %d: repeated %d request(s) left in flight", idx,
+                     len(self._resubmit))
+            self._resubmit = []
+            q.publish()
+        self._notify(idx)
 
     def _drain(self) -> None:
         q, dev, idx = self.queue, self.device, self.index

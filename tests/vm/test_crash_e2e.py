@@ -32,8 +32,16 @@ def restart(d: Daemon, args: tuple[str, ...], name: str) -> Daemon:
     return d
 
 
-def check_fio(p: subprocess.Popen[bytes]) -> None:
-    out, _ = p.communicate(timeout=900)
+def check_fio(p: subprocess.Popen[bytes], d: Daemon) -> None:
+    try:
+        out, _ = p.communicate(timeout=900)
+    except subprocess.TimeoutExpired:  # say where the requests are: the guest's /tmp is private
+        p.kill()
+        dev = Path(d.dev).name
+        raise AssertionError(
+            f"fio hung; in flight (read write) on {dev}: "
+            f"{sh(f'cat /sys/block/{dev}/inflight', check=False).stdout.strip()}\n"
+            f"daemon log:\n{d.stderr()[-3000:]}") from None
     text = out.decode()
     assert p.returncode == 0, text[-2000:]
     jobs = [line for line in text.splitlines() if line.startswith("3;")]
@@ -60,12 +68,12 @@ def test_fio_verify_survives_20_kills(tmp_path: Path, ring: str) -> None:
     rounds = 1
     for _ in range(KILLS):
         if fio.poll() is not None:  # a round finished: it must have verified, start another
-            check_fio(fio)
+            check_fio(fio, d)
             fio = start_fio()
             rounds += 1
         time.sleep(rng.uniform(0.2, 1.5))
         d = restart(d, args, name)
-    check_fio(fio)
+    check_fio(fio, d)
     new_log = kernel_log()[len(before):]
     assert "I/O error" not in new_log and "blk_update_request" not in new_log, new_log[-2000:]
     assert d.stop() == 0
