@@ -57,8 +57,9 @@ QUICK_WORKLOADS = (
     "randread-4k-2q-qd16x2",
 )
 COLUMNS = ("backend", "workload", "ours", "peer", "ratio", "lat µs ours/peer",
-           "our CPU µs/IO", "peer CPU µs/IO")  # fmt: skip
-RIGHT = {"ours", "peer", "ratio", "lat µs ours/peer", "our CPU µs/IO", "peer CPU µs/IO"}
+           "our CPU µs/IO", "peer CPU µs/IO", "guest CPU µs/IO ours/peer")  # fmt: skip
+RIGHT = {"ours", "peer", "ratio", "lat µs ours/peer", "our CPU µs/IO", "peer CPU µs/IO",
+         "guest CPU µs/IO ours/peer"}
 
 
 # --------------------------------------------------------------------------- report
@@ -94,6 +95,13 @@ def build_rows(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "peer_cpu_us_per_io": (peer or {}).get("cpu_us_per_io"),
                 "our_cpu_util": (ours or {}).get("cpu_util"),
                 "peer_cpu_util": (peer or {}).get("cpu_util"),
+                # all of the guest's CPU (fio, kernel, daemon) per I/O, and its use of 2 vCPUs
+                "our_guest_cpu_us_per_io": (ours or {}).get("guest_cpu_us_per_io"),
+                "peer_guest_cpu_us_per_io": (peer or {}).get("guest_cpu_us_per_io"),
+                "our_guest_cpu_util": (ours or {}).get("guest_cpu_util"),
+                "peer_guest_cpu_util": (peer or {}).get("guest_cpu_util"),
+                "our_ctxt_per_io": (ours or {}).get("ctxt_per_io"),
+                "peer_ctxt_per_io": (peer or {}).get("ctxt_per_io"),
                 "iodepth": w.iodepth,
                 "numjobs": w.numjobs,
                 "queues": w.queues,
@@ -132,7 +140,9 @@ def table_cells(row: dict[str, Any]) -> list[str]:
     ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
     return [row["backend"], row["workload"], _num(row["ours"], row["unit"]),
             _num(row["peer"], row["unit"]), ratio, lat,
-            _num(row["our_cpu_us_per_io"]), _num(row["peer_cpu_us_per_io"])]  # fmt: skip
+            _num(row["our_cpu_us_per_io"]), _num(row["peer_cpu_us_per_io"]),
+            f"{_num(row.get('our_guest_cpu_us_per_io'))}/"
+            f"{_num(row.get('peer_guest_cpu_us_per_io'))}"]  # fmt: skip
 
 
 def format_table(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:

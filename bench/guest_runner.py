@@ -189,6 +189,24 @@ def parse_diskstats_ios(text: str) -> int:
     return int(f[0]) + int(f[4])
 
 
+def parse_system_stat(text: str) -> tuple[int, int]:
+    """(busy clock ticks of all CPUs, context switches) from /proc/stat: busy is everything
+    but idle and iowait, so it counts fio, the kernel's block and virtio work and the daemon."""
+    busy = ctxt = 0
+    for line in text.splitlines():
+        f = line.split()
+        if f and f[0] == "cpu":
+            ticks = [int(x) for x in f[1:]]
+            busy = sum(ticks) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0)
+        elif f and f[0] == "ctxt":
+            ctxt = int(f[1])
+    return busy, ctxt
+
+
+def system_counters() -> tuple[int, int]:
+    return parse_system_stat(Path("/proc/stat").read_text())
+
+
 def cpu_seconds(pid: int) -> float:
     return parse_proc_stat_cpu(Path(f"/proc/{pid}/stat").read_text()) / CLK_TCK
 
@@ -418,8 +436,10 @@ def run_cell(d: Device, w: Workload, seconds: float, ramp: float, fio: Fio) -> d
     """One fio run against d; the daemon's CPU and the device's I/Os over the same window."""
     argv = w.fio_args(d.dev, seconds, ramp, fio.path)
     ios0, cpu0, t0 = device_ios(d.dev), cpu_seconds(d.pid), time.monotonic()
+    sys0 = system_counters()
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + ramp + 120,
                           check=False, env=fio.env)
+    sys1 = system_counters()
     ios1, cpu1, t1 = device_ios(d.dev), cpu_seconds(d.pid), time.monotonic()
     cell: dict[str, Any] = {"impl": d.impl, "backend": d.backend, "workload": w.name,
                             "queues": d.queues, "dev": d.dev}
@@ -446,6 +466,10 @@ def run_cell(d: Device, w: Workload, seconds: float, ramp: float, fio: Fio) -> d
         cpu_s=cpu,
         cpu_util=cpu / (t1 - t0),
         cpu_us_per_io=cpu / dev_ios * 1e6 if dev_ios else None,
+        # the whole guest (both vCPUs): where the time goes when the daemon is not busy
+        guest_cpu_util=(sys1[0] - sys0[0]) / CLK_TCK / (t1 - t0),
+        guest_cpu_us_per_io=(sys1[0] - sys0[0]) / CLK_TCK / dev_ios * 1e6 if dev_ios else None,
+        ctxt_per_io=(sys1[1] - sys0[1]) / dev_ios if dev_ios else None,
     )
     return cell
 
@@ -538,7 +562,9 @@ def _cell_line(c: dict[str, Any]) -> str:
         return f"{head} ERROR {c['error']}"
     cpu = c.get("cpu_us_per_io")
     return (f"{head} {c['iops']:9.0f} IOPS {c['mb_s']:8.1f} MB/s lat {c['lat_mean_us']:8.0f} us  "
-            f"cpu {'-' if cpu is None else f'{cpu:.0f}'} us/IO ({c['cpu_util'] * 100:.0f}%)")
+            f"cpu {'-' if cpu is None else f'{cpu:.0f}'} us/IO ({c['cpu_util'] * 100:.0f}%)  "
+            f"guest {c.get('guest_cpu_us_per_io') or 0:.0f} us/IO "
+            f"({(c.get('guest_cpu_util') or 0) * 100:.0f}%) {c.get('ctxt_per_io') or 0:.1f} cs/IO")
 
 
 def run_profile(path: str, seconds: float, ramp: float) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import signal
@@ -265,6 +266,7 @@ def serve(name: str, device: BlkDevice, *, msg_timeout: int | None = None,
         stop.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # where is it stuck? kill -USR1
     server = DeviceServer(device, state, data_path, poll_us)
     transport = KernelTransport(name, device.spec(), server, msg_timeout=msg_timeout,
                                 bounce_size=bounce_size)
@@ -296,6 +298,7 @@ def serve(name: str, device: BlkDevice, *, msg_timeout: int | None = None,
             operations.close()
         for s, h in previous.items():
             signal.signal(s, h)
+        faulthandler.unregister(signal.SIGUSR1)
         if state is not None:  # nothing to recover once the device is gone
             state.remove() if name not in sysfs.vduse_devices() else state.close()
     if broken:

@@ -96,6 +96,12 @@ def test_proc_stat_and_diskstats(runner: ModuleType) -> None:
     assert runner.parse_diskstats_ios(disk + "1000 1010 0 0 0 0 0 0") == 5277
 
 
+def test_system_stat(runner: ModuleType) -> None:
+    stat = ("cpu  100 5 50 1000 20 3 2 0 0 0\ncpu0 50 2 25 500 10 1 1 0 0 0\n"
+            "intr 123 0\nctxt 4567\nbtime 1\n")
+    assert runner.parse_system_stat(stat) == (100 + 5 + 50 + 3 + 2, 4567)  # no idle, iowait
+
+
 def test_fio_args(runner: ModuleType) -> None:
     w = runner.WORKLOAD_BY_NAME["randread-4k-2q-qd16x2"]
     args = w.fio_args("/dev/vdb", 10, 0.5)

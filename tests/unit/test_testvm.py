@@ -286,7 +286,7 @@ def test_virtiofsd_argv_knows_both_flavours(tmp_path: Path) -> None:
     c.write_text("#!/bin/sh\necho '-o source=PATH'\n")
     c.chmod(0o755)
     assert testvm.virtiofsd_argv(str(c), sock)[-6:] == [
-        "-o", "source=/", "-o", "cache=none", "-o", "sandbox=chroot",
+        "-o", "source=/", "-o", "cache=always", "-o", "sandbox=chroot",
     ]  # fmt: skip
 
 

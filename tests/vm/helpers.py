@@ -46,8 +46,22 @@ class Daemon:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 120) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        code = self.proc.wait(timeout=timeout)
-        return code
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the daemon did not stop in {timeout} s\n{self.stuck()}") from None
+
+    def stuck(self) -> str:
+        """What a daemon that does not stop is doing (the guest's /tmp is private, so say it
+        here): every thread's Python stack (SIGUSR1), kernel stacks, the kernel log."""
+        pid = self.proc.pid
+        self.proc.send_signal(signal.SIGUSR1)
+        time.sleep(3)
+        kernel = sh(f"for t in /proc/{pid}/task/*; do echo $t; cat $t/stack; done; "
+                    "dmesg | tail -20", check=False).stdout
+        self.proc.kill()
+        self.proc.wait()
+        return f"daemon log:\n{self.stderr()[-6000:]}\nkernel:\n{kernel[-4000:]}"
 
     def __enter__(self) -> Daemon:
         return self

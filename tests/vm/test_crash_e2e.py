@@ -41,7 +41,7 @@ def check_fio(p: subprocess.Popen[bytes], d: Daemon) -> None:
         raise AssertionError(
             f"fio hung; in flight (read write) on {dev}: "
             f"{sh(f'cat /sys/block/{dev}/inflight', check=False).stdout.strip()}\n"
-            f"daemon log:\n{d.stderr()[-3000:]}") from None
+            f"{d.stuck()}") from None
     text = out.decode()
     assert p.returncode == 0, text[-2000:]
     jobs = [line for line in text.splitlines() if line.startswith("3;")]
