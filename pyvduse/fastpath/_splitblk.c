@@ -25,6 +25,7 @@
 
 #include <endian.h>
 #include <errno.h>
+#include <limits.h>
 #include <poll.h>
 #include <stdint.h>
 #include <string.h>
@@ -102,6 +103,7 @@ typedef struct {
     PyThreadState *ts; /* while run() has released the GIL */
     /* control */
     uint64_t poll_ns; /* after the ring empties, poll it this long before sleeping */
+    uint64_t publish_ns; /* publish a round's completions once they are this old */
     volatile int stop;
     int running, closed;
     /* counters, written by the serving thread only */
@@ -628,8 +630,9 @@ static int drain(Engine *e)
         uint32_t n = 0;
         uint64_t t, start;
         int r = 0;
+        uint64_t published;
         disable_kicks(e);
-        t = start = now_ns();
+        t = start = published = now_ns();
         while (n < e->num) {
             uint16_t head;
             uint32_t rtype;
@@ -652,6 +655,10 @@ static int drain(Engine *e)
             t = done;
             n++;
             r = DRAIN_SLEEP;
+            if (done - published >= e->publish_ns) {
+                publish(e);
+                published = done;
+            }
         }
         e->latency_ns += t - start;
         e->completed += n;
@@ -763,14 +770,14 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
                             "last_avail", "used_idx", "signalled", "capacity", "readonly",
                             "serial", "backend", "fd", "memory", "log", "irq_fd",
                             "irq_request", "irq_index", "notify", "on_error", "poll_ns",
-                            NULL};
+                            "publish_ns", NULL};
     PyObject *regions, *capacity, *memory = Py_None, *log = Py_None, *notify = Py_None,
              *on_error = Py_None;
     unsigned long long desc, avail, used;
     unsigned int num, irq_index = 0;
     unsigned short last_avail, used_idx, signalled;
     unsigned long irq_request = 0;
-    unsigned long long poll_ns = 0;
+    unsigned long long poll_ns = 0, publish_ns = ULLONG_MAX;
     int event_idx, indirect, readonly, backend, fd = -1, irq_fd = -1;
     const char *serial;
     Py_ssize_t serial_len;
@@ -779,12 +786,12 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_RuntimeError, "engine is already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OIKKKppHHHOpy#i|iOOikIOOK", names, &regions,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OIKKKppHHHOpy#i|iOOikIOOKK", names, &regions,
                                      &num, &desc, &avail, &used, &event_idx, &indirect,
                                      &last_avail, &used_idx, &signalled, &capacity, &readonly,
                                      &serial, &serial_len, &backend, &fd, &memory, &log,
                                      &irq_fd, &irq_request, &irq_index, &notify, &on_error,
-                                     &poll_ns))
+                                     &poll_ns, &publish_ns))
         return -1;
     if (num == 0 || num > 32768 || (num & (num - 1))) {
         PyErr_SetString(PyExc_ValueError, "queue size must be a power of two up to 32768");
@@ -837,6 +844,7 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
         }
     }
     e->poll_ns = poll_ns;
+    e->publish_ns = publish_ns;
     e->irq_fd = irq_fd;
     e->irq_request = irq_request;
     e->irq_index = irq_index;

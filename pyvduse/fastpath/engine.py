@@ -84,8 +84,10 @@ def build(
     notify: Callable[[int], None],
     on_error: Callable[[int, int, int], None],
     poll_ns: int = 0,
+    publish_ns: int | None = None,
 ) -> Engine:
-    """A native engine positioned where ``ring`` stands."""
+    """A native engine positioned where ``ring`` stands; it publishes a round's completions
+    once the oldest is ``publish_ns`` old (None: once per round)."""
     assert _splitblk is not None and isinstance(memory, RegionMap)
     last_avail, used, signalled = ring.position()
     irq_fd, irq_request = irq if irq is not None else (-1, 0)
@@ -96,4 +98,5 @@ def build(
         capacity=device.capacity_cell, readonly=device.options.readonly, serial=device.serial,
         log=None if log is None else log.mem, irq_fd=irq_fd, irq_request=irq_request,
         irq_index=index, notify=None if irq is not None else notify, on_error=on_error,
-        poll_ns=poll_ns, **_backend_args(device))
+        poll_ns=poll_ns, publish_ns=(1 << 64) - 1 if publish_ns is None else publish_ns,
+        **_backend_args(device))

@@ -23,7 +23,7 @@ from pyvduse.ring.errors import RingError
 from pyvduse.ring.inflight import InflightLog, LoggedQueue
 from pyvduse.ring.memory import RegionMap
 from pyvduse.ring.split import SplitQueue
-from pyvduse.runtime.worker import QueueWorker
+from pyvduse.runtime.worker import PUBLISH_AFTER_NS, QueueWorker
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class NativeQueueWorker(QueueWorker):
         self.log: InflightLog | None = queue.log if isinstance(queue, LoggedQueue) else None
         # First, as it may refuse (ValueError) before the worker holds anything to release.
         self.engine = native.build(device, index, self.ring, memory, self.log, irq, notify,
-                                   self._backend_error, poll_ns)
+                                   self._backend_error, poll_ns, PUBLISH_AFTER_NS)
         super().__init__(device, index, queue, kick_fd, notify, resubmit, resumed=resumed)
         self.blk = device
         self.memory = memory

@@ -180,3 +180,31 @@ def test_a_restarted_daemon_interrupts_even_with_nothing_to_repeat(
     finally:
         second.reset()
         state.close()
+
+
+class SlowBackend(MemoryBackend):
+    """Every write takes 50 ms (a long request)."""
+
+    def writev(self, offset: int, bufs: list[memoryview]) -> None:
+        time.sleep(0.05)
+        super().writev(offset, bufs)
+
+
+def test_long_requests_are_published_before_their_round_ends() -> None:
+    """A round of long requests does not hold the finished ones back until the last."""
+    arena = Arena(8 << 20)
+    ring = DriverSplitRing(arena, 32)
+    t = LoopbackTransport(arena, 1)
+    server = DeviceServer(BlkDevice(SlowBackend(4 << 20)), data_path=DataPath.PYTHON)
+    server.bind(t)
+    assert server.features_ok(FEATURES)
+    try:
+        for k in range(4):
+            ring.add([vb.OUTHDR.pack(vb.ReqType.OUT, 0, 8 * k), bytes(4096)], [1])
+        server.driver_ok(FEATURES, [QueueSetup(0, 32, ring.desc_addr, ring.avail_addr,
+                                               ring.used_addr, True)])
+        wait_for(lambda: ring.used_idx() >= 1)
+        assert ring.used_idx() < 4  # the first went out while the others were served
+        wait_for(lambda: ring.used_idx() == 4)
+    finally:
+        server.reset()
