@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyvduse.backend.file import FileBackend
 from pyvduse.backend.memory import MemoryBackend
@@ -28,9 +28,14 @@ try:
 except ImportError:  # not built: no compiler or no Python headers at install time
     _splitblk = None  # type: ignore[assignment]
 
-RUN_STOPPED = 0
-RUN_DEFER = 1
-Engine = Any  # _splitblk.Engine when built (typed in _splitblk.pyi)
+if TYPE_CHECKING:
+    from pyvduse.fastpath._splitblk import Engine as Engine
+else:
+    Engine = Any  # the extension may not be built
+
+# What Engine.run returns (only ever compared when the extension exists)
+RUN_STOPPED: int = _splitblk.RUN_STOPPED if _splitblk is not None else 0
+RUN_DEFER: int = _splitblk.RUN_DEFER if _splitblk is not None else 1
 
 
 class DataPath(enum.Enum):

@@ -187,8 +187,7 @@ def stats(target: Target) -> Json:
     all_ns = in_flight = completed = 0
     for i in range(target.spec.num_queues):
         c = counters.get(i)
-        hist = list(c.latency) if c else [0] * LATENCY_BUCKETS
-        sum_ns = c.latency_ns if c else 0
+        hist, sum_ns = c.latency_totals() if c else ([0] * LATENCY_BUCKETS, 0)
         q: Json = {"index": i}
         if blk is not None:
             q.update(_blk_counts(blk.queue_snapshot(i)))

@@ -65,18 +65,24 @@ class QueueCounters:
         n = self.native
         return (n.started if n is not None else 0) or self.started_at
 
-    @property
-    def latency(self) -> list[int]:
+    def latency_totals(self) -> tuple[list[int], int]:
+        """(histogram, sum of latencies in ns), from one read of a native engine's counters
+        so that the two agree."""
         n = self.native
         if n is None:
-            return list(self.hist)
-        extra: list[int] = n.counters()["latency"]
-        return [a + b for a, b in zip(self.hist, extra, strict=True)]
+            return list(self.hist), self.sum_ns
+        c = n.counters()
+        extra: list[int] = c["latency"]
+        return ([a + b for a, b in zip(self.hist, extra, strict=True)],
+                self.sum_ns + int(c["latency_ns"]))
+
+    @property
+    def latency(self) -> list[int]:
+        return self.latency_totals()[0]
 
     @property
     def latency_ns(self) -> int:
-        n = self.native
-        return self.sum_ns + (int(n.counters()["latency_ns"]) if n is not None else 0)
+        return self.latency_totals()[1]
 
     @property
     def in_flight(self) -> int:
