@@ -455,6 +455,7 @@ def run_cell(d: Device, w: Workload, seconds: float, ramp: float, fio: Fio) -> d
         cell["error"] = f"fio reported {r.errors} error(s)"
     dev_ios = ios1 - ios0
     cpu = cpu1 - cpu0
+    guest_cpu = (sys1[0] - sys0[0]) / CLK_TCK
     cell.update(
         iops=r.iops,
         mb_s=r.bw_bytes / 1e6,
@@ -467,8 +468,8 @@ def run_cell(d: Device, w: Workload, seconds: float, ramp: float, fio: Fio) -> d
         cpu_util=cpu / (t1 - t0),
         cpu_us_per_io=cpu / dev_ios * 1e6 if dev_ios else None,
         # the whole guest (both vCPUs): where the time goes when the daemon is not busy
-        guest_cpu_util=(sys1[0] - sys0[0]) / CLK_TCK / (t1 - t0),
-        guest_cpu_us_per_io=(sys1[0] - sys0[0]) / CLK_TCK / dev_ios * 1e6 if dev_ios else None,
+        guest_cpu_util=guest_cpu / (t1 - t0),
+        guest_cpu_us_per_io=guest_cpu / dev_ios * 1e6 if dev_ios else None,
         ctxt_per_io=(sys1[1] - sys0[1]) / dev_ios if dev_ios else None,
     )
     return cell

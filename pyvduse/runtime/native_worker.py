@@ -149,8 +149,7 @@ class NativeQueueWorker(QueueWorker):
         c.hist[((done - t) // 1000).bit_length()] += 1
         c.sum_ns += done - t
         self._completed += 1
-        if q.publish():
-            self._notify(self.index)
+        self._publish()
         return True
 
     def _wait_for_stop(self) -> None:

@@ -237,6 +237,11 @@ class QueueWorker:
             q.publish()
         self._notify(idx)
 
+    def _publish(self) -> None:
+        """Make the pushed completions visible; interrupt if the driver asked for it."""
+        if self.queue.publish():
+            self._notify(self.index)
+
     def _drain(self) -> None:
         q, dev, idx = self.queue, self.device, self.index
         pop, push = q.pop, q.push
@@ -259,12 +264,10 @@ class QueueWorker:
                     n += 1
                     if done - published >= PUBLISH_AFTER_NS:  # long requests: do not
                         published = done  # hold the finished ones back for the round
-                        if q.publish():
-                            self._notify(idx)
+                        self._publish()
                 c.sum_ns += t - start
                 self._completed += n
-                if q.publish():
-                    self._notify(idx)
+                self._publish()
                 if n < q.num and not q.enable_kicks():
                     return
         except RingError as e:
