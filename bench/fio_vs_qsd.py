@@ -7,7 +7,7 @@ written once in full), same queue size (256) and queue count. Prints one table â
 (MB/s for 128k), the peer's, ours/peer, mean latency at iodepth 1, and each daemon's CPU
 time per I/O â€” and writes it as JSON with the VM and host details.
 
-    python3 bench/fio_vs_qsd.py [--seconds 8] [--quick] [--json PATH]
+    python3 bench/fio_vs_qsd.py [--seconds 8] [--repeat N] [--quick] [--json PATH]
     python3 bench/fio_vs_qsd.py --profile /work/scratch/prof.out   # our daemon under cProfile
 
 Needs root (the test VM does). Emulated (TCG) figures: compare the columns with each other,
@@ -24,6 +24,7 @@ import json
 import os
 import pstats
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -72,15 +73,45 @@ def _metric(cell: dict[str, Any] | None, large: bool) -> float | None:
     return None if value is None else float(value)
 
 
+def merge_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Repeated runs of one cell -> one cell: the median of every figure over the runs that
+    worked (with one run, that run), or the first error when none did."""
+    ok = [c for c in runs if "error" not in c]
+    if not ok:
+        return dict(runs[0])
+    merged = dict(ok[0])
+    for key, value in ok[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "round":
+            figures = [c[key] for c in ok if isinstance(c.get(key), (int, float))]
+            merged[key] = statistics.median(figures)
+    merged["runs"] = len(ok)
+    return merged
+
+
+def paired_ratio(ours: Sequence[dict[str, Any]], peer: Sequence[dict[str, Any]],
+                 large: bool) -> float | None:
+    """Median over rounds of ours/peer within a round (both ran back to back, so under the
+    same load), which a drift in the machine's load moves less than a ratio of medians."""
+    by_round = {c.get("round", 0): _metric(c, large) for c in peer}
+    ratios = [o / p for c in ours
+              if (o := _metric(c, large)) is not None and (p := by_round.get(c.get("round", 0)))]
+    return statistics.median(ratios) if ratios else None
+
+
 def build_rows(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Guest cells (one per implementation) -> one row per (backend, workload), matrix order."""
-    index = {(c["impl"], c["backend"], c["workload"]): c for c in cells}
+    """Guest cells (one per implementation and round) -> one row per (backend, workload), in
+    matrix order; with several rounds, medians, and the ratio paired by round."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for c in cells:
+        groups.setdefault((c["impl"], c["backend"], c["workload"]), []).append(c)
     rows = []
     for b in BACKENDS:
         for w in WORKLOADS:
-            ours, peer = index.get(("pyvduse", b, w.name)), index.get(("qsd", b, w.name))
-            if ours is None and peer is None:
+            our_runs, peer_runs = groups.get(("pyvduse", b, w.name), []), groups.get(("qsd", b, w.name), [])
+            if not our_runs and not peer_runs:
                 continue
+            ours = merge_runs(our_runs) if our_runs else None
+            peer = merge_runs(peer_runs) if peer_runs else None
             o, p = _metric(ours, w.large), _metric(peer, w.large)
             rows.append({
                 "backend": b,
@@ -88,7 +119,9 @@ def build_rows(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "unit": "MB/s" if w.large else "IOPS",
                 "ours": o,
                 "peer": p,
-                "ratio": o / p if o is not None and p else None,
+                "ratio": paired_ratio(our_runs, peer_runs, w.large),
+                "runs": len(our_runs),
+                "ratio_range": _ratio_range(our_runs, peer_runs, w.large) if len(our_runs) > 1 else None,
                 "our_lat_us": (ours or {}).get("lat_mean_us"),
                 "peer_lat_us": (peer or {}).get("lat_mean_us"),
                 "our_cpu_us_per_io": (ours or {}).get("cpu_us_per_io"),
@@ -105,9 +138,16 @@ def build_rows(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "iodepth": w.iodepth,
                 "numjobs": w.numjobs,
                 "queues": w.queues,
-                "errors": [c["error"] for c in (ours, peer) if c and "error" in c],
+                "errors": [c["error"] for c in (*our_runs, *peer_runs) if "error" in c],
             })  # fmt: skip
     return rows
+
+
+def _ratio_range(ours: Sequence[dict[str, Any]], peer: Sequence[dict[str, Any]],
+                 large: bool) -> tuple[float, float] | None:
+    """The lowest and highest per-round ratio: how far one run alone could have misled."""
+    ratios = [r for r in (paired_ratio([c], peer, large) for c in ours) if r is not None]
+    return (min(ratios), max(ratios)) if ratios else None
 
 
 def two_queue_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -138,6 +178,9 @@ def table_cells(row: dict[str, Any]) -> list[str]:
     if row["iodepth"] == 1 and row["numjobs"] == 1:
         lat = f"{_num(row['our_lat_us'])}/{_num(row['peer_lat_us'])}"
     ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
+    if row.get("ratio_range"):
+        low, high = row["ratio_range"]
+        ratio += f" ({low:.2f}..{high:.2f})"
     return [row["backend"], row["workload"], _num(row["ours"], row["unit"]),
             _num(row["peer"], row["unit"]), ratio, lat,
             _num(row["our_cpu_us_per_io"]), _num(row["peer_cpu_us_per_io"]),
@@ -163,6 +206,10 @@ def format_table(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
     return "\n".join([line(COLUMNS), rule, *(line(cells) for cells in body)])
 
 
+def _repeat_note(repeat: int) -> str:
+    return f", {repeat} paired rounds each: medians, ratio (lowest..highest round)" if repeat > 1 else ""
+
+
 def format_notes(two_q: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
     lines = []
     for t in two_q:
@@ -172,7 +219,8 @@ def format_notes(two_q: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
                      f"ours {ours}x, peer {peer}x")
     guest = info.get("guest", {})
     lines.append(
-        f"{info.get('seconds_per_cell', 0):g} s per cell (+{info.get('ramp_seconds', 0):g} s ramp); "
+        f"{info.get('seconds_per_cell', 0):g} s per cell (+{info.get('ramp_seconds', 0):g} s ramp)"
+        f"{_repeat_note(info.get('repeat', 1))}; "
         f"guest {guest.get('guest_kernel', '?')}, {guest.get('guest_vcpus', '?')} vCPUs, "
         f"{guest.get('guest_mem_mib', '?')} MiB, QEMU TCG on {info.get('host_cpu', '?')}; "
         f"total {info.get('total_seconds', 0):.0f} s"
@@ -268,6 +316,9 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"default {DEFAULT_JSON.relative_to(ROOT)}")
     p.add_argument("--our-args", default="", metavar="ARGS",
                    help="extra 'pyvduse blk' options for our daemon, e.g. '--poll-us 50'")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="run every cell N times, back to back with the peer's: the table shows "
+                        "medians and the median per-round ratio with its range (default 1)")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--mem", default=os.environ.get("TESTVM_MEM", "3G"), help="guest memory (default 3G)")
     p.add_argument("--smp", type=int, default=2, help="guest vCPUs (default 2)")
@@ -303,11 +354,14 @@ def main(argv: list[str] | None = None) -> int:
     backends = [b for b in args.backends.split(",") if b]
     if not backends or not set(backends) <= set(BACKENDS):
         _parser().error(f"backends are {', '.join(BACKENDS)}")
-    cells = len(names) * len(backends) * 2
+    if args.repeat < 1:
+        _parser().error("--repeat must be at least 1")
+    cells = len(names) * len(backends) * 2 * args.repeat
     load_before = host_load()
     date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     guest = run_guest(["--seconds", f"{seconds:g}", "--ramp", f"{ramp:g}", "--workloads", ",".join(names),
-                       "--backends", ",".join(backends), f"--our-args={args.our_args}"],
+                       "--backends", ",".join(backends), f"--our-args={args.our_args}",
+                       "--repeat", str(args.repeat)],
                       mem=args.mem, smp=args.smp, timeout=vm_timeout(cells, seconds, ramp))
     rows = build_rows(guest["cells"])
     two_q = two_queue_ratios(rows)
@@ -323,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         "pyvduse_commit": git_commit(),
         "pyvduse_source_sha256": source_digest(),
         "seconds_per_cell": seconds,
+        "repeat": args.repeat,
         "ramp_seconds": ramp,
         "image_bytes": IMAGE_SIZE,
         "queue_size": QUEUE_SIZE,

@@ -5,7 +5,7 @@ and writes to them. bench/fio_vs_qsd.py boots the test VM and runs it there:
 
     python bench/guest_runner.py --out bench/results/.guest.json [--seconds 10] [--ramp 1]
                                  [--workloads NAME,...] [--backends null,file]
-                                 [--profile PATH]
+                                 [--repeat N] [--profile PATH]
 
 For each backend (null, and a raw image on the guest's tmpfs) it starts pyvduse's
 `blk` daemon and QEMU's qemu-storage-daemon (vduse-blk export) with one queue and with two
@@ -505,7 +505,7 @@ def _workdir() -> Path:
 
 
 def run_matrix(workloads: Sequence[Workload], backends: Sequence[str], seconds: float,
-               ramp: float) -> dict[str, Any]:
+               ramp: float, repeat: int = 1) -> dict[str, Any]:
     started = time.monotonic()
     result: dict[str, Any] = {"info": guest_info(), "cells": [], "devices": []}
     queue_counts = sorted({w.queues for w in workloads})
@@ -542,17 +542,21 @@ def run_matrix(workloads: Sequence[Workload], backends: Sequence[str], seconds: 
         k = 0
         for w in workloads:
             for b in backends:
-                for impl in _order(IMPLS, k):
-                    d = devices[(impl, b, w.queues)]
-                    try:
-                        cell = run_cell(d, w, seconds, ramp, fio)
-                    except (OSError, subprocess.SubprocessError) as e:  # e.g. the daemon died
-                        cell = {"impl": impl, "backend": b, "workload": w.name,
-                                "queues": w.queues, "error": f"{type(e).__name__}: {e}",
-                                "daemon_log": d.log_tail()}
-                    result["cells"].append(cell)
-                    _log(_cell_line(cell))
-                k += 1
+                # The repeats of a cell run back to back, ours and the peer's paired in each
+                # round, so a round's ratio compares the two under the same machine load.
+                for r in range(repeat):
+                    for impl in _order(IMPLS, k):
+                        d = devices[(impl, b, w.queues)]
+                        try:
+                            cell = run_cell(d, w, seconds, ramp, fio)
+                        except (OSError, subprocess.SubprocessError) as e:  # the daemon died?
+                            cell = {"impl": impl, "backend": b, "workload": w.name,
+                                    "queues": w.queues, "error": f"{type(e).__name__}: {e}",
+                                    "daemon_log": d.log_tail()}
+                        cell["round"] = r
+                        result["cells"].append(cell)
+                        _log(_cell_line(cell))
+                    k += 1
     result["guest_total_s"] = time.monotonic() - started
     return result
 
@@ -592,6 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backends", default=",".join(BACKENDS))
     p.add_argument("--profile", metavar="PATH", help="profile our daemon for one cell instead")
     p.add_argument("--our-args", default="", help="extra 'pyvduse blk' options for our daemon")
+    p.add_argument("--repeat", type=int, default=1, help="runs of every cell (paired rounds)")
     args = p.parse_args(argv)
     OUR_EXTRA[:] = shlex.split(args.our_args)
     try:
@@ -602,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
             backends = [b for b in args.backends.split(",") if b]
             if not set(backends) <= set(BACKENDS):
                 p.error(f"backends are {', '.join(BACKENDS)}")
-            result = run_matrix(workloads, backends, args.seconds, args.ramp)
+            result = run_matrix(workloads, backends, args.seconds, args.ramp, args.repeat)
     except (BenchError, KeyError, OSError, subprocess.SubprocessError) as e:
         result = {"fatal": f"{type(e).__name__}: {e}"}
         _log(f"FATAL {result['fatal']}")

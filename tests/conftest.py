@@ -28,7 +28,7 @@ VM_TIMEOUT = float(os.environ.get("PYVDUSE_VM_TIMEOUT", "3600"))
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--no-vm", action="store_true",
-                     help="skip the tests that run in the test VM (real kernel)")
+                     help="skip every test that needs the test VM (real kernel, or a VM it boots itself)")
 
 
 @dataclass
@@ -135,12 +135,13 @@ class VmProxyItem(pytest.Item):
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
                                   items: list[pytest.Item]) -> None:
     vm_items = [i for i in items if i.get_closest_marker("vm") is not None]
-    if not vm_items:
-        return
     if config.getoption("--no-vm"):
         skip = pytest.mark.skip(reason="--no-vm given")
-        for i in vm_items:
-            i.add_marker(skip)
+        for i in items:
+            if i.get_closest_marker("vm") is not None or i.get_closest_marker("boots_vm") is not None:
+                i.add_marker(skip)
+        return
+    if not vm_items:
         return
     if IN_VM:
         if not Path("/dev/vduse/control").exists():

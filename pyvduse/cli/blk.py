@@ -29,6 +29,7 @@ from pyvduse.sizes import parse_size
 from pyvduse.transport.kernel import sysfs
 from pyvduse.transport.kernel.control import missing_module_hint
 from pyvduse.transport.kernel.device_fd import device_in_use
+from pyvduse.transport.kernel.irq_affinity import FIRST, IrqPlacement, parse_cpu_list
 from pyvduse.transport.kernel.transport import KernelTransport
 
 log = logging.getLogger("pyvduse")
@@ -71,6 +72,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="native data path: when a queue runs empty, keep watching it this "
                    "many microseconds with notifications off before sleeping (fewer kicks "
                    "and wake-ups under load, at the price of CPU; default 0)")
+    p.add_argument("--irq-cpus", default=FIRST, metavar="first|driver|LIST",
+                   help="where the kernel runs each queue's interrupt callback "
+                   "(vqN/irq_cb_affinity): 'first' CPU of the mask the driver set (the "
+                   "default: one CPU per queue, like a hardware interrupt), 'driver' (its "
+                   "whole mask, rotating over it), or a CPU list like 0,2-3 (queue i on the "
+                   "i-th CPU of the list)")
     add_ops_arguments(p)
     p.set_defaults(func=run)
 
@@ -187,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
     data_path = DataPath(args.data_path)
     if not 0 <= args.poll_us <= 1_000_000:
         raise UserError(f"--poll-us {args.poll_us} must be 0 to 1000000")
+    irq_placement = parse_irq_cpus(args.irq_cpus)
     backend = make_backend(args)
     try:
         device = build_device(args, backend)
@@ -205,9 +213,16 @@ def run(args: argparse.Namespace) -> int:
             log.info("queues served by the Python engine: %s", why_not)
         return serve(args.name, device, msg_timeout=args.msg_timeout, bounce_size=bounce,
                      state=state, reconnect=reconnect, ops=ops, data_path=data_path,
-                     poll_us=args.poll_us)
+                     poll_us=args.poll_us, irq_placement=irq_placement)
     finally:
         backend.close()
+
+
+def parse_irq_cpus(text: str) -> IrqPlacement:
+    try:
+        return IrqPlacement.parse(text, parse_cpu_list(sysfs.online_cpus_text()))
+    except ValueError as e:
+        raise UserError(f"--irq-cpus {text}: {e}") from None
 
 
 def device_identity(device: BlkDevice) -> dict[str, object]:
@@ -249,7 +264,8 @@ def open_state(name: str, state_dir: Path, device: BlkDevice, reconnect: bool) -
 def serve(name: str, device: BlkDevice, *, msg_timeout: int | None = None,
           bounce_size: int | None = None, state: StateFile | None = None,
           reconnect: bool = False, ops: OpsOptions | None = None,
-          data_path: DataPath = DataPath.AUTO, poll_us: int = 0) -> int:
+          data_path: DataPath = DataPath.AUTO, poll_us: int = 0,
+          irq_placement: IrqPlacement | None = None) -> int:
     """Create, attach, announce, serve until a signal, then tear everything down."""
     stop = threading.Event()
     hurry = threading.Event()  # a second signal: stop waiting for requests in flight
@@ -269,7 +285,7 @@ def serve(name: str, device: BlkDevice, *, msg_timeout: int | None = None,
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # where is it stuck? kill -USR1
     server = DeviceServer(device, state, data_path, poll_us)
     transport = KernelTransport(name, device.spec(), server, msg_timeout=msg_timeout,
-                                bounce_size=bounce_size)
+                                bounce_size=bounce_size, irq_placement=irq_placement)
     transport.on_broken = on_broken
     server.bind(transport)
     operations = Operations(name, server, transport, ops, on_quit=stop.set,

@@ -172,6 +172,34 @@ def test_failed_cell_shows_dash(host: ModuleType) -> None:
     assert " - " in host.format_table(rows).splitlines()[2]
 
 
+def test_repeated_rounds_give_medians_and_a_paired_ratio(host: ModuleType) -> None:
+    """Three rounds: figures are medians, the ratio is the median of per-round ratios (a
+    slow round slows both), and the table shows the range of the rounds' ratios."""
+    w = "randread-4k-qd16"
+    cells = [
+        cell("pyvduse", "null", w, 1200, round=0), cell("qsd", "null", w, 1000, round=0),
+        cell("pyvduse", "null", w, 600, round=1), cell("qsd", "null", w, 400, round=1),
+        cell("pyvduse", "null", w, 1400, round=2), cell("qsd", "null", w, 1300, round=2),
+    ]
+    (row,) = host.build_rows(cells)
+    assert row["ours"] == 1200 and row["peer"] == 1000
+    assert row["ratio"] == pytest.approx(1.2)  # of 1.2, 1.5 and 1.077; 1200/1000 by chance
+    assert row["ratio_range"] == pytest.approx((1400 / 1300, 1.5))
+    assert row["runs"] == 3 and row["our_lat_us"] == pytest.approx(1e6 / 1200)
+    assert "1.20 (1.08..1.50)" in host.format_table([row]).splitlines()[2]
+
+
+def test_a_failed_round_is_left_out_of_the_medians(host: ModuleType) -> None:
+    w = "randwrite-4k-qd16"
+    failed = {"impl": "qsd", "backend": "file", "workload": w, "error": "fio exited 1", "round": 1}
+    cells = [cell("pyvduse", "file", w, 2000, round=0), cell("qsd", "file", w, 1000, round=0),
+             cell("pyvduse", "file", w, 3000, round=1), failed]
+    (row,) = host.build_rows(cells)
+    assert row["peer"] == 1000 and row["ours"] == 2500
+    assert row["ratio"] == pytest.approx(2.0)  # round 1 has no pair
+    assert row["errors"] == ["fio exited 1"]
+
+
 @pytest.mark.boots_vm
 @pytest.mark.skipif(os.environ.get("PYVDUSE_IN_VM") == "1", reason="boots a VM from the host")
 @pytest.mark.skipif(os.geteuid() != 0, reason="the test VM needs root")

@@ -12,6 +12,7 @@ MODULE_VDUSE = Path("/sys/module/vduse")
 VDPA_BUS = Path("/sys/bus/vdpa")
 VDPA_DEVICES = VDPA_BUS / "devices"
 VDPA_DRIVERS = VDPA_BUS / "drivers"
+CPUS_ONLINE = Path("/sys/devices/system/cpu/online")
 
 
 def device_node(name: str) -> Path:
@@ -20,6 +21,19 @@ def device_node(name: str) -> Path:
 
 def vduse_attr(name: str, attr: str) -> Path:
     return CLASS_VDUSE / name / attr
+
+
+def vq_attr(name: str, index: int, attr: str) -> Path:
+    """A per-queue attribute: /sys/class/vduse/NAME/vqN/ATTR (e.g. irq_cb_affinity)."""
+    return CLASS_VDUSE / name / f"vq{index}" / attr
+
+
+def online_cpus_text() -> str:
+    """The online CPUs as the kernel lists them ("0-3,6"); this process's CPUs if unknown."""
+    try:
+        return CPUS_ONLINE.read_text().strip()
+    except OSError:
+        return ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
 
 
 def write_attr(path: Path, value: str) -> None:

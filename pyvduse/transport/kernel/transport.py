@@ -28,6 +28,13 @@ from pyvduse.transport.kernel import sysfs
 from pyvduse.transport.kernel.control import Control
 from pyvduse.transport.kernel.device_fd import DeviceFd
 from pyvduse.transport.kernel.iotlb import IotlbMapper
+from pyvduse.transport.kernel.irq_affinity import (
+    DRIVER,
+    IrqPlacement,
+    format_cpu_list,
+    format_cpumask,
+    parse_cpumask,
+)
 from pyvduse.transport.status import StatusMachine
 
 log = logging.getLogger(__name__)
@@ -46,12 +53,15 @@ class KernelTransport(Transport):
         *,
         msg_timeout: int | None = None,
         bounce_size: int | None = None,
+        irq_placement: IrqPlacement | None = None,
     ) -> None:
         self.name = name
         self.spec = spec
         self.events = events
         self.msg_timeout = msg_timeout
         self.bounce_size = bounce_size
+        self.irq_placement = irq_placement or IrqPlacement()
+        self._place_irqs = False  # the kernel has vqN/irq_cb_affinity and we may change it
         self.status_machine = StatusMachine(
             events, read_features=self._get_features, start_queues=self._start_queues,
             forget=self._forget_driver_state)
@@ -111,6 +121,7 @@ class KernelTransport(Transport):
                 sysfs.write_attr(sysfs.vduse_attr(self.name, "msg_timeout"), str(self.msg_timeout))
             if self.bounce_size is not None:
                 sysfs.write_attr(sysfs.vduse_attr(self.name, "bounce_size"), str(self.bounce_size))
+            self._check_irq_placement()
             self._iotlb = IotlbMapper(self._dev)
             self._thread = threading.Thread(target=self._control_loop, name="vduse-control",
                                             daemon=True)
@@ -141,6 +152,7 @@ class KernelTransport(Transport):
         try:
             if self.msg_timeout is not None:
                 sysfs.write_attr(sysfs.vduse_attr(self.name, "msg_timeout"), str(self.msg_timeout))
+            self._check_irq_placement()
             self._iotlb = IotlbMapper(self._dev)
             try:
                 features = self._dev.get_features()
@@ -299,9 +311,39 @@ class KernelTransport(Transport):
         assert self._dev is not None
         return self._dev.get_features()
 
+    def _check_irq_placement(self) -> None:
+        """Before serving: can the queues' interrupt CPUs be set on this kernel (Linux 6.6
+        and later have the attribute)? An explicit CPU list that cannot apply is an error."""
+        if self.irq_placement.mode == DRIVER:
+            return
+        attr = sysfs.vq_attr(self.name, 0, "irq_cb_affinity")
+        self._place_irqs = attr.exists()
+        if not self._place_irqs:
+            if self.irq_placement.explicit:
+                raise UserError(f"this kernel has no {attr.parent.parent}/vqN/irq_cb_affinity, "
+                                "so --irq-cpus cannot apply: leave it out (Linux 6.6+ has it)")
+            log.info("this kernel cannot place VDUSE interrupts (no vqN/irq_cb_affinity)")
+
+    def _place_interrupts(self) -> None:
+        """Set each queue's interrupt CPUs (see irq_affinity). virtio_vdpa sets the masks
+        when the driver probes, before DRIVER_OK, so this runs at every DRIVER_OK."""
+        for i in range(self.spec.num_queues):
+            path = sysfs.vq_attr(self.name, i, "irq_cb_affinity")
+            try:
+                current = parse_cpumask(path.read_text())
+                mask = self.irq_placement.choose(i, current)
+                if mask is not None and mask != current:
+                    sysfs.write_attr(path, format_cpumask(mask))
+                    log.info("queue %d: interrupts on CPU %s (the driver gave %s)", i,
+                             format_cpu_list(mask), format_cpu_list(current))
+            except (OSError, ValueError) as e:
+                log.warning("queue %d: interrupt CPUs left as the driver set them: %s", i, e)
+
     def _start_queues(self, resume: bool = False) -> None:
         assert self._dev is not None
         dev = self._dev
+        if self._place_irqs:
+            self._place_interrupts()
         self.negotiated = dev.get_features()
         queues = []
         for i in range(self.spec.num_queues):

@@ -1,0 +1,130 @@
+"""Interrupt placement (vqN/irq_cb_affinity): the cpumask texts, the policy, and what the
+kernel transport writes at DRIVER_OK, against a sysfs tree in a temporary folder."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pyvduse.backend.null import NullBackend
+from pyvduse.device.blk import BlkDevice, BlkOptions
+from pyvduse.errors import UserError
+from pyvduse.runtime.server import DeviceServer
+from pyvduse.transport.kernel import sysfs
+from pyvduse.transport.kernel.irq_affinity import (
+    DRIVER,
+    FIRST,
+    IrqPlacement,
+    format_cpu_list,
+    format_cpumask,
+    parse_cpu_list,
+    parse_cpumask,
+)
+from pyvduse.transport.kernel.transport import KernelTransport
+
+
+def test_cpu_lists() -> None:
+    assert parse_cpu_list("0") == [0]
+    assert parse_cpu_list("3,0-2") == [3, 0, 1, 2]  # the order given: queue i -> i-th CPU
+    assert parse_cpu_list("1,1-2, 2") == [1, 2]
+    for bad in ("", "a", "2-1", "-1", "1-", "0,,1"):
+        with pytest.raises(ValueError):
+            parse_cpu_list(bad)
+    assert format_cpu_list([5, 0, 2, 1]) == "0-2,5"
+    assert format_cpu_list([]) == ""
+
+
+def test_cpumask_texts_are_the_kernels() -> None:
+    assert format_cpumask([0]) == "1"
+    assert format_cpumask([0, 1]) == "3"
+    assert format_cpumask([35]) == "8,00000000"  # 32-bit groups, as cpumask_parse wants
+    assert parse_cpumask("3\n") == [0, 1]
+    assert parse_cpumask("00000001,00000004") == [2, 32]
+    with pytest.raises(ValueError):
+        format_cpumask([])
+
+
+@given(st.sets(st.integers(0, 300), min_size=1))
+def test_cpumask_round_trip(cpus: set[int]) -> None:
+    assert parse_cpumask(format_cpumask(cpus)) == sorted(cpus)
+    assert parse_cpu_list(format_cpu_list(cpus)) == sorted(cpus)
+
+
+def test_placement_policy() -> None:
+    first = IrqPlacement.parse(FIRST, [0, 1])
+    assert first.choose(0, [0, 1]) == [0]
+    assert first.choose(1, [1]) is None  # already one CPU: the driver's spread stays
+    assert IrqPlacement.parse(DRIVER, [0, 1]).choose(0, [0, 1]) is None
+    listed = IrqPlacement.parse("1,0", [0, 1])
+    assert listed.explicit and str(listed) == "0-1"
+    assert [listed.choose(i, [0, 1]) for i in range(3)] == [[1], [0], [1]]
+    with pytest.raises(ValueError, match="CPU 4 is not online"):
+        IrqPlacement.parse("0,4", [0, 1])
+    with pytest.raises(ValueError, match="'first', 'driver' or a CPU list"):
+        IrqPlacement.parse("all", [0, 1])
+
+
+@pytest.fixture
+def vduse_class(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A /sys/class/vduse with one two-queue device whose driver gave each queue CPUs 0-1."""
+    monkeypatch.setattr(sysfs, "CLASS_VDUSE", tmp_path)
+    for i in range(2):
+        (tmp_path / "d0" / f"vq{i}").mkdir(parents=True)
+        (tmp_path / "d0" / f"vq{i}" / "irq_cb_affinity").write_text("3\n")
+    return tmp_path / "d0"
+
+
+def transport(placement: IrqPlacement) -> KernelTransport:
+    device = BlkDevice(NullBackend(1 << 20), BlkOptions(num_queues=2))
+    return KernelTransport("d0", device.spec(), DeviceServer(device), irq_placement=placement)
+
+
+def masks(dev: Path) -> list[str]:
+    return [(dev / f"vq{i}" / "irq_cb_affinity").read_text().strip() for i in range(2)]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    (FIRST, ["1", "1"]), (DRIVER, ["3", "3"]), ("1", ["2", "2"]), ("1,0", ["2", "1"]),
+])
+def test_driver_ok_places_each_queue(vduse_class: Path, text: str, expected: list[str]) -> None:
+    t = transport(IrqPlacement.parse(text, [0, 1]))
+    t._check_irq_placement()
+    assert t._place_irqs == (text != DRIVER)
+    if t._place_irqs:
+        t._place_interrupts()
+    assert masks(vduse_class) == expected
+
+
+def test_a_kernel_without_the_attribute(vduse_class: Path, caplog: pytest.LogCaptureFixture) -> None:
+    for i in range(2):
+        (vduse_class / f"vq{i}" / "irq_cb_affinity").unlink()
+    t = transport(IrqPlacement())
+    with caplog.at_level(logging.INFO):
+        t._check_irq_placement()  # the default just says so
+    assert not t._place_irqs and "cannot place VDUSE interrupts" in caplog.text
+    with pytest.raises(UserError, match="--irq-cpus cannot apply: leave it out"):
+        transport(IrqPlacement.parse("0", [0, 1]))._check_irq_placement()
+
+
+def test_a_refused_write_leaves_the_queue_and_says_so(
+        vduse_class: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (vduse_class / "vq1" / "irq_cb_affinity").write_text("not hex\n")
+    t = transport(IrqPlacement())
+    t._check_irq_placement()
+    t._place_interrupts()
+    assert masks(vduse_class) == ["1", "not hex"]
+    assert "queue 1: interrupt CPUs left as the driver set them" in caplog.text
+
+
+def test_cli_refuses_an_offline_cpu_in_one_line() -> None:
+    p = subprocess.run([sys.executable, "-m", "pyvduse", "blk", "--name", "x", "--null", "1M",
+                        "--irq-cpus", "0,4096"], capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and p.stdout == ""
+    assert p.stderr.strip().count("\n") == 0 and "Traceback" not in p.stderr
+    assert "--irq-cpus 0,4096: CPU 4096 is not online" in p.stderr

@@ -1,0 +1,72 @@
+"""Interrupt placement against the real kernel: what vqN/irq_cb_affinity holds once the
+virtio_blk driver runs, for each --irq-cpus, and after the driver probes the device again."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.vm.helpers import Daemon, sh
+
+pytestmark = pytest.mark.vm
+
+VIRTIO_VDPA = Path("/sys/bus/vdpa/drivers/virtio_vdpa")
+
+
+def masks(name: str, queues: int) -> list[str]:
+    return [Path(f"/sys/class/vduse/{name}/vq{i}/irq_cb_affinity").read_text().strip()
+            for i in range(queues)]
+
+
+def io(dev: str) -> None:
+    sh(f"dd if=/dev/zero of={dev} bs=4k count=256 oflag=direct status=none && "
+       f"dd if={dev} of=/dev/null bs=4k count=256 iflag=direct status=none")
+
+
+@pytest.fixture(autouse=True)
+def two_cpus() -> None:
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs a guest with 2 vCPUs")
+
+
+def test_default_gives_each_queue_one_cpu() -> None:
+    with Daemon("--null", "8M", name="irq-first") as d:
+        assert masks("irq-first", 1) == ["1"]  # the driver gave the one queue 0-1
+        io(d.dev)
+        assert d.stop() == 0
+    assert "queue 0: interrupts on CPU 0 (the driver gave 0-1)" in d.stderr()
+    with Daemon("--null", "8M", "--queues", "2", name="irq-first2") as d:
+        one_each = masks("irq-first2", 2)
+        assert sorted(one_each) == ["1", "2"], one_each  # the driver's spread, one CPU each
+        io(d.dev)
+        assert d.stop() == 0
+
+
+def test_driver_keeps_the_drivers_mask() -> None:
+    with Daemon("--null", "8M", "--irq-cpus", "driver", name="irq-driver") as d:
+        assert masks("irq-driver", 1) == ["3"]
+        io(d.dev)
+        assert d.stop() == 0
+
+
+def test_a_cpu_list_applies_again_when_the_driver_probes_again() -> None:
+    name = "irq-list"
+    with Daemon("--memory", "8M", "--irq-cpus", "1", name=name) as d:
+        assert masks(name, 1) == ["2"]
+        io(d.dev)
+        # unbind resets the device; bind probes it again, and the driver's probe sets the
+        # mask back to every CPU before DRIVER_OK, where the daemon narrows it again
+        (VIRTIO_VDPA / "unbind").write_text(name)
+        (VIRTIO_VDPA / "bind").write_text(name)
+        deadline = time.monotonic() + 30
+        while not list(Path(f"/sys/bus/vdpa/devices/{name}").glob("virtio*/block/*")):
+            assert time.monotonic() < deadline, "no block device after binding again"
+            time.sleep(0.1)
+        assert masks(name, 1) == ["2"]
+        dev = "/dev/" + next(Path(f"/sys/bus/vdpa/devices/{name}").glob("virtio*/block/*")).name
+        io(dev)
+        assert d.stop() == 0
+    assert d.stderr().count("queue 0: interrupts on CPU 1 (the driver gave 0-1)") == 2
