@@ -312,8 +312,8 @@ class KernelTransport(Transport):
         return self._dev.get_features()
 
     def _check_irq_placement(self) -> None:
-        """Before serving: can the queues' interrupt CPUs be set on this kernel (Linux 6.6
-        and later have the attribute)? An explicit CPU list that cannot apply is an error."""
+        """Before serving: can the queues' interrupt CPUs be set on this kernel (older ones
+        lack the attribute)? An explicit CPU list that cannot apply is an error."""
         if self.irq_placement.mode == DRIVER:
             return
         attr = sysfs.vq_attr(self.name, 0, "irq_cb_affinity")
@@ -321,7 +321,7 @@ class KernelTransport(Transport):
         if not self._place_irqs:
             if self.irq_placement.explicit:
                 raise UserError(f"this kernel has no {attr.parent.parent}/vqN/irq_cb_affinity, "
-                                "so --irq-cpus cannot apply: leave it out (Linux 6.6+ has it)")
+                                "so --irq-cpus cannot apply: leave it out")
             log.info("this kernel cannot place VDUSE interrupts (no vqN/irq_cb_affinity)")
 
     def _place_interrupts(self) -> None:
