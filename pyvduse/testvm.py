@@ -94,6 +94,10 @@ KMSG_START = "pyvduse-testvm: command start"
 
 EXIT_TIMEOUT = 124  # like timeout(1)
 EXIT_NO_STATUS = 99  # the guest never reported a status (boot failure, crash, panic)
+# Under TCG the guest kernel now and then panics while patching itself at boot
+# (text_poke_early in apparmor_init, RIP 0), before any command ran; such a boot is retried.
+BOOT_ATTEMPTS = 3
+BOOT_PANIC = "Kernel panic"
 
 INIT_SCRIPT = r"""#!/bin/busybox sh
 # pyvduse test VM init: load the VDUSE modules, mount the host's / over virtiofs, run the
@@ -181,6 +185,8 @@ class RunResult:
     kernel_log: str
     timed_out: bool
     duration: float
+    boot_panic: str = ""  # the boot console when the kernel panicked before the command began
+    boots: int = 1  # how many boots it took (a boot that panicked is retried)
 
     @property
     def command_kernel_log(self) -> str:
@@ -758,6 +764,7 @@ class ConsoleFilter:
         self.boot = ""
         self.output = ""
         self.ready = False
+        self.started = False  # the guest printed its ready marker: the command began
         self.done = False
         self._ready_line = f"{READY_MARKER} {token}\n"
         self._done_line = f"\n{DONE_MARKER} {token}"
@@ -788,7 +795,7 @@ class ConsoleFilter:
             i = self.boot.find(self._ready_line)
             if i < 0:
                 return
-            self.ready = True
+            self.ready = self.started = True
             text = self.boot[i + len(self._ready_line) :]
             self.boot = self.boot[:i]
         self._pending += text
@@ -806,12 +813,20 @@ class ConsoleFilter:
         self._emit(self._pending[: len(self._pending) - keep])
         self._pending = self._pending[len(self._pending) - keep :]
 
-    def close(self) -> None:
-        """End of console: flush what was held back; an unready guest shows its boot text."""
+    @property
+    def panicked_at_boot(self) -> bool:
+        """The kernel panicked before the command began, so running it again is safe."""
+        return not self.started and BOOT_PANIC in self.boot
+
+    def close(self, *, show_boot: bool = True) -> None:
+        """End of console: flush what was held back; an unready guest shows its boot text
+        (unless `show_boot` is false: a boot about to be retried is not worth showing)."""
         if self._cr:
             self._cr = False
             self._process("\r")  # a lone CR is kept as is
         if not self.ready:
+            if not show_boot:
+                return
             self.ready = True
             self._pending = ""
             self._emit(self.boot)
@@ -855,15 +870,23 @@ def _drive(argv: Sequence[str], timeout: float, console: ConsoleFilter) -> tuple
         _stop(proc, grace=0.0)
         proc.stdout.close()
         console.feed(decoder.decode(b"", final=True))
-        console.close()
     return (None if timed_out else proc.returncode), timed_out
 
 
-def _run_prepared(argv: Sequence[str], rundir: Path, *, timeout: float, console: TextIO | None) -> RunResult:
-    """Boot with a prepared run directory and collect the result from it."""
+def _run_prepared(
+    argv: Sequence[str], rundir: Path, *, timeout: float, console: TextIO | None, will_retry: bool = False
+) -> RunResult:
+    """Boot with a prepared run directory and collect the result from it.
+
+    With `will_retry`, a boot that panicked before the command began is not shown on the
+    console (the caller boots again); its text is in the result's `boot_panic`.
+    """
     start = time.monotonic()
     screen = ConsoleFilter(rundir.name, console)
-    _, timed_out = _drive(argv, timeout, screen)
+    try:
+        _, timed_out = _drive(argv, timeout, screen)
+    finally:
+        screen.close(show_boot=not (will_retry and screen.panicked_at_boot))
     duration = time.monotonic() - start
     try:
         kernel_log = (rundir / "kernel.log").read_text(errors="replace")
@@ -881,6 +904,7 @@ def _run_prepared(argv: Sequence[str], rundir: Path, *, timeout: float, console:
         kernel_log=kernel_log,
         timed_out=timed_out,
         duration=duration,
+        boot_panic=screen.boot if screen.panicked_at_boot else "",
     )
 
 
@@ -935,15 +959,35 @@ def run(
     RUN_BASE.mkdir(parents=True, exist_ok=True)
     _prune_stale_rundirs()
     rundir = Path(tempfile.mkdtemp(prefix="r", dir=RUN_BASE))
+    deadline = time.monotonic() + timeout
     try:
         (rundir / "owner").write_text(f"{os.getpid()}\n")
         (rundir / "command.sh").write_text(script)
         socket = rundir / "virtiofsd.sock"
-        with _virtiofsd(tools.virtiofsd, socket, rundir / "virtiofsd.log"):
-            argv = qemu_argv(tools.qemu, image, socket, rundir, mem=mem, smp=smp)
-            return _run_prepared(argv, rundir, timeout=timeout, console=console)
+        argv = qemu_argv(tools.qemu, image, socket, rundir, mem=mem, smp=smp)
+        for boot in range(1, BOOT_ATTEMPTS + 1):
+            # virtiofsd serves one connection: a fresh one for every boot.
+            with _virtiofsd(tools.virtiofsd, socket, rundir / "virtiofsd.log"):
+                result = _run_prepared(
+                    argv, rundir, timeout=max(deadline - time.monotonic(), 0.0), console=console,
+                    will_retry=boot < BOOT_ATTEMPTS,
+                )
+            result.boots = boot
+            if not result.boot_panic or result.timed_out or boot == BOOT_ATTEMPTS:
+                return result
+            _note(f"the guest kernel panicked at boot, before the command began; booting again "
+                  f"({boot + 1} of {BOOT_ATTEMPTS}): {_panic_line(result.boot_panic)}")
+        raise AssertionError("unreachable")
     finally:
         shutil.rmtree(rundir, ignore_errors=True)
+
+
+def _panic_line(boot: str) -> str:
+    """The kernel's one-line reason from a panicked boot's console."""
+    for line in reversed(boot.splitlines()):
+        if BOOT_PANIC in line:
+            return line.split("] ", 1)[-1].strip()
+    return BOOT_PANIC
 
 
 # --------------------------------------------------------------------------- CLI

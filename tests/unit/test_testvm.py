@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import os
@@ -349,6 +350,15 @@ FAKE_QEMU = textwrap.dedent(
     token = os.path.basename(rundir)
     open(os.path.join(rundir, "pid"), "w").write(str(os.getpid()))
     out = sys.stdout
+    boots = os.path.join(rundir, "boots")
+    n = int(open(boots).read()) + 1 if os.path.exists(boots) else 1
+    open(boots, "w").write(str(n))
+    if mode == "panic" or (mode == "panic-once" and n == 1):
+        out.write("[ 0.6] ? text_poke_early+0x6a/0xa0\\r\\n"
+                  "[ 0.6] Kernel panic - not syncing: Attempted to kill the idle task!\\r\\n")
+        sys.exit(0)
+    if mode == "panic-once":
+        mode = "ok"
     out.write("[ 0.5] boot noise\\r\\n\\r\\n{ready} " + token + "\\r\\n")
     out.write("hello-from-fake\\r\\n")
     out.flush()
@@ -407,6 +417,60 @@ def test_run_prepared_timeout_kills_the_vm(fake_qemu: tuple[Path, Path]) -> None
     assert 2.0 <= r.duration < 15
     assert "hello-from-fake" in sink.getvalue()
     assert _pid_gone(int((rundir / "pid").read_text()))
+
+
+def test_run_prepared_hides_a_panicked_boot_only_when_retrying(fake_qemu: tuple[Path, Path]) -> None:
+    script, rundir = fake_qemu
+    argv = [sys.executable, str(script), str(rundir), "panic"]
+    sink = io.StringIO()
+    r = testvm._run_prepared(argv, rundir, timeout=60, console=sink, will_retry=True)
+    assert (r.exit_code, sink.getvalue(), r.output) == (EXIT_NO_STATUS, "", "")
+    assert "Kernel panic" in r.boot_panic
+    r = testvm._run_prepared(argv, rundir, timeout=60, console=sink, will_retry=False)
+    assert "Kernel panic" in sink.getvalue() and "Kernel panic" in r.output
+
+
+@pytest.fixture
+def fake_vm(fake_qemu: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """run() with the fake qemu in place of qemu + virtiofsd; the mode goes in PYVDUSE_FAKE_MODE."""
+    script, _ = fake_qemu
+    monkeypatch.setattr(testvm, "RUN_BASE", tmp_path / "runs")
+    monkeypatch.setattr(testvm, "_is_root", lambda: True)
+    monkeypatch.setattr(testvm, "ensure_tools", lambda: testvm.HostTools("qemu", "virtiofsd", "busybox"))
+    image = testvm.GuestImage(tmp_path / "vmlinuz", tmp_path / "initrd", "6.12", "pkg")
+    monkeypatch.setattr(testvm, "ensure_guest", lambda: image)
+    monkeypatch.setattr(testvm, "_virtiofsd", lambda *a: contextlib.nullcontext())
+    monkeypatch.setattr(
+        testvm, "qemu_argv",
+        lambda qemu, image, socket, rundir, **kw: [sys.executable, str(script), str(rundir),
+                                                   os.environ["PYVDUSE_FAKE_MODE"]],
+    )  # fmt: skip
+    return tmp_path
+
+
+def test_run_boots_again_after_a_boot_panic(
+    fake_vm: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PYVDUSE_FAKE_MODE", "panic-once")
+    sink = io.StringIO()
+    r = testvm.run("true", cwd="/", console=sink)
+    assert (r.exit_code, r.boots, r.boot_panic) == (3, 2, "")
+    assert sink.getvalue() == "hello-from-fake\n"  # the failed boot is not in the output
+    assert "booting again (2 of 3): Kernel panic - not syncing: Attempted to kill" in capsys.readouterr().err
+
+
+def test_run_gives_up_after_boot_attempts(fake_vm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYVDUSE_FAKE_MODE", "panic")
+    sink = io.StringIO()
+    r = testvm.run("true", cwd="/", console=sink)
+    assert (r.exit_code, r.boots) == (EXIT_NO_STATUS, testvm.BOOT_ATTEMPTS)
+    assert sink.getvalue().count("Kernel panic") == 1  # only the last boot is shown
+
+
+def test_run_does_not_retry_a_command_that_began(fake_vm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYVDUSE_FAKE_MODE", "crash")  # ready marker, then no status
+    r = testvm.run("true", cwd="/")
+    assert (r.exit_code, r.boots) == (EXIT_NO_STATUS, 1)
 
 
 # --------------------------------------------------------------------------- CLI
