@@ -25,6 +25,7 @@ from pyvduse.fastpath.engine import DataPath
 from pyvduse.ops.service import DEFAULT_DRAIN_TIMEOUT, Operations, OpsOptions
 from pyvduse.runtime.server import DeviceServer
 from pyvduse.runtime.state_file import DEFAULT_STATE_DIR, IdentityMismatch, StateFile
+from pyvduse.runtime.tuning import MAX_US, PUBLISH_AFTER_US, QueueTuning
 from pyvduse.sizes import parse_size
 from pyvduse.transport.kernel import sysfs
 from pyvduse.transport.kernel.control import missing_module_hint
@@ -72,6 +73,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="native data path: when a queue runs empty, keep watching it this "
                    "many microseconds with notifications off before sleeping (fewer kicks "
                    "and wake-ups under load, at the price of CPU; default 0)")
+    p.add_argument("--publish-us", type=int, default=PUBLISH_AFTER_US, metavar="US",
+                   help="while a queue serves a long run of requests, hand the finished ones "
+                   "to the driver (and interrupt it) once the oldest is this many "
+                   f"microseconds old instead of at the end of the run (default "
+                   f"{PUBLISH_AFTER_US}; larger: fewer interrupts, later completions)")
     p.add_argument("--irq-cpus", default=FIRST, metavar="first|driver|LIST",
                    help="where the kernel runs each queue's interrupt callback "
                    "(vqN/irq_cb_affinity): 'first' CPU of the mask the driver set (the "
@@ -192,8 +198,10 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(str(e)) from None
     ops = ops_options(args)
     data_path = DataPath(args.data_path)
-    if not 0 <= args.poll_us <= 1_000_000:
-        raise UserError(f"--poll-us {args.poll_us} must be 0 to 1000000")
+    for option, value in (("--poll-us", args.poll_us), ("--publish-us", args.publish_us)):
+        if not 0 <= value <= MAX_US:
+            raise UserError(f"{option} {value} must be 0 to {MAX_US}")
+    tuning = QueueTuning(data_path=data_path, poll_us=args.poll_us, publish_us=args.publish_us)
     irq_placement = parse_irq_cpus(args.irq_cpus)
     backend = make_backend(args)
     try:
@@ -212,8 +220,8 @@ def run(args: argparse.Namespace) -> int:
         if data_path is DataPath.AUTO and why_not is not None:
             log.info("queues served by the Python engine: %s", why_not)
         return serve(args.name, device, msg_timeout=args.msg_timeout, bounce_size=bounce,
-                     state=state, reconnect=reconnect, ops=ops, data_path=data_path,
-                     poll_us=args.poll_us, irq_placement=irq_placement)
+                     state=state, reconnect=reconnect, ops=ops, tuning=tuning,
+                     irq_placement=irq_placement)
     finally:
         backend.close()
 
@@ -264,8 +272,7 @@ def open_state(name: str, state_dir: Path, device: BlkDevice, reconnect: bool) -
 def serve(name: str, device: BlkDevice, *, msg_timeout: int | None = None,
           bounce_size: int | None = None, state: StateFile | None = None,
           reconnect: bool = False, ops: OpsOptions | None = None,
-          data_path: DataPath = DataPath.AUTO, poll_us: int = 0,
-          irq_placement: IrqPlacement | None = None) -> int:
+          tuning: QueueTuning | None = None, irq_placement: IrqPlacement | None = None) -> int:
     """Create, attach, announce, serve until a signal, then tear everything down."""
     stop = threading.Event()
     hurry = threading.Event()  # a second signal: stop waiting for requests in flight
@@ -283,7 +290,7 @@ def serve(name: str, device: BlkDevice, *, msg_timeout: int | None = None,
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # where is it stuck? kill -USR1
-    server = DeviceServer(device, state, data_path, poll_us)
+    server = DeviceServer(device, state, tuning)
     transport = KernelTransport(name, device.spec(), server, msg_timeout=msg_timeout,
                                 bounce_size=bounce_size, irq_placement=irq_placement)
     transport.on_broken = on_broken

@@ -70,14 +70,16 @@ class NativeQueueWorker(QueueWorker):
         poll_ns: int = 0,
         *,
         resumed: bool = False,
+        publish_ns: int = PUBLISH_AFTER_NS,
     ) -> None:
         self.index = index
         self.ring = queue.queue if isinstance(queue, LoggedQueue) else queue
         self.log: InflightLog | None = queue.log if isinstance(queue, LoggedQueue) else None
         # First, as it may refuse (ValueError) before the worker holds anything to release.
         self.engine = native.build(device, index, self.ring, memory, self.log, irq, notify,
-                                   self._backend_error, poll_ns, PUBLISH_AFTER_NS)
-        super().__init__(device, index, queue, kick_fd, notify, resubmit, resumed=resumed)
+                                   self._backend_error, poll_ns, publish_ns)
+        super().__init__(device, index, queue, kick_fd, notify, resubmit, resumed=resumed,
+                         publish_ns=publish_ns)
         self.blk = device
         self.memory = memory
         self.deferred = 0  # chains the native loop left to Python

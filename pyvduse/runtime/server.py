@@ -21,6 +21,7 @@ from pyvduse.ring.queue import VirtQueue
 from pyvduse.ring.split import SplitQueue
 from pyvduse.runtime.native_worker import NativeQueueWorker
 from pyvduse.runtime.state_file import StateFile
+from pyvduse.runtime.tuning import QueueTuning
 from pyvduse.runtime.worker import QueueWorker
 from pyvduse.transport.base import QueueSetup, Transport
 
@@ -31,11 +32,10 @@ class DeviceServer:
     """Implements ``DeviceEvents`` for one device on one transport."""
 
     def __init__(self, device: VirtioDevice, state: StateFile | None = None,
-                 data_path: DataPath = DataPath.AUTO, poll_us: int = 0) -> None:
+                 tuning: QueueTuning | None = None) -> None:
         self.device = device
         self.state = state  # in-flight logs, for surviving a restart
-        self.data_path = data_path
-        self.poll_us = poll_us  # native queues: poll an empty ring this long before sleeping
+        self.tuning = tuning or QueueTuning()  # read at each DRIVER_OK
         self.transport: Transport | None = None
         self.workers: dict[int, QueueWorker] = {}
         self._setups: dict[int, QueueSetup] = {}
@@ -162,7 +162,8 @@ class DeviceServer:
         resumed = mode == "resume"
         w = self._native_worker(q.index, queue, resubmit, resumed) or QueueWorker(
             self.device, q.index, queue, self.transport.kick_fd(q.index),
-            self.transport.notify, resubmit, resumed=resumed)
+            self.transport.notify, resubmit, resumed=resumed,
+            publish_ns=self.tuning.publish_us * 1000)
         self.workers[q.index] = w
         w.start()
 
@@ -171,7 +172,7 @@ class DeviceServer:
         """A native worker when the data path allows it and the queue is one it serves."""
         assert self.transport is not None
         memory = self.transport.memory
-        if (self.data_path is DataPath.PYTHON or not isinstance(self.device, BlkDevice)
+        if (self.tuning.data_path is DataPath.PYTHON or not isinstance(self.device, BlkDevice)
                 or native.why_not(self.device, self.packed) is not None
                 or not isinstance(queue, SplitQueue | LoggedQueue)
                 or not isinstance(memory, RegionMap)):
@@ -180,7 +181,8 @@ class DeviceServer:
             return NativeQueueWorker(self.device, index, queue, self.transport.kick_fd(index),
                                      self.transport.notify, memory,
                                      self.transport.irq_ioctl(index), resubmit,
-                                     poll_ns=self.poll_us * 1000, resumed=resumed)
+                                     poll_ns=self.tuning.poll_us * 1000, resumed=resumed,
+                                     publish_ns=self.tuning.publish_us * 1000)
         except ValueError as e:  # e.g. a ring the native loop cannot map as one piece
             log.warning("queue %d: served by the Python engine: %s", index, e)
             return None

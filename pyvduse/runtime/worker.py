@@ -29,6 +29,7 @@ from pyvduse.device.base import VirtioDevice
 from pyvduse.ring.chain import Chain
 from pyvduse.ring.errors import RingError
 from pyvduse.ring.queue import VirtQueue
+from pyvduse.runtime.tuning import PUBLISH_AFTER_US
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +37,8 @@ log = logging.getLogger(__name__)
 #: 2**(b-1) µs (bucket 0: under 1 µs). 64 covers any duration a clock can measure.
 LATENCY_BUCKETS = 64
 DRAIN_POLL_SECONDS = 0.01
-#: A round of requests publishes its completions once they are this old (ns), not only at
-#: its end: a round of long requests (128 KiB reads: ~400 µs each under emulation) would
-#: otherwise leave the driver idle until the last one, then the device idle while the
-#: driver catches up. Short requests still go out together, one interrupt per round.
-PUBLISH_AFTER_NS = 30_000
+#: The default for publish_ns: see tuning.PUBLISH_AFTER_US.
+PUBLISH_AFTER_NS = PUBLISH_AFTER_US * 1000
 
 
 class QueueCounters:
@@ -142,10 +140,12 @@ class QueueWorker:
         resubmit: list[Chain] | None = None,
         *,
         resumed: bool = False,
+        publish_ns: int = PUBLISH_AFTER_NS,
     ) -> None:
         self.device = device
         self.index = index
         self.queue = queue
+        self.publish_ns = publish_ns
         self.kick_fd = kick_fd
         self._notify = notify
         self._resubmit = resubmit or []  # requests in flight when the last daemon died
@@ -246,6 +246,7 @@ class QueueWorker:
         q, dev, idx = self.queue, self.device, self.index
         pop, push = q.pop, q.push
         c, hist, clock = self.counters, self.counters.hist, time.monotonic_ns
+        publish_ns = self.publish_ns
         try:
             while not self._stopping:
                 q.disable_kicks()
@@ -262,7 +263,7 @@ class QueueWorker:
                     hist[((done - t) // 1000).bit_length()] += 1
                     t = done
                     n += 1
-                    if done - published >= PUBLISH_AFTER_NS:  # long requests: do not
+                    if done - published >= publish_ns:  # long requests: do not
                         published = done  # hold the finished ones back for the round
                         self._publish()
                 c.sum_ns += t - start

@@ -51,6 +51,13 @@ def test_bad_size_and_name() -> None:
     one_line_error(pyvduse("blk", "--name", "a/b", "--memory", "1M"), "cannot be a device name")
 
 
+def test_tuning_out_of_range() -> None:
+    one_line_error(pyvduse("blk", "--name", "x", "--null", "1M", "--publish-us", "-5"),
+                   "--publish-us -5 must be 0 to 1000000")
+    one_line_error(pyvduse("blk", "--name", "x", "--null", "1M", "--poll-us", "2000000"),
+                   "--poll-us 2000000 must be 0 to 1000000")
+
+
 def test_sizes() -> None:
     assert parse_size("4096") == 4096
     assert parse_size("64K") == 65536

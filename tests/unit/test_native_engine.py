@@ -27,6 +27,7 @@ from pyvduse.fastpath.engine import DataPath
 from pyvduse.model.blk_driver import BlkDriver, BlkIOError
 from pyvduse.ring.inflight import FREE, InflightLog, log_size
 from pyvduse.runtime.native_worker import NativeQueueWorker
+from pyvduse.runtime.tuning import QueueTuning
 from pyvduse.runtime.worker import QueueWorker
 from pyvduse.transport.model.rig import ModelRig
 
@@ -214,8 +215,7 @@ def test_polling_an_empty_ring_serves_and_stops() -> None:
     import time
 
     dev = device()
-    rig = ModelRig(dev, data_path=DataPath.NATIVE)
-    rig.server.poll_us = 20_000
+    rig = ModelRig(dev, tuning=QueueTuning(data_path=DataPath.NATIVE, poll_us=20_000))
     with rig:
         drv = BlkDriver(rig.kernel)
         data = os.urandom(4096)

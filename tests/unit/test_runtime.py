@@ -22,6 +22,7 @@ from pyvduse.model.split_driver import DriverSplitRing
 from pyvduse.ring.memory import GuestMemory
 from pyvduse.runtime.server import DeviceServer
 from pyvduse.runtime.state_file import StateFile
+from pyvduse.runtime.tuning import MAX_US, PUBLISH_AFTER_US, QueueTuning
 from pyvduse.transport.base import QueueSetup, Transport
 
 FEATURES = REQUIRED_FEATURES | bit(F_RING_EVENT_IDX) | bit(F_RING_INDIRECT_DESC)
@@ -162,7 +163,7 @@ def test_a_restarted_daemon_interrupts_even_with_nothing_to_repeat(
     t = LoopbackTransport(arena, 1)
 
     def serve(resume: bool) -> DeviceServer:
-        server = DeviceServer(device, state, data_path)
+        server = DeviceServer(device, state, QueueTuning(data_path=data_path))
         server.bind(t)
         assert server.features_ok(features)
         server.driver_ok(features, [setup_], resume=resume)
@@ -190,12 +191,15 @@ class SlowBackend(MemoryBackend):
         super().writev(offset, bufs)
 
 
-def test_long_requests_are_published_before_their_round_ends() -> None:
-    """A round of long requests does not hold the finished ones back until the last."""
+@pytest.mark.parametrize("publish_us", [PUBLISH_AFTER_US, MAX_US])
+def test_long_requests_are_published_before_their_round_ends(publish_us: int) -> None:
+    """A round of long requests does not hold the finished ones back until the last, unless
+    --publish-us says to wait longer than the round takes."""
     arena = Arena(8 << 20)
     ring = DriverSplitRing(arena, 32)
     t = LoopbackTransport(arena, 1)
-    server = DeviceServer(BlkDevice(SlowBackend(4 << 20)), data_path=DataPath.PYTHON)
+    tuning = QueueTuning(data_path=DataPath.PYTHON, publish_us=publish_us)
+    server = DeviceServer(BlkDevice(SlowBackend(4 << 20)), tuning=tuning)
     server.bind(t)
     assert server.features_ok(FEATURES)
     try:
@@ -204,7 +208,17 @@ def test_long_requests_are_published_before_their_round_ends() -> None:
         server.driver_ok(FEATURES, [QueueSetup(0, 32, ring.desc_addr, ring.avail_addr,
                                                ring.used_addr, True)])
         wait_for(lambda: ring.used_idx() >= 1)
-        assert ring.used_idx() < 4  # the first went out while the others were served
+        if publish_us == MAX_US:  # 4 x 50 ms is well under a second: all at the round's end
+            assert ring.used_idx() == 4
+        else:
+            assert ring.used_idx() < 4  # the first went out while the others were served
         wait_for(lambda: ring.used_idx() == 4)
     finally:
         server.reset()
+
+
+@pytest.mark.parametrize("field", ["poll_us", "publish_us"])
+def test_tuning_refuses_out_of_range(field: str) -> None:
+    for bad in (-1, MAX_US + 1):
+        with pytest.raises(ValueError, match=f"{field} {bad} must be 0 to {MAX_US}"):
+            QueueTuning(**{field: bad})  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ from types import TracebackType
 from pyvduse.device.base import VirtioDevice
 from pyvduse.fastpath.engine import DataPath
 from pyvduse.runtime.server import DeviceServer
+from pyvduse.runtime.tuning import QueueTuning
 from pyvduse.transport.model.kernel import ModelKernel
 from pyvduse.transport.model.transport import ModelTransport
 
@@ -15,10 +16,12 @@ class ModelRig:
     """A device served on the model, ready for a model driver to probe."""
 
     def __init__(self, device: VirtioDevice, *, msg_timeout: float = 5.0,
-                 bounce_size: int = 16 << 20, data_path: DataPath = DataPath.AUTO) -> None:
+                 bounce_size: int = 16 << 20, data_path: DataPath = DataPath.AUTO,
+                 tuning: QueueTuning | None = None) -> None:
         self.device = device
         self.kernel = ModelKernel(device.spec(), msg_timeout=msg_timeout, bounce_size=bounce_size)
-        self.server = DeviceServer(device, data_path=data_path)
+        # data_path alone is the common case; a whole tuning wins when given
+        self.server = DeviceServer(device, tuning=tuning or QueueTuning(data_path=data_path))
         self.transport = ModelTransport(self.kernel, self.server)
         self.server.bind(self.transport)
 
