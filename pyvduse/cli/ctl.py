@@ -11,6 +11,7 @@ from pyvduse.errors import UserError
 from pyvduse.ops import inspect
 from pyvduse.ops.client import ClientError, NoDaemon, request
 from pyvduse.ops.protocol import Json, default_control_path
+from pyvduse.transport.kernel.irq_affinity import format_cpu_list
 
 COMMANDS = ("status", "stats", "resize", "quit")
 
@@ -131,9 +132,10 @@ def render_status(r: Json) -> str:
         broken = f"  BROKEN: {q['broken']}" if q.get("broken") else ""
         age = q.get("in_flight_s")
         since = f" (for {age:.1f} s)" if age is not None and age >= 0.1 else ""
+        irq = f", interrupts on CPU {format_cpu_list(q['irq_cpus'])}" if q.get("irq_cpus") else ""
         lines.append(f"  queue {q['index']}   size {q['size']}, avail {avail}, "
                      f"taken {q['last_avail_idx']}, used {q['used_idx']}, "
-                     f"in flight {q['in_flight']}{since}{broken}")
+                     f"in flight {q['in_flight']}{since}{irq}{broken}")
     if r.get("control"):
         lines.append(f"  control   {r['control']}")
     if r.get("metrics"):

@@ -94,8 +94,8 @@ def _ring_avail_idx(queue: object) -> int | None:
 
 
 def queue_status(index: int, size: int, worker: QueueWorker | None,
-                 counters: QueueCounters | None) -> Json:
-    q: Json = {"index": index, "size": size, "served": worker is not None}
+                 counters: QueueCounters | None, irq_cpus: list[int] | None = None) -> Json:
+    q: Json = {"index": index, "size": size, "served": worker is not None, "irq_cpus": irq_cpus}
     if worker is not None:
         ring = worker.queue
         q["size"] = ring.num
@@ -145,7 +145,9 @@ def status(target: Target) -> Json:
         out.update(backend=device.backend.description, backend_kind=device.backend.kind,
                    capacity=device.capacity_bytes, block_size=o.block_size,
                    readonly=o.readonly, serial=o.serial)
-    out["queues"] = [queue_status(i, spec.queue_size, workers.get(i), counters.get(i))
+    transport = target.transport
+    out["queues"] = [queue_status(i, spec.queue_size, workers.get(i), counters.get(i),
+                                  transport.interrupt_cpus(i) if transport else None)
                      for i in range(spec.num_queues)]
     return out
 

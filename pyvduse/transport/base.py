@@ -71,6 +71,11 @@ class Transport(ABC):
     def notify(self, index: int) -> None:
         """Send a used-buffer notification (interrupt) for queue ``index``."""
 
+    def interrupt_cpus(self, index: int) -> list[int] | None:
+        """The CPUs queue ``index``'s interrupts are handled on, when the transport can
+        tell (for ``status``); None when it cannot."""
+        return None
+
     def irq_ioctl(self, index: int) -> tuple[int, int] | None:
         """``(fd, request)``: an ioctl taking the u32 queue index that interrupts the
         driver, for a native data path to call without Python; None: use ``notify``."""

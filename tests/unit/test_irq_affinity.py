@@ -101,6 +101,28 @@ def test_driver_ok_places_each_queue(vduse_class: Path, text: str, expected: lis
     assert masks(vduse_class) == expected
 
 
+def test_status_reads_the_current_masks(vduse_class: Path) -> None:
+    t = transport(IrqPlacement())
+    t._check_irq_placement()
+    t._place_interrupts()
+    assert [t.interrupt_cpus(i) for i in range(2)] == [[0], [0]]
+    (vduse_class / "vq1" / "irq_cb_affinity").unlink()  # an older kernel, or a device gone
+    assert t.interrupt_cpus(1) is None
+
+
+def test_ctl_status_shows_the_interrupt_cpus() -> None:
+    from pyvduse.cli.ctl import render_status
+
+    queue = {"index": 0, "size": 256, "served": True, "avail_idx": 3, "last_avail_idx": 3,
+             "used_idx": 3, "in_flight": 0, "in_flight_s": None, "irq_cpus": [0, 1, 3]}
+    reply = {"name": "d0", "state": "serving", "device": "virtio-blk", "node": "/dev/vda",
+             "pid": 1, "uptime_s": 1.0, "status": 15, "status_names": [], "features": "0x1",
+             "queues": [queue, dict(queue, index=1, irq_cpus=None)]}
+    lines = render_status(reply).splitlines()
+    assert lines[-2].endswith("in flight 0, interrupts on CPU 0-1,3")
+    assert lines[-1].endswith("in flight 0")
+
+
 def test_a_kernel_without_the_attribute(vduse_class: Path, caplog: pytest.LogCaptureFixture) -> None:
     for i in range(2):
         (vduse_class / f"vq{i}" / "irq_cb_affinity").unlink()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -85,3 +86,17 @@ def make_image(path: Path, size: int) -> Path:
     with open(path, "wb") as f:
         f.truncate(size)
     return path
+
+
+def ctl(name: str, *args: str, control: str | None = None) -> subprocess.CompletedProcess[str]:
+    extra = ["--control", control] if control else []
+    return subprocess.run([sys.executable, "-m", "pyvduse", "ctl", name, *args, *extra],
+                          capture_output=True, text=True, timeout=120)
+
+
+def ctl_json(name: str, *args: str, control: str | None = None) -> dict[str, object]:
+    p = ctl(name, *args, "--json", control=control)
+    assert p.returncode == 0, p.stderr
+    reply = json.loads(p.stdout)
+    assert isinstance(reply, dict)
+    return reply

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.helpers import Daemon, sh
+from tests.vm.helpers import Daemon, ctl, ctl_json, sh
 
 pytestmark = pytest.mark.vm
 
@@ -42,6 +42,9 @@ def test_default_gives_each_queue_one_cpu() -> None:
         one_each = masks("irq-first2", 2)
         assert sorted(one_each) == ["1", "2"], one_each  # the driver's spread, one CPU each
         io(d.dev)
+        queues = ctl_json("irq-first2", "status")["result"]["queues"]  # type: ignore[index]
+        assert [q["irq_cpus"] for q in queues] == [{"1": [0], "2": [1]}[m] for m in one_each]
+        assert "interrupts on CPU" in ctl("irq-first2", "status").stdout
         assert d.stop() == 0
 
 

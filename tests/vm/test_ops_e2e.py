@@ -7,7 +7,6 @@ These run inside the test VM (Linux 6.12 with vduse); on the host they are proxi
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import socket
@@ -23,25 +22,11 @@ import pytest
 
 from pyvduse.cli.main import main
 from pyvduse.ops.client import NoDaemon, request
-from tests.vm.helpers import Daemon, MiB, make_image, sh, wait_gone
+from tests.vm.helpers import Daemon, MiB, ctl, ctl_json, make_image, sh, wait_gone
 
 pytestmark = pytest.mark.vm
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def ctl(name: str, *args: str, control: str | None = None) -> subprocess.CompletedProcess[str]:
-    extra = ["--control", control] if control else []
-    return subprocess.run([sys.executable, "-m", "pyvduse", "ctl", name, *args, *extra],
-                          capture_output=True, text=True, timeout=120)
-
-
-def ctl_json(name: str, *args: str, control: str | None = None) -> dict[str, object]:
-    p = ctl(name, *args, "--json", control=control)
-    assert p.returncode == 0, p.stderr
-    reply = json.loads(p.stdout)
-    assert isinstance(reply, dict)
-    return reply
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout: float = 30) -> None:

@@ -86,6 +86,13 @@ class KernelTransport(Transport):
     def kick_fd(self, index: int) -> int:
         return self._kick_fds[index]
 
+    def interrupt_cpus(self, index: int) -> list[int] | None:
+        """vqN/irq_cb_affinity as it is now (absent on older kernels, gone after destroy)."""
+        try:
+            return parse_cpumask(sysfs.vq_attr(self.name, index, "irq_cb_affinity").read_text())
+        except (OSError, ValueError):
+            return None
+
     def irq_ioctl(self, index: int) -> tuple[int, int] | None:
         return None if self._dev is None else (self._dev.fd, v.VDUSE_VQ_INJECT_IRQ)
 
