@@ -26,12 +26,16 @@ import struct
 
 from pyvduse.ring.chain import Chain
 from pyvduse.ring.split import SplitQueue
+from pyvduse.ring.stores import words16, words32, words64
 
 # Queue header: u16 last_avail, u16 base, u32 num, u64 sequence.
 _HEADER = struct.Struct("<HHIQ")
 # One entry per head: u8 state, 7 pad, u64 sequence.
 _ENTRY = struct.Struct("<B7xQ")
 FREE, IN_FLIGHT, COMPLETED = 0, 1, 2
+# Word indices of the header fields; every field is written with one store (``stores``), so
+# a kill between two stores leaves old and new fields, never a half-written or zeroed one.
+_LAST_AVAIL16, _BASE16, _NUM32, _SEQ64 = 0, 1, 1, 1
 
 
 def log_size(num: int) -> int:
@@ -47,14 +51,21 @@ class InflightLog:
             raise ValueError("log region too small")
         self.mem = mem
         self.num = num
+        size = log_size(num)
+        self._w16, self._w32, self._w64 = (words16(mem[:size]), words32(mem[:size]),
+                                           words64(mem[:size]))
         _, _, stored_num, self.seq = _HEADER.unpack_from(mem, 0)
         if stored_num != num:
             self.clear()
 
     def clear(self) -> None:
         self.mem[: log_size(self.num)] = bytes(log_size(self.num))
-        _HEADER.pack_into(self.mem, 0, 0, 0, self.num, 0)
+        self._w32[_NUM32] = self.num  # last: until then the log reads as no log at all
         self.seq = 0
+
+    def set_positions(self, last_avail: int, base: int) -> None:
+        self._w16[_BASE16] = base
+        self._w16[_LAST_AVAIL16] = last_avail
 
     @property
     def last_avail(self) -> int:
@@ -72,11 +83,14 @@ class InflightLog:
 
     def taken(self, head: int, next_avail: int) -> None:
         self.seq += 1
-        _ENTRY.pack_into(self.mem, _HEADER.size + _ENTRY.size * head, IN_FLIGHT, self.seq)
-        _HEADER.pack_into(self.mem, 0, next_avail, self.base, self.num, self.seq)
+        entry = _HEADER.size + _ENTRY.size * head
+        self._w64[(entry >> 3) + 1] = self.seq  # the order key, then the state that uses it
+        self.mem[entry] = IN_FLIGHT
+        self._w64[_SEQ64] = self.seq
+        self._w16[_LAST_AVAIL16] = next_avail
 
     def batch_start(self, used_idx: int) -> None:
-        struct.pack_into("<H", self.mem, 2, used_idx)
+        self._w16[_BASE16] = used_idx
 
     def completed(self, head: int) -> None:
         self.mem[_HEADER.size + _ENTRY.size * head] = COMPLETED
@@ -112,7 +126,7 @@ class InflightLog:
                 break
             last_avail = (last_avail + 1) & 0xFFFF
             pending.discard(h)
-        _HEADER.pack_into(self.mem, 0, last_avail, ring_used_idx, self.num, self.seq)
+        self.set_positions(last_avail, ring_used_idx)
         return last_avail, heads
 
 
@@ -129,7 +143,7 @@ class LoggedQueue:
     @classmethod
     def fresh(cls, queue: SplitQueue, log: InflightLog) -> LoggedQueue:
         log.clear()
-        struct.pack_into("<HH", log.mem, 0, queue.last_avail_idx, queue.used_idx)
+        log.set_positions(queue.last_avail_idx, queue.used_idx)
         return cls(queue, log)
 
     @classmethod

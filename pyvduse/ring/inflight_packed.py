@@ -26,11 +26,12 @@ from pyvduse.abi.virtio import DESC_SIZE
 from pyvduse.ring.chain import Chain
 from pyvduse.ring.packed import PackedQueue
 from pyvduse.ring.packed_layout import AVAIL_PATTERN, F_AVAIL_USED
+from pyvduse.ring.stores import words32
 
 # avail idx, avail wrap, used idx, used wrap, intent idx, intent wrap, num
 _HEADER = struct.Struct("<HBxHBxHBxI")
-_POS = struct.Struct("<HBx")
-_AVAIL_OFF, _USED_OFF, _INTENT_OFF = 0, 4, 8
+_POS = struct.Struct("<HBx")  # as one little-endian u32: idx | wrap << 16
+_AVAIL_OFF, _USED_OFF, _INTENT_OFF, _NUM_OFF = 0, 4, 8, 12
 
 
 def packed_log_size(num: int) -> int:
@@ -47,18 +48,22 @@ class PackedInflightLog:
         self.mem = mem
         self.num = num
         self.shadow = mem[_HEADER.size : packed_log_size(num)]
+        # each position, and num, is one u32 store: a kill never leaves half of one
+        self._w32 = words32(mem[: _HEADER.size])
 
     def reset(self, idx: int, wrap: int) -> None:
         """A fresh ring at ``(idx, wrap)``: nothing taken, nothing in flight."""
         self.mem[: packed_log_size(self.num)] = bytes(packed_log_size(self.num))
-        _HEADER.pack_into(self.mem, 0, idx, wrap, idx, wrap, idx, wrap, self.num)
+        for offset in (_AVAIL_OFF, _USED_OFF, _INTENT_OFF):
+            self.set_position(offset, idx, wrap)
+        self._w32[_NUM_OFF >> 2] = self.num  # last: until then the log reads as no log
 
     def position(self, offset: int) -> tuple[int, int]:
         idx, wrap = _POS.unpack_from(self.mem, offset)
         return int(idx), int(wrap)
 
     def set_position(self, offset: int, idx: int, wrap: int) -> None:
-        _POS.pack_into(self.mem, offset, idx, wrap)
+        self._w32[offset >> 2] = idx | (wrap & 1) << 16
 
     def stored_num(self) -> int:
         return int(_HEADER.unpack_from(self.mem, 0)[6])

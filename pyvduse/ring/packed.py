@@ -12,8 +12,9 @@ us: when to kick).
 
 Write order: ``push`` writes the used descriptor's ``len`` and ``id`` at once (that slot was
 already consumed by ``pop``, so the driver does not look at it until its flags change) and
-remembers the flags; ``publish`` writes the remembered flags, the batch's first descriptor
-last, so a batch becomes visible at once, exactly like split's single ``used->idx`` store.
+remembers the flags; ``publish`` writes the remembered flags (one 16-bit store each, see
+``stores``), the batch's first descriptor last, so a batch becomes visible at once, exactly
+like split's single ``used->idx`` store.
 Until ``publish`` the driver sees nothing; ``used_idx``/``used_wrap`` (and ``state``) already
 count pushed completions, as split's ``used_idx`` does, so publish before saving state.
 
@@ -59,10 +60,10 @@ from pyvduse.ring.packed_layout import (
     walk_indirect_packed,
 )
 from pyvduse.ring.split import full_fence
+from pyvduse.ring.stores import words16
 
 _unpack_desc = VRING_PACKED_DESC.unpack_from
 _unpack16 = LE16.unpack_from
-_pack16 = LE16.pack_into
 _pack_len_id = struct.Struct("<IH").pack_into  # a used descriptor's le32 len, le16 id at +8
 
 _NEXT = VRING_DESC_F_NEXT
@@ -118,11 +119,13 @@ class PackedQueue:
             self.device_event = memory.view(device_addr, EVENT_AREA_SIZE, True)
         except MemoryFault as e:
             raise RingError(f"ring not mapped: {e}") from None
+        self._desc16 = words16(self.desc)  # flags the driver polls: one store each
+        self._device16 = words16(self.device_event)
         self.last_avail_idx = last_avail_idx
         self.avail_wrap = avail_wrap & 1
         self.used_idx = used_idx
         self.used_wrap = used_wrap & 1
-        # (flags offset << 16 | flags) of pushed, not yet published, used descriptors
+        # (flags word index << 16 | flags) of pushed, not yet published, used descriptors
         self._unpublished: list[int] = []
         self._signalled = self._used_pos()  # used position when the driver was last notified
         self.broken: str | None = None
@@ -241,7 +244,7 @@ class PackedQueue:
         off = idx * DESC_SIZE
         _pack_len_id(self.desc, off + 8, written, head)
         self._unpublished.append(
-            (off + 14) << 16 | USED_PATTERN[self.used_wrap] | (_WRITE if written else 0))
+            (off + 14) >> 1 << 16 | USED_PATTERN[self.used_wrap] | (_WRITE if written else 0))
         idx += ndesc
         if idx >= self.num:
             idx -= self.num
@@ -253,10 +256,10 @@ class PackedQueue:
         pend = self._unpublished
         if not pend:
             return False
-        desc = self.desc
+        desc16 = self._desc16
         for k in range(len(pend) - 1, -1, -1):  # the batch's first descriptor last
             v = pend[k]
-            _pack16(desc, v >> 16, v & 0xFFFF)
+            desc16[v >> 16] = v & 0xFFFF
         pend.clear()
         new = self.used_idx if self.used_wrap else self.used_idx + self.num
         old = self._signalled
@@ -274,7 +277,7 @@ class PackedQueue:
 
     def disable_kicks(self) -> None:
         """Ask the driver not to kick while we are busy (best effort, per the spec)."""
-        _pack16(self.device_event, 2, _DISABLE)
+        self._device16[1] = _DISABLE
 
     def enable_kicks(self) -> bool:
         """Ask for a kick on new work; True if work is already there (process it now).
@@ -283,10 +286,10 @@ class PackedQueue:
         avail offset and wrap counter); without: any kick (ENABLE).
         """
         if self.event_idx:  # the offset before the flags that make the driver use it
-            _pack16(self.device_event, 0, self.last_avail_idx | self.avail_wrap << _WRAP_SHIFT)
-            _pack16(self.device_event, 2, _DESC)
+            self._device16[0] = self.last_avail_idx | self.avail_wrap << _WRAP_SHIFT
+            self._device16[1] = _DESC
         else:
-            _pack16(self.device_event, 2, _ENABLE)
+            self._device16[1] = _ENABLE
         full_fence()
         return self.pending() > 0
 

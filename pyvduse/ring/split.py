@@ -34,10 +34,10 @@ from pyvduse.ring.chain import Chain
 from pyvduse.ring.descriptors import add_buffer, indirect_table, walk_indirect
 from pyvduse.ring.errors import ChainError, RingError
 from pyvduse.ring.memory import GuestMemory, MemoryFault
+from pyvduse.ring.stores import words16
 
 _unpack_desc = VRING_DESC.unpack_from
 _unpack16 = LE16.unpack_from
-_pack16 = LE16.pack_into
 _pack_used = VRING_USED_ELEM.pack_into
 
 MAX_QUEUE_SIZE = 32768
@@ -81,6 +81,7 @@ class SplitQueue:
             self.used = memory.view(device_addr, used_ring_size(num, self.event_idx), True)
         except MemoryFault as e:
             raise RingError(f"ring not mapped: {e}") from None
+        self._used16 = words16(self.used)  # flags, idx, avail_event: one store each
         self.last_avail_idx = last_avail_idx & 0xFFFF
         self._avail_seen = self.last_avail_idx  # avail->idx as last read (validated)
         self.used_idx = _unpack16(self.used, 2)[0] if used_idx is None else used_idx & 0xFFFF
@@ -200,7 +201,7 @@ class SplitQueue:
     def publish(self) -> bool:
         """Make pushed completions visible; True if the driver asked to be interrupted."""
         new = self.used_idx
-        _pack16(self.used, 2, new)
+        self._used16[1] = new
         old = self._signalled_used
         if new == old:
             return False
@@ -215,14 +216,14 @@ class SplitQueue:
     def disable_kicks(self) -> None:
         """Ask the driver not to kick while we are busy (best effort, per the spec)."""
         if not self.event_idx:
-            _pack16(self.used, 0, VRING_USED_F_NO_NOTIFY)
+            self._used16[0] = VRING_USED_F_NO_NOTIFY
 
     def enable_kicks(self) -> bool:
         """Ask for a kick on new work; True if work is already there (process it now)."""
         if self.event_idx:
-            _pack16(self.used, self._avail_event_off, self.last_avail_idx)
+            self._used16[self._avail_event_off >> 1] = self.last_avail_idx
         else:
-            _pack16(self.used, 0, 0)
+            self._used16[0] = 0
         full_fence()
         return self.pending() > 0
 

@@ -1,0 +1,265 @@
+"""kill -9 the real runtime, over and over, while a driver keeps 16 requests in flight.
+
+The model tests in ``test_crash_recovery_model`` stop a daemon between the steps they name;
+this one lets the kernel pick the instruction. A forked child runs ``DeviceServer`` (the same
+object ``pyvduse blk`` runs, with its worker threads) over driver memory in a shared
+mapping, a state file and an image file; the parent plays virtio-blk: it writes blocks,
+reads them back and checks every byte, kicks and waits for interrupts the way Linux does
+(event index, re-armed after each round), and SIGKILLs the child at random moments. Each new
+child resumes from the state file, like ``pyvduse blk --reconnect``. A lost, repeated or
+misplaced completion shows up as a hang (no completion for seconds), a request the driver
+never made, or a block that does not read back what was last written to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import random
+import select
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from pyvduse.abi import virtio_blk as vb
+from pyvduse.abi.virtio import F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_RING_PACKED, bit
+from pyvduse.backend.file import FileBackend
+from pyvduse.device.blk import BlkDevice, BlkOptions
+from pyvduse.fastpath import engine as native
+from pyvduse.fastpath.engine import DataPath
+from pyvduse.model.packed_driver import DriverPackedRing
+from pyvduse.model.split_driver import Completion, DriverSplitRing
+from pyvduse.ring.memory import GuestMemory, RegionMap, buffer_region
+from pyvduse.runtime.server import DeviceServer
+from pyvduse.runtime.state_file import StateFile
+from pyvduse.runtime.tuning import QueueTuning
+from pyvduse.transport.base import QueueSetup, Transport
+
+NUM = 64  # ring size: small, so the ring wraps often
+DEPTH = 16  # requests in flight, as fio --iodepth=16
+BLOCK = 4096
+BLOCKS = 64
+HANG_SECONDS = 10.0
+CHUNK = 2 * BLOCK  # one data buffer (or header, status, indirect table) per chunk
+
+
+class SharedArena:
+    """Driver memory in a MAP_SHARED anonymous mapping, so a forked daemon sees it live."""
+
+    def __init__(self, chunks: int) -> None:
+        self.ring_bytes = 1 << 16
+        self.map = mmap.mmap(-1, self.ring_bytes + chunks * CHUNK)
+        self.buf = memoryview(self.map)
+        self.memory = RegionMap()
+        self.memory.add(buffer_region(0, self.buf))
+        self._ring_next = 0
+        self._free = [self.ring_bytes + k * CHUNK for k in range(chunks)]
+
+    def alloc_coherent(self, size: int, align: int = 16) -> int:
+        iova = -(-self._ring_next // align) * align
+        assert iova + size <= self.ring_bytes
+        self._ring_next = iova + size
+        return iova
+
+    def alloc(self, size: int, align: int = 16) -> int:
+        assert size <= CHUNK
+        return self._free.pop()
+
+    def free(self, iova: int) -> None:
+        if iova >= self.ring_bytes:
+            self._free.append(iova)
+
+    def write(self, iova: int, data: bytes) -> None:
+        self.buf[iova : iova + len(data)] = data
+
+    def read(self, iova: int, length: int) -> bytes:
+        return bytes(self.buf[iova : iova + length])
+
+
+class ChildTransport(Transport):
+    """What the kernel gives a daemon: driver memory, a kick eventfd, an interrupt."""
+
+    def __init__(self, memory: RegionMap, kick: int, irq: int) -> None:
+        self._memory, self._kick, self._irq = memory, kick, irq
+
+    @property
+    def memory(self) -> GuestMemory:
+        return self._memory
+
+    def kick_fd(self, index: int) -> int:
+        return self._kick
+
+    def notify(self, index: int) -> None:
+        os.eventfd_write(self._irq, 1)
+
+    def set_config(self, offset: int, data: bytes) -> None:
+        raise AssertionError("no config changes here")
+
+
+@dataclass
+class Rig:
+    ring: str
+    data_path: DataPath
+    tmp: Path
+    arena: SharedArena = field(init=False)
+    drv: DriverSplitRing | DriverPackedRing = field(init=False)
+    features: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.arena = SharedArena(4 * DEPTH + 8)
+        packed = self.ring == "packed"
+        self.options = BlkOptions(packed=packed, queue_size=NUM)
+        self.features = (bit(F_RING_EVENT_IDX) | bit(F_RING_INDIRECT_DESC)
+                         | (bit(F_RING_PACKED) if packed else 0))
+        self.drv = (DriverPackedRing(self.arena, NUM) if packed
+                    else DriverSplitRing(self.arena, NUM))
+        self.image = self.tmp / "disk.img"
+        self.image.write_bytes(bytes(BLOCK * BLOCKS))
+        self.irq = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+
+    def setup(self) -> QueueSetup:
+        d = self.drv
+        if isinstance(d, DriverPackedRing):
+            return QueueSetup(0, NUM, d.desc_addr, d.driver_addr, d.device_addr, True)
+        return QueueSetup(0, NUM, d.desc_addr, d.avail_addr, d.used_addr, True)
+
+    def spawn(self, resume: bool) -> tuple[int, int]:
+        """Fork a daemon serving the queue; returns (pid, its kick eventfd)."""
+        kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        pid = os.fork()
+        if pid == 0:  # the daemon: serve until killed
+            try:
+                device = BlkDevice(FileBackend(str(self.image)), self.options)
+                state = StateFile(self.tmp / "state", {"test": 1}, 1, NUM)
+                server = DeviceServer(device, state, QueueTuning(data_path=self.data_path))
+                server.bind(ChildTransport(self.arena.memory, kick, self.irq))
+                device.accept_features(self.features)
+                server.driver_ok(self.features, [self.setup()], resume=resume)
+                while True:
+                    time.sleep(60)
+            finally:
+                os._exit(1)
+        return pid, kick
+
+
+class Driver:
+    """virtio-blk's part: issue writes and verified reads, wait for interrupts like Linux."""
+
+    def __init__(self, rig: Rig, rng: random.Random) -> None:
+        self.rig, self.rng, self.drv = rig, rng, rig.drv
+        self.disk = [bytes(BLOCK)] * BLOCKS  # what each block holds once its write completed
+        self.busy: set[int] = set()  # blocks with a request in flight
+        self.completed = 0
+        self.kick_fd = -1
+
+    def submit(self) -> None:
+        while len(self.drv.pending) < DEPTH:
+            block = self.rng.choice([b for b in range(BLOCKS) if b not in self.busy])
+            self.busy.add(block)
+            sector = block * BLOCK // 512
+            if self.rng.random() < 0.5:
+                data = self.rng.randbytes(BLOCK)
+                self.drv.add([vb.OUTHDR.pack(vb.ReqType.OUT, 0, sector), data], [1],
+                             indirect=True, token=("w", block, data))
+            else:
+                self.drv.add([vb.OUTHDR.pack(vb.ReqType.IN, 0, sector)], [BLOCK, 1],
+                             indirect=self.rng.random() < 0.8, token=("r", block, None))
+        if self.drv.kick_needed():
+            os.eventfd_write(self.kick_fd, 1)
+
+    def complete(self, c: Completion) -> None:
+        kind, block, data = c.token  # type: ignore[misc]
+        assert c.data[-1:] == b"\0", f"request {c.token[:2]} failed"  # type: ignore[index]
+        if kind == "w":
+            self.disk[block] = data
+        else:
+            assert c.data[:-1] == self.disk[block], f"block {block} reads back wrong data"
+        self.busy.discard(block)
+        self.completed += 1
+
+    def reap(self) -> int:
+        """One interrupt's work: collect, re-arm (EVENT_IDX), collect what raced the re-arm."""
+        n = 0
+        while True:
+            done = self.drv.collect()
+            for c in done:
+                self.complete(c)
+            n += len(done)
+            if isinstance(self.drv, DriverPackedRing):
+                self.drv.enable_interrupts()
+            else:
+                self.drv.set_used_event(self.drv.last_used)
+            if not done:
+                return n
+
+    def run_until(self, deadline: float, describe: str) -> None:
+        """Serve interrupts until ``deadline``; fail if nothing completes for HANG_SECONDS."""
+        last = time.monotonic()
+        while (now := time.monotonic()) < deadline:
+            select.select([self.rig.irq], [], [], min(0.05, deadline - now))
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self.rig.irq)
+            try:
+                progress = self.reap()
+            except (KeyError, RuntimeError) as e:  # the model drivers' "not in flight"
+                raise AssertionError(f"completion of a request not in flight ({e}) {describe}"
+                                     ) from None
+            if progress:
+                last = time.monotonic()
+                self.submit()
+            elif time.monotonic() - last > HANG_SECONDS:
+                raise AssertionError(f"no completion for {HANG_SECONDS} s: {describe}")
+
+
+def ring_position(drv: DriverSplitRing | DriverPackedRing) -> str:
+    if isinstance(drv, DriverPackedRing):
+        return (f"driver avail {drv.next_avail}/{drv.avail_wrap} used {drv.next_used}/"
+                f"{drv.used_wrap}, {drv.in_flight()} in flight, device event {drv.device_event()}")
+    return (f"driver avail {drv.avail_idx} last used {drv.last_used} used idx {drv.used_idx()}"
+            f", {len(drv.pending)} in flight, avail event {drv.avail_event()}")
+
+
+RINGS = [("split", DataPath.PYTHON), ("packed", DataPath.PYTHON)]
+if native.available():
+    RINGS.append(("split", DataPath.NATIVE))
+
+
+@pytest.mark.parametrize(("ring", "data_path"), RINGS, ids=lambda v: getattr(v, "value", v))
+def test_kill9_under_load_loses_and_repeats_nothing(tmp_path: Path, ring: str,
+                                                    data_path: DataPath) -> None:
+    rig = Rig(ring, data_path, tmp_path)
+    rng = random.Random(9)
+    d = Driver(rig, rng)
+    pid, d.kick_fd = rig.spawn(resume=False)
+    d.submit()
+    kills = 0
+    try:
+        for kills in range(1, 61):
+            d.run_until(time.monotonic() + rng.uniform(0.005, 0.08), f"before kill {kills}")
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            if rng.random() < 0.3:  # the driver goes on while no daemon serves the queue
+                d.reap()
+                d.submit()
+            os.close(d.kick_fd)
+            pid, d.kick_fd = rig.spawn(resume=True)
+        d.run_until(time.monotonic() + 0.3, "after the last restart")
+        deadline = time.monotonic() + HANG_SECONDS
+        while d.drv.pending:
+            assert time.monotonic() < deadline, f"requests left in flight: {ring_position(d.drv)}"
+            d.submit = lambda: None  # type: ignore[method-assign]  # let the ring drain
+            d.run_until(time.monotonic() + 0.05, "draining")
+    except AssertionError as e:
+        raise AssertionError(f"after {kills} kill(s), {d.completed} completed: {e}; "
+                             f"{ring_position(d.drv)}") from None
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert d.completed > 60
+    on_disk = rig.image.read_bytes()
+    for b in range(BLOCKS):
+        assert on_disk[b * BLOCK : (b + 1) * BLOCK] == d.disk[b], f"block {b} on disk"
