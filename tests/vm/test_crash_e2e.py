@@ -34,7 +34,7 @@ def restart(d: Daemon, args: tuple[str, ...], name: str) -> Daemon:
 
 def check_fio(p: subprocess.Popen[bytes], d: Daemon) -> None:
     try:
-        out, _ = p.communicate(timeout=900)
+        out, _ = p.communicate(timeout=300)
     except subprocess.TimeoutExpired:  # say where the requests are: the guest's /tmp is private
         p.kill()
         dev = Path(d.dev).name
