@@ -10,11 +10,12 @@ from pyvduse.ring.memory import RegionMap, buffer_region
 
 
 class Arena:
-    """``size`` bytes of driver memory at IOVA ``base``."""
+    """``size`` bytes of driver memory at IOVA ``base`` (in ``buf`` when given, e.g. a shared
+    mapping a forked daemon sees live)."""
 
-    def __init__(self, size: int, base: int = 0) -> None:
+    def __init__(self, size: int, base: int = 0, buf: memoryview | None = None) -> None:
         self.base = base
-        self.buf = bytearray(size)
+        self.buf: bytearray | memoryview = bytearray(size) if buf is None else buf[:size]
         self.memory = RegionMap()
         self.memory.add(buffer_region(base, self.buf))
         self._next = base

@@ -69,11 +69,11 @@ class InflightLog:
 
     @property
     def last_avail(self) -> int:
-        return int(struct.unpack_from("<H", self.mem, 0)[0])
+        return int(self._w16[_LAST_AVAIL16])
 
     @property
     def base(self) -> int:
-        return int(struct.unpack_from("<H", self.mem, 2)[0])
+        return int(self._w16[_BASE16])
 
     def state(self, head: int) -> tuple[int, int]:
         st, seq = _ENTRY.unpack_from(self.mem, _HEADER.size + _ENTRY.size * head)
