@@ -132,6 +132,7 @@ class VmProxyItem(pytest.Item):
         return self.original.reportinfo()
 
 
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection: boot the VM for the selected tests only
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
                                   items: list[pytest.Item]) -> None:
     vm_items = [i for i in items if i.get_closest_marker("vm") is not None]

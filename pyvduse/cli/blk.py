@@ -12,12 +12,12 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 
 from pyvduse.backend.base import Backend
 from pyvduse.backend.file import FileBackend
 from pyvduse.backend.memory import MemoryBackend
 from pyvduse.backend.null import NullBackend
+from pyvduse.cli.stop_signals import StopSignals
 from pyvduse.device.blk import BlkConfigError, BlkDevice, BlkOptions
 from pyvduse.errors import UserError
 from pyvduse.fastpath import engine as native
@@ -275,20 +275,13 @@ def serve(name: str, device: BlkDevice, *, msg_timeout: int | None = None,
           tuning: QueueTuning | None = None, irq_placement: IrqPlacement | None = None) -> int:
     """Create, attach, announce, serve until a signal, then tear everything down."""
     stop = threading.Event()
-    hurry = threading.Event()  # a second signal: stop waiting for requests in flight
     broken: list[str] = []
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("received %s, shutting down", signal.Signals(signum).name)
-        if stop.is_set():
-            hurry.set()
-        stop.set()
 
     def on_broken(why: str) -> None:
         broken.append(why)
         stop.set()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    signals = StopSignals(stop).install()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # where is it stuck? kill -USR1
     server = DeviceServer(device, state, tuning)
     transport = KernelTransport(name, device.spec(), server, msg_timeout=msg_timeout,
@@ -313,14 +306,15 @@ def serve(name: str, device: BlkDevice, *, msg_timeout: int | None = None,
             operations.ready(node)
         while not stop.wait(1.0):
             pass
-        operations.shutdown(drain_requests=not broken, abort=hurry)
+        if not broken:
+            log.info("%s, shutting down", signals.describe())
+        operations.shutdown(drain_requests=not broken, abort=signals.hurry)
     finally:
         try:
             transport.close()
         finally:
             operations.close()
-        for s, h in previous.items():
-            signal.signal(s, h)
+        signals.restore()
         faulthandler.unregister(signal.SIGUSR1)
         if state is not None:  # nothing to recover once the device is gone
             state.remove() if name not in sysfs.vduse_devices() else state.close()
