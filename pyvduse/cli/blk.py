@@ -25,7 +25,7 @@ from pyvduse.fastpath.engine import DataPath
 from pyvduse.ops.service import DEFAULT_DRAIN_TIMEOUT, Operations, OpsOptions
 from pyvduse.runtime.server import DeviceServer
 from pyvduse.runtime.state_file import DEFAULT_STATE_DIR, IdentityMismatch, StateFile
-from pyvduse.runtime.tuning import MAX_US, PUBLISH_AFTER_US, QueueTuning
+from pyvduse.runtime.tuning import HOLD_MAX_US, MAX_US, PUBLISH_AFTER_US, QueueTuning
 from pyvduse.sizes import parse_size
 from pyvduse.transport.kernel import sysfs
 from pyvduse.transport.kernel.control import missing_module_hint
@@ -74,10 +74,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    "many microseconds with notifications off before sleeping (fewer kicks "
                    "and wake-ups under load, at the price of CPU; default 0)")
     p.add_argument("--publish-us", type=int, default=PUBLISH_AFTER_US, metavar="US",
-                   help="while a queue serves a long run of requests, hand the finished ones "
-                   "to the driver (and interrupt it) once the oldest is this many "
-                   f"microseconds old instead of at the end of the run (default "
-                   f"{PUBLISH_AFTER_US}; larger: fewer interrupts, later completions)")
+                   help="while a queue serves a run of requests, hand the finished ones to "
+                   "the driver (and interrupt it) as soon as one took this many "
+                   "microseconds, instead of at the end of the run (default "
+                   f"{PUBLISH_AFTER_US}; short requests are held at most "
+                   f"{HOLD_MAX_US} us or this, whichever is more; larger: fewer interrupts, "
+                   "later completions)")
     p.add_argument("--irq-cpus", default=FIRST, metavar="first|driver|LIST",
                    help="where the kernel runs each queue's interrupt callback "
                    "(vqN/irq_cb_affinity): 'first' CPU of the mask the driver set (the "

@@ -103,7 +103,8 @@ typedef struct {
     PyThreadState *ts; /* while run() has released the GIL */
     /* control */
     uint64_t poll_ns; /* after the ring empties, poll it this long before sleeping */
-    uint64_t publish_ns; /* publish a round's completions once they are this old */
+    uint64_t publish_ns; /* publish a round's completions after a request this long */
+    uint64_t hold_ns;    /* ... or once the oldest is this old */
     volatile int stop;
     int running, closed;
     /* counters, written by the serving thread only */
@@ -636,7 +637,7 @@ static int drain(Engine *e)
         while (n < e->num) {
             uint16_t head;
             uint32_t rtype;
-            uint64_t sector, done;
+            uint64_t sector, done, took;
             uint8_t *status;
             if (e->stop) {
                 r = RUN_STOPPED;
@@ -651,11 +652,12 @@ static int drain(Engine *e)
             push(e, head, serve(e, rtype, sector, status));
             done = now_ns();
             e->started = 0;
-            e->hist[bit_length((done - t) / 1000) & (HIST_BUCKETS - 1)]++;
+            took = done - t;
+            e->hist[bit_length(took / 1000) & (HIST_BUCKETS - 1)]++;
             t = done;
             n++;
             r = DRAIN_SLEEP;
-            if (done - published >= e->publish_ns) {
+            if (took >= e->publish_ns || done - published >= e->hold_ns) {
                 publish(e);
                 published = done;
             }
@@ -770,14 +772,14 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
                             "last_avail", "used_idx", "signalled", "capacity", "readonly",
                             "serial", "backend", "fd", "memory", "log", "irq_fd",
                             "irq_request", "irq_index", "notify", "on_error", "poll_ns",
-                            "publish_ns", NULL};
+                            "publish_ns", "hold_ns", NULL};
     PyObject *regions, *capacity, *memory = Py_None, *log = Py_None, *notify = Py_None,
              *on_error = Py_None;
     unsigned long long desc, avail, used;
     unsigned int num, irq_index = 0;
     unsigned short last_avail, used_idx, signalled;
     unsigned long irq_request = 0;
-    unsigned long long poll_ns = 0, publish_ns = ULLONG_MAX;
+    unsigned long long poll_ns = 0, publish_ns = ULLONG_MAX, hold_ns = ULLONG_MAX;
     int event_idx, indirect, readonly, backend, fd = -1, irq_fd = -1;
     const char *serial;
     Py_ssize_t serial_len;
@@ -786,12 +788,12 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_RuntimeError, "engine is already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OIKKKppHHHOpy#i|iOOikIOOKK", names, &regions,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OIKKKppHHHOpy#i|iOOikIOOKKK", names, &regions,
                                      &num, &desc, &avail, &used, &event_idx, &indirect,
                                      &last_avail, &used_idx, &signalled, &capacity, &readonly,
                                      &serial, &serial_len, &backend, &fd, &memory, &log,
                                      &irq_fd, &irq_request, &irq_index, &notify, &on_error,
-                                     &poll_ns, &publish_ns))
+                                     &poll_ns, &publish_ns, &hold_ns))
         return -1;
     if (num == 0 || num > 32768 || (num & (num - 1))) {
         PyErr_SetString(PyExc_ValueError, "queue size must be a power of two up to 32768");
@@ -845,6 +847,7 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
     }
     e->poll_ns = poll_ns;
     e->publish_ns = publish_ns;
+    e->hold_ns = hold_ns;
     e->irq_fd = irq_fd;
     e->irq_request = irq_request;
     e->irq_index = irq_index;

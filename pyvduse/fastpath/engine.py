@@ -79,6 +79,10 @@ def region_tuples(memory: RegionMap) -> list[tuple[int, int, memoryview, bool]]:
     return [(r.start, r.last, r.mem, r.writable) for r in memory.regions]
 
 
+def _or_never(ns: int | None) -> int:
+    return (1 << 64) - 1 if ns is None else ns
+
+
 def build(
     device: BlkDevice,
     index: int,
@@ -90,9 +94,11 @@ def build(
     on_error: Callable[[int, int, int], None],
     poll_ns: int = 0,
     publish_ns: int | None = None,
+    hold_ns: int | None = None,
 ) -> Engine:
     """A native engine positioned where ``ring`` stands; it publishes a round's completions
-    once the oldest is ``publish_ns`` old (None: once per round)."""
+    after a request that took ``publish_ns`` or once the oldest is ``hold_ns`` old (None:
+    never, only once per round); see runtime.tuning."""
     assert _splitblk is not None and isinstance(memory, RegionMap)
     last_avail, used, signalled = ring.position()
     irq_fd, irq_request = irq if irq is not None else (-1, 0)
@@ -103,5 +109,5 @@ def build(
         capacity=device.capacity_cell, readonly=device.options.readonly, serial=device.serial,
         log=None if log is None else log.mem, irq_fd=irq_fd, irq_request=irq_request,
         irq_index=index, notify=None if irq is not None else notify, on_error=on_error,
-        poll_ns=poll_ns, publish_ns=(1 << 64) - 1 if publish_ns is None else publish_ns,
+        poll_ns=poll_ns, publish_ns=_or_never(publish_ns), hold_ns=_or_never(hold_ns),
         **_backend_args(device))

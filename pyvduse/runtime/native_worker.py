@@ -23,7 +23,8 @@ from pyvduse.ring.errors import RingError
 from pyvduse.ring.inflight import InflightLog, LoggedQueue
 from pyvduse.ring.memory import RegionMap
 from pyvduse.ring.split import SplitQueue
-from pyvduse.runtime.worker import PUBLISH_AFTER_NS, QueueWorker
+from pyvduse.runtime.tuning import DEFAULT_TUNING, QueueTuning
+from pyvduse.runtime.worker import QueueWorker
 
 log = logging.getLogger(__name__)
 
@@ -67,19 +68,19 @@ class NativeQueueWorker(QueueWorker):
         memory: RegionMap,
         irq: tuple[int, int] | None,
         resubmit: list[Any] | None = None,
-        poll_ns: int = 0,
         *,
         resumed: bool = False,
-        publish_ns: int = PUBLISH_AFTER_NS,
+        tuning: QueueTuning = DEFAULT_TUNING,
     ) -> None:
         self.index = index
         self.ring = queue.queue if isinstance(queue, LoggedQueue) else queue
         self.log: InflightLog | None = queue.log if isinstance(queue, LoggedQueue) else None
         # First, as it may refuse (ValueError) before the worker holds anything to release.
         self.engine = native.build(device, index, self.ring, memory, self.log, irq, notify,
-                                   self._backend_error, poll_ns, publish_ns)
+                                   self._backend_error, tuning.poll_us * 1000,
+                                   tuning.publish_us * 1000, tuning.hold_us * 1000)
         super().__init__(device, index, queue, kick_fd, notify, resubmit, resumed=resumed,
-                         publish_ns=publish_ns)
+                         tuning=tuning)
         self.blk = device
         self.memory = memory
         self.deferred = 0  # chains the native loop left to Python

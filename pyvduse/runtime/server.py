@@ -21,7 +21,7 @@ from pyvduse.ring.queue import VirtQueue
 from pyvduse.ring.split import SplitQueue
 from pyvduse.runtime.native_worker import NativeQueueWorker
 from pyvduse.runtime.state_file import StateFile
-from pyvduse.runtime.tuning import QueueTuning
+from pyvduse.runtime.tuning import DEFAULT_TUNING, QueueTuning
 from pyvduse.runtime.worker import QueueWorker
 from pyvduse.transport.base import QueueSetup, Transport
 
@@ -35,7 +35,7 @@ class DeviceServer:
                  tuning: QueueTuning | None = None) -> None:
         self.device = device
         self.state = state  # in-flight logs, for surviving a restart
-        self.tuning = tuning or QueueTuning()  # read at each DRIVER_OK
+        self.tuning = tuning or DEFAULT_TUNING  # read at each DRIVER_OK
         self.transport: Transport | None = None
         self.workers: dict[int, QueueWorker] = {}
         self._setups: dict[int, QueueSetup] = {}
@@ -163,7 +163,7 @@ class DeviceServer:
         w = self._native_worker(q.index, queue, resubmit, resumed) or QueueWorker(
             self.device, q.index, queue, self.transport.kick_fd(q.index),
             self.transport.notify, resubmit, resumed=resumed,
-            publish_ns=self.tuning.publish_us * 1000)
+            tuning=self.tuning)
         self.workers[q.index] = w
         w.start()
 
@@ -181,8 +181,7 @@ class DeviceServer:
             return NativeQueueWorker(self.device, index, queue, self.transport.kick_fd(index),
                                      self.transport.notify, memory,
                                      self.transport.irq_ioctl(index), resubmit,
-                                     poll_ns=self.tuning.poll_us * 1000, resumed=resumed,
-                                     publish_ns=self.tuning.publish_us * 1000)
+                                     resumed=resumed, tuning=self.tuning)
         except ValueError as e:  # e.g. a ring the native loop cannot map as one piece
             log.warning("queue %d: served by the Python engine: %s", index, e)
             return None

@@ -7,11 +7,14 @@ from dataclasses import dataclass
 
 from pyvduse.fastpath.engine import DataPath
 
-#: A round of requests publishes its completions once they are this old (µs), not only at
-#: its end: a round of long requests (128 KiB reads: ~400 µs each under emulation) would
-#: otherwise leave the driver idle until the last one, then the device idle while the
-#: driver catches up. Short requests still go out together, one interrupt per round.
-PUBLISH_AFTER_US = 30
+#: A request that took this long (µs) is published at once, with those finished before it,
+#: not at the end of its round: a round of long requests (128 KiB reads: ~400 µs each under
+#: emulation) would otherwise leave the driver idle until the last one, then the device idle
+#: while the driver catches up. Short requests go out together, one interrupt per round,
+#: because under emulation an interrupt costs the guest more than a 4 KiB request costs us.
+PUBLISH_AFTER_US = 150
+#: However short the requests, a round holds none back longer than this (µs).
+HOLD_MAX_US = 1000
 #: The largest --poll-us / --publish-us (one second).
 MAX_US = 1_000_000
 
@@ -24,7 +27,7 @@ class QueueTuning:
     data_path: DataPath = DataPath.AUTO
     #: Native queues: when a ring runs empty, watch it this long before sleeping.
     poll_us: int = 0
-    #: Publish a round's completions (and maybe interrupt) once the oldest is this old.
+    #: Publish a round's completions (and maybe interrupt) after a request this long.
     publish_us: int = PUBLISH_AFTER_US
 
     def __post_init__(self) -> None:
@@ -32,3 +35,13 @@ class QueueTuning:
             value = getattr(self, name)
             if not 0 <= value <= MAX_US:
                 raise ValueError(f"{name} {value} must be 0 to {MAX_US}")
+
+    @property
+    def hold_us(self) -> int:
+        """The longest a round holds a finished request back: never less than publish_us,
+        so ``--publish-us 1000000`` still means once per round."""
+        return max(self.publish_us, HOLD_MAX_US)
+
+
+#: The knobs a queue runs with unless told otherwise.
+DEFAULT_TUNING = QueueTuning()

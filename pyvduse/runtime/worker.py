@@ -29,7 +29,7 @@ from pyvduse.device.base import VirtioDevice
 from pyvduse.ring.chain import Chain
 from pyvduse.ring.errors import RingError
 from pyvduse.ring.queue import VirtQueue
-from pyvduse.runtime.tuning import PUBLISH_AFTER_US
+from pyvduse.runtime.tuning import DEFAULT_TUNING, QueueTuning
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 #: 2**(b-1) µs (bucket 0: under 1 µs). 64 covers any duration a clock can measure.
 LATENCY_BUCKETS = 64
 DRAIN_POLL_SECONDS = 0.01
-#: The default for publish_ns: see tuning.PUBLISH_AFTER_US.
-PUBLISH_AFTER_NS = PUBLISH_AFTER_US * 1000
 
 
 class QueueCounters:
@@ -140,12 +138,12 @@ class QueueWorker:
         resubmit: list[Chain] | None = None,
         *,
         resumed: bool = False,
-        publish_ns: int = PUBLISH_AFTER_NS,
+        tuning: QueueTuning = DEFAULT_TUNING,
     ) -> None:
         self.device = device
         self.index = index
         self.queue = queue
-        self.publish_ns = publish_ns
+        self.tuning = tuning
         self.kick_fd = kick_fd
         self._notify = notify
         self._resubmit = resubmit or []  # requests in flight when the last daemon died
@@ -246,7 +244,7 @@ class QueueWorker:
         q, dev, idx = self.queue, self.device, self.index
         pop, push = q.pop, q.push
         c, hist, clock = self.counters, self.counters.hist, time.monotonic_ns
-        publish_ns = self.publish_ns
+        publish_ns, hold_ns = self.tuning.publish_us * 1000, self.tuning.hold_us * 1000
         try:
             while not self._stopping:
                 q.disable_kicks()
@@ -260,11 +258,11 @@ class QueueWorker:
                     push(chain.head, dev.handle(idx, chain), chain.ndesc)
                     done = clock()
                     c.started_at = 0
-                    hist[((done - t) // 1000).bit_length()] += 1
-                    t = done
+                    took, t = done - t, done
+                    hist[(took // 1000).bit_length()] += 1
                     n += 1
-                    if done - published >= publish_ns:  # long requests: do not
-                        published = done  # hold the finished ones back for the round
+                    if took >= publish_ns or done - published >= hold_ns:  # a long request:
+                        published = done  # do not hold it back for the whole round
                         self._publish()
                 c.sum_ns += t - start
                 self._completed += n

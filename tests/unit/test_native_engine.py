@@ -272,3 +272,37 @@ def test_a_refused_native_worker_leaks_nothing(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(ValueError):
         NativeQueueWorker(device(), 0, q, -1, lambda i: None, RegionMap(), None)
     assert not opened
+
+
+@pytest.mark.parametrize(("publish_ns", "hold_ns", "interrupts"), [
+    (None, None, 1),  # once per round
+    (0, None, 4),  # every request counts as long
+    (None, 0, 4),  # nothing may be held
+    (10**9, 10**9, 1),  # 4 requests take far less than a second
+])
+def test_native_loop_publishes_by_the_same_rule(publish_ns: int | None, hold_ns: int | None,
+                                                interrupts: int) -> None:
+    """The C loop's publish rule is the Python worker's: after a long request, or once the
+    oldest completion is held too long (the Python side is timed in test_runtime)."""
+    from pyvduse.model.arena import Arena
+    from pyvduse.model.split_driver import DriverSplitRing
+    from pyvduse.ring.split import SplitQueue
+
+    arena = Arena(1 << 20)
+    drv = DriverSplitRing(arena, 16, event_idx=False)
+    q = SplitQueue(arena.memory, 16, drv.desc_addr, drv.avail_addr, drv.used_addr, 0)
+    for k in range(4):
+        drv.add([vb.OUTHDR.pack(vb.ReqType.IN, 0, 8 * k)], [4096, 1])
+    notified: list[int] = []
+    dev = device(NullBackend(4 * MiB))
+    engine = native.build(dev, 0, q, arena.memory, None, None, notified.append,
+                          lambda *e: None, publish_ns=publish_ns, hold_ns=hold_ns)
+    kick, stop = os.eventfd(0), os.eventfd(1)  # stopped from the start: run() drains, returns
+    try:
+        assert engine.run(kick, stop) == native.RUN_STOPPED
+        assert engine.position()[1] == 4 and drv.used_idx() == 4
+        assert len(notified) == interrupts
+    finally:
+        engine.close()
+        os.close(kick)
+        os.close(stop)

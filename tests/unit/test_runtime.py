@@ -183,23 +183,25 @@ def test_a_restarted_daemon_interrupts_even_with_nothing_to_repeat(
         state.close()
 
 
-class SlowBackend(MemoryBackend):
-    """Every write takes 50 ms (a long request)."""
+class PacedBackend(MemoryBackend):
+    """Every write takes ``seconds``."""
+
+    def __init__(self, size: int, seconds: float) -> None:
+        super().__init__(size)
+        self.seconds = seconds
 
     def writev(self, offset: int, bufs: list[memoryview]) -> None:
-        time.sleep(0.05)
+        time.sleep(self.seconds)
         super().writev(offset, bufs)
 
 
-@pytest.mark.parametrize("publish_us", [PUBLISH_AFTER_US, MAX_US])
-def test_long_requests_are_published_before_their_round_ends(publish_us: int) -> None:
-    """A round of long requests does not hold the finished ones back until the last, unless
-    --publish-us says to wait longer than the round takes."""
+def first_published(request_s: float, publish_us: int) -> int:
+    """Serve 4 writes of ``request_s`` each in one round: how many the driver saw first."""
     arena = Arena(8 << 20)
     ring = DriverSplitRing(arena, 32)
     t = LoopbackTransport(arena, 1)
     tuning = QueueTuning(data_path=DataPath.PYTHON, publish_us=publish_us)
-    server = DeviceServer(BlkDevice(SlowBackend(4 << 20)), tuning=tuning)
+    server = DeviceServer(BlkDevice(PacedBackend(4 << 20, request_s)), tuning=tuning)
     server.bind(t)
     assert server.features_ok(FEATURES)
     try:
@@ -208,13 +210,34 @@ def test_long_requests_are_published_before_their_round_ends(publish_us: int) ->
         server.driver_ok(FEATURES, [QueueSetup(0, 32, ring.desc_addr, ring.avail_addr,
                                                ring.used_addr, True)])
         wait_for(lambda: ring.used_idx() >= 1)
-        if publish_us == MAX_US:  # 4 x 50 ms is well under a second: all at the round's end
-            assert ring.used_idx() == 4
-        else:
-            assert ring.used_idx() < 4  # the first went out while the others were served
+        first = ring.used_idx()
         wait_for(lambda: ring.used_idx() == 4)
+        return first
     finally:
         server.reset()
+
+
+@pytest.mark.parametrize("publish_us", [PUBLISH_AFTER_US, MAX_US])
+def test_long_requests_are_published_before_their_round_ends(publish_us: int) -> None:
+    """A round of long requests does not hold the finished ones back until the last, unless
+    --publish-us says to wait longer than the round takes (4 x 50 ms is well under 1 s)."""
+    first = first_published(0.05, publish_us)
+    assert first == 4 if publish_us == MAX_US else first < 4
+
+
+@pytest.mark.parametrize(("request_s", "publish_us", "held_for_the_round"), [
+    (0.002, 200_000, True),  # short requests (2 ms < 200 ms), a round well under the hold
+    (0.020, 30_000, False),  # short (20 ms < 30 ms), but the round outlasts the hold (30 ms)
+])
+def test_short_requests_are_held_for_their_round_but_not_past_the_hold(
+        request_s: float, publish_us: int, held_for_the_round: bool) -> None:
+    assert QueueTuning(publish_us=publish_us).hold_us == publish_us
+    assert (first_published(request_s, publish_us) == 4) is held_for_the_round
+
+
+def test_the_hold_is_never_shorter_than_publish_us() -> None:
+    assert QueueTuning(publish_us=0).hold_us == QueueTuning().hold_us > QueueTuning().publish_us
+    assert QueueTuning(publish_us=MAX_US).hold_us == MAX_US  # once per round
 
 
 @pytest.mark.parametrize("field", ["poll_us", "publish_us"])
