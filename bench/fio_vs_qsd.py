@@ -210,6 +210,10 @@ def _repeat_note(repeat: int) -> str:
     return f", {repeat} paired rounds each: medians, ratio (lowest..highest round)" if repeat > 1 else ""
 
 
+def _steal_note(share: float | None) -> str:
+    return "" if share is None else f" ({share * 100:.0f}% of the host's CPU time stolen)"
+
+
 def format_notes(two_q: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
     lines = []
     for t in two_q:
@@ -222,8 +226,8 @@ def format_notes(two_q: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
         f"{info.get('seconds_per_cell', 0):g} s per cell (+{info.get('ramp_seconds', 0):g} s ramp)"
         f"{_repeat_note(info.get('repeat', 1))}; "
         f"guest {guest.get('guest_kernel', '?')}, {guest.get('guest_vcpus', '?')} vCPUs, "
-        f"{guest.get('guest_mem_mib', '?')} MiB, QEMU TCG on {info.get('host_cpu', '?')}; "
-        f"total {info.get('total_seconds', 0):.0f} s"
+        f"{guest.get('guest_mem_mib', '?')} MiB, QEMU TCG on {info.get('host_cpu', '?')}"
+        f"{_steal_note(info.get('host_steal_share'))}; total {info.get('total_seconds', 0):.0f} s"
     )
     return "\n".join(lines)
 
@@ -269,6 +273,25 @@ def host_load() -> dict[str, Any]:
             except OSError:
                 pass
     return {"loadavg": Path("/proc/loadavg").read_text().split()[:3], "qemu_processes": qemus}
+
+
+def host_cpu_times() -> list[int]:
+    """The host's aggregate CPU times from /proc/stat (user, nice, system, idle, iowait, irq,
+    softirq, steal, ...), in clock ticks; empty where unreadable."""
+    try:
+        return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return []
+
+
+def steal_share(before: Sequence[int], after: Sequence[int]) -> float | None:
+    """How much of the host's CPU time the hypervisor under it took for others (steal), between
+    two host_cpu_times(): on a shared cloud machine this, not our code, moves every cell."""
+    if len(before) < 8 or len(after) < 8:
+        return None
+    delta = [a - b for a, b in zip(after[:8], before[:8], strict=True)]
+    total = sum(delta)
+    return delta[7] / total if total > 0 else None
 
 
 def run_guest(guest_args: list[str], *, mem: str, smp: int, timeout: float) -> dict[str, Any]:
@@ -357,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeat < 1:
         _parser().error("--repeat must be at least 1")
     cells = len(names) * len(backends) * 2 * args.repeat
-    load_before = host_load()
+    load_before, times_before = host_load(), host_cpu_times()
     date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     guest = run_guest(["--seconds", f"{seconds:g}", "--ramp", f"{ramp:g}", "--workloads", ",".join(names),
                        "--backends", ",".join(backends), f"--our-args={args.our_args}",
@@ -371,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         "host_cpus": os.cpu_count(),
         "host_load_before": load_before,
         "host_load_after": host_load(),
+        "host_steal_share": steal_share(times_before, host_cpu_times()),
         "vm": {"accel": os.environ.get("PYVDUSE_TESTVM_ACCEL", "tcg"), "vcpus": args.smp, "mem": args.mem},
         "guest": guest["info"],
         "our_args": args.our_args,

@@ -565,11 +565,16 @@ def _cell_line(c: dict[str, Any]) -> str:
     head = f"{c['impl']:8} {c['backend']:5} {c['workload']:22}"
     if "error" in c:
         return f"{head} ERROR {c['error']}"
-    cpu = c.get("cpu_us_per_io")
     return (f"{head} {c['iops']:9.0f} IOPS {c['mb_s']:8.1f} MB/s lat {c['lat_mean_us']:8.0f} us  "
-            f"cpu {'-' if cpu is None else f'{cpu:.0f}'} us/IO ({c['cpu_util'] * 100:.0f}%)  "
-            f"guest {c.get('guest_cpu_us_per_io') or 0:.0f} us/IO "
-            f"({(c.get('guest_cpu_util') or 0) * 100:.0f}%) {c.get('ctxt_per_io') or 0:.1f} cs/IO")
+            f"cpu {_figure(c, 'cpu_us_per_io')} us/IO ({_figure(c, 'cpu_util', 100)}%)  "
+            f"guest {_figure(c, 'guest_cpu_us_per_io')} us/IO "
+            f"({_figure(c, 'guest_cpu_util', 100)}%) {_figure(c, 'ctxt_per_io', fmt='.1f')} cs/IO")
+
+
+def _figure(c: dict[str, Any], key: str, scale: float = 1, fmt: str = ".0f") -> str:
+    """A measured figure for the log line; '-' where it could not be measured (not 0)."""
+    value = c.get(key)
+    return "-" if value is None else format(value * scale, fmt)
 
 
 def run_profile(path: str, seconds: float, ramp: float) -> dict[str, Any]:

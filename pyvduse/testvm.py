@@ -98,6 +98,9 @@ EXIT_NO_STATUS = 99  # the guest never reported a status (boot failure, crash, p
 # (text_poke_early in apparmor_init, RIP 0), before any command ran; such a boot is retried.
 BOOT_ATTEMPTS = 3
 BOOT_PANIC = "Kernel panic"
+# A boot that has not reached the command after this long (s) hung, and is retried too: a
+# boot takes about 10 s here, a minute on a loaded machine.
+BOOT_TIMEOUT = float(os.environ.get("PYVDUSE_VM_BOOT_TIMEOUT", "300"))
 
 INIT_SCRIPT = r"""#!/bin/busybox sh
 # pyvduse test VM init: load the VDUSE modules, mount the host's / over virtiofs, run the
@@ -186,7 +189,8 @@ class RunResult:
     timed_out: bool
     duration: float
     boot_panic: str = ""  # the boot console when the kernel panicked before the command began
-    boots: int = 1  # how many boots it took (a boot that panicked is retried)
+    boot_hung: bool = False  # the guest never reached the command within BOOT_TIMEOUT
+    boots: int = 1  # how many boots it took (a boot that panicked or hung is retried)
 
     @property
     def command_kernel_log(self) -> str:
@@ -836,25 +840,34 @@ class ConsoleFilter:
             self._pending = ""
 
 
-def _drive(argv: Sequence[str], timeout: float, console: ConsoleFilter) -> tuple[int | None, bool]:
-    """Run the VM, feeding its console to `console` until it exits or the timeout passes.
+def _drive(argv: Sequence[str], timeout: float, console: ConsoleFilter,
+           boot_timeout: float = BOOT_TIMEOUT) -> tuple[int | None, bool, bool]:
+    """Run the VM, feeding its console to `console` until it exits or the timeout passes,
+    or until `boot_timeout` passes before the command began.
 
-    Returns (qemu's exit status or None if killed, timed out?).
+    Returns (qemu's exit status or None if killed, timed out?, boot hung?).
     """
     proc = _spawn(argv, subprocess.PIPE)
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     deadline = time.monotonic() + timeout
-    timed_out = eof = False
+    boot_deadline = time.monotonic() + boot_timeout
+    timed_out = boot_hung = eof = False
     try:
         with selectors.DefaultSelector() as sel:
             sel.register(fd, selectors.EVENT_READ)
             while True:
-                remaining = deadline - time.monotonic()
+                now = time.monotonic()
+                remaining = deadline - now
                 if remaining <= 0:
                     timed_out = True
                     break
+                if not console.started:
+                    if boot_deadline <= now:
+                        boot_hung = True
+                        break
+                    remaining = min(remaining, boot_deadline - now)
                 if not sel.select(remaining):
                     continue
                 chunk = os.read(fd, 65536)
@@ -870,23 +883,25 @@ def _drive(argv: Sequence[str], timeout: float, console: ConsoleFilter) -> tuple
         _stop(proc, grace=0.0)
         proc.stdout.close()
         console.feed(decoder.decode(b"", final=True))
-    return (None if timed_out else proc.returncode), timed_out
+    return (None if timed_out or boot_hung else proc.returncode), timed_out, boot_hung
 
 
 def _run_prepared(
-    argv: Sequence[str], rundir: Path, *, timeout: float, console: TextIO | None, will_retry: bool = False
+    argv: Sequence[str], rundir: Path, *, timeout: float, console: TextIO | None,
+    will_retry: bool = False, boot_timeout: float = BOOT_TIMEOUT,
 ) -> RunResult:
     """Boot with a prepared run directory and collect the result from it.
 
-    With `will_retry`, a boot that panicked before the command began is not shown on the
-    console (the caller boots again); its text is in the result's `boot_panic`.
+    With `will_retry`, a boot that panicked or hung before the command began is not shown on
+    the console (the caller boots again); a panic's text is in the result's `boot_panic`.
     """
     start = time.monotonic()
     screen = ConsoleFilter(rundir.name, console)
+    boot_hung = False
     try:
-        _, timed_out = _drive(argv, timeout, screen)
+        _, timed_out, boot_hung = _drive(argv, timeout, screen, boot_timeout)
     finally:
-        screen.close(show_boot=not (will_retry and screen.panicked_at_boot))
+        screen.close(show_boot=not (will_retry and (screen.panicked_at_boot or boot_hung)))
     duration = time.monotonic() - start
     try:
         kernel_log = (rundir / "kernel.log").read_text(errors="replace")
@@ -905,6 +920,7 @@ def _run_prepared(
         timed_out=timed_out,
         duration=duration,
         boot_panic=screen.boot if screen.panicked_at_boot else "",
+        boot_hung=boot_hung,
     )
 
 
@@ -970,13 +986,19 @@ def run(
             with _virtiofsd(tools.virtiofsd, socket, rundir / "virtiofsd.log"):
                 result = _run_prepared(
                     argv, rundir, timeout=max(deadline - time.monotonic(), 0.0), console=console,
-                    will_retry=boot < BOOT_ATTEMPTS,
+                    will_retry=boot < BOOT_ATTEMPTS, boot_timeout=BOOT_TIMEOUT,
                 )
             result.boots = boot
-            if not result.boot_panic or result.timed_out or boot == BOOT_ATTEMPTS:
+            if result.timed_out or boot == BOOT_ATTEMPTS:
                 return result
-            _note(f"the guest kernel panicked at boot, before the command began; booting again "
-                  f"({boot + 1} of {BOOT_ATTEMPTS}): {_panic_line(result.boot_panic)}")
+            if result.boot_panic:
+                _note(f"the guest kernel panicked at boot, before the command began; booting "
+                      f"again ({boot + 1} of {BOOT_ATTEMPTS}): {_panic_line(result.boot_panic)}")
+            elif result.boot_hung:
+                _note(f"the guest did not reach the command in {BOOT_TIMEOUT:.0f} s of booting; "
+                      f"booting again ({boot + 1} of {BOOT_ATTEMPTS})")
+            else:
+                return result
         raise AssertionError("unreachable")
     finally:
         shutil.rmtree(rundir, ignore_errors=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import struct
 
 from pyvduse.ring.chain import Chain
+from pyvduse.ring.queue import WrappedQueue
 from pyvduse.ring.split import SplitQueue
 from pyvduse.ring.stores import words16, words32, words64
 
@@ -130,15 +131,13 @@ class InflightLog:
         return last_avail, heads
 
 
-class LoggedQueue:
+class LoggedQueue(WrappedQueue[SplitQueue]):
     """A SplitQueue whose every step is logged first; same interface as the queue itself."""
 
     def __init__(self, queue: SplitQueue, log: InflightLog) -> None:
-        self.queue = queue
+        super().__init__(queue)
         self.log = log
-        self.num = queue.num
         self._batch: list[int] = []
-        self.resubmit: list[Chain] = []
 
     @classmethod
     def fresh(cls, queue: SplitQueue, log: InflightLog) -> LoggedQueue:
@@ -162,22 +161,7 @@ class LoggedQueue:
         lq.resubmit = [q.chain_at(h) for h in heads]
         return lq
 
-    # -- the queue interface ------------------------------------------------------------------
-
-    @property
-    def last_avail_idx(self) -> int:
-        return self.queue.last_avail_idx
-
-    @property
-    def used_idx(self) -> int:
-        return self.queue.used_idx
-
-    @property
-    def broken(self) -> str | None:
-        return self.queue.broken
-
-    def pending(self) -> int:
-        return self.queue.pending()
+    # -- the steps that are logged -------------------------------------------------------------
 
     def pop(self) -> Chain | None:
         chain = self.queue.pop()
@@ -198,9 +182,3 @@ class LoggedQueue:
             self.log.published(self._batch)
             self._batch = []
         return notify
-
-    def disable_kicks(self) -> None:
-        self.queue.disable_kicks()
-
-    def enable_kicks(self) -> bool:
-        return self.queue.enable_kicks()

@@ -26,6 +26,7 @@ from pyvduse.abi.virtio import DESC_SIZE
 from pyvduse.ring.chain import Chain
 from pyvduse.ring.packed import PackedQueue
 from pyvduse.ring.packed_layout import AVAIL_PATTERN, F_AVAIL_USED
+from pyvduse.ring.queue import WrappedQueue
 from pyvduse.ring.stores import words32
 
 # avail idx, avail wrap, used idx, used wrap, intent idx, intent wrap, num
@@ -69,14 +70,12 @@ class PackedInflightLog:
         return int(_HEADER.unpack_from(self.mem, 0)[6])
 
 
-class LoggedPackedQueue:
+class LoggedPackedQueue(WrappedQueue[PackedQueue]):
     """A PackedQueue whose every step is logged first; same interface as the queue itself."""
 
     def __init__(self, queue: PackedQueue, log: PackedInflightLog) -> None:
-        self.queue = queue
+        super().__init__(queue)
         self.log = log
-        self.num = queue.num
-        self.resubmit: list[Chain] = []
 
     @classmethod
     def fresh(cls, queue: PackedQueue, log: PackedInflightLog) -> LoggedPackedQueue:
@@ -119,25 +118,10 @@ class LoggedPackedQueue:
         lq.resubmit = chains
         return lq
 
-    # -- the queue interface ------------------------------------------------------------------
-
-    @property
-    def last_avail_idx(self) -> int:
-        return self.queue.last_avail_idx
-
-    @property
-    def used_idx(self) -> int:
-        return self.queue.used_idx
-
-    @property
-    def broken(self) -> str | None:
-        return self.queue.broken
-
     def state(self) -> tuple[int, int, int, int]:
         return self.queue.state()
 
-    def pending(self) -> int:
-        return self.queue.pending()
+    # -- the steps that are logged -------------------------------------------------------------
 
     def pop(self) -> Chain | None:
         q = self.queue
@@ -151,9 +135,6 @@ class LoggedPackedQueue:
             self.log.set_position(_AVAIL_OFF, q.last_avail_idx, q.avail_wrap)
         return chain
 
-    def push(self, head: int, written: int, ndesc: int = 1) -> None:
-        self.queue.push(head, written, ndesc)
-
     def publish(self) -> bool:
         q = self.queue
         target = (q.used_idx, q.used_wrap)
@@ -161,9 +142,3 @@ class LoggedPackedQueue:
         notify = q.publish()
         self.log.set_position(_USED_OFF, *target)
         return notify
-
-    def disable_kicks(self) -> None:
-        self.queue.disable_kicks()
-
-    def enable_kicks(self) -> bool:
-        return self.queue.enable_kicks()

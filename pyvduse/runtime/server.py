@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import Literal, TypeVar
 
 from pyvduse.abi.virtio import F_RING_PACKED, has
 from pyvduse.device.base import VirtioDevice
@@ -26,6 +27,19 @@ from pyvduse.runtime.worker import QueueWorker
 from pyvduse.transport.base import QueueSetup, Transport
 
 log = logging.getLogger(__name__)
+
+
+#: How a queue worker starts: "fresh" (a new driver), "resume" (after the daemon restarted),
+#: "continue" (the same driver, after a remap).
+StartMode = Literal["fresh", "resume", "continue"]
+Logged = TypeVar("Logged", LoggedQueue, LoggedPackedQueue)
+
+
+def _opener(kind: type[Logged], mode: StartMode) -> Callable[..., Logged]:
+    """How a logged queue opens its log: cleared, recovered from, or carried on."""
+    openers: dict[str, Callable[..., Logged]] = {
+        "fresh": kind.fresh, "resume": kind.recovered, "continue": kind}
+    return openers[mode]
 
 
 class DeviceServer:
@@ -114,21 +128,22 @@ class DeviceServer:
             return queue.state()
         return (queue.last_avail_idx, queue.used_idx)
 
-    def _start_worker(self, q: QueueSetup, position: tuple[int, ...], mode: str) -> None:
-        """``mode``: "fresh" (new driver), "resume" (after a restart), "continue" (remap)."""
+    def _open_ring(self, q: QueueSetup, position: tuple[int, ...]) -> SplitQueue | PackedQueue:
         assert self.transport is not None
         memory = self.transport.memory
-        ring: SplitQueue | PackedQueue
+        if self.packed:
+            avail_wrap, last_avail, used_wrap, used = position
+            return PackedQueue(memory, q.num, q.desc_addr, q.driver_addr, q.device_addr,
+                               self.features, last_avail_idx=last_avail, used_idx=used,
+                               avail_wrap=avail_wrap, used_wrap=used_wrap)
+        return SplitQueue(memory, q.num, q.desc_addr, q.driver_addr, q.device_addr,
+                          self.features, last_avail_idx=position[0],
+                          used_idx=position[1] if len(position) > 1 else None)
+
+    def _start_worker(self, q: QueueSetup, position: tuple[int, ...], mode: StartMode) -> None:
+        assert self.transport is not None
         try:
-            if self.packed:
-                avail_wrap, last_avail, used_wrap, used = position
-                ring = PackedQueue(memory, q.num, q.desc_addr, q.driver_addr, q.device_addr,
-                                   self.features, last_avail_idx=last_avail, used_idx=used,
-                                   avail_wrap=avail_wrap, used_wrap=used_wrap)
-            else:
-                ring = SplitQueue(memory, q.num, q.desc_addr, q.driver_addr, q.device_addr,
-                                  self.features, last_avail_idx=position[0],
-                                  used_idx=position[1] if len(position) > 1 else None)
+            ring = self._open_ring(q, position)
         except RingError as e:
             log.error("queue %d cannot be served: %s", q.index, e)
             return
@@ -139,26 +154,14 @@ class DeviceServer:
                 log.error("queue %d: cannot resume a packed ring without its state", q.index)
                 return
             ring.resume_at_used()
-        if self.state is not None and isinstance(ring, SplitQueue):
-            log_ = self.state.log(q.index, q.num)
-            if mode == "resume":
-                lq = LoggedQueue.recovered(ring, log_)
-                resubmit = lq.resubmit
-            elif mode == "fresh":
-                lq = LoggedQueue.fresh(ring, log_)
+        if self.state is not None:
+            logged: LoggedQueue | LoggedPackedQueue
+            if isinstance(ring, SplitQueue):
+                logged = _opener(LoggedQueue, mode)(ring, self.state.log(q.index, q.num))
             else:
-                lq = LoggedQueue(ring, log_)
-            queue = lq
-        elif self.state is not None and isinstance(ring, PackedQueue):
-            plog = PackedInflightLog(self.state.region(q.index, q.num), q.num)
-            if mode == "resume":
-                pq = LoggedPackedQueue.recovered(ring, plog)
-                resubmit = pq.resubmit
-            elif mode == "fresh":
-                pq = LoggedPackedQueue.fresh(ring, plog)
-            else:
-                pq = LoggedPackedQueue(ring, plog)
-            queue = pq
+                region = self.state.region(q.index, q.num)
+                logged = _opener(LoggedPackedQueue, mode)(ring, PackedInflightLog(region, q.num))
+            queue, resubmit = logged, logged.resubmit  # resubmit: only after a recovery
         resumed = mode == "resume"
         w = self._native_worker(q.index, queue, resubmit, resumed) or QueueWorker(
             self.device, q.index, queue, self.transport.kick_fd(q.index),

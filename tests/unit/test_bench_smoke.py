@@ -200,6 +200,15 @@ def test_a_failed_round_is_left_out_of_the_medians(host: ModuleType) -> None:
     assert row["errors"] == ["fio exited 1"]
 
 
+def test_steal_share(host: ModuleType) -> None:
+    before = [100, 0, 50, 800, 0, 0, 0, 50, 0, 0]
+    after = [200, 0, 100, 950, 0, 0, 0, 150, 0, 0]  # 400 ticks, 100 of them stolen
+    assert host.steal_share(before, after) == pytest.approx(0.25)
+    assert host.steal_share([], after) is None and host.steal_share(before, before) is None
+    assert len(host.host_cpu_times()) >= 8
+    assert "25% of the host's CPU time stolen" in host.format_notes([], {"host_steal_share": 0.25})
+
+
 @pytest.mark.boots_vm
 @pytest.mark.skipif(os.environ.get("PYVDUSE_IN_VM") == "1", reason="boots a VM from the host")
 @pytest.mark.skipif(os.geteuid() != 0, reason="the test VM needs root")
@@ -228,6 +237,7 @@ def test_bench_quick_run(tmp_path: Path, host: ModuleType) -> None:
     info = report["info"]
     assert info["seconds_per_cell"] == 1 and info["guest"]["guest_kernel"].startswith("6.12")
     assert info["host_cpu"] and info["pyvduse_commit"]
+    assert 0 <= info["host_steal_share"] <= 1
     table = proc.stdout
     assert "our CPU µs/IO" in table
     for b, w in rows:

@@ -357,7 +357,11 @@ FAKE_QEMU = textwrap.dedent(
         out.write("[ 0.6] ? text_poke_early+0x6a/0xa0\\r\\n"
                   "[ 0.6] Kernel panic - not syncing: Attempted to kill the idle task!\\r\\n")
         sys.exit(0)
-    if mode == "panic-once":
+    if mode == "boot-hang" or (mode == "boot-hang-once" and n == 1):
+        out.write("[ 0.6] stuck somewhere in the boot\\r\\n")
+        out.flush()
+        time.sleep(120)
+    if mode in ("panic-once", "boot-hang-once"):
         mode = "ok"
     out.write("[ 0.5] boot noise\\r\\n\\r\\n{ready} " + token + "\\r\\n")
     out.write("hello-from-fake\\r\\n")
@@ -465,6 +469,30 @@ def test_run_gives_up_after_boot_attempts(fake_vm: Path, monkeypatch: pytest.Mon
     r = testvm.run("true", cwd="/", console=sink)
     assert (r.exit_code, r.boots) == (EXIT_NO_STATUS, testvm.BOOT_ATTEMPTS)
     assert sink.getvalue().count("Kernel panic") == 1  # only the last boot is shown
+
+
+def test_run_prepared_stops_a_boot_that_hangs(fake_qemu: tuple[Path, Path]) -> None:
+    script, rundir = fake_qemu
+    argv = [sys.executable, str(script), str(rundir), "boot-hang"]
+    sink = io.StringIO()
+    r = testvm._run_prepared(argv, rundir, timeout=60, console=sink, will_retry=True,
+                             boot_timeout=1.0)
+    assert (r.exit_code, r.timed_out, r.boot_hung, sink.getvalue()) == (EXIT_NO_STATUS, False,
+                                                                        True, "")
+    assert r.duration < 15 and _pid_gone(int((rundir / "pid").read_text()))
+
+
+def test_run_boots_again_after_a_boot_hang(
+    fake_vm: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PYVDUSE_FAKE_MODE", "boot-hang-once")
+    monkeypatch.setattr(testvm, "BOOT_TIMEOUT", 1.0)
+    sink = io.StringIO()
+    r = testvm.run("true", cwd="/", console=sink)
+    assert (r.exit_code, r.boots, r.boot_hung) == (3, 2, False)
+    assert sink.getvalue() == "hello-from-fake\n"  # the hung boot is not in the output
+    assert "did not reach the command in 1 s of booting; booting again (2 of 3)" in \
+        capsys.readouterr().err
 
 
 def test_run_does_not_retry_a_command_that_began(fake_vm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
