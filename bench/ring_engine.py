@@ -1,4 +1,4 @@
-"""Microbenchmark of the ring engines on the in-process model driver (no kernel, no threads).
+"""Microbenchmark of the ring engines on the in-process model driver (no kernel).
 
 Requests per second per core for null requests (FLUSH on the null backend) and 4 KiB reads
 copied from RAM, at batch sizes 1, 32 and 256, through each engine:
@@ -7,7 +7,11 @@ copied from RAM, at batch sizes 1, 32 and 256, through each engine:
 - native: the C loop of pyvduse.fastpath, one ``Engine.run`` call per batch (so at batch 1
   the figure includes a Python -> C call and a poll(2) per request).
 
-Prints a table and writes it as JSON.
+Then queues in parallel, as the daemon runs them: one thread per queue, each with its own
+ring, at batch 256, one queue against as many as the host has cores (at least 2). The
+native loop releases the GIL, so its queues add up; the Python engine's share one GIL.
+
+Prints both tables and writes them as JSON.
 
     python3 bench/ring_engine.py [--seconds 2] [--json bench/results/ring_engine.json]
 """
@@ -17,7 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pyvduse.abi import virtio_blk as vb
@@ -31,6 +37,7 @@ from pyvduse.model.split_driver import DriverSplitRing
 from pyvduse.ring.split import SplitQueue
 
 FEATURES = bit(F_RING_EVENT_IDX) | bit(F_RING_INDIRECT_DESC)
+PARALLEL_BATCH = 256
 
 
 def setup(kind: str, batch: int) -> tuple[DriverSplitRing, SplitQueue, BlkDevice, list[int], Arena]:
@@ -104,13 +111,52 @@ def run_native(kind: str, batch: int, seconds: float) -> float:
     return done / elapsed
 
 
+def run_parallel(engine: Callable[[str, int, float], float], kind: str, queues: int,
+                 seconds: float) -> float:
+    """Total requests/s of ``queues`` rings served at once, one thread each (as the daemon's
+    queue workers), every ring set up before any starts."""
+    rates = [0.0] * queues
+    start = threading.Barrier(queues)
+
+    def serve(i: int) -> None:
+        start.wait()
+        rates[i] = engine(kind, PARALLEL_BATCH, seconds)
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(queues)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(rates)
+
+
+def parallel_rows(engines: list[str], seconds: float) -> list[dict[str, object]]:
+    """One queue against ``max(2, cores)`` queues on their own threads, per engine and kind."""
+    queues = max(2, os.cpu_count() or 1)
+    rows: list[dict[str, object]] = []
+    print(f"\nqueues in parallel (batch {PARALLEL_BATCH}, one thread per queue, "
+          f"{os.cpu_count()} host cores)")
+    print(f"{'requests':<10}{'engine':>8}{'1 queue req/s':>16}{f'{queues} queues req/s':>18}"
+          f"{'scaling':>9}")
+    for kind in ("null", "4k-copy"):
+        for e in engines:
+            fn = run if e == "python" else run_native
+            one = run_parallel(fn, kind, 1, seconds)
+            many = run_parallel(fn, kind, queues, seconds)
+            rows.append({"requests": kind, "engine": e, "queues": queues,
+                         "one_queue_req_per_s": round(one), "req_per_s": round(many),
+                         "scaling": round(many / one, 2)})
+            print(f"{kind:<10}{e:>8}{one:>16,.0f}{many:>18,.0f}{many / one:>8.2f}x")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--json", type=Path, default=Path("bench/results/ring_engine.json"))
     args = ap.parse_args()
     engines = ["python"] + (["native"] if native.available() else [])
-    rows = []
+    rows: list[dict[str, object]] = []
     print(f"{'requests':<10}{'batch':>6}" + "".join(f"{e + ' req/s':>16}" for e in engines))
     for kind in ("null", "4k-copy"):
         for batch in (1, 32, 256):
@@ -122,10 +168,11 @@ def main() -> None:
                 line += f"{rate:>16,.0f}"
             rows.append(row)
             print(line)
+    parallel = parallel_rows(engines, args.seconds)
     if "native" not in engines:
         print("(native engine not built: pip install -e . with gcc and the Python headers)")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(rows, indent=2))
+    args.json.write_text(json.dumps({"batches": rows, "parallel": parallel}, indent=2))
 
 
 if __name__ == "__main__":

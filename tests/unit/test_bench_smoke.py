@@ -245,7 +245,8 @@ def test_bench_quick_run(tmp_path: Path, host: ModuleType) -> None:
 
 
 def test_ring_engine_bench_runs(tmp_path: Path) -> None:
-    """bench/ring_engine.py on a tiny budget: every engine, kind and batch gives a rate."""
+    """bench/ring_engine.py on a tiny budget: every engine, kind and batch gives a rate, and
+    so do the queues served in parallel."""
     from pyvduse.fastpath import engine as native
 
     out = tmp_path / "ring.json"
@@ -253,8 +254,14 @@ def test_ring_engine_bench_runs(tmp_path: Path) -> None:
                            "--json", str(out)], capture_output=True, text=True, timeout=300,
                           check=False, cwd=BENCH.parent)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    rows = json.loads(out.read_text())
+    report = json.loads(out.read_text())
+    rows = report["batches"]
     assert [(r["requests"], r["batch"]) for r in rows] == [
         (k, b) for k in ("null", "4k-copy") for b in (1, 32, 256)]
     engines = ["python"] + (["native"] if native.available() else [])
     assert all(r[f"{e}_req_per_s"] > 0 for r in rows for e in engines)
+    parallel = report["parallel"]
+    assert [(r["requests"], r["engine"]) for r in parallel] == [
+        (k, e) for k in ("null", "4k-copy") for e in engines]
+    assert all(r["queues"] >= 2 and r["req_per_s"] > 0 and r["one_queue_req_per_s"] > 0
+               for r in parallel)
