@@ -86,6 +86,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    "default: one CPU per queue, like a hardware interrupt), 'driver' (its "
                    "whole mask, rotating over it), or a CPU list like 0,2-3 (queue i on the "
                    "i-th CPU of the list)")
+    p.add_argument("--worker-cpus", choices=("irq", "any"), default="irq",
+                   help="where each queue's worker thread runs: 'irq', on the CPUs its "
+                   "interrupts are handled on (the default: the daemon and the completion "
+                   "work share them and leave the other CPUs to the application), or 'any' "
+                   "(wherever the scheduler puts it)")
     add_ops_arguments(p)
     p.set_defaults(func=run)
 
@@ -203,7 +208,8 @@ def run(args: argparse.Namespace) -> int:
     for option, value in (("--poll-us", args.poll_us), ("--publish-us", args.publish_us)):
         if not 0 <= value <= MAX_US:
             raise UserError(f"{option} {value} must be 0 to {MAX_US}")
-    tuning = QueueTuning(data_path=data_path, poll_us=args.poll_us, publish_us=args.publish_us)
+    tuning = QueueTuning(data_path=data_path, poll_us=args.poll_us, publish_us=args.publish_us,
+                         workers_on_irq_cpus=args.worker_cpus == "irq")
     irq_placement = parse_irq_cpus(args.irq_cpus)
     backend = make_backend(args)
     try:

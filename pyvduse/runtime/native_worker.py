@@ -71,6 +71,7 @@ class NativeQueueWorker(QueueWorker):
         *,
         resumed: bool = False,
         tuning: QueueTuning = DEFAULT_TUNING,
+        cpus: list[int] | None = None,
     ) -> None:
         self.index = index
         self.ring = queue.queue if isinstance(queue, LoggedQueue) else queue
@@ -80,7 +81,7 @@ class NativeQueueWorker(QueueWorker):
                                    self._backend_error, tuning.poll_us * 1000,
                                    tuning.publish_us * 1000, tuning.hold_us * 1000)
         super().__init__(device, index, queue, kick_fd, notify, resubmit, resumed=resumed,
-                         tuning=tuning)
+                         tuning=tuning, cpus=cpus)
         self.blk = device
         self.memory = memory
         self.deferred = 0  # chains the native loop left to Python

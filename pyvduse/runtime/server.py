@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from typing import Literal, TypeVar
@@ -163,15 +164,28 @@ class DeviceServer:
                 logged = _opener(LoggedPackedQueue, mode)(ring, PackedInflightLog(region, q.num))
             queue, resubmit = logged, logged.resubmit  # resubmit: only after a recovery
         resumed = mode == "resume"
-        w = self._native_worker(q.index, queue, resubmit, resumed) or QueueWorker(
+        cpus = self._worker_cpus(q.index)
+        w = self._native_worker(q.index, queue, resubmit, resumed, cpus) or QueueWorker(
             self.device, q.index, queue, self.transport.kick_fd(q.index),
             self.transport.notify, resubmit, resumed=resumed,
-            tuning=self.tuning)
+            tuning=self.tuning, cpus=cpus)
         self.workers[q.index] = w
         w.start()
 
+    def _worker_cpus(self, index: int) -> list[int] | None:
+        """Where queue ``index``'s worker runs: on its interrupt CPUs (see QueueTuning), when
+        the transport knows them and they are not every CPU we may use anyway."""
+        assert self.transport is not None
+        if not self.tuning.workers_on_irq_cpus:
+            return None
+        cpus = self.transport.interrupt_cpus(index)
+        allowed = os.sched_getaffinity(0)
+        if not cpus or not set(cpus) & allowed or allowed <= set(cpus):
+            return None
+        return sorted(set(cpus) & allowed)
+
     def _native_worker(self, index: int, queue: VirtQueue, resubmit: list[Chain],
-                       resumed: bool) -> NativeQueueWorker | None:
+                       resumed: bool, cpus: list[int] | None) -> NativeQueueWorker | None:
         """A native worker when the data path allows it and the queue is one it serves."""
         assert self.transport is not None
         memory = self.transport.memory
@@ -184,7 +198,7 @@ class DeviceServer:
             return NativeQueueWorker(self.device, index, queue, self.transport.kick_fd(index),
                                      self.transport.notify, memory,
                                      self.transport.irq_ioctl(index), resubmit,
-                                     resumed=resumed, tuning=self.tuning)
+                                     resumed=resumed, tuning=self.tuning, cpus=cpus)
         except ValueError as e:  # e.g. a ring the native loop cannot map as one piece
             log.warning("queue %d: served by the Python engine: %s", index, e)
             return None

@@ -29,6 +29,10 @@ class QueueTuning:
     poll_us: int = 0
     #: Publish a round's completions (and maybe interrupt) after a request this long.
     publish_us: int = PUBLISH_AFTER_US
+    #: Run each queue's worker thread on the CPUs its interrupts are handled on (when the
+    #: transport can tell), so the daemon and the driver's completion work share them and
+    #: leave the other CPUs to the application; False: wherever the scheduler puts it.
+    workers_on_irq_cpus: bool = True
 
     def __post_init__(self) -> None:
         for name in ("poll_us", "publish_us"):

@@ -23,6 +23,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from pyvduse.device.base import VirtioDevice
@@ -139,11 +140,13 @@ class QueueWorker:
         *,
         resumed: bool = False,
         tuning: QueueTuning = DEFAULT_TUNING,
+        cpus: list[int] | None = None,
     ) -> None:
         self.device = device
         self.index = index
         self.queue = queue
         self.tuning = tuning
+        self.cpus = cpus  # the CPUs the thread runs on; None: any
         self.kick_fd = kick_fd
         self._notify = notify
         self._resubmit = resubmit or []  # requests in flight when the last daemon died
@@ -153,7 +156,7 @@ class QueueWorker:
         self.broken: str | None = None
         self._completed = 0
         self.counters = _counters_for(device, index)
-        self._thread = threading.Thread(target=self._run, name=f"vq{index}", daemon=True)
+        self._thread = threading.Thread(target=self._main, name=f"vq{index}", daemon=True)
 
     @property
     def completed(self) -> int:
@@ -193,6 +196,17 @@ class QueueWorker:
                 return False
             time.sleep(DRAIN_POLL_SECONDS)
         return True
+
+    def _main(self) -> None:
+        with contextlib.suppress(OSError):  # the thread's name in top -H, ps -L and /proc
+            Path(f"/proc/self/task/{threading.get_native_id()}/comm").write_text(
+                self._thread.name)
+        if self.cpus:
+            try:
+                os.sched_setaffinity(0, self.cpus)  # 0: this thread
+            except OSError as e:  # e.g. a cgroup that does not allow those CPUs
+                log.warning("queue %d: worker left unpinned: %s", self.index, e)
+        self._run()
 
     def _run(self) -> None:
         poller = select.poll()

@@ -56,11 +56,14 @@ class LoopbackTransport(Transport):
         os.eventfd_write(self.kicks[index], 1)
 
 
-def setup(queues: int = 2) -> tuple[DeviceServer, LoopbackTransport, list[DriverSplitRing]]:
+def setup(queues: int = 2, transport: type[LoopbackTransport] = LoopbackTransport,
+          tuning: QueueTuning | None = None,
+          ) -> tuple[DeviceServer, LoopbackTransport, list[DriverSplitRing]]:
     arena = Arena(8 << 20)
     rings = [DriverSplitRing(arena, 32) for _ in range(queues)]
-    t = LoopbackTransport(arena, queues)
-    server = DeviceServer(BlkDevice(MemoryBackend(4 << 20), BlkOptions(num_queues=queues)))
+    t = transport(arena, queues)
+    server = DeviceServer(BlkDevice(MemoryBackend(4 << 20), BlkOptions(num_queues=queues)),
+                          tuning=tuning)
     server.bind(t)
     assert server.features_ok(FEATURES)
     server.driver_ok(FEATURES, [QueueSetup(i, 32, r.desc_addr, r.avail_addr, r.used_addr, True)
@@ -245,3 +248,45 @@ def test_tuning_refuses_out_of_range(field: str) -> None:
     for bad in (-1, MAX_US + 1):
         with pytest.raises(ValueError, match=f"{field} {bad} must be 0 to {MAX_US}"):
             QueueTuning(**{field: bad})  # type: ignore[arg-type]
+
+
+CPUS = sorted(os.sched_getaffinity(0))
+
+
+class PlacedIrqTransport(LoopbackTransport):
+    """Queue i's interrupts on one CPU each, counted from the last one we may use."""
+
+    def interrupt_cpus(self, index: int) -> list[int] | None:
+        return [CPUS[-1 - index % len(CPUS)]]
+
+
+@pytest.mark.skipif(len(CPUS) < 2, reason="needs 2 CPUs")
+@pytest.mark.parametrize("data_path", [DataPath.PYTHON, DataPath.AUTO])
+@pytest.mark.parametrize("on_irq_cpus", [True, False])
+def test_workers_run_on_their_interrupt_cpus(data_path: DataPath, on_irq_cpus: bool) -> None:
+    """Each worker thread is pinned to its queue's interrupt CPUs (the default), or left to
+    the scheduler with workers_on_irq_cpus=False; serving is the same either way. Its OS
+    thread name is vqN (for top -H and ps -L)."""
+    server, t, rings = setup(2, PlacedIrqTransport,
+                             QueueTuning(data_path=data_path, workers_on_irq_cpus=on_irq_cpus))
+    try:
+        for i, r in enumerate(rings):
+            r.add([vb.OUTHDR.pack(vb.ReqType.IN, 0, 0)], [512, 1])
+            t.kick(i)
+        wait_for(lambda: all(r.used_idx() == 1 for r in rings))
+        for i, w in server.workers.items():
+            tid = w._thread.native_id
+            assert tid is not None
+            want = {CPUS[-1 - i]} if on_irq_cpus else set(CPUS)
+            assert os.sched_getaffinity(tid) == want
+            assert Path(f"/proc/self/task/{tid}/comm").read_text().strip() == f"vq{i}"
+    finally:
+        server.stop()
+
+
+def test_workers_are_not_pinned_when_the_transport_cannot_tell() -> None:
+    server, _, _ = setup(1)
+    try:
+        assert server.workers[0].cpus is None
+    finally:
+        server.stop()

@@ -21,6 +21,18 @@ def masks(name: str, queues: int) -> list[str]:
             for i in range(queues)]
 
 
+def worker_cpus(pid: int) -> dict[str, str]:
+    """Each queue worker thread of the daemon (named vqN) -> its Cpus_allowed_list."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        comm = (task / "comm").read_text().strip()
+        if comm.startswith("vq"):
+            status = (task / "status").read_text()
+            out[comm] = next(line.split(":", 1)[1].strip() for line in status.splitlines()
+                             if line.startswith("Cpus_allowed_list:"))
+    return out
+
+
 def io(dev: str) -> None:
     sh(f"dd if=/dev/zero of={dev} bs=4k count=256 oflag=direct status=none && "
        f"dd if={dev} of=/dev/null bs=4k count=256 iflag=direct status=none")
@@ -36,6 +48,7 @@ def test_default_gives_each_queue_one_cpu() -> None:
     with Daemon("--null", "8M", name="irq-first") as d:
         assert masks("irq-first", 1) == ["1"]  # the driver gave the one queue 0-1
         io(d.dev)
+        assert worker_cpus(d.proc.pid) == {"vq0": "0"}  # the worker runs where its irqs do
         assert d.stop() == 0
     assert "queue 0: interrupts on CPU 0 (the driver gave 0-1)" in d.stderr()
     with Daemon("--null", "8M", "--queues", "2", name="irq-first2") as d:
@@ -45,6 +58,8 @@ def test_default_gives_each_queue_one_cpu() -> None:
         queues = ctl_json("irq-first2", "status")["result"]["queues"]  # type: ignore[index]
         assert [q["irq_cpus"] for q in queues] == [{"1": [0], "2": [1]}[m] for m in one_each]
         assert "interrupts on CPU" in ctl("irq-first2", "status").stdout
+        assert worker_cpus(d.proc.pid) == {f"vq{i}": {"1": "0", "2": "1"}[m]
+                                           for i, m in enumerate(one_each)}
         assert d.stop() == 0
 
 
@@ -52,6 +67,15 @@ def test_driver_keeps_the_drivers_mask() -> None:
     with Daemon("--null", "8M", "--irq-cpus", "driver", name="irq-driver") as d:
         assert masks("irq-driver", 1) == ["3"]
         io(d.dev)
+        assert worker_cpus(d.proc.pid) == {"vq0": "0-1"}  # every CPU: nothing to pin to
+        assert d.stop() == 0
+
+
+def test_worker_cpus_any_leaves_the_workers_to_the_scheduler() -> None:
+    with Daemon("--null", "8M", "--worker-cpus", "any", name="irq-any") as d:
+        assert masks("irq-any", 1) == ["1"]
+        io(d.dev)
+        assert worker_cpus(d.proc.pid) == {"vq0": "0-1"}
         assert d.stop() == 0
 
 
