@@ -32,7 +32,7 @@ class QueueTuning:
     #: Run each queue's worker thread on the CPUs its interrupts are handled on (when the
     #: transport can tell), so the daemon and the driver's completion work share them and
     #: leave the other CPUs to the application; False: wherever the scheduler puts it.
-    workers_on_irq_cpus: bool = True
+    workers_on_irq_cpus: bool = False
 
     def __post_init__(self) -> None:
         for name in ("poll_us", "publish_us"):

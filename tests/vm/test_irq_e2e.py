@@ -48,7 +48,7 @@ def test_default_gives_each_queue_one_cpu() -> None:
     with Daemon("--null", "8M", name="irq-first") as d:
         assert masks("irq-first", 1) == ["1"]  # the driver gave the one queue 0-1
         io(d.dev)
-        assert worker_cpus(d.proc.pid) == {"vq0": "0"}  # the worker runs where its irqs do
+        assert worker_cpus(d.proc.pid) == {"vq0": "0-1"}  # workers left to the scheduler
         assert d.stop() == 0
     assert "queue 0: interrupts on CPU 0 (the driver gave 0-1)" in d.stderr()
     with Daemon("--null", "8M", "--queues", "2", name="irq-first2") as d:
@@ -58,8 +58,6 @@ def test_default_gives_each_queue_one_cpu() -> None:
         queues = ctl_json("irq-first2", "status")["result"]["queues"]  # type: ignore[index]
         assert [q["irq_cpus"] for q in queues] == [{"1": [0], "2": [1]}[m] for m in one_each]
         assert "interrupts on CPU" in ctl("irq-first2", "status").stdout
-        assert worker_cpus(d.proc.pid) == {f"vq{i}": {"1": "0", "2": "1"}[m]
-                                           for i, m in enumerate(one_each)}
         assert d.stop() == 0
 
 
@@ -71,11 +69,17 @@ def test_driver_keeps_the_drivers_mask() -> None:
         assert d.stop() == 0
 
 
-def test_worker_cpus_any_leaves_the_workers_to_the_scheduler() -> None:
-    with Daemon("--null", "8M", "--worker-cpus", "any", name="irq-any") as d:
-        assert masks("irq-any", 1) == ["1"]
+def test_worker_cpus_irq_runs_each_worker_where_its_interrupts_are() -> None:
+    with Daemon("--null", "8M", "--worker-cpus", "irq", name="irq-pin") as d:
+        assert masks("irq-pin", 1) == ["1"]
         io(d.dev)
-        assert worker_cpus(d.proc.pid) == {"vq0": "0-1"}
+        assert worker_cpus(d.proc.pid) == {"vq0": "0"}
+        assert d.stop() == 0
+    with Daemon("--null", "8M", "--queues", "2", "--worker-cpus", "irq", name="irq-pin2") as d:
+        one_each = masks("irq-pin2", 2)
+        io(d.dev)
+        assert worker_cpus(d.proc.pid) == {f"vq{i}": {"1": "0", "2": "1"}[m]
+                                           for i, m in enumerate(one_each)}
         assert d.stop() == 0
 
 
