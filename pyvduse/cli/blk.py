@@ -30,7 +30,7 @@ from pyvduse.sizes import parse_size
 from pyvduse.transport.kernel import sysfs
 from pyvduse.transport.kernel.control import missing_module_hint
 from pyvduse.transport.kernel.device_fd import device_in_use
-from pyvduse.transport.kernel.irq_affinity import FIRST, IrqPlacement, parse_cpu_list
+from pyvduse.transport.kernel.irq_affinity import FOLLOW, IrqPlacement, parse_cpu_list
 from pyvduse.transport.kernel.transport import KernelTransport
 
 log = logging.getLogger("pyvduse")
@@ -80,12 +80,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    f"{PUBLISH_AFTER_US}; short requests are held at most "
                    f"{HOLD_MAX_US} us or this, whichever is more; larger: fewer interrupts, "
                    "later completions)")
-    p.add_argument("--irq-cpus", default=FIRST, metavar="first|driver|LIST",
+    p.add_argument("--irq-cpus", default=FOLLOW, metavar="follow|first|driver|LIST",
                    help="where the kernel runs each queue's interrupt callback "
-                   "(vqN/irq_cb_affinity): 'first' CPU of the mask the driver set (the "
-                   "default: one CPU per queue, like a hardware interrupt), 'driver' (its "
-                   "whole mask, rotating over it), or a CPU list like 0,2-3 (queue i on the "
-                   "i-th CPU of the list)")
+                   "(vqN/irq_cb_affinity): 'follow' (the default: the CPU of the driver's "
+                   "mask that the queue's native worker runs on, the first one until then), "
+                   "'first' CPU of the driver's mask (one CPU per queue, like a hardware "
+                   "interrupt), 'driver' (its whole mask, rotating over it), or a CPU list "
+                   "like 0,2-3 (queue i on the i-th CPU of the list)")
     p.add_argument("--worker-cpus", choices=("any", "irq"), default="any",
                    help="where each queue's worker thread runs: 'any' (wherever the "
                    "scheduler puts it; the default) or 'irq', on the CPUs its interrupts "

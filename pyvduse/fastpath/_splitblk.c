@@ -27,6 +27,8 @@
 #include <errno.h>
 #include <limits.h>
 #include <poll.h>
+#include <sched.h>
+#include <stdio.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -99,6 +101,9 @@ typedef struct {
     int irq_fd;
     unsigned long irq_request;
     uint32_t irq_index;
+    int affinity_fd; /* vqN/irq_cb_affinity, written so interrupts follow us; -1: leave it */
+    uint64_t follow_mask; /* ... when we run on one of these CPUs */
+    int irq_cpu;     /* the CPU last written there */
     PyObject *notify, *on_error;
     PyThreadState *ts; /* while run() has released the GIL */
     /* control */
@@ -521,6 +526,26 @@ static void interrupt(Engine *e)
     }
 }
 
+/* --irq-cpus follow: point the queue's interrupt work at the CPU this loop runs on (one of
+ * the driver's for this queue), so that it lands where the device's own work does and not on
+ * the application's CPU. Written only when the scheduler moved us; a write the kernel refuses
+ * stops the following. */
+static void follow_cpu(Engine *e)
+{
+    char text[32];
+    int cpu, n;
+    if (e->affinity_fd < 0 || (cpu = sched_getcpu()) < 0 || cpu == e->irq_cpu || cpu >= 64 ||
+        !(e->follow_mask >> cpu & 1))
+        return;
+    n = snprintf(text, sizeof text, "%x", 1u << (cpu % 32)); /* the kernel's cpumask text */
+    if (cpu >= 32)
+        n += snprintf(text + n, sizeof text - n, ",00000000");
+    if (pwrite(e->affinity_fd, text, (size_t)n, 0) == n)
+        e->irq_cpu = cpu;
+    else
+        e->affinity_fd = -1; /* the fd stays the caller's to close */
+}
+
 /* Make pushed completions visible, free their log entries, interrupt if the driver asked. */
 static void publish(Engine *e)
 {
@@ -772,15 +797,16 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
                             "last_avail", "used_idx", "signalled", "capacity", "readonly",
                             "serial", "backend", "fd", "memory", "log", "irq_fd",
                             "irq_request", "irq_index", "notify", "on_error", "poll_ns",
-                            "publish_ns", "hold_ns", NULL};
+                            "publish_ns", "hold_ns", "affinity_fd", "follow_mask", NULL};
     PyObject *regions, *capacity, *memory = Py_None, *log = Py_None, *notify = Py_None,
              *on_error = Py_None;
     unsigned long long desc, avail, used;
     unsigned int num, irq_index = 0;
     unsigned short last_avail, used_idx, signalled;
     unsigned long irq_request = 0;
-    unsigned long long poll_ns = 0, publish_ns = ULLONG_MAX, hold_ns = ULLONG_MAX;
-    int event_idx, indirect, readonly, backend, fd = -1, irq_fd = -1;
+    unsigned long long poll_ns = 0, publish_ns = ULLONG_MAX, hold_ns = ULLONG_MAX,
+                       follow_mask = 0;
+    int event_idx, indirect, readonly, backend, fd = -1, irq_fd = -1, affinity_fd = -1;
     const char *serial;
     Py_ssize_t serial_len;
 
@@ -788,12 +814,13 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_RuntimeError, "engine is already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OIKKKppHHHOpy#i|iOOikIOOKKK", names, &regions,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OIKKKppHHHOpy#i|iOOikIOOKKKiK", names, &regions,
                                      &num, &desc, &avail, &used, &event_idx, &indirect,
                                      &last_avail, &used_idx, &signalled, &capacity, &readonly,
                                      &serial, &serial_len, &backend, &fd, &memory, &log,
                                      &irq_fd, &irq_request, &irq_index, &notify, &on_error,
-                                     &poll_ns, &publish_ns, &hold_ns))
+                                     &poll_ns, &publish_ns, &hold_ns, &affinity_fd,
+                                     &follow_mask))
         return -1;
     if (num == 0 || num > 32768 || (num & (num - 1))) {
         PyErr_SetString(PyExc_ValueError, "queue size must be a power of two up to 32768");
@@ -849,6 +876,9 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
     e->publish_ns = publish_ns;
     e->hold_ns = hold_ns;
     e->irq_fd = irq_fd;
+    e->affinity_fd = affinity_fd;
+    e->follow_mask = follow_mask;
+    e->irq_cpu = -1;
     e->irq_request = irq_request;
     e->irq_index = irq_index;
     if (notify != Py_None) {
@@ -891,6 +921,7 @@ static PyObject *Engine_run(Engine *e, PyObject *args)
     fds[0].events = POLLIN;
     fds[1].fd = stop_fd;
     fds[1].events = POLLIN;
+    follow_cpu(e);
     r = drain(e);
     while (r == DRAIN_SLEEP) {
         uint64_t junk;
@@ -911,6 +942,7 @@ static PyObject *Engine_run(Engine *e, PyObject *args)
         }
         if (fds[0].revents & POLLIN)
             (void)!read(kick_fd, &junk, sizeof junk);
+        follow_cpu(e);
         r = drain(e);
     }
     PyEval_RestoreThread(e->ts);

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pyvduse.backend.file import FileBackend
@@ -95,10 +95,14 @@ def build(
     poll_ns: int = 0,
     publish_ns: int | None = None,
     hold_ns: int | None = None,
+    affinity_fd: int = -1,
+    follow_cpus: Sequence[int] = (),
 ) -> Engine:
     """A native engine positioned where ``ring`` stands; it publishes a round's completions
     after a request that took ``publish_ns`` or once the oldest is ``hold_ns`` old (None:
-    never, only once per round); see runtime.tuning."""
+    never, only once per round); see runtime.tuning. With ``affinity_fd`` (the queue's
+    irq_cb_affinity, open for writing) it points the queue's interrupts at its own CPU
+    whenever that is one of ``follow_cpus`` (the first 64 CPUs can be followed)."""
     assert _splitblk is not None and isinstance(memory, RegionMap)
     last_avail, used, signalled = ring.position()
     irq_fd, irq_request = irq if irq is not None else (-1, 0)
@@ -110,4 +114,5 @@ def build(
         log=None if log is None else log.mem, irq_fd=irq_fd, irq_request=irq_request,
         irq_index=index, notify=None if irq is not None else notify, on_error=on_error,
         poll_ns=poll_ns, publish_ns=_or_never(publish_ns), hold_ns=_or_never(hold_ns),
+        affinity_fd=affinity_fd, follow_mask=sum(1 << c for c in set(follow_cpus) if c < 64),
         **_backend_args(device))

@@ -11,6 +11,7 @@ served once, in order, by one of two engines that agree on the ring's state.
 from __future__ import annotations
 
 import logging
+import os
 import select
 import time
 from collections.abc import Callable
@@ -72,14 +73,22 @@ class NativeQueueWorker(QueueWorker):
         resumed: bool = False,
         tuning: QueueTuning = DEFAULT_TUNING,
         cpus: list[int] | None = None,
+        irq_follow: tuple[str, list[int]] | None = None,
     ) -> None:
         self.index = index
         self.ring = queue.queue if isinstance(queue, LoggedQueue) else queue
         self.log: InflightLog | None = queue.log if isinstance(queue, LoggedQueue) else None
-        # First, as it may refuse (ValueError) before the worker holds anything to release.
-        self.engine = native.build(device, index, self.ring, memory, self.log, irq, notify,
-                                   self._backend_error, tuning.poll_us * 1000,
-                                   tuning.publish_us * 1000, tuning.hold_us * 1000)
+        # The engine writes its CPU there (--irq-cpus follow); ours to close.
+        path, follow_cpus = irq_follow or (None, [])
+        self._affinity_fd = _open_for_writing(path, index)
+        try:  # first, as it may refuse (ValueError) before the worker holds anything else
+            self.engine = native.build(device, index, self.ring, memory, self.log, irq, notify,
+                                       self._backend_error, tuning.poll_us * 1000,
+                                       tuning.publish_us * 1000, tuning.hold_us * 1000,
+                                       self._affinity_fd, follow_cpus)
+        except BaseException:
+            self._close_affinity()
+            raise
         super().__init__(device, index, queue, kick_fd, notify, resubmit, resumed=resumed,
                          tuning=tuning, cpus=cpus)
         self.blk = device
@@ -108,6 +117,12 @@ class NativeQueueWorker(QueueWorker):
         self.engine.request_stop()
         super().stop()
         self._retire_engine()
+        self._close_affinity()
+
+    def _close_affinity(self) -> None:
+        if self._affinity_fd >= 0:
+            os.close(self._affinity_fd)
+            self._affinity_fd = -1
 
     def _retire_engine(self) -> None:
         """Fold the engine's counters into the Python ones, which outlive this worker."""
@@ -161,3 +176,15 @@ class NativeQueueWorker(QueueWorker):
         poller.register(self._stop_fd, select.POLLIN)
         while not self._stopping:
             poller.poll()
+
+
+def _open_for_writing(path: str | None, index: int) -> int:
+    """An fd of ``path`` open for writing, or -1 (no path, or it cannot be opened: logged,
+    and the interrupts stay where they were put)."""
+    if path is None:
+        return -1
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as e:
+        log.warning("queue %d: interrupts cannot follow the worker: %s", index, e)
+        return -1

@@ -198,7 +198,8 @@ class DeviceServer:
             return NativeQueueWorker(self.device, index, queue, self.transport.kick_fd(index),
                                      self.transport.notify, memory,
                                      self.transport.irq_ioctl(index), resubmit,
-                                     resumed=resumed, tuning=self.tuning, cpus=cpus)
+                                     resumed=resumed, tuning=self.tuning, cpus=cpus,
+                                     irq_follow=self.transport.irq_follow(index))
         except ValueError as e:  # e.g. a ring the native loop cannot map as one piece
             log.warning("queue %d: served by the Python engine: %s", index, e)
             return None

@@ -76,6 +76,12 @@ class Transport(ABC):
         tell (for ``status``); None when it cannot."""
         return None
 
+    def irq_follow(self, index: int) -> tuple[str, list[int]] | None:
+        """``(file, cpus)``: the data path writes its own CPU to the file when it runs on one
+        of ``cpus``, so that queue ``index``'s interrupts follow it (``--irq-cpus follow``);
+        None: they stay where they were put."""
+        return None
+
     def irq_ioctl(self, index: int) -> tuple[int, int] | None:
         """``(fd, request)``: an ioctl taking the u32 queue index that interrupts the
         driver, for a native data path to call without Python; None: use ``notify``."""

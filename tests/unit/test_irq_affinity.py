@@ -20,6 +20,7 @@ from pyvduse.transport.kernel import sysfs
 from pyvduse.transport.kernel.irq_affinity import (
     DRIVER,
     FIRST,
+    FOLLOW,
     IrqPlacement,
     format_cpu_list,
     format_cpumask,
@@ -61,12 +62,14 @@ def test_placement_policy() -> None:
     assert first.choose(0, [0, 1]) == [0]
     assert first.choose(1, [1]) is None  # already one CPU: the driver's spread stays
     assert IrqPlacement.parse(DRIVER, [0, 1]).choose(0, [0, 1]) is None
+    follow = IrqPlacement.parse(FOLLOW, [0, 1])  # starts as first; the data path moves it
+    assert follow.choose(0, [0, 1]) == [0] and not follow.explicit and str(follow) == FOLLOW
     listed = IrqPlacement.parse("1,0", [0, 1])
     assert listed.explicit and str(listed) == "0-1"
     assert [listed.choose(i, [0, 1]) for i in range(3)] == [[1], [0], [1]]
     with pytest.raises(ValueError, match="CPU 4 is not online"):
         IrqPlacement.parse("0,4", [0, 1])
-    with pytest.raises(ValueError, match="'first', 'driver' or a CPU list"):
+    with pytest.raises(ValueError, match="'first', 'follow', 'driver' or a CPU list"):
         IrqPlacement.parse("all", [0, 1])
 
 
@@ -90,7 +93,8 @@ def masks(dev: Path) -> list[str]:
 
 
 @pytest.mark.parametrize(("text", "expected"), [
-    (FIRST, ["1", "1"]), (DRIVER, ["3", "3"]), ("1", ["2", "2"]), ("1,0", ["2", "1"]),
+    (FIRST, ["1", "1"]), (FOLLOW, ["1", "1"]), (DRIVER, ["3", "3"]), ("1", ["2", "2"]),
+    ("1,0", ["2", "1"]),
 ])
 def test_driver_ok_places_each_queue(vduse_class: Path, text: str, expected: list[str]) -> None:
     t = transport(IrqPlacement.parse(text, [0, 1]))
@@ -99,6 +103,21 @@ def test_driver_ok_places_each_queue(vduse_class: Path, text: str, expected: lis
     if t._place_irqs:
         t._place_interrupts()
     assert masks(vduse_class) == expected
+
+
+def test_follow_hands_the_data_path_the_file_and_the_drivers_cpus(vduse_class: Path) -> None:
+    """Only with follow, and only for a queue the driver gave several CPUs: one it gave a
+    single CPU (the driver's spread over several queues) keeps it."""
+    t = transport(IrqPlacement.parse(FOLLOW, [0, 1]))
+    t._check_irq_placement()
+    (vduse_class / "vq1" / "irq_cb_affinity").write_text("2\n")
+    t._place_interrupts()
+    assert t.irq_follow(0) == (str(vduse_class / "vq0" / "irq_cb_affinity"), [0, 1])
+    assert t.irq_follow(1) is None
+    first = transport(IrqPlacement.parse(FIRST, [0, 1]))
+    first._check_irq_placement()
+    first._place_interrupts()
+    assert first.irq_follow(0) is None
 
 
 def test_status_reads_the_current_masks(vduse_class: Path) -> None:

@@ -306,3 +306,47 @@ def test_native_loop_publishes_by_the_same_rule(publish_ns: int | None, hold_ns:
         engine.close()
         os.close(kick)
         os.close(stop)
+
+
+@pytest.mark.skipif(not native.available(), reason="native data path not built")
+def test_the_loop_points_the_interrupts_at_its_own_cpu(tmp_path: Path) -> None:
+    """--irq-cpus follow: the engine writes the cpumask of the CPU it runs on to the
+    affinity file when it starts serving, in the kernel's text (hex, 32-bit groups); not
+    when that CPU is not one it may follow to."""
+    from pyvduse.model.arena import Arena
+    from pyvduse.model.split_driver import DriverSplitRing
+    from pyvduse.ring.split import SplitQueue
+    from pyvduse.transport.kernel.irq_affinity import format_cpumask
+
+    arena = Arena(1 << 20)
+    drv = DriverSplitRing(arena, 16)
+    q = SplitQueue(arena.memory, 16, drv.desc_addr, drv.avail_addr, drv.used_addr, 0)
+    drv.add([vb.OUTHDR.pack(vb.ReqType.IN, 0, 0)], [4096, 1])
+    affinity = tmp_path / "irq_cb_affinity"
+    affinity.write_text("")
+    fd = os.open(affinity, os.O_WRONLY)
+    cpu = max(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    engine = native.build(device(NullBackend(4 * MiB)), 0, q, arena.memory, None, None,
+                          lambda i: None, lambda *e: None, affinity_fd=fd,
+                          follow_cpus=sorted(before))
+    kick, stop = os.eventfd(0), os.eventfd(1)
+    try:
+        os.sched_setaffinity(0, {cpu})
+        assert engine.run(kick, stop) == native.RUN_STOPPED
+        assert drv.used_idx() == 1
+        assert affinity.read_text() == format_cpumask([cpu])
+        affinity.write_text("")  # a CPU outside the ones given: left alone
+        drv.add([vb.OUTHDR.pack(vb.ReqType.IN, 0, 0)], [4096, 1])
+        elsewhere = native.build(device(NullBackend(4 * MiB)), 0, q, arena.memory, None, None,
+                                 lambda i: None, lambda *e: None, affinity_fd=fd,
+                                 follow_cpus=[c for c in before if c != cpu])
+        q.set_position(*engine.position()[:3])  # hand the ring over where the first left it
+        assert elsewhere.run(kick, stop) == native.RUN_STOPPED
+        elsewhere.close()
+        assert drv.used_idx() == 2 and affinity.read_text() == ""
+    finally:
+        os.sched_setaffinity(0, before)
+        engine.close()
+        for f in (kick, stop, fd):
+            os.close(f)

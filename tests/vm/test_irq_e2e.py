@@ -4,6 +4,7 @@ virtio_blk driver runs, for each --irq-cpus, and after the driver probes the dev
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -46,11 +47,17 @@ def two_cpus() -> None:
 
 def test_default_gives_each_queue_one_cpu() -> None:
     with Daemon("--null", "8M", name="irq-first") as d:
-        assert masks("irq-first", 1) == ["1"]  # the driver gave the one queue 0-1
+        # the driver gave the one queue 0-1: first CPU 0, then the worker's (follow)
+        assert masks("irq-first", 1) in (["1"], ["2"])
         io(d.dev)
+        assert masks("irq-first", 1) in (["1"], ["2"])
         assert worker_cpus(d.proc.pid) == {"vq0": "0-1"}  # workers left to the scheduler
         assert d.stop() == 0
     assert "queue 0: interrupts on CPU 0 (the driver gave 0-1)" in d.stderr()
+    with Daemon("--null", "8M", "--irq-cpus", "first", name="irq-first1") as d:
+        io(d.dev)
+        assert masks("irq-first1", 1) == ["1"]  # first stays on the first CPU
+        assert d.stop() == 0
     with Daemon("--null", "8M", "--queues", "2", name="irq-first2") as d:
         one_each = masks("irq-first2", 2)
         assert sorted(one_each) == ["1", "2"], one_each  # the driver's spread, one CPU each
@@ -70,12 +77,14 @@ def test_driver_keeps_the_drivers_mask() -> None:
 
 
 def test_worker_cpus_irq_runs_each_worker_where_its_interrupts_are() -> None:
-    with Daemon("--null", "8M", "--worker-cpus", "irq", name="irq-pin") as d:
+    with Daemon("--null", "8M", "--irq-cpus", "first", "--worker-cpus", "irq",
+                name="irq-pin") as d:
         assert masks("irq-pin", 1) == ["1"]
         io(d.dev)
         assert worker_cpus(d.proc.pid) == {"vq0": "0"}
         assert d.stop() == 0
-    with Daemon("--null", "8M", "--queues", "2", "--worker-cpus", "irq", name="irq-pin2") as d:
+    with Daemon("--null", "8M", "--queues", "2", "--worker-cpus", "irq",
+                name="irq-pin2") as d:  # the driver's spread: follow leaves it
         one_each = masks("irq-pin2", 2)
         io(d.dev)
         assert worker_cpus(d.proc.pid) == {f"vq{i}": {"1": "0", "2": "1"}[m]
@@ -101,3 +110,23 @@ def test_a_cpu_list_applies_again_when_the_driver_probes_again() -> None:
         io(dev)
         assert d.stop() == 0
     assert d.stderr().count("queue 0: interrupts on CPU 1 (the driver gave 0-1)") == 2
+
+
+def test_follow_moves_the_interrupts_to_the_workers_cpu() -> None:
+    """--irq-cpus follow: first CPU at DRIVER_OK, then the CPU the native worker runs on. An
+    application pinned to CPU 0 keeps that CPU busy, so the scheduler wakes the worker on CPU 1
+    most of the time, and the interrupts go there with it."""
+    with Daemon("--null", "8M", "--irq-cpus", "follow", name="irq-follow") as d:
+        assert masks("irq-follow", 1) in (["1"], ["2"])
+        fio = subprocess.Popen(
+            ["taskset", "-c", "0", "fio", "--name=f", f"--filename={d.dev}", "--ioengine=libaio",
+             "--direct=1", "--rw=randread", "--bs=4k", "--iodepth=16", "--time_based",
+             "--runtime=4", "--output=/dev/null"])
+        seen = []
+        while fio.poll() is None:
+            seen += masks("irq-follow", 1)
+            time.sleep(0.05)
+        assert fio.returncode == 0
+        assert seen.count("2") > len(seen) // 2, seen
+        io(d.dev)
+        assert d.stop() == 0

@@ -30,6 +30,7 @@ from pyvduse.transport.kernel.device_fd import DeviceFd
 from pyvduse.transport.kernel.iotlb import IotlbMapper
 from pyvduse.transport.kernel.irq_affinity import (
     DRIVER,
+    FOLLOW,
     IrqPlacement,
     format_cpu_list,
     format_cpumask,
@@ -62,6 +63,7 @@ class KernelTransport(Transport):
         self.bounce_size = bounce_size
         self.irq_placement = irq_placement or IrqPlacement()
         self._place_irqs = False  # the kernel has vqN/irq_cb_affinity and we may change it
+        self._driver_masks: dict[int, list[int]] = {}  # each queue's, as the driver set it
         self.status_machine = StatusMachine(
             events, read_features=self._get_features, start_queues=self._start_queues,
             forget=self._forget_driver_state)
@@ -92,6 +94,12 @@ class KernelTransport(Transport):
             return parse_cpumask(sysfs.vq_attr(self.name, index, "irq_cb_affinity").read_text())
         except (OSError, ValueError):
             return None
+
+    def irq_follow(self, index: int) -> tuple[str, list[int]] | None:
+        mask = self._driver_masks.get(index, [])
+        if self.irq_placement.mode != FOLLOW or len(mask) < 2:
+            return None  # a queue the driver gave one CPU keeps it
+        return str(sysfs.vq_attr(self.name, index, "irq_cb_affinity")), mask
 
     def irq_ioctl(self, index: int) -> tuple[int, int] | None:
         return None if self._dev is None else (self._dev.fd, v.VDUSE_VQ_INJECT_IRQ)
@@ -338,6 +346,7 @@ class KernelTransport(Transport):
             path = sysfs.vq_attr(self.name, i, "irq_cb_affinity")
             try:
                 current = parse_cpumask(path.read_text())
+                self._driver_masks[i] = current
                 mask = self.irq_placement.choose(i, current)
                 if mask is not None and mask != current:
                     sysfs.write_attr(path, format_cpumask(mask))
