@@ -6,11 +6,12 @@ and it moves to the next CPU of the mask on every injection. virtio_vdpa spreads
 over the queues when the driver probes, so a single queue gets every CPU and its completions
 hop from CPU to CPU, each hop waking another CPU and sending the request's completion back
 across (under emulation, that cost a quarter to over half of our IOPS and 1.7 times the latency at
-iodepth 1). A hardware interrupt with such an affinity is delivered to one CPU of it, so the
-default here does the same: each queue keeps the first CPU of the mask the driver gave it.
-``follow`` starts the same way, then the native data path moves each queue's interrupts to
-the CPU its worker runs on whenever the scheduler moves the worker, so the completion work
-lands where the device's own work does rather than on the application's CPU.
+iodepth 1). A hardware interrupt with such an affinity is delivered to one CPU of it, so
+``first`` does the same: each queue keeps the first CPU of the mask the driver gave it.
+``follow`` (the default) starts the same way, then the native data path moves each queue's
+interrupts to the CPU of that mask its worker runs on whenever the scheduler moves the
+worker, so the completion work lands where the device's own work does rather than on the
+application's CPU.
 
 Plain objects and text in, text out; the sysfs reads and writes are the transport's.
 """
