@@ -111,6 +111,10 @@ def run_native(kind: str, batch: int, seconds: float) -> float:
     return done / elapsed
 
 
+#: Engine name -> the function that measures it: (kind, batch, seconds) -> requests/s.
+ENGINES: dict[str, Callable[[str, int, float], float]] = {"python": run, "native": run_native}
+
+
 def run_parallel(engine: Callable[[str, int, float], float], kind: str, queues: int,
                  seconds: float) -> float:
     """Total requests/s of ``queues`` rings served at once, one thread each (as the daemon's
@@ -140,9 +144,8 @@ def parallel_rows(engines: list[str], seconds: float) -> list[dict[str, object]]
           f"{'scaling':>9}")
     for kind in ("null", "4k-copy"):
         for e in engines:
-            fn = run if e == "python" else run_native
-            one = run_parallel(fn, kind, 1, seconds)
-            many = run_parallel(fn, kind, queues, seconds)
+            one = run_parallel(ENGINES[e], kind, 1, seconds)
+            many = run_parallel(ENGINES[e], kind, queues, seconds)
             rows.append({"requests": kind, "engine": e, "queues": queues,
                          "one_queue_req_per_s": round(one), "req_per_s": round(many),
                          "scaling": round(many / one, 2)})
@@ -163,7 +166,7 @@ def main() -> None:
             row: dict[str, object] = {"requests": kind, "batch": batch}
             line = f"{kind:<10}{batch:>6}"
             for e in engines:
-                rate = (run if e == "python" else run_native)(kind, batch, args.seconds)
+                rate = ENGINES[e](kind, batch, args.seconds)
                 row[f"{e}_req_per_s"] = round(rate)
                 line += f"{rate:>16,.0f}"
             rows.append(row)

@@ -178,11 +178,11 @@ class DeviceServer:
         assert self.transport is not None
         if not self.tuning.workers_on_irq_cpus:
             return None
-        cpus = self.transport.interrupt_cpus(index)
+        irq_cpus = set(self.transport.interrupt_cpus(index) or ())
         allowed = os.sched_getaffinity(0)
-        if not cpus or not set(cpus) & allowed or allowed <= set(cpus):
+        if not irq_cpus & allowed or allowed <= irq_cpus:
             return None
-        return sorted(set(cpus) & allowed)
+        return sorted(irq_cpus & allowed)
 
     def _native_worker(self, index: int, queue: VirtQueue, resubmit: list[Chain],
                        resumed: bool, cpus: list[int] | None) -> NativeQueueWorker | None:

@@ -264,9 +264,9 @@ class PlacedIrqTransport(LoopbackTransport):
 @pytest.mark.parametrize("data_path", [DataPath.PYTHON, DataPath.AUTO])
 @pytest.mark.parametrize("on_irq_cpus", [True, False])
 def test_workers_run_on_their_interrupt_cpus(data_path: DataPath, on_irq_cpus: bool) -> None:
-    """Each worker thread is pinned to its queue's interrupt CPUs (the default), or left to
-    the scheduler with workers_on_irq_cpus=False; serving is the same either way. Its OS
-    thread name is vqN (for top -H and ps -L)."""
+    """Each worker thread is pinned to its queue's interrupt CPUs with workers_on_irq_cpus,
+    or left to the scheduler without it (the default); serving is the same either way. Its
+    OS thread name is vqN (for top -H and ps -L)."""
     server, t, rings = setup(2, PlacedIrqTransport,
                              QueueTuning(data_path=data_path, workers_on_irq_cpus=on_irq_cpus))
     try:
