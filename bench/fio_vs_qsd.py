@@ -294,23 +294,25 @@ def steal_share(before: Sequence[int], after: Sequence[int]) -> float | None:
     return delta[7] / total if total > 0 else None
 
 
-def run_guest(guest_args: list[str], *, mem: str, smp: int, timeout: float) -> dict[str, Any]:
-    """Boot the VM once, run the guest runner, return its JSON (written under bench/results)."""
+def run_guest(guest_args: list[str], *, mem: str, smp: int, timeout: float,
+              runner: str = "guest_runner.py", prog: str = "fio_vs_qsd") -> dict[str, Any]:
+    """Boot the VM once, run the guest runner (bench/RUNNER, which takes --out PATH), return
+    its JSON (written under bench/results); `prog` names the caller in error messages."""
     out = HERE / "results" / f".guest-{os.getpid()}-{int(time.time())}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, str(HERE / "guest_runner.py"), "--out", str(out), *guest_args]
+    argv = [sys.executable, str(HERE / runner), "--out", str(out), *guest_args]
     try:
         res = testvm.run(shlex.join(argv), cwd=str(ROOT), mem=mem, smp=smp, timeout=timeout,
                          console=sys.stderr)
         if not out.exists():
-            raise SystemExit(f"fio_vs_qsd: the guest wrote no results (exit {res.exit_code}"
+            raise SystemExit(f"{prog}: the guest wrote no results (exit {res.exit_code}"
                              f"{', timed out' if res.timed_out else ''}); console tail:\n"
                              f"{res.output[-3000:]}")
         data: dict[str, Any] = json.loads(out.read_text())
     finally:
         out.unlink(missing_ok=True)
     if "fatal" in data:
-        raise SystemExit(f"fio_vs_qsd: the guest runner failed: {data['fatal']}")
+        raise SystemExit(f"{prog}: the guest runner failed: {data['fatal']}")
     return data
 
 

@@ -339,7 +339,12 @@ def wait_ready(devices: Sequence[Device], timeout: float = READY_TIMEOUT) -> Non
 def start_qsd(backend: str, queues: int, image: str, workdir: Path) -> Device:
     """Start qemu-storage-daemon, wait for its VDUSE device, attach it and find /dev/vdX."""
     name = f"qsd-{backend}-{queues}q"
-    argv = qsd_argv(backend, name, queues, image)
+    return launch_qsd(name, qsd_argv(backend, name, queues, image), workdir, backend, queues)
+
+
+def launch_qsd(name: str, argv: list[str], workdir: Path, backend: str, queues: int) -> Device:
+    """Start qemu-storage-daemon with `argv` (exporting VDUSE device `name`), wait for the
+    device, attach it with vdpa and find /dev/vdX."""
     log = workdir / f"{name}.log"
     d = Device("qsd", backend, queues, name, _spawn(argv, log), log, command=shlex.join(argv))
 
@@ -349,9 +354,13 @@ def start_qsd(backend: str, queues: int, image: str, workdir: Path) -> Device:
                              f"{d.log_tail()}")
         return Path("/dev/vduse", name).exists()
 
-    _wait(f"/dev/vduse/{name}", created, NODE_TIMEOUT)
-    _run(["vdpa", "dev", "add", "name", name, "mgmtdev", "vduse"])
-    _wait(f"the block device of {name}", lambda: _block_node(name) is not None, NODE_TIMEOUT)
+    try:
+        _wait(f"/dev/vduse/{name}", created, NODE_TIMEOUT)
+        _run(["vdpa", "dev", "add", "name", name, "mgmtdev", "vduse"])
+        _wait(f"the block device of {name}", lambda: _block_node(name) is not None, NODE_TIMEOUT)
+    except BaseException:
+        stop(d)  # no daemon left behind by a failed start
+        raise
     node = _block_node(name)
     assert node is not None
     d.dev = node
@@ -434,15 +443,27 @@ def local_fio(workdir: Path) -> Fio:
 
 def run_cell(d: Device, w: Workload, seconds: float, ramp: float, fio: Fio) -> dict[str, Any]:
     """One fio run against d; the daemon's CPU and the device's I/Os over the same window."""
-    argv = w.fio_args(d.dev, seconds, ramp, fio.path)
-    ios0, cpu0, t0 = device_ios(d.dev), cpu_seconds(d.pid), time.monotonic()
+    cell: dict[str, Any] = {"impl": d.impl, "backend": d.backend, "workload": w.name,
+                            "queues": d.queues, "dev": d.dev}
+    return measure_fio(cell, d.dev, d.pid, w, seconds, ramp, fio)
+
+
+def measure_fio(cell: dict[str, Any], dev: str, pid: int | None, w: Workload, seconds: float,
+                ramp: float, fio: Fio) -> dict[str, Any]:
+    """Run w on dev and add fio's figures to `cell`, with the CPU time of the daemon `pid`
+    (None: no daemon, e.g. the raw device; its CPU figures are then None) and the device's
+    I/Os over the same window."""
+    argv = w.fio_args(dev, seconds, ramp, fio.path)
+    ios0 = device_ios(dev)
+    cpu0 = cpu_seconds(pid) if pid is not None else 0.0
+    t0 = time.monotonic()
     sys0 = system_counters()
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + ramp + 120,
                           check=False, env=fio.env)
     sys1 = system_counters()
-    ios1, cpu1, t1 = device_ios(d.dev), cpu_seconds(d.pid), time.monotonic()
-    cell: dict[str, Any] = {"impl": d.impl, "backend": d.backend, "workload": w.name,
-                            "queues": d.queues, "dev": d.dev}
+    ios1 = device_ios(dev)
+    cpu1 = cpu_seconds(pid) if pid is not None else 0.0
+    t1 = time.monotonic()
     if proc.returncode != 0:
         cell["error"] = f"fio exited {proc.returncode}: {proc.stderr.strip()[-500:]}"
         return cell
@@ -454,7 +475,7 @@ def run_cell(d: Device, w: Workload, seconds: float, ramp: float, fio: Fio) -> d
     if r.errors:
         cell["error"] = f"fio reported {r.errors} error(s)"
     dev_ios = ios1 - ios0
-    cpu = cpu1 - cpu0
+    cpu = cpu1 - cpu0 if pid is not None else None
     guest_cpu = (sys1[0] - sys0[0]) / CLK_TCK
     cell.update(
         iops=r.iops,
@@ -465,8 +486,8 @@ def run_cell(d: Device, w: Workload, seconds: float, ramp: float, fio: Fio) -> d
         dev_ios=dev_ios,
         wall_s=t1 - t0,
         cpu_s=cpu,
-        cpu_util=cpu / (t1 - t0),
-        cpu_us_per_io=cpu / dev_ios * 1e6 if dev_ios else None,
+        cpu_util=None if cpu is None else cpu / (t1 - t0),
+        cpu_us_per_io=cpu / dev_ios * 1e6 if cpu is not None and dev_ios else None,
         # the whole guest (both vCPUs): where the time goes when the daemon is not busy
         guest_cpu_util=guest_cpu / (t1 - t0),
         guest_cpu_us_per_io=guest_cpu / dev_ios * 1e6 if dev_ios else None,

@@ -53,6 +53,7 @@ __all__ = [
     "TestVMError",
     "default_cache",
     "ensure_guest",
+    "ensure_test_tools",
     "ensure_tools",
     "main",
     "run",
@@ -74,6 +75,11 @@ APT_PACKAGES = (
 # Commands the packages above provide; any missing one triggers the apt install. The guest
 # sees the host's filesystem, so kmod (modprobe) and iproute2 (vdpa) are for the guest.
 REQUIRED_COMMANDS = ("qemu-system-x86_64", "cpio", "depmod", "xz", "vdpa")
+# What the tests run in the guest (it sees the host's filesystem), by the command that shows
+# each package is there: the test harness installs the missing ones, as it does the VM's.
+TEST_PACKAGES = {"fio": "fio", "mkfs.ext4": "e2fsprogs", "blkdiscard": "util-linux",
+                 "dmsetup": "dmsetup", "qemu-storage-daemon": "qemu-system-common",
+                 "sha256sum": "coreutils"}
 VIRTIOFSD_CANDIDATES = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd")
 SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 STANDARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -83,7 +89,13 @@ KERNEL_PACKAGE_RE = re.compile(r"^linux-image-6\.12\.(\d+)\+deb(\d+)-cloud-amd64
 KERNEL_PACKAGE_APT_RE = r"^linux-image-6\.12\.[0-9]+\+deb[0-9]+-cloud-amd64-unsigned$"
 # What the tests need; their dependencies (vdpa, vhost_iotlb, vhost, irqbypass, failover,
 # net_failover) are found from each module's modinfo and loaded first.
-GUEST_MODULES = ("vduse", "virtio_vdpa", "vhost_vdpa", "virtio_blk", "virtio_net", "tun")
+GUEST_MODULES = ("vduse", "virtio_vdpa", "vhost_vdpa", "virtio_blk", "virtio_net", "tun",
+                 # slow and hanging block devices for the tests and benchmarks: null_blk
+                 # (devices made through configfs: with a completion latency, an SSD),
+                 # device-mapper (dmsetup suspend makes I/O hang), dm-delay, nbd
+                 "null_blk", "dm_mod", "dm_delay", "nbd")
+#: Parameters a module is loaded with (null_blk: no device at load, tests make theirs).
+MODULE_PARAMS = {"null_blk": "nr_devices=0"}
 
 RUN_BASE = Path("/run/pyvduse-testvm")
 # Ignored by the kernel (a dotted name is a module parameter), read by the init.
@@ -121,8 +133,10 @@ fail() {
 }
 bad=
 for m in $(cat /mods/order); do
-  insmod "/mods/$m.ko" 2>/dev/null || bad="$bad $m"
+  params=$(grep "^$m " /mods/params | cut -d' ' -f2-)
+  insmod "/mods/$m.ko" $params 2>/dev/null || bad="$bad $m"
 done
+mount -t configfs configfs /sys/kernel/config 2>/dev/null
 rundir=
 for arg in $(cat /proc/cmdline); do
   case "$arg" in pyvduse.rundir=*) rundir="${arg#pyvduse.rundir=}" ;; esac
@@ -294,6 +308,20 @@ def ensure_tools() -> HostTools:
     return HostTools(qemu=qemu, virtiofsd=virtiofsd, busybox=busybox)
 
 
+def ensure_test_tools() -> None:
+    """Install (as root, with apt) the commands the tests run in the guest: a fresh machine
+    has Python and nothing else."""
+    missing = sorted({pkg for cmd, pkg in TEST_PACKAGES.items() if _which(cmd) is None})
+    if not missing:
+        return
+    if not _is_root():
+        raise TestVMError(f"the tests need {', '.join(missing)}; as root run: "
+                          f"apt-get update && apt-get install -y {' '.join(missing)}")
+    _note(f"installing what the tests run: {' '.join(missing)}")
+    _apt("update", "-qq")
+    _apt("install", "-y", "-qq", "--no-install-recommends", *missing)
+
+
 # --------------------------------------------------------------------------- guest image
 
 
@@ -306,7 +334,7 @@ def default_cache() -> Path:
 def recipe_key() -> str:
     """Names the cached image; changes whenever the init or the module set changes."""
     h = hashlib.sha256()
-    h.update(f"{RECIPE}\n{' '.join(GUEST_MODULES)}\n{INIT_SCRIPT}".encode())
+    h.update(f"{RECIPE}\n{' '.join(GUEST_MODULES)}\n{MODULE_PARAMS}\n{INIT_SCRIPT}".encode())
     return h.hexdigest()[:12]
 
 
@@ -516,6 +544,9 @@ def initramfs_entries(busybox: bytes, modules: Sequence[tuple[str, bytes]]) -> l
     entries.extend(CpioEntry(f"mods/{name}.ko", f, data) for name, data in modules)
     order = "".join(f"{name}\n" for name, _ in modules)
     entries.append(CpioEntry("mods/order", f, order.encode()))
+    params = "".join(f"{name} {MODULE_PARAMS[name]}\n" for name, _ in modules
+                     if name in MODULE_PARAMS)
+    entries.append(CpioEntry("mods/params", f, params.encode()))
     return entries
 
 

@@ -61,6 +61,7 @@ class VmSession:
         sys.stderr.write(f"\n[vm] running {len(self.nodeids)} test(s) in the test VM; "
                          f"console: {live}\n")
         try:
+            testvm.ensure_test_tools()  # fio, e2fsprogs, ...: a fresh machine has none
             with live.open("w") as console:
                 result = testvm.run(command, cwd=str(ROOT), timeout=VM_TIMEOUT, console=console)
         except Exception as e:  # no root, no qemu, no kernel package...

@@ -2,7 +2,12 @@
 
 Offsets and lengths are in bytes. Buffers are memoryviews straight into driver memory, so a
 backend that can (``preadv``/``pwritev``) moves data with no extra copy. Errors are raised as
-``OSError``; the device turns them into VIRTIO_BLK_S_IOERR.
+``OSError``; the device turns them into VIRTIO_BLK_S_IOERR for that request only.
+
+A backend whose calls may wait (a disk, a network server) says so with ``blocking = True``:
+the runtime then makes them on its thread pool (``--aio threads``), many at once, and never
+on the queue's own thread. A backend may also write its methods as ``async def``: they then
+run on the runtime's event loop, as many at once as the driver sends.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ class Backend(ABC):
 
     #: A short name for status output ("file", "memory", "null").
     kind: str = "?"
+    #: Its calls may block (I/O on a device or the network): make them off the queue thread.
+    blocking: bool = False
 
     @property
     @abstractmethod

@@ -4,22 +4,37 @@ Reads and writes go with ``preadv``/``pwritev`` straight between the file and th
 buffers (no copy in Python). FLUSH is ``fdatasync``; DISCARD punches a hole and WRITE_ZEROES
 uses ``FALLOC_FL_ZERO_RANGE`` (or a hole when unmapping is allowed), falling back to writing
 zeroes where the filesystem cannot.
+
+``direct=True`` (``--cache none``) bypasses the page cache with a second descriptor opened
+``O_DIRECT``. Direct I/O has two limits the driver's buffers may not meet: alignment (the
+kernel refuses with EINVAL) and pinning: the pages VDUSE maps for its bounce buffer cannot
+be pinned, so a direct read or write into them fails with EFAULT (qemu-storage-daemon's
+``cache.direct=on`` fails every request there). Such requests are copied through an aligned
+buffer of our own; after the first EFAULT every request is. A request whose offset or
+length the device cannot take directly even then goes through the page cache.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
+import mmap
 import os
 import stat
+import threading
 from typing import Any
 
 from pyvduse.backend.base import Backend
+
+log = logging.getLogger(__name__)
 
 IOV_MAX = 1024
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 _ZERO_CHUNK = 1 << 20
+DIRECT_ALIGN = 512  # what a request needs to be tried directly (the device may want more)
+_POOL_BYTES = 16 << 20  # aligned buffers kept for reuse
 
 _fallocate: Any = None  # libc's fallocate(2), bound on first use
 
@@ -53,26 +68,89 @@ def _advance(bufs: list[memoryview], n: int) -> list[memoryview]:
     return out
 
 
+def _transfer(fd: int, bufs: list[memoryview], offset: int, write: bool) -> None:
+    """The whole of ``bufs`` at ``offset``: short transfers go on; reads past the end of
+    the file give zeroes."""
+    for i in range(0, len(bufs), IOV_MAX):
+        part = bufs[i : i + IOV_MAX]
+        want = sum(len(b) for b in part)
+        while want:
+            n = os.pwritev(fd, part, offset) if write else os.preadv(fd, part, offset)
+            if n == 0:
+                if write:
+                    raise OSError(errno.EIO, "the device took no bytes")
+                for b in part:  # past the end of the file: the rest reads as zeroes
+                    b[:] = bytes(len(b))
+                break
+            offset += n
+            want -= n
+            if want:
+                part = _advance(part, n)
+
+
+class AlignedBuffers:
+    """Page-aligned buffers for direct I/O, reused (up to a bound) across requests and
+    threads."""
+
+    def __init__(self, keep: int = _POOL_BYTES) -> None:
+        self._free: dict[int, list[mmap.mmap]] = {}
+        self._kept = 0
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    def get(self, size: int) -> mmap.mmap:
+        size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+        with self._lock:
+            free = self._free.get(size)
+            if free:
+                self._kept -= size
+                return free.pop()
+        return mmap.mmap(-1, size)
+
+    def put(self, buf: mmap.mmap) -> None:
+        with self._lock:
+            if self._kept + len(buf) <= self._keep:
+                self._free.setdefault(len(buf), []).append(buf)
+                self._kept += len(buf)
+                return
+        buf.close()
+
+
 class FileBackend(Backend):
     """Serves a raw image file or block device by path."""
 
     kind = "file"
+    blocking = True
 
-    def __init__(self, path: str, readonly: bool = False) -> None:
+    def __init__(self, path: str, readonly: bool = False, direct: bool = False) -> None:
         self.path = path
         self.readonly = readonly
-        self.fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+        self.fd = os.open(path, flags)
+        #: The O_DIRECT descriptor (``direct``), -1 without.
+        self.direct_fd = -1
         try:
             st = os.fstat(self.fd)
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
                 raise OSError(errno.EINVAL, f"{path} is not a regular file or block device")
             self._is_blockdev = stat.S_ISBLK(st.st_mode)
             self._size = os.lseek(self.fd, 0, os.SEEK_END)
+            if direct:
+                self.direct_fd = os.open(path, flags | os.O_DIRECT)
         except BaseException:
             os.close(self.fd)
             raise
         self._can_punch = not self._is_blockdev
         self._can_zero_range = not self._is_blockdev
+        #: Direct I/O straight into the driver's buffers works (False after an EFAULT).
+        self.pin_ok = True
+        self.bounced = 0  # requests copied through our own aligned buffers
+        self.buffered = 0  # direct requests the device could not take: page cache
+        self._buffers = AlignedBuffers()
+
+    @property
+    def direct(self) -> bool:
+        return self.direct_fd >= 0
 
     @property
     def size(self) -> int:
@@ -88,30 +166,55 @@ class FileBackend(Backend):
         return self._size
 
     def readv(self, offset: int, bufs: list[memoryview]) -> None:
-        for i in range(0, len(bufs), IOV_MAX):
-            part = bufs[i : i + IOV_MAX]
-            want = sum(len(b) for b in part)
-            while want:
-                n = os.preadv(self.fd, part, offset)
-                if n == 0:  # past the end of the file: the rest reads as zeroes
-                    for b in part:
-                        b[:] = bytes(len(b))
-                    break
-                offset += n
-                want -= n
-                if want:
-                    part = _advance(part, n)
+        if self.direct_fd < 0 or not self._direct(offset, bufs, False):
+            _transfer(self.fd, bufs, offset, False)
 
     def writev(self, offset: int, bufs: list[memoryview]) -> None:
-        for i in range(0, len(bufs), IOV_MAX):
-            part = bufs[i : i + IOV_MAX]
-            want = sum(len(b) for b in part)
-            while want:
-                n = os.pwritev(self.fd, part, offset)
-                offset += n
-                want -= n
-                if want:
-                    part = _advance(part, n)
+        if self.direct_fd < 0 or not self._direct(offset, bufs, True):
+            _transfer(self.fd, bufs, offset, True)
+
+    def _direct(self, offset: int, bufs: list[memoryview], write: bool) -> bool:
+        """Direct I/O, into the driver's buffers or through ours; False: the device cannot
+        take this request directly (it then goes through the page cache)."""
+        if self.pin_ok:
+            try:
+                _transfer(self.direct_fd, bufs, offset, write)
+                return True
+            except OSError as e:
+                if e.errno == errno.EFAULT:
+                    self.pin_ok = False
+                    log.info("%s: direct I/O cannot reach the driver's buffers (EFAULT): "
+                             "copying through aligned buffers of our own", self.path)
+                elif e.errno != errno.EINVAL:
+                    raise
+        length = sum(len(b) for b in bufs)
+        if offset % DIRECT_ALIGN == 0 and length % DIRECT_ALIGN == 0:
+            buf = self._buffers.get(length)
+            try:
+                view = memoryview(buf)[:length]
+                try:
+                    if write:
+                        pos = 0
+                        for b in bufs:
+                            view[pos : pos + len(b)] = b
+                            pos += len(b)
+                    _transfer(self.direct_fd, [view], offset, write)
+                    if not write:
+                        pos = 0
+                        for b in bufs:
+                            b[:] = view[pos : pos + len(b)]
+                            pos += len(b)
+                    self.bounced += 1
+                    return True
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                finally:
+                    view.release()
+            finally:
+                self._buffers.put(buf)
+        self.buffered += 1
+        return False
 
     def flush(self) -> None:
         os.fdatasync(self.fd)
@@ -150,6 +253,8 @@ class FileBackend(Backend):
             length -= n
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for name in ("fd", "direct_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import faulthandler
 import logging
 import os
@@ -23,6 +24,7 @@ from pyvduse.errors import UserError
 from pyvduse.fastpath import engine as native
 from pyvduse.fastpath.engine import DataPath
 from pyvduse.ops.service import DEFAULT_DRAIN_TIMEOUT, Operations, OpsOptions
+from pyvduse.runtime.executors import DEFAULT_IO_THREADS, Aio
 from pyvduse.runtime.server import DeviceServer
 from pyvduse.runtime.state_file import DEFAULT_STATE_DIR, IdentityMismatch, StateFile
 from pyvduse.runtime.tuning import HOLD_MAX_US, MAX_US, PUBLISH_AFTER_US, QueueTuning
@@ -87,6 +89,22 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    "'first' CPU of the driver's mask (one CPU per queue, like a hardware "
                    "interrupt), 'driver' (its whole mask, rotating over it), or a CPU list "
                    "like 0,2-3 (queue i on the i-th CPU of the list)")
+    p.add_argument("--aio", choices=[a.value for a in Aio], default=Aio.IO_URING.value,
+                   help="how a file backend's reads, writes and flushes run, many per queue "
+                   "at once: 'io_uring' (the native data path submits them to an io_uring; "
+                   "queues on the Python engine use a thread pool; the default), 'threads' "
+                   "(a thread pool, Python engine) or 'sync' (one at a time, inline)")
+    p.add_argument("--cache", choices=("writeback", "none"), default="writeback",
+                   help="'writeback' (the default: through the host's page cache) or 'none' "
+                   "(O_DIRECT: no page cache; requests the device cannot take directly are "
+                   "copied through aligned buffers)")
+    p.add_argument("--bounce-memory", choices=("kernel", "daemon"), default="kernel",
+                   help="whose pages VDUSE's bounce buffer (where the kernel copies every "
+                   "request's data) is: the kernel's (the default) or the daemon's own "
+                   "(VDUSE_IOTLB_REG_UMEM), which direct I/O (--cache none) can reach with "
+                   "no copy of ours")
+    p.add_argument("--io-threads", type=int, default=DEFAULT_IO_THREADS, metavar="N",
+                   help=f"threads of the pool for --aio threads (default {DEFAULT_IO_THREADS})")
     p.add_argument("--worker-cpus", choices=("any", "irq"), default="any",
                    help="where each queue's worker thread runs: 'any' (wherever the "
                    "scheduler puts it; the default) or 'irq', on the CPUs its interrupts "
@@ -143,12 +161,16 @@ def make_backend(args: argparse.Namespace) -> Backend:
             raise UserError(f"image file {path} does not exist: create it first, for example "
                             f"'truncate -s 1G {path}'")
         try:
-            return FileBackend(path, readonly=args.readonly)
+            return FileBackend(path, readonly=args.readonly, direct=args.cache == "none")
         except PermissionError:
             mode = "reading" if args.readonly else "reading and writing"
             raise UserError(f"no permission to open {path} for {mode}: fix its permissions "
                             "or use --readonly") from None
         except OSError as e:
+            if e.errno == errno.EINVAL and args.cache == "none":
+                raise UserError(f"{path} cannot be opened for direct I/O (--cache none): its "
+                                "filesystem does not support O_DIRECT; use --cache "
+                                "writeback") from None
             raise UserError(f"cannot open {path}: {e.strerror}") from None
     text = args.memory if args.memory is not None else args.null
     try:
@@ -210,8 +232,11 @@ def run(args: argparse.Namespace) -> int:
     for option, value in (("--poll-us", args.poll_us), ("--publish-us", args.publish_us)):
         if not 0 <= value <= MAX_US:
             raise UserError(f"{option} {value} must be 0 to {MAX_US}")
+    if not 1 <= args.io_threads <= 1024:
+        raise UserError(f"--io-threads {args.io_threads} must be 1 to 1024")
     tuning = QueueTuning(data_path=data_path, poll_us=args.poll_us, publish_us=args.publish_us,
-                         workers_on_irq_cpus=args.worker_cpus == "irq")
+                         workers_on_irq_cpus=args.worker_cpus == "irq", aio=Aio(args.aio),
+                         io_threads=args.io_threads)
     irq_placement = parse_irq_cpus(args.irq_cpus)
     backend = make_backend(args)
     try:
@@ -231,7 +256,8 @@ def run(args: argparse.Namespace) -> int:
             log.info("queues served by the Python engine: %s", why_not)
         return serve(args.name, device, msg_timeout=args.msg_timeout, bounce_size=bounce,
                      state=state, reconnect=reconnect, ops=ops, tuning=tuning,
-                     irq_placement=irq_placement)
+                     irq_placement=irq_placement,
+                     user_bounce=args.bounce_memory == "daemon")
     finally:
         backend.close()
 
@@ -282,7 +308,8 @@ def open_state(name: str, state_dir: Path, device: BlkDevice, reconnect: bool) -
 def serve(name: str, device: BlkDevice, *, msg_timeout: int | None = None,
           bounce_size: int | None = None, state: StateFile | None = None,
           reconnect: bool = False, ops: OpsOptions | None = None,
-          tuning: QueueTuning | None = None, irq_placement: IrqPlacement | None = None) -> int:
+          tuning: QueueTuning | None = None, irq_placement: IrqPlacement | None = None,
+          user_bounce: bool = False) -> int:
     """Create, attach, announce, serve until a signal, then tear everything down."""
     stop = threading.Event()
     broken: list[str] = []
@@ -295,7 +322,8 @@ def serve(name: str, device: BlkDevice, *, msg_timeout: int | None = None,
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # where is it stuck? kill -USR1
     server = DeviceServer(device, state, tuning)
     transport = KernelTransport(name, device.spec(), server, msg_timeout=msg_timeout,
-                                bounce_size=bounce_size, irq_placement=irq_placement)
+                                bounce_size=bounce_size, irq_placement=irq_placement,
+                                user_bounce=user_bounce)
     transport.on_broken = on_broken
     server.bind(transport)
     operations = Operations(name, server, transport, ops, on_quit=stop.set,

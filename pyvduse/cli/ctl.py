@@ -120,6 +120,8 @@ def render_status(r: Json) -> str:
         lines.append(f"  backend   {r['backend']}")
         lines.append(f"  capacity  {r['capacity']} bytes ({human_bytes(r['capacity'])}), "
                      f"block size {r['block_size']}{ro}")
+        lines.append(f"  I/O       aio {r.get('aio', '-')}, cache {r.get('cache', '-')}, "
+                     f"bounce buffer {r.get('bounce_memory') or '-'}")
     status = r.get("status")
     names = "|".join(r.get("status_names") or []) or "-"
     lines.append("  status    " + ("unknown" if status is None else f"0x{status:02x} {names}"))
@@ -133,9 +135,10 @@ def render_status(r: Json) -> str:
         age = q.get("in_flight_s")
         since = f" (for {age:.1f} s)" if age is not None and age >= 0.1 else ""
         irq = f", interrupts on CPU {format_cpu_list(q['irq_cpus'])}" if q.get("irq_cpus") else ""
+        engine = f", {q['engine']} engine, aio {q['aio']}" if q.get("engine") else ""
         lines.append(f"  queue {q['index']}   size {q['size']}, avail {avail}, "
                      f"taken {q['last_avail_idx']}, used {q['used_idx']}, "
-                     f"in flight {q['in_flight']}{since}{irq}{broken}")
+                     f"in flight {q['in_flight']}{since}{engine}{irq}{broken}")
     if r.get("control"):
         lines.append(f"  control   {r['control']}")
     if r.get("metrics"):
@@ -162,6 +165,12 @@ def _stats_line(label: str, q: Json) -> list[str]:
                    f"p50 <= {human_us(inspect.percentile(lat, 0.5))}, "
                    f"p99 <= {human_us(inspect.percentile(lat, 0.99))}, "
                    f"max <= {human_us(inspect.percentile(lat, 1.0))}")
+    dep = q.get("depth")
+    if dep and dep["count"]:
+        top = dep["buckets"][-1][0]
+        shared = sum(n for bound, n in dep["buckets"] if bound > 2)
+        out.append(f"  depth: up to {top - 1} in flight; {100 * shared / dep['count']:.0f}% "
+                   "of requests were taken while others were in flight")
     return out
 
 

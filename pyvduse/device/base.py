@@ -4,15 +4,28 @@ A device describes itself once (``DeviceSpec``: id, offered features, initial co
 queue count and size), agrees or not to the negotiated features, and turns each request
 (a validated ``Chain``) into bytes written. It never sees file descriptors, threads or which
 transport it runs on.
+
+Requests come in one of three styles, whichever suits the device:
+
+- ``def handle(queue, chain) -> int``: serve the request before returning (the simple case);
+- ``async def handle(queue, chain) -> int``: a coroutine, run on the runtime's event loop, so
+  one queue has as many requests in flight as the driver sends;
+- ``def submit(request)``: take a ``Request`` and complete it later, from any thread, in any
+  order (``request.complete(written)``).
+
+Whatever the style, an exception that escapes fails that one request (``write_failure``: for
+virtio-blk, IOERR in the status byte) and is logged, rate-limited; the queue carries on.
 """
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from pyvduse.abi.virtio import F_ACCESS_PLATFORM, F_VERSION_1, bit
+from pyvduse.device.request import Request
 from pyvduse.ring.chain import Chain
 
 #: Transport features every pyvduse device requires (VDUSE refuses devices without
@@ -36,9 +49,12 @@ ConfigWriter = Callable[[int, bytes], None]
 
 
 class VirtioDevice(ABC):
-    """Base class of device models."""
+    """Base class of device models: implement ``spec`` and ``handle`` (or ``submit``)."""
 
     def __init__(self) -> None:
+        cls = type(self)
+        if cls.handle is VirtioDevice.handle and cls.submit is VirtioDevice.submit:
+            raise TypeError(f"{cls.__name__} must implement handle() or submit()")
         self.features = 0
         self._config_writer: ConfigWriter | None = None
 
@@ -59,9 +75,32 @@ class VirtioDevice(ABC):
         """The driver reset the device: forget negotiated state."""
         self.features = 0
 
-    @abstractmethod
-    def handle(self, queue: int, chain: Chain) -> int:
-        """Serve one request; returns the number of bytes written to writable buffers."""
+    def handle(self, queue: int, chain: Chain) -> int | Awaitable[int]:
+        """Serve one request; returns the number of bytes written to writable buffers.
+
+        An ``async def handle`` returns a coroutine instead, which the runtime runs on its
+        event loop: many requests of one queue are then in flight at once.
+        """
+        raise NotImplementedError
+
+    def submit(self, request: Request) -> None:
+        """Take a request; complete it now or later (``request.complete``), from any thread.
+
+        The default serves it with ``handle``: inline, or on the runtime's event loop when
+        ``handle`` returned a coroutine.
+        """
+        result = self.handle(request.queue, request.chain)
+        if isinstance(result, int):
+            request.complete(result)
+        elif inspect.iscoroutine(result):
+            request.run(result)
+        else:
+            request.fail(f"handle() returned {type(result).__name__}, not a byte count")
+
+    def write_failure(self, chain: Chain) -> int:
+        """Complete a request that failed (an exception, a lost mapping): write what the
+        device writes then, return the bytes written. The default writes nothing."""
+        return 0
 
     def bind_config_writer(self, writer: ConfigWriter | None) -> None:
         """The transport's way to push config-space changes (set config + config IRQ)."""

@@ -9,7 +9,9 @@ capacity before the backend is touched.
 from __future__ import annotations
 
 import array
+import inspect
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,6 +25,7 @@ from pyvduse.abi.virtio import (
 )
 from pyvduse.backend.base import Backend
 from pyvduse.device.base import REQUIRED_FEATURES, DeviceSpec, VirtioDevice
+from pyvduse.device.request import Request
 from pyvduse.ratelimit import RateLimitedLogger
 from pyvduse.ring.chain import Chain
 from pyvduse.ring.iovec import gather, slice_segments, total
@@ -106,6 +109,11 @@ class BlkDevice(VirtioDevice):
         self.queue_stats = [BlkStats() for _ in range(opts.num_queues)]
         #: Per queue, the counters of an engine serving it outside Python (see fastpath).
         self.stats_sources: dict[int, Callable[[], BlkStats]] = {}
+        self._stats_lock = threading.Lock()  # for outcomes counted off a queue's thread
+        self._own_handle = type(self).handle is not BlkDevice.handle
+        #: The backend's calls are coroutines: requests run on the runtime's event loop.
+        self._async_backend = any(inspect.iscoroutinefunction(getattr(backend, name, None))
+                                  for name in ("readv", "writev", "flush"))
 
     @property
     def capacity_bytes(self) -> int:
@@ -193,6 +201,45 @@ class BlkDevice(VirtioDevice):
     # -- requests -----------------------------------------------------------------------
 
     def handle(self, queue: int, chain: Chain) -> int:
+        """Serve one request inline (the backend's calls block this thread)."""
+        planned = self._plan(queue, chain)
+        if isinstance(planned, int):
+            return planned
+        return self._perform(planned)
+
+    def submit(self, request: Request) -> None:
+        """Take a request: parsed and checked now; the backend's work inline when it cannot
+        wait (memory, null), on the runtime's thread pool when it may block (a file: then
+        one queue has many requests in flight), or on its event loop for an async backend.
+
+        A subclass that overrides ``handle`` is served through its ``handle``."""
+        if self._own_handle:
+            super().submit(request)
+            return
+        planned = self._plan(request.queue, request.chain)
+        if isinstance(planned, int):
+            request.complete(planned)
+        elif not planned.calls:
+            request.complete(self._finish(planned, OK))
+        elif self._async_backend:
+            request.run(self._perform_async(planned))
+        elif self.backend.blocking:
+            request.run_blocking(lambda: self._perform(planned))
+        else:
+            request.complete(self._perform(planned))
+
+    def write_failure(self, chain: Chain) -> int:
+        """IOERR in the status byte, when the chain has one."""
+        if chain.error is None and chain.writable:
+            last = chain.writable[-1]
+            if len(last):
+                last[len(last) - 1] = IOERR
+                return 1
+        return 0
+
+    def _plan(self, queue: int, chain: Chain) -> int | _Planned:
+        """Parse and check a request: the used length of one that is already finished (a
+        malformed chain, a range error, GET_ID), or the backend calls it needs."""
         st = self.queue_stats[queue]
         writable = chain.writable
         readable = chain.readable
@@ -207,37 +254,83 @@ class BlkDevice(VirtioDevice):
                                     chain.head)
             return 0
         last = writable[-1]
-        status_byte = last[len(last) - 1 :]
+        if not len(last):
+            st.bad_chains += 1
+            bad_request_log.warning("queue %d: request %d has no status byte", queue, chain.head)
+            return 0
         in_len = (len(last) - 1) if len(writable) == 1 else total(writable) - 1
         rtype, _prio, sector = _OUTHDR.unpack(gather(readable, 0, _OUTHDR.size))
         rtype &= ~vb.T_BARRIER
         counts = st.by_type
         counts[rtype] = counts.get(rtype, 0) + 1
-        try:
-            status, written = self._dispatch(rtype, sector, readable, writable, in_len, st)
-        except OSError as e:
-            bad_request_log.warning("queue %d: request type %d at sector %d failed: %s", queue,
-                                    rtype, sector, e)
-            status, written = IOERR, 0
-        except Exception:  # a bug must fail one request, not the queue
-            log.exception("queue %d: request type %d failed unexpectedly", queue, rtype)
-            status, written = IOERR, 0
-        if status:
-            st.errors += 1
-        status_byte[0] = status
-        return written + 1
+        planned = _Planned(queue, rtype, sector, last, st)
+        status, written = self._dispatch(planned, readable, writable, in_len)
+        if status != OK or not planned.calls:
+            return self._finish(planned, status, written)
+        planned.written = written
+        return planned
 
-    def _dispatch(
-        self, rtype: int, sector: int, readable: list[memoryview], writable: list[memoryview],
-        in_len: int, st: BlkStats,
-    ) -> tuple[int, int]:
+    def _perform(self, planned: _Planned) -> int:
+        """Make the backend calls (this thread may block); returns the used length."""
+        try:
+            for fn, args in planned.calls:
+                fn(*args)
+        except Exception as e:
+            return self._finish(planned, self._failure(planned, e), locked=True)
+        return self._finish(planned, OK, planned.written, locked=True)
+
+    async def _perform_async(self, planned: _Planned) -> int:
+        """The same with an asyncio backend, on the runtime's event loop."""
+        try:
+            for fn, args in planned.calls:
+                result = fn(*args)
+                if inspect.isawaitable(result):
+                    await result
+        except Exception as e:
+            return self._finish(planned, self._failure(planned, e), locked=True)
+        return self._finish(planned, OK, planned.written, locked=True)
+
+    def _failure(self, planned: _Planned, e: Exception) -> int:
+        if isinstance(e, OSError):
+            bad_request_log.warning("queue %d: request type %d at sector %d failed: %s",
+                                    planned.queue, planned.rtype, planned.sector, e)
+        else:  # a bug must fail one request, not the queue
+            log.error("queue %d: request type %d failed unexpectedly", planned.queue,
+                      planned.rtype, exc_info=e)
+        return IOERR
+
+    def _finish(self, planned: _Planned, status: int, written: int = 0,
+                locked: bool = False) -> int:
+        """Write the status byte, count the outcome; returns the used length."""
+        st = planned.stats
+        if locked:  # off the queue's own thread: other requests of the queue count too
+            with self._stats_lock:
+                self._count(st, planned, status, written)
+        else:
+            self._count(st, planned, status, written)
+        planned.status_byte[len(planned.status_byte) - 1] = status
+        return (written if status == OK else 0) + 1
+
+    @staticmethod
+    def _count(st: BlkStats, planned: _Planned, status: int, written: int) -> None:
+        if status != OK:
+            st.errors += 1
+        elif planned.rtype == T_IN:
+            st.bytes_read += written
+        elif planned.rtype == T_OUT:
+            st.bytes_written += planned.out_len
+
+    def _dispatch(self, planned: _Planned, readable: list[memoryview],
+                  writable: list[memoryview], in_len: int) -> tuple[int, int]:
+        """(status, bytes written) of a request, its backend calls left in ``planned``."""
+        rtype, sector = planned.rtype, planned.sector
         if rtype == T_IN:
             offset = sector << vb.SECTOR_SHIFT
             if not self._in_range(offset, in_len):
                 return IOERR, 0
             if in_len:
-                self.backend.readv(offset, slice_segments(writable, 0, in_len))
-            st.bytes_read += in_len
+                planned.calls.append((self.backend.readv,
+                                      (offset, slice_segments(writable, 0, in_len))))
             return OK, in_len
         if rtype == T_OUT:
             if self.options.readonly:
@@ -247,13 +340,13 @@ class BlkDevice(VirtioDevice):
             if not self._in_range(offset, out_len):
                 return IOERR, 0
             if out_len:
-                self.backend.writev(offset, slice_segments(readable, _OUTHDR.size,
-                                                           _OUTHDR.size + out_len))
-            st.bytes_written += out_len
+                planned.calls.append((self.backend.writev, (offset, slice_segments(
+                    readable, _OUTHDR.size, _OUTHDR.size + out_len))))
+            planned.out_len = out_len
             return OK, 0
         if rtype == T_FLUSH:
             if not self.options.readonly:
-                self.backend.flush()
+                planned.calls.append((self.backend.flush, ()))
             return OK, 0
         if rtype == T_GET_ID:
             n = min(in_len, vb.ID_BYTES)
@@ -264,13 +357,14 @@ class BlkDevice(VirtioDevice):
                     pos += len(seg)
             return OK, n
         if rtype in (T_DISCARD, T_WRITE_ZEROES):
-            return self._discard_or_zero(rtype, readable), 0
+            return self._discard_or_zero(planned, readable), 0
         return UNSUPP, 0
 
     def _in_range(self, offset: int, length: int) -> bool:
         return length >= 0 and offset + length <= self.capacity_bytes
 
-    def _discard_or_zero(self, rtype: int, readable: list[memoryview]) -> int:
+    def _discard_or_zero(self, planned: _Planned, readable: list[memoryview]) -> int:
+        rtype = planned.rtype
         if self.options.readonly:
             return IOERR
         feature = vb.F_DISCARD if rtype == T_DISCARD else vb.F_WRITE_ZEROES
@@ -293,8 +387,26 @@ class BlkDevice(VirtioDevice):
         for sector, num, flags in segments:
             offset, length = sector << vb.SECTOR_SHIFT, num << vb.SECTOR_SHIFT
             if rtype == T_DISCARD:
-                self.backend.discard(offset, length)
+                planned.calls.append((self.backend.discard, (offset, length)))
             else:
-                self.backend.write_zeroes(offset, length,
-                                          bool(flags & vb.WRITE_ZEROES_FLAG_UNMAP))
+                planned.calls.append((self.backend.write_zeroes, (
+                    offset, length, bool(flags & vb.WRITE_ZEROES_FLAG_UNMAP))))
         return OK
+
+
+class _Planned:
+    """A checked request and the backend calls that will serve it."""
+
+    __slots__ = ("calls", "out_len", "queue", "rtype", "sector", "stats", "status_byte",
+                 "written")
+
+    def __init__(self, queue: int, rtype: int, sector: int, status_byte: memoryview,
+                 stats: BlkStats) -> None:
+        self.queue = queue
+        self.rtype = rtype
+        self.sector = sector
+        self.status_byte = status_byte  # the last writable buffer: its last byte
+        self.stats = stats
+        self.calls: list[tuple[Callable[..., object], tuple[object, ...]]] = []
+        self.written = 0  # the data length the request returns when the calls succeed
+        self.out_len = 0

@@ -23,19 +23,25 @@ from pyvduse.ring.inflight import InflightLog
 from pyvduse.ring.memory import GuestMemory, RegionMap
 from pyvduse.ring.split import SplitQueue
 
-try:
-    import pyvduse.fastpath._splitblk as _splitblk
-except ImportError:  # not built: no compiler or no Python headers at install time
-    _splitblk = None  # type: ignore[assignment]
-
 if TYPE_CHECKING:
+    import pyvduse.fastpath._splitblk as _splitblk
     from pyvduse.fastpath._splitblk import Engine as Engine
 else:
     Engine = Any  # the extension may not be built
+    try:  # the build with io_uring (liburing-dev was there at install time) ...
+        import pyvduse.fastpath._splitblk_uring as _splitblk
+    except ImportError:
+        try:  # ... or the one without
+            import pyvduse.fastpath._splitblk as _splitblk
+        except ImportError:  # not built: no compiler or no Python headers at install time
+            _splitblk = None
 
 # What Engine.run returns (only ever compared when the extension exists)
 RUN_STOPPED: int = _splitblk.RUN_STOPPED if _splitblk is not None else 0
 RUN_DEFER: int = _splitblk.RUN_DEFER if _splitblk is not None else 1
+# Engine(aio=...): requests served inline one at a time, or on io_uring, many in flight
+AIO_SYNC: int = _splitblk.AIO_SYNC if _splitblk is not None else 0
+AIO_URING: int = _splitblk.AIO_URING if _splitblk is not None else 1
 
 
 class DataPath(enum.Enum):
@@ -49,6 +55,13 @@ class DataPath(enum.Enum):
 def available() -> bool:
     """Whether the extension was built (``pip install`` with a C compiler and headers)."""
     return _splitblk is not None and os.environ.get("PYVDUSE_NO_NATIVE") != "1"
+
+
+def uring_built() -> bool:
+    """Whether the extension in use was built with io_uring (liburing), so that
+    ``aio=AIO_URING`` can work (the kernel may still refuse it: then the engine's
+    constructor raises OSError)."""
+    return available() and bool(_splitblk.HAS_URING)
 
 
 def why_not(device: VirtioDevice, packed: bool) -> str | None:
@@ -97,12 +110,26 @@ def build(
     hold_ns: int | None = None,
     affinity_fd: int = -1,
     follow_cpus: Sequence[int] = (),
+    *,
+    aio: int = AIO_SYNC,
+    direct: bool = False,
+    bounce: bool = False,
+    dio_align: int = 512,
+    inflight: bytearray | memoryview | None = None,
 ) -> Engine:
     """A native engine positioned where ``ring`` stands; it publishes a round's completions
     after a request that took ``publish_ns`` or once the oldest is ``hold_ns`` old (None:
     never, only once per round); see runtime.tuning. With ``affinity_fd`` (the queue's
     irq_cb_affinity, open for writing) it points the queue's interrupts at its own CPU
-    whenever that is one of ``follow_cpus`` (the first 64 CPUs can be followed)."""
+    whenever that is one of ``follow_cpus`` (the first 64 CPUs can be followed).
+
+    ``aio=AIO_URING`` serves a file backend's reads, writes and flushes on io_uring, up to
+    the queue's size in flight, completing out of order (ValueError if the extension was
+    built without liburing, OSError if the kernel refuses io_uring). ``direct``: the
+    backend's fd was opened with O_DIRECT (buffers not aligned to ``dio_align`` are copied
+    through the engine's own; an EFAULT makes it copy from then on); ``bounce`` copies from
+    the start. ``inflight`` (``ring.num`` bytes) is the map of heads in flight shared with
+    the Python ring; the engine allocates its own without it."""
     assert _splitblk is not None and isinstance(memory, RegionMap)
     last_avail, used, signalled = ring.position()
     irq_fd, irq_request = irq if irq is not None else (-1, 0)
@@ -115,4 +142,5 @@ def build(
         irq_index=index, notify=None if irq is not None else notify, on_error=on_error,
         poll_ns=poll_ns, publish_ns=_or_never(publish_ns), hold_ns=_or_never(hold_ns),
         affinity_fd=affinity_fd, follow_mask=sum(1 << c for c in set(follow_cpus) if c < 64),
+        aio=aio, direct=direct, bounce=bounce, dio_align=dio_align, inflight=inflight,
         **_backend_args(device))

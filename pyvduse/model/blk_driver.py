@@ -50,8 +50,8 @@ class BlkDriver:
         q = self._queue(queue)
         readable = [vb.OUTHDR.pack(rtype, 0, sector)] + ([out] if out else [])
         writable = ([in_len] if in_len else []) + [1]
-        head = q.submit(readable, writable, indirect=self.indirect)
-        c = q.wait(head, timeout)
+        ticket = q.submit(readable, writable, indirect=self.indirect)
+        c = q.wait(ticket, timeout)
         return c.data[-1], c.data[:-1], c.length
 
     def _ok(self, what: str, *args: object, **kw: object) -> bytes:

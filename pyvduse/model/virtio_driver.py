@@ -8,8 +8,10 @@ index or NO_NOTIFY), and waits for interrupts with a timeout: a test never hangs
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
+from typing import cast
 
 from pyvduse.abi.virtio import (
     F_ACCESS_PLATFORM,
@@ -45,7 +47,10 @@ class DriverQueue:
         self.lock = threading.Lock()
         self.irq = threading.Event()
         self.interrupts = 0
+        # Completions by ticket, not by head: a head is reused as soon as it is collected,
+        # while the thread that submitted it may not have picked its completion up yet.
         self.done: dict[int, Completion] = {}
+        self._tickets = itertools.count(1)
 
     def on_interrupt(self) -> None:
         self.interrupts += 1
@@ -53,26 +58,31 @@ class DriverQueue:
 
     def submit(self, readable: list[bytes], writable: list[int], *, indirect: bool = False,
                token: object = None) -> int:
+        """Make one request available (kick if the device asks); returns its ticket for
+        ``wait``. ``token`` rides along in the completion."""
         with self.lock:
-            head = self.ring.add(readable, writable, indirect=indirect, token=token)
+            ticket = next(self._tickets)
+            self.ring.add(readable, writable, indirect=indirect, token=(ticket, token))
             kick = self.ring.kick_needed()
         if kick:
             self.kernel.kick(self.index)
-        return head
+        return ticket
 
-    def wait(self, head: int, timeout: float = 10.0) -> Completion:
-        """Wait for the completion of ``head`` (interrupt-driven, with a polling fallback)."""
+    def wait(self, ticket: int, timeout: float = 10.0) -> Completion:
+        """Wait for the completion of the request ``submit`` returned ``ticket`` for
+        (interrupt-driven, with a polling fallback); any thread, any order."""
         deadline = time.monotonic() + timeout
         while True:
             with self.lock:
                 for c in self.ring.collect():
-                    self.done[c.head] = c
-                c2 = self.done.pop(head, None)
+                    t, c.token = cast(tuple[int, object], c.token)
+                    self.done[t] = c
+                c2 = self.done.pop(ticket, None)
             if c2 is not None:
                 return c2
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"queue {self.index}: request {head} not completed")
+                raise TimeoutError(f"queue {self.index}: request {ticket} not completed")
             self.irq.wait(min(left, 0.05))
             self.irq.clear()
 

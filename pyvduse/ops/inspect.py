@@ -104,11 +104,17 @@ def queue_status(index: int, size: int, worker: QueueWorker | None,
         q.update(avail_idx=avail, last_avail_idx=last_avail, used_idx=used,
                  pending=None if avail is None else (avail - last_avail) & 0xFFFF,
                  broken=worker.broken or ring.broken,
-                 engine="native" if isinstance(worker, NativeQueueWorker) else "python")
+                 engine="native" if isinstance(worker, NativeQueueWorker) else "python",
+                 aio=worker.aio if _blocking_backend(worker.device) else "inline")
     q["in_flight"] = counters.in_flight if counters else 0
     q["in_flight_s"] = in_flight_seconds(counters)
     q["completed"] = counters.completed if counters else 0
     return q
+
+
+def _blocking_backend(device: object) -> bool:
+    """Whether the device's calls may block (a file backend; a custom device: assume so)."""
+    return not isinstance(device, BlkDevice) or device.backend.blocking
 
 
 def in_flight_seconds(counters: QueueCounters | None) -> float | None:
@@ -144,7 +150,10 @@ def status(target: Target) -> Json:
         o = device.options
         out.update(backend=device.backend.description, backend_kind=device.backend.kind,
                    capacity=device.capacity_bytes, block_size=o.block_size,
-                   readonly=o.readonly, serial=o.serial)
+                   readonly=o.readonly, serial=o.serial,
+                   cache="none" if getattr(device.backend, "direct", False) else "writeback")
+    out["aio"] = server.tuning.aio.value
+    out["bounce_memory"] = getattr(target.transport, "bounce_memory", None)
     transport = target.transport
     out["queues"] = [queue_status(i, spec.queue_size, workers.get(i), counters.get(i),
                                   transport.interrupt_cpus(i) if transport else None)
@@ -167,6 +176,19 @@ def latency(hist: list[int], sum_ns: int) -> Json:
     }
 
 
+def depth(hist: list[int], total: int) -> Json:
+    """The queue-depth histogram as JSON: ``buckets`` are ``[upper bound, count]``: bucket b
+    counts requests taken while [2**(b-1), 2**b) requests were in flight, themselves
+    included (bucket 1: alone, 2: two or three, ...), up to the last non-empty one; ``sum``
+    adds those depths up (``sum / count``: the mean depth)."""
+    last = max((b for b, n in enumerate(hist) if n), default=0)
+    return {
+        "count": sum(hist),
+        "sum": total,
+        "buckets": [[1 << b, hist[b]] for b in range(1, last + 1)],
+    }
+
+
 def _blk_counts(st: BlkStats) -> Json:
     by_type = dict(st.by_type)
     return {
@@ -186,18 +208,25 @@ def stats(target: Target) -> Json:
     counters = queue_counters(device)
     queues = []
     all_hist = [0] * LATENCY_BUCKETS
-    all_ns = in_flight = completed = 0
+    all_depth = [0] * LATENCY_BUCKETS
+    all_ns = in_flight = completed = all_depth_sum = 0
     for i in range(target.spec.num_queues):
         c = counters.get(i)
         hist, sum_ns = c.latency_totals() if c else ([0] * LATENCY_BUCKETS, 0)
         q: Json = {"index": i}
         if blk is not None:
             q.update(_blk_counts(blk.queue_snapshot(i)))
+        totals = c.totals() if c else None
+        depth_hist = totals.depth if totals else [0] * LATENCY_BUCKETS
+        depth_sum = totals.depth_sum if totals else 0
         q["in_flight"] = c.in_flight if c else 0
         q["in_flight_s"] = in_flight_seconds(c)
         q["completed"] = sum(hist)
         q["latency"] = latency(hist, sum_ns)
+        q["depth"] = depth(depth_hist, depth_sum)
         queues.append(q)
+        all_depth = [a + b for a, b in zip(all_depth, depth_hist, strict=True)]
+        all_depth_sum += depth_sum
         all_hist = [a + b for a, b in zip(all_hist, hist, strict=True)]
         all_ns += sum_ns
         in_flight += q["in_flight"]
@@ -205,7 +234,8 @@ def stats(target: Target) -> Json:
     total: Json = {}
     if blk is not None:
         total = _blk_counts(blk.stats)
-    total.update(in_flight=in_flight, completed=completed, latency=latency(all_hist, all_ns))
+    total.update(in_flight=in_flight, completed=completed, latency=latency(all_hist, all_ns),
+                 depth=depth(all_depth, all_depth_sum))
     out: Json = {"name": target.name, "queues": queues, "total": total}
     if blk is not None:
         out["capacity"] = blk.capacity_bytes

@@ -102,6 +102,13 @@ class DeviceCollector:
             hist.add_metric([name, str(q["index"])], _cumulative(q["latency"], floatToGoString),
                             q["latency"]["sum_us"] / 1e6)
         yield hist
+        depth = HistogramMetricFamily("pyvduse_queue_depth",
+                                      "Requests in flight on the queue (itself included) when "
+                                      "each request was taken", labels=qlabels)
+        for q in snap["queues"]:
+            depth.add_metric([name, str(q["index"])], _depth_buckets(q["depth"]),
+                             q["depth"]["sum"])
+        yield depth
         if "capacity" in snap:
             cap = GaugeMetricFamily("pyvduse_capacity_bytes", "Device capacity",
                                     labels=["device"])
@@ -117,6 +124,23 @@ def _cumulative(lat: dict[str, Any], fmt: Any) -> list[tuple[str, float]]:
         running += counts.get(1 << b, 0)
         out.append((fmt((1 << b) / 1e6), float(running)))
     out.append(("+Inf", float(lat["count"])))
+    return out
+
+
+#: Queue-depth buckets exported: depth <= 2**b - 1, up to the largest queue (32768).
+DEPTH_BUCKETS = 17
+
+
+def _depth_buckets(dep: dict[str, Any]) -> list[tuple[str, float]]:
+    """``le`` buckets of a depth histogram (``inspect.depth``: bucket bound 2**b counts
+    depths in [2**(b-1), 2**b - 1])."""
+    counts = {b: n for b, n in dep["buckets"]}
+    out = []
+    running = 0
+    for b in range(1, DEPTH_BUCKETS + 1):
+        running += counts.get(1 << b, 0)
+        out.append((str((1 << b) - 1), float(running)))
+    out.append(("+Inf", float(dep["count"])))
     return out
 
 

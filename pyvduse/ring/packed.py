@@ -18,6 +18,11 @@ like split's single ``used->idx`` store.
 Until ``publish`` the driver sees nothing; ``used_idx``/``used_wrap`` (and ``state``) already
 count pushed completions, as split's ``used_idx`` does, so publish before saving state.
 
+Completions may come in any order: ``push`` writes the next used slot with whichever buffer
+id finished, and moves the used position by that chain's own ``ndesc`` (the driver steps
+over as many slots as that id's chain took). A buffer id the driver offers again while it
+is still in flight breaks the ring.
+
 Errors: a bad chain fails its own request: ``pop`` returns a ``Chain`` with ``error`` set,
 whose ``ndesc`` covers the slots the chain occupied so the ring stays in step. Where the
 chain ends is found from NEXT flags alone, even after an error, and a descriptor in the
@@ -113,14 +118,11 @@ class PackedQueue:
         self.memory = memory
         self.event_idx = has(features, F_RING_EVENT_IDX)
         self.indirect = has(features, F_RING_INDIRECT_DESC)
-        try:
-            self.desc = memory.view(desc_addr, DESC_SIZE * num, True)
-            self.driver_event = memory.view(driver_addr, EVENT_AREA_SIZE, False)
-            self.device_event = memory.view(device_addr, EVENT_AREA_SIZE, True)
-        except MemoryFault as e:
-            raise RingError(f"ring not mapped: {e}") from None
-        self._desc16 = words16(self.desc)  # flags the driver polls: one store each
-        self._device16 = words16(self.device_event)
+        self.desc_addr, self.driver_addr, self.device_addr = desc_addr, driver_addr, device_addr
+        self.remap()
+        #: 1 at each buffer id taken and not yet pushed: an id the driver offers again while
+        #: it is in flight breaks the ring.
+        self.in_flight = bytearray(num)
         self.last_avail_idx = last_avail_idx
         self.avail_wrap = avail_wrap & 1
         self.used_idx = used_idx
@@ -129,6 +131,21 @@ class PackedQueue:
         self._unpublished: list[int] = []
         self._signalled = self._used_pos()  # used position when the driver was last notified
         self.broken: str | None = None
+
+    def remap(self) -> None:
+        """(Re)take views of the ring areas from driver memory (after its map changed)."""
+        memory = self.memory
+        try:
+            self.desc = memory.view(self.desc_addr, DESC_SIZE * self.num, True)
+            self.driver_event = memory.view(self.driver_addr, EVENT_AREA_SIZE, False)
+            self.device_event = memory.view(self.device_addr, EVENT_AREA_SIZE, True)
+        except MemoryFault as e:
+            raise RingError(f"ring not mapped: {e}") from None
+        self._desc16 = words16(self.desc)  # flags the driver polls: one store each
+        self._device16 = words16(self.device_event)
+
+    def in_flight_count(self) -> int:
+        return self.num - self.in_flight.count(0)
 
     def reset_signalled(self) -> None:
         """After the used position was moved by hand (a restart): count from there."""
@@ -224,6 +241,9 @@ class PackedQueue:
                 count += 1
         if bid >= num:
             self._break(f"buffer id {bid} is outside the queue of {num}")
+        if self.in_flight[bid]:
+            self._break(f"buffer id {bid} made available again while it is in flight")
+        self.in_flight[bid] = 1
         pos = self.last_avail_idx + count
         if pos >= num:
             pos -= num
@@ -240,6 +260,7 @@ class PackedQueue:
         wait for ``publish``. ``head`` and ``ndesc`` must be a popped chain's ``head`` and
         ``ndesc``.
         """
+        self.in_flight[head] = 0
         idx = self.used_idx
         off = idx * DESC_SIZE
         _pack_len_id(self.desc, off + 8, written, head)

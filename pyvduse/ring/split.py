@@ -6,8 +6,14 @@ It does no I/O: ``pop`` reads the avail ring and returns validated chains, ``pus
 test) drives it.
 
 Ring-level corruption (an avail index that runs ahead by more than the queue size, a head
-outside the table) raises ``RingError``: nothing on that ring can be trusted any more. A bad
-chain only fails its own request: ``pop`` returns a ``Chain`` with ``error`` set.
+outside the table, a head made available again while it is still in flight) raises
+``RingError``: nothing on that ring can be trusted any more. A bad chain only fails its own
+request: ``pop`` returns a ``Chain`` with ``error`` set.
+
+Requests may complete in any order: ``push`` takes any head that is in flight, and the used
+ring records completions in the order they were pushed (the spec allows it unless
+VIRTIO_F_IN_ORDER is negotiated, which pyvduse never offers). ``in_flight`` marks the heads
+taken and not yet pushed.
 """
 
 from __future__ import annotations
@@ -75,13 +81,10 @@ class SplitQueue:
         self.desc_addr, self.avail_addr, self.used_addr = desc_addr, driver_addr, device_addr
         self.event_idx = has(features, F_RING_EVENT_IDX)
         self.indirect = has(features, F_RING_INDIRECT_DESC)
-        try:
-            self.desc = memory.view(desc_addr, DESC_SIZE * num, False)
-            self.avail = memory.view(driver_addr, avail_ring_size(num, self.event_idx), False)
-            self.used = memory.view(device_addr, used_ring_size(num, self.event_idx), True)
-        except MemoryFault as e:
-            raise RingError(f"ring not mapped: {e}") from None
-        self._used16 = words16(self.used)  # flags, idx, avail_event: one store each
+        self.remap()
+        #: 1 at each head taken and not yet pushed (shared with a native engine serving the
+        #: same ring: a head the driver offers again while it is in flight breaks the ring).
+        self.in_flight = bytearray(num)
         self.last_avail_idx = last_avail_idx & 0xFFFF
         self._avail_seen = self.last_avail_idx  # avail->idx as last read (validated)
         self.used_idx = _unpack16(self.used, 2)[0] if used_idx is None else used_idx & 0xFFFF
@@ -89,6 +92,23 @@ class SplitQueue:
         self._used_event_off = 4 + 2 * num
         self._avail_event_off = 4 + 8 * num
         self.broken: str | None = None
+
+    def remap(self) -> None:
+        """(Re)take views of the three ring areas from driver memory (after its map changed).
+
+        Raises RingError when they are not all mapped.
+        """
+        memory, num = self.memory, self.num
+        try:
+            self.desc = memory.view(self.desc_addr, DESC_SIZE * num, False)
+            self.avail = memory.view(self.avail_addr, avail_ring_size(num, self.event_idx), False)
+            self.used = memory.view(self.used_addr, used_ring_size(num, self.event_idx), True)
+        except MemoryFault as e:
+            raise RingError(f"ring not mapped: {e}") from None
+        self._used16 = words16(self.used)  # flags, idx, avail_event: one store each
+
+    def in_flight_count(self) -> int:
+        return self.num - self.in_flight.count(0)
 
     # -- avail side ---------------------------------------------------------------------
 
@@ -138,6 +158,7 @@ class SplitQueue:
         """Walk the chain starting at ``head`` again (to repeat a request after a restart)."""
         if head >= self.num:
             self._break(f"head {head} outside the queue of {self.num}")
+        self.in_flight[head] = 1
         return self._chain(head)
 
     def _chain(self, head: int) -> Chain:
@@ -161,6 +182,10 @@ class SplitQueue:
         head = _unpack16(self.avail, 4 + 2 * slot)[0]
         if head >= self.num:
             self._break(f"avail ring names head {head}, outside the queue of {self.num}")
+        in_flight = self.in_flight
+        if in_flight[head]:
+            self._break(f"avail ring names head {head}, which is still in flight")
+        in_flight[head] = 1
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         return self._chain(head)
 
@@ -195,6 +220,7 @@ class SplitQueue:
 
         ``ndesc`` (the ring slots the chain used) matters to packed rings only.
         """
+        self.in_flight[head] = 0
         _pack_used(self.used, 4 + 8 * (self.used_idx % self.num), head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
 

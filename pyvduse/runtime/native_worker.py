@@ -5,27 +5,37 @@ or until the next chain is one it leaves to Python (a malformed or unusual reque
 not yet mapped, ring corruption). The worker then takes exactly that chain with the Python
 engine -- the same ring object, the same in-flight log, the same device -- hands the ring's
 position and the (maybe grown) memory map back, and re-enters the loop. So every request is
-served once, in order, by one of two engines that agree on the ring's state.
+served once by one of two engines that agree on the ring's state.
+
+With ``--aio io_uring`` a file backend's requests are in flight in the engine's io_uring
+while it runs, while Python takes a chain, and across a pause (a remap): the engine keeps
+them and completes them in any order. Stopping waits for them up to the grace period; what
+is left then is abandoned (dropped; the server fences the memory) and the engine is kept
+until the kernel has finished with it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import select
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from pyvduse.backend.file import FileBackend
 from pyvduse.device.blk import BlkDevice, BlkStats, bad_request_log
 from pyvduse.fastpath import engine as native
 from pyvduse.fastpath.engine import Engine
+from pyvduse.ring.chain import Chain
 from pyvduse.ring.errors import RingError
 from pyvduse.ring.inflight import InflightLog, LoggedQueue
 from pyvduse.ring.memory import RegionMap
 from pyvduse.ring.split import SplitQueue
+from pyvduse.runtime.executors import Aio, Executors
 from pyvduse.runtime.tuning import DEFAULT_TUNING, QueueTuning
-from pyvduse.runtime.worker import QueueWorker
+from pyvduse.runtime.worker import QueueWorker, Totals
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +45,12 @@ def stats_of(counters: dict[str, Any]) -> BlkStats:
     return BlkStats(by_type={int(t): n for t, n in counters["by_type"].items() if n},
                     errors=counters["errors"], bytes_read=counters["bytes_read"],
                     bytes_written=counters["bytes_written"])
+
+
+def totals_of(counters: dict[str, Any]) -> Totals:
+    """A native engine's latency and depth counters."""
+    return Totals(list(counters["latency"]), int(counters["latency_ns"]),
+                  list(counters["depth_hist"]), int(counters["depth_sum"]))
 
 
 def run_native(engine: Engine, ring: SplitQueue, inflight: InflightLog | None,
@@ -74,6 +90,7 @@ class NativeQueueWorker(QueueWorker):
         tuning: QueueTuning = DEFAULT_TUNING,
         cpus: list[int] | None = None,
         irq_follow: tuple[str, list[int]] | None = None,
+        executors: Executors | None = None,
     ) -> None:
         self.index = index
         self.ring = queue.queue if isinstance(queue, LoggedQueue) else queue
@@ -81,30 +98,68 @@ class NativeQueueWorker(QueueWorker):
         # The engine writes its CPU there (--irq-cpus follow); ours to close.
         path, follow_cpus = irq_follow or (None, [])
         self._affinity_fd = _open_for_writing(path, index)
-        try:  # first, as it may refuse (ValueError) before the worker holds anything else
+        backend = device.backend
+        uring = tuning.aio is Aio.IO_URING and isinstance(backend, FileBackend)
+        direct = isinstance(backend, FileBackend) and backend.direct
+        # first, as it may refuse (ValueError; OSError: no io_uring) before the worker holds
+        # anything else
+        try:
             self.engine = native.build(device, index, self.ring, memory, self.log, irq, notify,
                                        self._backend_error, tuning.poll_us * 1000,
                                        tuning.publish_us * 1000, tuning.hold_us * 1000,
-                                       self._affinity_fd, follow_cpus)
+                                       self._affinity_fd, follow_cpus,
+                                       aio=native.AIO_URING if uring else native.AIO_SYNC,
+                                       direct=direct, inflight=self.ring.in_flight)
         except BaseException:
             self._close_affinity()
             raise
         super().__init__(device, index, queue, kick_fd, notify, resubmit, resumed=resumed,
-                         tuning=tuning, cpus=cpus)
+                         tuning=tuning, cpus=cpus, executors=executors)
         self.blk = device
         self.memory = memory
         self.deferred = 0  # chains the native loop left to Python
-        self.counters.native = self.engine
+        self.abandoned_native = 0  # the engine's requests dropped at a stop
+        self._engine_live = True  # its counters are not yet folded into ours
         device.stats_sources[index] = self._engine_stats
 
     @property
     def completed(self) -> int:
-        live = self.counters.native is self.engine
+        live = self._engine_live
         return self._completed + (int(self.engine.counters()["completed"]) if live else 0)
 
     def indices(self) -> tuple[int, int]:
         last_avail, used, _, _ = self.engine.position()
         return last_avail, used
+
+    @property
+    def aio(self) -> str:
+        return "io_uring" if self.engine.aio == native.AIO_URING else "sync"
+
+    # -- LiveQueue: the engine's requests as well as Python's ----------------------------------
+
+    def in_flight_count(self) -> int:
+        native_count = self.engine.in_flight() if self._engine_live else 0
+        return super().in_flight_count() + native_count
+
+    def oldest_started(self) -> int:
+        starts = [t for t in (super().oldest_started(),
+                              self.engine.started if self._engine_live else 0) if t]
+        return min(starts, default=0)
+
+    def extra_latency(self) -> Totals:
+        if not self._engine_live:
+            return super().extra_latency()
+        return totals_of(self.engine.counters())
+
+    def drain_mark(self) -> int:
+        """The engine's take count (Python's share of the requests completes inline)."""
+        return int(self.engine.counters()["taken"]) if self._engine_live else 0
+
+    def drained(self, mark: int) -> bool:
+        if not self._engine_live:
+            return True
+        oldest = int(self.engine.counters()["oldest_taken"])
+        return oldest == 0 or oldest > mark
 
     def _engine_stats(self) -> BlkStats:
         return stats_of(self.engine.counters())
@@ -113,11 +168,33 @@ class NativeQueueWorker(QueueWorker):
         bad_request_log.warning("queue %d: request type %d at sector %d failed: %s", self.index,
                                 rtype, sector, OSError(err, "").strerror or err)
 
-    def stop(self) -> None:
+    def request_stop(self, grace: float | None = None) -> None:
         self.engine.request_stop()
-        super().stop()
+        super().request_stop(grace)
+
+    def pause(self, timeout: float = 5.0) -> bool:
+        self.engine.request_pause()
+        return super().pause(timeout)
+
+    def settle(self, timeout: float) -> int:
+        """While paused: wait up to ``timeout`` s for the engine's requests (they are
+        published as they end); the ones still running are poisoned, they will complete as
+        failed. Returns how many those are."""
+        left = self.engine.wait_idle(int(max(timeout, 0.0) * 1e9))
+        if left:
+            self.engine.poison_in_flight()
+        return left
+
+    def join(self) -> None:
+        super().join()
         self._retire_engine()
         self._close_affinity()
+
+    def abandoned_owners(self) -> list[object]:
+        """The mappings an abandoned engine may still write into: every region it knew."""
+        if not self.abandoned_native:
+            return []
+        return [r.owner if r.owner is not None else r.mem.obj for r in self.memory.regions]
 
     def _close_affinity(self) -> None:
         if self._affinity_fd >= 0:
@@ -126,56 +203,151 @@ class NativeQueueWorker(QueueWorker):
 
     def _retire_engine(self) -> None:
         """Fold the engine's counters into the Python ones, which outlive this worker."""
-        live = self.counters.native is self.engine
-        if not live:
+        if not self._engine_live:
             return
         c = self.engine.counters()
-        self.counters.absorb(c["latency"], c["latency_ns"])
+        self.counters.absorb(totals_of(c))
         self._completed += c["completed"]
         self.blk.queue_stats[self.index].add(stats_of(c))
-        self.counters.native = None
+        self._engine_live = False
         self.blk.stats_sources.pop(self.index, None)
-        self.engine.close()  # its views of the disk and the log would keep them from closing
+        if self.engine.in_flight():  # abandoned, the kernel still has some of its requests
+            _graveyard.keep(self.engine, self.index)
+        else:
+            self.engine.close()  # its views of the disk and the log would keep them open
 
     def _run(self) -> None:
         try:
             if self._resumed:
                 self._replay()
-            run_native(self.engine, self.ring, self.log, self.memory, self.kick_fd,
-                       self._stop_fd, self._serve_one, lambda: self._stopping)
+            while not self._stopping:
+                run_native(self.engine, self.ring, self.log, self.memory, self.kick_fd,
+                           self._stop_fd, self._serve_one,
+                           lambda: self._stopping or self._pause_wanted)
+                if self._pause_wanted and not self._stopping:
+                    self._park_native()
         except RingError as e:
-            self.broken = str(e)
+            self._broke(str(e))
             log.error("queue %d: the ring is corrupt, stopping it until reset: %s",
                       self.index, e)
             self._wait_for_stop()
         except Exception as e:  # never let a ring take the process down
-            self.broken = f"{type(e).__name__}: {e}"
+            self._broke(f"{type(e).__name__}: {e}")
             log.exception("queue %d stopped", self.index)
-        finally:
-            self.counters.started_at = 0
+            self._wait_for_stop()
+
+    def _park_native(self) -> None:
+        """Paused for a remap: the engine keeps its requests (the control thread may wait
+        for them, see ``settle``); then the ring and the engine take the new map."""
+        self._parked.set()
+        self._resume.wait()
+        self._parked.clear()
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._stop_fd)  # pause() woke the loop with it
+        self.engine.resume()
+        # settle() may have completed requests meanwhile: the engine's position is the truth
+        last_avail, used, signalled, seq = self.engine.position()
+        self.ring.set_position(last_avail, used, signalled)
+        if self.log is not None:
+            self.log.seq = seq
+        if self._stopping:
+            return
+        self.queue.remap()  # RingError: the ring is gone with the old map
+        try:
+            self.engine.set_regions(native.region_tuples(self.memory))
+        except ValueError as e:
+            raise RingError(f"the ring is not mapped after the remap: {e}") from None
+
+    def _wind_down(self) -> None:
+        """Stopping: the engine's requests get the grace period to finish (published as
+        they end, on this thread: io_uring requests belong to the thread that submitted
+        them), then the rest are abandoned."""
+        try:
+            if self._engine_live and self.engine.in_flight():
+                left = self.engine.wait_idle(int(self._grace * 1e9))
+                if left:
+                    self.engine.abandon()
+                    self.abandoned_native = left
+                    log.warning("queue %d: %d request(s) still in flight after %.1f s; "
+                                "their results will be dropped", self.index, left,
+                                self._grace)
+        except Exception:
+            log.exception("queue %d: stopping the native engine failed", self.index)
+        super()._wind_down()
+
+    def _replay(self) -> None:
+        """As the Python worker's, but inline: the native loop takes over right after."""
+        for chain in self._resubmit:
+            self._serve_inline(chain)
+        if self._resubmit:
+            log.info("queue %d: repeated %d request(s) left in flight", self.index,
+                     len(self._resubmit))
+            self._resubmit = []
+            self._publish(interrupt=False)
+        self._notify(self.index)
 
     def _serve_one(self) -> bool:
-        """The chain the native loop left: take it with the Python engine."""
-        q, c = self.queue, self.counters
-        chain = q.pop()
+        """The chain the native loop left: take it with the Python engine, inline (the
+        native loop's requests wait meanwhile: such chains are rare)."""
+        chain = self.queue.pop()
         if chain is None:
             return False
         self.deferred += 1
-        c.started_at = t = time.monotonic_ns()
-        q.push(chain.head, self.device.handle(self.index, chain), chain.ndesc)
-        done = time.monotonic_ns()
-        c.started_at = 0
-        c.hist[((done - t) // 1000).bit_length()] += 1
-        c.sum_ns += done - t
-        self._completed += 1
+        self._serve_inline(chain)
         self._publish()
         return True
 
-    def _wait_for_stop(self) -> None:
-        poller = select.poll()
-        poller.register(self._stop_fd, select.POLLIN)
-        while not self._stopping:
-            poller.poll()
+    def _serve_inline(self, chain: Chain) -> None:
+        q, c = self.queue, self.counters
+        t = time.monotonic_ns()
+        c.depth[1] += 1
+        c.depth_sum += 1
+        try:
+            written = self.blk.handle(self.index, chain)
+        except Exception as e:  # the device's bug fails this request, not the queue
+            bad_request_log.warning("queue %d: request %d failed: %s: %s", self.index,
+                                    chain.head, type(e).__name__, e)
+            written = self.blk.write_failure(chain)
+        q.push(chain.head, written, chain.ndesc)
+        done = time.monotonic_ns()
+        c.hist[((done - t) // 1000).bit_length()] += 1
+        c.sum_ns += done - t
+        self._completed += 1
+
+
+class _Graveyard:
+    """Abandoned engines whose requests the kernel has not finished: kept (with the memory
+    those requests point into) until it has, then closed."""
+
+    def __init__(self) -> None:
+        self._engines: list[tuple[Engine, int]] = []
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def keep(self, engine: Engine, index: int) -> None:
+        with self._lock:
+            self._engines.append((engine, index))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._reap, name="pyvduse-graveyard",
+                                                daemon=True)
+                self._thread.start()
+
+    def _reap(self) -> None:
+        while True:
+            with self._lock:
+                engines = list(self._engines)
+                if not engines:
+                    self._thread = None
+                    return
+            for engine, index in engines:
+                if engine.wait_idle(100_000_000) == 0:
+                    engine.close()
+                    log.info("queue %d: the last abandoned request ended", index)
+                    with self._lock:
+                        self._engines.remove((engine, index))
+
+
+_graveyard = _Graveyard()
 
 
 def _open_for_writing(path: str | None, index: int) -> int:

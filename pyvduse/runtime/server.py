@@ -1,16 +1,31 @@
-"""The device runtime: turns a transport's control events into running queue workers."""
+"""The device runtime: turns a transport's control events into running queue workers.
+
+Requests in flight meet three control events, with one rule: once the answer to a reset or
+an unmap has gone to the kernel, nothing more is written into the driver memory concerned and
+no used element is published on its behalf.
+
+- A reset stops every worker; requests in flight get up to half the kernel's message timeout
+  to finish (so the answer still comes in time); the rest are abandoned: their results are
+  dropped and their mappings fenced (``fence``), so what they write later goes nowhere.
+- An unmap (UPDATE_IOTLB) pauses the workers; requests whose buffers lie in the memory going
+  away get the same grace; the rest are fenced and will complete as failed; the workers then
+  resume where they were with every other request still running.
+- Shutdown (SIGTERM) first drains, then resets (``ops.drain``).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Literal, TypeVar
 
 from pyvduse.abi.virtio import F_RING_PACKED, has
 from pyvduse.device.base import VirtioDevice
 from pyvduse.device.blk import BlkDevice
+from pyvduse.device.request import Request
 from pyvduse.fastpath import engine as native
 from pyvduse.fastpath.engine import DataPath
 from pyvduse.ring.chain import Chain
@@ -21,10 +36,12 @@ from pyvduse.ring.memory import RegionMap
 from pyvduse.ring.packed import PackedQueue
 from pyvduse.ring.queue import VirtQueue
 from pyvduse.ring.split import SplitQueue
+from pyvduse.runtime import fence
+from pyvduse.runtime.executors import Aio, Executors
 from pyvduse.runtime.native_worker import NativeQueueWorker
 from pyvduse.runtime.state_file import StateFile
 from pyvduse.runtime.tuning import DEFAULT_TUNING, QueueTuning
-from pyvduse.runtime.worker import QueueWorker
+from pyvduse.runtime.worker import DEFAULT_GRACE_SECONDS, QueueWorker
 from pyvduse.transport.base import QueueSetup, Transport
 
 log = logging.getLogger(__name__)
@@ -56,6 +73,7 @@ class DeviceServer:
         self._setups: dict[int, QueueSetup] = {}
         self.features = 0
         self.running = threading.Event()  # set between DRIVER_OK and reset
+        self.executors = Executors(self.tuning.python_aio, self.tuning.io_threads)
         self._lock = threading.Lock()
 
     def bind(self, transport: Transport) -> None:
@@ -90,22 +108,64 @@ class DeviceServer:
 
     def reset(self) -> None:
         with self._lock:
-            self._stop_workers()
+            self._stop_workers(self.grace())
             self._setups.clear()
             self.features = 0
             self.device.reset()
             self.running.clear()
 
-    def remap(self, invalidate: Callable[[], None]) -> None:
-        """The driver's memory map changed (UPDATE_IOTLB): pause, remap, resume in place."""
+    def grace(self) -> float:
+        """How long requests in flight may delay the answer to a reset or an unmap: half
+        the kernel's message timeout."""
+        timeout = self.transport.reply_timeout() if self.transport is not None else None
+        return DEFAULT_GRACE_SECONDS if timeout is None else max(timeout / 2, 0.0)
+
+    def remap(self, invalidate: Callable[[], None], start: int = 0,
+              last: int = (1 << 64) - 1) -> None:
+        """The driver's memory map changed (UPDATE_IOTLB of ``[start, last]``): pause the
+        queues, let the requests using that memory finish (or fence them: they will fail),
+        remap, resume in place with every other request still running."""
+        assert self.transport is not None
         with self._lock:
-            setups = dict(self._setups)
-            workers = dict(self.workers)
-            self._stop_workers()  # first: a stopped worker's ring says exactly where it is
-            saved = {i: self._position(w.queue) for i, w in workers.items()}
+            workers = list(self.workers.values())
+            for w in workers:
+                if not w.pause():
+                    log.warning("queue %d did not pause for the remap", w.index)
+            self._settle_unmapped(workers, start, last)
             invalidate()
-            for i, position in saved.items():
-                self._start_worker(setups[i], position, "continue")
+            for w in workers:
+                w.resume()
+
+    def _settle_unmapped(self, workers: list[QueueWorker], start: int, last: int) -> None:
+        """Wait (within the grace) for the requests whose buffers are in ``[start, last]``;
+        fence the rest, which then complete as failed."""
+        memory = self.transport.memory if self.transport is not None else None
+        regions = getattr(memory, "regions", [])
+        going = {id(r.mem.obj): r.mem.obj for r in regions if r.start <= last and r.last >= start}
+        if not going:
+            return
+        deadline = time.monotonic() + self.grace()
+        python = [w for w in workers if not isinstance(w, NativeQueueWorker)]
+
+        def touching() -> list[Request]:
+            return [r for w in python for r in w.in_flight_requests()
+                    if not r.done and any(id(o) in going for o in fence.owners([r.chain]))]
+
+        waiting = touching()
+        while waiting and time.monotonic() < deadline:
+            time.sleep(0.001)
+            waiting = touching()
+        for r in waiting:
+            r.poisoned = True
+        fenced = fence.fence_chains([r.chain for r in waiting], only=set(going))
+        # the native engine cannot say which memory its requests use: all of it waits
+        left = sum(w.settle(deadline - time.monotonic()) for w in workers
+                   if isinstance(w, NativeQueueWorker))
+        if left:
+            fenced += sum(fence.fence(o) for o in going.values())
+        if waiting or left:
+            log.warning("%d request(s) still use memory being unmapped; they will fail "
+                        "(%d mapping(s) fenced)", len(waiting) + left, fenced)
 
     def queue_state(self, index: int) -> tuple[int, ...]:
         w = self.workers.get(index)
@@ -168,7 +228,7 @@ class DeviceServer:
         w = self._native_worker(q.index, queue, resubmit, resumed, cpus) or QueueWorker(
             self.device, q.index, queue, self.transport.kick_fd(q.index),
             self.transport.notify, resubmit, resumed=resumed,
-            tuning=self.tuning, cpus=cpus)
+            tuning=self.tuning, cpus=cpus, executors=self.executors)
         self.workers[q.index] = w
         w.start()
 
@@ -192,25 +252,45 @@ class DeviceServer:
         if (self.tuning.data_path is DataPath.PYTHON or not isinstance(self.device, BlkDevice)
                 or native.why_not(self.device, self.packed) is not None
                 or not isinstance(queue, SplitQueue | LoggedQueue)
-                or not isinstance(memory, RegionMap)):
+                or not isinstance(memory, RegionMap)
+                or (self.tuning.aio is Aio.THREADS and self.device.backend.blocking)):
             return None
         try:
             return NativeQueueWorker(self.device, index, queue, self.transport.kick_fd(index),
                                      self.transport.notify, memory,
                                      self.transport.irq_ioctl(index), resubmit,
                                      resumed=resumed, tuning=self.tuning, cpus=cpus,
-                                     irq_follow=self.transport.irq_follow(index))
+                                     irq_follow=self.transport.irq_follow(index),
+                                     executors=self.executors)
         except ValueError as e:  # e.g. a ring the native loop cannot map as one piece
             log.warning("queue %d: served by the Python engine: %s", index, e)
             return None
+        except OSError as e:  # the kernel refuses io_uring (kernel.io_uring_disabled, ...)
+            log.warning("queue %d: io_uring is not available (%s): served by the Python "
+                        "engine with a thread pool", index, e.strerror or e)
+            return None
 
-    def _stop_workers(self) -> None:
-        for w in self.workers.values():
-            w.stop()
+    def _stop_workers(self, grace: float = 0.0) -> None:
+        """Stop every worker at once; requests in flight get ``grace`` seconds, then those
+        still running are abandoned and their mappings fenced."""
+        workers = list(self.workers.values())
+        for w in workers:
+            w.request_stop(grace)
+        for w in workers:
+            w.join()
         self.workers.clear()
+        abandoned = [r.chain for w in workers for r in w.abandoned]
+        owners = {id(o): o for o in fence.owners(abandoned)}
+        for w in workers:
+            if isinstance(w, NativeQueueWorker):
+                owners.update((id(o), o) for o in w.abandoned_owners())
+        if owners:
+            n = sum(fence.fence(o) for o in owners.values())
+            log.warning("requests abandoned: %d mapping(s) fenced, their writes go nowhere", n)
 
     def stop(self) -> None:
         """Stop serving (used on shutdown when no reset will come)."""
         with self._lock:
-            self._stop_workers()
+            self._stop_workers(self.grace())
             self.running.clear()
+            self.executors.close()

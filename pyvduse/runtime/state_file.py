@@ -19,7 +19,8 @@ from typing import Any
 from pyvduse.ring.inflight import InflightLog, log_size
 from pyvduse.ring.inflight_packed import packed_log_size
 
-MAGIC = b"PYVDUSE-STATE-1\n"
+MAGIC = b"PYVDUSE-STATE-2\n"  # 2: packed logs keep requests by buffer id (any order)
+MAGIC_FAMILY = b"PYVDUSE-STATE-"
 HEADER_SIZE = 4096
 DEFAULT_STATE_DIR = Path("/run/pyvduse")
 
@@ -61,7 +62,11 @@ class StateFile:
         return cls(state_dir / name / "state", identity, num_queues, queue_size)
 
     def stored_identity(self) -> dict[str, Any] | None:
-        if bytes(self.mem[: len(MAGIC)]) != MAGIC:
+        magic = bytes(self.mem[: len(MAGIC)])
+        if magic != MAGIC:
+            if magic.startswith(MAGIC_FAMILY):  # another pyvduse's layout: do not guess
+                raise IdentityMismatch({"state file format": (
+                    magic.decode(errors="replace").strip(), MAGIC.decode().strip())})
             return None
         n = int.from_bytes(self.mem[len(MAGIC) : len(MAGIC) + 4], "little")
         raw = bytes(self.mem[len(MAGIC) + 4 : len(MAGIC) + 4 + n])

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pyvduse.fastpath.engine import DataPath
+from pyvduse.runtime.executors import DEFAULT_IO_THREADS, Aio
 
 #: A request that took this long (µs) is published at once, with those finished before it,
 #: not at the end of its round: a round of long requests (128 KiB reads: ~400 µs each under
@@ -33,12 +34,22 @@ class QueueTuning:
     #: transport can tell), so the daemon and the driver's completion work share them and
     #: leave the other CPUs to the application; False: wherever the scheduler puts it.
     workers_on_irq_cpus: bool = False
+    #: How blocking backend calls run (``--aio``): the native loop's io_uring, a thread
+    #: pool, or inline (one request at a time).
+    aio: Aio = Aio.IO_URING
+    #: Threads of the pool for ``Aio.THREADS`` (shared by the device's queues).
+    io_threads: int = DEFAULT_IO_THREADS
 
     def __post_init__(self) -> None:
         for name in ("poll_us", "publish_us"):
             value = getattr(self, name)
             if not 0 <= value <= MAX_US:
                 raise ValueError(f"{name} {value} must be 0 to {MAX_US}")
+
+    @property
+    def python_aio(self) -> Aio:
+        """What the Python engine does for ``aio``: it has no io_uring, so threads."""
+        return Aio.THREADS if self.aio is Aio.IO_URING else self.aio
 
     @property
     def hold_us(self) -> int:

@@ -71,6 +71,11 @@ class Transport(ABC):
     def notify(self, index: int) -> None:
         """Send a used-buffer notification (interrupt) for queue ``index``."""
 
+    def reply_timeout(self) -> float | None:
+        """How long the kernel waits for the answer to a control message (seconds), when
+        known: a reset or an unmap must be answered within it even while requests hang."""
+        return None
+
     def interrupt_cpus(self, index: int) -> list[int] | None:
         """The CPUs queue ``index``'s interrupts are handled on, when the transport can
         tell (for ``status``); None when it cannot."""

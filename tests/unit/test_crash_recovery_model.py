@@ -201,29 +201,35 @@ class PackedDaemon:
             raise Crash
         self.step += 1
 
-    def run(self, batch: int = 2) -> None:
+    def run(self, batch: int = 3) -> None:
+        """Rounds of ``batch`` requests, completed in the reverse of the order taken."""
         q, ring = self.q, self.q.queue
         pending = list(q.resubmit)
         q.resubmit = []
         while True:
-            n = 0
+            taken = []
             for _ in range(batch):
                 chain = pending.pop(0) if pending else q.pop()
                 if chain is None:
                     break
                 self._tick()  # taken
+                taken.append(chain)
+            if not taken:
+                return
+            for chain in reversed(taken):  # out of order
                 written = self.device.handle(0, chain)
                 self._tick()  # backend done
                 q.push(chain.head, written, chain.ndesc)
                 self._tick()  # used written
-                n += 1
-            if not n:
-                return
             target = (ring.used_idx, ring.used_wrap)
             q.log.set_position(8, *target)
             self._tick()  # intent logged
             ring.publish()
             self._tick()  # used published
+            for b in q._batch:
+                q.log.release(b)
+                self._tick()  # entry freed
+            q._batch = []
             q.log.set_position(4, *target)
             self._tick()  # used logged
 

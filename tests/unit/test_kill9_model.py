@@ -1,4 +1,4 @@
-"""kill -9 the real runtime, over and over, while a driver keeps 16 requests in flight.
+"""kill -9 the real runtime, over and over, while a driver keeps 16 or 64 requests in flight.
 
 The model tests in ``test_crash_recovery_model`` stop a daemon between the steps they name;
 this one lets the kernel pick the instruction. A forked child runs ``DeviceServer`` (the same
@@ -8,7 +8,9 @@ reads them back and checks every byte, kicks and waits for interrupts the way Li
 (event index, re-armed after each round), and SIGKILLs the child at random moments. Each new
 child resumes from the state file, like ``pyvduse blk --reconnect``. A lost, repeated or
 misplaced completion shows up as a hang (no completion for seconds), a request the driver
-never made, or a block that does not read back what was last written to it.
+never made, or a block that does not read back what was last written to it. The requests
+complete out of order: on the Python engine through its thread pool over a file with a disk's
+latency, on the native engine through io_uring.
 """
 
 from __future__ import annotations
@@ -41,10 +43,10 @@ from pyvduse.runtime.tuning import QueueTuning
 from pyvduse.transport.base import QueueSetup, Transport
 from pyvduse.transport.model.iova import FirstFit
 
-NUM = 64  # ring size: small, so the ring wraps often
-DEPTH = 16  # requests in flight, as fio --iodepth=16
+NUM = 128  # ring size: small, so the ring wraps often
+DEPTHS = (16, 64)  # requests in flight, as fio --iodepth=16 and 64
 BLOCK = 4096
-BLOCKS = 64
+BLOCKS = 160
 HANG_SECONDS = 10.0
 RING_BYTES = 1 << 16  # where the rings live; request buffers come after
 
@@ -92,18 +94,32 @@ class ChildTransport(Transport):
         raise AssertionError("no config changes here")
 
 
+class SlowFile(FileBackend):
+    """A file with a disk's latency (0-2 ms a request), so that the Python engine's thread
+    pool keeps many requests in flight at every kill."""
+
+    def readv(self, offset: int, bufs: list[memoryview]) -> None:
+        time.sleep(random.uniform(0, 0.002))
+        super().readv(offset, bufs)
+
+    def writev(self, offset: int, bufs: list[memoryview]) -> None:
+        time.sleep(random.uniform(0, 0.002))
+        super().writev(offset, bufs)
+
+
 @dataclass
 class Rig:
     ring: str
     data_path: DataPath
     tmp: Path
+    depth: int
     arena: SharedArena = field(init=False)
     options: BlkOptions = field(init=False)
     drv: DriverSplitRing | DriverPackedRing = field(init=False)
     features: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.arena = SharedArena(RING_BYTES + 8 * DEPTH * BLOCK)
+        self.arena = SharedArena(RING_BYTES + 8 * self.depth * BLOCK)
         packed = self.ring == "packed"
         self.options = BlkOptions(packed=packed, queue_size=NUM)
         self.features = (bit(F_RING_EVENT_IDX) | bit(F_RING_INDIRECT_DESC)
@@ -126,7 +142,9 @@ class Rig:
         pid = os.fork()
         if pid == 0:  # the daemon: serve until killed
             try:
-                device = BlkDevice(FileBackend(str(self.image)), self.options)
+                slow = self.data_path is DataPath.PYTHON  # the native engine takes files only
+                backend = (SlowFile if slow else FileBackend)(str(self.image))
+                device = BlkDevice(backend, self.options)
                 state = StateFile(self.tmp / "state", {"test": 1}, 1, NUM)
                 server = DeviceServer(device, state, QueueTuning(data_path=self.data_path))
                 server.bind(ChildTransport(self.arena.memory, kick, self.irq))
@@ -150,7 +168,7 @@ class Driver:
         self.kick_fd = -1
 
     def submit(self) -> None:
-        while len(self.drv.pending) < DEPTH:
+        while len(self.drv.pending) < self.rig.depth:
             block = self.rng.choice([b for b in range(BLOCKS) if b not in self.busy])
             self.busy.add(block)
             sector = block * BLOCK // 512
@@ -221,10 +239,11 @@ if native.available():
     RINGS.append(("split", DataPath.NATIVE))
 
 
+@pytest.mark.parametrize("depth", DEPTHS)
 @pytest.mark.parametrize(("ring", "data_path"), RINGS, ids=lambda v: getattr(v, "value", v))
 def test_kill9_under_load_loses_and_repeats_nothing(tmp_path: Path, ring: str,
-                                                    data_path: DataPath) -> None:
-    rig = Rig(ring, data_path, tmp_path)
+                                                    data_path: DataPath, depth: int) -> None:
+    rig = Rig(ring, data_path, tmp_path, depth)
     rng = random.Random(9)
     d = Driver(rig, rng)
     pid, d.kick_fd = rig.spawn(resume=False)

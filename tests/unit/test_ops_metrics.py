@@ -70,6 +70,10 @@ def test_scrape_matches_stats(sock_dir: Path) -> None:
         counts = [s.value for s in fams[hist].samples
                   if s.name == hist + "_bucket" and s.labels["queue"] == "0"]
         assert counts == sorted(counts)  # cumulative
+        depth = "pyvduse_queue_depth"  # sequential requests: each taken alone
+        assert value(fams, depth, depth + "_bucket", queue="0", le="1") == 6
+        assert value(fams, depth, depth + "_count", queue="0") == q0["depth"]["count"] == 6
+        assert value(fams, depth, depth + "_bucket", queue="0", le="+Inf") == 6
         drv.write(0, b"n" * 512, queue=0)  # read at scrape time: the next scrape sees it
         assert value(scrape(address), "pyvduse_requests", "pyvduse_requests_total", queue="0",
                      type="write") == 7

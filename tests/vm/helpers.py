@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 MiB = 1 << 20
 
@@ -100,3 +102,91 @@ def ctl_json(name: str, *args: str, control: str | None = None) -> dict[str, obj
     reply = json.loads(p.stdout)
     assert isinstance(reply, dict)
     return reply
+
+
+class NullBlk:
+    """A null_blk device made through configfs (the test VM loads null_blk with no device):
+    with ``memory_backed`` it keeps what is written, with ``latency_us`` each request
+    completes that long after it was submitted, as an SSD would."""
+
+    ROOT = Path("/sys/kernel/config/nullb")
+
+    def __init__(self, name: str, size_mb: int = 256, latency_us: int = 250,
+                 memory_backed: bool = True, queue_depth: int = 256) -> None:
+        self.dir = self.ROOT / name
+        if self.dir.exists():  # left by a test that failed half-way
+            self.close()
+        self.dir.mkdir()
+        try:
+            attrs = {"size": size_mb, "blocksize": 512, "memory_backed": int(memory_backed),
+                     "hw_queue_depth": queue_depth}
+            if latency_us:
+                attrs.update(irqmode=2, completion_nsec=latency_us * 1000)
+            for attr, value in attrs.items():
+                (self.dir / attr).write_text(str(value))
+            (self.dir / "power").write_text("1")
+            # the disk is named after the configfs item (Linux 6.x), nullbN before that
+            names = [name, f"nullb{(self.dir / 'index').read_text().strip()}"]
+            deadline = time.monotonic() + 10
+            while True:
+                found = [n for n in names if os.path.exists(f"/dev/{n}")]
+                if found:
+                    self.dev = f"/dev/{found[0]}"
+                    break
+                assert time.monotonic() < deadline, f"none of {names} appeared in /dev"
+                time.sleep(0.05)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            (self.dir / "power").write_text("0")
+        self.dir.rmdir()
+
+    def __enter__(self) -> NullBlk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Hangable:
+    """A device-mapper linear device over ``dev`` whose I/O can be made to hang: while
+    ``suspend`` holds, every new request waits (a dead NFS server, a stuck SAN)."""
+
+    def __init__(self, name: str, dev: str) -> None:
+        self.name = name
+        sectors = int(sh(f"blockdev --getsz {dev}").stdout)
+        sh(f"dmsetup create {name} --noudevsync --table '0 {sectors} linear {dev} 0'")
+        self.dev = f"/dev/mapper/{name}"
+        deadline = time.monotonic() + 10
+        while not os.path.exists(self.dev):
+            if time.monotonic() > deadline:  # no udev in the test VM: make the node
+                sh(f"dmsetup mknodes {name}")
+                break
+            time.sleep(0.05)
+
+    def suspend(self) -> None:
+        sh(f"dmsetup suspend --noflush {self.name}")
+
+    def resume(self) -> None:
+        sh(f"dmsetup resume {self.name}")
+
+    def close(self) -> None:
+        sh(f"dmsetup resume {self.name}", check=False)
+        sh(f"dmsetup remove --noudevsync {self.name}", check=False)
+
+    def __enter__(self) -> Hangable:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def ctl_result(name: str, *args: str) -> dict[str, Any]:
+    """The ``result`` of ``pyvduse ctl NAME ARGS --json`` (asserting it succeeded)."""
+    reply = ctl_json(name, *args)
+    result = reply.get("result")
+    assert isinstance(result, dict), reply
+    return result

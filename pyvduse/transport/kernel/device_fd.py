@@ -79,6 +79,19 @@ class DeviceFd:
         fd = fcntl.ioctl(self.fd, v.VDUSE_IOTLB_GET_FD, buf)
         return v.IotlbEntry.unpack(bytes(buf)), fd
 
+    def iotlb_get_info(self, start: int, last: int) -> v.IovaInfo:
+        """The IOTLB region overlapping ``[start, last]`` and what it can do (6.0+)."""
+        buf = bytearray(v.IovaInfo(start, last, 0).pack())
+        fcntl.ioctl(self.fd, v.VDUSE_IOTLB_GET_INFO, buf)
+        return v.IovaInfo.unpack(bytes(buf))
+
+    def reg_umem(self, uaddr: int, iova: int, size: int) -> None:
+        """Back the IOVA range (the bounce buffer) with our memory at ``uaddr`` (6.0+)."""
+        fcntl.ioctl(self.fd, v.VDUSE_IOTLB_REG_UMEM, bytearray(v.IovaUmem(uaddr, iova, size).pack()))
+
+    def dereg_umem(self, iova: int, size: int) -> None:
+        fcntl.ioctl(self.fd, v.VDUSE_IOTLB_DEREG_UMEM, bytearray(v.IovaUmem(0, iova, size).pack()))
+
     # -- messages -----------------------------------------------------------------------
 
     def read_request(self) -> v.Request:

@@ -55,8 +55,10 @@ class KernelTransport(Transport):
         msg_timeout: int | None = None,
         bounce_size: int | None = None,
         irq_placement: IrqPlacement | None = None,
+        user_bounce: bool = False,
     ) -> None:
         self.name = name
+        self.user_bounce = user_bounce  # --bounce-memory daemon: see iotlb
         self.spec = spec
         self.events = events
         self.msg_timeout = msg_timeout
@@ -87,6 +89,18 @@ class KernelTransport(Transport):
 
     def kick_fd(self, index: int) -> int:
         return self._kick_fds[index]
+
+    @property
+    def bounce_memory(self) -> str:
+        """Whose pages the bounce buffer is: ``daemon`` or ``kernel`` (see iotlb)."""
+        return self._iotlb.bounce_memory if self._iotlb is not None else "kernel"
+
+    def reply_timeout(self) -> float | None:
+        """The device's msg_timeout as the kernel has it (sysfs; 30 s unless set)."""
+        try:
+            return float(sysfs.vduse_attr(self.name, "msg_timeout").read_text())
+        except (OSError, ValueError):
+            return None if self.msg_timeout is None else float(self.msg_timeout)
 
     def interrupt_cpus(self, index: int) -> list[int] | None:
         """vqN/irq_cb_affinity as it is now (absent on older kernels, gone after destroy)."""
@@ -137,7 +151,7 @@ class KernelTransport(Transport):
             if self.bounce_size is not None:
                 sysfs.write_attr(sysfs.vduse_attr(self.name, "bounce_size"), str(self.bounce_size))
             self._check_irq_placement()
-            self._iotlb = IotlbMapper(self._dev)
+            self._iotlb = IotlbMapper(self._dev, self.user_bounce)
             self._thread = threading.Thread(target=self._control_loop, name="vduse-control",
                                             daemon=True)
             self._thread.start()
@@ -168,7 +182,7 @@ class KernelTransport(Transport):
             if self.msg_timeout is not None:
                 sysfs.write_attr(sysfs.vduse_attr(self.name, "msg_timeout"), str(self.msg_timeout))
             self._check_irq_placement()
-            self._iotlb = IotlbMapper(self._dev)
+            self._iotlb = IotlbMapper(self._dev, self.user_bounce)
             try:
                 features = self._dev.get_features()
                 infos = [self._dev.vq_get_info(i) for i in range(self.spec.num_queues)]
@@ -241,6 +255,8 @@ class KernelTransport(Transport):
         if self._dev is not None:
             self._dev.close()
             self._dev = None
+        if self._iotlb is not None:
+            self._iotlb.close()
         if self._created:
             try:
                 with Control() as ctl:

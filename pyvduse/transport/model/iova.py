@@ -2,13 +2,18 @@
 
 Streaming buffers (data, indirect tables) come from a bounce region at ``[0, bounce_size)``,
 which appears in the IOTLB as one region on first use; coherent allocations (rings) come from
-above it, each its own IOTLB region, removed when freed or on reset. All of it is one shared
-buffer, so the device side maps exactly what the "kernel" says is mapped and faults on the rest.
+above it, each its own IOTLB region, removed when freed or on reset. All of it lives in one
+memfd, as VDUSE's pages live in the kernel: the driver side reads and writes its own mapping
+(``buf``), and each device-side lookup maps the region afresh (as VDUSE_IOTLB_GET_FD + mmap
+does), so the device sees exactly what the "kernel" says is mapped, faults on the rest, and
+can replace its mapping (``runtime.fence``) without the driver's memory changing.
 """
 
 from __future__ import annotations
 
 import bisect
+import mmap
+import os
 import threading
 
 from pyvduse.ring.memory import Region
@@ -54,8 +59,13 @@ class IovaSpace:
     """Driver memory plus the IOTLB that says which parts the device may map."""
 
     def __init__(self, bounce_size: int, coherent_size: int) -> None:
+        if bounce_size % mmap.PAGESIZE or coherent_size % mmap.PAGESIZE:
+            raise ValueError("the bounce and coherent sizes must be multiples of the page size")
         self.bounce_size = bounce_size
-        self.buf = bytearray(bounce_size + coherent_size)
+        size = bounce_size + coherent_size
+        self._fd = os.memfd_create("pyvduse-model-iova", os.MFD_CLOEXEC)
+        os.ftruncate(self._fd, size)
+        self.buf = mmap.mmap(self._fd, size, mmap.MAP_SHARED)  # the driver's view
         self.view = memoryview(self.buf)
         self._lock = threading.Lock()
         self._streaming = FirstFit(0, bounce_size)
@@ -83,9 +93,15 @@ class IovaSpace:
         """A coherent allocation (a ring): its own IOTLB region until freed."""
         with self._lock:
             size = -(-size // 4096) * 4096
-            iova = self._coherent.alloc(size, align)
+            iova = self._coherent.alloc(size, max(align, 4096))
             self._coherent_regions[iova] = size
             return iova
+
+    def coherent_range(self, iova: int) -> tuple[int, int] | None:
+        """``(start, last)`` of the coherent region at ``iova``, if it is one."""
+        with self._lock:
+            size = self._coherent_regions.get(iova)
+            return None if size is None else (iova, iova + size - 1)
 
     def write(self, iova: int, data: bytes) -> None:
         self.buf[iova : iova + len(data)] = data
@@ -105,8 +121,12 @@ class IovaSpace:
             if 0 <= iova < self.bounce_size:
                 if not self._bounce_mapped:
                     return None
-                return Region(0, self.bounce_size - 1, self.view[: self.bounce_size])
+                return self._map(0, self.bounce_size)
             for start, size in self._coherent_regions.items():
                 if start <= iova < start + size:
-                    return Region(start, start + size - 1, self.view[start : start + size])
+                    return self._map(start, size)
             return None
+
+    def _map(self, start: int, size: int) -> Region:
+        mm = mmap.mmap(self._fd, size, mmap.MAP_SHARED, offset=start)
+        return Region(start, start + size - 1, memoryview(mm), owner=mm)

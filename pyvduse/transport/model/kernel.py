@@ -31,6 +31,7 @@ from pyvduse.transport.model.iova import IovaSpace
 MiB = 1 << 20
 SET_STATUS = "SET_STATUS"
 GET_VQ_STATE = "GET_VQ_STATE"
+UPDATE_IOTLB = "UPDATE_IOTLB"
 
 
 class ModelError(OSError):
@@ -43,6 +44,7 @@ class Message:
 
     kind: str
     arg: int
+    last: int = 0  # UPDATE_IOTLB: the range is [arg, last]
     done: threading.Event = field(default_factory=threading.Event)
     ok: bool = False
     state: tuple[int, ...] = ()
@@ -104,8 +106,8 @@ class ModelKernel:
 
     # -- messages ---------------------------------------------------------------------------
 
-    def _send(self, kind: str, arg: int) -> Message:
-        msg = Message(kind, arg)
+    def _send(self, kind: str, arg: int, last: int = 0) -> Message:
+        msg = Message(kind, arg, last)
         self.message_log.append((kind, arg))
         if self.broken:
             return msg  # fails at once, not queued
@@ -165,6 +167,16 @@ class ModelKernel:
                 vq.__init__()  # type: ignore[misc]
             self.iova.reset()
             return msg.ok
+
+    def free_coherent(self, iova: int) -> bool:
+        """The driver frees a coherent allocation: VDUSE removes its IOTLB region and tells
+        the device (UPDATE_IOTLB) before the memory can be reused; True if it answered."""
+        with self._lock:
+            rng = self.iova.coherent_range(iova)
+            if rng is None:
+                raise ModelError(errno.EINVAL, f"0x{iova:x} is not a coherent allocation")
+            self.iova.free(iova)
+            return self._send(UPDATE_IOTLB, rng[0], rng[1]).ok
 
     def get_vq_num_max(self) -> int:
         return self.spec.queue_size

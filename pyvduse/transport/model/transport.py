@@ -16,7 +16,13 @@ import threading
 
 from pyvduse.ring.memory import GuestMemory, RegionMap
 from pyvduse.transport.base import DeviceEvents, Transport
-from pyvduse.transport.model.kernel import GET_VQ_STATE, SET_STATUS, Message, ModelKernel
+from pyvduse.transport.model.kernel import (
+    GET_VQ_STATE,
+    SET_STATUS,
+    UPDATE_IOTLB,
+    Message,
+    ModelKernel,
+)
 from pyvduse.transport.status import StatusMachine
 
 log = logging.getLogger(__name__)
@@ -46,6 +52,9 @@ class ModelTransport(Transport):
 
     def kick_fd(self, index: int) -> int:
         return self._kick_fds[index]
+
+    def reply_timeout(self) -> float | None:
+        return self.kernel.msg_timeout
 
     def notify(self, index: int) -> None:
         try:
@@ -104,6 +113,14 @@ class ModelTransport(Transport):
                 after()
         elif msg.kind == GET_VQ_STATE:
             self.kernel.answer(msg, True, self.events.queue_state(msg.arg))
+        elif msg.kind == UPDATE_IOTLB:
+            start, last = msg.arg, msg.last
+            remap = getattr(self.events, "remap", None)
+            if remap is not None:
+                remap(lambda: self._invalidate(start, last), start, last)
+            else:
+                self._invalidate(start, last)
+            self.kernel.answer(msg, True)
         else:
             self.kernel.answer(msg, False)
 
@@ -116,6 +133,10 @@ class ModelTransport(Transport):
             k.vq_setup_kickfd(i, fd)
             queues.append(k.vq_get_info(i))
         self.events.driver_ok(k.dev_get_features(), queues, False)
+
+    def _invalidate(self, start: int, last: int) -> None:
+        for r in self.regions.remove_overlapping(start, last):
+            r.mem.release()
 
     def _forget(self) -> None:
         for i, fd in self._kick_fds.items():

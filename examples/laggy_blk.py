@@ -1,0 +1,61 @@
+"""A block device whose every read waits, like a disk across a network: an asyncio backend.
+
+Each read sleeps ``delay`` seconds on the runtime's event loop before it returns its data,
+so one queue keeps as many reads waiting as the driver sends (a queue that served one
+request at a time would manage 1/delay of them per second). Serve it on the real kernel:
+
+    python3 examples/laggy_blk.py --name laggy0 --size 64M --delay-ms 2
+
+or drive it in-process through the model, as tests/unit/test_example_laggy.py does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from pyvduse.backend.memory import MemoryBackend
+from pyvduse.device.blk import BlkDevice, BlkOptions
+
+
+class LaggyBackend(MemoryBackend):
+    """RAM behind a slow link: reads are coroutines that wait ``delay`` seconds."""
+
+    def __init__(self, size: int, delay: float) -> None:
+        super().__init__(size)
+        self.delay = delay
+        self.waiting = 0  # reads waiting right now
+        self.most_waiting = 0
+
+    async def readv(self, offset: int, bufs: list[memoryview]) -> None:  # type: ignore[override]
+        self.waiting += 1  # all on the event loop's thread: no lock needed
+        self.most_waiting = max(self.most_waiting, self.waiting)
+        try:
+            await asyncio.sleep(self.delay)
+            MemoryBackend.readv(self, offset, bufs)
+        finally:
+            self.waiting -= 1
+
+
+def main() -> int:
+    from pyvduse.cli.blk import preflight, serve
+    from pyvduse.errors import UserError
+    from pyvduse.sizes import parse_size
+
+    ap = argparse.ArgumentParser(description="serve a block device whose reads are slow")
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--size", default="64M")
+    ap.add_argument("--delay-ms", type=float, default=2.0)
+    args = ap.parse_args()
+    try:
+        preflight()
+        backend = LaggyBackend(parse_size(args.size), args.delay_ms / 1000)
+        return serve(args.name, BlkDevice(backend, BlkOptions()))
+    except UserError as e:
+        print(f"laggy_blk: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

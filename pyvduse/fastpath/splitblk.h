@@ -1,0 +1,282 @@
+/*
+ * The native data path's shared definitions: constants, the Engine object and its parts,
+ * the little load/store helpers, and what each file of the engine offers the others.
+ *
+ * The engine is one virtio-blk split virtqueue served in C (see _splitblk.c for the design).
+ * Its sources, each with one concern:
+ *   splitblk_ring.c   driver memory (regions, generations), chain walking, the avail/used
+ *                     rings, the in-flight log, the in-flight table and map, interrupts;
+ *   splitblk_blk.c    virtio-blk requests: which ones this path takes, serving them inline
+ *                     (null, memory, GET_ID, the synchronous file path), completing them;
+ *   splitblk_uring.c  the asynchronous file path on io_uring (built with SB_URING only);
+ *   splitblk_loop.c   the serving loop: rounds of takes, publishing, sleeping, waiting idle;
+ *   _splitblk.c       the Python object and the module.
+ * The same sources are compiled twice (pyproject.toml): pyvduse.fastpath._splitblk without
+ * liburing and pyvduse.fastpath._splitblk_uring with SB_URING defined and -luring.
+ */
+#ifndef PYVDUSE_SPLITBLK_H
+#define PYVDUSE_SPLITBLK_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <endian.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <time.h>
+
+#ifdef SB_URING
+#include <liburing.h>
+#endif
+
+#define DESC_F_NEXT 1
+#define DESC_F_WRITE 2
+#define DESC_F_INDIRECT 4
+#define AVAIL_F_NO_INTERRUPT 1
+#define USED_F_NO_NOTIFY 1
+
+#define T_IN 0
+#define T_OUT 1
+#define T_FLUSH 4
+#define T_GET_ID 8
+#define T_BARRIER 0x80000000u
+#define S_OK 0
+#define S_IOERR 1
+#define ID_BYTES 20
+#define OUTHDR_SIZE 16
+
+#define LOG_HEADER 16
+#define LOG_ENTRY 16
+#define LOG_FREE 0
+#define LOG_IN_FLIGHT 1
+#define LOG_COMPLETED 2
+
+#define MAX_SEGS 1024 /* per direction; more goes to the Python path, which splits */
+#define HIST_BUCKETS 64
+
+/* Copying through the engine's own aligned buffers (direct I/O): a request moves through its
+ * buffer at most BOUNCE_CHUNK bytes per step; a buffer larger than BOUNCE_KEEP is freed when
+ * its request completes, and no more than BOUNCE_RETAIN bytes stay allocated between
+ * requests. So what is allocated is bounded by the requests in flight (num * BOUNCE_CHUNK at
+ * the very worst, as much as the data in flight itself) and, idle, by BOUNCE_RETAIN. */
+#define BOUNCE_CHUNK (1u << 20)
+#define BOUNCE_KEEP (256u << 10)
+#define BOUNCE_RETAIN (32u << 20)
+
+enum { RUN_STOPPED = 0, RUN_DEFER = 1 };
+#define DRAIN_SLEEP 2 /* drain(): the ring is empty with kicks enabled */
+enum { BACKEND_NULL = 0, BACKEND_FD = 1, BACKEND_MEMORY = 2 };
+enum { AIO_SYNC = 0, AIO_URING = 1 };
+
+/* io_uring user_data of the SQEs that are not requests (requests carry their Req *). */
+#define TAG_GATE 1u   /* test-only: the gate read linked before a request */
+#define TAG_CANCEL 2u /* abandon()'s cancel of everything in flight */
+
+typedef struct {
+    uint64_t start, last;
+    uint8_t *base;
+    int writable;
+} Region;
+
+/* One generation of driver memory: the regions as given, with the buffers that keep them
+ * alive. The current one serves new requests; an older one lives on while requests taken
+ * under it are in flight (their iovecs and status byte point into it), then is released the
+ * next time the engine holds the GIL. */
+typedef struct RegionSet {
+    Region *regions;
+    Py_buffer *views;
+    int n;
+    int hit;  /* the region found last */
+    int refs; /* requests in flight that were taken under this set */
+    struct RegionSet *older;
+} RegionSet;
+
+/* A request taken and not yet completed, indexed by its head (a head is in flight once). */
+enum { REQ_FREE = 0, REQ_INLINE, REQ_ASYNC };
+typedef struct {
+    int state;
+    uint16_t head;
+    uint32_t rtype;
+    uint64_t sector;
+    uint8_t *status;     /* the status byte, in driver memory */
+    uint64_t t_take;     /* monotonic ns at take */
+    uint64_t take_no;    /* 1-based take number */
+    int32_t prev, next;  /* the in-flight list, in take order (heads; -1: none) */
+    RegionSet *rs;       /* the memory generation its pointers belong to */
+    /* the asynchronous file path */
+    int write;           /* OUT (1), IN (0) */
+    int bounced;         /* moving through buf, not directly into driver memory */
+    uint64_t off, len, done; /* backend offset, data length, bytes moved so far */
+    struct iovec *iov;   /* iov[0..niov): the data in driver memory; iov[cap..): a slice */
+    int niov, iov_cap;
+    uint8_t *buf;        /* the aligned buffer, allocated lazily, kept for the head */
+    size_t buf_cap, chunk; /* its size; bytes of the step in flight through it */
+    int gates;           /* test-only: times it was linked behind the gate */
+} Req;
+
+typedef struct Engine {
+    PyObject_HEAD
+    /* driver memory */
+    RegionSet *mem_cur; /* new requests and the ring live here */
+    /* the ring */
+    uint32_t num;
+    uint8_t *desc, *avail, *used;
+    uint64_t desc_iova, avail_iova, used_iova;
+    int event_idx, indirect;
+    uint16_t last_avail, avail_seen, used_idx, signalled;
+    /* the in-flight log (optional) */
+    Py_buffer log_view;
+    uint8_t *log;
+    uint64_t seq;
+    uint16_t *batch;
+    uint32_t nbatch;
+    /* the in-flight map shared with Python: byte [head] is 1 while taken, not completed */
+    Py_buffer map_view;
+    uint8_t *map;
+    /* requests in flight */
+    Req *reqs;
+    int32_t oldest, newest; /* the in-flight list's ends (heads; -1: empty) */
+    volatile uint64_t ninflight; /* taken and not completed */
+    uint64_t nasync;   /* of which in io_uring */
+    uint64_t taken;    /* requests taken so far */
+    uint64_t poison_mark; /* requests taken up to this number complete with IOERR */
+    int abandoned;     /* never write driver memory, the log or the map, never interrupt */
+    /* the device */
+    int backend, fd, readonly, aio, direct, bounce_all;
+    uint64_t dio_align;
+    Py_buffer mem_view;
+    uint8_t *mem;
+    uint64_t mem_size;
+    Py_buffer cap_view;
+    volatile uint64_t *capacity;
+    uint8_t serial[ID_BYTES];
+    uint8_t *sync_buf;     /* the synchronous path's aligned buffer (direct I/O) */
+    size_t bounce_retained; /* bytes of request buffers kept between requests */
+#ifdef SB_URING
+    struct io_uring ring;
+#endif
+    int ring_ok;        /* the io_uring above exists */
+    int efd;            /* eventfd registered with it: readable when completions arrive */
+    /* test-only knobs (see _splitblk.pyi) */
+    int gate_fd;
+    uint64_t gate_mask;
+    uint8_t *gate_buf;  /* 64 bytes the gate reads land in (malloc: see dealloc) */
+    uint64_t test_efault;
+    /* interrupts and errors */
+    int irq_fd;
+    unsigned long irq_request;
+    uint32_t irq_index;
+    int affinity_fd;      /* vqN/irq_cb_affinity, written so interrupts follow us; -1: no */
+    uint64_t follow_mask; /* ... when we run on one of these CPUs */
+    int irq_cpu;          /* the CPU last written there */
+    PyObject *notify, *on_error;
+    PyThreadState *ts;    /* while run() or wait_idle() has released the GIL */
+    /* control */
+    uint64_t poll_ns;    /* after the ring empties, poll it this long before sleeping */
+    uint64_t publish_ns; /* publish a round's completions after a request this long */
+    uint64_t hold_ns;    /* ... or once the oldest is this old */
+    volatile int stop;
+    volatile int pause; /* request_pause(): run() returns as for a stop, until resume() */
+    int running, closed;
+    /* counters, written by the serving thread only */
+    volatile uint64_t started;      /* t_take of the oldest in flight, 0: none */
+    volatile uint64_t oldest_taken; /* take_no of the oldest in flight, 0: none */
+    uint64_t completed, latency_ns, hist[HIST_BUCKETS], depth_hist[HIST_BUCKETS];
+    uint64_t depth_sum; /* the in-flight counts the depth histogram was fed, added up */
+    uint64_t clock; /* now_ns() when the last request completed */
+    uint64_t n_in, n_out, n_flush, n_get_id, errors, bytes_read, bytes_written;
+    uint64_t bounced, efaults;
+    uint64_t inline_done; /* io_uring reads/writes served inline with RWF_NOWAIT instead */
+    int nowait;           /* try io_uring's reads and writes inline first (RWF_NOWAIT) */
+    int nowait_writes;    /* -1: RWF_NOWAIT writes refused (a block device): inline; 0: untried */
+    /* scratch of the chain being taken */
+    struct iovec rd[MAX_SEGS], wr[MAX_SEGS], tmp[MAX_SEGS];
+    int nrd, nwr;
+} Engine;
+
+/* -- little helpers ------------------------------------------------------------------- */
+
+static inline uint16_t ld16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return le16toh(v); }
+static inline uint32_t ld32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return le32toh(v); }
+static inline uint64_t ld64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return le64toh(v); }
+static inline void st16(uint8_t *p, uint16_t v) { v = htole16(v); memcpy(p, &v, 2); }
+static inline void st32(uint8_t *p, uint32_t v) { v = htole32(v); memcpy(p, &v, 4); }
+static inline void st64(uint8_t *p, uint64_t v) { v = htole64(v); memcpy(p, &v, 8); }
+
+static inline uint16_t ld16_acquire(const uint8_t *p)
+{
+    uint16_t v = __atomic_load_n((const uint16_t *)p, __ATOMIC_ACQUIRE);
+    return le16toh(v);
+}
+
+static inline void st16_release(uint8_t *p, uint16_t v)
+{
+    __atomic_store_n((uint16_t *)p, htole16(v), __ATOMIC_RELEASE);
+}
+
+static inline uint64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+static inline int bit_length(uint64_t x) { return x ? 64 - __builtin_clzll(x) : 0; }
+
+static inline int use_uring(const Engine *e) { return e->ring_ok; }
+
+/* -- splitblk_ring.c ------------------------------------------------------------------- */
+
+uint8_t *sb_contiguous(Engine *e, uint64_t iova, uint64_t len, int write);
+int sb_walk(Engine *e, uint16_t head);
+uint64_t sb_iov_total(const struct iovec *iov, int n);
+int sb_iov_slice(const struct iovec *iov, int n, uint64_t off, uint64_t len, struct iovec *out);
+void sb_gather_header(const struct iovec *iov, int n, uint8_t *out);
+void sb_scatter(const struct iovec *iov, int n, uint64_t off, const uint8_t *src, uint64_t len);
+void sb_gather(const struct iovec *iov, int n, uint64_t off, uint8_t *dst, uint64_t len);
+void sb_zero(const struct iovec *iov, int n, uint64_t off);
+void sb_release_set(RegionSet *rs);
+RegionSet *sb_load_regions(PyObject *seq);
+int sb_map_ring(Engine *e);
+void sb_collect_sets(Engine *e);
+void sb_log_taken(Engine *e, uint16_t head);
+void sb_push(Engine *e, uint16_t head, uint32_t written);
+void sb_publish(Engine *e);
+void sb_follow_cpu(Engine *e);
+int sb_pending(Engine *e);
+void sb_disable_kicks(Engine *e);
+int sb_enable_kicks(Engine *e);
+Req *sb_track(Engine *e, uint16_t head, uint64_t now);
+void sb_untrack(Engine *e, Req *r);
+int sb_gil_enter(Engine *e);             /* take the GIL if released; 1 if it was */
+void sb_gil_leave(Engine *e, int was);  /* ... and release it again */
+
+/* -- splitblk_blk.c -------------------------------------------------------------------- */
+
+int sb_take(Engine *e, uint16_t *head, uint32_t *rtype, uint64_t *sector, uint8_t **status);
+int sb_start(Engine *e, uint16_t head, uint32_t rtype, uint64_t sector, uint8_t *status,
+             uint64_t now); /* 1: completed inline (at e->clock) */
+void sb_finish(Engine *e, Req *r, uint8_t st, uint32_t written);
+void sb_report_error(Engine *e, uint32_t rtype, uint64_t sector, int err);
+int sb_aligned(const Engine *e, const struct iovec *iov, int n);
+int sb_buffer(Engine *e, Req *r, size_t size);
+void sb_buffer_done(Engine *e, Req *r);
+
+/* -- splitblk_uring.c (stubs without SB_URING) --------------------------------------------- */
+
+int sb_uring_open(Engine *e); /* 0, or -errno */
+void sb_uring_close(Engine *e);
+void sb_uring_start(Engine *e, Req *r); /* submit (prepare) r's first step */
+void sb_uring_submit(Engine *e);
+uint32_t sb_uring_reap(Engine *e); /* completions handled */
+int sb_uring_ready(Engine *e);     /* completions waiting to be reaped */
+int sb_uring_pending(Engine *e);   /* SQEs prepared that the kernel has not taken */
+void sb_uring_cancel_all(Engine *e);
+
+/* -- splitblk_loop.c ------------------------------------------------------------------- */
+
+int sb_run(Engine *e, int kick_fd, int stop_fd);       /* without the GIL */
+uint64_t sb_wait_idle(Engine *e, uint64_t timeout_ns); /* without the GIL */
+
+#endif

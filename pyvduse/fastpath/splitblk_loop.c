@@ -1,0 +1,176 @@
+/*
+ * The serving loop of the native engine, run without the GIL: rounds of takes, publishing,
+ * sleeping until a kick, a completion or a stop, and waiting for requests in flight.
+ *
+ * A round: reap the completions that arrived (aio=AIO_URING), take every chain this path can
+ * serve (at most num), serving the inline ones and preparing an SQE for the others, submit
+ * the round's SQEs with one io_uring_submit, reap again (some complete during the submit),
+ * and publish what was pushed: one store of the used index and at most one interrupt per
+ * publish. Inline requests keep the publish rule (publish_ns / hold_ns, pyvduse/runtime/
+ * tuning.py): the completions of a round go out together unless one took publish_ns or the
+ * oldest unpublished one has waited hold_ns; completions from io_uring go out with the round
+ * that reaped them, so none waits for more than the next wake-up.
+ */
+#include "splitblk.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <unistd.h>
+
+/* With kicks still off, watch the avail index (and the completion ring) for up to poll_ns:
+ * 1 when there is work (serve it with no kick and no wake-up), 0 when the time ran out. */
+static int poll_for_work(Engine *e)
+{
+    uint64_t deadline = now_ns() + e->poll_ns;
+    for (unsigned spins = 0;; spins++) {
+        if (ld16_acquire(e->avail + 2) != e->last_avail || sb_uring_ready(e))
+            return 1;
+        if (e->stop || e->pause)
+            return 0;
+        if ((spins & 63) == 63 && now_ns() >= deadline)
+            return 0;
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+    }
+}
+
+/* Submit what is prepared and push what has completed. */
+static void settle(Engine *e)
+{
+    if (!use_uring(e))
+        return;
+    sb_uring_submit(e);
+    if (sb_uring_reap(e))
+        sb_uring_submit(e); /* the rest of short transfers, retries */
+}
+
+/* Serve until the ring is empty with kicks re-enabled (DRAIN_SLEEP), a stop is asked
+ * (RUN_STOPPED), or a chain is left to Python (RUN_DEFER); everything pushed is published
+ * when it returns. */
+static int drain(Engine *e)
+{
+    for (;;) {
+        uint32_t n = 0;
+        uint64_t published;
+        int r = DRAIN_SLEEP;
+        uint64_t t;
+        sb_disable_kicks(e);
+        if (use_uring(e))
+            sb_uring_reap(e);
+        t = published = now_ns();
+        while (n < e->num) {
+            uint16_t head;
+            uint32_t rtype;
+            uint64_t sector, done;
+            uint8_t *status;
+            int k;
+            if (e->stop || e->pause) {
+                r = RUN_STOPPED;
+                break;
+            }
+            k = sb_take(e, &head, &rtype, &sector, &status);
+            if (k <= 0) {
+                r = k < 0 ? RUN_DEFER : DRAIN_SLEEP;
+                break;
+            }
+            /* taken when the one before ended: one clock read per request */
+            done = sb_start(e, head, rtype, sector, status, t) ? e->clock : now_ns();
+            n++;
+            if (done - t >= e->publish_ns || done - published >= e->hold_ns) {
+                sb_publish(e);
+                published = done;
+            }
+            t = done;
+        }
+        settle(e);
+        sb_publish(e);
+        if (r != DRAIN_SLEEP)
+            return r;
+        if (n < e->num) {
+            int p;
+            if (e->poll_ns && poll_for_work(e))
+                continue;
+            p = sb_enable_kicks(e);
+            if (p < 0)
+                return RUN_DEFER;
+            if (p == 0)
+                return DRAIN_SLEEP;
+        }
+    }
+}
+
+int sb_run(Engine *e, int kick_fd, int stop_fd)
+{
+    struct pollfd fds[3];
+    nfds_t nfds = 2;
+    int r;
+    fds[0].fd = kick_fd;
+    fds[0].events = POLLIN;
+    fds[1].fd = stop_fd;
+    fds[1].events = POLLIN;
+    if (use_uring(e)) {
+        fds[2].fd = e->efd;
+        fds[2].events = POLLIN;
+        nfds = 3;
+    }
+    sb_follow_cpu(e);
+    r = drain(e);
+    while (r == DRAIN_SLEEP) {
+        uint64_t junk;
+        /* SQEs the kernel would not take yet (EAGAIN, EBUSY) wake nobody: retry soon */
+        int timeout = sb_uring_pending(e) ? 1 : -1;
+        if (e->stop || e->pause) {
+            r = RUN_STOPPED;
+            break;
+        }
+        for (nfds_t k = 0; k < nfds; k++)
+            fds[k].revents = 0;
+        if (poll(fds, nfds, timeout) < 0) {
+            if (errno == EINTR)
+                continue;
+            r = RUN_STOPPED; /* cannot happen with valid fds */
+            break;
+        }
+        if (fds[1].revents) {
+            r = RUN_STOPPED;
+            break;
+        }
+        if (fds[0].revents & POLLIN)
+            (void)!read(kick_fd, &junk, sizeof junk);
+        if (nfds == 3 && (fds[2].revents & POLLIN))
+            (void)!read(e->efd, &junk, sizeof junk); /* before reaping: none is missed */
+        sb_follow_cpu(e);
+        r = drain(e);
+    }
+    return r;
+}
+
+uint64_t sb_wait_idle(Engine *e, uint64_t timeout_ns)
+{
+    uint64_t start = now_ns();
+    uint64_t deadline = timeout_ns > UINT64_MAX - start ? UINT64_MAX : start + timeout_ns;
+    for (;;) {
+        struct pollfd p;
+        struct timespec ts;
+        uint64_t t, wait;
+        settle(e);
+        if (e->nbatch)
+            sb_publish(e);
+        if (e->nasync == 0 || (t = now_ns()) >= deadline)
+            break;
+        wait = deadline - t;
+        if (sb_uring_pending(e) && wait > 1000000)
+            wait = 1000000;
+        ts.tv_sec = (time_t)(wait / 1000000000u);
+        ts.tv_nsec = (long)(wait % 1000000000u);
+        p.fd = e->efd;
+        p.events = POLLIN;
+        p.revents = 0;
+        if (ppoll(&p, 1, &ts, NULL) > 0) {
+            uint64_t junk;
+            (void)!read(e->efd, &junk, sizeof junk);
+        }
+    }
+    return e->ninflight;
+}
