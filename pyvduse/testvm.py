@@ -113,6 +113,10 @@ BOOT_PANIC = "Kernel panic"
 # A boot that has not reached the command after this long (s) hung, and is retried too: a
 # boot takes about 10 s here, a minute on a loaded machine.
 BOOT_TIMEOUT = float(os.environ.get("PYVDUSE_VM_BOOT_TIMEOUT", "300"))
+#: At most this many test VMs run at once on this machine (each keeps its vCPUs busy under
+#: emulation; more than the cores can carry makes every guest's timeouts fire). A run that
+#: finds every slot taken waits for one.
+VM_SLOTS = max(int(os.environ.get("PYVDUSE_VM_SLOTS", "2")), 1)
 
 INIT_SCRIPT = r"""#!/bin/busybox sh
 # pyvduse test VM init: load the VDUSE modules, mount the host's / over virtiofs, run the
@@ -567,6 +571,32 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@contextmanager
+def _vm_slot(slots: int = VM_SLOTS, poll: float = 2.0) -> Iterator[None]:
+    """Hold one of ``slots`` machine-wide VM slots (flocks under RUN_BASE) for the block."""
+    RUN_BASE.mkdir(parents=True, exist_ok=True)
+    waiting = False
+    while True:
+        for i in range(slots):
+            f = open(RUN_BASE / f"slot-{i}.lock", "a")  # noqa: SIM115  # held past the loop
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.close()
+                continue
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+                f.close()
+            return
+        if not waiting:
+            _note(f"{slots} test VM(s) already run on this machine (PYVDUSE_VM_SLOTS); "
+                  "waiting for one to end")
+            waiting = True
+        time.sleep(poll)
+
+
 def _load_image(directory: Path) -> GuestImage | None:
     """A finished build (guest.json is written last, then the dir is renamed in)."""
     try:
@@ -1003,7 +1033,13 @@ def run(
         raise TestVMError("the test VM needs root (virtiofsd shares / and runs as root)")
     tools = ensure_tools()
     image = ensure_guest()
-    RUN_BASE.mkdir(parents=True, exist_ok=True)
+    with _vm_slot():
+        return _run_in_slot(script, tools, image, mem=mem, smp=smp, timeout=timeout,
+                            console=console)
+
+
+def _run_in_slot(script: str, tools: HostTools, image: GuestImage, *, mem: str, smp: int,
+                 timeout: float, console: TextIO | None) -> RunResult:
     _prune_stale_rundirs()
     rundir = Path(tempfile.mkdtemp(prefix="r", dir=RUN_BASE))
     deadline = time.monotonic() + timeout

@@ -540,3 +540,36 @@ def test_vm_boots_with_vduse_and_reports_exit_status() -> None:
     assert r.exit_code == 3, (r.output, r.kernel_log[-3000:])
     assert "hello-from-guest" in r.output
     assert r.kernel_log
+
+
+# --------------------------------------------------------------------------- VM slots
+
+
+def test_vm_slots_bound_the_vms_running_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    import time
+
+    monkeypatch.setattr(testvm, "RUN_BASE", tmp_path)
+    notes: list[str] = []
+    monkeypatch.setattr(testvm, "_note", notes.append)
+    inside = 0
+    most = 0
+    lock = threading.Lock()
+
+    def one_vm() -> None:
+        nonlocal inside, most
+        with testvm._vm_slot(slots=2, poll=0.01):
+            with lock:
+                inside += 1
+                most = max(most, inside)
+            time.sleep(0.05)
+            with lock:
+                inside -= 1
+
+    threads = [threading.Thread(target=one_vm) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most == 2
+    assert notes and "waiting" in notes[0]
