@@ -29,7 +29,7 @@ from pyvduse.runtime.server import DeviceServer
 from pyvduse.runtime.state_file import DEFAULT_STATE_DIR, IdentityMismatch, StateFile
 from pyvduse.runtime.tuning import HOLD_MAX_US, MAX_US, PUBLISH_AFTER_US, QueueTuning
 from pyvduse.sizes import parse_size
-from pyvduse.transport.kernel import sysfs
+from pyvduse.transport.kernel import sysfs, vdpa_bind
 from pyvduse.transport.kernel.control import missing_module_hint
 from pyvduse.transport.kernel.device_fd import device_in_use
 from pyvduse.transport.kernel.irq_affinity import FOLLOW, IrqPlacement, parse_cpu_list
@@ -62,6 +62,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="kernel bounce buffer size, 1M to 1G (sysfs bounce_size)")
     p.add_argument("--packed", action="store_true",
                    help="offer the packed virtqueue layout (VIRTIO_F_RING_PACKED)")
+    p.add_argument("--bind", choices=sorted(vdpa_bind.DRIVERS), default="virtio",
+                   help="the vdpa driver the device is given to: 'virtio' (virtio_vdpa: a "
+                   "block device /dev/vdX on this host; the default) or 'vhost' "
+                   "(vhost_vdpa: /dev/vhost-vdpa-N, for a VM)")
     p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR",
                    help="where the crash-recovery state lives (default /run/pyvduse)")
     p.add_argument("--reconnect", action="store_true",
@@ -182,13 +186,23 @@ def make_backend(args: argparse.Namespace) -> Backend:
     return MemoryBackend(size) if args.memory is not None else NullBackend(size)
 
 
-def preflight() -> None:
+def preflight(driver: str = "virtio_vdpa") -> None:
     """Fail early, with what to do, when the kernel side is missing."""
     if not sysfs.CONTROL.exists():
         raise UserError(missing_module_hint())
-    if not sysfs.vdpa_drivers():
-        raise UserError("no vdpa bus driver is loaded: run 'modprobe virtio_vdpa' for a "
-                        "host block device (or 'modprobe vhost_vdpa' to give it to a VM)")
+    if driver not in sysfs.vdpa_drivers():
+        bind = next(k for k, v in vdpa_bind.DRIVERS.items() if v == driver)
+        raise UserError(f"the {driver} module is not loaded: run 'modprobe {driver}' "
+                        f"(--bind {bind} gives the device to {vdpa_bind.MODULE_HINT[driver]})")
+
+
+def check_binding(name: str, driver: str) -> None:
+    """A device being resumed stays with the driver it has: it must be the one asked for."""
+    other = sysfs.bound_driver(name)
+    if other is not None and other != driver:
+        bind = next((k for k, v in vdpa_bind.DRIVERS.items() if v == other), other)
+        raise UserError(f"device '{name}' is attached to {other}: resume it with --bind "
+                        f"{bind}, or remove it with 'pyvduse destroy {name}'")
 
 
 def wait_for_node(name: str, stop: threading.Event, timeout: float = NODE_WAIT_SECONDS) -> str:
@@ -204,8 +218,9 @@ def wait_for_node(name: str, stop: threading.Event, timeout: float = NODE_WAIT_S
             if Path(node).exists():
                 return node
         time.sleep(0.05)
+    what = "vhost_vdpa" if sysfs.bound_driver(name) == "vhost_vdpa" else "virtio_blk"
     raise UserError(f"no device node appeared for '{name}' within {timeout:.0f} s: check "
-                    "'dmesg' for virtio_blk errors")
+                    f"'dmesg' for {what} errors")
 
 
 def build_device(args: argparse.Namespace, backend: Backend) -> BlkDevice:
@@ -244,20 +259,23 @@ def run(args: argparse.Namespace) -> int:
         why_not = native.why_not(device, args.packed)
         if data_path is DataPath.NATIVE and why_not is not None:
             raise UserError(f"--data-path native: {why_not}; or use --data-path python")
-        preflight()
+        driver = vdpa_bind.DRIVERS[args.bind]
+        preflight(driver)
         reconnect = args.name in sysfs.vduse_devices()
         if reconnect and device_in_use(str(sysfs.device_node(args.name))):
             raise UserError(f"a VDUSE device named '{args.name}' already exists and a running "
                             "daemon serves it: choose another --name")
         if args.reconnect and not reconnect:
             raise UserError(f"there is no device '{args.name}' to reconnect to")
+        if reconnect:
+            check_binding(args.name, driver)
         state = open_state(args.name, args.state_dir, device, reconnect)
         if data_path is DataPath.AUTO and why_not is not None:
             log.info("queues served by the Python engine: %s", why_not)
         return serve(args.name, device, msg_timeout=args.msg_timeout, bounce_size=bounce,
                      state=state, reconnect=reconnect, ops=ops, tuning=tuning,
                      irq_placement=irq_placement,
-                     user_bounce=args.bounce_memory == "daemon")
+                     user_bounce=args.bounce_memory == "daemon", driver=driver)
     finally:
         backend.close()
 
@@ -309,7 +327,7 @@ def serve(name: str, device: BlkDevice, *, msg_timeout: int | None = None,
           bounce_size: int | None = None, state: StateFile | None = None,
           reconnect: bool = False, ops: OpsOptions | None = None,
           tuning: QueueTuning | None = None, irq_placement: IrqPlacement | None = None,
-          user_bounce: bool = False) -> int:
+          user_bounce: bool = False, driver: str = "virtio_vdpa") -> int:
     """Create, attach, announce, serve until a signal, then tear everything down."""
     stop = threading.Event()
     broken: list[str] = []
@@ -323,7 +341,7 @@ def serve(name: str, device: BlkDevice, *, msg_timeout: int | None = None,
     server = DeviceServer(device, state, tuning)
     transport = KernelTransport(name, device.spec(), server, msg_timeout=msg_timeout,
                                 bounce_size=bounce_size, irq_placement=irq_placement,
-                                user_bounce=user_bounce)
+                                user_bounce=user_bounce, driver=driver)
     transport.on_broken = on_broken
     server.bind(transport)
     operations = Operations(name, server, transport, ops, on_quit=stop.set,

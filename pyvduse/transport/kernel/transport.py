@@ -24,7 +24,7 @@ from pyvduse.device.base import DeviceSpec
 from pyvduse.errors import UserError
 from pyvduse.ring.memory import GuestMemory
 from pyvduse.transport.base import DeviceEvents, QueueSetup, Transport
-from pyvduse.transport.kernel import sysfs
+from pyvduse.transport.kernel import sysfs, vdpa_bind
 from pyvduse.transport.kernel.control import Control
 from pyvduse.transport.kernel.device_fd import DeviceFd
 from pyvduse.transport.kernel.iotlb import IotlbMapper
@@ -56,8 +56,10 @@ class KernelTransport(Transport):
         bounce_size: int | None = None,
         irq_placement: IrqPlacement | None = None,
         user_bounce: bool = False,
+        driver: str = "virtio_vdpa",
     ) -> None:
         self.name = name
+        self.driver = driver  # the vdpa bus driver attach() gives the device to
         self.user_bounce = user_bounce  # --bounce-memory daemon: see iotlb
         self.spec = spec
         self.events = events
@@ -214,20 +216,33 @@ class KernelTransport(Transport):
         self.close()
 
     def attach(self) -> None:
-        """Put the device on the vdpa bus; returns once the bound driver has probed it."""
+        """Put the device on the vdpa bus and give it to ``driver`` (see ``vdpa_bind``);
+        returns once that driver has probed it."""
         # Imported here: pyroute2 is slow to import and a reconnecting daemon never needs it.
         from pyvduse.transport.kernel.vdpa_netlink import VdpaError, VdpaNetlink
 
         try:
-            with VdpaNetlink() as nl:
-                nl.dev_add(self.name)
+            with vdpa_bind.autoprobe_off() as manual:
+                with VdpaNetlink() as nl:
+                    nl.dev_add(self.name)
+                self._attached = True
+                if manual:
+                    vdpa_bind.reserve(self.name, self.driver)
+            if manual:
+                vdpa_bind.bind(self.name, self.driver)
         except VdpaError as e:
             if e.errno == errno.ENOENT:
                 raise UserError(str(e)) from None
             if e.errno == errno.EPERM:
                 raise UserError("attaching a vdpa device needs CAP_NET_ADMIN: run as root") from None
             raise
-        self._attached = True
+        except vdpa_bind.BindError as e:
+            raise UserError(f"{e.strerror}; see 'dmesg'") from None
+        other = vdpa_bind.wrong_driver(self.name, self.driver)
+        if other is not None:  # a kernel without drivers_autoprobe: the first driver won
+            raise UserError(f"device '{self.name}' was taken by {other}, not {self.driver}: "
+                            f"unload {other} ('modprobe -r {other}') or use --bind "
+                            f"{'vhost' if other == 'vhost_vdpa' else 'virtio'}")
         if self.broken:
             raise UserError(f"the kernel marked device '{self.name}' broken: {self.broken}")
 
