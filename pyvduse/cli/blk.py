@@ -249,6 +249,9 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{option} {value} must be 0 to {MAX_US}")
     if not 1 <= args.io_threads <= 1024:
         raise UserError(f"--io-threads {args.io_threads} must be 1 to 1024")
+    if args.bind == "vhost" and args.bounce_memory == "daemon":
+        raise UserError("--bounce-memory daemon is for virtio_vdpa's bounce buffer; with "
+                        "--bind vhost the device uses the VM's own memory: leave it out")
     tuning = QueueTuning(data_path=data_path, poll_us=args.poll_us, publish_us=args.publish_us,
                          workers_on_irq_cpus=args.worker_cpus == "irq", aio=Aio(args.aio),
                          io_threads=args.io_threads)
@@ -336,6 +339,7 @@ def serve(name: str, device: BlkDevice, *, msg_timeout: int | None = None,
         broken.append(why)
         stop.set()
 
+    leave = False  # exit with the device still attached (a VM holds it)
     signals = StopSignals(stop).install()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # where is it stuck? kill -USR1
     server = DeviceServer(device, state, tuning)
@@ -364,10 +368,11 @@ def serve(name: str, device: BlkDevice, *, msg_timeout: int | None = None,
             pass
         if not broken:
             log.info("%s, shutting down", signals.describe())
+            leave = driver == "vhost_vdpa" and wait_for_release(node, signals.hurry)
         operations.shutdown(drain_requests=not broken, abort=signals.hurry)
     finally:
         try:
-            transport.close()
+            transport.close(leave=leave)
         finally:
             operations.close()
         signals.restore()
@@ -376,4 +381,25 @@ def serve(name: str, device: BlkDevice, *, msg_timeout: int | None = None,
             state.remove() if name not in sysfs.vduse_devices() else state.close()
     if broken:
         raise UserError(f"device '{name}' broke: {broken[0]}; it was removed, start again")
+    if leave:
+        log.warning("left %s attached: the same command serves it again, 'pyvduse destroy "
+                    "%s' removes it once the VM has closed it", name, name)
     return 0
+
+
+def wait_for_release(node: str, hurry: threading.Event) -> bool:
+    """Detaching a vhost-vdpa device waits, in the kernel and beyond any signal, until the
+    process that opened its node (a VM) closes it. So while one has it open, keep serving
+    and wait for it; True: a second stop signal came first, leave the device attached."""
+    holders = sysfs.node_holders(node)
+    if not holders:
+        return False
+    log.warning("%s is open by process %s (a VM?): serving it until it closes it, then "
+                "detaching; stop again to exit and leave the device attached", node,
+                ",".join(map(str, holders)))
+    while holders:
+        if hurry.wait(0.5):
+            return True
+        holders = sysfs.node_holders(node)
+    log.info("%s was closed: detaching", node)
+    return False

@@ -144,3 +144,8 @@ def test_pyroute2_package_still_whole_when_asked() -> None:
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout.strip() == "ok IPRoute", p.stderr
+
+
+def test_daemon_bounce_memory_is_not_for_vhost() -> None:
+    one_line_error(pyvduse("blk", "--name", "x", "--null", "1M", "--bind", "vhost",
+                           "--bounce-memory", "daemon"), "--bind vhost", "leave it out")

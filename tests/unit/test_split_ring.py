@@ -226,3 +226,30 @@ def test_queue_size_must_be_power_of_two() -> None:
     arena = Arena(1 << 16)
     with pytest.raises(RingError):
         SplitQueue(arena.memory, 6, 0, 0x1000, 0x2000, ALL)
+
+
+def test_queues_faulting_in_the_same_region_at_once_map_it_once() -> None:
+    """Two queue workers missing one region together: it is mapped once, both get it (it
+    used to raise 'overlapping region' in the second and stop its queue)."""
+    import threading
+    import time
+
+    from pyvduse.ring.memory import Region, RegionMap
+
+    calls: list[int] = []
+    buf = bytearray(4096)
+
+    def slow_fault_in(iova: int) -> Region:
+        calls.append(iova)
+        time.sleep(0.05)  # both threads are inside before either adds
+        return Region(0x1000, 0x1FFF, memoryview(buf))
+
+    m = RegionMap(slow_fault_in)
+    got: list[object] = []
+    ts = [threading.Thread(target=lambda: got.append(m.find(0x1800))) for _ in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert len(calls) == 1 and len(got) == 4 and all(r is got[0] for r in got)
+    assert len(m.regions) == 1

@@ -255,8 +255,11 @@ class KernelTransport(Transport):
             nl.dev_del(self.name)
         self._attached = False
 
-    def close(self) -> None:
-        """Detach if attached, stop the control thread, close and destroy the device."""
+    def close(self, *, leave: bool = False) -> None:
+        """Detach if attached, stop the control thread, close and destroy the device; with
+        ``leave``, keep it attached for a later daemon (as a crash would)."""
+        if leave:
+            self._attached = self._created = False
         try:
             self.detach()
         except OSError as e:
@@ -340,14 +343,16 @@ class KernelTransport(Transport):
                 dev.write_response(v.pack_response(req.request_id, ok, avail_index=state[0],
                                                    vq_index=req.vq_index))
         elif req.type == v.MsgType.UPDATE_IOTLB:
-            log.debug("UPDATE_IOTLB [0x%x, 0x%x]", req.iova_start, req.iova_last)
             assert self._iotlb is not None
-            remap = getattr(self.events, "remap", None)
             iotlb = self._iotlb
-            if remap is not None:
-                remap(lambda: iotlb.invalidate(req.iova_start, req.iova_last))
-            else:
-                iotlb.invalidate(req.iova_start, req.iova_last)
+            stale = iotlb.stale(req.iova_start, req.iova_last)  # the rest did not change
+            log.debug("UPDATE_IOTLB [0x%x, 0x%x]: %d region(s) to drop", req.iova_start,
+                      req.iova_last, len(stale))
+            remap = getattr(self.events, "remap", None)
+            if stale and remap is not None:
+                remap(lambda: iotlb.drop(stale), req.iova_start, req.iova_last, going=stale)
+            elif stale:
+                iotlb.drop(stale)
             dev.write_response(v.pack_response(req.request_id, ok))
         else:
             log.warning("unknown control message type %d", req.type)
