@@ -9,7 +9,8 @@ resets and the unmapping of memory that requests in flight use. Whatever the ord
 - a request completed after the reset that dropped it publishes nothing and writes nothing
   the driver can see (its mapping was fenced when the reset was answered);
 - a request whose memory was unmapped while it ran completes as failed, and nothing it
-  writes after the unmap reaches that memory.
+  writes after the unmap reaches that memory: not even its failure, so its used length is 0
+  (a driver reading a status byte the device says it wrote would read a stale one).
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ from pyvduse.device.base import REQUIRED_FEATURES, DeviceSpec, VirtioDevice
 from pyvduse.device.request import Request
 from pyvduse.fastpath.engine import DataPath
 from pyvduse.model.virtio_driver import DriverQueue, VirtioDriver
+from pyvduse.ring.chain import Chain
 from pyvduse.runtime.tuning import QueueTuning
 from pyvduse.transport.model.iova import IovaSpace
 from pyvduse.transport.model.rig import ModelRig
 
 NUM = 16
+FAILED = 0xEE  # what a failed request writes last
 COHERENT = 1 << 16  # the unmappable region where some requests keep their buffers
 
 
@@ -70,6 +73,14 @@ class Holding(VirtioDevice):
 
     def submit(self, request: Request) -> None:
         self.held.append(request)
+
+    def write_failure(self, chain: Chain) -> int:
+        """As virtio-blk does: a failure byte at the end of the last writable buffer."""
+        if chain.writable and len(chain.writable[-1]):
+            last = chain.writable[-1]
+            last[len(last) - 1] = FAILED
+            return 1
+        return 0
 
     @staticmethod
     def serve(request: Request) -> int:
@@ -224,9 +235,10 @@ def finish(w: World) -> None:
         c = w.queue.wait(s.ticket, 5)
         data = c.data  # as the driver read it when it collected the completion
         if s.fate == "poisoned":
+            # its failure byte went to fenced pages: the used length must not count it
             assert c.length == 0, "a request whose memory was unmapped did not fail"
         elif s.fate == "failed":
-            assert c.length == 0
+            assert c.length == 1 and data[-1] == FAILED
         else:
             assert c.length == sum(n for _, n in s.writable)
             assert data == pattern(s.tag, len(data))

@@ -20,6 +20,7 @@ when the mapping must be fenced (the kernel then copies the pages back to its ow
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import mmap
@@ -158,7 +159,8 @@ class IotlbMapper:
     def invalidate(self, start: int = 0, last: int = MAX_IOVA) -> None:
         for r in self.regions.remove_overlapping(start, last):
             self._identity.pop(r.start, None)
-            r.mem.release()
+            with contextlib.suppress(BufferError):  # the native engine still holds views
+                r.mem.release()
             if isinstance(r.owner, mmap.mmap) and r.owner is not self._bounce:
                 self._zombies.append(r.owner)  # ours stays registered for the next driver
         self._reap()
