@@ -8,7 +8,6 @@ The request numbers below were printed by a C program built against linux-libc-d
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pyvduse.abi import vhost as h
+from tests.unit.c_header import c_values
 
 REQUESTS = {
     "VHOST_GET_FEATURES": 0x8008AF00,
@@ -170,27 +170,10 @@ C_OPTIONAL: dict[str, int] = {
 }
 
 
-def _c_values(tmp: Path) -> dict[str, int]:
-    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <sys/ioctl.h>",
-             "#include <linux/vhost.h>",
-             '#define P(x) printf("%s|%lld\\n", #x, (long long)(x));', "int main(void) {"]
-    lines += [f"P({e})" for e in C_EXPRS]
-    for name in C_OPTIONAL:
-        lines += [f"#ifdef {name}", f"P({name})", "#endif"]
-    lines += ["return 0;", "}"]
-    src = tmp / "vhost_check.c"
-    src.write_text("\n".join(lines) + "\n")
-    exe = tmp / "vhost_check"
-    cc = subprocess.run(["gcc", "-o", str(exe), str(src)], capture_output=True, text=True)
-    assert cc.returncode == 0, cc.stderr
-    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
-    return {k: int(val) for k, val in (line.split("|") for line in out.splitlines())}
-
-
 @pytest.mark.skipif(shutil.which("gcc") is None or not HEADER.exists(),
                     reason="needs gcc and linux/vhost.h")
 def test_against_c_header(tmp_path: Path) -> None:
-    got = _c_values(tmp_path)
+    got = c_values(tmp_path, "linux/vhost.h", list(C_EXPRS), list(C_OPTIONAL))
     expected = {**C_EXPRS, **{k: val for k, val in C_OPTIONAL.items() if k in got}}
     mismatches = {k: (got[k], val) for k, val in expected.items() if got[k] != val}
     assert not mismatches, f"C value vs Python value: {mismatches}"

@@ -23,6 +23,7 @@ from pyvduse.backend.file import FileBackend
 from pyvduse.device.blk import BlkDevice
 from pyvduse.fastpath import engine as native
 from pyvduse.fastpath.engine import DataPath
+from pyvduse.model.arena import CoherentArena
 from pyvduse.model.blk_driver import BlkDriver
 from pyvduse.model.split_driver import DriverSplitRing
 from pyvduse.model.virtio_driver import DriverQueue
@@ -166,29 +167,6 @@ def test_a_remap_keeps_the_engines_requests(tmp_path: Path, gate: tuple[int, int
         assert BlkDriver(rig.kernel).read(0, 512)
 
 
-class Carved:
-    """Request buffers from one coherent allocation (its own IOTLB region)."""
-
-    def __init__(self, rig: ModelRig, size: int = 1 << 16) -> None:
-        self.iova = rig.kernel.iova
-        self.base = self.iova.alloc_coherent(size)
-        self.next = self.base + 64
-
-    def alloc(self, size: int, align: int = 16) -> int:
-        a = -(-self.next // align) * align
-        self.next = a + size
-        return a
-
-    def free(self, iova: int) -> None:
-        pass
-
-    def write(self, iova: int, data: bytes) -> None:
-        self.iova.write(iova, data)
-
-    def read(self, iova: int, length: int) -> bytes:
-        return self.iova.read(iova, length)
-
-
 def test_an_unmap_under_hung_requests_fails_them_with_nothing_written(
         tmp_path: Path, gate: tuple[int, int]) -> None:
     """Requests whose buffers, status byte included, are in memory that is unmapped while
@@ -200,7 +178,7 @@ def test_an_unmap_under_hung_requests_fails_them_with_nothing_written(
         _, q = probe(rig)
         ring = q.ring
         assert isinstance(ring, DriverSplitRing)
-        carved = Carved(rig)
+        carved = CoherentArena(rig.kernel.iova)
         saved, ring.arena = ring.arena, carved  # type: ignore[assignment]
         try:
             c = q.wait(read(q, 8), 5)  # maps the region (Python) and tells the engine

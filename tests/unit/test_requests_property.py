@@ -35,10 +35,10 @@ from pyvduse.abi.virtio import (
 from pyvduse.device.base import REQUIRED_FEATURES, DeviceSpec, VirtioDevice
 from pyvduse.device.request import Request
 from pyvduse.fastpath.engine import DataPath
+from pyvduse.model.arena import CoherentArena
 from pyvduse.model.virtio_driver import DriverQueue, VirtioDriver
 from pyvduse.ring.chain import Chain
 from pyvduse.runtime.tuning import QueueTuning
-from pyvduse.transport.model.iova import IovaSpace
 from pyvduse.transport.model.rig import ModelRig
 
 NUM = 16
@@ -92,30 +92,6 @@ class Holding(VirtioDevice):
         return n
 
 
-class CoherentArena:
-    """Request buffers carved from one coherent allocation (its own IOTLB region)."""
-
-    def __init__(self, iova: IovaSpace) -> None:
-        self.iova = iova
-        self.base = iova.alloc_coherent(COHERENT)
-        self.next = self.base + 64  # a buffer at the base would be freed as the allocation
-
-    def alloc(self, size: int, align: int = 16) -> int:
-        a = -(-self.next // align) * align
-        assert a + size <= self.base + COHERENT
-        self.next = a + size
-        return a
-
-    def free(self, iova: int) -> None:
-        pass
-
-    def write(self, iova: int, data: bytes) -> None:
-        self.iova.write(iova, data)
-
-    def read(self, iova: int, length: int) -> bytes:
-        return self.iova.read(iova, length)
-
-
 @dataclass
 class Sent:
     ticket: int
@@ -144,7 +120,7 @@ class World:
         self.driver = VirtioDriver(self.rig.kernel)
         self.driver.probe()
         self.queue = self.driver.queues[0]
-        self.coherent = CoherentArena(self.rig.kernel.iova)
+        self.coherent = CoherentArena(self.rig.kernel.iova, COHERENT)
 
     def in_flight(self) -> int:
         """Requests the driver has not collected (each holds a ring slot until then)."""
@@ -222,7 +198,7 @@ class World:
         for s in self.sent:
             if s.coherent == base and s.generation == self.generation and s.fate == "pending":
                 s.fate = "poisoned"  # the device had not finished it
-        self.coherent = CoherentArena(self.rig.kernel.iova)
+        self.coherent = CoherentArena(self.rig.kernel.iova, COHERENT)
 
 
 def finish(w: World) -> None:
