@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 from pyvduse.abi import virtio_blk as vb
 from pyvduse.model.virtio_driver import DriverQueue, VdpaOps, VirtioDriver
@@ -33,7 +34,8 @@ class BlkDriver:
     """read/write/flush/discard/write_zeroes/get_id over a virtio-blk device: the model's,
     or a real one through vhost-vdpa."""
 
-    def __init__(self, kernel: VdpaOps, *, indirect: bool = True, **driver_args: int) -> None:
+    def __init__(self, kernel: VdpaOps, *, indirect: bool = True, **driver_args: Any) -> None:
+        """``driver_args`` go to ``VirtioDriver`` (features, queue size and count, ...)."""
         self.virtio = VirtioDriver(kernel, **driver_args)
         self.virtio.probe()
         self.indirect = indirect

@@ -159,12 +159,13 @@ class VhostVdpa:
 
     def set_vq_callback(self, index: int, cb: Callable[[], None] | None) -> None:
         """``cb`` runs on our interrupt thread each time the device signals queue
-        ``index``'s call eventfd."""
+        ``index``'s call eventfd. Set again after every reset: VDUSE forgets it there."""
         vq = self.vqs[index]
         with self._lock:
             vq.callback = cb
-            if cb is not None and vq.call_fd < 0:
-                vq.call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            if cb is not None:
+                if vq.call_fd < 0:
+                    vq.call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
                 fcntl.ioctl(self.fd, h.VHOST_SET_VRING_CALL, h.VRING_FILE.pack(index, vq.call_fd))
             self._start_irq_thread()
         os.eventfd_write(self._wake, 1)  # poll the new set
@@ -182,8 +183,9 @@ class VhostVdpa:
     def config_callback(self, cb: Callable[[], None] | None) -> None:
         with self._lock:
             self._config_callback = cb
-            if cb is not None and self._config_fd < 0:
-                self._config_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            if cb is not None:
+                if self._config_fd < 0:
+                    self._config_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
                 fcntl.ioctl(self.fd, h.VHOST_VDPA_SET_CONFIG_CALL, h.I32.pack(self._config_fd))
             self._start_irq_thread()
         os.eventfd_write(self._wake, 1)

@@ -119,8 +119,10 @@ class VirtioDriver:
 
     def __init__(self, kernel: VdpaOps, *, device_features: int = (1 << 28) - 1,
                  transport_features: int = DRIVER_TRANSPORT_FEATURES,
-                 queue_size: int | None = None, num_queues: int | None = None) -> None:
+                 queue_size: int | None = None, num_queues: int | None = None,
+                 late_enable: bool = False) -> None:
         self.kernel = kernel
+        self.late_enable = late_enable  # enable the queues after DRIVER_OK, as vhost allows
         self.wanted = device_features | transport_features
         self.queue_size = queue_size
         self.num_queues = num_queues
@@ -157,11 +159,15 @@ class VirtioDriver:
             q = DriverQueue(k, i, ring)
             k.set_vq_num(i, num)
             k.set_vq_callback(i, q.on_interrupt)
-            k.set_vq_ready(i, True)
+            if not self.late_enable:
+                k.set_vq_ready(i, True)
             self.queues.append(q)
         k.set_status(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK)
         if not k.get_status() & Status.DRIVER_OK:
             raise ProbeError("the device did not accept DRIVER_OK")
+        if self.late_enable:
+            for q in self.queues:
+                k.set_vq_ready(q.index, True)
 
     def _on_config(self) -> None:
         self.config_changes += 1

@@ -106,6 +106,15 @@ class DeviceServer:
                      "native data path" if n_native == len(self.workers) and n_native else
                      "Python data path" if not n_native else f"{n_native} native")
 
+    def queue_ready(self, q: QueueSetup) -> None:
+        """A queue the driver enabled after DRIVER_OK (the transport saw its first kick):
+        serve it from now on."""
+        with self._lock:
+            if not self.running.is_set() or q.index in self.workers:
+                return
+            self._setups[q.index] = q
+            self._start_worker(q, self._initial_position(q), "fresh")
+
     def reset(self) -> None:
         with self._lock:
             self._stop_workers(self.grace())

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,7 +40,7 @@ SECTOR = vb.SECTOR_SIZE
 
 @contextlib.contextmanager
 def driven(dev: str, rings_at: int = MiB, size: int = 8 * MiB,
-           **driver_args: int) -> Iterator[tuple[VhostVdpa, BlkDriver, Mapping]]:
+           **driver_args: Any) -> Iterator[tuple[VhostVdpa, BlkDriver, Mapping]]:
     """Our driver on ``dev``: one region of memory for the rings (and buffers, unless a
     test places them elsewhere), probed; closed at the end (before the daemon stops:
     detaching waits for whoever holds the node)."""
@@ -180,7 +181,8 @@ def test_many_small_regions_high_iovas(tmp_path: Path, batch: bool) -> None:
 def test_reset_and_fresh_negotiation(tmp_path: Path) -> None:
     """SET_STATUS 0, then a new negotiation with other features (split without event
     index, then packed) over the same memory map; the device's position is what the
-    driver set (VHOST_GET_VRING_BASE asks the daemon)."""
+    driver set (VHOST_GET_VRING_BASE asks the daemon); last, queues enabled only after
+    DRIVER_OK (VDUSE says nothing of it: the daemon notices the first kick)."""
     img = make_image(tmp_path / "reset.img", 8 * MiB)
     with Daemon("--file", str(img), "--bind", "vhost", "--packed", name="vh-reset") as d:
         v = VhostVdpa(d.dev)
@@ -191,6 +193,7 @@ def test_reset_and_fresh_negotiation(tmp_path: Path) -> None:
             assert not drv.virtio.features & bit(F_RING_PACKED)
             drv.write(0, b"\x11" * 4096)
             assert v.get_vq_state(0) == (1,)
+            assert drv.virtio.queues[0].interrupts
             drv.remove()  # status 0
             assert v.get_status() == 0
             drv = BlkDriver(v)  # every feature again: packed
@@ -199,8 +202,13 @@ def test_reset_and_fresh_negotiation(tmp_path: Path) -> None:
             assert drv.read(0, 4096) == b"\x11" * 4096
             drv.write(4096, b"\x22" * 4096)
             assert v.get_vq_state(0)[:2] == (1, 2)  # avail wrap counter, avail index
+            assert drv.virtio.queues[0].interrupts  # the call eventfd was bound again
             drv.remove()
             drv = BlkDriver(v, transport_features=split)
+            assert drv.read(0, 8192) == b"\x11" * 4096 + b"\x22" * 4096
+            drv.remove()
+            # queues enabled after DRIVER_OK, as QEMU's vhost-vdpa-device did up to 8.2
+            drv = BlkDriver(v, late_enable=True)
             assert drv.read(0, 8192) == b"\x11" * 4096 + b"\x22" * 4096
         finally:
             v.close()

@@ -79,6 +79,7 @@ class KernelTransport(Transport):
         self._dev: DeviceFd | None = None
         self._iotlb: IotlbMapper | None = None
         self._kick_fds: dict[int, int] = {}
+        self._late: dict[int, int] = {}  # kick fds of queues not ready at DRIVER_OK
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._thread: threading.Thread | None = None
 
@@ -295,13 +296,18 @@ class KernelTransport(Transport):
     def _control_loop(self) -> None:
         assert self._dev is not None
         dev = self._dev
-        poller = select.poll()
-        poller.register(dev.fd, select.POLLIN)
-        poller.register(self._stop_fd, select.POLLIN)
         while True:
+            poller = select.poll()  # afresh: the queues not enabled yet change
+            poller.register(dev.fd, select.POLLIN)
+            poller.register(self._stop_fd, select.POLLIN)
+            for fd in self._late.values():
+                poller.register(fd, select.POLLIN)
             events = dict(poller.poll())
             if self._stop_fd in events:
                 return
+            for index, fd in list(self._late.items()):
+                if fd in events:
+                    self._late_kick(dev, index, fd)
             ev = events.get(dev.fd, 0)
             if ev & select.POLLERR:
                 self._mark_broken("a control message timed out (see msg_timeout)")
@@ -403,14 +409,24 @@ class KernelTransport(Transport):
             kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             self._kick_fds[i] = kick
             dev.vq_setup_kickfd(i, kick)
-            p = info.packed
-            queues.append(QueueSetup(
-                index=i, num=info.num, desc_addr=info.desc_addr, driver_addr=info.driver_addr,
-                device_addr=info.device_addr, ready=info.ready, avail_index=info.avail_index,
-                packed_state=(p.last_avail_counter, p.last_avail_idx, p.last_used_counter,
-                              p.last_used_idx),
-            ))
+            queues.append(_setup(i, info))
         self.events.driver_ok(self.negotiated, queues, resume)
+        if getattr(self.events, "queue_ready", None) is not None:
+            self._late = {q.index: self._kick_fds[q.index] for q in queues if not q.ready}
+
+    def _late_kick(self, dev: DeviceFd, index: int, fd: int) -> None:
+        """A kick on a queue that was not ready at DRIVER_OK. vhost-vdpa lets a driver enable
+        queues after DRIVER_OK (QEMU's vhost-vdpa-device did, up to 8.2) and VDUSE tells us
+        nothing of it, but it drops kicks on queues that are not ready: so this one is ready
+        now. Its kick stays unread, for the worker that starts serving it."""
+        info = dev.vq_get_info(index)
+        if not info.ready:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(fd)  # from before it was disabled again: forget it
+            return
+        del self._late[index]
+        log.info("queue %d was enabled after DRIVER_OK", index)
+        self.events.queue_ready(_setup(index, info))  # type: ignore[attr-defined]
 
     def _forget_driver_state(self) -> None:
         """After reset: unmap every region, drop kick fds and negotiated features."""
@@ -420,6 +436,7 @@ class KernelTransport(Transport):
                     self._dev.vq_setup_kickfd(i, v.VDUSE_EVENTFD_DEASSIGN)
             os.close(fd)
         self._kick_fds.clear()
+        self._late.clear()
         if self._iotlb is not None:
             self._iotlb.invalidate()
         self.negotiated = 0
@@ -429,3 +446,13 @@ class KernelTransport(Transport):
         log.error("device %s is broken: %s", self.name, why)
         if self.on_broken is not None:
             self.on_broken(why)
+
+
+def _setup(index: int, info: v.VqInfo) -> QueueSetup:
+    """A queue as VDUSE_VQ_GET_INFO describes it."""
+    p = info.packed
+    return QueueSetup(
+        index=index, num=info.num, desc_addr=info.desc_addr, driver_addr=info.driver_addr,
+        device_addr=info.device_addr, ready=info.ready, avail_index=info.avail_index,
+        packed_state=(p.last_avail_counter, p.last_avail_idx, p.last_used_counter,
+                      p.last_used_idx))
