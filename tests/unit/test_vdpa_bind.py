@@ -108,3 +108,18 @@ def test_wait_for_release(monkeypatch: pytest.MonkeyPatch) -> None:
     holders[:] = [[7]] * 100
     hurry.set()
     assert blk.wait_for_release("/dev/vhost-vdpa-0", hurry)  # stopped again: leave it
+
+
+def test_preflight_and_resume_name_the_driver(monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
+    from pyvduse.errors import UserError
+
+    monkeypatch.setattr(sysfs, "CONTROL", tmp_path)  # "the vduse module is loaded"
+    monkeypatch.setattr(sysfs, "vdpa_drivers", lambda: ["virtio_vdpa"])
+    blk.preflight("virtio_vdpa")
+    with pytest.raises(UserError, match="modprobe vhost_vdpa.*--bind vhost"):
+        blk.preflight("vhost_vdpa")
+    monkeypatch.setattr(sysfs, "bound_driver", lambda name: "vhost_vdpa")
+    blk.check_binding("vm0", "vhost_vdpa")
+    with pytest.raises(UserError, match="attached to vhost_vdpa: resume it with --bind vhost"):
+        blk.check_binding("vm0", "virtio_vdpa")
