@@ -117,7 +117,7 @@ def test_preflight_and_resume_name_the_driver(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(sysfs, "CONTROL", tmp_path)  # "the vduse module is loaded"
     monkeypatch.setattr(sysfs, "vdpa_drivers", lambda: ["virtio_vdpa"])
     blk.preflight("virtio_vdpa")
-    with pytest.raises(UserError, match="modprobe vhost_vdpa.*--bind vhost"):
+    with pytest.raises(UserError, match=r"modprobe vhost_vdpa.*--bind vhost"):
         blk.preflight("vhost_vdpa")
     monkeypatch.setattr(sysfs, "bound_driver", lambda name: "vhost_vdpa")
     blk.check_binding("vm0", "vhost_vdpa")
