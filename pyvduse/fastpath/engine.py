@@ -82,7 +82,9 @@ def _backend_args(device: BlkDevice) -> dict[str, Any]:
     b = device.backend
     assert _splitblk is not None
     if isinstance(b, FileBackend):
-        return {"backend": _splitblk.BACKEND_FD, "fd": b.fd}
+        # --cache none: the O_DIRECT descriptor (the engine leaves requests it cannot do
+        # direct to Python, which has the buffered one)
+        return {"backend": _splitblk.BACKEND_FD, "fd": b.direct_fd if b.direct else b.fd}
     if isinstance(b, MemoryBackend):
         return {"backend": _splitblk.BACKEND_MEMORY, "memory": b.buffer}
     return {"backend": _splitblk.BACKEND_NULL}
