@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from pyvduse.abi.vduse import MAX_BOUNCE_SIZE, MIN_BOUNCE_SIZE
 from pyvduse.backend.base import Backend
 from pyvduse.backend.file import FileBackend
 from pyvduse.backend.memory import MemoryBackend
@@ -38,6 +39,8 @@ from pyvduse.transport.kernel.transport import KernelTransport
 log = logging.getLogger("pyvduse")
 
 NODE_WAIT_SECONDS = 30.0
+#: The longest --msg-timeout taken (a day): longer is a mistake, 0 waits forever.
+MAX_MSG_TIMEOUT = 86400
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -53,13 +56,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--queues", type=int, default=1, metavar="N", help="virtqueues (default 1)")
     p.add_argument("--queue-size", type=int, default=256, metavar="N",
                    help="descriptors per virtqueue, a power of two (default 256)")
-    p.add_argument("--block-size", type=int, default=512, choices=(512, 4096),
+    p.add_argument("--block-size", type=int, default=512, choices=(512, 1024, 2048, 4096),
                    help="logical block size (default 512)")
     p.add_argument("--serial", default="", help="serial number, up to 20 bytes")
-    p.add_argument("--msg-timeout", type=int, metavar="SECONDS",
-                   help="kernel's per-message timeout (sysfs msg_timeout)")
+    p.add_argument("--msg-timeout", metavar="SECONDS",
+                   help="how long the kernel waits for the daemon's answer to each control "
+                   f"message, whole seconds 0 to {MAX_MSG_TIMEOUT} (0: forever; sysfs "
+                   "msg_timeout, 30 unless set)")
     p.add_argument("--bounce-size", metavar="SIZE",
-                   help="kernel bounce buffer size, 1M to 1G (sysfs bounce_size)")
+                   help="kernel bounce buffer size, 1M to 1G (sysfs bounce_size; 64M unless "
+                   "set)")
     p.add_argument("--packed", action="store_true",
                    help="offer the packed virtqueue layout (VIRTIO_F_RING_PACKED)")
     p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR",
@@ -163,9 +169,11 @@ def make_backend(args: argparse.Namespace) -> Backend:
         try:
             return FileBackend(path, readonly=args.readonly, direct=args.cache == "none")
         except PermissionError:
-            mode = "reading" if args.readonly else "reading and writing"
-            raise UserError(f"no permission to open {path} for {mode}: fix its permissions "
-                            "or use --readonly") from None
+            if args.readonly:
+                raise UserError(f"no permission to read {path}: fix its permissions (or run "
+                                "as a user who may read it)") from None
+            raise UserError(f"no permission to open {path} for reading and writing: fix "
+                            "its permissions or use --readonly") from None
         except OSError as e:
             if e.errno == errno.EINVAL and args.cache == "none":
                 raise UserError(f"{path} cannot be opened for direct I/O (--cache none): its "
@@ -179,7 +187,14 @@ def make_backend(args: argparse.Namespace) -> Backend:
         raise UserError(str(e)) from None
     if size <= 0:
         raise UserError("the size must be larger than zero")
-    return MemoryBackend(size) if args.memory is not None else NullBackend(size)
+    if args.memory is None:
+        return NullBackend(size)
+    try:
+        return MemoryBackend(size)
+    except (OSError, OverflowError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else "too large"
+        raise UserError(f"cannot reserve {text} of memory for --memory ({why}): use a smaller "
+                        "size, or --file for a disk larger than this machine's memory") from None
 
 
 def preflight() -> None:
@@ -221,12 +236,8 @@ def build_device(args: argparse.Namespace, backend: Backend) -> BlkDevice:
 
 def run(args: argparse.Namespace) -> int:
     _check_name(args.name)
-    bounce = None
-    if args.bounce_size is not None:
-        try:
-            bounce = parse_size(args.bounce_size)
-        except ValueError as e:
-            raise UserError(str(e)) from None
+    bounce = parse_bounce_size(args.bounce_size)
+    msg_timeout = parse_msg_timeout(args.msg_timeout)
     ops = ops_options(args)
     data_path = DataPath(args.data_path)
     for option, value in (("--poll-us", args.poll_us), ("--publish-us", args.publish_us)):
@@ -254,12 +265,41 @@ def run(args: argparse.Namespace) -> int:
         state = open_state(args.name, args.state_dir, device, reconnect)
         if data_path is DataPath.AUTO and why_not is not None:
             log.info("queues served by the Python engine: %s", why_not)
-        return serve(args.name, device, msg_timeout=args.msg_timeout, bounce_size=bounce,
+        return serve(args.name, device, msg_timeout=msg_timeout, bounce_size=bounce,
                      state=state, reconnect=reconnect, ops=ops, tuning=tuning,
                      irq_placement=irq_placement,
                      user_bounce=args.bounce_memory == "daemon")
     finally:
         backend.close()
+
+
+def parse_bounce_size(text: str | None) -> int | None:
+    """--bounce-size in bytes (None: the kernel's default), within what the kernel takes."""
+    if text is None:
+        return None
+    try:
+        size = parse_size(text)
+    except ValueError as e:
+        raise UserError(f"--bounce-size: {e}") from None
+    if not MIN_BOUNCE_SIZE <= size <= MAX_BOUNCE_SIZE:
+        raise UserError(f"--bounce-size {text} must be 1M to 1G")
+    return size
+
+
+def parse_msg_timeout(text: str | None) -> int | None:
+    """--msg-timeout in whole seconds (None: the kernel's default of 30)."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"--msg-timeout {text} is not a number of seconds") from None
+    if not value.is_integer():
+        raise UserError(f"--msg-timeout {text}: the kernel counts whole seconds; use "
+                        f"{max(int(value) + 1, 1)}")
+    if not 0 <= value <= MAX_MSG_TIMEOUT:
+        raise UserError(f"--msg-timeout {text} must be 0 (forever) to {MAX_MSG_TIMEOUT}")
+    return int(value)
 
 
 def parse_irq_cpus(text: str) -> IrqPlacement:

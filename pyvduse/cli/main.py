@@ -9,6 +9,10 @@ import sys
 from pyvduse import __version__
 from pyvduse.errors import UserError
 
+#: What ``pyvduse --help`` says first (plain text: the docstring above is for readers of code).
+DESCRIPTION = ("Serve virtio devices from Python through VDUSE: 'pyvduse blk' makes a real "
+               "/dev/vdX whose every request this process serves.")
+
 # The subcommands each module defines. A command line that names one of them gets a parser
 # with only that one, so that starting a daemon neither imports the other commands' modules
 # nor builds their parsers: in the test VM every module and every argparse parser (its
@@ -20,7 +24,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The command line parser; given one of COMMAND_MODULES' commands, the parser of that
     command alone, which parses that command's arguments exactly as the full one does."""
     only = COMMAND_MODULES.get(command) if command is not None else None
-    parser = argparse.ArgumentParser(prog="pyvduse", description=__doc__)
+    parser = argparse.ArgumentParser(prog="pyvduse", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"pyvduse {__version__}")
     parser.add_argument("--log-level", default="warning",
                         choices=("debug", "info", "warning", "error"),

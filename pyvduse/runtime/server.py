@@ -116,9 +116,9 @@ class DeviceServer:
 
     def grace(self) -> float:
         """How long requests in flight may delay the answer to a reset or an unmap: half
-        the kernel's message timeout."""
+        the kernel's message timeout (which 0 makes endless: then the default grace)."""
         timeout = self.transport.reply_timeout() if self.transport is not None else None
-        return DEFAULT_GRACE_SECONDS if timeout is None else max(timeout / 2, 0.0)
+        return DEFAULT_GRACE_SECONDS if not timeout or timeout < 0 else timeout / 2
 
     def remap(self, invalidate: Callable[[], None], start: int = 0,
               last: int = (1 << 64) - 1) -> None:
