@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import argparse
 import errno
-import faulthandler
 import logging
 import os
-import signal
 import sys
-import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from pyvduse.abi.vduse import MAX_BOUNCE_SIZE, MIN_BOUNCE_SIZE
@@ -19,26 +14,20 @@ from pyvduse.backend.base import Backend
 from pyvduse.backend.file import FileBackend
 from pyvduse.backend.memory import MemoryBackend
 from pyvduse.backend.null import NullBackend
-from pyvduse.cli.stop_signals import StopSignals
+from pyvduse.daemon import Daemon, check_kernel, check_name
 from pyvduse.device.blk import BlkConfigError, BlkDevice, BlkOptions
 from pyvduse.errors import UserError
 from pyvduse.fastpath import engine as native
-from pyvduse.fastpath.engine import DataPath
-from pyvduse.ops.service import DEFAULT_DRAIN_TIMEOUT, Operations, OpsOptions
+from pyvduse.ops.service import DEFAULT_DRAIN_TIMEOUT, OpsOptions
 from pyvduse.runtime.executors import DEFAULT_IO_THREADS, Aio
-from pyvduse.runtime.server import DeviceServer
-from pyvduse.runtime.state_file import DEFAULT_STATE_DIR, IdentityMismatch, StateFile
-from pyvduse.runtime.tuning import HOLD_MAX_US, MAX_US, PUBLISH_AFTER_US, QueueTuning
+from pyvduse.runtime.state_file import DEFAULT_STATE_DIR
+from pyvduse.runtime.tuning import HOLD_MAX_US, MAX_US, PUBLISH_AFTER_US, DataPath, QueueTuning
 from pyvduse.sizes import parse_size
 from pyvduse.transport.kernel import sysfs
-from pyvduse.transport.kernel.control import missing_module_hint
-from pyvduse.transport.kernel.device_fd import device_in_use
 from pyvduse.transport.kernel.irq_affinity import FOLLOW, IrqPlacement, parse_cpu_list
-from pyvduse.transport.kernel.transport import KernelTransport
 
 log = logging.getLogger("pyvduse")
 
-NODE_WAIT_SECONDS = 30.0
 #: The longest --msg-timeout taken (a day): longer is a mistake, 0 waits forever.
 MAX_MSG_TIMEOUT = 86400
 
@@ -133,30 +122,12 @@ def add_ops_arguments(p: argparse.ArgumentParser) -> None:
                    f"flight before detaching (default {DEFAULT_DRAIN_TIMEOUT:g})")
 
 
-def keep_identity(state: StateFile | None, device: BlkDevice) -> Callable[[int], None] | None:
-    """After a live resize the state file must give the new size, or a restart after a crash
-    would refuse to resume the device."""
-    if state is None:
-        return None
-
-    def on_resize(size: int) -> None:
-        state.identity = device_identity(device)
-        state.write_identity()
-
-    return on_resize
-
-
 def ops_options(args: argparse.Namespace) -> OpsOptions:
     """The operations options, checked (one-line UserError) before any device exists."""
     ops = OpsOptions(control=args.control, metrics=args.metrics,
                      drain_timeout=args.drain_timeout)
     ops.validate()
     return ops
-
-
-def _check_name(name: str) -> None:
-    if not name or "/" in name or name in (".", "..", "control") or len(name.encode()) > 255:
-        raise UserError(f"'{name}' cannot be a device name: use 1 to 255 characters, no '/'")
 
 
 def make_backend(args: argparse.Namespace) -> Backend:
@@ -197,32 +168,6 @@ def make_backend(args: argparse.Namespace) -> Backend:
                         "size, or --file for a disk larger than this machine's memory") from None
 
 
-def preflight() -> None:
-    """Fail early, with what to do, when the kernel side is missing."""
-    if not sysfs.CONTROL.exists():
-        raise UserError(missing_module_hint())
-    if not sysfs.vdpa_drivers():
-        raise UserError("no vdpa bus driver is loaded: run 'modprobe virtio_vdpa' for a "
-                        "host block device (or 'modprobe vhost_vdpa' to give it to a VM)")
-
-
-def wait_for_node(name: str, stop: threading.Event, timeout: float = NODE_WAIT_SECONDS) -> str:
-    """The device node the bound vdpa driver created for ``name``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not stop.is_set():
-        driver = sysfs.bound_driver(name)
-        if driver == "vhost_vdpa":
-            nodes = [f"/dev/{n}" for n in sysfs.vhost_devices(name)]
-        else:
-            nodes = [f"/dev/{n}" for n in sysfs.block_devices(name)]
-        for node in nodes:
-            if Path(node).exists():
-                return node
-        time.sleep(0.05)
-    raise UserError(f"no device node appeared for '{name}' within {timeout:.0f} s: check "
-                    "'dmesg' for virtio_blk errors")
-
-
 def build_device(args: argparse.Namespace, backend: Backend) -> BlkDevice:
     options = BlkOptions(
         readonly=args.readonly, block_size=args.block_size, serial=args.serial,
@@ -235,7 +180,7 @@ def build_device(args: argparse.Namespace, backend: Backend) -> BlkDevice:
 
 
 def run(args: argparse.Namespace) -> int:
-    _check_name(args.name)
+    check_name(args.name)
     bounce = parse_bounce_size(args.bounce_size)
     msg_timeout = parse_msg_timeout(args.msg_timeout)
     ops = ops_options(args)
@@ -255,22 +200,30 @@ def run(args: argparse.Namespace) -> int:
         why_not = native.why_not(device, args.packed)
         if data_path is DataPath.NATIVE and why_not is not None:
             raise UserError(f"--data-path native: {why_not}; or use --data-path python")
-        preflight()
-        reconnect = args.name in sysfs.vduse_devices()
-        if reconnect and device_in_use(str(sysfs.device_node(args.name))):
-            raise UserError(f"a VDUSE device named '{args.name}' already exists and a running "
-                            "daemon serves it: choose another --name")
-        if args.reconnect and not reconnect:
-            raise UserError(f"there is no device '{args.name}' to reconnect to")
-        state = open_state(args.name, args.state_dir, device, reconnect)
+        check_kernel()
         if data_path is DataPath.AUTO and why_not is not None:
             log.info("queues served by the Python engine: %s", why_not)
-        return serve(args.name, device, msg_timeout=msg_timeout, bounce_size=bounce,
-                     state=state, reconnect=reconnect, ops=ops, tuning=tuning,
-                     irq_placement=irq_placement,
-                     user_bounce=args.bounce_memory == "daemon")
+        daemon = Daemon(device, args.name, state_dir=args.state_dir,
+                        resume=True if args.reconnect else None, tuning=tuning, ops=ops,
+                        msg_timeout=msg_timeout, bounce_size=bounce,
+                        irq_placement=irq_placement, user_bounce=args.bounce_memory == "daemon")
+        return serve(daemon)
     finally:
         backend.close()
+
+
+def serve(daemon: Daemon) -> int:
+    """Run ``daemon`` as the command does: READY on stdout once the node exists, until
+    SIGINT or SIGTERM (or ``ctl NAME quit``)."""
+    daemon.on_ready = announce
+    daemon.run(signals=True)
+    return 0
+
+
+def announce(daemon: Daemon) -> None:
+    """The one line scripts wait for (flushed: they read it through a pipe)."""
+    sys.stdout.write(f"READY name={daemon.name} dev={daemon.node}\n")
+    sys.stdout.flush()
 
 
 def parse_bounce_size(text: str | None) -> int | None:
@@ -307,95 +260,3 @@ def parse_irq_cpus(text: str) -> IrqPlacement:
         return IrqPlacement.parse(text, parse_cpu_list(sysfs.online_cpus_text()))
     except ValueError as e:
         raise UserError(f"--irq-cpus {text}: {e}") from None
-
-
-def device_identity(device: BlkDevice) -> dict[str, object]:
-    """What must not change across a restart for the in-flight log to apply."""
-    spec = device.spec()
-    return {"backend": device.backend.description, "size": device.backend.size,
-            "features": spec.features, "queues": spec.num_queues,
-            "queue_size": spec.queue_size, "block_size": device.options.block_size}
-
-
-def open_state(name: str, state_dir: Path, device: BlkDevice, reconnect: bool) -> StateFile:
-    """The device's state file: new for a new device, checked for a reconnect."""
-    identity = device_identity(device)
-    path = state_dir / name / "state"
-    if reconnect and not path.exists():
-        raise UserError(
-            f"a VDUSE device named '{name}' already exists but has no pyvduse state in "
-            f"{path.parent}: choose another --name, or remove the old one with "
-            f"'pyvduse destroy {name}'")
-    try:
-        state = StateFile.for_device(name, state_dir, identity, device.spec().num_queues,
-                                     device.spec().queue_size)
-    except OSError as e:
-        raise UserError(f"cannot use state directory {state_dir}: {e.strerror}; choose "
-                        "another with --state-dir") from None
-    if reconnect:
-        try:
-            state.check_identity()
-        except IdentityMismatch as e:
-            state.close()
-            raise UserError(
-                f"refusing to resume '{name}': its configuration differs ({e}); start it with "
-                f"the options it was created with, or 'pyvduse destroy {name}'") from None
-    else:
-        state.write_identity()
-    return state
-
-
-def serve(name: str, device: BlkDevice, *, msg_timeout: int | None = None,
-          bounce_size: int | None = None, state: StateFile | None = None,
-          reconnect: bool = False, ops: OpsOptions | None = None,
-          tuning: QueueTuning | None = None, irq_placement: IrqPlacement | None = None,
-          user_bounce: bool = False) -> int:
-    """Create, attach, announce, serve until a signal, then tear everything down."""
-    stop = threading.Event()
-    broken: list[str] = []
-
-    def on_broken(why: str) -> None:
-        broken.append(why)
-        stop.set()
-
-    signals = StopSignals(stop).install()
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # where is it stuck? kill -USR1
-    server = DeviceServer(device, state, tuning)
-    transport = KernelTransport(name, device.spec(), server, msg_timeout=msg_timeout,
-                                bounce_size=bounce_size, irq_placement=irq_placement,
-                                user_bounce=user_bounce)
-    transport.on_broken = on_broken
-    server.bind(transport)
-    operations = Operations(name, server, transport, ops, on_quit=stop.set,
-                            on_resize=keep_identity(state, device))
-    try:
-        if reconnect:
-            transport.reconnect()
-            log.info("resumed %s after its previous daemon stopped", name)
-        else:
-            transport.create()
-            transport.attach()
-        operations.start()
-        node = wait_for_node(name, stop)
-        if not stop.is_set():
-            sys.stdout.write(f"READY name={name} dev={node}\n")
-            sys.stdout.flush()
-            log.info("serving %s on %s", device.backend.description, node)
-            operations.ready(node)
-        while not stop.wait(1.0):
-            pass
-        if not broken:
-            log.info("%s, shutting down", signals.describe())
-        operations.shutdown(drain_requests=not broken, abort=signals.hurry)
-    finally:
-        try:
-            transport.close()
-        finally:
-            operations.close()
-        signals.restore()
-        faulthandler.unregister(signal.SIGUSR1)
-        if state is not None:  # nothing to recover once the device is gone
-            state.remove() if name not in sysfs.vduse_devices() else state.close()
-    if broken:
-        raise UserError(f"device '{name}' broke: {broken[0]}; it was removed, start again")
-    return 0

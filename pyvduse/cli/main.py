@@ -7,7 +7,7 @@ import logging
 import sys
 
 from pyvduse import __version__
-from pyvduse.errors import UserError
+from pyvduse.errors import PyvduseError, UserError
 
 #: What ``pyvduse --help`` says first (plain text: the docstring above is for readers of code).
 DESCRIPTION = ("Serve virtio devices from Python through VDUSE: 'pyvduse blk' makes a real "
@@ -103,9 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug output is per message
     try:
         return int(args.func(args))
-    except UserError as e:
-        print(f"pyvduse: error: {e}", file=sys.stderr)
-        return e.exit_code
+    except PyvduseError as e:
+        from pyvduse.cli.messages import terminal_message
+
+        print(f"pyvduse: error: {terminal_message(e)}", file=sys.stderr)
+        return e.exit_code if isinstance(e, UserError) else UserError.exit_code
     except KeyboardInterrupt:
         return 130
 

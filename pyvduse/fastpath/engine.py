@@ -9,7 +9,6 @@ Python worker. Choosing is the runtime's job (``DataPath``); this module only an
 
 from __future__ import annotations
 
-import enum
 import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -42,14 +41,6 @@ RUN_DEFER: int = _splitblk.RUN_DEFER if _splitblk is not None else 1
 # Engine(aio=...): requests served inline one at a time, or on io_uring, many in flight
 AIO_SYNC: int = _splitblk.AIO_SYNC if _splitblk is not None else 0
 AIO_URING: int = _splitblk.AIO_URING if _splitblk is not None else 1
-
-
-class DataPath(enum.Enum):
-    """Which engine serves the queues: the user's ``--data-path``."""
-
-    AUTO = "auto"  # native where it can, Python elsewhere
-    NATIVE = "native"  # native or refuse to start
-    PYTHON = "python"  # the reference engine only
 
 
 def available() -> bool:

@@ -27,7 +27,6 @@ from pyvduse.device.base import VirtioDevice
 from pyvduse.device.blk import BlkDevice
 from pyvduse.device.request import Request
 from pyvduse.fastpath import engine as native
-from pyvduse.fastpath.engine import DataPath
 from pyvduse.ring.chain import Chain
 from pyvduse.ring.errors import RingError
 from pyvduse.ring.inflight import LoggedQueue
@@ -40,7 +39,7 @@ from pyvduse.runtime import fence
 from pyvduse.runtime.executors import Aio, Executors
 from pyvduse.runtime.native_worker import NativeQueueWorker
 from pyvduse.runtime.state_file import StateFile
-from pyvduse.runtime.tuning import DEFAULT_TUNING, QueueTuning
+from pyvduse.runtime.tuning import DEFAULT_TUNING, DataPath, QueueTuning
 from pyvduse.runtime.worker import DEFAULT_GRACE_SECONDS, QueueWorker
 from pyvduse.transport.base import QueueSetup, Transport
 

@@ -14,8 +14,8 @@ from pyvduse.backend.memory import MemoryBackend
 from pyvduse.device.blk import BlkDevice, BlkOptions
 from pyvduse.model.blk_driver import BlkDriver, BlkIOError
 from pyvduse.model.virtio_driver import DRIVER_TRANSPORT_FEATURES, ProbeError
+from pyvduse.testing.rig import ModelRig
 from pyvduse.transport.model.kernel import SET_STATUS, ModelError, ModelKernel
-from pyvduse.transport.model.rig import ModelRig
 
 MiB = 1 << 20
 
