@@ -4,40 +4,33 @@ from __future__ import annotations
 
 import argparse
 import errno
-import faulthandler
 import logging
 import os
-import signal
 import sys
-import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
+from pyvduse.abi.vduse import MAX_BOUNCE_SIZE, MIN_BOUNCE_SIZE
 from pyvduse.backend.base import Backend
 from pyvduse.backend.file import FileBackend
 from pyvduse.backend.memory import MemoryBackend
 from pyvduse.backend.null import NullBackend
-from pyvduse.cli.stop_signals import StopSignals
+from pyvduse.daemon import Daemon, check_bind, check_kernel, check_name
 from pyvduse.device.blk import BlkConfigError, BlkDevice, BlkOptions
 from pyvduse.errors import UserError
 from pyvduse.fastpath import engine as native
-from pyvduse.fastpath.engine import DataPath
-from pyvduse.ops.service import DEFAULT_DRAIN_TIMEOUT, Operations, OpsOptions
+from pyvduse.ops.service import DEFAULT_DRAIN_TIMEOUT, OpsOptions
 from pyvduse.runtime.executors import DEFAULT_IO_THREADS, Aio
-from pyvduse.runtime.server import DeviceServer
-from pyvduse.runtime.state_file import DEFAULT_STATE_DIR, IdentityMismatch, StateFile
-from pyvduse.runtime.tuning import HOLD_MAX_US, MAX_US, PUBLISH_AFTER_US, QueueTuning
+from pyvduse.runtime.state_file import DEFAULT_STATE_DIR
+from pyvduse.runtime.tuning import HOLD_MAX_US, MAX_US, PUBLISH_AFTER_US, DataPath, QueueTuning
 from pyvduse.sizes import parse_size
-from pyvduse.transport.kernel import sysfs, vdpa_bind
-from pyvduse.transport.kernel.control import missing_module_hint
-from pyvduse.transport.kernel.device_fd import device_in_use
+from pyvduse.transport.kernel import sysfs
 from pyvduse.transport.kernel.irq_affinity import FOLLOW, IrqPlacement, parse_cpu_list
-from pyvduse.transport.kernel.transport import KernelTransport
+from pyvduse.transport.kernel.vdpa_bind import DRIVERS as BIND_DRIVERS
 
 log = logging.getLogger("pyvduse")
 
-NODE_WAIT_SECONDS = 30.0
+#: The longest --msg-timeout taken (a day): longer is a mistake, 0 waits forever.
+MAX_MSG_TIMEOUT = 86400
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -53,16 +46,19 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--queues", type=int, default=1, metavar="N", help="virtqueues (default 1)")
     p.add_argument("--queue-size", type=int, default=256, metavar="N",
                    help="descriptors per virtqueue, a power of two (default 256)")
-    p.add_argument("--block-size", type=int, default=512, choices=(512, 4096),
+    p.add_argument("--block-size", type=int, default=512, choices=(512, 1024, 2048, 4096),
                    help="logical block size (default 512)")
     p.add_argument("--serial", default="", help="serial number, up to 20 bytes")
-    p.add_argument("--msg-timeout", type=int, metavar="SECONDS",
-                   help="kernel's per-message timeout (sysfs msg_timeout)")
+    p.add_argument("--msg-timeout", metavar="SECONDS",
+                   help="how long the kernel waits for the daemon's answer to each control "
+                   f"message, whole seconds 0 to {MAX_MSG_TIMEOUT} (0: forever; sysfs "
+                   "msg_timeout, 30 unless set)")
     p.add_argument("--bounce-size", metavar="SIZE",
-                   help="kernel bounce buffer size, 1M to 1G (sysfs bounce_size)")
+                   help="kernel bounce buffer size, 1M to 1G (sysfs bounce_size; 64M unless "
+                   "set)")
     p.add_argument("--packed", action="store_true",
                    help="offer the packed virtqueue layout (VIRTIO_F_RING_PACKED)")
-    p.add_argument("--bind", choices=sorted(vdpa_bind.DRIVERS), default="virtio",
+    p.add_argument("--bind", choices=sorted(BIND_DRIVERS), default="virtio",
                    help="the vdpa driver the device is given to: 'virtio' (virtio_vdpa: a "
                    "block device /dev/vdX on this host; the default) or 'vhost' "
                    "(vhost_vdpa: /dev/vhost-vdpa-N, for a VM)")
@@ -131,30 +127,12 @@ def add_ops_arguments(p: argparse.ArgumentParser) -> None:
                    f"flight before detaching (default {DEFAULT_DRAIN_TIMEOUT:g})")
 
 
-def keep_identity(state: StateFile | None, device: BlkDevice) -> Callable[[int], None] | None:
-    """After a live resize the state file must give the new size, or a restart after a crash
-    would refuse to resume the device."""
-    if state is None:
-        return None
-
-    def on_resize(size: int) -> None:
-        state.identity = device_identity(device)
-        state.write_identity()
-
-    return on_resize
-
-
 def ops_options(args: argparse.Namespace) -> OpsOptions:
     """The operations options, checked (one-line UserError) before any device exists."""
     ops = OpsOptions(control=args.control, metrics=args.metrics,
                      drain_timeout=args.drain_timeout)
     ops.validate()
     return ops
-
-
-def _check_name(name: str) -> None:
-    if not name or "/" in name or name in (".", "..", "control") or len(name.encode()) > 255:
-        raise UserError(f"'{name}' cannot be a device name: use 1 to 255 characters, no '/'")
 
 
 def make_backend(args: argparse.Namespace) -> Backend:
@@ -167,9 +145,11 @@ def make_backend(args: argparse.Namespace) -> Backend:
         try:
             return FileBackend(path, readonly=args.readonly, direct=args.cache == "none")
         except PermissionError:
-            mode = "reading" if args.readonly else "reading and writing"
-            raise UserError(f"no permission to open {path} for {mode}: fix its permissions "
-                            "or use --readonly") from None
+            if args.readonly:
+                raise UserError(f"no permission to read {path}: fix its permissions (or run "
+                                "as a user who may read it)") from None
+            raise UserError(f"no permission to open {path} for reading and writing: fix "
+                            "its permissions or use --readonly") from None
         except OSError as e:
             if e.errno == errno.EINVAL and args.cache == "none":
                 raise UserError(f"{path} cannot be opened for direct I/O (--cache none): its "
@@ -183,44 +163,14 @@ def make_backend(args: argparse.Namespace) -> Backend:
         raise UserError(str(e)) from None
     if size <= 0:
         raise UserError("the size must be larger than zero")
-    return MemoryBackend(size) if args.memory is not None else NullBackend(size)
-
-
-def preflight(driver: str = "virtio_vdpa") -> None:
-    """Fail early, with what to do, when the kernel side is missing."""
-    if not sysfs.CONTROL.exists():
-        raise UserError(missing_module_hint())
-    if driver not in sysfs.vdpa_drivers():
-        bind = next(k for k, v in vdpa_bind.DRIVERS.items() if v == driver)
-        raise UserError(f"the {driver} module is not loaded: run 'modprobe {driver}' "
-                        f"(--bind {bind} gives the device to {vdpa_bind.MODULE_HINT[driver]})")
-
-
-def check_binding(name: str, driver: str) -> None:
-    """A device being resumed stays with the driver it has: it must be the one asked for."""
-    other = sysfs.bound_driver(name)
-    if other is not None and other != driver:
-        bind = next((k for k, v in vdpa_bind.DRIVERS.items() if v == other), other)
-        raise UserError(f"device '{name}' is attached to {other}: resume it with --bind "
-                        f"{bind}, or remove it with 'pyvduse destroy {name}'")
-
-
-def wait_for_node(name: str, stop: threading.Event, timeout: float = NODE_WAIT_SECONDS) -> str:
-    """The device node the bound vdpa driver created for ``name``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not stop.is_set():
-        driver = sysfs.bound_driver(name)
-        if driver == "vhost_vdpa":
-            nodes = [f"/dev/{n}" for n in sysfs.vhost_devices(name)]
-        else:
-            nodes = [f"/dev/{n}" for n in sysfs.block_devices(name)]
-        for node in nodes:
-            if Path(node).exists():
-                return node
-        time.sleep(0.05)
-    what = "vhost_vdpa" if sysfs.bound_driver(name) == "vhost_vdpa" else "virtio_blk"
-    raise UserError(f"no device node appeared for '{name}' within {timeout:.0f} s: check "
-                    f"'dmesg' for {what} errors")
+    if args.memory is None:
+        return NullBackend(size)
+    try:
+        return MemoryBackend(size)
+    except (OSError, OverflowError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else "too large"
+        raise UserError(f"cannot reserve {text} of memory for --memory ({why}): use a smaller "
+                        "size, or --file for a disk larger than this machine's memory") from None
 
 
 def build_device(args: argparse.Namespace, backend: Backend) -> BlkDevice:
@@ -235,13 +185,9 @@ def build_device(args: argparse.Namespace, backend: Backend) -> BlkDevice:
 
 
 def run(args: argparse.Namespace) -> int:
-    _check_name(args.name)
-    bounce = None
-    if args.bounce_size is not None:
-        try:
-            bounce = parse_size(args.bounce_size)
-        except ValueError as e:
-            raise UserError(str(e)) from None
+    check_name(args.name)
+    bounce = parse_bounce_size(args.bounce_size)
+    msg_timeout = parse_msg_timeout(args.msg_timeout)
     ops = ops_options(args)
     data_path = DataPath(args.data_path)
     for option, value in (("--poll-us", args.poll_us), ("--publish-us", args.publish_us)):
@@ -249,38 +195,74 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{option} {value} must be 0 to {MAX_US}")
     if not 1 <= args.io_threads <= 1024:
         raise UserError(f"--io-threads {args.io_threads} must be 1 to 1024")
-    if args.bind == "vhost" and args.bounce_memory == "daemon":
-        raise UserError("--bounce-memory daemon is for virtio_vdpa's bounce buffer; with "
-                        "--bind vhost the device uses the VM's own memory: leave it out")
     tuning = QueueTuning(data_path=data_path, poll_us=args.poll_us, publish_us=args.publish_us,
                          workers_on_irq_cpus=args.worker_cpus == "irq", aio=Aio(args.aio),
                          io_threads=args.io_threads)
     irq_placement = parse_irq_cpus(args.irq_cpus)
+    check_bind(args.bind, args.bounce_memory == "daemon")
     backend = make_backend(args)
     try:
         device = build_device(args, backend)
         why_not = native.why_not(device, args.packed)
         if data_path is DataPath.NATIVE and why_not is not None:
             raise UserError(f"--data-path native: {why_not}; or use --data-path python")
-        driver = vdpa_bind.DRIVERS[args.bind]
-        preflight(driver)
-        reconnect = args.name in sysfs.vduse_devices()
-        if reconnect and device_in_use(str(sysfs.device_node(args.name))):
-            raise UserError(f"a VDUSE device named '{args.name}' already exists and a running "
-                            "daemon serves it: choose another --name")
-        if args.reconnect and not reconnect:
-            raise UserError(f"there is no device '{args.name}' to reconnect to")
-        if reconnect:
-            check_binding(args.name, driver)
-        state = open_state(args.name, args.state_dir, device, reconnect)
+        check_kernel(args.bind)
         if data_path is DataPath.AUTO and why_not is not None:
             log.info("queues served by the Python engine: %s", why_not)
-        return serve(args.name, device, msg_timeout=args.msg_timeout, bounce_size=bounce,
-                     state=state, reconnect=reconnect, ops=ops, tuning=tuning,
-                     irq_placement=irq_placement,
-                     user_bounce=args.bounce_memory == "daemon", driver=driver)
+        daemon = Daemon(device, args.name, state_dir=args.state_dir,
+                        resume=True if args.reconnect else None, tuning=tuning, ops=ops,
+                        msg_timeout=msg_timeout, bounce_size=bounce,
+                        irq_placement=irq_placement, user_bounce=args.bounce_memory == "daemon",
+                        bind=args.bind)
+        return serve(daemon)
     finally:
         backend.close()
+
+
+def serve(daemon: Daemon) -> int:
+    """Run ``daemon`` as the command does: READY on stdout once the node exists, until
+    SIGINT or SIGTERM (or ``ctl NAME quit``)."""
+    daemon.on_ready = announce
+    daemon.run(signals=True)
+    if daemon.left_attached:
+        log.warning("the same command serves %s again; 'pyvduse destroy %s' removes it once "
+                    "the VM has closed it", daemon.name, daemon.name)
+    return 0
+
+
+def announce(daemon: Daemon) -> None:
+    """The one line scripts wait for (flushed: they read it through a pipe)."""
+    sys.stdout.write(f"READY name={daemon.name} dev={daemon.node}\n")
+    sys.stdout.flush()
+
+
+def parse_bounce_size(text: str | None) -> int | None:
+    """--bounce-size in bytes (None: the kernel's default), within what the kernel takes."""
+    if text is None:
+        return None
+    try:
+        size = parse_size(text)
+    except ValueError as e:
+        raise UserError(f"--bounce-size: {e}") from None
+    if not MIN_BOUNCE_SIZE <= size <= MAX_BOUNCE_SIZE:
+        raise UserError(f"--bounce-size {text} must be 1M to 1G")
+    return size
+
+
+def parse_msg_timeout(text: str | None) -> int | None:
+    """--msg-timeout in whole seconds (None: the kernel's default of 30)."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"--msg-timeout {text} is not a number of seconds") from None
+    if not value.is_integer():
+        raise UserError(f"--msg-timeout {text}: the kernel counts whole seconds; use "
+                        f"{max(int(value) + 1, 1)}")
+    if not 0 <= value <= MAX_MSG_TIMEOUT:
+        raise UserError(f"--msg-timeout {text} must be 0 (forever) to {MAX_MSG_TIMEOUT}")
+    return int(value)
 
 
 def parse_irq_cpus(text: str) -> IrqPlacement:
@@ -288,118 +270,3 @@ def parse_irq_cpus(text: str) -> IrqPlacement:
         return IrqPlacement.parse(text, parse_cpu_list(sysfs.online_cpus_text()))
     except ValueError as e:
         raise UserError(f"--irq-cpus {text}: {e}") from None
-
-
-def device_identity(device: BlkDevice) -> dict[str, object]:
-    """What must not change across a restart for the in-flight log to apply."""
-    spec = device.spec()
-    return {"backend": device.backend.description, "size": device.backend.size,
-            "features": spec.features, "queues": spec.num_queues,
-            "queue_size": spec.queue_size, "block_size": device.options.block_size}
-
-
-def open_state(name: str, state_dir: Path, device: BlkDevice, reconnect: bool) -> StateFile:
-    """The device's state file: new for a new device, checked for a reconnect."""
-    identity = device_identity(device)
-    path = state_dir / name / "state"
-    if reconnect and not path.exists():
-        raise UserError(
-            f"a VDUSE device named '{name}' already exists but has no pyvduse state in "
-            f"{path.parent}: choose another --name, or remove the old one with "
-            f"'pyvduse destroy {name}'")
-    try:
-        state = StateFile.for_device(name, state_dir, identity, device.spec().num_queues,
-                                     device.spec().queue_size)
-    except OSError as e:
-        raise UserError(f"cannot use state directory {state_dir}: {e.strerror}; choose "
-                        "another with --state-dir") from None
-    if reconnect:
-        try:
-            state.check_identity()
-        except IdentityMismatch as e:
-            state.close()
-            raise UserError(
-                f"refusing to resume '{name}': its configuration differs ({e}); start it with "
-                f"the options it was created with, or 'pyvduse destroy {name}'") from None
-    else:
-        state.write_identity()
-    return state
-
-
-def serve(name: str, device: BlkDevice, *, msg_timeout: int | None = None,
-          bounce_size: int | None = None, state: StateFile | None = None,
-          reconnect: bool = False, ops: OpsOptions | None = None,
-          tuning: QueueTuning | None = None, irq_placement: IrqPlacement | None = None,
-          user_bounce: bool = False, driver: str = "virtio_vdpa") -> int:
-    """Create, attach, announce, serve until a signal, then tear everything down."""
-    stop = threading.Event()
-    broken: list[str] = []
-
-    def on_broken(why: str) -> None:
-        broken.append(why)
-        stop.set()
-
-    leave = False  # exit with the device still attached (a VM holds it)
-    signals = StopSignals(stop).install()
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # where is it stuck? kill -USR1
-    server = DeviceServer(device, state, tuning)
-    transport = KernelTransport(name, device.spec(), server, msg_timeout=msg_timeout,
-                                bounce_size=bounce_size, irq_placement=irq_placement,
-                                user_bounce=user_bounce, driver=driver)
-    transport.on_broken = on_broken
-    server.bind(transport)
-    operations = Operations(name, server, transport, ops, on_quit=stop.set,
-                            on_resize=keep_identity(state, device))
-    try:
-        if reconnect:
-            transport.reconnect()
-            log.info("resumed %s after its previous daemon stopped", name)
-        else:
-            transport.create()
-            transport.attach()
-        operations.start()
-        node = wait_for_node(name, stop)
-        if not stop.is_set():
-            sys.stdout.write(f"READY name={name} dev={node}\n")
-            sys.stdout.flush()
-            log.info("serving %s on %s", device.backend.description, node)
-            operations.ready(node)
-        while not stop.wait(1.0):
-            pass
-        if not broken:
-            log.info("%s, shutting down", signals.describe())
-            leave = driver == "vhost_vdpa" and wait_for_release(node, signals.hurry)
-        operations.shutdown(drain_requests=not broken, abort=signals.hurry)
-    finally:
-        try:
-            transport.close(leave=leave)
-        finally:
-            operations.close()
-        signals.restore()
-        faulthandler.unregister(signal.SIGUSR1)
-        if state is not None:  # nothing to recover once the device is gone
-            state.remove() if name not in sysfs.vduse_devices() else state.close()
-    if broken:
-        raise UserError(f"device '{name}' broke: {broken[0]}; it was removed, start again")
-    if leave:
-        log.warning("left %s attached: the same command serves it again, 'pyvduse destroy "
-                    "%s' removes it once the VM has closed it", name, name)
-    return 0
-
-
-def wait_for_release(node: str, hurry: threading.Event) -> bool:
-    """Detaching a vhost-vdpa device waits, in the kernel and beyond any signal, until the
-    process that opened its node (a VM) closes it. So while one has it open, keep serving
-    and wait for it; True: a second stop signal came first, leave the device attached."""
-    holders = sysfs.node_holders(node)
-    if not holders:
-        return False
-    log.warning("%s is open by process %s (a VM?): serving it until it closes it, then "
-                "detaching; stop again to exit and leave the device attached", node,
-                ",".join(map(str, holders)))
-    while holders:
-        if hurry.wait(0.5):
-            return True
-        holders = sysfs.node_holders(node)
-    log.info("%s was closed: detaching", node)
-    return False

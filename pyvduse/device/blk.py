@@ -186,6 +186,12 @@ class BlkDevice(VirtioDevice):
             queue_size=self.options.queue_size,
         )
 
+    def identity(self) -> dict[str, object]:
+        spec = self.spec()
+        return {"backend": self.backend.description, "size": self.backend.size,
+                "features": spec.features, "queues": spec.num_queues,
+                "queue_size": spec.queue_size, "block_size": self.options.block_size}
+
     def set_capacity(self, size_bytes: int) -> None:
         """Change the capacity seen by the driver (config update + config interrupt).
 

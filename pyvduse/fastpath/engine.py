@@ -9,7 +9,6 @@ Python worker. Choosing is the runtime's job (``DataPath``); this module only an
 
 from __future__ import annotations
 
-import enum
 import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -44,14 +43,6 @@ AIO_SYNC: int = _splitblk.AIO_SYNC if _splitblk is not None else 0
 AIO_URING: int = _splitblk.AIO_URING if _splitblk is not None else 1
 
 
-class DataPath(enum.Enum):
-    """Which engine serves the queues: the user's ``--data-path``."""
-
-    AUTO = "auto"  # native where it can, Python elsewhere
-    NATIVE = "native"  # native or refuse to start
-    PYTHON = "python"  # the reference engine only
-
-
 def available() -> bool:
     """Whether the extension was built (``pip install`` with a C compiler and headers)."""
     return _splitblk is not None and os.environ.get("PYVDUSE_NO_NATIVE") != "1"
@@ -82,7 +73,9 @@ def _backend_args(device: BlkDevice) -> dict[str, Any]:
     b = device.backend
     assert _splitblk is not None
     if isinstance(b, FileBackend):
-        return {"backend": _splitblk.BACKEND_FD, "fd": b.fd}
+        # --cache none: the O_DIRECT descriptor (the engine leaves requests it cannot do
+        # direct to Python, which has the buffered one)
+        return {"backend": _splitblk.BACKEND_FD, "fd": b.direct_fd if b.direct else b.fd}
     if isinstance(b, MemoryBackend):
         return {"backend": _splitblk.BACKEND_MEMORY, "memory": b.buffer}
     return {"backend": _splitblk.BACKEND_NULL}

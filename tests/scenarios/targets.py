@@ -22,7 +22,7 @@ from pyvduse.backend.file import FileBackend
 from pyvduse.device.blk import BlkDevice, BlkOptions
 from pyvduse.model.blk_driver import BlkDriver
 from pyvduse.model.vhost_vdpa import VhostVdpa
-from pyvduse.transport.model.rig import ModelRig
+from pyvduse.testing.rig import ModelRig
 
 BLKDISCARD = 0x1277
 BLKZEROOUT = 0x127F

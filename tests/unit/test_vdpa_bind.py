@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pyvduse.cli import blk
+from pyvduse.daemon import Daemon
 from pyvduse.transport.kernel import sysfs, vdpa_bind
 
 
@@ -94,32 +94,44 @@ def test_node_holders_finds_this_process() -> None:
     assert sysfs.node_holders("/dev/no-such-node") == []
 
 
-def test_wait_for_release(monkeypatch: pytest.MonkeyPatch) -> None:
+def vhost_daemon(monkeypatch: pytest.MonkeyPatch, bind: str = "vhost") -> Daemon:
+    from pyvduse.backend.memory import MemoryBackend
+    from pyvduse.device.blk import BlkDevice
+
+    monkeypatch.setattr(sysfs, "bound_driver", lambda name: "vhost_vdpa")
+    return Daemon(BlkDevice(MemoryBackend(1 << 20)), "vm0", bind=bind, state_dir=None)
+
+
+def test_stop_waits_for_the_vm_to_close_the_node(monkeypatch: pytest.MonkeyPatch) -> None:
     holders = [[], [7], [7], []]
-
-    def fake(node: str) -> list[int]:
-        return holders.pop(0) if holders else []
-
-    monkeypatch.setattr(sysfs, "node_holders", fake)
+    monkeypatch.setattr(sysfs, "node_holders",
+                        lambda node: holders.pop(0) if holders else [])
+    d = vhost_daemon(monkeypatch)
+    d.node = "/dev/vhost-vdpa-0"
     hurry = threading.Event()
-    assert not blk.wait_for_release("/dev/vhost-vdpa-0", hurry)  # nobody: detach now
-    assert not blk.wait_for_release("/dev/vhost-vdpa-0", hurry)  # waits until it is closed
+    assert not d._wait_for_release(hurry)  # nobody holds it: detach now
+    assert not d._wait_for_release(hurry)  # waits until it is closed, then detaches
     assert holders == []
     holders[:] = [[7]] * 100
     hurry.set()
-    assert blk.wait_for_release("/dev/vhost-vdpa-0", hurry)  # stopped again: leave it
+    assert d._wait_for_release(hurry)  # stopped again: leave it attached
 
 
-def test_preflight_and_resume_name_the_driver(monkeypatch: pytest.MonkeyPatch,
-                                              tmp_path: Path) -> None:
-    from pyvduse.errors import UserError
+def test_kernel_check_and_resume_name_the_driver(monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
+    from pyvduse.daemon import check_kernel
+    from pyvduse.errors import ConfigError, KernelMissing
+    from pyvduse.transport.kernel import device_fd
 
     monkeypatch.setattr(sysfs, "CONTROL", tmp_path)  # "the vduse module is loaded"
     monkeypatch.setattr(sysfs, "vdpa_drivers", lambda: ["virtio_vdpa"])
-    blk.preflight("virtio_vdpa")
-    with pytest.raises(UserError, match=r"modprobe vhost_vdpa.*--bind vhost"):
-        blk.preflight("vhost_vdpa")
-    monkeypatch.setattr(sysfs, "bound_driver", lambda name: "vhost_vdpa")
-    blk.check_binding("vm0", "vhost_vdpa")
-    with pytest.raises(UserError, match="attached to vhost_vdpa: resume it with --bind vhost"):
-        blk.check_binding("vm0", "virtio_vdpa")
+    check_kernel("virtio")
+    with pytest.raises(KernelMissing, match="modprobe vhost_vdpa"):
+        check_kernel("vhost")
+    monkeypatch.setattr(sysfs, "vduse_devices", lambda: ["vm0"])
+    monkeypatch.setattr(device_fd, "device_in_use", lambda path: False)
+    d = vhost_daemon(monkeypatch, bind="virtio")  # a device a dead daemon left with vhost
+    with pytest.raises(ConfigError, match="attached to vhost_vdpa: resume it bound to 'vhost'"):
+        d.start()
+    with pytest.raises(ConfigError, match="leave it out"):
+        Daemon(d.device, "vm1", bind="vhost", user_bounce=True)
