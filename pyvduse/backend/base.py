@@ -7,12 +7,21 @@ backend that can (``preadv``/``pwritev``) moves data with no extra copy. Errors 
 A backend whose calls may wait (a disk, a network server) says so with ``blocking = True``:
 the runtime then makes them on its thread pool (``--aio threads``), many at once, and never
 on the queue's own thread. A backend may also write its methods as ``async def``: they then
-run on the runtime's event loop, as many at once as the driver sends.
+run on the runtime's event loop, as many at once as the driver sends. A backend whose calls
+return at once and complete later, from a thread of its own (a network client: ``nbd.py``),
+is a ``LaterBackend``: as many requests in flight as the driver sends, and no thread or
+coroutine each.
 """
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+#: How a call of a ``LaterBackend`` reports its outcome: ``done(None)`` on success,
+#: ``done(error)`` otherwise; exactly once, from any thread (maybe before ``start`` returns).
+Done = Callable[[BaseException | None], None]
 
 
 class Backend(ABC):
@@ -53,3 +62,46 @@ class Backend(ABC):
 
     def close(self) -> None:
         """Release what the backend holds."""
+
+
+class LaterBackend(Backend):
+    """A backend whose calls complete later: ``start`` begins one and returns at once.
+
+    ``call`` is the name of one of the ``Backend`` methods ("readv", "writev", "flush",
+    "discard", "write_zeroes") and ``args`` its arguments; ``queue`` says which queue asks
+    (a backend may keep one connection per queue). The buffers of a read or write belong to
+    the call until ``done`` runs. The plain methods start a call and wait for it, for devices
+    that serve requests inline.
+    """
+
+    @abstractmethod
+    def start(self, queue: int, call: str, args: tuple[object, ...], done: Done) -> None:
+        """Begin ``call(*args)`` for queue ``queue``; ``done`` receives its outcome."""
+
+    def _wait(self, call: str, args: tuple[object, ...]) -> None:
+        finished = threading.Event()
+        outcome: list[BaseException | None] = []
+
+        def done(error: BaseException | None) -> None:
+            outcome.append(error)
+            finished.set()
+
+        self.start(0, call, args, done)
+        finished.wait()
+        if outcome[0] is not None:
+            raise outcome[0]
+
+    def readv(self, offset: int, bufs: list[memoryview]) -> None:
+        self._wait("readv", (offset, bufs))
+
+    def writev(self, offset: int, bufs: list[memoryview]) -> None:
+        self._wait("writev", (offset, bufs))
+
+    def flush(self) -> None:
+        self._wait("flush", ())
+
+    def discard(self, offset: int, length: int) -> None:
+        self._wait("discard", (offset, length))
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        self._wait("write_zeroes", (offset, length, unmap))

@@ -152,6 +152,9 @@ def status(target: Target) -> Json:
                    capacity=device.capacity_bytes, block_size=o.block_size,
                    readonly=o.readonly, serial=o.serial,
                    cache="none" if getattr(device.backend, "direct", False) else "writeback")
+        backend_status = getattr(device.backend, "status", None)
+        if callable(backend_status):  # an NBD client: its export and connections
+            out[device.backend.kind] = backend_status()
     out["aio"] = server.tuning.aio.value
     out["bounce_memory"] = getattr(target.transport, "bounce_memory", None)
     transport = target.transport
