@@ -78,7 +78,8 @@ class LaterBackend(Backend):
     def start(self, queue: int, call: str, args: tuple[object, ...], done: Done) -> None:
         """Begin ``call(*args)`` for queue ``queue``; ``done`` receives its outcome."""
 
-    def _wait(self, call: str, args: tuple[object, ...]) -> None:
+    def call_and_wait(self, queue: int, call: str, args: tuple[object, ...]) -> None:
+        """Start ``call`` for ``queue`` and wait for it; raises its error."""
         finished = threading.Event()
         outcome: list[BaseException | None] = []
 
@@ -86,22 +87,22 @@ class LaterBackend(Backend):
             outcome.append(error)
             finished.set()
 
-        self.start(0, call, args, done)
+        self.start(queue, call, args, done)
         finished.wait()
         if outcome[0] is not None:
             raise outcome[0]
 
     def readv(self, offset: int, bufs: list[memoryview]) -> None:
-        self._wait("readv", (offset, bufs))
+        self.call_and_wait(0, "readv", (offset, bufs))
 
     def writev(self, offset: int, bufs: list[memoryview]) -> None:
-        self._wait("writev", (offset, bufs))
+        self.call_and_wait(0, "writev", (offset, bufs))
 
     def flush(self) -> None:
-        self._wait("flush", ())
+        self.call_and_wait(0, "flush", ())
 
     def discard(self, offset: int, length: int) -> None:
-        self._wait("discard", (offset, length))
+        self.call_and_wait(0, "discard", (offset, length))
 
     def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
-        self._wait("write_zeroes", (offset, length, unmap))
+        self.call_and_wait(0, "write_zeroes", (offset, length, unmap))

@@ -38,6 +38,7 @@ import os
 import select
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from types import ModuleType
 from typing import Any
@@ -112,9 +113,10 @@ class ExportInfo:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def connect(nbd: ModuleType, uri: str, timeout: float, name: str = "pyvduse") -> Any:
+def connect(nbd: ModuleType, uri: str, timeout: float, name: str = "pyvduse",
+            should_stop: Callable[[], bool] | None = None) -> Any:
     """A handle connected to ``uri`` and ready for commands, within ``timeout`` seconds;
-    ``NbdError`` otherwise."""
+    ``NbdError`` otherwise (also as soon as ``should_stop()`` says so)."""
     safe = nbd_uri.redact(uri)
     handle = nbd.NBD()
     try:
@@ -132,7 +134,9 @@ def connect(nbd: ModuleType, uri: str, timeout: float, name: str = "pyvduse") ->
             left = deadline - time.monotonic()
             if left <= 0:
                 raise NbdError(f"cannot connect to {safe}: no answer within {timeout:g} s")
-            handle.poll(max(int(left * 1000), 1))
+            if should_stop is not None and should_stop():
+                raise NbdError(f"connecting to {safe}: stopped")
+            handle.poll(max(int(min(left, 0.1) * 1000), 1))
     except nbd.Error as e:
         raise NbdError(f"cannot connect to {safe}: {_describe(e)}") from None
     return handle
@@ -218,6 +222,11 @@ class _Connection:
         self._down_since: float | None = None  # the reconnect window began; None: not in one
         self._closed = False
         self._paused = False  # renew(): new commands wait while the old handle drains
+        #: Lent to a native engine (``lend``): its thread alone polls the socket; ours sleeps.
+        self._native = False
+        self._thread_idle = threading.Event()  # our thread has seen ``_native`` and sleeps
+        #: While lent: moves the engine to a new handle capsule (see NbdBackend.lend).
+        self.switch: Callable[[Any], bool] | None = None
         self.reconnects = 0
         self.refused = 0  # reconnects refused because the export changed
         self.failed_waiting = 0  # requests failed because no server came back in time
@@ -249,7 +258,9 @@ class _Connection:
             else:
                 closed = False
                 handle = self._handle
-                if self._paused:
+                if self._native and handle is None:
+                    closed = True  # lent and down: the caller reconnects (call_and_wait)
+                elif self._paused:
                     self._waiting.append(cmd)
                     return
                 if handle is None:
@@ -260,7 +271,7 @@ class _Connection:
                     generation = self._generation
                     self._flight[cmd] = None
         if closed:
-            cmd.call.part_done(errno.ESHUTDOWN)
+            cmd.call.part_done(errno.ENOTCONN if self._native else errno.ESHUTDOWN)
         elif handle is None:
             self._wake()
         else:
@@ -300,8 +311,9 @@ class _Connection:
             if generation != self._generation or cmd not in self._flight:
                 return  # the connection was lost meanwhile and the command moved on
             del self._flight[cmd]
-            lost = err in CONNECTION_ERRNOS
-            if lost:  # resent once the connection is back
+            # resent once the connection is back (lent: the engine reconnects, this fails)
+            lost = err in CONNECTION_ERRNOS and not self._native
+            if lost:
                 self._waiting.appendleft(cmd)
         if lost:
             self._wake()
@@ -310,6 +322,18 @@ class _Connection:
 
     def _lost(self, generation: int, why: str) -> None:
         """The handle of ``generation`` is gone: its commands wait for the next one."""
+        with self._lock:
+            if generation != self._generation or self._handle is None:
+                return
+            if self._native:  # lent: call_and_wait reconnects and sends them again
+                failed = list(self._flight)
+                self._flight.clear()
+            else:
+                failed = []
+        if failed:
+            for cmd in failed:
+                cmd.call.part_done(errno.ENOTCONN)
+            return
         with self._lock:
             if generation != self._generation or self._handle is None:
                 return
@@ -340,6 +364,12 @@ class _Connection:
                     if self._closed:
                         return
                     handle, generation = self._handle, self._generation
+                    native = self._native
+                if native:
+                    self._thread_idle.set()
+                    self._sleep(3600.0)
+                    continue
+                self._thread_idle.clear()
                 if handle is None:
                     self._reconnect()
                 else:
@@ -375,7 +405,7 @@ class _Connection:
                     self._lost(generation, _describe(e))
                     return
             with self._lock:
-                if self._closed or generation != self._generation:
+                if self._closed or self._native or generation != self._generation:
                     return
             if handle.aio_is_dead() or handle.aio_is_closed():
                 self._lost(generation, "the server closed the connection")
@@ -395,7 +425,7 @@ class _Connection:
         backoff = BACKOFF_FIRST
         while True:
             with self._lock:
-                if self._closed:
+                if self._closed or self._native:
                     return
                 since = self._down_since
             if since is None:  # down, nothing waits: sleep until a request comes
@@ -405,7 +435,8 @@ class _Connection:
             try:
                 handle = connect(self.nbd, backend.uri,
                                  max(min(CONNECT_TIMEOUT, deadline - time.monotonic()), 0.2),
-                                 name=f"pyvduse-{self.index}")
+                                 name=f"pyvduse-{self.index}",
+                                 should_stop=lambda: self._native or self._closed)
             except NbdError as e:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -425,7 +456,7 @@ class _Connection:
                 self._fail_waiting("the export changed")
                 return
             with self._lock:
-                if self._closed:
+                if self._closed or self._native:
                     return
                 self._handle = handle
                 self._generation += 1
@@ -443,10 +474,119 @@ class _Connection:
                 self._issue(handle, generation, cmd)
             return
 
+    # -- lent to a native engine ----------------------------------------------------------
+
+    def lend(self, timeout: float = CONNECT_TIMEOUT + 1) -> Any:
+        """Hand the connection's socket to a native engine: our thread stops polling it.
+        Returns the handle (None while the connection is down); ``NbdError`` when commands
+        of ours are still in flight or our thread did not let go in time."""
+        with self._lock:
+            if self._native:
+                raise NbdError(f"connection {self.index} is already lent")
+            if self._flight or self._waiting or self._paused:
+                raise NbdError(f"connection {self.index} has requests in flight")
+            self._native = True
+            self._generation += 1  # our thread's _serve returns
+            self._down_since = None
+        self._wake()
+        if not self._thread_idle.wait(timeout):
+            self.give_back(reusable=True)
+            raise NbdError(f"connection {self.index} did not become free in time")
+        with self._lock:
+            return self._handle
+
+    def give_back(self, reusable: bool) -> None:
+        """The engine is done with the socket; ``reusable`` False: it may still have commands
+        on it (abandoned), so the handle is left to it and we reconnect."""
+        with self._lock:
+            self._native = False
+            self.switch = None
+            self._generation += 1
+            if not reusable:
+                self._handle = None
+                self._down_since = None  # down and idle: the next request reconnects
+        self._wake()
+
+    def reconnect_now(self, should_stop: Callable[[], bool]) -> Any:
+        """For the engine, on its thread: reconnect within the window, as ``_reconnect``
+        does for ours; the new handle, or None (window over, export changed, stopped)."""
+        backend = self.backend
+        started = time.monotonic()
+        deadline = started + backend.reconnect_seconds
+        backoff = BACKOFF_FIRST
+        with self._lock:
+            current = self._handle
+            if current is not None and not (current.aio_is_dead() or current.aio_is_closed()):
+                return current  # reconnected already (by call_and_wait)
+            self._handle = None
+            self._down_since = started
+        log.warning("%s: connection %d lost; requests wait while it reconnects (up to %g s)",
+                    backend.safe_uri, self.index, backend.reconnect_seconds)
+        while not should_stop():
+            try:
+                handle = connect(self.nbd, backend.uri,
+                                 max(min(CONNECT_TIMEOUT, deadline - time.monotonic()), 0.2),
+                                 name=f"pyvduse-{self.index}", should_stop=should_stop)
+            except NbdError as e:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    with self._lock:
+                        self._down_since = None
+                    self.failed_waiting += 1
+                    log.error("%s: no server within %g s (%s): the waiting requests fail; "
+                              "the next request tries again", backend.safe_uri,
+                              backend.reconnect_seconds, e)
+                    return None
+                time.sleep(min(backoff, left))
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            changed = backend.expected().differences(ExportInfo.of(handle, self.nbd))
+            if changed:
+                self.refused += 1
+                log.error("%s: the server came back with a different export (%s): refused, "
+                          "requests fail until it serves the same disk", backend.safe_uri,
+                          ", ".join(changed))
+                with self._lock:
+                    self._down_since = None
+                return None
+            with self._lock:
+                self._handle = handle
+                self._generation += 1
+                self._down_since = None
+            self.reconnects += 1
+            log.warning("%s: connection %d back after %.1f s", backend.safe_uri, self.index,
+                        time.monotonic() - started)
+            return handle
+        return None
+
+    def poll_until(self, finished: threading.Event) -> None:
+        """While lent, on the engine's thread (it is not running): drive the socket until
+        ``finished`` (a command of ours completed or failed)."""
+        while not finished.is_set():
+            with self._lock:
+                handle = self._handle
+            if handle is None:
+                return
+            with contextlib.suppress(self.nbd.Error):
+                handle.poll(100)
+            if handle.aio_is_dead() or handle.aio_is_closed():
+                self._lost(self._generation, "the server closed the connection")
+
     def renew(self, handle: Any, timeout: float) -> bool:
         """Move to ``handle`` (a new connection to the same export): new commands wait
         while the ones in flight finish on the old handle, then go to the new one. False,
         and the old handle kept, when they did not finish within ``timeout``."""
+        if self._native:  # the engine drains its commands, then takes the new handle
+            switch = self.switch
+            if switch is None or not switch(handle._o):
+                return False
+            with self._lock:
+                old_handle, self._handle = self._handle, handle
+                self._generation += 1
+            if old_handle is not None:
+                with contextlib.suppress(self.nbd.Error):
+                    old_handle.aio_disconnect(0)
+            return True
         with self._lock:
             if self._handle is None or self._closed:
                 return False
@@ -598,6 +738,58 @@ class NbdBackend(LaterBackend):
             self.info = wanted
             self._size = found.size
         return found.size
+
+    # -- native engines -----------------------------------------------------------------
+
+    def lend(self, queue: int, switch: Callable[[Any], bool]) -> Any:
+        """Queue ``queue``'s connection for a native engine: the handle's capsule (None while
+        down); NbdError if it cannot be lent now (see ``_Connection.lend``). ``switch``
+        moves the engine to a new handle's capsule once its commands are done (False: it
+        could not), for a resize."""
+        conn = self.connections[queue]
+        handle = conn.lend()
+        conn.switch = switch
+        return None if handle is None else handle._o
+
+    def give_back(self, queue: int, reusable: bool) -> None:
+        self.connections[queue].give_back(reusable)
+
+    def reconnect_native(self, queue: int, should_stop: Callable[[], bool]) -> Any:
+        """The engine of ``queue`` lost its connection: a new one's capsule, or None."""
+        handle = self.connections[queue].reconnect_now(should_stop)
+        return None if handle is None else handle._o
+
+    def call_and_wait(self, queue: int, call: str, args: tuple[object, ...]) -> None:
+        """As LaterBackend's; on a lent connection this thread drives the socket itself (the
+        engine that owns it is not running while Python serves a chain for it)."""
+        conn = self.connections[queue % len(self.connections)]
+        if not conn._native:
+            super().call_and_wait(queue, call, args)
+            return
+        for attempt in range(2):
+            error = self._call_polling(conn, queue, call, args)
+            if (attempt == 0 and isinstance(error, OSError)
+                    and error.errno in CONNECTION_ERRNOS):
+                # the engine is not running: reconnect here (it takes the new handle)
+                if conn.reconnect_now(lambda: False) is None:
+                    raise OSError(errno.EIO, "no NBD server within the reconnect window")
+                continue
+            if error is not None:
+                raise error
+            return
+
+    def _call_polling(self, conn: _Connection, queue: int, call: str,
+                      args: tuple[object, ...]) -> BaseException | None:
+        finished = threading.Event()
+        outcome: list[BaseException | None] = []
+
+        def done(error: BaseException | None) -> None:
+            outcome.append(error)
+            finished.set()
+
+        self.start(queue, call, args, done)
+        conn.poll_until(finished)
+        return outcome[0] if outcome else OSError(errno.ENOTCONN, "not connected")
 
     def status(self) -> dict[str, object]:
         """For ``ctl status``: the export and each connection's state (never blocks)."""

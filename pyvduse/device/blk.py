@@ -290,9 +290,13 @@ class BlkDevice(VirtioDevice):
 
     def _perform(self, planned: _Planned) -> int:
         """Make the backend calls (this thread may block); returns the used length."""
+        backend = self.backend
         try:
             for fn, args in planned.calls:
-                fn(*args)
+                if isinstance(backend, LaterBackend):  # started, then waited for
+                    backend.call_and_wait(planned.queue, fn.__name__, args)
+                else:
+                    fn(*args)
         except Exception as e:
             return self._finish(planned, self._failure(planned, e), locked=True)
         return self._finish(planned, OK, planned.written, locked=True)

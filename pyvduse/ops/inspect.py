@@ -12,6 +12,7 @@ from typing import Any
 
 from pyvduse.abi import virtio as vio
 from pyvduse.abi import virtio_blk as vb
+from pyvduse.backend.base import LaterBackend
 from pyvduse.device.blk import BlkDevice, BlkStats
 from pyvduse.ops.protocol import Json
 from pyvduse.ops.target import Target
@@ -113,8 +114,10 @@ def queue_status(index: int, size: int, worker: QueueWorker | None,
 
 
 def _blocking_backend(device: object) -> bool:
-    """Whether the device's calls may block (a file backend; a custom device: assume so)."""
-    return not isinstance(device, BlkDevice) or device.backend.blocking
+    """Whether the device's calls may block or complete later (a file or NBD backend; a
+    custom device: assume so)."""
+    return (not isinstance(device, BlkDevice) or device.backend.blocking
+            or isinstance(device.backend, LaterBackend))
 
 
 def in_flight_seconds(counters: QueueCounters | None) -> float | None:

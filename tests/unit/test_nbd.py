@@ -26,9 +26,11 @@ from pyvduse.backend import nbd_binding, nbd_uri
 from pyvduse.backend.nbd import NbdBackend, NbdError
 from pyvduse.cli.blk import device_identity, nbd_options
 from pyvduse.device.blk import BlkDevice, BlkOptions
+from pyvduse.fastpath import engine as native
 from pyvduse.fastpath.engine import DataPath
 from pyvduse.model.blk_driver import BlkDriver, BlkIOError
 from pyvduse.ops.client import request
+from pyvduse.runtime.native_worker import NativeQueueWorker
 from pyvduse.runtime.worker import queue_counters
 from pyvduse.transport.model.rig import ModelRig
 from tests.unit.test_cli import one_line_error, pyvduse
@@ -101,9 +103,19 @@ def nbdkit(sock_dir: Path) -> Iterator[list[Nbdkit]]:
         s.kill()
 
 
-def serve(backend: NbdBackend, queues: int = 1, **options: object) -> ModelRig:
+ENGINES = [DataPath.NATIVE, DataPath.PYTHON]
+
+
+def serve(backend: NbdBackend, queues: int = 1, data_path: DataPath = DataPath.AUTO,
+          **options: object) -> ModelRig:
     opts = nbd_options(backend, BlkOptions(num_queues=queues, **options))  # type: ignore[arg-type]
-    return ModelRig(BlkDevice(backend, opts), data_path=DataPath.AUTO)
+    return ModelRig(BlkDevice(backend, opts), data_path=data_path)
+
+
+def engines(rig: ModelRig) -> set[str]:
+    assert rig.server.running.wait(2)
+    return {"native" if isinstance(w, NativeQueueWorker) else "python"
+            for w in rig.server.workers.values()}
 
 
 # -- without a server ----------------------------------------------------------------------
@@ -156,15 +168,19 @@ def test_no_server_is_one_line_that_names_the_uri(sock_dir: Path) -> None:
 # -- serving -------------------------------------------------------------------------------
 
 @needs_nbd
+@pytest.mark.parametrize("data_path", ENGINES, ids=["native", "python"])
 def test_many_requests_in_flight_on_two_queues_over_two_connections(
-        sock_dir: Path, nbdkit: list[Nbdkit]) -> None:
+        sock_dir: Path, nbdkit: list[Nbdkit], data_path: DataPath) -> None:
     """Writes then reads of random data, 32 in flight per queue, completed out of order."""
+    if data_path is DataPath.NATIVE and not native.nbd_built():
+        pytest.skip("the native data path was built without libnbd")
     server = Nbdkit(sock_dir, "--filter=delay", "memory", "8M", "rdelay=2ms", "wdelay=2ms")
     nbdkit.append(server)
     backend = NbdBackend(server.uri, connections=2)
     assert len(backend.connections) == 2  # nbdkit memory advertises multi-conn
-    with serve(backend, queues=2) as rig:
+    with serve(backend, queues=2, data_path=data_path) as rig:
         drv = BlkDriver(rig.kernel)
+        assert engines(rig) == {data_path.value}
         writer, reader = drv.virtio.queues
         image = bytearray(2 * MiB)  # the server's memory disk starts zeroed
         for burst in range(8):  # 32 writes in flight on queue 0, then 32 reads on queue 1
@@ -223,6 +239,7 @@ def test_the_export_decides_what_the_device_offers(sock_dir: Path,
     assert cfg.blk_size == 4096 and cfg.physical_block_exp == 4 and cfg.opt_io_size == 16
     with ModelRig(device) as rig:
         drv = BlkDriver(rig.kernel)
+        assert engines(rig) == {"python"}  # queues sharing a connection
         assert drv.read(0, 4096) == bytes(4096)
         with pytest.raises(BlkIOError):
             drv.write(0, b"x" * 4096)
@@ -252,15 +269,17 @@ def test_a_failing_server_fails_exactly_those_requests(sock_dir: Path,
 
 
 @needs_nbd
-@pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
+@pytest.mark.parametrize(("tcp", "data_path"), [(False, DataPath.AUTO), (True, DataPath.AUTO),
+                                                (False, DataPath.PYTHON)],
+                         ids=["unix", "tcp", "unix-python"])
 def test_a_server_that_comes_back_within_the_window_loses_nothing(
-        sock_dir: Path, nbdkit: list[Nbdkit], tcp: bool) -> None:
+        sock_dir: Path, nbdkit: list[Nbdkit], tcp: bool, data_path: DataPath) -> None:
     img = sock_dir / "disk.img"
     img.write_bytes(bytes(4 * MiB))
     server = Nbdkit(sock_dir, "file", str(img), tcp=tcp)
     nbdkit.append(server)
     b = NbdBackend(server.uri, reconnect_seconds=10)
-    with serve(b) as rig:
+    with serve(b, data_path=data_path) as rig:
         q = BlkDriver(rig.kernel).virtio.queues[0]
         data = {i: os.urandom(4096) for i in range(64)}
         server.kill()
@@ -280,14 +299,15 @@ def test_a_server_that_comes_back_within_the_window_loses_nothing(
 
 
 @needs_nbd
+@pytest.mark.parametrize("data_path", [DataPath.AUTO, DataPath.PYTHON], ids=["auto", "python"])
 def test_past_the_window_requests_fail_and_later_ones_reconnect(
-        sock_dir: Path, nbdkit: list[Nbdkit]) -> None:
+        sock_dir: Path, nbdkit: list[Nbdkit], data_path: DataPath) -> None:
     img = sock_dir / "disk.img"
     img.write_bytes(b"d" * MiB)
     server = Nbdkit(sock_dir, "file", str(img))
     nbdkit.append(server)
     b = NbdBackend(server.uri, reconnect_seconds=0.5)
-    with serve(b) as rig:
+    with serve(b, data_path=data_path) as rig:
         drv = BlkDriver(rig.kernel)
         server.kill()
         started = time.monotonic()
