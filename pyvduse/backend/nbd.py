@@ -225,7 +225,7 @@ class _Connection:
         #: Lent to a native engine (``lend``): its thread alone polls the socket; ours sleeps.
         self._native = False
         self._thread_idle = threading.Event()  # our thread has seen ``_native`` and sleeps
-        #: While lent: moves the engine to a new handle capsule (see NbdBackend.lend).
+        #: While lent: moves the engine to a new handle (see NbdBackend.lend).
         self.switch: Callable[[Any], bool] | None = None
         self.reconnects = 0
         self.refused = 0  # reconnects refused because the export changed
@@ -578,7 +578,7 @@ class _Connection:
         and the old handle kept, when they did not finish within ``timeout``."""
         if self._native:  # the engine drains its commands, then takes the new handle
             switch = self.switch
-            if switch is None or not switch(handle._o):
+            if switch is None or not switch(handle):
                 return False
             with self._lock:
                 old_handle, self._handle = self._handle, handle
@@ -742,22 +742,21 @@ class NbdBackend(LaterBackend):
     # -- native engines -----------------------------------------------------------------
 
     def lend(self, queue: int, switch: Callable[[Any], bool]) -> Any:
-        """Queue ``queue``'s connection for a native engine: the handle's capsule (None while
-        down); NbdError if it cannot be lent now (see ``_Connection.lend``). ``switch``
-        moves the engine to a new handle's capsule once its commands are done (False: it
-        could not), for a resize."""
+        """Queue ``queue``'s connection for a native engine: the binding's handle (None while
+        down), which the engine keeps alive while it uses it; NbdError if it cannot be lent
+        now (see ``_Connection.lend``). ``switch`` moves the engine to a new handle once its
+        commands are done (False: it could not), for a resize."""
         conn = self.connections[queue]
         handle = conn.lend()
         conn.switch = switch
-        return None if handle is None else handle._o
+        return handle
 
     def give_back(self, queue: int, reusable: bool) -> None:
         self.connections[queue].give_back(reusable)
 
     def reconnect_native(self, queue: int, should_stop: Callable[[], bool]) -> Any:
-        """The engine of ``queue`` lost its connection: a new one's capsule, or None."""
-        handle = self.connections[queue].reconnect_now(should_stop)
-        return None if handle is None else handle._o
+        """The engine of ``queue`` lost its connection: a new handle, or None."""
+        return self.connections[queue].reconnect_now(should_stop)
 
     def call_and_wait(self, queue: int, call: str, args: tuple[object, ...]) -> None:
         """As LaterBackend's; on a lent connection this thread drives the socket itself (the

@@ -444,8 +444,8 @@ static PyObject *Engine_set_regions(Engine *e, PyObject *regions)
     Py_RETURN_NONE;
 }
 
-/* A new NBD connection (the binding's handle capsule; None: none yet): the requests parked
- * on the lost one are sent on it (and park again if it is lost too). */
+/* A new NBD connection (the binding's NBD object; None: none yet): the requests parked on
+ * the lost one are sent on it (and park again if it is lost too). */
 static PyObject *Engine_set_nbd(Engine *e, PyObject *capsule)
 {
     if (e->running || e->closed || e->backend != BACKEND_NBD) {
@@ -577,7 +577,7 @@ static PyMethodDef Engine_methods[] = {
      "set_position(last_avail, used_idx, signalled_used)"},
     {"counters", (PyCFunction)Engine_counters, METH_NOARGS, "the counters as a dict"},
     {"set_nbd", (PyCFunction)Engine_set_nbd, METH_O,
-     "set_nbd(handle capsule or None): a new NBD connection; parked requests are sent on it"},
+     "set_nbd(NBD handle or None): a new NBD connection; parked requests are sent on it"},
     {"fail_parked", (PyCFunction)Engine_fail_parked, METH_NOARGS,
      "the requests parked for a lost NBD connection fail with IOERR"},
     {NULL, NULL, 0, NULL},

@@ -79,11 +79,11 @@ class Engine:
         # kernel had failed them with EFAULT
         test_efault: int = ...,
         nowait: bool = ...,
-        # backend=BACKEND_NBD with aio=AIO_NBD (only in _splitblk_full): the capsule of a
-        # libnbd handle ready for commands (the binding's NBD()._o; None: no connection
-        # yet), whose socket the engine alone polls; reads, writes and flushes become its
-        # asynchronous commands. nbd_fua: writes carry FUA; reads and writes over nbd_max
-        # bytes go to Python (RUN_DEFER).
+        # backend=BACKEND_NBD with aio=AIO_NBD (only in _splitblk_full): a libnbd handle
+        # ready for commands (the binding's NBD object, kept alive by the engine, or its
+        # capsule; None: no connection yet), whose socket the engine alone polls; reads,
+        # writes and flushes become its asynchronous commands. nbd_fua: writes carry FUA;
+        # reads and writes over nbd_max bytes go to Python (RUN_DEFER).
         nbd: Any = ...,
         nbd_fua: bool = ...,
         nbd_max: int = ...
@@ -123,7 +123,7 @@ class Engine:
     def abandon(self) -> None: ...
     # The requests in flight now complete with IOERR whatever the backend returns.
     def poison_in_flight(self) -> None: ...
-    # When run() is not running: a new NBD connection (a handle capsule, or None); the
+    # When run() is not running: a new NBD connection (an NBD object, or None); the
     # parked requests are sent on it. Completions are pushed and published: take the
     # engine's position into the ring afterwards.
     def set_nbd(self, handle: Any, /) -> None: ...

@@ -155,7 +155,7 @@ def build(
     through the engine's own; an EFAULT makes it copy from then on); ``bounce`` copies from
     the start. ``inflight`` (``ring.num`` bytes) is the map of heads in flight shared with
     the Python ring; the engine allocates its own without it. An NBD backend's engine
-    (``aio=AIO_NBD``) takes ``nbd``, the capsule of the connection it is lent (None: down)."""
+    (``aio=AIO_NBD``) takes ``nbd``, the binding's handle it is lent (None: down)."""
     assert _splitblk is not None and isinstance(memory, RegionMap)
     last_avail, used, signalled = ring.position()
     irq_fd, irq_request = irq if irq is not None else (-1, 0)

@@ -172,7 +172,7 @@ typedef struct Engine {
     int ring_ok;        /* the io_uring above exists */
     /* the NBD path (splitblk_nbd.c) */
     void *nbd;          /* struct nbd_handle *, NULL while there is no connection */
-    PyObject *nbd_owner; /* the binding's handle capsule, which keeps it open */
+    PyObject *nbd_owner; /* the binding's NBD object, which keeps the handle open */
     uint64_t nbd_gen;   /* bumped when a connection is lost or replaced */
     int nbd_dead;       /* lost: new requests park; run() returns RUN_NBD_LOST */
     int nbd_fua;        /* writes carry NBD_CMD_FLAG_FUA (the server has FUA, no flush) */
@@ -299,7 +299,7 @@ void sb_uring_cancel_all(Engine *e);
 
 /* -- splitblk_nbd.c (stubs without SB_NBD) ------------------------------------------------ */
 
-int sb_nbd_set(Engine *e, PyObject *capsule); /* with the GIL, not running; -1: exception */
+int sb_nbd_set(Engine *e, PyObject *handle); /* with the GIL, not running; -1: exception */
 void sb_nbd_release(Engine *e);               /* with the GIL */
 void sb_nbd_start(Engine *e, Req *r);         /* send r's command, or park it */
 uint32_t sb_nbd_reap(Engine *e);              /* complete the requests whose reply came */

@@ -4,9 +4,9 @@
  * without it every entry point below is a stub and the constructor refuses BACKEND_NBD).
  *
  * The connection is made, checked and remade by Python (pyvduse/backend/nbd.py): the engine
- * gets a handle that is ready for commands, through the capsule of libnbd's Python binding
+ * gets a handle that is ready for commands, through the binding's NBD object and its capsule
  * (the binding and this extension load the same libnbd.so, so the handle is the same
- * object), and owns its socket while it runs: no other thread polls it. A request taken from
+ * object; the engine keeps the NBD object, whose __del__ closes it), and owns its socket: no other thread polls it. A request taken from
  * the ring becomes one command, sent at once by libnbd on the engine's thread, straight from
  * or into driver memory when the data is one piece (through the request's buffer otherwise);
  * the serving loop polls the socket beside the kick and stop fds and hands libnbd what is
@@ -36,18 +36,26 @@ static int connection_error(int err)
            err == ECONNABORTED || err == ECONNREFUSED || err == ETIMEDOUT;
 }
 
-int sb_nbd_set(Engine *e, PyObject *capsule)
+/* handle: the binding's NBD object (kept, so that its __del__, which closes the handle,
+ * cannot run while the engine uses it), its capsule, or None. */
+int sb_nbd_set(Engine *e, PyObject *handle)
 {
     struct nbd_handle *h = NULL;
-    if (capsule != Py_None) {
+    if (handle != Py_None) {
+        PyObject *capsule = handle;
+        if (!PyCapsule_CheckExact(handle) &&
+            (capsule = PyObject_GetAttrString(handle, "_o")) == NULL)
+            return -1;
         h = PyCapsule_GetPointer(capsule, "nbd_handle");
+        if (capsule != handle)
+            Py_DECREF(capsule); /* the object keeps it */
         if (h == NULL)
             return -1;
-        Py_INCREF(capsule);
+        Py_INCREF(handle);
     }
     sb_nbd_release(e);
     e->nbd = h;
-    e->nbd_owner = h != NULL ? capsule : NULL;
+    e->nbd_owner = h != NULL ? handle : NULL;
     e->nbd_gen++;
     e->nbd_dead = h == NULL || nbd_aio_is_dead(h) || nbd_aio_is_closed(h);
     return 0;
