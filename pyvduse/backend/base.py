@@ -15,6 +15,7 @@ coroutine each.
 
 from __future__ import annotations
 
+import errno
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -64,6 +65,10 @@ class Backend(ABC):
         """Release what the backend holds."""
 
 
+def _until_set(finished: threading.Event) -> None:
+    finished.wait()
+
+
 class LaterBackend(Backend):
     """A backend whose calls complete later: ``start`` begins one and returns at once.
 
@@ -80,6 +85,14 @@ class LaterBackend(Backend):
 
     def call_and_wait(self, queue: int, call: str, args: tuple[object, ...]) -> None:
         """Start ``call`` for ``queue`` and wait for it; raises its error."""
+        error = self.run_call(queue, call, args, _until_set)
+        if error is not None:
+            raise error
+
+    def run_call(self, queue: int, call: str, args: tuple[object, ...],
+                 wait: Callable[[threading.Event], None]) -> BaseException | None:
+        """Start ``call``, then ``wait(finished)``; its error (an OSError if ``wait``
+        returned before it finished), or None."""
         finished = threading.Event()
         outcome: list[BaseException | None] = []
 
@@ -88,9 +101,8 @@ class LaterBackend(Backend):
             finished.set()
 
         self.start(queue, call, args, done)
-        finished.wait()
-        if outcome[0] is not None:
-            raise outcome[0]
+        wait(finished)
+        return outcome[0] if outcome else OSError(errno.ETIMEDOUT, f"{call} did not finish")
 
     def readv(self, offset: int, bufs: list[memoryview]) -> None:
         self.call_and_wait(0, "readv", (offset, bufs))

@@ -422,7 +422,6 @@ class _Connection:
     def _reconnect(self) -> None:
         """Try to reconnect until it works, the window ends, or the connection closes."""
         backend = self.backend
-        backoff = BACKOFF_FIRST
         while True:
             with self._lock:
                 if self._closed or self._native:
@@ -431,29 +430,12 @@ class _Connection:
             if since is None:  # down, nothing waits: sleep until a request comes
                 self._sleep(3600.0)
                 continue
-            deadline = since + backend.reconnect_seconds
-            try:
-                handle = connect(self.nbd, backend.uri,
-                                 max(min(CONNECT_TIMEOUT, deadline - time.monotonic()), 0.2),
-                                 name=f"pyvduse-{self.index}",
-                                 should_stop=lambda: self._native or self._closed)
-            except NbdError as e:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self._fail_waiting(f"no server within {backend.reconnect_seconds:g} s "
-                                       f"({e})")
-                    return
-                self._sleep(min(backoff, left))
-                backoff = min(backoff * 2, BACKOFF_MAX)
-                continue
-            changed = backend.expected().differences(ExportInfo.of(handle, self.nbd))
-            if changed:
-                self.refused += 1
-                log.error("%s: the server came back with a different export (%s): refused, "
-                          "requests fail until it serves the same disk", backend.safe_uri,
-                          ", ".join(changed))
-                del handle
-                self._fail_waiting("the export changed")
+            handle = self._connect_within(since + backend.reconnect_seconds,
+                                          lambda: self._native or self._closed, self._sleep)
+            if handle is None:
+                return
+            if isinstance(handle, str):
+                self._fail_waiting(handle)
                 return
             with self._lock:
                 if self._closed or self._native:
@@ -513,7 +495,6 @@ class _Connection:
         backend = self.backend
         started = time.monotonic()
         deadline = started + backend.reconnect_seconds
-        backoff = BACKOFF_FIRST
         with self._lock:
             current = self._handle
             if current is not None and not (current.aio_is_dead() or current.aio_is_closed()):
@@ -522,6 +503,30 @@ class _Connection:
             self._down_since = started
         log.warning("%s: connection %d lost; requests wait while it reconnects (up to %g s)",
                     backend.safe_uri, self.index, backend.reconnect_seconds)
+        handle = self._connect_within(deadline, should_stop, time.sleep)
+        if not isinstance(handle, str) and handle is not None:
+            with self._lock:
+                self._handle = handle
+                self._generation += 1
+                self._down_since = None
+            self.reconnects += 1
+            log.warning("%s: connection %d back after %.1f s", backend.safe_uri, self.index,
+                        time.monotonic() - started)
+            return handle
+        with self._lock:
+            self._down_since = None
+        if isinstance(handle, str):
+            self.failed_waiting += 1
+            log.error("%s: %s: the waiting requests fail; the next request tries again",
+                      backend.safe_uri, handle)
+        return None
+
+    def _connect_within(self, deadline: float, should_stop: Callable[[], bool],
+                        sleep: Callable[[float], None]) -> Any:
+        """Connect with backoff until ``deadline``: a handle to the same export; a string
+        saying why not (no server in time, the export changed); None when told to stop."""
+        backend = self.backend
+        backoff = BACKOFF_FIRST
         while not should_stop():
             try:
                 handle = connect(self.nbd, backend.uri,
@@ -530,14 +535,8 @@ class _Connection:
             except NbdError as e:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    with self._lock:
-                        self._down_since = None
-                    self.failed_waiting += 1
-                    log.error("%s: no server within %g s (%s): the waiting requests fail; "
-                              "the next request tries again", backend.safe_uri,
-                              backend.reconnect_seconds, e)
-                    return None
-                time.sleep(min(backoff, left))
+                    return f"no server within {backend.reconnect_seconds:g} s ({e})"
+                sleep(min(backoff, left))
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
             changed = backend.expected().differences(ExportInfo.of(handle, self.nbd))
@@ -546,16 +545,7 @@ class _Connection:
                 log.error("%s: the server came back with a different export (%s): refused, "
                           "requests fail until it serves the same disk", backend.safe_uri,
                           ", ".join(changed))
-                with self._lock:
-                    self._down_since = None
-                return None
-            with self._lock:
-                self._handle = handle
-                self._generation += 1
-                self._down_since = None
-            self.reconnects += 1
-            log.warning("%s: connection %d back after %.1f s", backend.safe_uri, self.index,
-                        time.monotonic() - started)
+                return "the export changed"
             return handle
         return None
 
@@ -766,7 +756,7 @@ class NbdBackend(LaterBackend):
             super().call_and_wait(queue, call, args)
             return
         for attempt in range(2):
-            error = self._call_polling(conn, queue, call, args)
+            error = self.run_call(queue, call, args, conn.poll_until)
             if (attempt == 0 and isinstance(error, OSError)
                     and error.errno in CONNECTION_ERRNOS):
                 # the engine is not running: reconnect here (it takes the new handle)
@@ -776,19 +766,6 @@ class NbdBackend(LaterBackend):
             if error is not None:
                 raise error
             return
-
-    def _call_polling(self, conn: _Connection, queue: int, call: str,
-                      args: tuple[object, ...]) -> BaseException | None:
-        finished = threading.Event()
-        outcome: list[BaseException | None] = []
-
-        def done(error: BaseException | None) -> None:
-            outcome.append(error)
-            finished.set()
-
-        self.start(queue, call, args, done)
-        conn.poll_until(finished)
-        return outcome[0] if outcome else OSError(errno.ENOTCONN, "not connected")
 
     def status(self) -> dict[str, object]:
         """For ``ctl status``: the export and each connection's state (never blocks)."""

@@ -6,10 +6,11 @@
  * The connection is made, checked and remade by Python (pyvduse/backend/nbd.py): the engine
  * gets a handle that is ready for commands, through the binding's NBD object and its capsule
  * (the binding and this extension load the same libnbd.so, so the handle is the same
- * object; the engine keeps the NBD object, whose __del__ closes it), and owns its socket: no other thread polls it. A request taken from
- * the ring becomes one command, sent at once by libnbd on the engine's thread, straight from
- * or into driver memory when the data is one piece (through the request's buffer otherwise);
- * the serving loop polls the socket beside the kick and stop fds and hands libnbd what is
+ * object; the engine keeps the NBD object, whose __del__ closes it), and owns its socket:
+ * no other thread polls it. A request taken from the ring becomes one command, sent at once
+ * by libnbd on the engine's thread, straight from or into driver memory when the data is one
+ * piece or pieces end to end (through the request's buffer otherwise); the serving loop
+ * polls the socket beside the kick and stop fds and hands libnbd what is
  * ready (nbd_aio_notify_read/write); libnbd then calls each finished command's completion,
  * which only records it (nbd_ready: the completion may also run in Python's hands, while it
  * serves a chain this path left it, when the ring is not ours to write), and the loop
@@ -116,6 +117,16 @@ static void fail(Engine *e, Req *r, int err)
     sb_finish(e, r, S_IOERR, 0);
 }
 
+/* Whether the pieces lie end to end in our address space (VDUSE's bounce pages for
+ * consecutive IOVAs usually do): then they are one buffer for libnbd. */
+static int contiguous(const struct iovec *iov, int n)
+{
+    for (int k = 1; k < n; k++)
+        if ((uint8_t *)iov[k - 1].iov_base + iov[k - 1].iov_len != (uint8_t *)iov[k].iov_base)
+            return 0;
+    return 1;
+}
+
 /* Send r's command; 0, or the errno of a command libnbd refused. */
 static int send_command(Engine *e, Req *r)
 {
@@ -128,8 +139,8 @@ static int send_command(Engine *e, Req *r)
     if (r->rtype == T_FLUSH) {
         cookie = nbd_aio_flush(e->nbd, cb, 0);
     } else {
-        if (r->niov == 1 && !r->bounced) {
-            buf = r->iov[0].iov_base;
+        if (!r->bounced && contiguous(r->iov, r->niov)) {
+            buf = r->iov[0].iov_base; /* one piece (or pieces end to end in our memory) */
         } else { /* one command for the whole request, through its buffer */
             if (sb_buffer(e, r, (size_t)r->len) != 0) {
                 r->nbd_state = NBD_IDLE;

@@ -68,11 +68,7 @@ class Nbdkit:
                                      stderr=subprocess.PIPE)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            if self.port:
-                with socket.socket() as s:
-                    if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                        return
-            elif self.sock.exists():
+            if _accepts(self.port, self.sock):
                 return
             assert self.proc.poll() is None, self.proc.stderr.read() if self.proc.stderr else ""
             time.sleep(0.01)
@@ -87,6 +83,12 @@ class Nbdkit:
         self.kill()
         assert self.proc is not None and self.proc.stderr is not None
         return self.proc.stderr.read().decode()
+
+
+def _accepts(port: int, sock: Path | str) -> bool:
+    """Whether the server listens (its socket file appears before it does)."""
+    with (socket.socket() if port else socket.socket(socket.AF_UNIX)) as s:
+        return s.connect_ex(("127.0.0.1", port) if port else str(sock)) == 0
 
 
 def _free_port() -> int:

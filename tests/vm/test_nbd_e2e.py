@@ -51,11 +51,7 @@ class Server:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log.read_text()
-            if self.port:
-                with socket.socket() as s:
-                    if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                        return
-            elif Path(SOCK).exists():
+            if accepts(self.port, SOCK):
                 return
             time.sleep(0.05)
         raise AssertionError(f"{self.argv[0]} did not start")
@@ -64,6 +60,12 @@ class Server:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def accepts(port: int, sock: str) -> bool:
+    """Whether the server listens (its socket file appears before it does)."""
+    with (socket.socket() if port else socket.socket(socket.AF_UNIX)) as s:
+        return s.connect_ex(("127.0.0.1", port) if port else sock) == 0
 
 
 @contextlib.contextmanager
