@@ -74,9 +74,10 @@ def run_native(engine: Engine, ring: SplitQueue, inflight: InflightLog | None,
         take_position()
         if code == native.RUN_STOPPED:
             return
-        if code == native.RUN_NBD_LOST and nbd_lost is not None:
-            nbd_lost()
-            take_position()  # requests failed or completed meanwhile were published
+        if code == native.RUN_NBD_LOST:
+            if nbd_lost is not None:
+                nbd_lost()
+                take_position()  # requests failed or completed meanwhile were published
             continue
         if not serve_one():  # the loop saw a chain there a moment ago
             raise RingError("the avail index went backwards")
