@@ -65,6 +65,11 @@ class Backend(ABC):
         """Release what the backend holds."""
 
 
+class CallAbandoned(Exception):
+    """A call was left running because its queue is stopping: the request must not be
+    completed (its memory is fenced, as for any request abandoned at a stop)."""
+
+
 def _until_set(finished: threading.Event) -> None:
     finished.wait()
 

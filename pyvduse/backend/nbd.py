@@ -44,7 +44,7 @@ from types import ModuleType
 from typing import Any
 
 from pyvduse.backend import nbd_binding, nbd_uri
-from pyvduse.backend.base import Done, LaterBackend
+from pyvduse.backend.base import CallAbandoned, Done, LaterBackend
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,13 @@ def connect(nbd: ModuleType, uri: str, timeout: float, name: str = "pyvduse",
     return handle
 
 
+def _sleep_unless(seconds: float, should_stop: Callable[[], bool]) -> None:
+    """Sleep, checking ``should_stop`` every 50 ms (a reset must not wait for a backoff)."""
+    deadline = time.monotonic() + seconds
+    while not should_stop() and (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(left, 0.05))
+
+
 def _describe(e: Any) -> str:
     text = str(getattr(e, "string", None) or e)
     return text.rstrip(".")
@@ -227,6 +234,8 @@ class _Connection:
         self._thread_idle = threading.Event()  # our thread has seen ``_native`` and sleeps
         #: While lent: moves the engine to a new handle (see NbdBackend.lend).
         self.switch: Callable[[Any], bool] | None = None
+        #: While lent: whether the engine's queue is stopping (a wait of ours gives up).
+        self.stopping: Callable[[], bool] | None = None
         self.reconnects = 0
         self.refused = 0  # reconnects refused because the export changed
         self.failed_waiting = 0  # requests failed because no server came back in time
@@ -483,6 +492,7 @@ class _Connection:
         with self._lock:
             self._native = False
             self.switch = None
+            self.stopping = None
             self._generation += 1
             if not reusable:
                 self._handle = None
@@ -503,7 +513,8 @@ class _Connection:
             self._down_since = started
         log.warning("%s: connection %d lost; requests wait while it reconnects (up to %g s)",
                     backend.safe_uri, self.index, backend.reconnect_seconds)
-        handle = self._connect_within(deadline, should_stop, time.sleep)
+        handle = self._connect_within(deadline, should_stop,
+                                      lambda seconds: _sleep_unless(seconds, should_stop))
         if not isinstance(handle, str) and handle is not None:
             with self._lock:
                 self._handle = handle
@@ -551,8 +562,10 @@ class _Connection:
 
     def poll_until(self, finished: threading.Event) -> None:
         """While lent, on the engine's thread (it is not running): drive the socket until
-        ``finished`` (a command of ours completed or failed)."""
+        ``finished`` (a command of ours completed or failed), or the queue is stopping."""
         while not finished.is_set():
+            if self.stopping is not None and self.stopping():
+                return
             with self._lock:
                 handle = self._handle
             if handle is None:
@@ -731,14 +744,17 @@ class NbdBackend(LaterBackend):
 
     # -- native engines -----------------------------------------------------------------
 
-    def lend(self, queue: int, switch: Callable[[Any], bool]) -> Any:
+    def lend(self, queue: int, switch: Callable[[Any], bool],
+             stopping: Callable[[], bool] | None = None) -> Any:
         """Queue ``queue``'s connection for a native engine: the binding's handle (None while
         down), which the engine keeps alive while it uses it; NbdError if it cannot be lent
         now (see ``_Connection.lend``). ``switch`` moves the engine to a new handle once its
-        commands are done (False: it could not), for a resize."""
+        commands are done (False: it could not), for a resize; ``stopping`` says the queue is
+        stopping: a call Python waits for on its thread is then abandoned (CallAbandoned)."""
         conn = self.connections[queue]
         handle = conn.lend()
         conn.switch = switch
+        conn.stopping = stopping
         return handle
 
     def give_back(self, queue: int, reusable: bool) -> None:
@@ -757,6 +773,8 @@ class NbdBackend(LaterBackend):
             return
         for attempt in range(2):
             error = self.run_call(queue, call, args, conn.poll_until)
+            if conn.stopping is not None and conn.stopping():
+                raise CallAbandoned(f"{call} left running: the queue is stopping")
             if (attempt == 0 and isinstance(error, OSError)
                     and error.errno in CONNECTION_ERRNOS):
                 # the engine is not running: reconnect here (it takes the new handle)

@@ -23,7 +23,7 @@ from pyvduse.abi.virtio import (
     DeviceId,
     bit,
 )
-from pyvduse.backend.base import Backend, LaterBackend
+from pyvduse.backend.base import Backend, CallAbandoned, LaterBackend
 from pyvduse.device.base import REQUIRED_FEATURES, DeviceSpec, VirtioDevice
 from pyvduse.device.request import Request
 from pyvduse.ratelimit import RateLimitedLogger
@@ -297,6 +297,8 @@ class BlkDevice(VirtioDevice):
                     backend.call_and_wait(planned.queue, fn.__name__, args)
                 else:
                     fn(*args)
+        except CallAbandoned:
+            raise  # the queue is stopping: the runtime drops the request
         except Exception as e:
             return self._finish(planned, self._failure(planned, e), locked=True)
         return self._finish(planned, OK, planned.written, locked=True)

@@ -101,6 +101,8 @@ static void lost(Engine *e)
         if (r->state == REQ_ASYNC && r->nbd_state == NBD_SENT)
             park(e, r);
     }
+    if (e->abandoned) /* nobody will resend them: dropped, so the engine can end */
+        sb_nbd_fail_parked(e, 1);
 }
 
 static void check_alive(Engine *e)

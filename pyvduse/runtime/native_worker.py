@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pyvduse.backend.base import CallAbandoned
 from pyvduse.backend.file import FileBackend
 from pyvduse.backend.nbd import NbdBackend, NbdError
 from pyvduse.device.blk import BlkDevice, BlkStats, bad_request_log
@@ -120,7 +121,7 @@ class NativeQueueWorker(QueueWorker):
         if self.nbd is not None:
             aio = native.AIO_NBD
             try:
-                nbd_handle = self.nbd.lend(index, self._switch_nbd)
+                nbd_handle = self.nbd.lend(index, self._switch_nbd, self._inline_gives_up)
             except NbdError as e:
                 self._close_affinity()
                 raise ValueError(str(e)) from None
@@ -144,6 +145,7 @@ class NativeQueueWorker(QueueWorker):
         self.memory = memory
         self.deferred = 0  # chains the native loop left to Python
         self.abandoned_native = 0  # the engine's requests dropped at a stop
+        self._give_up_at: float | None = None  # stopping: when an inline request is dropped
         self._engine_live = True  # its counters are not yet folded into ours
         device.stats_sources[index] = self._engine_stats
 
@@ -279,6 +281,14 @@ class NativeQueueWorker(QueueWorker):
         elif not (self._stopping or self._pause_wanted):
             self.engine.fail_parked()
 
+    def _inline_gives_up(self) -> bool:
+        """Stopping, and the request Python serves inline has had the grace period."""
+        if not self._stopping:
+            return False
+        if self._give_up_at is None:
+            self._give_up_at = time.monotonic() + self._grace
+        return time.monotonic() >= self._give_up_at
+
     def _switch_nbd(self, handle: object, timeout: float = 5.0) -> bool:
         """From another thread (a resize): pause, let the engine's NBD commands finish on
         the old handle, give it the new one, resume. False (nothing changed) when they did
@@ -324,7 +334,7 @@ class NativeQueueWorker(QueueWorker):
                 left = self.engine.wait_idle(int(self._grace * 1e9))
                 if left:
                     self.engine.abandon()
-                    self.abandoned_native = left
+                    self.abandoned_native += left
                     log.warning("queue %d: %d request(s) still in flight after %.1f s; "
                                 "their results will be dropped", self.index, left,
                                 self._grace)
@@ -361,6 +371,11 @@ class NativeQueueWorker(QueueWorker):
         c.depth_sum += 1
         try:
             written = self.blk.handle(self.index, chain)
+        except CallAbandoned:  # stopping with it at the server: dropped, its memory fenced
+            self.abandoned_native += 1
+            log.warning("queue %d: request %d still at the backend while stopping; its "
+                        "result will be dropped", self.index, chain.head)
+            return
         except Exception as e:  # the device's bug fails this request, not the queue
             bad_request_log.warning("queue %d: request %d failed: %s: %s", self.index,
                                     chain.head, type(e).__name__, e)

@@ -122,6 +122,11 @@ def engines(rig: ModelRig) -> set[str]:
 
 # -- without a server ----------------------------------------------------------------------
 
+def test_the_native_nbd_path_is_built_where_ci_requires_it() -> None:
+    if os.environ.get("PYVDUSE_REQUIRE_NATIVE") == "1" and Path("/usr/include/libnbd.h").exists():
+        assert native.nbd_built(), "pip install did not build pyvduse.fastpath._splitblk_full"
+
+
 def test_uris_are_checked_and_shown_without_credentials() -> None:
     assert nbd_uri.redact("nbds://alice@disk.example:10810/vol?tls-psk-file=/k.psk") == \
         "nbds://disk.example:10810/vol"
@@ -394,3 +399,27 @@ def test_close_with_the_server_gone_does_not_wait(sock_dir: Path,
     started = time.monotonic()
     b.close()
     assert failed.wait(1) and time.monotonic() - started < 2
+
+
+@needs_nbd
+def test_a_reset_with_commands_at_a_hung_server_abandons_them_and_serves_on(
+        sock_dir: Path, nbdkit: list[Nbdkit]) -> None:
+    """The driver resets the device while the server holds reads for 3 s: the queue gives
+    them the grace period (also the one Python serves inline), drops them (their memory
+    fenced), answers in time, and the backend serves on."""
+    server = Nbdkit(sock_dir, "--filter=delay", "memory", "4M", "delay-read=3")
+    nbdkit.append(server)
+    b = NbdBackend(server.uri)
+    opts = nbd_options(b, BlkOptions())
+    with ModelRig(BlkDevice(b, opts), msg_timeout=2.0) as rig:
+        q = BlkDriver(rig.kernel).virtio.queues[0]
+        for i in range(8):
+            q.submit([vb.OUTHDR.pack(vb.ReqType.IN, 0, i * 8)], [4096, 1])
+        time.sleep(0.3)
+        started = time.monotonic()
+        rig.kernel.set_status(0)  # the driver resets the device
+        assert 0.9 < time.monotonic() - started < 1.9  # the grace (half msg_timeout), not 3 s
+        assert not rig.kernel.broken
+    m = memoryview(bytearray(512))
+    b.readv(0, [m])  # the backend serves on, on a connection of its own
+    b.close()
