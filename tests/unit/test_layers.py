@@ -1,10 +1,11 @@
 """The package's layers: a module imports only from its own package or a lower layer.
 
 From the bottom: the kernel ABI and small utilities; the ring engine; backends; devices; the
-native data path; transports; the runtime (and, beside it, the model's drivers, which drive a
-transport from the other side); operations; the embeddable daemon; the test kit and the test
-VM; the command line; the package's public face. A package may not import a sibling of its own layer either: the runtime knows nothing of
-the model's drivers, and they nothing of it. Imports under ``if TYPE_CHECKING:`` count too.
+native data path; transports; the runtime (and, beside it, the model's drivers, which drive
+a transport from the other side); operations; the embeddable daemon; the test kit and the
+test VM; the command line; the package's public face. A package may not import a sibling of
+its own layer either: the runtime knows nothing of the model's drivers, and they nothing of
+it. Imports under ``if TYPE_CHECKING:`` count too.
 """
 
 from __future__ import annotations
