@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import logging
 import os
@@ -13,8 +14,12 @@ from pyvduse.abi.vduse import MAX_BOUNCE_SIZE, MIN_BOUNCE_SIZE
 from pyvduse.backend.base import Backend
 from pyvduse.backend.file import FileBackend
 from pyvduse.backend.memory import MemoryBackend
+from pyvduse.backend.nbd import DEFAULT_RECONNECT_SECONDS, NbdBackend, NbdError
+from pyvduse.backend.nbd_binding import NbdUnavailable
 from pyvduse.backend.null import NullBackend
+from pyvduse.cli import plugins
 from pyvduse.daemon import Daemon, check_bind, check_kernel, check_name
+from pyvduse.device.base import VirtioDevice
 from pyvduse.device.blk import BlkConfigError, BlkDevice, BlkOptions
 from pyvduse.errors import UserError
 from pyvduse.fastpath import engine as native
@@ -38,10 +43,29 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                        description="Create a VDUSE virtio-blk device, attach it to the vdpa "
                        "bus and serve it until SIGINT or SIGTERM.")
     p.add_argument("--name", required=True, help="device name (/dev/vduse/NAME, vdpa NAME)")
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--file", metavar="PATH", help="raw image file or block device to serve")
     src.add_argument("--memory", metavar="SIZE", help="serve SIZE bytes of RAM (e.g. 1G)")
     src.add_argument("--null", metavar="SIZE", help="discard writes, read zeroes, SIZE bytes")
+    src.add_argument("--nbd", metavar="URI",
+                     help="serve an NBD server's export through libnbd: nbd://HOST[:PORT]/EXPORT, "
+                     "nbds://... (TLS), nbd+unix:///EXPORT?socket=PATH")
+    src.add_argument("--backend", metavar="MODULE:CLASS",
+                     help="a backend of your own: a pyvduse.Backend subclass in an importable "
+                     "module or a FILE.py, constructed with the --backend-arg values")
+    p.add_argument("--backend-arg", action="append", metavar="KEY=VALUE",
+                   help="an argument of --backend's constructor (repeat for more; converted "
+                   "by its annotations: int, float, bool, Path)")
+    p.add_argument("--device", metavar="MODULE:CLASS",
+                   help="a device of your own (a pyvduse.VirtioDevice subclass), constructed "
+                   "with the --device-arg values, and backend= and options= when it takes "
+                   "them (the backend from --file, --memory, ...)")
+    p.add_argument("--device-arg", action="append", metavar="KEY=VALUE",
+                   help="an argument of --device's constructor (repeat for more)")
+    p.add_argument("--nbd-reconnect", type=float, default=DEFAULT_RECONNECT_SECONDS,
+                   metavar="SECONDS", help="--nbd: when the server goes away, requests wait "
+                   "this long while pyvduse reconnects, then fail (default "
+                   f"{DEFAULT_RECONNECT_SECONDS:g})")
     p.add_argument("--readonly", action="store_true", help="offer the device read-only")
     p.add_argument("--queues", type=int, default=1, metavar="N", help="virtqueues (default 1)")
     p.add_argument("--queue-size", type=int, default=256, metavar="N",
@@ -135,8 +159,25 @@ def ops_options(args: argparse.Namespace) -> OpsOptions:
     return ops
 
 
-def make_backend(args: argparse.Namespace) -> Backend:
-    """The backend the arguments ask for; UserError on a missing file or bad size."""
+def make_backend(args: argparse.Namespace) -> Backend | None:
+    """The backend the arguments ask for; UserError on a missing file or bad size. None: a
+    --device plugin given no backend."""
+    if args.backend is not None:
+        cls = plugins.load_class(args.backend, "--backend")
+        if not issubclass(cls, Backend):
+            raise UserError(f"--backend {args.backend}: {cls.__name__} is not a backend (a "
+                            "subclass of pyvduse.Backend)")
+        backend: Backend = plugins.construct(cls, plugins.parse_args(args.backend_arg,
+                                                                     "--backend-arg"),
+                                             "--backend")
+        return backend
+    if args.backend_arg:
+        raise UserError("--backend-arg is for --backend")
+    if all(getattr(args, o) is None for o in ("file", "memory", "null", "nbd")):
+        if args.device is not None:
+            return None
+        raise UserError("say what to serve: --file PATH, --memory SIZE, --null SIZE, "
+                        "--nbd URI, --backend MODULE:CLASS or --device MODULE:CLASS")
     if args.file is not None:
         path = args.file
         if not os.path.exists(path):
@@ -156,6 +197,8 @@ def make_backend(args: argparse.Namespace) -> Backend:
                                 "filesystem does not support O_DIRECT; use --cache "
                                 "writeback") from None
             raise UserError(f"cannot open {path}: {e.strerror}") from None
+    if args.nbd is not None:
+        return make_nbd_backend(args)
     text = args.memory if args.memory is not None else args.null
     try:
         size = parse_size(text)
@@ -173,11 +216,68 @@ def make_backend(args: argparse.Namespace) -> Backend:
                         "size, or --file for a disk larger than this machine's memory") from None
 
 
-def build_device(args: argparse.Namespace, backend: Backend) -> BlkDevice:
+def make_nbd_backend(args: argparse.Namespace) -> NbdBackend:
+    """Connect to the NBD server (one connection per queue if it allows multi-conn)."""
+    if not 0 <= args.nbd_reconnect <= 86400:
+        raise UserError(f"--nbd-reconnect {args.nbd_reconnect:g} must be 0 to 86400 seconds")
+    try:
+        return NbdBackend(args.nbd, connections=args.queues,
+                          reconnect_seconds=args.nbd_reconnect)
+    except NbdUnavailable as e:
+        raise UserError(str(e)) from None
+    except ValueError as e:
+        raise UserError(f"--nbd: {e}") from None
+    except NbdError as e:
+        raise UserError(f"{e}: is the server running, and is this its address and export "
+                        "name?") from None
+
+
+def nbd_options(backend: NbdBackend, options: BlkOptions) -> BlkOptions:
+    """``options`` with what the server's export dictates: read-only, block sizes, which
+    requests it can serve."""
+    info = backend.info
+    block_size = options.block_size
+    if info.min_block > block_size:
+        if info.min_block > 4096 or info.min_block & (info.min_block - 1):
+            raise UserError(f"the NBD server's minimum block size {info.min_block} is more "
+                            "than virtio-blk's largest, 4096: it cannot be served")
+        log.info("block size %d: the NBD server's minimum", info.min_block)
+        block_size = info.min_block
+    if backend.size % block_size:
+        raise UserError(f"the NBD export's size {backend.size} is not a multiple of the block "
+                        f"size {block_size}: it cannot be served as a virtio-blk disk")
+    preferred = info.preferred_block
+    physical = (preferred if block_size < preferred <= 1 << 16
+                and not preferred & (preferred - 1) else 0)
+    if info.readonly and not options.readonly:
+        log.info("the NBD export is read-only: so is the device")
+    return dataclasses.replace(
+        options, readonly=options.readonly or info.readonly, block_size=block_size,
+        flush=info.can_flush, discard=info.can_trim, write_zeroes=info.can_zero,
+        physical_block_size=physical, opt_io_size=preferred if physical else 0)
+
+
+def build_device(args: argparse.Namespace, backend: Backend | None) -> VirtioDevice:
     options = BlkOptions(
         readonly=args.readonly, block_size=args.block_size, serial=args.serial,
         num_queues=args.queues, queue_size=args.queue_size, packed=args.packed,
     )
+    if isinstance(backend, NbdBackend):
+        options = nbd_options(backend, options)
+    if args.device is not None:
+        cls = plugins.load_class(args.device, "--device")
+        if not issubclass(cls, VirtioDevice):
+            raise UserError(f"--device {args.device}: {cls.__name__} is not a device (a "
+                            "subclass of pyvduse.VirtioDevice)")
+        extra: dict[str, object] = {"options": options}
+        if backend is not None:
+            extra["backend"] = backend
+        device: VirtioDevice = plugins.construct(
+            cls, plugins.parse_args(args.device_arg, "--device-arg"), "--device", extra)
+        return device
+    if args.device_arg:
+        raise UserError("--device-arg is for --device")
+    assert backend is not None
     try:
         return BlkDevice(backend, options)
     except BlkConfigError as e:
@@ -216,7 +316,8 @@ def run(args: argparse.Namespace) -> int:
                         bind=args.bind)
         return serve(daemon)
     finally:
-        backend.close()
+        if backend is not None:
+            backend.close()
 
 
 def serve(daemon: Daemon) -> int:
