@@ -298,7 +298,8 @@ def _serve_native(case: SplitCase, q: SplitQueue, dev: BlkDevice,
                   serve_one: Callable[[], bool], counts: list[int]) -> None:
     """The native loop with the Python engine for what it leaves; appends to ``counts``
     the chains the loop served (also when ``serve_one`` raises)."""
-    engine = native.build(dev, 0, q, case.arena.memory, None, None, lambda i: None,
+    engine = native.build(native.require_plan(dev), 0, q, case.arena.memory, None, None,
+                          lambda i: None,
                           lambda *e: None)
     kick, stop = os.eventfd(0), os.eventfd(1)  # stopped from the start: run() drains, returns
     try:

@@ -26,6 +26,7 @@ _EXPORTS = {
     "BlkOptions": "pyvduse.device.blk",
     # backends
     "Backend": "pyvduse.backend.base",
+    "LaterBackend": "pyvduse.backend.base",
     "FileBackend": "pyvduse.backend.file",
     "MemoryBackend": "pyvduse.backend.memory",
     "NullBackend": "pyvduse.backend.null",
@@ -78,6 +79,7 @@ __all__ = [
     "FileBackend",
     "KernelMissing",
     "KernelRefused",
+    "LaterBackend",
     "MemoryBackend",
     "MissingDependency",
     "ModelRig",
@@ -97,7 +99,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from pyvduse.backend.base import Backend
+    from pyvduse.backend.base import Backend, LaterBackend
     from pyvduse.backend.file import FileBackend
     from pyvduse.backend.memory import MemoryBackend
     from pyvduse.backend.null import NullBackend

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
+import io
 import logging
 import sys
 
@@ -101,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="pyvduse: %(levelname)s: %(message)s")
     logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug output is per message
+    # a crash in C (the native data path) says where, on stderr (when it is a file: not
+    # under a test's capture)
+    with contextlib.suppress(io.UnsupportedOperation, ValueError):
+        faulthandler.enable()
     try:
         return int(args.func(args))
     except PyvduseError as e:

@@ -145,3 +145,13 @@ def test_a_bad_name_is_a_config_error_naming_the_argument() -> None:
     with pytest.raises(ConfigError, match="cannot be a device name") as e:
         Daemon(BlkDevice(MemoryBackend(MiB)), "a/b", model=True)
     assert e.value.option == "name"
+
+
+def test_the_api_reference_documents_every_public_name() -> None:
+    from pathlib import Path
+
+    index = (Path(__file__).resolve().parents[2] / "docs" / "api" / "index.rst").read_text()
+    import re
+
+    documented = set(re.findall(r"^\.\. auto(?:class|function):: pyvduse\.(\w+)$", index, re.M))
+    assert documented == set(pyvduse.__all__) - {"__version__"}
