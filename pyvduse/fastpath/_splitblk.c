@@ -210,6 +210,7 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
             return -1;
         }
     }
+    e->ready = 1;
     return 0;
 }
 
@@ -275,7 +276,7 @@ static void Engine_dealloc(Engine *e)
 
 static int usable(Engine *e, int abandoned_ok)
 {
-    if (e->running || e->closed || e->num == 0) {
+    if (e->running || e->closed || !e->ready) {
         PyErr_SetString(PyExc_RuntimeError, "engine is running, closed or not initialised");
         return 0;
     }
@@ -391,8 +392,8 @@ static PyObject *Engine_resume(Engine *e, PyObject *unused)
 static PyObject *Engine_set_regions(Engine *e, PyObject *regions)
 {
     RegionSet *old, *rs;
-    if (e->running || e->closed || e->num == 0) {
-        PyErr_SetString(PyExc_RuntimeError, "engine is running");
+    if (e->running || e->closed || !e->ready) {
+        PyErr_SetString(PyExc_RuntimeError, "engine is running, closed or not initialised");
         return NULL;
     }
     if ((rs = sb_load_regions(regions)) == NULL)
@@ -421,8 +422,8 @@ static PyObject *Engine_position(Engine *e, PyObject *unused)
 static PyObject *Engine_set_position(Engine *e, PyObject *args)
 {
     unsigned short last_avail, used_idx, signalled;
-    if (e->running) {
-        PyErr_SetString(PyExc_RuntimeError, "engine is running");
+    if (e->running || !e->ready) {
+        PyErr_SetString(PyExc_RuntimeError, "engine is running or not initialised");
         return NULL;
     }
     if (!PyArg_ParseTuple(args, "HHH", &last_avail, &used_idx, &signalled))

@@ -179,6 +179,7 @@ typedef struct Engine {
     volatile int stop;
     volatile int pause; /* request_pause(): run() returns as for a stop, until resume() */
     int running, closed;
+    int ready; /* __init__ succeeded: a failed one leaves a half-built engine nothing may run */
     /* counters, written by the serving thread only */
     volatile uint64_t started;      /* t_take of the oldest in flight, 0: none */
     volatile uint64_t oldest_taken; /* take_no of the oldest in flight, 0: none */

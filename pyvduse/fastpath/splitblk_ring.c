@@ -130,7 +130,10 @@ RegionSet *sb_load_regions(PyObject *seq)
         if (PyObject_GetBuffer(buf, &rs->views[k], writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0)
             goto fail;
         rs->n = (int)k + 1;
-        if (last < start || (unsigned long long)rs->views[k].len != last - start + 1 ||
+        /* len - 1 against last - start: a region spanning the whole 64-bit space would make
+         * last - start + 1 wrap to 0 and pass for an empty buffer */
+        if (last < start || rs->views[k].len <= 0 ||
+            (unsigned long long)(rs->views[k].len - 1) != last - start ||
             (k > 0 && start <= rs->regions[k - 1].last)) {
             PyErr_SetString(PyExc_ValueError,
                             "regions must be sorted, disjoint and match their buffers");
