@@ -53,6 +53,9 @@
 #define LOG_COMPLETED 2
 
 #define MAX_SEGS 1024 /* per direction; more goes to the Python path, which splits */
+/* A used length is a u32: a chain whose writable buffers total more goes to the Python path,
+ * which refuses it (pyvduse/ring/descriptors.py MAX_WRITABLE) */
+#define MAX_WRITABLE 0xFFFFFFFFull
 #define HIST_BUCKETS 64
 
 /* Copying through the engine's own aligned buffers (direct I/O): a request moves through its
@@ -194,6 +197,7 @@ typedef struct Engine {
     /* scratch of the chain being taken */
     struct iovec rd[MAX_SEGS], wr[MAX_SEGS], tmp[MAX_SEGS];
     int nrd, nwr;
+    uint64_t wr_bytes; /* the writable descriptors' lengths added up (at most MAX_WRITABLE) */
 } Engine;
 
 /* -- little helpers ------------------------------------------------------------------- */

@@ -189,8 +189,11 @@ int sb_map_ring(Engine *e)
 
 static int add_desc(Engine *e, uint64_t addr, uint32_t len, uint16_t flags)
 {
-    if (flags & DESC_F_WRITE)
+    if (flags & DESC_F_WRITE) {
+        if ((e->wr_bytes += len) > MAX_WRITABLE)
+            return -1;
         return add_segments(e, addr, len, 1, e->wr, &e->nwr);
+    }
     if (e->nwr) /* readable after writable */
         return -1;
     return add_segments(e, addr, len, 0, e->rd, &e->nrd);
@@ -201,6 +204,7 @@ int sb_walk(Engine *e, uint16_t head)
 {
     uint32_t i = head, count = 0;
     e->nrd = e->nwr = 0;
+    e->wr_bytes = 0;
     for (;;) {
         const uint8_t *d;
         uint64_t addr;

@@ -52,7 +52,7 @@ from pyvduse.abi.virtio import (
     has,
 )
 from pyvduse.ring.chain import Chain
-from pyvduse.ring.descriptors import add_buffer, indirect_table
+from pyvduse.ring.descriptors import add_buffer, check_writable_total, indirect_table
 from pyvduse.ring.errors import ChainError, RingError
 from pyvduse.ring.memory import GuestMemory, MemoryFault
 from pyvduse.ring.packed_layout import (
@@ -204,6 +204,7 @@ class PackedQueue:
             except ChainError as e:
                 error = str(e)
         else:
+            wsum = 0  # bytes of device-writable buffers
             while True:
                 if error is None:
                     try:
@@ -219,6 +220,10 @@ class PackedQueue:
                             walk_indirect_packed(memory, table, readable, writable)
                         else:
                             add_buffer(memory, addr, length, flags, readable, writable)
+                            if flags & _WRITE:
+                                wsum += length
+                        if not flags & _NEXT:
+                            check_writable_total(wsum)
                     except ChainError as e:
                         error = str(e)
                 if not flags & _NEXT:

@@ -29,6 +29,7 @@ from pyvduse.abi.virtio import (
     VRING_DESC,
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
     VRING_USED_ELEM,
     VRING_USED_F_NO_NOTIFY,
     avail_ring_size,
@@ -37,7 +38,12 @@ from pyvduse.abi.virtio import (
     used_ring_size,
 )
 from pyvduse.ring.chain import Chain
-from pyvduse.ring.descriptors import add_buffer, indirect_table, walk_indirect
+from pyvduse.ring.descriptors import (
+    add_buffer,
+    check_writable_total,
+    indirect_table,
+    walk_indirect,
+)
 from pyvduse.ring.errors import ChainError, RingError
 from pyvduse.ring.memory import GuestMemory, MemoryFault
 from pyvduse.ring.stores import words16
@@ -193,6 +199,7 @@ class SplitQueue:
         memory, desc, num = self.memory, self.desc, self.num
         i = head
         count = 0
+        wsum = 0  # bytes of device-writable buffers
         while True:
             count += 1
             if count > num:
@@ -204,10 +211,13 @@ class SplitQueue:
                 if flags & VRING_DESC_F_NEXT:
                     raise ChainError("indirect descriptor with NEXT set")
                 table = indirect_table(memory, addr, length, num)
-                walk_indirect(memory, table, readable, writable, num - count + 1)
+                walk_indirect(memory, table, readable, writable, num - count + 1, wsum)
                 return
             add_buffer(memory, addr, length, flags, readable, writable)
+            if flags & VRING_DESC_F_WRITE:
+                wsum += length
             if not flags & VRING_DESC_F_NEXT:
+                check_writable_total(wsum)
                 return
             if nxt >= num:
                 raise ChainError(f"next {nxt} is outside the queue of {num}")

@@ -4,6 +4,9 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -14,14 +17,22 @@ from pyvduse.abi.virtio import (
     F_RING_EVENT_IDX,
     F_RING_INDIRECT_DESC,
     VRING_DESC,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    VRING_USED_ELEM,
     bit,
 )
 from pyvduse.backend.memory import MemoryBackend
+from pyvduse.backend.null import NullBackend
 from pyvduse.device.blk import BlkDevice
+from pyvduse.fastpath import engine as native
 from pyvduse.model.arena import Arena
 from pyvduse.model.split_driver import DriverSplitRing
-from pyvduse.ring.errors import RingError
+from pyvduse.ring.descriptors import MAX_WRITABLE, check_writable_total
+from pyvduse.ring.errors import ChainError, RingError
 from pyvduse.ring.split import SplitQueue
+from pyvduse.runtime.native_worker import run_native
 
 ARENA = 1 << 16
 NUM = 8
@@ -93,3 +104,88 @@ def test_hostile_split_ring(main: list[tuple[int, int, int, int]],
     changed = [i for i, (a, b) in enumerate(zip(before, arena.buf, strict=True)) if a != b]
     outside = [i for i in changed if not allowed[i]]
     assert not outside, f"device wrote outside the driver's writable buffers at 0x{outside[0]:x}"
+
+
+# -- a used length that does not fit u32 --------------------------------------------------
+
+HUGE = 32 << 20  # one buffer, named by 128 descriptors: 2^32 device-writable bytes
+
+
+def _huge_read_ring(indirect: bool) -> tuple[Arena, DriverSplitRing, int]:
+    """An IN whose 128 writable descriptors all name one 32 MiB buffer (2^32 bytes in all,
+    so its used length would be 2^32), then a FLUSH; returns the buffer's address."""
+    arena = Arena(HUGE + (1 << 16))
+    drv = DriverSplitRing(arena, 256)
+    buf = arena.alloc(HUGE, 4096)
+    arena.write(buf + HUGE - 1, b"\xee")  # the status byte: untouched if the chain is refused
+    hdr = arena.alloc(16)
+    arena.write(hdr, vb.OUTHDR.pack(vb.ReqType.IN, 0, 0))
+    bufs = [(hdr, 16, 0)] + [(buf, HUGE, VRING_DESC_F_WRITE)] * 128
+    if indirect:
+        table = arena.alloc(DESC_SIZE * len(bufs))
+        for k, (a, n, f) in enumerate(bufs):
+            more = VRING_DESC_F_NEXT if k + 1 < len(bufs) else 0
+            arena.write(table + DESC_SIZE * k, VRING_DESC.pack(a, n, f | more, k + 1))
+        drv.write_desc(0, table, DESC_SIZE * len(bufs), VRING_DESC_F_INDIRECT, 0)
+    else:
+        for k, (a, n, f) in enumerate(bufs):
+            more = VRING_DESC_F_NEXT if k + 1 < len(bufs) else 0
+            drv.write_desc(k, a, n, f | more, k + 1)
+    drv.set_avail_entry(0, 0)
+    flush_hdr, status = arena.alloc(16), arena.alloc(1)
+    arena.write(flush_hdr, vb.OUTHDR.pack(vb.ReqType.FLUSH, 0, 0))
+    drv.write_desc(200, flush_hdr, 16, VRING_DESC_F_NEXT, 201)
+    drv.write_desc(201, status, 1, VRING_DESC_F_WRITE, 0)
+    drv.set_avail_entry(1, 200)
+    drv.set_avail_idx(2)
+    return arena, drv, buf
+
+
+@pytest.mark.parametrize("indirect", [False, True])
+@pytest.mark.parametrize("engine", ["python", "native"])
+def test_a_chain_whose_writable_buffers_total_2_32_bytes_is_refused(
+        engine: str, indirect: bool) -> None:
+    """Its used length would wrap to 0 (native) or raise struct.error and stop the queue
+    (Python): both refuse the chain instead (used length 0, status byte untouched, nothing
+    read), and the next request is served."""
+    if engine == "native" and not native.available():
+        pytest.skip("native extension not built")
+    arena, drv, buf = _huge_read_ring(indirect)
+    features = bit(F_RING_INDIRECT_DESC) | bit(F_RING_EVENT_IDX)
+    q = SplitQueue(arena.memory, 256, drv.desc_addr, drv.avail_addr, drv.used_addr, features)
+    dev = BlkDevice(NullBackend(8 << 30))
+
+    def serve_one() -> bool:
+        chain = q.pop()
+        if chain is None:
+            return False
+        q.push(chain.head, dev.handle(0, chain), chain.ndesc)
+        q.publish()
+        return True
+
+    if engine == "native":
+        eng = native.build(dev, 0, q, arena.memory, None, None, lambda i: None, lambda *a: None)
+        kick, stop = os.eventfd(0), os.eventfd(1)
+        try:
+            run_native(eng, q, None, arena.memory, kick, stop, serve_one, lambda: False)
+            assert eng.counters()["bytes_read"] == 0
+        finally:
+            eng.close()
+            os.close(kick)
+            os.close(stop)
+    else:
+        while serve_one():
+            pass
+    assert q.broken is None
+    assert drv.used_idx() == 2
+    used = [VRING_USED_ELEM.unpack(arena.read(drv.used_addr + 4 + 8 * k, 8)) for k in (0, 1)]
+    assert dict(used) == {0: 0, 200: 1}
+    assert arena.read(buf + HUGE - 1, 1) == b"\xee"
+    assert dev.stats.bad_chains == 1 and dev.stats.bytes_read == 0
+
+
+def test_the_writable_limit_is_a_used_length() -> None:
+    check_writable_total(MAX_WRITABLE)
+    with pytest.raises(ChainError, match="2\\^32-1"):
+        check_writable_total(MAX_WRITABLE + 1)
+    assert MAX_WRITABLE == (1 << 32) - 1
