@@ -415,20 +415,23 @@ static PyObject *Engine_set_regions(Engine *e, PyObject *regions)
 
 static PyObject *Engine_position(Engine *e, PyObject *unused)
 {
-    return Py_BuildValue("HHHK", e->last_avail, e->used_idx, e->signalled,
-                         (unsigned long long)e->seq);
+    return Py_BuildValue("HHHKH", e->last_avail, e->used_idx, e->signalled,
+                         (unsigned long long)e->seq, e->avail_seen);
 }
 
 static PyObject *Engine_set_position(Engine *e, PyObject *args)
 {
-    unsigned short last_avail, used_idx, signalled;
+    unsigned short last_avail, used_idx, signalled, seen;
     if (e->running || !e->ready) {
         PyErr_SetString(PyExc_RuntimeError, "engine is running or not initialised");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "HHH", &last_avail, &used_idx, &signalled))
+    if (!PyArg_ParseTuple(args, "HHH|H", &last_avail, &used_idx, &signalled, &seen))
         return NULL;
-    e->last_avail = e->avail_seen = last_avail;
+    if (PyTuple_GET_SIZE(args) < 4 || (uint16_t)(seen - last_avail) > e->num)
+        seen = last_avail; /* read avail->idx again before taking anything */
+    e->last_avail = last_avail;
+    e->avail_seen = seen;
     e->used_idx = used_idx;
     e->signalled = signalled;
     Py_RETURN_NONE;
@@ -505,9 +508,9 @@ static PyMethodDef Engine_methods[] = {
     {"set_regions", (PyCFunction)Engine_set_regions, METH_O,
      "replace the driver-memory regions (after the Python path faulted new ones in)"},
     {"position", (PyCFunction)Engine_position, METH_NOARGS,
-     "(last_avail, used_idx, signalled_used, log_seq)"},
+     "(last_avail, used_idx, signalled_used, log_seq, avail_seen)"},
     {"set_position", (PyCFunction)Engine_set_position, METH_VARARGS,
-     "set_position(last_avail, used_idx, signalled_used)"},
+     "set_position(last_avail, used_idx, signalled_used[, avail_seen])"},
     {"counters", (PyCFunction)Engine_counters, METH_NOARGS, "the counters as a dict"},
     {NULL, NULL, 0, NULL},
 };

@@ -84,10 +84,15 @@ class Engine:
     # Also with requests in flight (when run() is not running): the old regions' buffers are
     # kept until every request taken before the call has completed.
     def set_regions(self, regions: Sequence[tuple[int, int, Any, bool]]) -> None: ...
-    def position(self) -> tuple[int, int, int, int]: ...
+    # (last_avail, used_idx, signalled, log_seq, avail_seen): avail_seen is avail->idx as
+    # the engine last read it (it reads it again only once it has taken that far)
+    def position(self) -> tuple[int, int, int, int, int]: ...
     # Also before wait_idle() when Python moved the ring meanwhile: completions are pushed
-    # at the used index the engine holds.
-    def set_position(self, last_avail: int, used_idx: int, signalled: int, /) -> None: ...
+    # at the used index the engine holds. avail_seen: as position() gives it (the ring the
+    # engine takes over from); without it, or one more than num ahead of last_avail,
+    # avail->idx is read again before anything is taken.
+    def set_position(self, last_avail: int, used_idx: int, signalled: int,
+                     avail_seen: int = ..., /) -> None: ...
     # Keys: started, completed, latency_ns (sum of the per-request latencies), latency (64
     # log2 buckets of µs, take to push), by_type, errors, bytes_read, bytes_written,
     # in_flight, depth_hist (64 buckets: at each take, bit_length(requests in flight then)),

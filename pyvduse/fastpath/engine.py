@@ -131,7 +131,7 @@ def build(
     the start. ``inflight`` (``ring.num`` bytes) is the map of heads in flight shared with
     the Python ring; the engine allocates its own without it."""
     assert _splitblk is not None and isinstance(memory, RegionMap)
-    last_avail, used, signalled = ring.position()
+    last_avail, used, signalled, _ = ring.position()  # run_native hands the rest over
     irq_fd, irq_request = irq if irq is not None else (-1, 0)
     return _splitblk.Engine(
         regions=region_tuples(memory), num=ring.num, desc=ring.desc_addr, avail=ring.avail_addr,

@@ -138,13 +138,22 @@ class SplitQueue:
         """
         self.last_avail_idx = self._avail_seen = index & 0xFFFF
 
-    def position(self) -> tuple[int, int, int]:
-        """(last_avail_idx, used_idx, used index last signalled): all another engine serving
-        this ring needs to take over (and ``set_position`` to hand it back)."""
-        return self.last_avail_idx, self.used_idx, self._signalled_used
+    def position(self) -> tuple[int, int, int, int]:
+        """(last_avail_idx, used_idx, used index last signalled, avail index last read): all
+        another engine serving this ring needs to take over (and ``set_position`` to hand it
+        back). The avail index as read goes with it: an engine re-reads ``avail->idx`` only
+        once it has taken what it saw, and one that took over re-reading it earlier would
+        serve a driver that rewrites it differently from the engine alone."""
+        return self.last_avail_idx, self.used_idx, self._signalled_used, self._avail_seen
 
-    def set_position(self, last_avail: int, used: int, signalled: int) -> None:
+    def set_position(self, last_avail: int, used: int, signalled: int,
+                     avail_seen: int | None = None) -> None:
+        """Take over where another engine stands (see ``position``); without ``avail_seen``
+        (or with one that is no position the ring could have reached) the avail index is
+        read again before anything is taken, as after ``resume_at``."""
         self.resume_at(last_avail)
+        if avail_seen is not None and (avail_seen - self.last_avail_idx) & 0xFFFF <= self.num:
+            self._avail_seen = avail_seen & 0xFFFF
         self.used_idx = used & 0xFFFF
         self._signalled_used = signalled & 0xFFFF
 

@@ -61,8 +61,8 @@ def run_native(engine: Engine, ring: SplitQueue, inflight: InflightLog | None,
     while not stopping():
         engine.set_position(*ring.position())
         code = engine.run(kick_fd, stop_fd)
-        last_avail, used, signalled, seq = engine.position()
-        ring.set_position(last_avail, used, signalled)
+        last_avail, used, signalled, seq, seen = engine.position()
+        ring.set_position(last_avail, used, signalled, seen)
         if inflight is not None:
             inflight.seq = seq
         if code == native.RUN_STOPPED:
@@ -128,7 +128,7 @@ class NativeQueueWorker(QueueWorker):
         return self._completed + (int(self.engine.counters()["completed"]) if live else 0)
 
     def indices(self) -> tuple[int, int]:
-        last_avail, used, _, _ = self.engine.position()
+        last_avail, used, *_ = self.engine.position()
         return last_avail, used
 
     @property
@@ -246,8 +246,8 @@ class NativeQueueWorker(QueueWorker):
             os.eventfd_read(self._stop_fd)  # pause() woke the loop with it
         self.engine.resume()
         # settle() may have completed requests meanwhile: the engine's position is the truth
-        last_avail, used, signalled, seq = self.engine.position()
-        self.ring.set_position(last_avail, used, signalled)
+        last_avail, used, signalled, seq, seen = self.engine.position()
+        self.ring.set_position(last_avail, used, signalled, seen)
         if self.log is not None:
             self.log.seq = seq
         if self._stopping:

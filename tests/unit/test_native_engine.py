@@ -75,6 +75,38 @@ def test_garbage_rings_are_served_identically(data: bytes) -> None:
     both(build_case, data)
 
 
+def _read_over_avail_idx() -> SplitCase:
+    """Two requests; the first (an IN the native loop serves) reads zeroes over avail->idx,
+    the second (an unknown type) the native loop leaves to Python."""
+    from fuzz.ring_cases import ARENA, allowed_writes
+    from pyvduse.model.arena import Arena
+    from pyvduse.model.split_driver import DriverSplitRing
+
+    arena = Arena(ARENA)
+    drv = DriverSplitRing(arena, 8)
+    data = arena.alloc(0, 4096)
+    hdr, odd, status = data, data + 16, data + 32
+    arena.write(hdr, vb.OUTHDR.pack(vb.ReqType.IN, 0, 0))
+    arena.write(odd, vb.OUTHDR.pack(99, 0, 0))
+    drv.write_desc(0, hdr, 16, 1, 1)
+    drv.write_desc(1, drv.avail_addr + 2, 2, 3, 2)  # the data buffer: avail->idx itself
+    drv.write_desc(2, status, 1, 2, 0)
+    drv.write_desc(3, odd, 16, 1, 4)
+    drv.write_desc(4, status + 1, 1, 2, 0)
+    drv.set_avail_entry(0, 0)
+    drv.set_avail_entry(1, 3)
+    drv.set_avail_idx(2)
+    return SplitCase(arena, drv, 8, 0, allowed_writes(arena, drv, 8), bytes(arena.buf))
+
+
+def test_a_hand_off_keeps_the_avail_index_as_read() -> None:
+    """The Python engine alone takes both requests it read avail->idx for; handing the ring
+    over after the first used to drop the index it had read, so the engines served 1 and 2
+    requests (the Python engine then read the zeroes and broke the ring at once)."""
+    both(lambda _: _read_over_avail_idx(), b"")
+    assert serve(_read_over_avail_idx())[0] == 2
+
+
 # -- through the model's driver ----------------------------------------------------------
 
 
