@@ -136,7 +136,7 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
     e->desc_iova = desc;
     e->avail_iova = avail;
     e->used_iova = used;
-    if (sb_map_ring(e) < 0)
+    if (sb_check_layout(e) < 0 || sb_map_ring(e) < 0)
         return -1;
     e->last_avail = e->avail_seen = last_avail;
     e->used_idx = used_idx;

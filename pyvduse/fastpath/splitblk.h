@@ -33,6 +33,9 @@
 #define DESC_F_NEXT 1
 #define DESC_F_WRITE 2
 #define DESC_F_INDIRECT 4
+#define DESC_ALIGN 16 /* virtio 1.2 2.7: the alignment of each part of a split ring */
+#define AVAIL_ALIGN 2
+#define USED_ALIGN 4
 #define AVAIL_F_NO_INTERRUPT 1
 #define USED_F_NO_NOTIFY 1
 
@@ -243,6 +246,7 @@ void sb_gather(const struct iovec *iov, int n, uint64_t off, uint8_t *dst, uint6
 void sb_zero(const struct iovec *iov, int n, uint64_t off);
 void sb_release_set(RegionSet *rs);
 RegionSet *sb_load_regions(PyObject *seq);
+int sb_check_layout(Engine *e);
 int sb_map_ring(Engine *e);
 void sb_collect_sets(Engine *e);
 void sb_log_taken(Engine *e, uint16_t head);

@@ -170,18 +170,72 @@ void sb_collect_sets(Engine *e)
     }
 }
 
-/* Point at the ring's three parts inside the current regions (sizes as in virtio 1.2
- * 2.7.6 and 2.7.8: the event-idx fields only when negotiated). */
-int sb_map_ring(Engine *e)
+/* The ring's three parts: IOVA, size (virtio 1.2 2.7.6 and 2.7.8: the event-idx fields
+ * only when negotiated) and the alignment 2.7 requires. */
+static void ring_areas(const Engine *e, uint64_t iova[3], uint64_t size[3], uint64_t align[3])
 {
     uint64_t extra = e->event_idx ? 2 : 0;
-    e->desc = sb_contiguous(e, e->desc_iova, 16ull * e->num, 0);
-    e->avail = sb_contiguous(e, e->avail_iova, 4 + 2ull * e->num + extra, 0);
-    e->used = sb_contiguous(e, e->used_iova, 4 + 8ull * e->num + extra, 1);
-    if (e->desc == NULL || e->avail == NULL || e->used == NULL) {
-        PyErr_SetString(PyExc_ValueError, "ring not inside the regions given");
-        return -1;
+    iova[0] = e->desc_iova;
+    size[0] = 16ull * e->num;
+    align[0] = DESC_ALIGN;
+    iova[1] = e->avail_iova;
+    size[1] = 4 + 2ull * e->num + extra;
+    align[1] = AVAIL_ALIGN;
+    iova[2] = e->used_iova;
+    size[2] = 4 + 8ull * e->num + extra;
+    align[2] = USED_ALIGN;
+}
+
+/* The checks of pyvduse/ring/areas.py: each part aligned and inside the IOVA space, no two
+ * overlapping (a used ring on the avail ring would make every completion the next request). */
+int sb_check_layout(Engine *e)
+{
+    static const char *names[3] = {"descriptor table", "avail ring", "used ring"};
+    uint64_t iova[3], size[3], align[3];
+    ring_areas(e, iova, size, align);
+    for (int k = 0; k < 3; k++) {
+        if (iova[k] % align[k]) {
+            PyErr_Format(PyExc_ValueError, "the %s (0x%llx) is not %d-byte aligned", names[k],
+                         (unsigned long long)iova[k], (int)align[k]);
+            return -1;
+        }
+        if (iova[k] > UINT64_MAX - (size[k] - 1)) {
+            PyErr_Format(PyExc_ValueError, "the %s runs past the end of the IOVA space",
+                         names[k]);
+            return -1;
+        }
     }
+    for (int a = 0; a < 3; a++)
+        for (int b = a + 1; b < 3; b++)
+            if (iova[a] <= iova[b] + (size[b] - 1) && iova[b] <= iova[a] + (size[a] - 1)) {
+                PyErr_Format(PyExc_ValueError, "ring areas overlap: the %s and the %s",
+                             names[a], names[b]);
+                return -1;
+            }
+    return 0;
+}
+
+/* Point at the ring's three parts inside the current regions. They must be aligned in this
+ * process too: their words are read and written with single (atomic) accesses. */
+int sb_map_ring(Engine *e)
+{
+    uint64_t iova[3], size[3], align[3];
+    uint8_t *p[3];
+    ring_areas(e, iova, size, align);
+    for (int k = 0; k < 3; k++) {
+        p[k] = sb_contiguous(e, iova[k], size[k], k == 2);
+        if (p[k] == NULL) {
+            PyErr_SetString(PyExc_ValueError, "ring not inside the regions given");
+            return -1;
+        }
+        if ((uintptr_t)p[k] % align[k]) {
+            PyErr_SetString(PyExc_ValueError, "ring memory is not aligned in this process");
+            return -1;
+        }
+    }
+    e->desc = p[0];
+    e->avail = p[1];
+    e->used = p[2];
     return 0;
 }
 

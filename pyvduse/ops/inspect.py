@@ -94,8 +94,11 @@ def _ring_avail_idx(queue: object) -> int | None:
 
 
 def queue_status(index: int, size: int, worker: QueueWorker | None,
-                 counters: QueueCounters | None, irq_cpus: list[int] | None = None) -> Json:
+                 counters: QueueCounters | None, irq_cpus: list[int] | None = None,
+                 refused: str | None = None) -> Json:
     q: Json = {"index": index, "size": size, "served": worker is not None, "irq_cpus": irq_cpus}
+    if worker is None and refused is not None:  # set up by the driver, not served: why
+        q["broken"] = refused
     if worker is not None:
         ring = worker.queue
         q["size"] = ring.num
@@ -155,8 +158,10 @@ def status(target: Target) -> Json:
     out["aio"] = server.tuning.aio.value
     out["bounce_memory"] = getattr(target.transport, "bounce_memory", None)
     transport = target.transport
+    refused = dict(server.refused)
     out["queues"] = [queue_status(i, spec.queue_size, workers.get(i), counters.get(i),
-                                  transport.interrupt_cpus(i) if transport else None)
+                                  transport.interrupt_cpus(i) if transport else None,
+                                  refused.get(i))
                      for i in range(spec.num_queues)]
     return out
 

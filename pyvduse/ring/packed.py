@@ -29,7 +29,8 @@ chain ends is found from NEXT flags alone, even after an error, and a descriptor
 middle of a chain that is not available (AVAIL/USED bits not matching the wrap counter)
 ends the chain *before* it: that slot is not consumed. The buffer id comes from the chain's
 last consumed descriptor; an id ``>= num`` cannot be completed and breaks the ring
-(``RingError``, ``broken`` set), as do an unmapped ring or a bad saved state.
+(``RingError``, ``broken`` set), as do an unmapped ring, areas that overlap or are
+misaligned (``areas``), or a bad saved state.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from pyvduse.abi.virtio import (
     VRING_PACKED_EVENT_FLAG_ENABLE,
     has,
 )
+from pyvduse.ring.areas import check_areas, packed_areas
 from pyvduse.ring.chain import Chain
 from pyvduse.ring.descriptors import add_buffer, check_writable_total, indirect_table
 from pyvduse.ring.errors import ChainError, RingError
@@ -119,6 +121,7 @@ class PackedQueue:
         self.event_idx = has(features, F_RING_EVENT_IDX)
         self.indirect = has(features, F_RING_INDIRECT_DESC)
         self.desc_addr, self.driver_addr, self.device_addr = desc_addr, driver_addr, device_addr
+        check_areas(packed_areas(num, desc_addr, driver_addr, device_addr))
         self.remap()
         #: 1 at each buffer id taken and not yet pushed: an id the driver offers again while
         #: it is in flight breaks the ring.

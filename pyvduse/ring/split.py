@@ -7,7 +7,8 @@ test) drives it.
 
 Ring-level corruption (an avail index that runs ahead by more than the queue size, a head
 outside the table, a head made available again while it is still in flight) raises
-``RingError``: nothing on that ring can be trusted any more. A bad chain only fails its own
+``RingError``: nothing on that ring can be trusted any more; so does a ring whose areas
+overlap or are misaligned (``areas``), when the queue is set up. A bad chain only fails its own
 request: ``pop`` returns a ``Chain`` with ``error`` set.
 
 Requests may complete in any order: ``push`` takes any head that is in flight, and the used
@@ -37,6 +38,7 @@ from pyvduse.abi.virtio import (
     need_event,
     used_ring_size,
 )
+from pyvduse.ring.areas import check_areas, split_areas
 from pyvduse.ring.chain import Chain
 from pyvduse.ring.descriptors import (
     add_buffer,
@@ -87,6 +89,7 @@ class SplitQueue:
         self.desc_addr, self.avail_addr, self.used_addr = desc_addr, driver_addr, device_addr
         self.event_idx = has(features, F_RING_EVENT_IDX)
         self.indirect = has(features, F_RING_INDIRECT_DESC)
+        check_areas(split_areas(num, desc_addr, driver_addr, device_addr, self.event_idx))
         self.remap()
         #: 1 at each head taken and not yet pushed (shared with a native engine serving the
         #: same ring: a head the driver offers again while it is in flight breaks the ring).

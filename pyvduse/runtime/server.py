@@ -70,6 +70,9 @@ class DeviceServer:
         self.tuning = tuning or DEFAULT_TUNING  # read at each DRIVER_OK
         self.transport: Transport | None = None
         self.workers: dict[int, QueueWorker] = {}
+        #: Queues the driver set up that are not served, and why (a ring that fails its
+        #: checks: not mapped, areas overlapping or misaligned), until the next reset.
+        self.refused: dict[int, str] = {}
         self._setups: dict[int, QueueSetup] = {}
         self.features = 0
         self.running = threading.Event()  # set between DRIVER_OK and reset
@@ -207,6 +210,7 @@ class DeviceServer:
             ring = self._open_ring(q, position)
         except RingError as e:
             log.error("queue %d cannot be served: %s", q.index, e)
+            self.refused[q.index] = str(e)
             return
         queue: VirtQueue = ring
         resubmit: list[Chain] = []
@@ -279,6 +283,7 @@ class DeviceServer:
         for w in workers:
             w.join()
         self.workers.clear()
+        self.refused.clear()
         abandoned = [r.chain for w in workers for r in w.abandoned]
         owners = {id(o): o for o in fence.owners(abandoned)}
         for w in workers:
