@@ -71,11 +71,11 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
                             "irq_request", "irq_index", "notify", "on_error", "poll_ns",
                             "publish_ns", "hold_ns", "affinity_fd", "follow_mask", "aio",
                             "direct", "bounce", "dio_align", "inflight", "test_gate_fd",
-                            "test_gate_mask", "test_efault", "nowait", NULL};
+                            "test_gate_mask", "test_efault", "nowait", "budget", NULL};
     PyObject *regions, *capacity, *memory = Py_None, *log = Py_None, *notify = Py_None,
              *on_error = Py_None, *inflight = Py_None;
     unsigned long long desc, avail, used;
-    unsigned int num, irq_index = 0;
+    unsigned int num, irq_index = 0, budget = 0;
     unsigned short last_avail, used_idx, signalled;
     unsigned long irq_request = 0;
     unsigned long long poll_ns = 0, publish_ns = ULLONG_MAX, hold_ns = ULLONG_MAX,
@@ -91,7 +91,7 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
     }
     e->efd = e->gate_fd = -1;
     e->oldest = e->newest = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OIKKKppHHHOpy#i|iOOikIOOKKKiKippKOiKKp", names,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OIKKKppHHHOpy#i|iOOikIOOKKKiKippKOiKKpI", names,
                                      &regions, &num, &desc, &avail, &used, &event_idx,
                                      &indirect, &last_avail, &used_idx, &signalled, &capacity,
                                      &readonly, &serial, &serial_len, &backend, &fd, &memory,
@@ -99,7 +99,7 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
                                      &on_error, &poll_ns, &publish_ns, &hold_ns, &affinity_fd,
                                      &follow_mask, &aio, &direct, &bounce, &dio_align,
                                      &inflight, &gate_fd, &gate_mask, &test_efault,
-                                     &nowait))
+                                     &nowait, &budget))
         return -1;
     if (num == 0 || num > 32768 || (num & (num - 1))) {
         PyErr_SetString(PyExc_ValueError, "queue size must be a power of two up to 32768");
@@ -181,6 +181,9 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
     }
     for (uint32_t k = 0; k < num; k++)
         e->reqs[k].prev = e->reqs[k].next = -1;
+    e->budget = budget ? budget : BUDGET_PER_SLOT * num;
+    e->credit = e->budget;
+    e->backoff_ns = BUDGET_SLEEP_MIN_NS;
     e->poll_ns = poll_ns;
     e->publish_ns = publish_ns;
     e->hold_ns = hold_ns;
@@ -297,11 +300,13 @@ static PyObject *Engine_run(Engine *e, PyObject *args)
     e->running = 1;
     if (e->log != NULL)
         e->seq = ld64(e->log + 8); /* the Python path may have taken requests meanwhile */
+    sb_run_start(e, !e->deferred);
     e->ts = PyEval_SaveThread();
     r = sb_run(e, kick_fd, stop_fd);
     PyEval_RestoreThread(e->ts);
     e->ts = NULL;
     e->running = 0;
+    e->deferred = r == RUN_DEFER;
     sb_collect_sets(e);
     return PyLong_FromLong(r);
 }
@@ -462,7 +467,7 @@ static PyObject *Engine_counters(Engine *e, PyObject *unused)
         return NULL;
     }
     return Py_BuildValue(
-        "{s:K,s:K,s:K,s:N,s:{s:K,s:K,s:K,s:K},s:K,s:K,s:K,s:K,s:N,s:K,s:K,s:K,s:K,s:K,s:i,s:K}",
+        "{s:K,s:K,s:K,s:N,s:{s:K,s:K,s:K,s:K},s:K,s:K,s:K,s:K,s:N,s:K,s:K,s:K,s:K,s:K,s:i,s:K,s:K}",
         "started", (unsigned long long)e->started, "completed",
         (unsigned long long)e->completed, "latency_ns", (unsigned long long)e->latency_ns,
         "latency", hist, "by_type", "0", (unsigned long long)e->n_in, "1",
@@ -474,7 +479,8 @@ static PyObject *Engine_counters(Engine *e, PyObject *unused)
         (unsigned long long)e->taken, "oldest_taken",
         (unsigned long long)e->oldest_taken, "bounced", (unsigned long long)e->bounced,
         "efaults", (unsigned long long)e->efaults, "bounce_all", e->bounce_all, "inline",
-        (unsigned long long)e->inline_done);
+        (unsigned long long)e->inline_done, "budget_sleeps",
+        (unsigned long long)e->budget_sleeps);
 }
 
 static PyObject *Engine_get_started(Engine *e, void *closure)

@@ -71,7 +71,9 @@ class Engine:
         # test-only: the next N direct transfers into driver memory complete as if the
         # kernel had failed them with EFAULT
         test_efault: int = ...,
-        nowait: bool = ...
+        nowait: bool = ...,
+        # requests taken (or left to Python) between two kicks; 0: 4 * num (ring/budget.py)
+        budget: int = ...,
     ) -> None: ...
     # Serves until stopped (RUN_STOPPED) or the next chain is for Python (RUN_DEFER); either
     # may leave requests in flight (in io_uring); everything pushed is published first.
@@ -99,7 +101,8 @@ class Engine:
     # taken (requests taken so far), oldest_taken (the take number, 1-based, of the oldest
     # request in flight; 0: none), bounced (requests copied through the engine's buffers),
     # efaults (direct transfers redone through a buffer after EFAULT), bounce_all (1: every
-    # request is copied now).
+    # request is copied now), inline (io_uring requests served inline with RWF_NOWAIT),
+    # budget_sleeps (times the budget was spent and the loop waited for a kick).
     def counters(self) -> dict[str, Any]: ...
     # Requests taken and not yet completed.
     def in_flight(self) -> int: ...

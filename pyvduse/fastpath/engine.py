@@ -19,6 +19,7 @@ from pyvduse.backend.memory import MemoryBackend
 from pyvduse.backend.null import NullBackend
 from pyvduse.device.base import VirtioDevice
 from pyvduse.device.blk import BlkDevice
+from pyvduse.ring.budget import wakeup_budget
 from pyvduse.ring.inflight import InflightLog
 from pyvduse.ring.memory import GuestMemory, RegionMap
 from pyvduse.ring.split import SplitQueue
@@ -143,4 +144,4 @@ def build(
         poll_ns=poll_ns, publish_ns=_or_never(publish_ns), hold_ns=_or_never(hold_ns),
         affinity_fd=affinity_fd, follow_mask=sum(1 << c for c in set(follow_cpus) if c < 64),
         aio=aio, direct=direct, bounce=bounce, dio_align=dio_align, inflight=inflight,
-        **_backend_args(device))
+        budget=wakeup_budget(ring.num), **_backend_args(device))

@@ -76,7 +76,7 @@ int sb_take(Engine *e, uint16_t *head, uint32_t *rtype, uint64_t *sector, uint8_
         if (p <= 0)
             return p;
     }
-    h = ld16(e->avail + 4 + 2 * (e->last_avail % e->num));
+    h = drv_ld16(e->avail + 4 + 2 * (e->last_avail % e->num));
     if (h >= e->num || e->map[h] || sb_walk(e, h) < 0 || e->nwr == 0 || e->nrd == 0 ||
         sb_iov_total(e->rd, e->nrd) < OUTHDR_SIZE)
         return -1;

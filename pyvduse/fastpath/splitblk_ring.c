@@ -267,10 +267,10 @@ int sb_walk(Engine *e, uint16_t head)
         if (++count > e->num)
             return -1;
         d = e->desc + 16u * i;
-        addr = ld64(d);
-        len = ld32(d + 8);
-        flags = ld16(d + 12);
-        next = ld16(d + 14);
+        addr = drv_ld64(d);
+        len = drv_ld32(d + 8);
+        flags = drv_ld16(d + 12);
+        next = drv_ld16(d + 14);
         if (flags & DESC_F_INDIRECT) {
             const uint8_t *table;
             uint32_t n, j = 0, budget = e->num - count + 1, used = 0;
@@ -278,7 +278,7 @@ int sb_walk(Engine *e, uint16_t head)
                 len / 16 > e->num)
                 return -1;
             table = sb_contiguous(e, addr, len, 0);
-            if (table == NULL)
+            if (table == NULL || (uintptr_t)table % 8) /* drv_ld64 needs it aligned */
                 return -1;
             n = len / 16;
             for (;;) {
@@ -289,10 +289,10 @@ int sb_walk(Engine *e, uint16_t head)
                 if (++used > budget)
                     return -1;
                 t = table + 16u * j;
-                taddr = ld64(t);
-                tlen = ld32(t + 8);
-                tflags = ld16(t + 12);
-                tnext = ld16(t + 14);
+                taddr = drv_ld64(t);
+                tlen = drv_ld32(t + 8);
+                tflags = drv_ld16(t + 12);
+                tnext = drv_ld16(t + 14);
                 if (tflags & DESC_F_INDIRECT)
                     return -1;
                 if (tlen && add_desc(e, taddr, tlen, tflags) < 0)
@@ -352,7 +352,7 @@ void sb_gather_header(const struct iovec *iov, int n, uint8_t *out)
     struct iovec parts[OUTHDR_SIZE]; /* every segment holds at least one byte */
     int m = sb_iov_slice(iov, n < OUTHDR_SIZE ? n : OUTHDR_SIZE, 0, OUTHDR_SIZE, parts);
     for (int k = 0; k < m; k++) {
-        memcpy(out, parts[k].iov_base, parts[k].iov_len);
+        drv_copy(out, parts[k].iov_base, parts[k].iov_len);
         out += parts[k].iov_len;
     }
 }
@@ -505,8 +505,8 @@ void sb_push(Engine *e, uint16_t head, uint32_t written)
         log_entry(e, head)[0] = LOG_COMPLETED;
     }
     e->batch[e->nbatch++] = head;
-    st32(elem, head);
-    st32(elem + 4, written);
+    drv_st32(elem, head);
+    drv_st32(elem + 4, written);
     e->used_idx++;
 }
 
@@ -570,7 +570,7 @@ void sb_publish(Engine *e)
     int need;
     if (e->abandoned)
         return;
-    st16_release(e->used + 2, new_idx);
+    drv_st16_release(e->used + 2, new_idx);
     if (e->log != NULL)
         for (uint32_t k = 0; k < e->nbatch; k++)
             log_entry(e, e->batch[k])[0] = LOG_FREE;
@@ -581,10 +581,10 @@ void sb_publish(Engine *e)
     if (e->event_idx) {
         uint16_t ev;
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        ev = ld16_acquire(e->avail + 4 + 2 * e->num);
+        ev = drv_ld16_acquire(e->avail + 4 + 2 * e->num);
         need = (uint16_t)(new_idx - ev - 1) < (uint16_t)(new_idx - old);
     } else {
-        need = !(ld16_acquire(e->avail) & AVAIL_F_NO_INTERRUPT);
+        need = !(drv_ld16_acquire(e->avail) & AVAIL_F_NO_INTERRUPT);
     }
     if (need)
         interrupt(e);
@@ -594,7 +594,7 @@ void sb_publish(Engine *e)
  * the queue with the message). */
 int sb_pending(Engine *e)
 {
-    uint16_t seen = ld16_acquire(e->avail + 2);
+    uint16_t seen = drv_ld16_acquire(e->avail + 2);
     uint16_t n = (uint16_t)(seen - e->last_avail);
     if (n > e->num)
         return -1;
@@ -605,15 +605,26 @@ int sb_pending(Engine *e)
 void sb_disable_kicks(Engine *e)
 {
     if (!e->event_idx)
-        st16(e->used, USED_F_NO_NOTIFY);
+        drv_st16(e->used, USED_F_NO_NOTIFY);
+}
+
+/* A spent budget: ask the driver to kick at its next addition, whatever is pending now
+ * (ring/split.py ask_for_kick). */
+void sb_ask_kick(Engine *e)
+{
+    if (e->event_idx)
+        drv_st16(e->used + 4 + 8 * e->num, drv_ld16_acquire(e->avail + 2));
+    else
+        drv_st16(e->used, 0);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
 }
 
 int sb_enable_kicks(Engine *e)
 {
     if (e->event_idx)
-        st16(e->used + 4 + 8 * e->num, e->last_avail);
+        drv_st16(e->used + 4 + 8 * e->num, e->last_avail);
     else
-        st16(e->used, 0);
+        drv_st16(e->used, 0);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     return sb_pending(e);
 }

@@ -308,6 +308,12 @@ class PackedQueue:
         """Ask the driver not to kick while we are busy (best effort, per the spec)."""
         self._device16[1] = _DISABLE
 
+    def ask_for_kick(self) -> None:
+        """Ask the driver to kick at its next addition, whatever is pending now (a worker
+        whose budget is spent waits for that kick before it serves on)."""
+        self._device16[1] = _ENABLE
+        full_fence()
+
     def enable_kicks(self) -> bool:
         """Ask for a kick on new work; True if work is already there (process it now).
 

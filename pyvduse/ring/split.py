@@ -266,6 +266,15 @@ class SplitQueue:
         if not self.event_idx:
             self._used16[0] = VRING_USED_F_NO_NOTIFY
 
+    def ask_for_kick(self) -> None:
+        """Ask the driver to kick at its next addition, whatever is pending now (a worker
+        whose budget is spent waits for that kick before it serves on)."""
+        if self.event_idx:
+            self._used16[self._avail_event_off >> 1] = _unpack16(self.avail, 2)[0]
+        else:
+            self._used16[0] = 0
+        full_fence()
+
     def enable_kicks(self) -> bool:
         """Ask for a kick on new work; True if work is already there (process it now)."""
         if self.event_idx:
