@@ -71,7 +71,8 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
                             "irq_request", "irq_index", "notify", "on_error", "poll_ns",
                             "publish_ns", "hold_ns", "affinity_fd", "follow_mask", "aio",
                             "direct", "bounce", "dio_align", "inflight", "test_gate_fd",
-                            "test_gate_mask", "test_efault", "nowait", "budget", NULL};
+                            "test_gate_mask", "test_efault", "nowait", "budget", "test_serial",
+                            NULL};
     PyObject *regions, *capacity, *memory = Py_None, *log = Py_None, *notify = Py_None,
              *on_error = Py_None, *inflight = Py_None;
     unsigned long long desc, avail, used;
@@ -81,7 +82,7 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
     unsigned long long poll_ns = 0, publish_ns = ULLONG_MAX, hold_ns = ULLONG_MAX,
                        follow_mask = 0, dio_align = 512, gate_mask = 0, test_efault = 0;
     int event_idx, indirect, readonly, backend, fd = -1, irq_fd = -1, affinity_fd = -1;
-    int aio = AIO_SYNC, direct = 0, bounce = 0, gate_fd = -1, nowait = 1;
+    int aio = AIO_SYNC, direct = 0, bounce = 0, gate_fd = -1, nowait = 1, test_serial = 0;
     const char *serial;
     Py_ssize_t serial_len;
 
@@ -91,7 +92,7 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
     }
     e->efd = e->gate_fd = -1;
     e->oldest = e->newest = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OIKKKppHHHOpy#i|iOOikIOOKKKiKippKOiKKpI", names,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OIKKKppHHHOpy#i|iOOikIOOKKKiKippKOiKKpIp", names,
                                      &regions, &num, &desc, &avail, &used, &event_idx,
                                      &indirect, &last_avail, &used_idx, &signalled, &capacity,
                                      &readonly, &serial, &serial_len, &backend, &fd, &memory,
@@ -99,7 +100,7 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
                                      &on_error, &poll_ns, &publish_ns, &hold_ns, &affinity_fd,
                                      &follow_mask, &aio, &direct, &bounce, &dio_align,
                                      &inflight, &gate_fd, &gate_mask, &test_efault,
-                                     &nowait, &budget))
+                                     &nowait, &budget, &test_serial))
         return -1;
     if (num == 0 || num > 32768 || (num & (num - 1))) {
         PyErr_SetString(PyExc_ValueError, "queue size must be a power of two up to 32768");
@@ -196,6 +197,7 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
     e->gate_fd = gate_fd;
     e->gate_mask = gate_mask;
     e->test_efault = test_efault;
+    e->test_serial = test_serial;
     e->nowait = nowait;
     if (notify != Py_None) {
         Py_INCREF(notify);

@@ -74,6 +74,9 @@ class Engine:
         nowait: bool = ...,
         # requests taken (or left to Python) between two kicks; 0: 4 * num (ring/budget.py)
         budget: int = ...,
+        # test-only: each io_uring request is waited for as soon as it is submitted, so
+        # requests complete in the order they were taken (the differential tests)
+        test_serial: bool = ...,
     ) -> None: ...
     # Serves until stopped (RUN_STOPPED) or the next chain is for Python (RUN_DEFER); either
     # may leave requests in flight (in io_uring); everything pushed is published first.

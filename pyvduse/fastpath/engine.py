@@ -117,6 +117,7 @@ def build(
     bounce: bool = False,
     dio_align: int = 512,
     inflight: bytearray | memoryview | None = None,
+    knobs: dict[str, Any] | None = None,
 ) -> Engine:
     """A native engine positioned where ``ring`` stands; it publishes a round's completions
     after a request that took ``publish_ns`` or once the oldest is ``hold_ns`` old (None:
@@ -130,7 +131,8 @@ def build(
     backend's fd was opened with O_DIRECT (buffers not aligned to ``dio_align`` are copied
     through the engine's own; an EFAULT makes it copy from then on); ``bounce`` copies from
     the start. ``inflight`` (``ring.num`` bytes) is the map of heads in flight shared with
-    the Python ring; the engine allocates its own without it."""
+    the Python ring; the engine allocates its own without it. ``knobs``: more constructor
+    arguments, the test-only ones (``test_serial``, ``nowait``, ...: see _splitblk.pyi)."""
     assert _splitblk is not None and isinstance(memory, RegionMap)
     last_avail, used, signalled, _ = ring.position()  # run_native hands the rest over
     irq_fd, irq_request = irq if irq is not None else (-1, 0)
@@ -144,4 +146,4 @@ def build(
         poll_ns=poll_ns, publish_ns=_or_never(publish_ns), hold_ns=_or_never(hold_ns),
         affinity_fd=affinity_fd, follow_mask=sum(1 << c for c in set(follow_cpus) if c < 64),
         aio=aio, direct=direct, bounce=bounce, dio_align=dio_align, inflight=inflight,
-        budget=wakeup_budget(ring.num), **_backend_args(device))
+        budget=wakeup_budget(ring.num), **_backend_args(device), **(knobs or {}))

@@ -180,6 +180,7 @@ typedef struct Engine {
     uint64_t gate_mask;
     uint8_t *gate_buf;  /* 64 bytes the gate reads land in (malloc: see dealloc) */
     uint64_t test_efault;
+    int test_serial;    /* each io_uring request is waited for once submitted (in order) */
     /* interrupts and errors */
     int irq_fd;
     unsigned long irq_request;
@@ -348,6 +349,7 @@ uint32_t sb_uring_reap(Engine *e); /* completions handled */
 int sb_uring_ready(Engine *e);     /* completions waiting to be reaped */
 int sb_uring_pending(Engine *e);   /* SQEs prepared that the kernel has not taken */
 void sb_uring_cancel_all(Engine *e);
+void sb_uring_wait(Engine *e, Req *r); /* test_serial: until r has completed */
 
 /* -- splitblk_loop.c ------------------------------------------------------------------- */
 

@@ -411,6 +411,8 @@ int sb_start(Engine *e, uint16_t head, uint32_t rtype, uint64_t sector, uint8_t 
         r->state = REQ_ASYNC;
         e->nasync++;
         sb_uring_start(e, r);
+        if (e->test_serial)
+            sb_uring_wait(e, r);
         return r->state == REQ_FREE; /* it may have failed at once */
     }
     st = serve(e, rtype, sector, &written);

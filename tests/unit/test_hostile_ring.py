@@ -1,5 +1,7 @@
 """Property tests: whatever a driver writes into a split ring, the device neither raises
-(except the queue-stopping RingError), nor loops, nor writes outside the buffers it was given.
+(except the queue-stopping RingError), nor loops, nor writes outside the buffers it was given;
+and the native loop (with the Python engine for what it leaves) does exactly what the Python
+engine alone does, byte for byte (``fuzz.ring_cases.compare``).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fuzz.ring_cases import allowed_writes
+from fuzz.ring_cases import ONE_BYTE, READ_ONLY, TOP, TOP_SIZE, CaseMemory, SplitCase, compare
 from pyvduse.abi import virtio_blk as vb
 from pyvduse.abi.virtio import (
     DESC_SIZE,
@@ -23,14 +25,13 @@ from pyvduse.abi.virtio import (
     VRING_USED_ELEM,
     bit,
 )
-from pyvduse.backend.memory import MemoryBackend
 from pyvduse.backend.null import NullBackend
 from pyvduse.device.blk import BlkDevice
 from pyvduse.fastpath import engine as native
 from pyvduse.model.arena import Arena
 from pyvduse.model.split_driver import DriverSplitRing
 from pyvduse.ring.descriptors import MAX_WRITABLE, check_writable_total
-from pyvduse.ring.errors import ChainError, RingError
+from pyvduse.ring.errors import ChainError
 from pyvduse.ring.split import SplitQueue
 from pyvduse.runtime.native_worker import run_native
 
@@ -40,8 +41,11 @@ GUARD = 0xA5
 
 addresses = st.one_of(
     st.integers(0x1000, ARENA - 1),  # inside memory (maybe in the ring itself)
+    st.integers(0, 0x1100),  # the ring: descriptor table, avail ring, used ring
     st.integers(ARENA - 64, ARENA + 64),  # straddling the end
-    st.sampled_from([0, 1 << 63, (1 << 64) - 1, (1 << 64) - 16]),
+    st.integers(ONE_BYTE[0] - 4, READ_ONLY[1] + 4),  # one-byte and read-only regions
+    st.integers(TOP - 16, (1 << 64) - 1),  # the top of the IOVA space (and across its end)
+    st.sampled_from([0, 1 << 63, (1 << 64) - 1, (1 << 64) - 16, TOP, TOP + TOP_SIZE - 16]),
 )
 lengths = st.one_of(st.integers(0, 64), st.sampled_from([16, 32, 512, 4096, 1 << 31, (1 << 32) - 1]))
 flags = st.integers(0, 7)
@@ -59,51 +63,38 @@ headers = st.tuples(st.sampled_from([0, 1, 4, 8, 11, 13, 99]), st.integers(0, 1 
     avail_idx=st.one_of(st.integers(0, NUM), st.integers(0, 0xFFFF)),
     header=headers,
     event_idx=st.booleans(),
+    logged=st.booleans(),
 )
 def test_hostile_split_ring(main: list[tuple[int, int, int, int]],
                             indirect: list[tuple[int, list[tuple[int, int, int, int]]]],
                             avail: list[int], avail_idx: int, header: tuple[int, int],
-                            event_idx: bool) -> None:
-    arena = Arena(ARENA)
-    drv = DriverSplitRing(arena, NUM)
-    data_start = arena.alloc(0, 4096)
-    arena.buf[data_start:] = bytes([GUARD]) * (ARENA - data_start)
-    # Put a plausible request header at a few addresses the generated descriptors may use.
-    hdr = vb.OUTHDR.pack(header[0], 0, header[1])
-    for a in range(data_start, ARENA - 16, 1024):
-        arena.write(a, hdr)
-    for i, (addr, length, f, nxt) in enumerate(main):
-        drv.write_desc(i, addr, length, f, nxt)
-    for slot, table in indirect:
-        table_addr = data_start + 0x800 + slot * 0x80
-        if table_addr + DESC_SIZE * len(table) <= ARENA:
-            for k, d in enumerate(table):
-                arena.write(table_addr + DESC_SIZE * k, VRING_DESC.pack(*d))
-    for slot, head in enumerate(avail):
-        drv.set_avail_entry(slot, head)
-    drv.set_avail_idx(avail_idx)
-    features = bit(F_RING_INDIRECT_DESC) | (bit(F_RING_EVENT_IDX) if event_idx else 0)
-    allowed = allowed_writes(arena, drv, NUM)
-    before = bytes(arena.buf)
+                            event_idx: bool, logged: bool) -> None:
+    def build() -> SplitCase:
+        mem = CaseMemory(huge=False)
+        arena = mem.arena
+        drv = DriverSplitRing(arena, NUM)
+        data_start = arena.alloc(0, 4096)
+        mem.low[data_start:] = bytes([GUARD]) * (ARENA - data_start)
+        mem.top[:] = bytes([GUARD]) * TOP_SIZE
+        # A plausible request header at a few addresses the generated descriptors may use.
+        hdr = vb.OUTHDR.pack(header[0], 0, header[1])
+        for a in range(data_start, ARENA - 16, 1024):
+            arena.write(a, hdr)
+        mem.top[:16] = hdr
+        for i, (addr, length, f, nxt) in enumerate(main):
+            drv.write_desc(i, addr, length, f, nxt)
+        for slot, table in indirect:
+            table_addr = data_start + 0x800 + slot * 0x80
+            if table_addr + DESC_SIZE * len(table) <= ARENA:
+                for k, d in enumerate(table):
+                    arena.write(table_addr + DESC_SIZE * k, VRING_DESC.pack(*d))
+        for slot, head in enumerate(avail):
+            drv.set_avail_entry(slot, head)
+        drv.set_avail_idx(avail_idx)
+        features = bit(F_RING_INDIRECT_DESC) | (bit(F_RING_EVENT_IDX) if event_idx else 0)
+        return SplitCase(mem, drv, NUM, features, bytes(mem.flat), logged=logged)
 
-    q = SplitQueue(arena.memory, NUM, drv.desc_addr, drv.avail_addr, drv.used_addr, features)
-    dev = BlkDevice(MemoryBackend(1 << 20))
-    popped = 0
-    try:
-        while True:
-            chain = q.pop()
-            if chain is None:
-                break
-            popped += 1
-            assert popped <= NUM  # bounded: never more than the ring holds
-            q.push(chain.head, dev.handle(0, chain))
-        q.publish()
-        q.enable_kicks()
-    except RingError:
-        assert q.broken
-    changed = [i for i, (a, b) in enumerate(zip(before, arena.buf, strict=True)) if a != b]
-    outside = [i for i in changed if not allowed[i]]
-    assert not outside, f"device wrote outside the driver's writable buffers at 0x{outside[0]:x}"
+    compare(build)
 
 
 # -- a used length that does not fit u32 --------------------------------------------------
