@@ -31,11 +31,12 @@ under AddressSanitizer, the sanitizer run of CI (``fuzz/sanitize.sh``).
 
 from __future__ import annotations
 
+import bisect
 import mmap
 import os
 import struct
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +58,6 @@ from pyvduse.backend.memory import MemoryBackend
 from pyvduse.backend.null import NullBackend
 from pyvduse.device.blk import BlkDevice
 from pyvduse.fastpath import engine as native
-from pyvduse.model.arena import Arena
 from pyvduse.model.split_driver import DriverSplitRing
 from pyvduse.ring.budget import Budget, wakeup_budget
 from pyvduse.ring.errors import RingError
@@ -92,34 +92,81 @@ def _big_region() -> Region:
 
 
 class CaseMemory:
-    """Driver memory of one case: 64 KiB at IOVA 0 cut into regions (ordinary ones, 64
-    one-byte regions, a read-only stretch) and a page at the top of the IOVA space, plus the
-    big region in huge cases. ``flat`` views both as one buffer (the arena, then the top)."""
+    """Driver memory of one case, and the driver's allocator over it (a ``DmaSpace``).
+
+    64 KiB at IOVA 0 cut into regions -- ordinary ones, 64 one-byte regions, a read-only
+    stretch -- and a page at the top of the IOVA space, plus the big region in huge cases.
+    Every region has its own allocation, so a read or write past a region's end leaves its
+    buffer (AddressSanitizer sees it under ``fuzz/sanitize.sh``). ``flat()`` is the contents
+    of the arena then the top page, as one bytes object."""
 
     def __init__(self, huge: bool) -> None:
-        self.flat = bytearray(ARENA + TOP_SIZE)
-        view = memoryview(self.flat)
-        self.low, self.top = view[:ARENA], view[ARENA:]
+        self.parts: list[tuple[int, bytearray]] = []  # (IOVA, memory), in IOVA order
         self.map = RegionMap()
 
-        def add(start: int, end: int, writable: bool = True) -> None:
-            self.map.add(Region(start, end - 1, self.low[start:end], writable, owner=self.flat))
+        def add(start: int, size: int, writable: bool = True) -> None:
+            buf = bytearray(size)
+            self.parts.append((start, buf))
+            self.map.add(Region(start, start + size - 1, memoryview(buf), writable, owner=buf))
 
         add(0, ONE_BYTE[0])
         for a in range(*ONE_BYTE):
-            add(a, a + 1)
-        add(ONE_BYTE[1], READ_ONLY[0])
-        add(*READ_ONLY, writable=False)
-        add(READ_ONLY[1], ARENA)
-        self.map.add(Region(TOP, TOP + TOP_SIZE - 1, self.top, True, owner=self.flat))
+            add(a, 1)
+        add(ONE_BYTE[1], READ_ONLY[0] - ONE_BYTE[1])
+        add(READ_ONLY[0], READ_ONLY[1] - READ_ONLY[0], writable=False)
+        add(READ_ONLY[1], ARENA - READ_ONLY[1])
+        add(TOP, TOP_SIZE)
         if huge:
             self.map.add(_big_region())
-        self.arena = Arena(ARENA, 0, self.low)  # the driver's allocator and raw writes
-        self.arena.memory = self.map
+        self._starts = [start for start, _ in self.parts]
+        self._next = 0
+
+    # -- DmaSpace: what the model's driver needs ---------------------------------------------
+
+    def alloc(self, size: int, align: int = 16) -> int:
+        iova = -(-self._next // align) * align
+        if iova + size > ARENA:
+            raise MemoryError("arena exhausted")
+        self._next = iova + size
+        return iova
+
+    def alloc_coherent(self, size: int, align: int = 16) -> int:
+        return self.alloc(size, align)
+
+    def free(self, iova: int) -> None:
+        """Bump allocation: nothing is reused."""
+
+    def _spans(self, iova: int, length: int) -> Iterator[tuple[bytearray, int, int, int]]:
+        """(part, offset in it, offset in the range, bytes) covering [iova, iova+length)."""
+        k = max(bisect.bisect_right(self._starts, iova) - 1, 0)
+        end = iova + length
+        for start, buf in self.parts[k:]:
+            if start >= end:
+                return
+            lo, hi = max(iova, start), min(end, start + len(buf))
+            if lo < hi:
+                yield buf, lo - start, lo - iova, hi - lo
+
+    def write(self, iova: int, data: bytes) -> None:
+        """Write at an IOVA of the arena or the top page (across regions)."""
+        for buf, at, src, n in self._spans(iova, len(data)):
+            buf[at : at + n] = data[src : src + n]
+
+    def read(self, iova: int, length: int) -> bytes:
+        out = bytearray(length)
+        for buf, at, dst, n in self._spans(iova, length):
+            out[dst : dst + n] = buf[at : at + n]
+        return bytes(out)
+
+    def fill(self, start: int, end: int, byte: int) -> None:
+        self.write(start, bytes([byte]) * (end - start))
+
+    def flat(self) -> bytes:
+        return b"".join(bytes(buf) for _, buf in self.parts)
 
     @staticmethod
     def offset(iova: int) -> int | None:
-        """Where ``iova`` is in ``flat`` (None: not in the arena or the top page)."""
+        """Where ``iova`` is in ``flat()`` (None: not in the arena or the top page)."""
         if 0 <= iova < ARENA:
             return iova
         if TOP <= iova < 1 << 64:
@@ -192,10 +239,6 @@ class SplitCase:
     disk: bytes = b""  # after ``serve``: the backend's contents
     log: bytes = b""  # ... and the in-flight log
 
-    @property
-    def arena(self) -> Arena:
-        return self.mem.arena
-
 
 def _setup(r: Reader, num: int, huge: bool = False) -> tuple[CaseMemory, DriverSplitRing, int,
                                                              int]:
@@ -205,10 +248,10 @@ def _setup(r: Reader, num: int, huge: bool = False) -> tuple[CaseMemory, DriverS
     feats = (bit(F_RING_INDIRECT_DESC) if flags & 1 else 0) | (
         bit(F_RING_EVENT_IDX) if flags & 2 else 0)
     mem = CaseMemory(huge)
-    drv = DriverSplitRing(mem.arena, num)
-    data_start = mem.arena.alloc(0, 4096)
-    mem.low[data_start:] = bytes([GUARD]) * (ARENA - data_start)
-    mem.top[:] = bytes([GUARD]) * TOP_SIZE
+    drv = DriverSplitRing(mem, num)
+    data_start = mem.alloc(0, 4096)
+    mem.fill(data_start, ARENA, GUARD)
+    mem.fill(TOP, TOP + TOP_SIZE, GUARD)
     return mem, drv, feats, data_start
 
 
@@ -252,10 +295,9 @@ def build_case(data: bytes) -> SplitCase:
     r = Reader(data)
     num = 1 << (r.u8() % 5 + 1)  # 2..32
     mem, drv, feats, data_start = _setup(r, num)
-    arena = mem.arena
     hdr = vb.OUTHDR.pack(REQUEST_TYPES[r.u8() & 7], 0, r.u32() % 4096)
     for a in range(data_start, ARENA - 16, 2048):
-        arena.write(a, hdr)
+        mem.write(a, hdr)
     for i in range(num):
         drv.write_desc(i, r.address(data_start, drv), r.length(), r.u8() & 7,
                        r.u8() % (num + 2))
@@ -264,7 +306,7 @@ def build_case(data: bytes) -> SplitCase:
         for k in range(r.u8() % 6 + 1):
             a = table + k * DESC_SIZE
             if data_start <= a <= ARENA - DESC_SIZE:
-                arena.write(a, VRING_DESC.pack(r.address(data_start, drv), r.length(),
+                mem.write(a, VRING_DESC.pack(r.address(data_start, drv), r.length(),
                                                r.u8() & 7, r.u8() % 8))
     for slot in range(num):
         drv.set_avail_entry(slot, r.u8() % (num + 2))
@@ -274,40 +316,39 @@ def build_case(data: bytes) -> SplitCase:
     case = SplitCase(mem, drv, num, feats, b"")
     _device_setup(r, case)
     case.layout_error = _misplace(r, drv, num)
-    case.before = bytes(mem.flat)
+    case.before = mem.flat()
     return case
 
 
-def _huge_request(r: Reader, arena: Arena) -> list[tuple[int, int, int]]:
+def _huge_request(r: Reader, mem: CaseMemory) -> list[tuple[int, int, int]]:
     """An IN, GET_ID or OUT whose buffers all name the big region, 2^32 bytes or more."""
     rtype = (vb.ReqType.IN, vb.ReqType.GET_ID, vb.ReqType.OUT)[r.u8() % 3]
-    hdr = arena.alloc(16)
-    arena.write(hdr, vb.OUTHDR.pack(rtype, 0, r.u16()))
+    hdr = mem.alloc(16)
+    mem.write(hdr, vb.OUTHDR.pack(rtype, 0, r.u16()))
     flag = 0 if rtype == vb.ReqType.OUT else VRING_DESC_F_WRITE
     bufs = [(hdr, 16, 0)] + [(BIG, BIG_SIZE, flag)] * (16 + r.u8() % 3)
     if flag == 0:
-        bufs.append((arena.alloc(1), 1, VRING_DESC_F_WRITE))
+        bufs.append((mem.alloc(1), 1, VRING_DESC_F_WRITE))
     return bufs
 
 
-def _onto_the_ring(r: Reader, drv: DriverSplitRing, num: int,
+def _onto_the_ring(r: Reader, mem: CaseMemory, drv: DriverSplitRing, num: int,
                    tables: list[tuple[int, int]]) -> None:
     """Point a few descriptors (direct or in an indirect table) at the ring itself: the avail
     index or entries, the used ring, the descriptor table, a few bytes long."""
-    arena = drv.arena
     for _ in range(1 + r.u8() % 3):
         where = r.u8()
         table, count = (drv.desc_addr, num) if not tables or where & 1 else tables[
             where % len(tables)]
         a = table + DESC_SIZE * (r.u8() % count)
-        _addr, length, f, nxt = VRING_DESC.unpack(arena.read(a, DESC_SIZE))
+        _addr, length, f, nxt = VRING_DESC.unpack(mem.read(a, DESC_SIZE))
         if f & VRING_DESC_F_INDIRECT:
             continue
         k = r.u8()
         target = (drv.avail_addr + 2, drv.avail_addr + 4 + 2 * (k % num), drv.used_addr,
                   drv.used_addr + 4 + 8 * (k % num), drv.desc_addr + DESC_SIZE * (k % num),
                   drv.avail_addr)[r.u8() % 6]
-        arena.write(a, VRING_DESC.pack(target, 1 + r.u8() % 8 if r.u8() & 3 else length, f, nxt))
+        mem.write(a, VRING_DESC.pack(target, 1 + r.u8() % 8 if r.u8() & 3 else length, f, nxt))
 
 
 def build_request_case(data: bytes) -> SplitCase:
@@ -322,7 +363,6 @@ def build_request_case(data: bytes) -> SplitCase:
     num = 1 << (r.u8() % 4 + 2)  # 4..32
     huge = r.u8() < 16
     mem, drv, feats, data_start = _setup(r, num, huge)
-    arena = mem.arena
     free_desc = 0
     tables: list[tuple[int, int]] = []  # (address, entries) of indirect tables
     nreq = 0
@@ -330,12 +370,16 @@ def build_request_case(data: bytes) -> SplitCase:
         rtype = REQUEST_TYPES[r.u8() % len(REQUEST_TYPES)]
         sector = r.u16() % (DISK // 512 + 16)
         bufs: list[tuple[int, int, int]] = []  # (addr, len, flags)
+        jump = r.u8()
+        if jump < 32:  # the next buffers across the edges of the one-byte or read-only regions
+            edge = (ONE_BYTE[0], ONE_BYTE[1], READ_ONLY[0], READ_ONLY[1])[jump % 4]
+            mem._next = max(mem._next, edge - jump % 24)  # bump forward only
         try:
             if huge and r.u8() & 1:
-                bufs = _huge_request(r, arena)
+                bufs = _huge_request(r, mem)
             else:
-                hdr = arena.alloc(16, 1 + r.u8() % 16)
-                arena.write(hdr, vb.OUTHDR.pack(rtype, 0, sector))
+                hdr = mem.alloc(16, 1 + r.u8() % 16)
+                mem.write(hdr, vb.OUTHDR.pack(rtype, 0, sector))
                 split = r.u8() % 17
                 if split:  # the header in two descriptors
                     bufs += [(hdr, split, 0), (hdr + split, 16 - split, 0)] if split < 16 else [
@@ -345,22 +389,24 @@ def build_request_case(data: bytes) -> SplitCase:
                 write = 0 if rtype & 0xFF == 1 else VRING_DESC_F_WRITE
                 for _ in range(r.u8() % 4):
                     length = (512, 4096, 1, r.u16() % 3000)[r.u8() % 4]
-                    addr = arena.alloc(length, 1 + r.u8() % 512)
+                    addr = mem.alloc(length, 1 + r.u8() % 512)
                     if not write:
-                        arena.write(addr, bytes((addr + k) & 0xFF for k in range(length)))
+                        mem.write(addr, bytes((addr + k) & 0xFF for k in range(length)))
                     bufs.append((addr, length, write))
-                status = arena.alloc(1 + r.u8() % 2, 1)
+                status = mem.alloc(1 + r.u8() % 2, 1)
                 bufs.append((status, 1 if r.u8() & 3 else 2, VRING_DESC_F_WRITE))
         except MemoryError:
             break
         if feats & bit(F_RING_INDIRECT_DESC) and r.u8() & 1 and free_desc < num:
-            try:
-                table = arena.alloc(DESC_SIZE * len(bufs), 16 if r.u8() else 4)
+            place = r.u8()
+            try:  # in data memory (now and then misaligned), or at the top of the IOVA space
+                table = (TOP + TOP_SIZE - DESC_SIZE * (len(bufs) + place % 4) if place < 24
+                         else mem.alloc(DESC_SIZE * len(bufs), 16 if place > 40 else 4))
             except MemoryError:
                 break
             for k, (addr, length, f) in enumerate(bufs):
                 last = k == len(bufs) - 1
-                arena.write(table + DESC_SIZE * k, VRING_DESC.pack(
+                mem.write(table + DESC_SIZE * k, VRING_DESC.pack(
                     addr, length, f | (0 if last else VRING_DESC_F_NEXT), k + 1))
             tables.append((table, len(bufs)))
             drv.write_desc(free_desc, table, DESC_SIZE * len(bufs), VRING_DESC_F_INDIRECT, 0)
@@ -388,7 +434,7 @@ def build_request_case(data: bytes) -> SplitCase:
             where % len(tables)]
         a = table + DESC_SIZE * (r.u8() % count)
         field_, value = r.u8() % 4, r.u32()
-        addr, length, f, nxt = VRING_DESC.unpack(arena.read(a, DESC_SIZE))
+        addr, length, f, nxt = VRING_DESC.unpack(mem.read(a, DESC_SIZE))
         if field_ == 0:  # elsewhere in data memory, onto the rings, or far outside
             addr = (r.address(data_start, drv) if value & 2 else data_start
                     + (addr ^ value) % (ARENA - data_start)) if value & 1 == 0 else value << 20
@@ -398,14 +444,14 @@ def build_request_case(data: bytes) -> SplitCase:
             f = value & 7
         else:
             nxt = value % (num + 2)
-        arena.write(a, VRING_DESC.pack(addr & ((1 << 64) - 1), length, f, nxt))
+        mem.write(a, VRING_DESC.pack(addr & ((1 << 64) - 1), length, f, nxt))
     if r.u8() < 96 and not huge:  # buffers onto the ring: the device then rewrites it
-        _onto_the_ring(r, drv, num, tables)
+        _onto_the_ring(r, mem, drv, num, tables)
     drv.set_used_event(r.u16() % (nreq + 1))
     case = SplitCase(mem, drv, num, feats, b"", backend="null" if huge else "memory")
     _device_setup(r, case)
     case.layout_error = _misplace(r, drv, num)
-    case.before = bytes(mem.flat)
+    case.before = mem.flat()
     return case
 
 
@@ -432,7 +478,7 @@ def mark_allowed(case: SplitCase) -> None:
         end = CaseMemory.offset(a + DESC_SIZE - 1) if a + DESC_SIZE <= 1 << 64 else None
         if off is None or end is None or end != off + DESC_SIZE - 1:
             return None
-        addr, length, f, nxt = VRING_DESC.unpack(bytes(mem.flat[off : off + DESC_SIZE]))
+        addr, length, f, nxt = VRING_DESC.unpack(mem.read(a, DESC_SIZE))
         return int(addr), int(length), int(f), int(nxt)
 
     def scan(table: int, count: int, nested: bool) -> None:
@@ -450,15 +496,20 @@ def mark_allowed(case: SplitCase) -> None:
     scan(drv.desc_addr, num, False)
 
 
+_TO_MASK = bytes.maketrans(b"\0\1", b"\0\xff")
+
+
 def check_writes(case: SplitCase) -> None:
     """No byte changed outside the used ring and the device-writable buffers."""
-    after = case.mem.flat
-    if case.before != after:
-        for i in range(len(after)):
-            if case.before[i] != after[i] and not case.allowed[i]:
-                iova = i if i < ARENA else TOP + i - ARENA
-                raise AssertionError(f"wrote outside the driver's writable buffers at "
-                                     f"0x{iova:x}")
+    after = case.mem.flat()
+    if case.before == after:
+        return
+    changed = int.from_bytes(case.before, "big") ^ int.from_bytes(after, "big")
+    outside = changed & ~int.from_bytes(bytes(case.allowed).translate(_TO_MASK), "big")
+    if outside:
+        i = len(after) - 1 - (outside.bit_length() - 1) // 8  # the first byte that differs
+        iova = i if i < ARENA else TOP + i - ARENA
+        raise AssertionError(f"wrote outside the driver's writable buffers at 0x{iova:x}")
 
 
 # -- serving ---------------------------------------------------------------------------------
@@ -613,8 +664,9 @@ def compare(build: Callable[[], SplitCase]) -> tuple[SplitCase, SplitCase | None
         f"(Python) against {nat_result} (native)"
     assert nat.disk == ref.disk, "the engines left different disks"
     assert nat.log == ref.log, "the engines left different in-flight logs"
-    if nat.mem.flat != ref.mem.flat:
-        at = next(i for i in range(len(ref.mem.flat)) if ref.mem.flat[i] != nat.mem.flat[i])
+    ref_mem, nat_mem = ref.mem.flat(), nat.mem.flat()
+    if nat_mem != ref_mem:
+        at = next(i for i in range(len(ref_mem)) if ref_mem[i] != nat_mem[i])
         raise AssertionError(f"the engines left different driver memory (at offset 0x{at:x})")
     return ref, nat, ref_result[0]
 

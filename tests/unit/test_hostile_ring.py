@@ -71,28 +71,26 @@ def test_hostile_split_ring(main: list[tuple[int, int, int, int]],
                             event_idx: bool, logged: bool) -> None:
     def build() -> SplitCase:
         mem = CaseMemory(huge=False)
-        arena = mem.arena
-        drv = DriverSplitRing(arena, NUM)
-        data_start = arena.alloc(0, 4096)
-        mem.low[data_start:] = bytes([GUARD]) * (ARENA - data_start)
-        mem.top[:] = bytes([GUARD]) * TOP_SIZE
+        drv = DriverSplitRing(mem, NUM)
+        data_start = mem.alloc(0, 4096)
+        mem.fill(data_start, ARENA, GUARD)
+        mem.fill(TOP, TOP + TOP_SIZE, GUARD)
         # A plausible request header at a few addresses the generated descriptors may use.
         hdr = vb.OUTHDR.pack(header[0], 0, header[1])
-        for a in range(data_start, ARENA - 16, 1024):
-            arena.write(a, hdr)
-        mem.top[:16] = hdr
+        for a in (*range(data_start, ARENA - 16, 1024), TOP):
+            mem.write(a, hdr)
         for i, (addr, length, f, nxt) in enumerate(main):
             drv.write_desc(i, addr, length, f, nxt)
         for slot, table in indirect:
             table_addr = data_start + 0x800 + slot * 0x80
             if table_addr + DESC_SIZE * len(table) <= ARENA:
                 for k, d in enumerate(table):
-                    arena.write(table_addr + DESC_SIZE * k, VRING_DESC.pack(*d))
+                    mem.write(table_addr + DESC_SIZE * k, VRING_DESC.pack(*d))
         for slot, head in enumerate(avail):
             drv.set_avail_entry(slot, head)
         drv.set_avail_idx(avail_idx)
         features = bit(F_RING_INDIRECT_DESC) | (bit(F_RING_EVENT_IDX) if event_idx else 0)
-        return SplitCase(mem, drv, NUM, features, bytes(mem.flat), logged=logged)
+        return SplitCase(mem, drv, NUM, features, mem.flat(), logged=logged)
 
     compare(build)
 

@@ -76,7 +76,7 @@ def _read_over_avail_idx(_: bytes) -> SplitCase:
     """Two requests; the first (an IN the native loop serves) reads zeroes over avail->idx,
     the second (an unknown type) the native loop leaves to Python."""
     mem = CaseMemory(huge=False)
-    arena = mem.arena
+    arena = mem
     drv = DriverSplitRing(arena, 8)
     data = arena.alloc(0, 4096)
     hdr, odd, status = data, data + 16, data + 32
@@ -90,7 +90,7 @@ def _read_over_avail_idx(_: bytes) -> SplitCase:
     drv.set_avail_entry(0, 0)
     drv.set_avail_idx(2)
     drv.set_avail_entry(1, 3)
-    return SplitCase(mem, drv, 8, 0, bytes(mem.flat))
+    return SplitCase(mem, drv, 8, 0, mem.flat())
 
 
 def test_a_hand_off_keeps_the_avail_index_as_read() -> None:

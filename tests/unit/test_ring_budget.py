@@ -94,9 +94,10 @@ def test_a_ring_that_feeds_itself_lets_the_worker_sleep(engine: str, event_idx: 
         os.close(kick)
     assert q.broken is None and w.broken is None
     size = wakeup_budget(NUM)
-    # 1+2+...+512 ms of backoff fit in the first second: at most ~11 budgets; one or two more
-    # in the next (1 s backoff)
-    assert 2 * size <= served <= 12 * size, served
+    # one budget when the worker starts (the request is there), one at the kick, then one per
+    # backoff: 1+2+...+512 ms fit in the first second (about 12 budgets; a few more on a slow
+    # machine, or under the sanitizers), one or two in the next second (1 s backoff)
+    assert 2 * size <= served <= 16 * size, served
     assert later <= 3 * size, later
     assert cpu_later < 0.1, f"the worker used {cpu_later:.2f} s of CPU in 1 s"
     sleeps = (int(w.engine.counters()["budget_sleeps"]) if isinstance(w, NativeQueueWorker)
