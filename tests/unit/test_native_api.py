@@ -4,9 +4,11 @@ extension under AddressSanitizer; no driver can reach these, a caller of the API
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -82,3 +84,43 @@ def test_an_engine_whose_init_failed_cannot_run() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and "refused" in out.stdout, out.stderr[-2000:]
+
+
+# -- the C sources against the Python definitions ------------------------------------------
+
+FASTPATH = Path(native.__file__).parent
+
+
+def c_defines() -> dict[str, int]:
+    text = (FASTPATH / "splitblk.h").read_text()
+    return {name: int(value, 0) for name, value in
+            re.findall(r"#define (\w+) (0x[0-9a-fA-F]+|\d+)(?:u|ull)?\b", text)}
+
+
+def test_the_c_constants_match_the_python_definitions() -> None:
+    from pyvduse.abi import virtio as vio
+    from pyvduse.ring import inflight
+    from pyvduse.ring.areas import SPLIT_ALIGN
+    from pyvduse.ring.descriptors import MAX_WRITABLE
+
+    d = c_defines()
+    assert (d["DESC_ALIGN"], d["AVAIL_ALIGN"], d["USED_ALIGN"]) == SPLIT_ALIGN
+    assert d["MAX_WRITABLE"] == MAX_WRITABLE
+    assert d["DESC_F_NEXT"] == vio.VRING_DESC_F_NEXT
+    assert d["DESC_F_WRITE"] == vio.VRING_DESC_F_WRITE
+    assert d["DESC_F_INDIRECT"] == vio.VRING_DESC_F_INDIRECT
+    assert d["AVAIL_F_NO_INTERRUPT"] == vio.VRING_AVAIL_F_NO_INTERRUPT
+    assert d["USED_F_NO_NOTIFY"] == vio.VRING_USED_F_NO_NOTIFY
+    assert (d["LOG_FREE"], d["LOG_IN_FLIGHT"], d["LOG_COMPLETED"]) == (
+        inflight.FREE, inflight.IN_FLIGHT, inflight.COMPLETED)
+    assert d["LOG_HEADER"] + d["LOG_ENTRY"] * 8 == inflight.log_size(8)
+
+
+def test_driver_memory_is_read_through_the_single_read_helpers() -> None:
+    """The plain little-endian loads (ld16/ld32/ld64) are for the engine's own memory only:
+    the local copy of a request header and the in-flight log. Everything the driver can
+    write is read with drv_ld* or drv_copy (one fetch per field: see splitblk.h)."""
+    own = re.compile(r"^(hdr|e->log)\b")
+    for path in sorted(FASTPATH.glob("*.c")):
+        for m in re.finditer(r"\bld(16|32|64)\(([^)]*)\)", path.read_text()):
+            assert own.match(m.group(2).strip()), f"{path.name}: {m.group(0)}"
