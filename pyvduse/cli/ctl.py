@@ -122,6 +122,13 @@ def render_status(r: Json) -> str:
                      f"block size {r['block_size']}{ro}")
         lines.append(f"  I/O       aio {r.get('aio', '-')}, cache {r.get('cache', '-')}, "
                      f"bounce buffer {r.get('bounce_memory') or '-'}")
+    nbd = r.get("nbd")
+    if nbd:
+        conns = ", ".join(f"{c['state']}" + (f" ({c['reconnects']} reconnects)"
+                                             if c["reconnects"] else "")
+                          for c in nbd["connections"])
+        lines.append(f"  nbd       {len(nbd['connections'])} connection(s): {conns}; "
+                     f"reconnect window {nbd['reconnect_seconds']:g} s")
     status = r.get("status")
     names = "|".join(r.get("status_names") or []) or "-"
     lines.append("  status    " + ("unknown" if status is None else f"0x{status:02x} {names}"))

@@ -2,20 +2,21 @@
 
 The native loop serves a queue only in the configuration it implements exactly: a split ring
 of a plain ``BlkDevice`` (not a subclass that changes ``handle``) whose backend is null,
-memory or a file, over driver memory that is a ``RegionMap``. Everything else keeps the
+memory, a file, or NBD with a connection per queue (the build with libnbd), over driver
+memory that is a ``RegionMap``. Everything else keeps the
 Python worker. Choosing is the runtime's job (``DataPath``); this module only answers
 "can it?" and "build it".
 """
 
 from __future__ import annotations
 
-import enum
 import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pyvduse.backend.file import FileBackend
 from pyvduse.backend.memory import MemoryBackend
+from pyvduse.backend.nbd import NbdBackend
 from pyvduse.backend.null import NullBackend
 from pyvduse.device.base import VirtioDevice
 from pyvduse.device.blk import BlkDevice
@@ -29,28 +30,25 @@ if TYPE_CHECKING:
     from pyvduse.fastpath._splitblk import Engine as Engine
 else:
     Engine = Any  # the extension may not be built
-    try:  # the build with io_uring (liburing-dev was there at install time) ...
-        import pyvduse.fastpath._splitblk_uring as _splitblk
+    try:  # the build with io_uring and libnbd (liburing-dev, libnbd-dev at install time) ...
+        import pyvduse.fastpath._splitblk_full as _splitblk
     except ImportError:
-        try:  # ... or the one without
-            import pyvduse.fastpath._splitblk as _splitblk
-        except ImportError:  # not built: no compiler or no Python headers at install time
-            _splitblk = None
+        try:  # ... with io_uring only ...
+            import pyvduse.fastpath._splitblk_uring as _splitblk
+        except ImportError:
+            try:  # ... or the one without
+                import pyvduse.fastpath._splitblk as _splitblk
+            except ImportError:  # not built: no compiler or no Python headers at install time
+                _splitblk = None
 
 # What Engine.run returns (only ever compared when the extension exists)
 RUN_STOPPED: int = _splitblk.RUN_STOPPED if _splitblk is not None else 0
 RUN_DEFER: int = _splitblk.RUN_DEFER if _splitblk is not None else 1
+RUN_NBD_LOST: int = getattr(_splitblk, "RUN_NBD_LOST", 3)
 # Engine(aio=...): requests served inline one at a time, or on io_uring, many in flight
 AIO_SYNC: int = _splitblk.AIO_SYNC if _splitblk is not None else 0
 AIO_URING: int = _splitblk.AIO_URING if _splitblk is not None else 1
-
-
-class DataPath(enum.Enum):
-    """Which engine serves the queues: the user's ``--data-path``."""
-
-    AUTO = "auto"  # native where it can, Python elsewhere
-    NATIVE = "native"  # native or refuse to start
-    PYTHON = "python"  # the reference engine only
+AIO_NBD: int = getattr(_splitblk, "AIO_NBD", 2)
 
 
 def available() -> bool:
@@ -65,6 +63,11 @@ def uring_built() -> bool:
     return available() and bool(_splitblk.HAS_URING)
 
 
+def nbd_built() -> bool:
+    """Whether the extension in use has the NBD client path (built with libnbd)."""
+    return available() and bool(getattr(_splitblk, "HAS_NBD", 0))
+
+
 def why_not(device: VirtioDevice, packed: bool) -> str | None:
     """Why the native loop cannot serve ``device`` (None: it can)."""
     if not available():
@@ -74,16 +77,30 @@ def why_not(device: VirtioDevice, packed: bool) -> str | None:
         return "the native data path serves split rings only"
     if type(device) is not BlkDevice:
         return f"the native data path serves plain virtio-blk devices, not {type(device).__name__}"
-    if type(device.backend) not in (NullBackend, MemoryBackend, FileBackend):
-        return f"the native data path has no {device.backend.kind} backend"
+    backend = device.backend
+    if isinstance(backend, NbdBackend):
+        if not nbd_built():
+            return ("the native data path was built without libnbd (reinstall with "
+                    "libnbd-dev: apt install libnbd-dev; pip install -e .)")
+        if len(backend.connections) != device.options.num_queues:
+            return ("the NBD server does not allow multi-conn, so the queues share one "
+                    "connection")
+        return None
+    if type(backend) not in (NullBackend, MemoryBackend, FileBackend):
+        return f"the native data path has no {backend.kind} backend"
     return None
 
 
-def _backend_args(device: BlkDevice) -> dict[str, Any]:
+def _backend_args(device: BlkDevice, nbd: object) -> dict[str, Any]:
     b = device.backend
     assert _splitblk is not None
+    if isinstance(b, NbdBackend):
+        return {"backend": _splitblk.BACKEND_NBD, "nbd": nbd, "nbd_fua": b.fua_writes,
+                "nbd_max": b.max_command}
     if isinstance(b, FileBackend):
-        return {"backend": _splitblk.BACKEND_FD, "fd": b.fd}
+        # --cache none: the O_DIRECT descriptor (the engine leaves requests it cannot do
+        # direct to Python, which has the buffered one)
+        return {"backend": _splitblk.BACKEND_FD, "fd": b.direct_fd if b.direct else b.fd}
     if isinstance(b, MemoryBackend):
         return {"backend": _splitblk.BACKEND_MEMORY, "memory": b.buffer}
     return {"backend": _splitblk.BACKEND_NULL}
@@ -117,6 +134,7 @@ def build(
     bounce: bool = False,
     dio_align: int = 512,
     inflight: bytearray | memoryview | None = None,
+    nbd: object = None,
     knobs: dict[str, Any] | None = None,
 ) -> Engine:
     """A native engine positioned where ``ring`` stands; it publishes a round's completions
@@ -131,8 +149,10 @@ def build(
     backend's fd was opened with O_DIRECT (buffers not aligned to ``dio_align`` are copied
     through the engine's own; an EFAULT makes it copy from then on); ``bounce`` copies from
     the start. ``inflight`` (``ring.num`` bytes) is the map of heads in flight shared with
-    the Python ring; the engine allocates its own without it. ``knobs``: more constructor
-    arguments, the test-only ones (``test_serial``, ``nowait``, ...: see _splitblk.pyi)."""
+    the Python ring; the engine allocates its own without it. An NBD backend's engine
+    (``aio=AIO_NBD``) takes ``nbd``, the binding's handle it is lent (None: down).
+    ``knobs``: more constructor arguments, the test-only ones (``test_serial``, ``nowait``,
+    ...: see _splitblk.pyi)."""
     assert _splitblk is not None and isinstance(memory, RegionMap)
     last_avail, used, signalled, _ = ring.position()  # run_native hands the rest over
     irq_fd, irq_request = irq if irq is not None else (-1, 0)
@@ -146,4 +166,4 @@ def build(
         poll_ns=poll_ns, publish_ns=_or_never(publish_ns), hold_ns=_or_never(hold_ns),
         affinity_fd=affinity_fd, follow_mask=sum(1 << c for c in set(follow_cpus) if c < 64),
         aio=aio, direct=direct, bounce=bounce, dio_align=dio_align, inflight=inflight,
-        budget=wakeup_budget(ring.num), **_backend_args(device), **(knobs or {}))
+        budget=wakeup_budget(ring.num), **_backend_args(device, nbd), **(knobs or {}))

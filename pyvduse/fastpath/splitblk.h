@@ -9,10 +9,12 @@
  *   splitblk_blk.c    virtio-blk requests: which ones this path takes, serving them inline
  *                     (null, memory, GET_ID, the synchronous file path), completing them;
  *   splitblk_uring.c  the asynchronous file path on io_uring (built with SB_URING only);
+ *   splitblk_nbd.c    the NBD client path on libnbd's asynchronous API (SB_NBD only);
  *   splitblk_loop.c   the serving loop: rounds of takes, publishing, sleeping, waiting idle;
  *   _splitblk.c       the Python object and the module.
- * The same sources are compiled twice (pyproject.toml): pyvduse.fastpath._splitblk without
- * liburing and pyvduse.fastpath._splitblk_uring with SB_URING defined and -luring.
+ * The same sources are compiled three times (pyproject.toml): pyvduse.fastpath._splitblk
+ * without liburing, pyvduse.fastpath._splitblk_uring with SB_URING defined and -luring, and
+ * pyvduse.fastpath._splitblk_full with SB_URING and SB_NBD, -luring and -lnbd.
  */
 #ifndef PYVDUSE_SPLITBLK_H
 #define PYVDUSE_SPLITBLK_H
@@ -28,6 +30,9 @@
 
 #ifdef SB_URING
 #include <liburing.h>
+#endif
+#ifdef SB_NBD
+#include <libnbd.h>
 #endif
 
 #define DESC_F_NEXT 1
@@ -70,9 +75,14 @@
 #define BOUNCE_KEEP (256u << 10)
 #define BOUNCE_RETAIN (32u << 20)
 
-enum { RUN_STOPPED = 0, RUN_DEFER = 1 };
+/* RUN_NBD_LOST: the NBD connection is gone; its requests are parked until set_nbd(). */
+enum { RUN_STOPPED = 0, RUN_DEFER = 1, RUN_NBD_LOST = 3 };
 #define DRAIN_SLEEP 2  /* drain(): the ring is empty with kicks enabled */
-#define DRAIN_BUDGET 3 /* drain(): the budget is spent; wait for a kick (or the backoff) */
+#define DRAIN_BUDGET 4 /* drain(): the budget is spent; wait for a kick (or the backoff) */
+enum { BACKEND_NULL = 0, BACKEND_FD = 1, BACKEND_MEMORY = 2, BACKEND_NBD = 3 };
+enum { AIO_SYNC = 0, AIO_URING = 1, AIO_NBD = 2 };
+/* Where a request of the NBD path stands (Req.nbd_state). */
+enum { NBD_IDLE = 0, NBD_SENT, NBD_READY, NBD_PARKED };
 
 /* The work a queue does per wakeup (pyvduse/ring/budget.py, the same numbers): at most
  * BUDGET_PER_SLOT * num requests between two kicks of the driver; then it asks for a kick
@@ -83,8 +93,6 @@ enum { RUN_STOPPED = 0, RUN_DEFER = 1 };
 #define BUDGET_PER_SLOT 4
 #define BUDGET_SLEEP_MIN_NS 1000000ull
 #define BUDGET_SLEEP_MAX_NS 1000000000ull
-enum { BACKEND_NULL = 0, BACKEND_FD = 1, BACKEND_MEMORY = 2 };
-enum { AIO_SYNC = 0, AIO_URING = 1 };
 
 /* io_uring user_data of the SQEs that are not requests (requests carry their Req *). */
 #define TAG_GATE 1u   /* test-only: the gate read linked before a request */
@@ -130,6 +138,11 @@ typedef struct {
     uint8_t *buf;        /* the aligned buffer, allocated lazily, kept for the head */
     size_t buf_cap, chunk; /* its size; bytes of the step in flight through it */
     int gates;           /* test-only: times it was linked behind the gate */
+    /* the NBD path */
+    struct Engine *eng;  /* its engine (a libnbd completion gets only the Req) */
+    int nbd_state;       /* NBD_IDLE, _SENT (libnbd has it), _READY (its reply came), _PARKED */
+    int nbd_err;         /* the reply's errno (NBD_READY) */
+    uint64_t nbd_gen;    /* the connection it was sent on */
 } Req;
 
 typedef struct Engine {
@@ -174,6 +187,16 @@ typedef struct Engine {
     struct io_uring ring;
 #endif
     int ring_ok;        /* the io_uring above exists */
+    /* the NBD path (splitblk_nbd.c) */
+    void *nbd;          /* struct nbd_handle *, NULL while there is no connection */
+    PyObject *nbd_owner; /* the binding's NBD object, which keeps the handle open */
+    uint64_t nbd_gen;   /* bumped when a connection is lost or replaced */
+    int nbd_dead;       /* lost: new requests park; run() returns RUN_NBD_LOST */
+    int nbd_fua;        /* writes carry NBD_CMD_FLAG_FUA (the server has FUA, no flush) */
+    uint64_t nbd_max;   /* reads and writes longer than this are left to Python */
+    uint16_t *nbd_ready; /* heads whose reply came, for the loop to complete (num) */
+    uint32_t nready;
+    uint64_t nparked;   /* requests waiting for a connection */
     int efd;            /* eventfd registered with it: readable when completions arrive */
     /* test-only knobs (see _splitblk.pyi) */
     int gate_fd;
@@ -350,6 +373,19 @@ int sb_uring_ready(Engine *e);     /* completions waiting to be reaped */
 int sb_uring_pending(Engine *e);   /* SQEs prepared that the kernel has not taken */
 void sb_uring_cancel_all(Engine *e);
 void sb_uring_wait(Engine *e, Req *r); /* test_serial: until r has completed */
+
+/* -- splitblk_nbd.c (stubs without SB_NBD) ------------------------------------------------ */
+
+int sb_nbd_set(Engine *e, PyObject *handle); /* with the GIL, not running; -1: exception */
+void sb_nbd_release(Engine *e);               /* with the GIL */
+void sb_nbd_start(Engine *e, Req *r);         /* send r's command, or park it */
+uint32_t sb_nbd_reap(Engine *e);              /* complete the requests whose reply came */
+int sb_nbd_ready(Engine *e);                  /* replies waiting to be reaped */
+int sb_nbd_poll_fd(Engine *e, short *events); /* the socket to poll (and for what), or -1 */
+void sb_nbd_notify(Engine *e, short revents); /* tell libnbd what the socket is ready for */
+void sb_nbd_pump(Engine *e);                  /* read what has arrived, without blocking */
+void sb_nbd_fail_parked(Engine *e, int drop); /* IOERR (or dropped) for every parked one */
+void sb_nbd_resend(Engine *e);                /* after set_nbd(): send the parked ones */
 
 /* -- splitblk_loop.c ------------------------------------------------------------------- */
 

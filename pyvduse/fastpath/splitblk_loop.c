@@ -2,20 +2,23 @@
  * The serving loop of the native engine, run without the GIL: rounds of takes, publishing,
  * sleeping until a kick, a completion or a stop, and waiting for requests in flight.
  *
- * A round: reap the completions that arrived (aio=AIO_URING), take every chain this path can
- * serve (at most num), serving the inline ones and preparing an SQE for the others, submit
- * the round's SQEs with one io_uring_submit, reap again (some complete during the submit),
- * and publish what was pushed: one store of the used index and at most one interrupt per
+ * A round: reap the completions that arrived (aio=AIO_URING, or NBD replies), take every
+ * chain this path can serve (at most num), serving the inline ones and preparing an SQE (or
+ * sending an NBD command) for the others, submit the round's SQEs with one io_uring_submit,
+ * reap again (some complete during the submit), and publish what was pushed: one store of the used index and at most one interrupt per
  * publish. Inline requests keep the publish rule (publish_ns / hold_ns, pyvduse/runtime/
  * tuning.py): the completions of a round go out together unless one took publish_ns or the
  * oldest unpublished one has waited hold_ns; completions from io_uring go out with the round
- * that reaped them, so none waits for more than the next wake-up.
+ * that reaped them, so none waits for more than the next wake-up. With NBD the socket is
+ * polled beside the kick and stop fds (for writing too while libnbd has bytes it could not
+ * send), and read once per round without waiting; a lost connection with requests parked
+ * returns RUN_NBD_LOST.
  *
  * The budget (splitblk.h, BUDGET_PER_SLOT): every chain taken, or left to Python, spends one
  * credit; a kick restores them. Spent, the loop publishes, asks the driver for a kick and
- * sleeps until it comes (or the backoff ends), still reaping io_uring completions. A round
- * left for Python (RUN_DEFER) goes on at the next run(): the deferred chain counts in it,
- * as in the Python worker's round, so both engines write the ring in the same steps.
+ * sleeps until it comes (or the backoff ends), still reaping io_uring and NBD completions. A
+ * round left for Python (RUN_DEFER) goes on at the next run(): the deferred chain counts in
+ * it, as in the Python worker's round, so both engines write the ring in the same steps.
  */
 #include "splitblk.h"
 
@@ -29,7 +32,8 @@ static int poll_for_work(Engine *e)
 {
     uint64_t deadline = now_ns() + e->poll_ns;
     for (unsigned spins = 0;; spins++) {
-        if (drv_ld16_acquire(e->avail + 2) != e->last_avail || sb_uring_ready(e))
+        if (drv_ld16_acquire(e->avail + 2) != e->last_avail || sb_uring_ready(e) ||
+            sb_nbd_ready(e))
             return 1;
         if (e->stop || e->pause)
             return 0;
@@ -44,6 +48,11 @@ static int poll_for_work(Engine *e)
 /* Submit what is prepared and push what has completed. */
 static void settle(Engine *e)
 {
+    if (e->backend == BACKEND_NBD) { /* commands went out as they were taken */
+        sb_nbd_pump(e);
+        sb_nbd_reap(e);
+        return;
+    }
     if (!use_uring(e))
         return;
     sb_uring_submit(e);
@@ -67,12 +76,13 @@ static int drain(Engine *e)
         } else if (e->credit == 0) { /* spent: completions only, the kick stays asked for */
             settle(e);
             sb_publish(e);
-            return DRAIN_BUDGET;
+            return e->nbd_dead && e->nparked ? RUN_NBD_LOST : DRAIN_BUDGET;
         } else {
             sb_disable_kicks(e);
         }
         if (use_uring(e))
             sb_uring_reap(e);
+        sb_nbd_reap(e);
         t = published = now_ns();
         while (n < e->num) {
             uint16_t head;
@@ -112,6 +122,8 @@ static int drain(Engine *e)
         sb_publish(e);
         if (r != DRAIN_SLEEP)
             return r;
+        if (e->nbd_dead && e->nparked)
+            return RUN_NBD_LOST; /* Python reconnects, then set_nbd() sends them again */
         if (n < e->num) {
             int p;
             if (e->poll_ns && poll_for_work(e))
@@ -187,6 +199,10 @@ int sb_run(Engine *e, int kick_fd, int stop_fd)
             r = RUN_STOPPED;
             break;
         }
+        if (e->backend == BACKEND_NBD) { /* the socket, for what libnbd waits for now */
+            fds[2].fd = sb_nbd_poll_fd(e, &fds[2].events);
+            nfds = fds[2].fd >= 0 ? 3 : 2;
+        }
         for (nfds_t k = 0; k < nfds; k++)
             fds[k].revents = 0;
         if (poll(fds, nfds, sleep_ms(e)) < 0) {
@@ -205,8 +221,12 @@ int sb_run(Engine *e, int kick_fd, int stop_fd)
         } else if (e->wake_at && now_ns() >= e->wake_at) {
             restore_credit(e, 0);
         }
-        if (nfds == 3 && (fds[2].revents & POLLIN))
+        if (e->backend == BACKEND_NBD) {
+            if (nfds == 3 && fds[2].revents)
+                sb_nbd_notify(e, fds[2].revents);
+        } else if (nfds == 3 && (fds[2].revents & POLLIN)) {
             (void)!read(e->efd, &junk, sizeof junk); /* before reaping: none is missed */
+        }
         sb_follow_cpu(e);
         r = drain(e);
     }
@@ -224,7 +244,8 @@ uint64_t sb_wait_idle(Engine *e, uint64_t timeout_ns)
         settle(e);
         if (e->nbatch)
             sb_publish(e);
-        if (e->nasync == 0 || (t = now_ns()) >= deadline)
+        /* parked NBD requests wait for a connection, which only Python can bring */
+        if (e->nasync <= e->nparked || (t = now_ns()) >= deadline)
             break;
         wait = deadline - t;
         if (sb_uring_pending(e) && wait > 1000000)
@@ -233,10 +254,15 @@ uint64_t sb_wait_idle(Engine *e, uint64_t timeout_ns)
         ts.tv_nsec = (long)(wait % 1000000000u);
         p.fd = e->efd;
         p.events = POLLIN;
+        if (e->backend == BACKEND_NBD)
+            p.fd = sb_nbd_poll_fd(e, &p.events);
         p.revents = 0;
         if (ppoll(&p, 1, &ts, NULL) > 0) {
             uint64_t junk;
-            (void)!read(e->efd, &junk, sizeof junk);
+            if (e->backend == BACKEND_NBD)
+                sb_nbd_notify(e, p.revents);
+            else
+                (void)!read(e->efd, &junk, sizeof junk);
         }
     }
     return e->ninflight;

@@ -12,6 +12,7 @@ from typing import Any
 
 from pyvduse.abi import virtio as vio
 from pyvduse.abi import virtio_blk as vb
+from pyvduse.backend.base import LaterBackend
 from pyvduse.device.blk import BlkDevice, BlkStats
 from pyvduse.ops.protocol import Json
 from pyvduse.ops.target import Target
@@ -116,8 +117,10 @@ def queue_status(index: int, size: int, worker: QueueWorker | None,
 
 
 def _blocking_backend(device: object) -> bool:
-    """Whether the device's calls may block (a file backend; a custom device: assume so)."""
-    return not isinstance(device, BlkDevice) or device.backend.blocking
+    """Whether the device's calls may block or complete later (a file or NBD backend; a
+    custom device: assume so)."""
+    return (not isinstance(device, BlkDevice) or device.backend.blocking
+            or isinstance(device.backend, LaterBackend))
 
 
 def in_flight_seconds(counters: QueueCounters | None) -> float | None:
@@ -155,6 +158,9 @@ def status(target: Target) -> Json:
                    capacity=device.capacity_bytes, block_size=o.block_size,
                    readonly=o.readonly, serial=o.serial,
                    cache="none" if getattr(device.backend, "direct", False) else "writeback")
+        backend_status = getattr(device.backend, "status", None)
+        if callable(backend_status):  # an NBD client: its export and connections
+            out[device.backend.kind] = backend_status()
     out["aio"] = server.tuning.aio.value
     out["bounce_memory"] = getattr(target.transport, "bounce_memory", None)
     transport = target.transport

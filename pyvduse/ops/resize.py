@@ -7,7 +7,8 @@ fail, wait for the requests already in flight, then truncate the file. With no s
 backing file's current size is taken (someone else grew it) and the capacity follows.
 
 Backends: a file (regular file: any size; read-only or block device: re-read its size only),
-null (any size: it stores nothing). A memory backend cannot: its RAM is one fixed mapping.
+null (any size: it stores nothing), NBD (re-read the export's size on a new connection: an
+open NBD connection never learns of a resize). A memory backend cannot: its RAM is one fixed mapping.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 from typing import Any
 
 from pyvduse.backend.file import FileBackend
+from pyvduse.backend.nbd import NbdBackend, NbdError
 from pyvduse.backend.null import NullBackend
 from pyvduse.device.blk import BlkConfigError, BlkDevice
 from pyvduse.ops.protocol import BUSY, FAILED, INVALID_ARGUMENT, UNSUPPORTED, Json, OpsError
@@ -88,6 +90,17 @@ def _resize(target: Target, device: BlkDevice, size: int | None, shrink: bool) -
             size = found - found % bs
             if size <= 0:
                 raise OpsError(FAILED, f"{backend.path} is now smaller than one block")
+    elif isinstance(backend, NbdBackend):
+        if size is not None:
+            raise OpsError(UNSUPPORTED, "pyvduse cannot change the size of an NBD export: "
+                           "resize it on the server, then run 'resize' with no size")
+        try:
+            found = backend.refresh_size()
+        except NbdError as e:
+            raise OpsError(FAILED, f"cannot read the export's size: {e}") from None
+        size = found - found % bs
+        if size <= 0:
+            raise OpsError(FAILED, "the NBD export is now smaller than one block")
     elif isinstance(backend, NullBackend):
         if size is None:
             raise OpsError(INVALID_ARGUMENT, "a null device has no storage whose size could "

@@ -27,7 +27,6 @@ from pyvduse.device.base import VirtioDevice
 from pyvduse.device.blk import BlkDevice
 from pyvduse.device.request import Request
 from pyvduse.fastpath import engine as native
-from pyvduse.fastpath.engine import DataPath
 from pyvduse.ring.chain import Chain
 from pyvduse.ring.errors import RingError
 from pyvduse.ring.inflight import LoggedQueue
@@ -40,7 +39,7 @@ from pyvduse.runtime import fence
 from pyvduse.runtime.executors import Aio, Executors
 from pyvduse.runtime.native_worker import NativeQueueWorker
 from pyvduse.runtime.state_file import StateFile
-from pyvduse.runtime.tuning import DEFAULT_TUNING, QueueTuning
+from pyvduse.runtime.tuning import DEFAULT_TUNING, DataPath, QueueTuning
 from pyvduse.runtime.worker import DEFAULT_GRACE_SECONDS, QueueWorker
 from pyvduse.transport.base import QueueSetup, Transport
 
@@ -119,9 +118,9 @@ class DeviceServer:
 
     def grace(self) -> float:
         """How long requests in flight may delay the answer to a reset or an unmap: half
-        the kernel's message timeout."""
+        the kernel's message timeout (which 0 makes endless: then the default grace)."""
         timeout = self.transport.reply_timeout() if self.transport is not None else None
-        return DEFAULT_GRACE_SECONDS if timeout is None else max(timeout / 2, 0.0)
+        return DEFAULT_GRACE_SECONDS if not timeout or timeout < 0 else timeout / 2
 
     def remap(self, invalidate: Callable[[], None], start: int = 0,
               last: int = (1 << 64) - 1) -> None:

@@ -31,14 +31,13 @@ from pyvduse.backend.memory import MemoryBackend
 from pyvduse.backend.null import NullBackend
 from pyvduse.device.blk import BlkDevice, BlkOptions
 from pyvduse.fastpath import engine as native
-from pyvduse.fastpath.engine import DataPath
 from pyvduse.model.blk_driver import BlkDriver, BlkIOError
 from pyvduse.model.split_driver import DriverSplitRing
 from pyvduse.ring.inflight import FREE, InflightLog, log_size
 from pyvduse.runtime.native_worker import NativeQueueWorker
-from pyvduse.runtime.tuning import QueueTuning
+from pyvduse.runtime.tuning import DataPath, QueueTuning
 from pyvduse.runtime.worker import QueueWorker
-from pyvduse.transport.model.rig import ModelRig
+from pyvduse.testing.rig import ModelRig
 
 MiB = 1 << 20
 

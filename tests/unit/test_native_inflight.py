@@ -22,15 +22,14 @@ from pyvduse.abi import virtio_blk as vb
 from pyvduse.backend.file import FileBackend
 from pyvduse.device.blk import BlkDevice
 from pyvduse.fastpath import engine as native
-from pyvduse.fastpath.engine import DataPath
 from pyvduse.model.blk_driver import BlkDriver
 from pyvduse.model.split_driver import DriverSplitRing
 from pyvduse.model.virtio_driver import DriverQueue
 from pyvduse.ops.drain import drain
 from pyvduse.runtime.native_worker import NativeQueueWorker
-from pyvduse.runtime.tuning import QueueTuning
+from pyvduse.runtime.tuning import DataPath, QueueTuning
 from pyvduse.runtime.worker import queue_counters
-from pyvduse.transport.model.rig import ModelRig
+from pyvduse.testing.rig import ModelRig
 
 if not native.uring_built():
     pytest.skip("the io_uring build of the native engine is not there", allow_module_level=True)

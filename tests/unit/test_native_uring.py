@@ -806,6 +806,7 @@ def test_build_passes_the_new_arguments_and_defaults_to_sync(tmp_path: Path) -> 
 
 def test_engine_py_falls_back_to_the_build_without_liburing() -> None:
     code = ("import sys; sys.modules['pyvduse.fastpath._splitblk_uring'] = None\n"
+            "sys.modules['pyvduse.fastpath._splitblk_full'] = None\n"
             "from pyvduse.fastpath import engine\n"
             "assert engine.available() and not engine.uring_built()\n"
             "assert engine._splitblk.__name__ == 'pyvduse.fastpath._splitblk'\n")

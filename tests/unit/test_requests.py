@@ -25,15 +25,14 @@ from pyvduse.backend.null import NullBackend
 from pyvduse.device.base import REQUIRED_FEATURES, DeviceSpec, VirtioDevice
 from pyvduse.device.blk import BlkDevice, BlkOptions
 from pyvduse.device.request import Request, RequestError
-from pyvduse.fastpath.engine import DataPath
 from pyvduse.model.blk_driver import BlkDriver, BlkIOError
 from pyvduse.model.virtio_driver import DriverQueue
 from pyvduse.ring.chain import Chain
 from pyvduse.ring.iovec import gather
 from pyvduse.runtime.executors import Aio
-from pyvduse.runtime.tuning import QueueTuning
+from pyvduse.runtime.tuning import DataPath, QueueTuning
 from pyvduse.runtime.worker import queue_counters
-from pyvduse.transport.model.rig import ModelRig
+from pyvduse.testing.rig import ModelRig
 
 MiB = 1 << 20
 DEPTH = 32

@@ -14,7 +14,6 @@ from pyvduse.abi.virtio import F_RING_EVENT_IDX, bit
 from pyvduse.backend.memory import MemoryBackend
 from pyvduse.device.blk import BlkDevice, BlkOptions
 from pyvduse.fastpath import engine as native
-from pyvduse.fastpath.engine import DataPath
 from pyvduse.model.blk_driver import BlkDriver
 from pyvduse.ops import inspect
 from pyvduse.ring.areas import check_areas, packed_areas, split_areas
@@ -22,7 +21,8 @@ from pyvduse.ring.errors import RingError
 from pyvduse.ring.memory import RegionMap, buffer_region
 from pyvduse.ring.packed import PackedQueue
 from pyvduse.ring.split import SplitQueue
-from pyvduse.transport.model.rig import ModelRig
+from pyvduse.runtime.tuning import DataPath
+from pyvduse.testing import ModelRig
 
 MEM = 1 << 18
 NUM = 8
