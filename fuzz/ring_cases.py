@@ -629,8 +629,9 @@ def _serve_native(case: SplitCase, q: SplitQueue, dev: BlkDevice, log: InflightL
                   serve_one: Callable[[], bool], counts: list[int]) -> None:
     """The native loop with the Python engine for what it leaves; appends to ``counts``
     the chains the loop served (also when ``serve_one`` raises)."""
-    engine = native.build(dev, 0, q, case.mem.map, log if case.logged else None, None,
-                          lambda i: None, lambda *e: None, publish_ns=0,
+    engine = native.build(native.require_plan(dev), 0, q, case.mem.map,
+                          log if case.logged else None, None, lambda i: None, lambda *e: None,
+                          publish_ns=0,
                           aio=native.AIO_URING if case.backend == "uring" else native.AIO_SYNC,
                           bounce=bool(case.knobs.get("bounce")),
                           knobs={k: v for k, v in case.knobs.items() if k != "bounce"},

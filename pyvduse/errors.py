@@ -68,6 +68,15 @@ class StateMismatch(DeviceError):
     given now, so its in-flight log does not apply."""
 
 
+class ResizeError(PyvduseError):
+    """A resize that cannot be done: ``code`` is ``unsupported`` (not with this storage),
+    ``invalid`` (not with these arguments) or ``failed`` (the storage refused)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class UserError(PyvduseError):
     """A mistake on the command line, already worded for the terminal: printed as one line,
     no traceback."""

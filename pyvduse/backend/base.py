@@ -19,6 +19,55 @@ import errno
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from pyvduse.errors import ResizeError
+
+#: The methods through which a backend's data moves.
+IO_METHODS = ("readv", "writev", "flush", "discard", "write_zeroes")
+
+
+@dataclass(frozen=True)
+class NativeStorage:
+    """How a native data path reaches a backend's storage without calling Python: the
+    answer of ``Backend.native_storage()``. ``kind`` is one of ``fd`` (``fd``, opened with
+    O_DIRECT when ``direct``), ``memory`` (``memory``: the disk's bytes), ``null`` (reads
+    zeroes, drops writes) or ``nbd`` (``connections`` lends the engine one NBD connection
+    per queue; ``fua_writes``: every write carries FUA; ``max_command``: the largest
+    request the server takes)."""
+
+    kind: Literal["fd", "memory", "null", "nbd"]
+    fd: int = -1
+    direct: bool = False
+    memory: memoryview | None = None
+    connections: LendsConnections | None = None
+    fua_writes: bool = False
+    max_command: int = 0
+
+
+class LendsConnections(Protocol):
+    """A backend whose native path borrows one connection per queue (NBD): the engine
+    drives it from C, and gives it back when it stops."""
+
+    @property
+    def queue_count(self) -> int:
+        """How many queues have a connection of their own."""
+        ...
+
+    def lend(self, queue: int, switch: Callable[[Any], bool],
+             stopping: Callable[[], bool] | None = None) -> Any:
+        """The handle of ``queue``'s connection for the engine (an exception: it cannot be
+        lent now). ``switch`` moves the engine to a new handle (a resize); ``stopping`` says
+        the queue is stopping."""
+        ...
+
+    def give_back(self, queue: int, reusable: bool) -> None: ...
+
+    def reconnect_native(self, queue: int, should_stop: Callable[[], bool]) -> Any:
+        """A new handle for ``queue`` after the engine lost its own (None: not in time)."""
+        ...
+
 
 #: How a call of a ``LaterBackend`` reports its outcome: ``done(None)`` on success,
 #: ``done(error)`` otherwise; exactly once, from any thread (maybe before ``start`` returns).
@@ -63,6 +112,37 @@ class Backend(ABC):
 
     def close(self) -> None:
         """Release what the backend holds."""
+
+    def native_storage(self) -> NativeStorage | None:
+        """How the native data path can reach the storage itself (None: it cannot, and
+        the backend's methods serve every request: a user's backend, for one)."""
+        return None
+
+    # -- resizing (``ctl NAME resize``) ----------------------------------------------------
+
+    def storage_size(self) -> int:
+        """The storage's size now, looked at again (someone may have resized it): a resize
+        with no size takes it. ResizeError when this backend cannot tell."""
+        raise ResizeError("unsupported", f"a {self.kind} device cannot be resized")
+
+    def size_settable(self) -> str | None:
+        """Why pyvduse cannot change the storage's size itself (None: it can, with
+        ``set_storage_size``)."""
+        return (f"pyvduse cannot change the size of {self.description}: resize it yourself, "
+                "then resize with no size")
+
+    def set_storage_size(self, size: int, *, grow_only: bool) -> None:
+        """Make the storage ``size`` bytes (``grow_only``: leave it if it is larger);
+        called before a larger capacity is announced, and after a smaller one took effect.
+        ResizeError when that fails."""
+        raise ResizeError("unsupported", self.size_settable() or "cannot resize")
+
+    def io_as_in(self, cls: type[Backend]) -> bool:
+        """Whether this backend moves data exactly as ``cls`` does: a subclass that
+        overrides a data method (an async ``readv``, a fault injector) must be served
+        through its methods, not around them."""
+        mine = type(self)
+        return all(getattr(mine, m) is getattr(cls, m) for m in IO_METHODS)
 
 
 class CallAbandoned(Exception):

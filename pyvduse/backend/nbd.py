@@ -44,7 +44,8 @@ from types import ModuleType
 from typing import Any
 
 from pyvduse.backend import nbd_binding, nbd_uri
-from pyvduse.backend.base import CallAbandoned, Done, LaterBackend
+from pyvduse.backend.base import CallAbandoned, Done, LaterBackend, NativeStorage
+from pyvduse.errors import ResizeError
 
 log = logging.getLogger(__name__)
 
@@ -742,7 +743,27 @@ class NbdBackend(LaterBackend):
             self._size = found.size
         return found.size
 
+    def storage_size(self) -> int:
+        try:
+            return self.refresh_size()
+        except NbdError as e:
+            raise ResizeError("failed", f"cannot read the export's size: {e}") from None
+
+    def size_settable(self) -> str | None:
+        return ("pyvduse cannot change the size of an NBD export: resize it on the server, "
+                "then resize with no size")
+
     # -- native engines -----------------------------------------------------------------
+
+    def native_storage(self) -> NativeStorage | None:
+        if not self.io_as_in(NbdBackend) or type(self).start is not NbdBackend.start:
+            return None
+        return NativeStorage("nbd", connections=self, fua_writes=self.fua_writes,
+                             max_command=self.max_command)
+
+    @property
+    def queue_count(self) -> int:
+        return len(self.connections)
 
     def lend(self, queue: int, switch: Callable[[Any], bool],
              stopping: Callable[[], bool] | None = None) -> Any:

@@ -109,6 +109,26 @@ class VirtioDevice(ABC):
         device writes then, return the bytes written. The default writes nothing."""
         return 0
 
+    # -- what operations show (``ctl status``, ``ctl stats``, metrics) ---------------------
+
+    @property
+    def may_wait(self) -> bool:
+        """Whether requests may wait for something (a disk, a server) rather than finish
+        inline, so that the queue's aio mode matters. A device of one's own: assume so."""
+        return True
+
+    def status(self) -> dict[str, object]:
+        """Device-specific fields of ``ctl NAME status`` (JSON values)."""
+        return {}
+
+    def queue_counts(self, queue: int) -> dict[str, object]:
+        """Device-specific counters of queue ``queue`` for ``ctl NAME stats``."""
+        return {}
+
+    def total_counts(self) -> dict[str, object]:
+        """The same, all queues added up."""
+        return {}
+
     def bind_config_writer(self, writer: ConfigWriter | None) -> None:
         """The transport's way to push config-space changes (set config + config IRQ)."""
         self._config_writer = writer

@@ -14,6 +14,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pyvduse.abi import virtio_blk as vb
 from pyvduse.abi.virtio import (
@@ -23,7 +24,7 @@ from pyvduse.abi.virtio import (
     DeviceId,
     bit,
 )
-from pyvduse.backend.base import Backend, CallAbandoned, LaterBackend
+from pyvduse.backend.base import Backend, CallAbandoned, LaterBackend, NativeStorage
 from pyvduse.device.base import REQUIRED_FEATURES, DeviceSpec, VirtioDevice
 from pyvduse.device.request import Request
 from pyvduse.ratelimit import RateLimitedLogger
@@ -45,6 +46,32 @@ MAX_DISCARD_SEG = 32
 
 class BlkConfigError(ValueError):
     """The options cannot describe a valid virtio-blk device."""
+
+
+@dataclass(frozen=True)
+class NativeBlk:
+    """What a native virtio-blk loop needs to serve a device's queues without calling
+    Python for each request (``BlkDevice.native_plan``)."""
+
+    capacity: array.array[int]  # the capacity in bytes, one cell the loop reads as it changes
+    readonly: bool
+    serial: bytes  # GET_ID's answer, padded
+    num_queues: int
+    storage: NativeStorage
+    blocking: bool  # the backend's own calls may block (a file)
+    stats: EngineStats  # where the engine's per-queue counters go
+
+
+class EngineStats(Protocol):
+    """Where a native engine's per-queue counters are counted in."""
+
+    def attach_engine(self, queue: int, source: Callable[[], BlkStats]) -> None:
+        """An engine serves ``queue`` now; ``source()`` reads its counters."""
+        ...
+
+    def retire_engine(self, queue: int, final: BlkStats) -> None:
+        """The engine of ``queue`` stopped with these counters: keep them."""
+        ...
 
 
 @dataclass
@@ -77,6 +104,17 @@ class BlkStats:
     bad_chains: int = 0  # malformed requests (no header, no status byte, bad chain)
     bytes_read: int = 0
     bytes_written: int = 0
+
+    def as_json(self) -> dict[str, object]:
+        by_type = dict(self.by_type)
+        return {
+            "requests": {vb.request_type_name(t): n for t, n in sorted(by_type.items())},
+            "requests_total": sum(by_type.values()),
+            "bytes_read": self.bytes_read,
+            "bytes_written": self.bytes_written,
+            "errors": self.errors,
+            "bad_requests": self.bad_chains,
+        }
 
     def add(self, other: BlkStats) -> None:
         for rtype, n in list(other.by_type.items()):
@@ -127,6 +165,24 @@ class BlkDevice(VirtioDevice):
         #: The backend's calls return at once and complete later (a network client).
         self._later_backend = isinstance(backend, LaterBackend)
 
+    def native_plan(self) -> NativeBlk | str:
+        """How a native data path can serve this device, or why it cannot: a subclass that
+        handles requests itself, or a backend whose storage only its methods reach."""
+        if self._own_handle or type(self).submit is not BlkDevice.submit:
+            return f"{type(self).__name__} handles its requests itself"
+        storage = self.backend.native_storage()
+        if storage is None:
+            return f"the native data path has no {self.backend.kind} backend"
+        return NativeBlk(self.capacity_cell, self.options.readonly, self.serial,
+                         self.options.num_queues, storage, self.backend.blocking, self)
+
+    def attach_engine(self, queue: int, source: Callable[[], BlkStats]) -> None:
+        self.stats_sources[queue] = source
+
+    def retire_engine(self, queue: int, final: BlkStats) -> None:
+        self.queue_stats[queue].add(final)
+        self.stats_sources.pop(queue, None)
+
     @property
     def capacity_bytes(self) -> int:
         return self.capacity_cell[0]
@@ -134,6 +190,31 @@ class BlkDevice(VirtioDevice):
     @capacity_bytes.setter
     def capacity_bytes(self, value: int) -> None:
         self.capacity_cell[0] = value
+
+    @property
+    def block_size(self) -> int:
+        return self.options.block_size
+
+    @property
+    def may_wait(self) -> bool:
+        return self.backend.blocking or self._later_backend or self._async_backend
+
+    def status(self) -> dict[str, object]:
+        b, o = self.backend, self.options
+        out: dict[str, object] = {
+            "backend": b.description, "backend_kind": b.kind, "capacity": self.capacity_bytes,
+            "block_size": o.block_size, "readonly": o.readonly, "serial": o.serial,
+            "cache": "none" if getattr(b, "direct", False) else "writeback"}
+        backend_status = getattr(b, "status", None)
+        if callable(backend_status):  # a network client: its server and connections
+            out[b.kind] = backend_status()
+        return out
+
+    def queue_counts(self, queue: int) -> dict[str, object]:
+        return self.queue_snapshot(queue).as_json()
+
+    def total_counts(self) -> dict[str, object]:
+        return self.stats.as_json()
 
     def queue_snapshot(self, queue: int) -> BlkStats:
         """The counters of one queue, including those of a native engine serving it."""

@@ -1,25 +1,23 @@
 """Building a native engine for one queue, and telling when one can be used.
 
 The native loop serves a queue only in the configuration it implements exactly: a split ring
-of a plain ``BlkDevice`` (not a subclass that changes ``handle``) whose backend is null,
-memory, a file, or NBD with a connection per queue (the build with libnbd), over driver
-memory that is a ``RegionMap``. Everything else keeps the
-Python worker. Choosing is the runtime's job (``DataPath``); this module only answers
-"can it?" and "build it".
+of a device that says how (``native_plan()``: a ``BlkDevice`` that handles requests as
+``BlkDevice`` does, over a backend whose ``native_storage()`` is null, memory, a file
+descriptor, or NBD with a connection per queue in the build with libnbd), over driver memory
+that is a ``RegionMap``. It never looks at concrete device or backend classes. Everything else
+keeps the Python worker. Choosing is the runtime's job (``DataPath``); this module only
+answers "can it?" and "build it".
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from pyvduse.backend.file import FileBackend
-from pyvduse.backend.memory import MemoryBackend
-from pyvduse.backend.nbd import NbdBackend
-from pyvduse.backend.null import NullBackend
+from pyvduse.backend.base import NativeStorage
 from pyvduse.device.base import VirtioDevice
-from pyvduse.device.blk import BlkDevice
+from pyvduse.device.blk import NativeBlk
 from pyvduse.ring.budget import wakeup_budget
 from pyvduse.ring.inflight import InflightLog
 from pyvduse.ring.memory import GuestMemory, RegionMap
@@ -68,41 +66,59 @@ def nbd_built() -> bool:
     return available() and bool(getattr(_splitblk, "HAS_NBD", 0))
 
 
-def why_not(device: VirtioDevice, packed: bool) -> str | None:
-    """Why the native loop cannot serve ``device`` (None: it can)."""
+@runtime_checkable
+class NativeServable(Protocol):
+    """A device that can say how a native loop serves it (``BlkDevice``)."""
+
+    def native_plan(self) -> NativeBlk | str: ...
+
+
+def plan_of(device: VirtioDevice, packed: bool) -> NativeBlk | str:
+    """How the native loop would serve ``device``, or why it cannot."""
     if not available():
         return ("the native data path is not built (reinstall with a C compiler and the "
                 "Python headers: apt install gcc python3-dev; pip install -e .)")
     if packed:
         return "the native data path serves split rings only"
-    if type(device) is not BlkDevice:
-        return f"the native data path serves plain virtio-blk devices, not {type(device).__name__}"
-    backend = device.backend
-    if isinstance(backend, NbdBackend):
+    if not isinstance(device, NativeServable):
+        return f"the native data path serves virtio-blk devices, not {type(device).__name__}"
+    plan = device.native_plan()
+    if isinstance(plan, str):
+        return plan
+    storage = plan.storage
+    if storage.kind == "nbd":
         if not nbd_built():
             return ("the native data path was built without libnbd (reinstall with "
                     "libnbd-dev: apt install libnbd-dev; pip install -e .)")
-        if len(backend.connections) != device.options.num_queues:
+        if storage.connections is None or storage.connections.queue_count != plan.num_queues:
             return ("the NBD server does not allow multi-conn, so the queues share one "
                     "connection")
-        return None
-    if type(backend) not in (NullBackend, MemoryBackend, FileBackend):
-        return f"the native data path has no {backend.kind} backend"
-    return None
+    return plan
 
 
-def _backend_args(device: BlkDevice, nbd: object) -> dict[str, Any]:
-    b = device.backend
+def require_plan(device: VirtioDevice) -> NativeBlk:
+    """``device``'s native plan on a split ring; ValueError saying why there is none."""
+    plan = plan_of(device, packed=False)
+    if isinstance(plan, str):
+        raise ValueError(plan)
+    return plan
+
+
+def why_not(device: VirtioDevice, packed: bool) -> str | None:
+    """Why the native loop cannot serve ``device`` (None: it can)."""
+    plan = plan_of(device, packed)
+    return plan if isinstance(plan, str) else None
+
+
+def _storage_args(storage: NativeStorage, nbd: object) -> dict[str, Any]:
     assert _splitblk is not None
-    if isinstance(b, NbdBackend):
-        return {"backend": _splitblk.BACKEND_NBD, "nbd": nbd, "nbd_fua": b.fua_writes,
-                "nbd_max": b.max_command}
-    if isinstance(b, FileBackend):
-        # --cache none: the O_DIRECT descriptor (the engine leaves requests it cannot do
-        # direct to Python, which has the buffered one)
-        return {"backend": _splitblk.BACKEND_FD, "fd": b.direct_fd if b.direct else b.fd}
-    if isinstance(b, MemoryBackend):
-        return {"backend": _splitblk.BACKEND_MEMORY, "memory": b.buffer}
+    if storage.kind == "nbd":
+        return {"backend": _splitblk.BACKEND_NBD, "nbd": nbd, "nbd_fua": storage.fua_writes,
+                "nbd_max": storage.max_command}
+    if storage.kind == "fd":
+        return {"backend": _splitblk.BACKEND_FD, "fd": storage.fd}
+    if storage.kind == "memory":
+        return {"backend": _splitblk.BACKEND_MEMORY, "memory": storage.memory}
     return {"backend": _splitblk.BACKEND_NULL}
 
 
@@ -115,7 +131,7 @@ def _or_never(ns: int | None) -> int:
 
 
 def build(
-    device: BlkDevice,
+    plan: NativeBlk,
     index: int,
     ring: SplitQueue,
     memory: GuestMemory,
@@ -160,10 +176,10 @@ def build(
         regions=region_tuples(memory), num=ring.num, desc=ring.desc_addr, avail=ring.avail_addr,
         used=ring.used_addr, event_idx=ring.event_idx, indirect=ring.indirect,
         last_avail=last_avail, used_idx=used, signalled=signalled,
-        capacity=device.capacity_cell, readonly=device.options.readonly, serial=device.serial,
+        capacity=plan.capacity, readonly=plan.readonly, serial=plan.serial,
         log=None if log is None else log.mem, irq_fd=irq_fd, irq_request=irq_request,
         irq_index=index, notify=None if irq is not None else notify, on_error=on_error,
         poll_ns=poll_ns, publish_ns=_or_never(publish_ns), hold_ns=_or_never(hold_ns),
         affinity_fd=affinity_fd, follow_mask=sum(1 << c for c in set(follow_cpus) if c < 64),
         aio=aio, direct=direct, bounce=bounce, dio_align=dio_align, inflight=inflight,
-        budget=wakeup_budget(ring.num), **_backend_args(device, nbd), **(knobs or {}))
+        budget=wakeup_budget(ring.num), **_storage_args(plan.storage, nbd), **(knobs or {}))

@@ -12,8 +12,6 @@ from typing import Any
 
 from pyvduse.abi import virtio as vio
 from pyvduse.abi import virtio_blk as vb
-from pyvduse.backend.base import LaterBackend
-from pyvduse.device.blk import BlkDevice, BlkStats
 from pyvduse.ops.protocol import Json
 from pyvduse.ops.target import Target
 from pyvduse.runtime.native_worker import NativeQueueWorker
@@ -30,23 +28,6 @@ def _bit_names(module: Any, lo: int, hi: int) -> dict[int, str]:
 
 TRANSPORT_FEATURES = _bit_names(vio, vio.TRANSPORT_F_START, 64)
 BLK_FEATURES = _bit_names(vb, 0, vio.TRANSPORT_F_START)
-
-_REQ_NAMES: dict[int, str] = {
-    vb.ReqType.IN: "read", vb.ReqType.OUT: "write", vb.ReqType.FLUSH: "flush",
-    vb.ReqType.GET_ID: "get_id", vb.ReqType.DISCARD: "discard",
-    vb.ReqType.WRITE_ZEROES: "write_zeroes",
-}
-
-
-def request_type_name(rtype: int) -> str:
-    name = _REQ_NAMES.get(rtype)
-    if name is not None:
-        return name
-    try:
-        return str(vb.ReqType(rtype).name).lower()
-    except ValueError:
-        return f"type_{rtype}"
-
 
 def feature_names(features: int, device_id: int) -> list[str]:
     names = []
@@ -109,18 +90,11 @@ def queue_status(index: int, size: int, worker: QueueWorker | None,
                  pending=None if avail is None else (avail - last_avail) & 0xFFFF,
                  broken=worker.broken or ring.broken,
                  engine="native" if isinstance(worker, NativeQueueWorker) else "python",
-                 aio=worker.aio if _blocking_backend(worker.device) else "inline")
+                 aio=worker.aio if worker.device.may_wait else "inline")
     q["in_flight"] = counters.in_flight if counters else 0
     q["in_flight_s"] = in_flight_seconds(counters)
     q["completed"] = counters.completed if counters else 0
     return q
-
-
-def _blocking_backend(device: object) -> bool:
-    """Whether the device's calls may block or complete later (a file or NBD backend; a
-    custom device: assume so)."""
-    return (not isinstance(device, BlkDevice) or device.backend.blocking
-            or isinstance(device.backend, LaterBackend))
 
 
 def in_flight_seconds(counters: QueueCounters | None) -> float | None:
@@ -152,15 +126,7 @@ def status(target: Target) -> Json:
         "control": target.control_path,
         "metrics": target.metrics_address,
     }
-    if isinstance(device, BlkDevice):
-        o = device.options
-        out.update(backend=device.backend.description, backend_kind=device.backend.kind,
-                   capacity=device.capacity_bytes, block_size=o.block_size,
-                   readonly=o.readonly, serial=o.serial,
-                   cache="none" if getattr(device.backend, "direct", False) else "writeback")
-        backend_status = getattr(device.backend, "status", None)
-        if callable(backend_status):  # an NBD client: its export and connections
-            out[device.backend.kind] = backend_status()
+    out.update(device.status())
     out["aio"] = server.tuning.aio.value
     out["bounce_memory"] = getattr(target.transport, "bounce_memory", None)
     transport = target.transport
@@ -200,22 +166,9 @@ def depth(hist: list[int], total: int) -> Json:
     }
 
 
-def _blk_counts(st: BlkStats) -> Json:
-    by_type = dict(st.by_type)
-    return {
-        "requests": {request_type_name(t): n for t, n in sorted(by_type.items())},
-        "requests_total": sum(by_type.values()),
-        "bytes_read": st.bytes_read,
-        "bytes_written": st.bytes_written,
-        "errors": st.errors,
-        "bad_requests": st.bad_chains,
-    }
-
-
 def stats(target: Target) -> Json:
     """Per-queue counters and their totals."""
     device = target.server.device
-    blk = device if isinstance(device, BlkDevice) else None
     counters = queue_counters(device)
     queues = []
     all_hist = [0] * LATENCY_BUCKETS
@@ -225,8 +178,7 @@ def stats(target: Target) -> Json:
         c = counters.get(i)
         hist, sum_ns = c.latency_totals() if c else ([0] * LATENCY_BUCKETS, 0)
         q: Json = {"index": i}
-        if blk is not None:
-            q.update(_blk_counts(blk.queue_snapshot(i)))
+        q.update(device.queue_counts(i))
         totals = c.totals() if c else None
         depth_hist = totals.depth if totals else [0] * LATENCY_BUCKETS
         depth_sum = totals.depth_sum if totals else 0
@@ -242,14 +194,13 @@ def stats(target: Target) -> Json:
         all_ns += sum_ns
         in_flight += q["in_flight"]
         completed += q["completed"]
-    total: Json = {}
-    if blk is not None:
-        total = _blk_counts(blk.stats)
+    total: Json = dict(device.total_counts())
     total.update(in_flight=in_flight, completed=completed, latency=latency(all_hist, all_ns),
                  depth=depth(all_depth, all_depth_sum))
     out: Json = {"name": target.name, "queues": queues, "total": total}
-    if blk is not None:
-        out["capacity"] = blk.capacity_bytes
+    capacity = device.status().get("capacity")
+    if capacity is not None:
+        out["capacity"] = capacity
     return out
 
 

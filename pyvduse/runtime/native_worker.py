@@ -25,9 +25,8 @@ from collections.abc import Callable
 from typing import Any
 
 from pyvduse.backend.base import CallAbandoned
-from pyvduse.backend.file import FileBackend
-from pyvduse.backend.nbd import NbdBackend, NbdError
-from pyvduse.device.blk import BlkDevice, BlkStats, bad_request_log
+from pyvduse.device.base import VirtioDevice
+from pyvduse.device.blk import BlkStats, bad_request_log
 from pyvduse.fastpath import engine as native
 from pyvduse.fastpath.engine import Engine
 from pyvduse.ring.chain import Chain
@@ -90,7 +89,7 @@ class NativeQueueWorker(QueueWorker):
 
     def __init__(
         self,
-        device: BlkDevice,
+        device: VirtioDevice,
         index: int,
         queue: SplitQueue | LoggedQueue,
         kick_fd: int,
@@ -111,28 +110,31 @@ class NativeQueueWorker(QueueWorker):
         # The engine writes its CPU there (--irq-cpus follow); ours to close.
         path, follow_cpus = irq_follow or (None, [])
         self._affinity_fd = _open_for_writing(path, index)
-        backend = device.backend
-        uring = tuning.aio is Aio.IO_URING and isinstance(backend, FileBackend)
-        direct = isinstance(backend, FileBackend) and backend.direct
-        #: The NBD backend whose connection for this queue the engine drives.
-        self.nbd = backend if isinstance(backend, NbdBackend) else None
+        plan = native.plan_of(device, packed=False)
+        if isinstance(plan, str):
+            self._close_affinity()
+            raise ValueError(plan)
+        storage = plan.storage
+        uring = tuning.aio is Aio.IO_URING and storage.kind == "fd"
+        #: The backend whose connection for this queue the engine drives (NBD).
+        self.nbd = storage.connections
         nbd_handle = None
         aio = native.AIO_URING if uring else native.AIO_SYNC
         if self.nbd is not None:
             aio = native.AIO_NBD
             try:
                 nbd_handle = self.nbd.lend(index, self._switch_nbd, self._inline_gives_up)
-            except NbdError as e:
+            except Exception as e:  # the connection cannot be lent now (NbdError)
                 self._close_affinity()
                 raise ValueError(str(e)) from None
         # first, as it may refuse (ValueError; OSError: no io_uring) before the worker holds
         # anything else
         try:
-            self.engine = native.build(device, index, self.ring, memory, self.log, irq, notify,
+            self.engine = native.build(plan, index, self.ring, memory, self.log, irq, notify,
                                        self._backend_error, tuning.poll_us * 1000,
                                        tuning.publish_us * 1000, tuning.hold_us * 1000,
                                        self._affinity_fd, follow_cpus, aio=aio,
-                                       direct=direct, inflight=self.ring.in_flight,
+                                       direct=storage.direct, inflight=self.ring.in_flight,
                                        nbd=nbd_handle)
         except BaseException:
             self._close_affinity()
@@ -141,13 +143,13 @@ class NativeQueueWorker(QueueWorker):
             raise
         super().__init__(device, index, queue, kick_fd, notify, resubmit, resumed=resumed,
                          tuning=tuning, cpus=cpus, executors=executors)
-        self.blk = device
+        self.device_stats = plan.stats
         self.memory = memory
         self.deferred = 0  # chains the native loop left to Python
         self.abandoned_native = 0  # the engine's requests dropped at a stop
         self._give_up_at: float | None = None  # stopping: when an inline request is dropped
         self._engine_live = True  # its counters are not yet folded into ours
-        device.stats_sources[index] = self._engine_stats
+        plan.stats.attach_engine(index, self._engine_stats)
 
     @property
     def completed(self) -> int:
@@ -241,9 +243,8 @@ class NativeQueueWorker(QueueWorker):
         c = self.engine.counters()
         self.counters.absorb(totals_of(c))
         self._completed += c["completed"]
-        self.blk.queue_stats[self.index].add(stats_of(c))
         self._engine_live = False
-        self.blk.stats_sources.pop(self.index, None)
+        self.device_stats.retire_engine(self.index, stats_of(c))
         if self.engine.in_flight():  # abandoned, the kernel still has some of its requests
             _graveyard.keep(self.engine, self.index)
         else:
@@ -370,7 +371,10 @@ class NativeQueueWorker(QueueWorker):
         c.depth[1] += 1
         c.depth_sum += 1
         try:
-            written = self.blk.handle(self.index, chain)
+            result = self.device.handle(self.index, chain)
+            if not isinstance(result, int):  # a device with a native plan serves inline
+                raise TypeError(f"handle() returned {type(result).__name__}, not a length")
+            written = result
         except CallAbandoned:  # stopping with it at the server: dropped, its memory fenced
             self.abandoned_native += 1
             log.warning("queue %d: request %d still at the backend while stopping; its "
@@ -379,7 +383,7 @@ class NativeQueueWorker(QueueWorker):
         except Exception as e:  # the device's bug fails this request, not the queue
             bad_request_log.warning("queue %d: request %d failed: %s: %s", self.index,
                                     chain.head, type(e).__name__, e)
-            written = self.blk.write_failure(chain)
+            written = self.device.write_failure(chain)
         q.push(chain.head, written, chain.ndesc)
         done = time.monotonic_ns()
         c.hist[((done - t) // 1000).bit_length()] += 1

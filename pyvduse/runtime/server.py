@@ -24,7 +24,6 @@ from typing import Literal, TypeVar
 
 from pyvduse.abi.virtio import F_RING_PACKED, has
 from pyvduse.device.base import VirtioDevice
-from pyvduse.device.blk import BlkDevice
 from pyvduse.device.request import Request
 from pyvduse.fastpath import engine as native
 from pyvduse.ring.chain import Chain
@@ -252,11 +251,11 @@ class DeviceServer:
         """A native worker when the data path allows it and the queue is one it serves."""
         assert self.transport is not None
         memory = self.transport.memory
-        if (self.tuning.data_path is DataPath.PYTHON or not isinstance(self.device, BlkDevice)
-                or native.why_not(self.device, self.packed) is not None
+        plan = native.plan_of(self.device, self.packed)
+        if (self.tuning.data_path is DataPath.PYTHON or isinstance(plan, str)
                 or not isinstance(queue, SplitQueue | LoggedQueue)
                 or not isinstance(memory, RegionMap)
-                or (self.tuning.aio is Aio.THREADS and self.device.backend.blocking)):
+                or (self.tuning.aio is Aio.THREADS and plan.blocking)):
             return None
         try:
             return NativeQueueWorker(self.device, index, queue, self.transport.kick_fd(index),

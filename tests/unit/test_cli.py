@@ -194,7 +194,8 @@ def test_unreadable_image_with_readonly_does_not_say_use_readonly(
     img = tmp_path / "locked.img"
     img.write_bytes(bytes(1 << 20))
     for readonly, says in ((True, "no permission to read"), (False, "or use --readonly")):
-        args = argparse.Namespace(file=str(img), readonly=readonly, cache="writeback")
+        args = argparse.Namespace(file=str(img), readonly=readonly, cache="writeback",
+                                  backend=None, backend_arg=None)
         with pytest.raises(UserError, match=says) as e:
             blk.make_backend(args)
         assert ("use --readonly" in str(e.value)) is not readonly

@@ -147,7 +147,7 @@ def test_the_native_engine_gets_the_o_direct_descriptor(image: Path) -> None:
     for direct in (True, False):
         b = FileBackend(str(image), direct=direct)
         try:
-            fd = engine._backend_args(BlkDevice(b), None)["fd"]
+            fd = engine.require_plan(BlkDevice(b)).storage.fd
             assert bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT) is direct
         finally:
             b.close()

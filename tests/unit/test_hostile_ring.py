@@ -153,7 +153,8 @@ def test_a_chain_whose_writable_buffers_total_2_32_bytes_is_refused(
         return True
 
     if engine == "native":
-        eng = native.build(dev, 0, q, arena.memory, None, None, lambda i: None, lambda *a: None)
+        eng = native.build(native.require_plan(dev), 0, q, arena.memory, None, None,
+                           lambda i: None, lambda *a: None)
         kick, stop = os.eventfd(0), os.eventfd(1)
         try:
             run_native(eng, q, None, arena.memory, kick, stop, serve_one, lambda: False)

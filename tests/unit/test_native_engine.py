@@ -33,6 +33,7 @@ from pyvduse.device.blk import BlkDevice, BlkOptions
 from pyvduse.fastpath import engine as native
 from pyvduse.model.blk_driver import BlkDriver, BlkIOError
 from pyvduse.model.split_driver import DriverSplitRing
+from pyvduse.ring.chain import Chain
 from pyvduse.ring.inflight import FREE, InflightLog, log_size
 from pyvduse.runtime.native_worker import NativeQueueWorker
 from pyvduse.runtime.tuning import DataPath, QueueTuning
@@ -182,12 +183,27 @@ def test_backend_errors_fail_the_request_and_are_logged(
 class CustomBlk(BlkDevice):
     """A device that changes ``handle``: only the Python engine can serve it."""
 
+    def handle(self, queue: int, chain: Chain) -> int:
+        return super().handle(queue, chain)
+
 
 class CustomBackend(NullBackend):
+    """A backend that changes how data moves: only its own methods may serve it."""
+
     kind = "custom"
+
+    def readv(self, offset: int, bufs: list[memoryview]) -> None:
+        super().readv(offset, bufs)
+
+
+class Renamed(NullBackend):
+    """A subclass that moves data as NullBackend does: the native path may serve it."""
+
+    kind = "renamed"
 
 
 def test_devices_the_native_path_does_not_serve_keep_the_python_worker() -> None:
+    assert native.why_not(BlkDevice(Renamed(MiB)), packed=False) is None
     for dev in (CustomBlk(MemoryBackend(MiB)), BlkDevice(CustomBackend(MiB))):
         assert native.why_not(dev, packed=False) is not None
         with ModelRig(dev) as rig:
@@ -213,7 +229,8 @@ def test_the_log_is_clean_after_native_serving() -> None:
         q = SplitQueue(arena.memory, 8, drv.desc_addr, drv.avail_addr, drv.used_addr, 0,
                        last_avail_idx=n, used_idx=n)
         lq = LoggedQueue.fresh(q, log) if n == 0 else LoggedQueue(q, log)
-        eng = native.build(dev, 0, q, arena.memory, log, None, lambda i: None, lambda *a: None)
+        eng = native.build(native.require_plan(dev),
+                           0, q, arena.memory, log, None, lambda i: None, lambda *a: None)
         kick, stop = os.eventfd(0), os.eventfd(1)
 
         def one(lq: LoggedQueue = lq) -> bool:
@@ -262,9 +279,10 @@ def test_a_ring_the_loop_cannot_map_falls_back_to_python() -> None:
     drv = DriverSplitRing(arena, 8)
     q = SplitQueue(arena.memory, 8, drv.desc_addr, drv.avail_addr, drv.used_addr, 0)
     with pytest.raises(ValueError, match="ring not inside"):
-        native.build(device(), 0, q, type(arena.memory)(), None, None, lambda i: None,
+        native.build(native.require_plan(device()), 0, q, type(arena.memory)(), None, None, lambda i: None,
                      lambda *a: None)
-    eng = native.build(device(), 0, q, arena.memory, None, None, lambda i: None, lambda *a: None)
+    eng = native.build(native.require_plan(device()),
+                       0, q, arena.memory, None, None, lambda i: None, lambda *a: None)
     with pytest.raises(ValueError, match="ring not inside"):
         eng.set_regions([])  # refused, and the engine keeps its old map
     assert eng.position()[:3] == (0, 0, 0)
@@ -320,7 +338,7 @@ def test_native_loop_publishes_by_the_same_rule(publish_ns: int | None, hold_ns:
         drv.add([vb.OUTHDR.pack(vb.ReqType.IN, 0, 8 * k)], [4096, 1])
     notified: list[int] = []
     dev = device(NullBackend(4 * MiB))
-    engine = native.build(dev, 0, q, arena.memory, None, None, notified.append,
+    engine = native.build(native.require_plan(dev), 0, q, arena.memory, None, None, notified.append,
                           lambda *e: None, publish_ns=publish_ns, hold_ns=hold_ns)
     kick, stop = os.eventfd(0), os.eventfd(1)  # stopped from the start: run() drains, returns
     try:
@@ -352,7 +370,7 @@ def test_the_loop_points_the_interrupts_at_its_own_cpu(tmp_path: Path) -> None:
     fd = os.open(affinity, os.O_WRONLY)
     cpu = max(os.sched_getaffinity(0))
     before = os.sched_getaffinity(0)
-    engine = native.build(device(NullBackend(4 * MiB)), 0, q, arena.memory, None, None,
+    engine = native.build(native.require_plan(device(NullBackend(4 * MiB))), 0, q, arena.memory, None, None,
                           lambda i: None, lambda *e: None, affinity_fd=fd,
                           follow_cpus=sorted(before))
     kick, stop = os.eventfd(0), os.eventfd(1)
@@ -363,7 +381,8 @@ def test_the_loop_points_the_interrupts_at_its_own_cpu(tmp_path: Path) -> None:
         assert affinity.read_text() == format_cpumask([cpu])
         affinity.write_text("")  # a CPU outside the ones given: left alone
         drv.add([vb.OUTHDR.pack(vb.ReqType.IN, 0, 0)], [4096, 1])
-        elsewhere = native.build(device(NullBackend(4 * MiB)), 0, q, arena.memory, None, None,
+        elsewhere = native.build(native.require_plan(device(NullBackend(4 * MiB))),
+                                 0, q, arena.memory, None, None,
                                  lambda i: None, lambda *e: None, affinity_fd=fd,
                                  follow_cpus=[c for c in before if c != cpu])
         q.set_position(*engine.position()[:3])  # hand the ring over where the first left it
