@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The native engine under AddressSanitizer and UndefinedBehaviorSanitizer: build the
-# extension (both builds, with and without io_uring) with -fsanitize=address,undefined in a
-# copy of the tree, then run the native-engine property tests and the differential fuzzer
+# extension (every build: plain, io_uring, and io_uring + NBD where libnbd-dev is there) with
+# -fsanitize=address,undefined in a copy of the tree, then run the native-engine tests (the
+# NBD ones against nbdkit when it is installed) and the differential fuzzer
 # (fuzz/ring_cases.py: both engines, byte for byte) against it on a fixed seeded budget.
 # Any sanitizer report fails the run (the first one aborts the process, and every report
 # is also written to a log file this script checks for).
@@ -62,7 +63,7 @@ python3 -m pytest -p no:cacheprovider -q --no-vm -x --hypothesis-seed="$SEED" \
   tests/unit/test_native_api.py tests/unit/test_native_engine.py \
   tests/unit/test_hostile_ring.py tests/unit/test_ring_areas.py \
   tests/unit/test_ring_budget.py tests/unit/test_native_uring.py \
-  tests/unit/test_native_inflight.py || status=$?
+  tests/unit/test_native_inflight.py tests/unit/test_nbd.py || status=$?
 if [ "$status" = 0 ]; then
   echo "sanitize: differential fuzzing, $CASES cases (seed $SEED)"
   python3 fuzz/fuzz_rings.py --cases "$CASES" --seed "$SEED" || status=$?
