@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import logging
 import sys
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="pyvduse: %(levelname)s: %(message)s")
     logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug output is per message
-    faulthandler.enable()  # a crash in C (the native data path) says where, on stderr
+    with contextlib.suppress(ValueError, OSError):  # a stderr with no file (tests)
+        faulthandler.enable()  # a crash in C (the native data path) says where, on stderr
     try:
         return int(args.func(args))
     except PyvduseError as e:
