@@ -39,7 +39,7 @@ from pyvduse.runtime.executors import Aio, Executors
 from pyvduse.runtime.native_worker import NativeQueueWorker
 from pyvduse.runtime.state_file import StateFile
 from pyvduse.runtime.tuning import DEFAULT_TUNING, DataPath, QueueTuning
-from pyvduse.runtime.worker import DEFAULT_GRACE_SECONDS, QueueWorker
+from pyvduse.runtime.worker import DEFAULT_GRACE_SECONDS, QueueCounters, QueueWorker
 from pyvduse.transport.base import QueueSetup, Transport
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,9 @@ class DeviceServer:
         self.features = 0
         self.running = threading.Event()  # set between DRIVER_OK and reset
         self.executors = Executors(self.tuning.python_aio, self.tuning.io_threads)
+        #: Each queue's latency and depth accounting, by index: the one place it lives;
+        #: every worker that serves the queue adds to it, operations read it.
+        self.queue_counters: dict[int, QueueCounters] = {}
         self._lock = threading.Lock()
 
     def bind(self, transport: Transport) -> None:
@@ -227,10 +230,11 @@ class DeviceServer:
             queue, resubmit = logged, logged.resubmit  # resubmit: only after a recovery
         resumed = mode == "resume"
         cpus = self._worker_cpus(q.index)
-        w = self._native_worker(q.index, queue, resubmit, resumed, cpus) or QueueWorker(
+        counters = self.queue_counters.setdefault(q.index, QueueCounters())
+        w = self._native_worker(q.index, queue, resubmit, resumed, cpus, counters) or QueueWorker(
             self.device, q.index, queue, self.transport.kick_fd(q.index),
             self.transport.notify, resubmit, resumed=resumed,
-            tuning=self.tuning, cpus=cpus, executors=self.executors)
+            tuning=self.tuning, cpus=cpus, executors=self.executors, counters=counters)
         self.workers[q.index] = w
         w.start()
 
@@ -247,7 +251,8 @@ class DeviceServer:
         return sorted(irq_cpus & allowed)
 
     def _native_worker(self, index: int, queue: VirtQueue, resubmit: list[Chain],
-                       resumed: bool, cpus: list[int] | None) -> NativeQueueWorker | None:
+                       resumed: bool, cpus: list[int] | None,
+                       counters: QueueCounters) -> NativeQueueWorker | None:
         """A native worker when the data path allows it and the queue is one it serves."""
         assert self.transport is not None
         memory = self.transport.memory
@@ -263,7 +268,7 @@ class DeviceServer:
                                      self.transport.irq_ioctl(index), resubmit,
                                      resumed=resumed, tuning=self.tuning, cpus=cpus,
                                      irq_follow=self.transport.irq_follow(index),
-                                     executors=self.executors)
+                                     executors=self.executors, counters=counters)
         except ValueError as e:  # e.g. a ring the native loop cannot map as one piece
             log.warning("queue %d: served by the Python engine: %s", index, e)
             return None

@@ -33,7 +33,6 @@ import os
 import select
 import threading
 import time
-import weakref
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -151,24 +150,6 @@ class QueueCounters:
         self.depth_sum += t.depth_sum
 
 
-_counters: weakref.WeakKeyDictionary[VirtioDevice, dict[int, QueueCounters]] = (
-    weakref.WeakKeyDictionary())
-_counters_lock = threading.Lock()
-
-
-def queue_counters(device: VirtioDevice) -> dict[int, QueueCounters]:
-    """The counters of every queue of ``device`` that has been served, by queue index."""
-    with _counters_lock:
-        return dict(_counters.get(device, {}))
-
-
-def _counters_for(device: VirtioDevice, index: int) -> QueueCounters:
-    with _counters_lock:
-        per_device = _counters.setdefault(device, {})
-        c = per_device.get(index)
-        if c is None:
-            c = per_device[index] = QueueCounters()
-        return c
 
 
 _NO_LATENCY = Totals([0] * LATENCY_BUCKETS, 0, [0] * LATENCY_BUCKETS, 0)
@@ -191,6 +172,7 @@ class QueueWorker:
         tuning: QueueTuning = DEFAULT_TUNING,
         cpus: list[int] | None = None,
         executors: Executors | None = None,
+        counters: QueueCounters | None = None,
     ) -> None:
         self.device = device
         self.index = index
@@ -220,7 +202,8 @@ class QueueWorker:
         self._resume = threading.Event()
         self._ident = 0
         self.budget = Budget(queue.num)  # requests between two kicks
-        self.counters = _counters_for(device, index)
+        #: The queue's accounting, owned by the server (it outlives this worker).
+        self.counters = counters if counters is not None else QueueCounters()
         self.counters.live = self
         self._thread = threading.Thread(target=self._main, name=f"vq{index}", daemon=True)
 
