@@ -135,7 +135,8 @@ def render_status(r: Json) -> str:
     lines.append(f"  features  {r['features']} {' '.join(r.get('feature_names') or [])}".rstrip())
     for q in r["queues"]:
         if not q["served"]:
-            lines.append(f"  queue {q['index']}   not served")
+            why = f"  BROKEN: {q['broken']}" if q.get("broken") else ""
+            lines.append(f"  queue {q['index']}   not served{why}")
             continue
         avail = "-" if q.get("avail_idx") is None else q["avail_idx"]
         broken = f"  BROKEN: {q['broken']}" if q.get("broken") else ""

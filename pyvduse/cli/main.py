@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import faulthandler
-import io
 import logging
 import sys
 
@@ -104,10 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="pyvduse: %(levelname)s: %(message)s")
     logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug output is per message
-    # a crash in C (the native data path) says where, on stderr (when it is a file: not
-    # under a test's capture)
-    with contextlib.suppress(io.UnsupportedOperation, ValueError):
-        faulthandler.enable()
+    with contextlib.suppress(ValueError, OSError):  # a stderr with no file (tests)
+        faulthandler.enable()  # a crash in C (the native data path) says where, on stderr
     try:
         return int(args.func(args))
     except PyvduseError as e:

@@ -86,7 +86,12 @@ class Engine:
         # reads and writes over nbd_max bytes go to Python (RUN_DEFER).
         nbd: Any = ...,
         nbd_fua: bool = ...,
-        nbd_max: int = ...
+        nbd_max: int = ...,
+        # requests taken (or left to Python) between two kicks; 0: 4 * num (ring/budget.py)
+        budget: int = ...,
+        # test-only: each io_uring request is waited for as soon as it is submitted, so
+        # requests complete in the order they were taken (the differential tests)
+        test_serial: bool = ...,
     ) -> None: ...
     # Serves until stopped (RUN_STOPPED), the next chain is for Python (RUN_DEFER) or the NBD
     # connection was lost with requests parked on it (RUN_NBD_LOST); any may leave requests
@@ -100,17 +105,23 @@ class Engine:
     # Also with requests in flight (when run() is not running): the old regions' buffers are
     # kept until every request taken before the call has completed.
     def set_regions(self, regions: Sequence[tuple[int, int, Any, bool]]) -> None: ...
-    def position(self) -> tuple[int, int, int, int]: ...
+    # (last_avail, used_idx, signalled, log_seq, avail_seen): avail_seen is avail->idx as
+    # the engine last read it (it reads it again only once it has taken that far)
+    def position(self) -> tuple[int, int, int, int, int]: ...
     # Also before wait_idle() when Python moved the ring meanwhile: completions are pushed
-    # at the used index the engine holds.
-    def set_position(self, last_avail: int, used_idx: int, signalled: int, /) -> None: ...
+    # at the used index the engine holds. avail_seen: as position() gives it (the ring the
+    # engine takes over from); without it, or one more than num ahead of last_avail,
+    # avail->idx is read again before anything is taken.
+    def set_position(self, last_avail: int, used_idx: int, signalled: int,
+                     avail_seen: int = ..., /) -> None: ...
     # Keys: started, completed, latency_ns (sum of the per-request latencies), latency (64
     # log2 buckets of µs, take to push), by_type, errors, bytes_read, bytes_written,
     # in_flight, depth_hist (64 buckets: at each take, bit_length(requests in flight then)),
     # taken (requests taken so far), oldest_taken (the take number, 1-based, of the oldest
     # request in flight; 0: none), bounced (requests copied through the engine's buffers),
     # efaults (direct transfers redone through a buffer after EFAULT), bounce_all (1: every
-    # request is copied now).
+    # request is copied now), inline (io_uring requests served inline with RWF_NOWAIT),
+    # budget_sleeps (times the budget was spent and the loop waited for a kick).
     def counters(self) -> dict[str, Any]: ...
     # Requests taken and not yet completed.
     def in_flight(self) -> int: ...

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from pyvduse.backend.base import NativeStorage
 from pyvduse.device.base import VirtioDevice
 from pyvduse.device.blk import NativeBlk
+from pyvduse.ring.budget import wakeup_budget
 from pyvduse.ring.inflight import InflightLog
 from pyvduse.ring.memory import GuestMemory, RegionMap
 from pyvduse.ring.split import SplitQueue
@@ -150,6 +151,7 @@ def build(
     dio_align: int = 512,
     inflight: bytearray | memoryview | None = None,
     nbd: object = None,
+    knobs: dict[str, Any] | None = None,
 ) -> Engine:
     """A native engine positioned where ``ring`` stands; it publishes a round's completions
     after a request that took ``publish_ns`` or once the oldest is ``hold_ns`` old (None:
@@ -164,9 +166,11 @@ def build(
     through the engine's own; an EFAULT makes it copy from then on); ``bounce`` copies from
     the start. ``inflight`` (``ring.num`` bytes) is the map of heads in flight shared with
     the Python ring; the engine allocates its own without it. An NBD backend's engine
-    (``aio=AIO_NBD``) takes ``nbd``, the binding's handle it is lent (None: down)."""
+    (``aio=AIO_NBD``) takes ``nbd``, the binding's handle it is lent (None: down).
+    ``knobs``: more constructor arguments, the test-only ones (``test_serial``, ``nowait``,
+    ...: see _splitblk.pyi)."""
     assert _splitblk is not None and isinstance(memory, RegionMap)
-    last_avail, used, signalled = ring.position()
+    last_avail, used, signalled, _ = ring.position()  # run_native hands the rest over
     irq_fd, irq_request = irq if irq is not None else (-1, 0)
     return _splitblk.Engine(
         regions=region_tuples(memory), num=ring.num, desc=ring.desc_addr, avail=ring.avail_addr,
@@ -178,4 +182,4 @@ def build(
         poll_ns=poll_ns, publish_ns=_or_never(publish_ns), hold_ns=_or_never(hold_ns),
         affinity_fd=affinity_fd, follow_mask=sum(1 << c for c in set(follow_cpus) if c < 64),
         aio=aio, direct=direct, bounce=bounce, dio_align=dio_align, inflight=inflight,
-        **_storage_args(plan.storage, nbd))
+        budget=wakeup_budget(ring.num), **_storage_args(plan.storage, nbd), **(knobs or {}))

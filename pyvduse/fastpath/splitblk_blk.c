@@ -77,7 +77,7 @@ int sb_take(Engine *e, uint16_t *head, uint32_t *rtype, uint64_t *sector, uint8_
         if (p <= 0)
             return p;
     }
-    h = ld16(e->avail + 4 + 2 * (e->last_avail % e->num));
+    h = drv_ld16(e->avail + 4 + 2 * (e->last_avail % e->num));
     if (h >= e->num || e->map[h] || sb_walk(e, h) < 0 || e->nwr == 0 || e->nrd == 0 ||
         sb_iov_total(e->rd, e->nrd) < OUTHDR_SIZE)
         return -1;
@@ -415,10 +415,13 @@ int sb_start(Engine *e, uint16_t head, uint32_t rtype, uint64_t sector, uint8_t 
         }
         r->state = REQ_ASYNC;
         e->nasync++;
-        if (e->backend == BACKEND_NBD)
+        if (e->backend == BACKEND_NBD) {
             sb_nbd_start(e, r);
-        else
+        } else {
             sb_uring_start(e, r);
+            if (e->test_serial)
+                sb_uring_wait(e, r);
+        }
         return r->state == REQ_FREE; /* it may have failed at once */
     }
     st = serve(e, rtype, sector, &written);

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pyvduse.abi import virtio_blk as vb
-from pyvduse.model.virtio_driver import DriverQueue, VdpaOps, VirtioDriver
+from pyvduse.model.virtio_driver import DriverQueue, Placement, VdpaOps, VirtioDriver
 
 #: The status ``request`` reports when the device completed a request without writing its
 #: status byte (used length 0: the device could not take the chain, e.g. unmapped memory).
@@ -34,9 +34,10 @@ class BlkDriver:
     """read/write/flush/discard/write_zeroes/get_id over a virtio-blk device: the model's,
     or a real one through vhost-vdpa."""
 
-    def __init__(self, kernel: VdpaOps, *, indirect: bool = True, **driver_args: Any) -> None:
+    def __init__(self, kernel: VdpaOps, *, indirect: bool = True,
+                 placement: Placement | None = None, **driver_args: Any) -> None:
         """``driver_args`` go to ``VirtioDriver`` (features, queue size and count, ...)."""
-        self.virtio = VirtioDriver(kernel, **driver_args)
+        self.virtio = VirtioDriver(kernel, placement=placement, **driver_args)
         self.virtio.probe()
         self.indirect = indirect
         self._rr = 0

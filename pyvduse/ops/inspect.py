@@ -15,7 +15,7 @@ from pyvduse.abi import virtio_blk as vb
 from pyvduse.ops.protocol import Json
 from pyvduse.ops.target import Target
 from pyvduse.runtime.native_worker import NativeQueueWorker
-from pyvduse.runtime.worker import LATENCY_BUCKETS, QueueCounters, QueueWorker, queue_counters
+from pyvduse.runtime.worker import LATENCY_BUCKETS, QueueCounters, QueueWorker
 
 
 def _bit_names(module: Any, lo: int, hi: int) -> dict[int, str]:
@@ -76,8 +76,11 @@ def _ring_avail_idx(queue: object) -> int | None:
 
 
 def queue_status(index: int, size: int, worker: QueueWorker | None,
-                 counters: QueueCounters | None, irq_cpus: list[int] | None = None) -> Json:
+                 counters: QueueCounters | None, irq_cpus: list[int] | None = None,
+                 refused: str | None = None) -> Json:
     q: Json = {"index": index, "size": size, "served": worker is not None, "irq_cpus": irq_cpus}
+    if worker is None and refused is not None:  # set up by the driver, not served: why
+        q["broken"] = refused
     if worker is not None:
         ring = worker.queue
         q["size"] = ring.num
@@ -103,7 +106,7 @@ def in_flight_seconds(counters: QueueCounters | None) -> float | None:
 def status(target: Target) -> Json:
     server, spec = target.server, target.spec
     device = server.device
-    counters = queue_counters(device)
+    counters = target.server.queue_counters
     workers = _workers(target)
     features = server.features
     out: Json = {
@@ -127,8 +130,10 @@ def status(target: Target) -> Json:
     out["aio"] = server.tuning.aio.value
     out["bounce_memory"] = getattr(target.transport, "bounce_memory", None)
     transport = target.transport
+    refused = dict(server.refused)
     out["queues"] = [queue_status(i, spec.queue_size, workers.get(i), counters.get(i),
-                                  transport.interrupt_cpus(i) if transport else None)
+                                  transport.interrupt_cpus(i) if transport else None,
+                                  refused.get(i))
                      for i in range(spec.num_queues)]
     return out
 
@@ -164,7 +169,7 @@ def depth(hist: list[int], total: int) -> Json:
 def stats(target: Target) -> Json:
     """Per-queue counters and their totals."""
     device = target.server.device
-    counters = queue_counters(device)
+    counters = target.server.queue_counters
     queues = []
     all_hist = [0] * LATENCY_BUCKETS
     all_depth = [0] * LATENCY_BUCKETS

@@ -60,53 +60,54 @@ MAX_IOVA = (1 << 64) - 1
 class RegionMap:
     """A sorted set of non-overlapping regions with a last-hit cache and lazy fault-in.
 
-    Queue workers look regions up from their own threads, so the table is one immutable
-    ``(starts, regions)`` pair replaced whole on every change (a lookup never sees half an
-    insert), and faulting in takes a lock and looks again: two queues missing the same
-    region at once map it once.
+    Several threads use one map at once (each queue's worker, the control thread reading
+    the chains a dead daemon left in flight): lookups take no lock and see either the map
+    before a change or after it, never half of one (the sorted index is replaced whole);
+    faulting a region in is serialised, and a thread that waited finds the region the
+    other one added instead of adding it twice.
     """
 
     def __init__(self, fault_in: FaultIn | None = None) -> None:
-        self._table: tuple[list[int], list[Region]] = ([], [])
+        self._index: tuple[list[int], list[Region]] = ([], [])  # starts, regions: one value
         self._fault_in = fault_in
+        self._fault_lock = threading.RLock()  # writers: fault-ins, adds, removals
         self._hit: Region | None = None
-        self._changing = threading.RLock()  # one change at a time
 
     @property
     def regions(self) -> list[Region]:
-        return list(self._table[1])
+        return list(self._index[1])
 
     def add(self, region: Region) -> None:
-        with self._changing:
-            starts, regions = self._table
+        with self._fault_lock:
+            starts, regions = self._index
             i = bisect.bisect_left(starts, region.start)
             if i > 0 and regions[i - 1].last >= region.start:
                 raise ValueError("overlapping region")
             if i < len(regions) and regions[i].start <= region.last:
                 raise ValueError("overlapping region")
-            self._table = ([*starts[:i], region.start, *starts[i:]],
+            self._index = ([*starts[:i], region.start, *starts[i:]],
                            [*regions[:i], region, *regions[i:]])
 
     def remove_overlapping(self, start: int, last: int) -> list[Region]:
         """Forget every region that overlaps ``[start, last]`` and return them."""
         kept: list[Region] = []
         gone: list[Region] = []
-        with self._changing:
-            for r in self._table[1]:
+        with self._fault_lock:
+            for r in self._index[1]:
                 (gone if r.start <= last and r.last >= start else kept).append(r)
-            self._table = ([r.start for r in kept], kept)
+            self._index = ([r.start for r in kept], kept)
             self._hit = None
         return gone
 
     def clear(self) -> list[Region]:
         return self.remove_overlapping(0, MAX_IOVA)
 
-    def _lookup(self, iova: int) -> Region | None:
-        starts, regions = self._table
+    def _cached(self, iova: int) -> Region | None:
+        starts, regions = self._index
         i = bisect.bisect_right(starts, iova) - 1
         if i >= 0:
             r = regions[i]
-            if iova <= r.last:
+            if r.start <= iova <= r.last:
                 return r
         return None
 
@@ -115,10 +116,10 @@ class RegionMap:
         r = self._hit
         if r is not None and r.start <= iova <= r.last:
             return r
-        r = self._lookup(iova)
+        r = self._cached(iova)
         if r is None and self._fault_in is not None:
-            with self._changing:
-                r = self._lookup(iova)  # another queue may have mapped it meanwhile
+            with self._fault_lock:
+                r = self._cached(iova)  # another thread may have faulted it in meanwhile
                 if r is None:
                     r = self._fault_in(iova)
                     if r is None or not r.start <= iova <= r.last:

@@ -36,7 +36,7 @@ from pyvduse.ring.memory import RegionMap
 from pyvduse.ring.split import SplitQueue
 from pyvduse.runtime.executors import Aio, Executors
 from pyvduse.runtime.tuning import DEFAULT_TUNING, QueueTuning
-from pyvduse.runtime.worker import QueueWorker, Totals
+from pyvduse.runtime.worker import QueueCounters, QueueWorker, Totals
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,8 @@ def run_native(engine: Engine, ring: SplitQueue, inflight: InflightLog | None,
     the loop lost its NBD connection, ``nbd_lost`` reconnects (or fails the requests that
     wait) and the loop goes on."""
     def take_position() -> None:
-        last_avail, used, signalled, seq = engine.position()
-        ring.set_position(last_avail, used, signalled)
+        last_avail, used, signalled, seq, seen = engine.position()
+        ring.set_position(last_avail, used, signalled, seen)
         if inflight is not None:
             inflight.seq = seq
 
@@ -103,6 +103,7 @@ class NativeQueueWorker(QueueWorker):
         cpus: list[int] | None = None,
         irq_follow: tuple[str, list[int]] | None = None,
         executors: Executors | None = None,
+        counters: QueueCounters | None = None,
     ) -> None:
         self.index = index
         self.ring = queue.queue if isinstance(queue, LoggedQueue) else queue
@@ -142,7 +143,7 @@ class NativeQueueWorker(QueueWorker):
                 self.nbd.give_back(index, reusable=True)
             raise
         super().__init__(device, index, queue, kick_fd, notify, resubmit, resumed=resumed,
-                         tuning=tuning, cpus=cpus, executors=executors)
+                         tuning=tuning, cpus=cpus, executors=executors, counters=counters)
         self.device_stats = plan.stats
         self.memory = memory
         self.deferred = 0  # chains the native loop left to Python
@@ -157,7 +158,7 @@ class NativeQueueWorker(QueueWorker):
         return self._completed + (int(self.engine.counters()["completed"]) if live else 0)
 
     def indices(self) -> tuple[int, int]:
-        last_avail, used, _, _ = self.engine.position()
+        last_avail, used, *_ = self.engine.position()
         return last_avail, used
 
     @property
@@ -314,8 +315,8 @@ class NativeQueueWorker(QueueWorker):
             os.eventfd_read(self._stop_fd)  # pause() woke the loop with it
         self.engine.resume()
         # settle() may have completed requests meanwhile: the engine's position is the truth
-        last_avail, used, signalled, seq = self.engine.position()
-        self.ring.set_position(last_avail, used, signalled)
+        last_avail, used, signalled, seq, seen = self.engine.position()
+        self.ring.set_position(last_avail, used, signalled, seen)
         if self.log is not None:
             self.log.seq = seq
         if self._stopping:

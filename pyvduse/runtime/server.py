@@ -39,7 +39,7 @@ from pyvduse.runtime.executors import Aio, Executors
 from pyvduse.runtime.native_worker import NativeQueueWorker
 from pyvduse.runtime.state_file import StateFile
 from pyvduse.runtime.tuning import DEFAULT_TUNING, DataPath, QueueTuning
-from pyvduse.runtime.worker import DEFAULT_GRACE_SECONDS, QueueWorker
+from pyvduse.runtime.worker import DEFAULT_GRACE_SECONDS, QueueCounters, QueueWorker
 from pyvduse.transport.base import QueueSetup, Transport
 
 log = logging.getLogger(__name__)
@@ -68,10 +68,16 @@ class DeviceServer:
         self.tuning = tuning or DEFAULT_TUNING  # read at each DRIVER_OK
         self.transport: Transport | None = None
         self.workers: dict[int, QueueWorker] = {}
+        #: Queues the driver set up that are not served, and why (a ring that fails its
+        #: checks: not mapped, areas overlapping or misaligned), until the next reset.
+        self.refused: dict[int, str] = {}
         self._setups: dict[int, QueueSetup] = {}
         self.features = 0
         self.running = threading.Event()  # set between DRIVER_OK and reset
         self.executors = Executors(self.tuning.python_aio, self.tuning.io_threads)
+        #: Each queue's latency and depth accounting, by index: the one place it lives;
+        #: every worker that serves the queue adds to it, operations read it.
+        self.queue_counters: dict[int, QueueCounters] = {}
         self._lock = threading.Lock()
 
     def bind(self, transport: Transport) -> None:
@@ -218,6 +224,7 @@ class DeviceServer:
             ring = self._open_ring(q, position)
         except RingError as e:
             log.error("queue %d cannot be served: %s", q.index, e)
+            self.refused[q.index] = str(e)
             return
         queue: VirtQueue = ring
         resubmit: list[Chain] = []
@@ -236,10 +243,11 @@ class DeviceServer:
             queue, resubmit = logged, logged.resubmit  # resubmit: only after a recovery
         resumed = mode == "resume"
         cpus = self._worker_cpus(q.index)
-        w = self._native_worker(q.index, queue, resubmit, resumed, cpus) or QueueWorker(
+        counters = self.queue_counters.setdefault(q.index, QueueCounters())
+        w = self._native_worker(q.index, queue, resubmit, resumed, cpus, counters) or QueueWorker(
             self.device, q.index, queue, self.transport.kick_fd(q.index),
             self.transport.notify, resubmit, resumed=resumed,
-            tuning=self.tuning, cpus=cpus, executors=self.executors)
+            tuning=self.tuning, cpus=cpus, executors=self.executors, counters=counters)
         self.workers[q.index] = w
         w.start()
 
@@ -256,7 +264,8 @@ class DeviceServer:
         return sorted(irq_cpus & allowed)
 
     def _native_worker(self, index: int, queue: VirtQueue, resubmit: list[Chain],
-                       resumed: bool, cpus: list[int] | None) -> NativeQueueWorker | None:
+                       resumed: bool, cpus: list[int] | None,
+                       counters: QueueCounters) -> NativeQueueWorker | None:
         """A native worker when the data path allows it and the queue is one it serves."""
         assert self.transport is not None
         memory = self.transport.memory
@@ -272,7 +281,7 @@ class DeviceServer:
                                      self.transport.irq_ioctl(index), resubmit,
                                      resumed=resumed, tuning=self.tuning, cpus=cpus,
                                      irq_follow=self.transport.irq_follow(index),
-                                     executors=self.executors)
+                                     executors=self.executors, counters=counters)
         except ValueError as e:  # e.g. a ring the native loop cannot map as one piece
             log.warning("queue %d: served by the Python engine: %s", index, e)
             return None
@@ -290,6 +299,7 @@ class DeviceServer:
         for w in workers:
             w.join()
         self.workers.clear()
+        self.refused.clear()
         abandoned = [r.chain for w in workers for r in w.abandoned]
         owners = {id(o): o for o in fence.owners(abandoned)}
         for w in workers:
