@@ -44,6 +44,7 @@ from pyvduse.ring.budget import Budget
 from pyvduse.ring.chain import Chain
 from pyvduse.ring.errors import RingError
 from pyvduse.ring.queue import VirtQueue
+from pyvduse.runtime import fence
 from pyvduse.runtime.executors import Executors
 from pyvduse.runtime.tuning import DEFAULT_TUNING, QueueTuning
 
@@ -534,6 +535,9 @@ class QueueWorker:
             return
         if req.poisoned:  # its memory was unmapped while it ran: whatever it did is lost
             written = self._failed_length(req)
+            status = req.chain.writable[-1:] if written else []
+            if any(fence.fenced(v) for v in status):  # the failure went nowhere either:
+                written = 0  # say that nothing was written (else the driver reads stale bytes)
         self.queue.push(head, written, req.chain.ndesc)
         took = time.monotonic_ns() - req.taken_at
         c = self.counters

@@ -22,6 +22,7 @@ from pyvduse.abi import virtio_blk as vb
 from pyvduse.backend.file import FileBackend
 from pyvduse.device.blk import BlkDevice
 from pyvduse.fastpath import engine as native
+from pyvduse.model.arena import CoherentArena
 from pyvduse.model.blk_driver import BlkDriver
 from pyvduse.model.split_driver import DriverSplitRing
 from pyvduse.model.virtio_driver import DriverQueue
@@ -161,4 +162,36 @@ def test_a_remap_keeps_the_engines_requests(tmp_path: Path, gate: tuple[int, int
             c = q.wait(ticket, 5)
             assert c.data[-1] == vb.ReqStatus.OK
             assert c.data[:-1] == image[sector * 512 : sector * 512 + 4096]
+        assert BlkDriver(rig.kernel).read(0, 512)
+
+
+def test_an_unmap_under_hung_requests_fails_them_with_nothing_written(
+        tmp_path: Path, gate: tuple[int, int]) -> None:
+    """Requests whose buffers, status byte included, are in memory that is unmapped while
+    they hang past the grace: they complete with a used length of 0 (their IOERR went to
+    fenced pages: a length of 1 would make the driver read a stale status), and nothing
+    reaches that memory."""
+    rig, _, image = rig_for(tmp_path, msg_timeout=1.0)
+    with rig:
+        _, q = probe(rig)
+        ring = q.ring
+        assert isinstance(ring, DriverSplitRing)
+        carved = CoherentArena(rig.kernel.iova)
+        saved, ring.arena = ring.arena, carved  # type: ignore[assignment]
+        try:
+            c = q.wait(read(q, 8), 5)  # maps the region (Python) and tells the engine
+            assert c.data[:-1] == image[8 * 512 : 8 * 512 + 4096]
+            held = [read(q, GATE + 8 * k) for k in range(4)]
+        finally:
+            ring.arena = saved  # type: ignore[assignment]
+        wait_in_flight(rig, 4)
+        buffers = [w for _, (_, wbufs, _, _) in ring.pending.items() for w in wbufs]
+        before = [rig.kernel.iova.read(a, n) for a, n in buffers]
+        t = time.monotonic()
+        assert rig.kernel.free_coherent(carved.base)
+        assert time.monotonic() - t < 1.0
+        os.write(gate[1], b"x" * 4)
+        for ticket in held:
+            assert q.wait(ticket, 5).length == 0
+        assert [rig.kernel.iova.read(a, n) for a, n in buffers] == before
         assert BlkDriver(rig.kernel).read(0, 512)
