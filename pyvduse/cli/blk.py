@@ -19,6 +19,7 @@ from pyvduse.backend.file import FileBackend
 from pyvduse.backend.memory import MemoryBackend
 from pyvduse.backend.null import NullBackend
 from pyvduse.cli.stop_signals import StopSignals
+from pyvduse.device.base import VirtioDevice
 from pyvduse.device.blk import BlkConfigError, BlkDevice, BlkOptions
 from pyvduse.errors import UserError
 from pyvduse.fastpath import engine as native
@@ -277,9 +278,12 @@ def device_identity(device: BlkDevice) -> dict[str, object]:
             "queue_size": spec.queue_size, "block_size": device.options.block_size}
 
 
-def open_state(name: str, state_dir: Path, device: BlkDevice, reconnect: bool) -> StateFile:
+def open_state(name: str, state_dir: Path, device: VirtioDevice, reconnect: bool,
+               identity: dict[str, object] | None = None) -> StateFile:
     """The device's state file: new for a new device, checked for a reconnect."""
-    identity = device_identity(device)
+    if identity is None:
+        assert isinstance(device, BlkDevice)
+        identity = device_identity(device)
     path = state_dir / name / "state"
     if reconnect and not path.exists():
         raise UserError(
@@ -305,11 +309,23 @@ def open_state(name: str, state_dir: Path, device: BlkDevice, reconnect: bool) -
     return state
 
 
-def serve(name: str, device: BlkDevice, *, msg_timeout: int | None = None,
+def block_node(name: str, stop: threading.Event) -> tuple[str, str]:
+    """What READY says of a block device once its node exists: ``dev=/dev/vdX``."""
+    node = wait_for_node(name, stop)
+    return f"dev={node}", node
+
+
+#: Waits until the device is usable from the host; returns (the READY line's field, the
+#: node or interface name).
+ReadyWaiter = Callable[[str, threading.Event], tuple[str, str]]
+
+
+def serve(name: str, device: VirtioDevice, *, msg_timeout: int | None = None,
           bounce_size: int | None = None, state: StateFile | None = None,
           reconnect: bool = False, ops: OpsOptions | None = None,
           tuning: QueueTuning | None = None, irq_placement: IrqPlacement | None = None,
-          user_bounce: bool = False) -> int:
+          user_bounce: bool = False, wait_ready: ReadyWaiter = block_node,
+          operations_hook: Callable[[Operations], None] | None = None) -> int:
     """Create, attach, announce, serve until a signal, then tear everything down."""
     stop = threading.Event()
     broken: list[str] = []
@@ -327,7 +343,10 @@ def serve(name: str, device: BlkDevice, *, msg_timeout: int | None = None,
     transport.on_broken = on_broken
     server.bind(transport)
     operations = Operations(name, server, transport, ops, on_quit=stop.set,
-                            on_resize=keep_identity(state, device))
+                            on_resize=keep_identity(state, device)
+                            if isinstance(device, BlkDevice) else None)
+    if operations_hook is not None:
+        operations_hook(operations)
     try:
         if reconnect:
             transport.reconnect()
@@ -336,11 +355,12 @@ def serve(name: str, device: BlkDevice, *, msg_timeout: int | None = None,
             transport.create()
             transport.attach()
         operations.start()
-        node = wait_for_node(name, stop)
+        field, node = wait_ready(name, stop)
         if not stop.is_set():
-            sys.stdout.write(f"READY name={name} dev={node}\n")
+            sys.stdout.write(f"READY name={name} {field}\n")
             sys.stdout.flush()
-            log.info("serving %s on %s", device.backend.description, node)
+            backend = getattr(device, "backend", None)
+            log.info("serving %s on %s", getattr(backend, "description", "a device"), node)
             operations.ready(node)
         while not stop.wait(1.0):
             pass

@@ -32,8 +32,10 @@ def run_list(args: argparse.Namespace) -> int:
         driver = sysfs.bound_driver(name) or "-"
         nodes = sysfs.block_devices(name) or sysfs.vhost_devices(name)
         served = "served" if _served(name) else "orphaned"
-        print(f"{name}\t{served}\tdriver={driver}\t"
-              f"dev={','.join('/dev/' + n for n in nodes) or '-'}")
+        ifnames = sysfs.net_interfaces(name)
+        where = (f"ifname={','.join(ifnames)}" if ifnames
+                 else f"dev={','.join('/dev/' + n for n in nodes) or '-'}")
+        print(f"{name}\t{served}\tdriver={driver}\t{where}")
     return 0
 
 

@@ -12,7 +12,9 @@ from typing import Any
 
 from pyvduse.abi import virtio as vio
 from pyvduse.abi import virtio_blk as vb
+from pyvduse.abi import virtio_net as vn
 from pyvduse.device.blk import BlkDevice, BlkStats
+from pyvduse.device.net import NetDevice, NetStats, format_mac
 from pyvduse.ops.protocol import Json
 from pyvduse.ops.target import Target
 from pyvduse.runtime.native_worker import NativeQueueWorker
@@ -29,6 +31,8 @@ def _bit_names(module: Any, lo: int, hi: int) -> dict[int, str]:
 
 TRANSPORT_FEATURES = _bit_names(vio, vio.TRANSPORT_F_START, 64)
 BLK_FEATURES = _bit_names(vb, 0, vio.TRANSPORT_F_START)
+NET_FEATURES = {**_bit_names(vn, 0, vio.TRANSPORT_F_START), **_bit_names(vn, vio.TRANSPORT_F_END,
+                                                                        64)}
 
 _REQ_NAMES: dict[int, str] = {
     vb.ReqType.IN: "read", vb.ReqType.OUT: "write", vb.ReqType.FLUSH: "flush",
@@ -49,7 +53,9 @@ def request_type_name(rtype: int) -> str:
 
 def feature_names(features: int, device_id: int) -> list[str]:
     names = []
-    device = BLK_FEATURES if device_id == vio.DeviceId.BLOCK else {}
+    by_kind: dict[int, dict[int, str]] = {vio.DeviceId.BLOCK: BLK_FEATURES,
+                                          vio.DeviceId.NET: NET_FEATURES}
+    device = by_kind.get(device_id, {})
     for n in range(64):
         if features >> n & 1:
             names.append(TRANSPORT_FEATURES.get(n) or device.get(n) or f"BIT_{n}")
@@ -114,6 +120,8 @@ def queue_status(index: int, size: int, worker: QueueWorker | None,
 
 def _blocking_backend(device: object) -> bool:
     """Whether the device's calls may block (a file backend; a custom device: assume so)."""
+    if isinstance(device, NetDevice):
+        return False
     return not isinstance(device, BlkDevice) or device.backend.blocking
 
 
@@ -152,6 +160,10 @@ def status(target: Target) -> Json:
                    capacity=device.capacity_bytes, block_size=o.block_size,
                    readonly=o.readonly, serial=o.serial,
                    cache="none" if getattr(device.backend, "direct", False) else "writeback")
+    if isinstance(device, NetDevice):
+        out.update(backend=device.backend.description, backend_kind=device.backend.kind,
+                   mac=format_mac(device.mac), mtu=device.options.mtu,
+                   link="up" if device.link_up else "down", rx_buffers_held=device.rx.held)
     out["aio"] = server.tuning.aio.value
     out["bounce_memory"] = getattr(target.transport, "bounce_memory", None)
     transport = target.transport
@@ -201,10 +213,19 @@ def _blk_counts(st: BlkStats) -> Json:
     }
 
 
+def _net_counts(st: NetStats) -> Json:
+    return {"packets": st.packets, "bytes": st.bytes, "drops": st.drops,
+            "bad_requests": st.bad}
+
+
+NET_QUEUE_NAMES = {vn.RX_QUEUE: "rx", vn.TX_QUEUE: "tx"}
+
+
 def stats(target: Target) -> Json:
     """Per-queue counters and their totals."""
     device = target.server.device
     blk = device if isinstance(device, BlkDevice) else None
+    net = device if isinstance(device, NetDevice) else None
     counters = queue_counters(device)
     queues = []
     all_hist = [0] * LATENCY_BUCKETS
@@ -216,6 +237,9 @@ def stats(target: Target) -> Json:
         q: Json = {"index": i}
         if blk is not None:
             q.update(_blk_counts(blk.queue_snapshot(i)))
+        if net is not None:
+            q["direction"] = NET_QUEUE_NAMES.get(i, "?")
+            q.update(_net_counts(net.queue_stats[i]))
         totals = c.totals() if c else None
         depth_hist = totals.depth if totals else [0] * LATENCY_BUCKETS
         depth_sum = totals.depth_sum if totals else 0
@@ -234,6 +258,11 @@ def stats(target: Target) -> Json:
     total: Json = {}
     if blk is not None:
         total = _blk_counts(blk.stats)
+    if net is not None:
+        both = NetStats()
+        for st in net.queue_stats:
+            both.add(st)
+        total = _net_counts(both)
     total.update(in_flight=in_flight, completed=completed, latency=latency(all_hist, all_ns),
                  depth=depth(all_depth, all_depth_sum))
     out: Json = {"name": target.name, "queues": queues, "total": total}

@@ -67,6 +67,17 @@ def block_devices(name: str) -> list[str]:
     return out
 
 
+def net_interfaces(name: str) -> list[str]:
+    """Network interfaces (``eth0``) that virtio_net made for vdpa device ``name``, as far
+    as this network namespace sees them."""
+    out = []
+    for virtio in (VDPA_DEVICES / name).glob("virtio*"):
+        net = virtio / "net"
+        if net.is_dir():
+            out.extend(sorted(os.listdir(net)))
+    return out
+
+
 def vhost_devices(name: str) -> list[str]:
     """``vhost-vdpa-N`` char devices that vhost_vdpa created for vdpa device ``name``."""
     return sorted(p.name for p in (VDPA_DEVICES / name).glob("vhost-vdpa-*"))
