@@ -212,3 +212,15 @@ def run(args: argparse.Namespace) -> int:
             net_state.remove()
             with contextlib.suppress(OSError):
                 state_dir.rmdir()
+
+
+def serve_device(name: str, device: NetDevice, **options: object) -> int:
+    """Serve a network device of one's own (a backend written in Python) until SIGINT or
+    SIGTERM, like ``pyvduse net`` does with a TAP: prints ``READY name=NAME ifname=IF``."""
+    preflight()
+    state = NetState(DEFAULT_STATE_DIR / name / "net.json")
+    try:
+        return serve(name, device, wait_ready=interface_waiter(state, False),
+                     **options)  # type: ignore[arg-type]
+    finally:
+        state.remove()
