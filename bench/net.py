@@ -113,7 +113,7 @@ def guest(args: argparse.Namespace) -> int:
         move_to_namespace("bveth1", v_ns, f"{v_there}/24")
         address_here("bveth0", f"{v_here}/24")
         assert wait_ping(there) and wait_ping(v_there), "no ping"
-        tests = TESTS[:1] if args.profile else TESTS
+        tests = [t for t in TESTS if t[0] == args.profile_test] if args.profile else TESTS
         for name, options, kind in tests:
             for impl, (_, server, where) in (("pyvduse", OURS), ("veth", PEER)):
                 if args.profile and impl == "veth":
@@ -178,7 +178,8 @@ def host(args: argparse.Namespace) -> int:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--guest", "--out", str(guest_json),
            "--seconds", str(args.seconds), f"--our-args={args.our_args}"]
     if args.profile:
-        cmd += ["--profile", str(Path(args.profile).resolve())]
+        cmd += ["--profile", str(Path(args.profile).resolve()),
+                f"--profile-test={args.profile_test}"]
     started = time.monotonic()
     code = testvm.main(["--smp", "2", "--mem", "3G", "--cwd", str(ROOT), "--",
                         shlex.join(cmd)])
@@ -205,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--our-args", default="", help="more 'pyvduse net' options")
     p.add_argument("--json", default=str(DEFAULT_JSON), help="where the results go")
     p.add_argument("--profile", help="run the daemon under cProfile (one test), pstats here")
+    p.add_argument("--profile-test", default=TESTS[0][0], metavar="TEST",
+                   help=f"the test profiled (default '{TESTS[0][0]}')")
     p.add_argument("--guest", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

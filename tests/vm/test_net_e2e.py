@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -159,3 +161,21 @@ def test_user_errors() -> None:
     p = sh(f"{py} --tap tap20 --mac 01:00:5e:00:00:01", check=False)
     assert p.returncode == 2 and "multicast" in p.stderr, p
     assert not os.path.exists("/dev/vduse/bad0") and not os.path.exists("/sys/class/net/tap20")
+
+
+def test_python_device_answers_ping() -> None:
+    """examples/ping_responder.py: a network device written in Python, on the real driver."""
+    root = Path(__file__).resolve().parents[2]
+    p = subprocess.Popen([sys.executable, str(root / "examples" / "ping_responder.py"),
+                          "--name", "pong0"], stdout=subprocess.PIPE, text=True, cwd=root)
+    try:
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        assert line.startswith("READY name=pong0 ifname="), line
+        ifname = line.split("ifname=")[1].strip()
+        move_to_namespace(ifname, "nsP", "10.9.0.1/24")
+        assert ping("10.9.0.2", ns="nsP") and ping("10.9.0.77", ns="nsP")
+    finally:
+        p.terminate()
+        assert p.wait(60) == 0
+        sh("ip netns del nsP", check=False)
