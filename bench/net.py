@@ -89,7 +89,8 @@ def start_ours(extra: list[str], profile: str | None) -> tuple[subprocess.Popen[
     else:
         argv = [sys.executable, "-m", "pyvduse", *argv]
     log = open("/tmp/bench-net-daemon.log", "wb")  # noqa: SIM115 (the daemon's, until it ends)
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, cwd=ROOT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's pyvduse, not another
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, cwd=ROOT, env=env)
     assert proc.stdout is not None
     line = proc.stdout.readline().decode()
     if not line.startswith("READY"):

@@ -72,7 +72,7 @@ def test_frames_both_ways(packed: bool, mrg: bool) -> None:
 
 
 def test_frame_waits_for_buffers_then_arrives() -> None:
-    dev, be, rig = served()
+    dev, be, rig = served(mrg_rxbuf=True)
     with rig:
         nic = NetDriver(rig.kernel, rx_buffers=8)  # 8 x 1536: a 20000-byte frame needs 14
         be.inject(header() + frame(20000))
@@ -128,7 +128,7 @@ def test_link_down_and_up() -> None:
         assert (tx["direction"], tx["packets"], tx["drops"]) == ("tx", 1, 1)
         status = inspect.status(target)
         assert status["link"] == "up" and status["mac"] == "52:54:00:12:34:56"
-        assert "MRG_RXBUF" in status["feature_names"]
+        assert "MRG_RXBUF" not in status["feature_names"]  # off unless asked for
         assert answer(target, {"cmd": "link", "state": "sideways"})["error"]["code"] == \
             "invalid-argument"
 
@@ -209,3 +209,24 @@ def test_oversized_injection_is_dropped() -> None:
         be.inject(header() + frame(70))
         assert nic.receive(5)[1] == frame(70)
         assert dev.queue_stats[0].drops == 1
+
+
+def test_metrics_count_frames() -> None:
+    pytest.importorskip("prometheus_client")
+    from pyvduse.ops.metrics import DeviceCollector
+
+    dev, be, rig = served()
+    with rig:
+        nic = NetDriver(rig.kernel, rx_buffers=16)
+        nic.send(frame(100))
+        be.inject(header() + frame(200))
+        nic.receive(5)
+        families = {f.name: f for f in DeviceCollector(Target("n0", rig.server)).collect()}
+        samples = {(s.name, s.labels["queue"]): s.value
+                   for f in ("pyvduse_net_packets", "pyvduse_net_bytes")
+                   for s in families[f].samples if s.name.endswith("_total")}
+        assert samples == {("pyvduse_net_packets_total", "0"): 1,
+                           ("pyvduse_net_packets_total", "1"): 1,
+                           ("pyvduse_net_bytes_total", "0"): 200,
+                           ("pyvduse_net_bytes_total", "1"): 100}
+        assert dev.queue_stats[0].packets == 1
