@@ -50,7 +50,9 @@ class NetDriver:
         self.mergeable = has(self.virtio.features, vn.F_MRG_RXBUF)
         self.buffer_size = buffer_size if self.mergeable else max(buffer_size, BIG_BUFFER)
         ring_size = self.rxq.ring.num
-        self.rx_buffers = min(rx_buffers or ring_size, ring_size)
+        # 64 KiB buffers fill the model's bounce space (16 MiB) long before a ring of them
+        default = ring_size if self.mergeable else min(ring_size, 64)
+        self.rx_buffers = min(rx_buffers or default, ring_size)
         self._used: collections.deque[Completion] = collections.deque()
         self.malformed = 0  # received frames whose buffers did not add up
         self.refill()
