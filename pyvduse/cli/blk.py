@@ -57,17 +57,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--block-size", type=int, default=512, choices=(512, 4096),
                    help="logical block size (default 512)")
     p.add_argument("--serial", default="", help="serial number, up to 20 bytes")
-    p.add_argument("--msg-timeout", type=int, metavar="SECONDS",
-                   help="kernel's per-message timeout (sysfs msg_timeout)")
-    p.add_argument("--bounce-size", metavar="SIZE",
-                   help="kernel bounce buffer size, 1M to 1G (sysfs bounce_size)")
-    p.add_argument("--packed", action="store_true",
-                   help="offer the packed virtqueue layout (VIRTIO_F_RING_PACKED)")
-    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR",
-                   help="where the crash-recovery state lives (default /run/pyvduse)")
-    p.add_argument("--reconnect", action="store_true",
-                   help="require an existing device left by a dead daemon, and resume it "
-                   "(the default when /dev/vduse/NAME exists)")
+    add_device_arguments(p)
     p.add_argument("--data-path", choices=[d.value for d in DataPath], default="auto",
                    help="who serves the queues: 'native' (the C loop of pyvduse.fastpath), "
                    "'python' (the reference engine) or 'auto' (native where it can; "
@@ -114,6 +104,44 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    "application runs elsewhere, less at iodepth 1 when it does not)")
     add_ops_arguments(p)
     p.set_defaults(func=run)
+
+
+def add_device_arguments(p: argparse.ArgumentParser) -> None:
+    """What every device daemon takes about the VDUSE device and its crash recovery."""
+    p.add_argument("--msg-timeout", type=int, metavar="SECONDS",
+                   help="kernel's per-message timeout (sysfs msg_timeout)")
+    p.add_argument("--bounce-size", metavar="SIZE",
+                   help="kernel bounce buffer size, 1M to 1G (sysfs bounce_size)")
+    p.add_argument("--packed", action="store_true",
+                   help="offer the packed virtqueue layout (VIRTIO_F_RING_PACKED)")
+    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR",
+                   help="where the crash-recovery state lives (default /run/pyvduse)")
+    p.add_argument("--reconnect", action="store_true",
+                   help="require an existing device left by a dead daemon, and resume it "
+                   "(the default when /dev/vduse/NAME exists)")
+
+
+def bounce_size(args: argparse.Namespace) -> int | None:
+    """``--bounce-size`` in bytes (None: the kernel's default)."""
+    if args.bounce_size is None:
+        return None
+    try:
+        return parse_size(args.bounce_size)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def resuming(args: argparse.Namespace) -> bool:
+    """Whether ``--name`` is a device a dead daemon left (then we resume it), checking that
+    no daemon serves it and that ``--reconnect`` finds one."""
+    name = args.name
+    reconnect = name in sysfs.vduse_devices()
+    if reconnect and device_in_use(str(sysfs.device_node(name))):
+        raise UserError(f"a VDUSE device named '{name}' already exists and a running daemon "
+                        "serves it: choose another --name")
+    if args.reconnect and not reconnect:
+        raise UserError(f"there is no device '{name}' to reconnect to")
+    return reconnect
 
 
 def add_ops_arguments(p: argparse.ArgumentParser) -> None:
@@ -222,12 +250,7 @@ def build_device(args: argparse.Namespace, backend: Backend) -> BlkDevice:
 
 def run(args: argparse.Namespace) -> int:
     _check_name(args.name)
-    bounce = None
-    if args.bounce_size is not None:
-        try:
-            bounce = parse_size(args.bounce_size)
-        except ValueError as e:
-            raise UserError(str(e)) from None
+    bounce = bounce_size(args)
     ops = ops_options(args)
     data_path = DataPath(args.data_path)
     for option, value in (("--poll-us", args.poll_us), ("--publish-us", args.publish_us)):
@@ -246,12 +269,7 @@ def run(args: argparse.Namespace) -> int:
         if data_path is DataPath.NATIVE and why_not is not None:
             raise UserError(f"--data-path native: {why_not}; or use --data-path python")
         preflight()
-        reconnect = args.name in sysfs.vduse_devices()
-        if reconnect and device_in_use(str(sysfs.device_node(args.name))):
-            raise UserError(f"a VDUSE device named '{args.name}' already exists and a running "
-                            "daemon serves it: choose another --name")
-        if args.reconnect and not reconnect:
-            raise UserError(f"there is no device '{args.name}' to reconnect to")
+        reconnect = resuming(args)
         state = open_state(args.name, args.state_dir, device, reconnect)
         if data_path is DataPath.AUTO and why_not is not None:
             log.info("queues served by the Python engine: %s", why_not)

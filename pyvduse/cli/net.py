@@ -14,18 +14,19 @@ from pyvduse.backend.tap import TapBackend, TapError
 from pyvduse.cli.blk import (
     ReadyWaiter,
     _check_name,
+    add_device_arguments,
     add_ops_arguments,
+    bounce_size,
     open_state,
     ops_options,
+    resuming,
     serve,
 )
 from pyvduse.device.net import NetConfigError, NetDevice, NetOptions, format_mac, parse_mac
 from pyvduse.errors import UserError
 from pyvduse.runtime.state_file import DEFAULT_STATE_DIR, StateFile
-from pyvduse.sizes import parse_size
 from pyvduse.transport.kernel import sysfs
 from pyvduse.transport.kernel.control import missing_module_hint
-from pyvduse.transport.kernel.device_fd import device_in_use
 
 log = logging.getLogger("pyvduse")
 
@@ -46,8 +47,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--mtu", type=int, metavar="N",
                    help="the MTU the driver is told to use (VIRTIO_NET_F_MTU), also set on "
                    "the TAP (default: the driver's, 1500)")
-    p.add_argument("--packed", action="store_true",
-                   help="offer the packed virtqueue layout (VIRTIO_F_RING_PACKED)")
     p.add_argument("--queue-size", type=int, default=256, metavar="N",
                    help="descriptors per virtqueue, a power of two (default 256)")
     p.add_argument("--offloads", choices=("on", "off"), default="on",
@@ -61,15 +60,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--link", choices=("up", "down"), default="up",
                    help="the link state at start (default up; 'pyvduse ctl NAME link' "
                    "changes it)")
-    p.add_argument("--msg-timeout", type=int, metavar="SECONDS",
-                   help="kernel's per-message timeout (sysfs msg_timeout)")
-    p.add_argument("--bounce-size", metavar="SIZE",
-                   help="kernel bounce buffer size, 1M to 1G (sysfs bounce_size)")
-    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR",
-                   help="where the crash-recovery state lives (default /run/pyvduse)")
-    p.add_argument("--reconnect", action="store_true",
-                   help="require an existing device left by a dead daemon, and resume it "
-                   "(the default when /dev/vduse/NAME exists)")
+    add_device_arguments(p)
     add_ops_arguments(p)
     p.set_defaults(func=run)
 
@@ -156,24 +147,14 @@ def preflight() -> None:
 def run(args: argparse.Namespace) -> int:
     _check_name(args.name)
     ops = ops_options(args)
-    bounce = None
-    if args.bounce_size is not None:
-        try:
-            bounce = parse_size(args.bounce_size)
-        except ValueError as e:
-            raise UserError(str(e)) from None
+    bounce = bounce_size(args)
     try:
         mac = parse_mac(args.mac) if args.mac is not None else None
     except NetConfigError as e:
         raise UserError(str(e)) from None
     preflight()
     name = args.name
-    reconnect = name in sysfs.vduse_devices()
-    if reconnect and device_in_use(str(sysfs.device_node(name))):
-        raise UserError(f"a VDUSE device named '{name}' already exists and a running daemon "
-                        "serves it: choose another --name")
-    if args.reconnect and not reconnect:
-        raise UserError(f"there is no device '{name}' to reconnect to")
+    reconnect = resuming(args)
     state_dir = args.state_dir / name
     net_state = NetState(state_dir / "net.json")
     link_up = args.link == "up"
