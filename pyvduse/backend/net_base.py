@@ -78,17 +78,6 @@ class NetBackend(ABC):
     def send(self, packet: list[memoryview]) -> None:
         """Transmit one frame (header + frame, in segments); raise OSError to drop it."""
 
-    def receive_fd(self) -> int | None:
-        """An fd that is readable when frames wait, for the receive queue's worker to watch
-        and read with ``read_frame`` on its own thread (no thread of the backend's, no
-        hand-over between threads). None: the backend delivers through the port itself."""
-        return None
-
-    def read_frame(self, iov: list[memoryview]) -> int:
-        """Read one frame into ``iov`` (when ``receive_fd`` is not None); BlockingIOError
-        when there is none."""
-        raise BlockingIOError
-
     def set_carrier(self, up: bool) -> None:
         """The device's link went up or down (``ctl link``): the backend may show it too."""
 

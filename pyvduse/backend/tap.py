@@ -9,8 +9,8 @@ it hands over unsegmented TCP and partial checksums only when the driver can tak
 A TAP this backend creates is made persistent while it runs, so that a daemon killed with
 ``kill -9`` leaves it (and the addresses and routes on it) for the next daemon to reopen, and
 is removed when the daemon stops (``close``). One we did not create is left as it was.
-The TAP is read by the receive queue's worker (``receive_fd``: it watches the fd while it
-holds receive buffers) and written by the transmit queue's worker: no thread of its own.
+Receiving runs on a thread of its own (``net-rx``); sending runs on the transmit queue's
+worker.
 """
 
 from __future__ import annotations
@@ -20,18 +20,23 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import socket
+import threading
+import time
 from pathlib import Path
 
 from pyvduse.abi import tun
 from pyvduse.abi import virtio_net as vn
 from pyvduse.abi.virtio import bit, has
-from pyvduse.backend.net_base import NetBackend, PacketPort
+from pyvduse.backend.net_base import NetBackend, PacketPort, Received
 
 log = logging.getLogger(__name__)
 
 TUN_DEVICE = "/dev/net/tun"
 SYS_NET = Path("/sys/class/net")
+#: Frames received per wake-up before looking at the stop request again.
+RX_BATCH = 64
 IOV_MAX = 1024
 
 #: Offloads a TAP always takes in what we write: the kernel checks the header and segments
@@ -94,6 +99,12 @@ class TapBackend(NetBackend):
         except BaseException:
             os.close(self.fd)
             raise
+        self._port: PacketPort | None = None
+        self._thread: threading.Thread | None = None
+        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._buffers_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._stopping = False
+        self.read_errors = 0
 
     def _setup(self, mtu: int | None) -> None:
         name = self.ifname
@@ -136,16 +147,27 @@ class TapBackend(NetBackend):
         return HOST_OFFLOADS | self._guest_offloads
 
     def start(self, port: PacketPort, features: int) -> None:
+        self.stop()
         self._set_offload(offload_flags(features))
+        self._port = port
+        port.on_buffers(self._buffers_came)
+        self._stopping = False
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._stop_fd)
+        self._thread = threading.Thread(target=self._receive_loop, args=(port,),
+                                        name="net-rx", daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
-        """Nothing to stop: the receive queue's worker reads the TAP itself."""
-
-    def receive_fd(self) -> int | None:
-        return self.fd
-
-    def read_frame(self, iov: list[memoryview]) -> int:
-        return os.readv(self.fd, iov)
+        thread = self._thread
+        if thread is not None:
+            self._stopping = True
+            os.eventfd_write(self._stop_fd, 1)
+            thread.join()
+            self._thread = None
+        if self._port is not None:
+            self._port.on_buffers(None)
+            self._port = None
 
     def send(self, packet: list[memoryview]) -> None:
         if len(packet) > IOV_MAX:
@@ -168,7 +190,52 @@ class TapBackend(NetBackend):
                 fcntl.ioctl(self.fd, tun.TUNSETPERSIST, 0)
         os.close(self.fd)
         self.fd = -1
+        for fd in (self._stop_fd, self._buffers_fd):
+            os.close(fd)
 
     def keep(self) -> None:
         """Leave the TAP when closing (it stays persistent)."""
         self.created = False
+
+    # -- the receive thread ------------------------------------------------------------------
+
+    def _buffers_came(self) -> None:
+        with contextlib.suppress(OSError):
+            os.eventfd_write(self._buffers_fd, 1)
+
+    def _receive_loop(self, port: PacketPort) -> None:
+        fd = self.fd
+
+        def read(iov: list[memoryview]) -> int:
+            return os.readv(fd, iov)
+
+        for_packets = select.poll()
+        for_packets.register(fd, select.POLLIN)
+        for_packets.register(self._stop_fd, select.POLLIN)
+        for_buffers = select.poll()
+        for_buffers.register(self._buffers_fd, select.POLLIN)
+        for_buffers.register(self._stop_fd, select.POLLIN)
+        receive = port.receive
+        PACKET, NO_BUFFERS = Received.PACKET, Received.NO_BUFFERS
+        while not self._stopping:
+            result = PACKET
+            try:
+                for _ in range(RX_BATCH):
+                    result = receive(read)
+                    if result is not PACKET:
+                        break
+            except OSError as e:  # the TAP went away, or a bug: say so, do not spin
+                self.read_errors += 1
+                if self.read_errors <= 10:
+                    log.warning("TAP %s: read failed: %s", self.ifname, e.strerror or e)
+                time.sleep(0.1)
+                continue
+            if result is PACKET:
+                continue
+            if result is NO_BUFFERS:
+                waiting = port.expire(1.0)
+                for_buffers.poll(1000 if waiting else None)
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(self._buffers_fd)
+            else:
+                for_packets.poll()

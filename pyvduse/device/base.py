@@ -23,7 +23,6 @@ import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 from pyvduse.abi.virtio import F_ACCESS_PLATFORM, F_VERSION_1, bit
 from pyvduse.device.request import Request
@@ -47,28 +46,6 @@ class DeviceSpec:
 
 
 ConfigWriter = Callable[[int, bytes], None]
-
-
-class InputSource(Protocol):
-    """Something outside that completes a queue's requests (frames arriving for receive
-    buffers), watched by the queue's own worker: no thread of its own, no hand-over."""
-
-    def fileno(self) -> int:
-        """Readable when there is input."""
-        ...
-
-    def wants(self) -> bool:
-        """Whether to watch the fd now (there are requests the input would complete)."""
-        ...
-
-    def wake_after(self) -> float | None:
-        """Seconds after which ``pump`` runs even if the fd is not readable (None: never)."""
-        ...
-
-    def pump(self) -> None:
-        """The fd is readable (or ``wake_after`` passed): take the input, completing requests
-        (on the worker's thread, so they are pushed at once and published with its round)."""
-        ...
 
 
 class VirtioDevice(ABC):
@@ -97,10 +74,6 @@ class VirtioDevice(ABC):
     def reset(self) -> None:
         """The driver reset the device: forget negotiated state."""
         self.features = 0
-
-    def input_source(self, queue: int) -> InputSource | None:
-        """What the worker of ``queue`` watches besides the ring (None: nothing)."""
-        return None
 
     def quiesce(self) -> None:
         """The queues are about to stop (a reset, shutdown): stop whatever completes requests

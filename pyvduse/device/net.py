@@ -33,7 +33,7 @@ from pyvduse.abi.virtio import (
     has,
 )
 from pyvduse.backend.net_base import NetBackend, ReadPacket, Received
-from pyvduse.device.base import REQUIRED_FEATURES, DeviceSpec, InputSource, VirtioDevice
+from pyvduse.device.base import REQUIRED_FEATURES, DeviceSpec, VirtioDevice
 from pyvduse.device.request import Request, complete_together
 from pyvduse.ratelimit import RateLimitedLogger
 from pyvduse.ring.chain import Chain
@@ -50,8 +50,6 @@ MAX_PACKET = HDR + 65536 + 18
 #: descriptors drops at once; waiting a little spares TCP a retransmission).
 PENDING_SECONDS = 1.0
 
-#: Frames read per wake-up of the receive queue's worker, before it publishes them.
-RX_BATCH = 64
 #: Offloads a device may offer when its backend carries them.
 OFFLOAD_FEATURES = (bit(vn.F_CSUM) | bit(vn.F_GUEST_CSUM) | bit(vn.F_HOST_TSO4)
                     | bit(vn.F_HOST_TSO6) | bit(vn.F_GUEST_TSO4) | bit(vn.F_GUEST_TSO6)
@@ -145,9 +143,6 @@ class ReceiveQueue:
         self._expect = 2048  # the buffer bytes to offer the next read: the last frame's size
         self._pending: bytes | None = None  # a frame read when the buffers ran out
         self._pending_since = 0.0
-        #: The last receive found no buffers (or too few for the waiting frame); the next
-        #: buffer the driver gives clears it.
-        self.blocked = False
 
     @property
     def held(self) -> int:
@@ -167,7 +162,6 @@ class ReceiveQueue:
             return
         request.idle = True
         self._held.append((request, total(chain.writable)))
-        self.blocked = False
         if self._pending is not None and self._lock.acquire(blocking=False):
             try:  # (when the lock is taken, the backend's thread is at it already)
                 if self._pending is not None:
@@ -201,10 +195,6 @@ class ReceiveQueue:
 
         return self.receive(copy) is not Received.NO_BUFFERS
 
-    def pending_deadline(self) -> float | None:
-        """When the waiting frame will be dropped (``time.monotonic``), if one waits."""
-        return None if self._pending is None else self._pending_since + PENDING_SECONDS
-
     def expire(self, older_than: float = PENDING_SECONDS) -> bool:
         with self._lock:
             if self._pending is not None and time.monotonic() - self._pending_since > older_than:
@@ -214,57 +204,50 @@ class ReceiveQueue:
 
     def receive(self, read: ReadPacket) -> Received:
         with self._lock:
-            result = self._receive(read)
-            if result is Received.NO_BUFFERS:
-                self.blocked = True
-            return result
-
-    def _receive(self, read: ReadPacket) -> Received:
-        """One frame (under the lock)."""
-        if not self._link_up():
-            try:
-                read([self._scratch])
-            except BlockingIOError:
-                return Received.NO_PACKET
-            self.stats.drops += 1
-            return Received.PACKET
-        if self._pending is not None and not self._place_pending():
-            if time.monotonic() - self._pending_since <= PENDING_SECONDS:
-                return Received.NO_BUFFERS
-            self._pending = None  # waited long enough: dropped
-            self.stats.drops += 1
-        mergeable = self._mergeable()
-        taken, cap = self._take(self._expect if mergeable else 1)
-        if not taken:
-            return Received.NO_BUFFERS
-        iov = [seg for r, _ in taken for seg in r.chain.writable]
-        if cap < MAX_PACKET:
-            iov.append(self._scratch)
-        try:
-            n = read(iov)
-        except BlockingIOError:
-            self._give_back(taken)
-            return Received.NO_PACKET
-        except BaseException:
-            self._give_back(taken)
-            raise
-        self._expect = max(n, 2048)
-        if n < HDR or (n > cap and not mergeable):
-            self._give_back(taken)
-            self.stats.drops += 1
-            return Received.PACKET
-        if n > cap:  # the rest is in the scratch buffer
-            more, more_cap = self._take(n - cap)
-            taken += more
-            if cap + more_cap < n:
-                self._pending = b"".join(bytes(s) for s in slice_segments(iov, 0, n))
-                self._pending_since = time.monotonic()
-                self._give_back(taken)
+            if not self._link_up():
+                try:
+                    read([self._scratch])
+                except BlockingIOError:
+                    return Received.NO_PACKET
+                self.stats.drops += 1
                 return Received.PACKET
-            scatter([seg for r, _ in more for seg in r.chain.writable],
-                    self._scratch[: n - cap])
-        self._complete(taken, n)
-        return Received.PACKET
+            if self._pending is not None and not self._place_pending():
+                if time.monotonic() - self._pending_since <= PENDING_SECONDS:
+                    return Received.NO_BUFFERS
+                self._pending = None  # waited long enough: dropped
+                self.stats.drops += 1
+            mergeable = self._mergeable()
+            taken, cap = self._take(self._expect if mergeable else 1)
+            if not taken:
+                return Received.NO_BUFFERS
+            iov = [seg for r, _ in taken for seg in r.chain.writable]
+            if cap < MAX_PACKET:
+                iov.append(self._scratch)
+            try:
+                n = read(iov)
+            except BlockingIOError:
+                self._give_back(taken)
+                return Received.NO_PACKET
+            except BaseException:
+                self._give_back(taken)
+                raise
+            self._expect = max(n, 2048)
+            if n < HDR or (n > cap and not mergeable):
+                self._give_back(taken)
+                self.stats.drops += 1
+                return Received.PACKET
+            if n > cap:  # the rest is in the scratch buffer
+                more, more_cap = self._take(n - cap)
+                taken += more
+                if cap + more_cap < n:
+                    self._pending = b"".join(bytes(s) for s in slice_segments(iov, 0, n))
+                    self._pending_since = time.monotonic()
+                    self._give_back(taken)
+                    return Received.PACKET
+                scatter([seg for r, _ in more for seg in r.chain.writable],
+                        self._scratch[: n - cap])
+            self._complete(taken, n)
+            return Received.PACKET
 
     # -- helpers (under the lock) ---------------------------------------------------------
 
@@ -340,43 +323,6 @@ class ReceiveQueue:
         complete_together(outcomes)
 
 
-class FramesIn:
-    """A backend's receive fd as the receive queue's worker watches it (``InputSource``):
-    while buffers are held, readable means frames to read into them, on the worker's own
-    thread, so their completions are pushed at once and published with its round."""
-
-    def __init__(self, rx: ReceiveQueue, backend: NetBackend) -> None:
-        self.rx = rx
-        self.backend = backend
-        fd = backend.receive_fd()
-        assert fd is not None
-        self.fd = fd
-        self.failed = False  # the backend's fd fails reads: stop watching it
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def wants(self) -> bool:
-        return self.rx.held > 0 and not self.rx.blocked and not self.failed
-
-    def wake_after(self) -> float | None:
-        """Seconds until ``pump`` must run even with nothing readable: a frame waiting for
-        more buffers than the driver has given is dropped then."""
-        deadline = self.rx.pending_deadline()
-        return None if deadline is None else max(deadline - time.monotonic(), 0.0)
-
-    def pump(self) -> None:
-        receive, read = self.rx.receive, self.backend.read_frame
-        try:
-            for _ in range(RX_BATCH):
-                if receive(read) is not Received.PACKET:
-                    return
-        except OSError as e:  # the TAP went away (it would stay readable: do not spin)
-            self.failed = True
-            log.error("%s: reading frames failed (%s): receiving stopped",
-                      self.backend.description, e.strerror or e)
-
-
 class NetDevice(VirtioDevice):
     """A virtio-net device whose frames go to and come from a ``NetBackend``."""
 
@@ -409,7 +355,6 @@ class NetDevice(VirtioDevice):
         self._link_lock = threading.Lock()
         #: Called with the new state after ``set_link`` (the daemon keeps it for a restart).
         self.on_link_change: Callable[[bool], None] | None = None
-        self._frames_in: FramesIn | None = None
 
     # -- identity -----------------------------------------------------------------------
 
@@ -445,14 +390,6 @@ class NetDevice(VirtioDevice):
         super().start(features)
         self.backend.start(self.rx, features)
         self._started = True
-
-    def input_source(self, queue: int) -> InputSource | None:
-        """A backend with an fd (a TAP) is read by the receive queue's own worker."""
-        if queue != vn.RX_QUEUE or self.backend.receive_fd() is None:
-            return None
-        if self._frames_in is None:
-            self._frames_in = FramesIn(self.rx, self.backend)
-        return self._frames_in
 
     def quiesce(self) -> None:
         """Stop the backend's receiving, then drop the held buffers (the queues stop)."""

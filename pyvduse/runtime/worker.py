@@ -427,38 +427,21 @@ class QueueWorker:
         poller.register(self.kick_fd, select.POLLIN)
         poller.register(self._stop_fd, select.POLLIN)
         poller.register(self._done_fd, select.POLLIN)
-        source = self.device.input_source(self.index)
-        source_fd, watching = (source.fileno() if source is not None else -1), False
         try:
             if self._resumed:
                 self._replay()
             self._serve()  # requests may be waiting from before we started
             while not self._stopping:
-                if source is not None and source.wants() != watching:
-                    watching = not watching  # watched only while it has requests to fill
-                    if watching:
-                        poller.register(source_fd, select.POLLIN)
-                    else:
-                        poller.unregister(source_fd)
-                wake = source.wake_after() if source is not None else None
-                events = poller.poll(None if wake is None else max(int(wake * 1000), 1))
+                events = poller.poll()
                 if self._stopping:
                     break
-                has_input = not events  # woken by wake_after
-                if has_input:
-                    log.debug("queue %d: input source woken after %s s", self.index, wake)
                 for fd, _ in events:
-                    if fd == source_fd:
-                        has_input = True
-                        continue
                     with contextlib.suppress(BlockingIOError):
                         os.eventfd_read(fd)
                 if self._pause_wanted:
                     self._park()
                     continue
                 if self.broken is None:
-                    if has_input and source is not None:
-                        source.pump()
                     self._reap()
                     self._serve()
         except Exception as e:  # never let a ring take the process down

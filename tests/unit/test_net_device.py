@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
-import threading
 import time
 
 import pytest
@@ -232,56 +230,3 @@ def test_metrics_count_frames() -> None:
                            ("pyvduse_net_bytes_total", "0"): 200,
                            ("pyvduse_net_bytes_total", "1"): 100}
         assert dev.queue_stats[0].packets == 1
-
-
-class SocketBackend(PacketQueueBackend):
-    """A backend with a receive fd, as a TAP has: one end of a SOCK_SEQPACKET pair (which
-    keeps frame boundaries), read by the receive queue's worker; ``peer`` is the far end."""
-
-    def __init__(self) -> None:
-        super().__init__(offloads=OFFLOAD_FEATURES)
-        self.ours, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.ours.setblocking(False)
-
-    def receive_fd(self) -> int | None:
-        return self.ours.fileno()
-
-    def read_frame(self, iov: list[memoryview]) -> int:
-        return os.readv(self.ours.fileno(), iov)
-
-
-@pytest.mark.parametrize("mrg", [True, False], ids=["mrg", "big"])
-def test_frames_read_by_the_receive_queues_worker(mrg: bool) -> None:
-    be = SocketBackend()
-    dev, _, rig = served(be, mrg_rxbuf=mrg)
-    with rig:
-        assert dev.input_source(0) is not None and dev.input_source(1) is None
-        nic = NetDriver(rig.kernel, rx_buffers=64 if mrg else 8)
-        sizes = [60, 1514, 9000, 30000, 65000] * 3  # more buffers than posted: they cycle
-        # from another thread: the socket's buffer fills up before the driver reads
-        sender = threading.Thread(target=lambda: [be.peer.send(header() + frame(n, n))
-                                                  for n in sizes])
-        sender.start()
-        for n in sizes:
-            assert nic.receive(5)[1] == frame(n, n)
-        sender.join()
-        assert dev.queue_stats[0].packets == len(sizes)
-        names = {t.name for t in threading.enumerate()}
-        assert "net-rx" not in names  # no thread of the backend's
-        nic.remove()  # a reset with every buffer held is immediate
-        assert dev.rx.held == 0
-
-
-def test_a_frame_larger_than_every_buffer_posted_is_dropped_in_time() -> None:
-    """8 buffers of 1536 bytes cannot take 20000 bytes: the frame waits for more, the worker
-    stops watching the fd meanwhile (no spinning), and drops it after PENDING_SECONDS."""
-    be = SocketBackend()
-    dev, _, rig = served(be, mrg_rxbuf=True)
-    with rig:
-        nic = NetDriver(rig.kernel, rx_buffers=8)
-        be.peer.send(header() + frame(20000))
-        be.peer.send(header() + frame(100, 1))
-        t = time.monotonic()
-        assert nic.receive(5)[1] == frame(100, 1)
-        assert 0.5 < time.monotonic() - t < 8
-        assert dev.queue_stats[0].drops == 1
