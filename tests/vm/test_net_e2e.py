@@ -127,6 +127,7 @@ def test_status(net: list[Daemon]) -> None:
 def test_tcp_transfer_survives_kill9(net: list[Daemon]) -> None:
     """kill -9 the daemon in the middle of a TCP transfer, restart it: the connection carries
     on and the bytes arrive intact."""
+    assert wait_ping(THERE)  # the neighbour is known before the connection starts
     # paced at 2 MiB/s, so that it is still running at the last kill (a restart takes
     # seconds under emulation)
     transfer = Transfer(THERE, (8 * KILLS + 4) * 2 * MiB, NS, port=5098, rate=2 * MiB)
