@@ -87,7 +87,8 @@ def run_native(kind: str, batch: int, seconds: float) -> float:
     # avail ring once and let the "driver" only move its index.
     for s in range(q.num):
         drv.set_avail_entry(s, heads[s % batch])
-    engine = native.build(dev, 0, q, arena.memory, None, None, lambda i: None, lambda *e: None)
+    engine = native.build(native.require_plan(dev), 0, q, arena.memory, None, None,
+                          lambda i: None, lambda *e: None)
     kick, stop = os.eventfd(0), os.eventfd(1)  # run() serves what is there, then returns
     avail = drv.avail_idx
     rounds = 0

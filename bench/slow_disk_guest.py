@@ -105,6 +105,10 @@ MODES: tuple[Mode, ...] = (
     Mode("qsd-native-direct", "qsd", ("aio=native", "cache.direct=on"), expect_failure=EFAULT_NOTE),
     Mode("py-io_uring", "pyvduse", ("--aio", "io_uring", "--cache", "writeback")),
     Mode("py-io_uring-direct", "pyvduse", ("--aio", "io_uring", "--cache", "none")),
+    # Direct I/O straight into the bounce buffer, registered as the daemon's own memory
+    # (VDUSE_IOTLB_REG_UMEM), against the copy through aligned buffers of the line above.
+    Mode("py-io_uring-direct-umem", "pyvduse",
+         ("--aio", "io_uring", "--cache", "none", "--bounce-memory", "daemon")),
     Mode("py-threads", "pyvduse", ("--aio", "threads", "--cache", "writeback")),
     Mode("py-sync", "pyvduse", ("--aio", "sync", "--cache", "writeback")),
 )

@@ -12,11 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pyvduse import BlkDevice, BlkOptions, Chain, MemoryBackend
 from pyvduse.abi import virtio_blk as vb
-from pyvduse.backend.memory import MemoryBackend
-from pyvduse.device.blk import BlkDevice, BlkOptions
-from pyvduse.ring.chain import Chain
-from pyvduse.ring.iovec import gather
 
 
 class FlakyBlk(BlkDevice):
@@ -30,7 +27,7 @@ class FlakyBlk(BlkDevice):
 
     def handle(self, queue: int, chain: Chain) -> int:
         if chain.error is None and chain.writable and chain.readable:
-            rtype = vb.OUTHDR.unpack(gather(chain.readable, 0, vb.OUTHDR.size))[0]
+            rtype = vb.OUTHDR.unpack(chain.read(0, vb.OUTHDR.size))[0]
             if rtype == vb.ReqType.OUT:
                 self.writes += 1
                 if self.writes % self.every == 0:
@@ -42,8 +39,7 @@ class FlakyBlk(BlkDevice):
 
 
 def main() -> int:
-    from pyvduse.cli.blk import preflight, serve
-    from pyvduse.errors import UserError
+    from pyvduse import Daemon, PyvduseError, check_kernel
     from pyvduse.sizes import parse_size
 
     ap = argparse.ArgumentParser(description="serve a block device that fails every Nth write")
@@ -52,9 +48,12 @@ def main() -> int:
     ap.add_argument("--every", type=int, default=10)
     args = ap.parse_args()
     try:
-        preflight()
-        return serve(args.name, FlakyBlk(parse_size(args.size), args.every))
-    except UserError as e:
+        check_kernel()
+        daemon = Daemon(FlakyBlk(parse_size(args.size), args.every), args.name)
+        daemon.on_ready = lambda d: print(f"READY name={d.name} dev={d.node}", flush=True)
+        daemon.run(signals=True)  # until SIGINT or SIGTERM
+        return 0
+    except PyvduseError as e:
         print(f"flaky_blk: error: {e}", file=sys.stderr)
         return 2
 

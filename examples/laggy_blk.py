@@ -15,8 +15,7 @@ import argparse
 import asyncio
 import sys
 
-from pyvduse.backend.memory import MemoryBackend
-from pyvduse.device.blk import BlkDevice, BlkOptions
+from pyvduse import BlkDevice, BlkOptions, MemoryBackend
 
 
 class LaggyBackend(MemoryBackend):
@@ -39,8 +38,7 @@ class LaggyBackend(MemoryBackend):
 
 
 def main() -> int:
-    from pyvduse.cli.blk import preflight, serve
-    from pyvduse.errors import UserError
+    from pyvduse import Daemon, PyvduseError, check_kernel
     from pyvduse.sizes import parse_size
 
     ap = argparse.ArgumentParser(description="serve a block device whose reads are slow")
@@ -49,10 +47,13 @@ def main() -> int:
     ap.add_argument("--delay-ms", type=float, default=2.0)
     args = ap.parse_args()
     try:
-        preflight()
+        check_kernel()
         backend = LaggyBackend(parse_size(args.size), args.delay_ms / 1000)
-        return serve(args.name, BlkDevice(backend, BlkOptions()))
-    except UserError as e:
+        daemon = Daemon(BlkDevice(backend, BlkOptions()), args.name)
+        daemon.on_ready = lambda d: print(f"READY name={d.name} dev={d.node}", flush=True)
+        daemon.run(signals=True)  # until SIGINT or SIGTERM
+        return 0
+    except PyvduseError as e:
         print(f"laggy_blk: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,9 +1,11 @@
-"""Fuzz the ring engine for as long as asked and report cases per second.
+"""Fuzz the ring engines for as long as asked and report cases per second.
 
     python3 fuzz/fuzz_rings.py [--seconds 60 | --cases N] [--seed S]
 
-Random inputs are fed to ``fuzz.ring_cases.run_case``; a failing input is written to
-``fuzz/crashes/`` and the run exits 1.
+Random inputs are fed to ``fuzz.ring_cases.run_case``, which serves each with the Python
+engine and, when the extension is built, with the native loop, and requires both to leave
+the same bytes; a failing input is written to ``fuzz/crashes/`` and the run exits 1 (replay
+it with ``python3 -c 'from fuzz.ring_cases import run_case; run_case(open(P, "rb").read())'``).
 """
 
 from __future__ import annotations

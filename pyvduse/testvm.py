@@ -79,7 +79,8 @@ REQUIRED_COMMANDS = ("qemu-system-x86_64", "cpio", "depmod", "xz", "vdpa")
 # each package is there: the test harness installs the missing ones, as it does the VM's.
 TEST_PACKAGES = {"fio": "fio", "mkfs.ext4": "e2fsprogs", "blkdiscard": "util-linux",
                  "dmsetup": "dmsetup", "qemu-storage-daemon": "qemu-system-common",
-                 "sha256sum": "coreutils", "iperf3": "iperf3", "ping": "iputils-ping"}
+                 "sha256sum": "coreutils", "iperf3": "iperf3", "ping": "iputils-ping",
+                 "nbdkit": "nbdkit", "qemu-nbd": "qemu-utils", "nbdsh": "python3-libnbd"}
 VIRTIOFSD_CANDIDATES = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd")
 SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 STANDARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

@@ -37,6 +37,10 @@ VDUSE_REQ_RESULT_FAILED = 1
 MESSAGE_SIZE = 152  # sizeof(struct vduse_dev_request) == sizeof(struct vduse_dev_response)
 DEV_CONFIG_HEADER_SIZE = 336  # sizeof(struct vduse_dev_config) without the config bytes
 CONFIG_SIZE_MAX = 4096  # the kernel refuses config_size > PAGE_SIZE
+# sysfs attributes of /sys/class/vduse/NAME (not the uapi header: the driver's limits)
+MIN_BOUNCE_SIZE = 1 << 20  # bounce_size (6.4+): VDUSE_MIN_BOUNCE_SIZE .. VDUSE_MAX_BOUNCE_SIZE
+MAX_BOUNCE_SIZE = 1 << 30
+DEFAULT_MSG_TIMEOUT = 30  # msg_timeout, whole seconds; 0 waits forever
 
 
 class MsgType(IntEnum):

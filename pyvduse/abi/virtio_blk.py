@@ -131,3 +131,21 @@ class BlkConfig:
 
 
 CAPACITY_OFFSET = 0  # le64 capacity is the first field
+
+
+#: What ``ctl stats`` and the metrics call each request type.
+_REQ_NAMES: dict[int, str] = {
+    ReqType.IN: "read", ReqType.OUT: "write", ReqType.FLUSH: "flush",
+    ReqType.GET_ID: "get_id", ReqType.DISCARD: "discard", ReqType.WRITE_ZEROES: "write_zeroes",
+}
+
+
+def request_type_name(rtype: int) -> str:
+    """A request type's short name ("read", "write", ...; ``type_N`` for unknown ones)."""
+    name = _REQ_NAMES.get(rtype)
+    if name is not None:
+        return name
+    try:
+        return str(ReqType(rtype).name).lower()
+    except ValueError:
+        return f"type_{rtype}"

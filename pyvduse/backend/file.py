@@ -24,7 +24,8 @@ import stat
 import threading
 from typing import Any
 
-from pyvduse.backend.base import Backend
+from pyvduse.backend.base import Backend, NativeStorage
+from pyvduse.errors import ResizeError
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,14 @@ class FileBackend(Backend):
     def direct(self) -> bool:
         return self.direct_fd >= 0
 
+    def native_storage(self) -> NativeStorage | None:
+        if not self.io_as_in(FileBackend):
+            return None
+        # --cache none: the O_DIRECT descriptor (the engine leaves requests it cannot do
+        # direct to Python, which has the buffered one)
+        return NativeStorage("fd", fd=self.direct_fd if self.direct else self.fd,
+                             direct=self.direct)
+
     @property
     def size(self) -> int:
         return self._size
@@ -164,6 +173,35 @@ class FileBackend(Backend):
         """Re-read the size (someone may have grown the file)."""
         self._size = os.lseek(self.fd, 0, os.SEEK_END)
         return self._size
+
+    def storage_size(self) -> int:
+        try:
+            return self.refresh_size()
+        except OSError as e:
+            raise ResizeError("failed", f"cannot read the size of {self.path}: "
+                              f"{e.strerror}") from None
+
+    def size_settable(self) -> str | None:
+        if self.readonly or self._is_blockdev:
+            what = "a block device" if self._is_blockdev else "open read-only"
+            return (f"{self.path} is {what}, so pyvduse cannot change its size: resize it "
+                    "yourself, then resize with no size")
+        return None
+
+    def set_storage_size(self, size: int, *, grow_only: bool) -> None:
+        why = self.size_settable()
+        if why is not None:
+            raise ResizeError("unsupported", why)
+        current = self.refresh_size()
+        if current == size or (grow_only and current > size):
+            return
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as e:
+            raise ResizeError("failed", f"cannot resize {self.path} to {size} bytes: "
+                              f"{e.strerror}") from None
+        finally:
+            self.refresh_size()
 
     def readv(self, offset: int, bufs: list[memoryview]) -> None:
         if self.direct_fd < 0 or not self._direct(offset, bufs, False):

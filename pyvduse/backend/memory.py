@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import mmap
 
-from pyvduse.backend.base import Backend
+from pyvduse.backend.base import Backend, NativeStorage
+from pyvduse.errors import ResizeError
 
 
 class MemoryBackend(Backend):
@@ -26,6 +27,18 @@ class MemoryBackend(Backend):
     def buffer(self) -> memoryview:
         """The disk's bytes (the native data path copies to and from them directly)."""
         return self._mem
+
+    def storage_size(self) -> int:
+        raise ResizeError("unsupported", self.size_settable() or "")
+
+    def size_settable(self) -> str | None:
+        return ("a memory device cannot be resized: its RAM is one fixed mapping that cannot "
+                "grow in place (serve a file on tmpfs for a resizable RAM disk)")
+
+    def native_storage(self) -> NativeStorage | None:
+        if not self.io_as_in(MemoryBackend):
+            return None
+        return NativeStorage("memory", memory=self._mem)
 
     def readv(self, offset: int, bufs: list[memoryview]) -> None:
         mem = self._mem

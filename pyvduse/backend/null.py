@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from pyvduse.backend.base import Backend
+from pyvduse.backend.base import Backend, NativeStorage
+from pyvduse.errors import ResizeError
 from pyvduse.ring.iovec import fill_zero
 
 
@@ -26,3 +27,16 @@ class NullBackend(Backend):
 
     def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
         pass
+
+    def storage_size(self) -> int:
+        raise ResizeError("invalid", "a null device has no storage whose size could have "
+                          "changed: give the new size")
+
+    def size_settable(self) -> str | None:
+        return None
+
+    def set_storage_size(self, size: int, *, grow_only: bool) -> None:
+        self._size = max(size, self._size) if grow_only else size
+
+    def native_storage(self) -> NativeStorage | None:
+        return NativeStorage("null") if self.io_as_in(NullBackend) else None

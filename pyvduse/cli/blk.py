@@ -3,42 +3,38 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
-import faulthandler
 import logging
 import os
-import signal
 import sys
-import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
+from pyvduse.abi.vduse import MAX_BOUNCE_SIZE, MIN_BOUNCE_SIZE
 from pyvduse.backend.base import Backend
 from pyvduse.backend.file import FileBackend
 from pyvduse.backend.memory import MemoryBackend
+from pyvduse.backend.nbd import DEFAULT_RECONNECT_SECONDS, NbdBackend, NbdError
+from pyvduse.backend.nbd_binding import NbdUnavailable
 from pyvduse.backend.null import NullBackend
-from pyvduse.cli.stop_signals import StopSignals
+from pyvduse.cli import plugins
+from pyvduse.daemon import Daemon, check_kernel, check_name
 from pyvduse.device.base import VirtioDevice
 from pyvduse.device.blk import BlkConfigError, BlkDevice, BlkOptions
 from pyvduse.errors import UserError
 from pyvduse.fastpath import engine as native
-from pyvduse.fastpath.engine import DataPath
-from pyvduse.ops.service import DEFAULT_DRAIN_TIMEOUT, Operations, OpsOptions
+from pyvduse.ops.service import DEFAULT_DRAIN_TIMEOUT, OpsOptions
 from pyvduse.runtime.executors import DEFAULT_IO_THREADS, Aio
-from pyvduse.runtime.server import DeviceServer
-from pyvduse.runtime.state_file import DEFAULT_STATE_DIR, IdentityMismatch, StateFile
-from pyvduse.runtime.tuning import HOLD_MAX_US, MAX_US, PUBLISH_AFTER_US, QueueTuning
+from pyvduse.runtime.state_file import DEFAULT_STATE_DIR
+from pyvduse.runtime.tuning import HOLD_MAX_US, MAX_US, PUBLISH_AFTER_US, DataPath, QueueTuning
 from pyvduse.sizes import parse_size
 from pyvduse.transport.kernel import sysfs
-from pyvduse.transport.kernel.control import missing_module_hint
-from pyvduse.transport.kernel.device_fd import device_in_use
 from pyvduse.transport.kernel.irq_affinity import FOLLOW, IrqPlacement, parse_cpu_list
-from pyvduse.transport.kernel.transport import KernelTransport
 
 log = logging.getLogger("pyvduse")
 
-NODE_WAIT_SECONDS = 30.0
+#: The longest --msg-timeout taken (a day): longer is a mistake, 0 waits forever.
+MAX_MSG_TIMEOUT = 86400
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -46,18 +42,50 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                        description="Create a VDUSE virtio-blk device, attach it to the vdpa "
                        "bus and serve it until SIGINT or SIGTERM.")
     p.add_argument("--name", required=True, help="device name (/dev/vduse/NAME, vdpa NAME)")
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--file", metavar="PATH", help="raw image file or block device to serve")
     src.add_argument("--memory", metavar="SIZE", help="serve SIZE bytes of RAM (e.g. 1G)")
     src.add_argument("--null", metavar="SIZE", help="discard writes, read zeroes, SIZE bytes")
+    src.add_argument("--nbd", metavar="URI",
+                     help="serve an NBD server's export through libnbd: nbd://HOST[:PORT]/EXPORT, "
+                     "nbds://... (TLS), nbd+unix:///EXPORT?socket=PATH")
+    src.add_argument("--backend", metavar="MODULE:CLASS",
+                     help="a backend of your own: a pyvduse.Backend subclass in an importable "
+                     "module or a FILE.py, constructed with the --backend-arg values")
+    p.add_argument("--backend-arg", action="append", metavar="KEY=VALUE",
+                   help="an argument of --backend's constructor (repeat for more; converted "
+                   "by its annotations: int, float, bool, Path)")
+    p.add_argument("--device", metavar="MODULE:CLASS",
+                   help="a device of your own (a pyvduse.VirtioDevice subclass), constructed "
+                   "with the --device-arg values, and backend= and options= when it takes "
+                   "them (the backend from --file, --memory, ...)")
+    p.add_argument("--device-arg", action="append", metavar="KEY=VALUE",
+                   help="an argument of --device's constructor (repeat for more)")
+    p.add_argument("--nbd-reconnect", type=float, default=DEFAULT_RECONNECT_SECONDS,
+                   metavar="SECONDS", help="--nbd: when the server goes away, requests wait "
+                   "this long while pyvduse reconnects, then fail (default "
+                   f"{DEFAULT_RECONNECT_SECONDS:g})")
     p.add_argument("--readonly", action="store_true", help="offer the device read-only")
     p.add_argument("--queues", type=int, default=1, metavar="N", help="virtqueues (default 1)")
     p.add_argument("--queue-size", type=int, default=256, metavar="N",
                    help="descriptors per virtqueue, a power of two (default 256)")
-    p.add_argument("--block-size", type=int, default=512, choices=(512, 4096),
+    p.add_argument("--block-size", type=int, default=512, choices=(512, 1024, 2048, 4096),
                    help="logical block size (default 512)")
     p.add_argument("--serial", default="", help="serial number, up to 20 bytes")
-    add_device_arguments(p)
+    p.add_argument("--msg-timeout", metavar="SECONDS",
+                   help="how long the kernel waits for the daemon's answer to each control "
+                   f"message, whole seconds 0 to {MAX_MSG_TIMEOUT} (0: forever; sysfs "
+                   "msg_timeout, 30 unless set)")
+    p.add_argument("--bounce-size", metavar="SIZE",
+                   help="kernel bounce buffer size, 1M to 1G (sysfs bounce_size; 64M unless "
+                   "set)")
+    p.add_argument("--packed", action="store_true",
+                   help="offer the packed virtqueue layout (VIRTIO_F_RING_PACKED)")
+    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR",
+                   help="where the crash-recovery state lives (default /run/pyvduse)")
+    p.add_argument("--reconnect", action="store_true",
+                   help="require an existing device left by a dead daemon, and resume it "
+                   "(the default when /dev/vduse/NAME exists)")
     p.add_argument("--data-path", choices=[d.value for d in DataPath], default="auto",
                    help="who serves the queues: 'native' (the C loop of pyvduse.fastpath), "
                    "'python' (the reference engine) or 'auto' (native where it can; "
@@ -106,44 +134,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(func=run)
 
 
-def add_device_arguments(p: argparse.ArgumentParser) -> None:
-    """What every device daemon takes about the VDUSE device and its crash recovery."""
-    p.add_argument("--msg-timeout", type=int, metavar="SECONDS",
-                   help="kernel's per-message timeout (sysfs msg_timeout)")
-    p.add_argument("--bounce-size", metavar="SIZE",
-                   help="kernel bounce buffer size, 1M to 1G (sysfs bounce_size)")
-    p.add_argument("--packed", action="store_true",
-                   help="offer the packed virtqueue layout (VIRTIO_F_RING_PACKED)")
-    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR",
-                   help="where the crash-recovery state lives (default /run/pyvduse)")
-    p.add_argument("--reconnect", action="store_true",
-                   help="require an existing device left by a dead daemon, and resume it "
-                   "(the default when /dev/vduse/NAME exists)")
-
-
-def bounce_size(args: argparse.Namespace) -> int | None:
-    """``--bounce-size`` in bytes (None: the kernel's default)."""
-    if args.bounce_size is None:
-        return None
-    try:
-        return parse_size(args.bounce_size)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-
-
-def resuming(args: argparse.Namespace) -> bool:
-    """Whether ``--name`` is a device a dead daemon left (then we resume it), checking that
-    no daemon serves it and that ``--reconnect`` finds one."""
-    name = args.name
-    reconnect = name in sysfs.vduse_devices()
-    if reconnect and device_in_use(str(sysfs.device_node(name))):
-        raise UserError(f"a VDUSE device named '{name}' already exists and a running daemon "
-                        "serves it: choose another --name")
-    if args.reconnect and not reconnect:
-        raise UserError(f"there is no device '{name}' to reconnect to")
-    return reconnect
-
-
 def add_ops_arguments(p: argparse.ArgumentParser) -> None:
     """Operations: management socket, metrics endpoint, shutdown drain."""
     p.add_argument("--control", metavar="PATH",
@@ -156,19 +146,6 @@ def add_ops_arguments(p: argparse.ArgumentParser) -> None:
                    f"flight before detaching (default {DEFAULT_DRAIN_TIMEOUT:g})")
 
 
-def keep_identity(state: StateFile | None, device: BlkDevice) -> Callable[[int], None] | None:
-    """After a live resize the state file must give the new size, or a restart after a crash
-    would refuse to resume the device."""
-    if state is None:
-        return None
-
-    def on_resize(size: int) -> None:
-        state.identity = device_identity(device)
-        state.write_identity()
-
-    return on_resize
-
-
 def ops_options(args: argparse.Namespace) -> OpsOptions:
     """The operations options, checked (one-line UserError) before any device exists."""
     ops = OpsOptions(control=args.control, metrics=args.metrics,
@@ -177,13 +154,25 @@ def ops_options(args: argparse.Namespace) -> OpsOptions:
     return ops
 
 
-def _check_name(name: str) -> None:
-    if not name or "/" in name or name in (".", "..", "control") or len(name.encode()) > 255:
-        raise UserError(f"'{name}' cannot be a device name: use 1 to 255 characters, no '/'")
-
-
-def make_backend(args: argparse.Namespace) -> Backend:
-    """The backend the arguments ask for; UserError on a missing file or bad size."""
+def make_backend(args: argparse.Namespace) -> Backend | None:
+    """The backend the arguments ask for; UserError on a missing file or bad size. None: a
+    --device plugin given no backend."""
+    if args.backend is not None:
+        cls = plugins.load_class(args.backend, "--backend")
+        if not issubclass(cls, Backend):
+            raise UserError(f"--backend {args.backend}: {cls.__name__} is not a backend (a "
+                            "subclass of pyvduse.Backend)")
+        backend: Backend = plugins.construct(cls, plugins.parse_args(args.backend_arg,
+                                                                     "--backend-arg"),
+                                             "--backend")
+        return backend
+    if args.backend_arg:
+        raise UserError("--backend-arg is for --backend")
+    if all(getattr(args, o) is None for o in ("file", "memory", "null", "nbd")):
+        if args.device is not None:
+            return None
+        raise UserError("say what to serve: --file PATH, --memory SIZE, --null SIZE, "
+                        "--nbd URI, --backend MODULE:CLASS or --device MODULE:CLASS")
     if args.file is not None:
         path = args.file
         if not os.path.exists(path):
@@ -192,15 +181,19 @@ def make_backend(args: argparse.Namespace) -> Backend:
         try:
             return FileBackend(path, readonly=args.readonly, direct=args.cache == "none")
         except PermissionError:
-            mode = "reading" if args.readonly else "reading and writing"
-            raise UserError(f"no permission to open {path} for {mode}: fix its permissions "
-                            "or use --readonly") from None
+            if args.readonly:
+                raise UserError(f"no permission to read {path}: fix its permissions (or run "
+                                "as a user who may read it)") from None
+            raise UserError(f"no permission to open {path} for reading and writing: fix "
+                            "its permissions or use --readonly") from None
         except OSError as e:
             if e.errno == errno.EINVAL and args.cache == "none":
                 raise UserError(f"{path} cannot be opened for direct I/O (--cache none): its "
                                 "filesystem does not support O_DIRECT; use --cache "
                                 "writeback") from None
             raise UserError(f"cannot open {path}: {e.strerror}") from None
+    if args.nbd is not None:
+        return make_nbd_backend(args)
     text = args.memory if args.memory is not None else args.null
     try:
         size = parse_size(text)
@@ -208,40 +201,78 @@ def make_backend(args: argparse.Namespace) -> Backend:
         raise UserError(str(e)) from None
     if size <= 0:
         raise UserError("the size must be larger than zero")
-    return MemoryBackend(size) if args.memory is not None else NullBackend(size)
+    if args.memory is None:
+        return NullBackend(size)
+    try:
+        return MemoryBackend(size)
+    except (OSError, OverflowError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else "too large"
+        raise UserError(f"cannot reserve {text} of memory for --memory ({why}): use a smaller "
+                        "size, or --file for a disk larger than this machine's memory") from None
 
 
-def preflight() -> None:
-    """Fail early, with what to do, when the kernel side is missing."""
-    if not sysfs.CONTROL.exists():
-        raise UserError(missing_module_hint())
-    if not sysfs.vdpa_drivers():
-        raise UserError("no vdpa bus driver is loaded: run 'modprobe virtio_vdpa' for a "
-                        "host block device (or 'modprobe vhost_vdpa' to give it to a VM)")
+def make_nbd_backend(args: argparse.Namespace) -> NbdBackend:
+    """Connect to the NBD server (one connection per queue if it allows multi-conn)."""
+    if not 0 <= args.nbd_reconnect <= 86400:
+        raise UserError(f"--nbd-reconnect {args.nbd_reconnect:g} must be 0 to 86400 seconds")
+    try:
+        return NbdBackend(args.nbd, connections=args.queues,
+                          reconnect_seconds=args.nbd_reconnect)
+    except NbdUnavailable as e:
+        raise UserError(str(e)) from None
+    except ValueError as e:
+        raise UserError(f"--nbd: {e}") from None
+    except NbdError as e:
+        raise UserError(f"{e}: is the server running, and is this its address and export "
+                        "name?") from None
 
 
-def wait_for_node(name: str, stop: threading.Event, timeout: float = NODE_WAIT_SECONDS) -> str:
-    """The device node the bound vdpa driver created for ``name``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not stop.is_set():
-        driver = sysfs.bound_driver(name)
-        if driver == "vhost_vdpa":
-            nodes = [f"/dev/{n}" for n in sysfs.vhost_devices(name)]
-        else:
-            nodes = [f"/dev/{n}" for n in sysfs.block_devices(name)]
-        for node in nodes:
-            if Path(node).exists():
-                return node
-        time.sleep(0.05)
-    raise UserError(f"no device node appeared for '{name}' within {timeout:.0f} s: check "
-                    "'dmesg' for virtio_blk errors")
+def nbd_options(backend: NbdBackend, options: BlkOptions) -> BlkOptions:
+    """``options`` with what the server's export dictates: read-only, block sizes, which
+    requests it can serve."""
+    info = backend.info
+    block_size = options.block_size
+    if info.min_block > block_size:
+        if info.min_block > 4096 or info.min_block & (info.min_block - 1):
+            raise UserError(f"the NBD server's minimum block size {info.min_block} is more "
+                            "than virtio-blk's largest, 4096: it cannot be served")
+        log.info("block size %d: the NBD server's minimum", info.min_block)
+        block_size = info.min_block
+    if backend.size % block_size:
+        raise UserError(f"the NBD export's size {backend.size} is not a multiple of the block "
+                        f"size {block_size}: it cannot be served as a virtio-blk disk")
+    preferred = info.preferred_block
+    physical = (preferred if block_size < preferred <= 1 << 16
+                and not preferred & (preferred - 1) else 0)
+    if info.readonly and not options.readonly:
+        log.info("the NBD export is read-only: so is the device")
+    return dataclasses.replace(
+        options, readonly=options.readonly or info.readonly, block_size=block_size,
+        flush=info.can_flush, discard=info.can_trim, write_zeroes=info.can_zero,
+        physical_block_size=physical, opt_io_size=preferred if physical else 0)
 
 
-def build_device(args: argparse.Namespace, backend: Backend) -> BlkDevice:
+def build_device(args: argparse.Namespace, backend: Backend | None) -> VirtioDevice:
     options = BlkOptions(
         readonly=args.readonly, block_size=args.block_size, serial=args.serial,
         num_queues=args.queues, queue_size=args.queue_size, packed=args.packed,
     )
+    if isinstance(backend, NbdBackend):
+        options = nbd_options(backend, options)
+    if args.device is not None:
+        cls = plugins.load_class(args.device, "--device")
+        if not issubclass(cls, VirtioDevice):
+            raise UserError(f"--device {args.device}: {cls.__name__} is not a device (a "
+                            "subclass of pyvduse.VirtioDevice)")
+        extra: dict[str, object] = {"options": options}
+        if backend is not None:
+            extra["backend"] = backend
+        device: VirtioDevice = plugins.construct(
+            cls, plugins.parse_args(args.device_arg, "--device-arg"), "--device", extra)
+        return device
+    if args.device_arg:
+        raise UserError("--device-arg is for --device")
+    assert backend is not None
     try:
         return BlkDevice(backend, options)
     except BlkConfigError as e:
@@ -249,8 +280,9 @@ def build_device(args: argparse.Namespace, backend: Backend) -> BlkDevice:
 
 
 def run(args: argparse.Namespace) -> int:
-    _check_name(args.name)
-    bounce = bounce_size(args)
+    check_name(args.name)
+    bounce = parse_bounce_size(args.bounce_size)
+    msg_timeout = parse_msg_timeout(args.msg_timeout)
     ops = ops_options(args)
     data_path = DataPath(args.data_path)
     for option, value in (("--poll-us", args.poll_us), ("--publish-us", args.publish_us)):
@@ -268,17 +300,60 @@ def run(args: argparse.Namespace) -> int:
         why_not = native.why_not(device, args.packed)
         if data_path is DataPath.NATIVE and why_not is not None:
             raise UserError(f"--data-path native: {why_not}; or use --data-path python")
-        preflight()
-        reconnect = resuming(args)
-        state = open_state(args.name, args.state_dir, device, reconnect)
+        check_kernel()
         if data_path is DataPath.AUTO and why_not is not None:
             log.info("queues served by the Python engine: %s", why_not)
-        return serve(args.name, device, msg_timeout=args.msg_timeout, bounce_size=bounce,
-                     state=state, reconnect=reconnect, ops=ops, tuning=tuning,
-                     irq_placement=irq_placement,
-                     user_bounce=args.bounce_memory == "daemon")
+        daemon = Daemon(device, args.name, state_dir=args.state_dir,
+                        resume=True if args.reconnect else None, tuning=tuning, ops=ops,
+                        msg_timeout=msg_timeout, bounce_size=bounce,
+                        irq_placement=irq_placement, user_bounce=args.bounce_memory == "daemon")
+        return serve(daemon)
     finally:
-        backend.close()
+        if backend is not None:
+            backend.close()
+
+
+def serve(daemon: Daemon) -> int:
+    """Run ``daemon`` as the command does: READY on stdout once the node exists, until
+    SIGINT or SIGTERM (or ``ctl NAME quit``)."""
+    daemon.on_ready = announce
+    daemon.run(signals=True)
+    return 0
+
+
+def announce(daemon: Daemon) -> None:
+    """The one line scripts wait for (flushed: they read it through a pipe)."""
+    sys.stdout.write(f"READY name={daemon.name} dev={daemon.node}\n")
+    sys.stdout.flush()
+
+
+def parse_bounce_size(text: str | None) -> int | None:
+    """--bounce-size in bytes (None: the kernel's default), within what the kernel takes."""
+    if text is None:
+        return None
+    try:
+        size = parse_size(text)
+    except ValueError as e:
+        raise UserError(f"--bounce-size: {e}") from None
+    if not MIN_BOUNCE_SIZE <= size <= MAX_BOUNCE_SIZE:
+        raise UserError(f"--bounce-size {text} must be 1M to 1G")
+    return size
+
+
+def parse_msg_timeout(text: str | None) -> int | None:
+    """--msg-timeout in whole seconds (None: the kernel's default of 30)."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"--msg-timeout {text} is not a number of seconds") from None
+    if not value.is_integer():
+        raise UserError(f"--msg-timeout {text}: the kernel counts whole seconds; use "
+                        f"{max(int(value) + 1, 1)}")
+    if not 0 <= value <= MAX_MSG_TIMEOUT:
+        raise UserError(f"--msg-timeout {text} must be 0 (forever) to {MAX_MSG_TIMEOUT}")
+    return int(value)
 
 
 def parse_irq_cpus(text: str) -> IrqPlacement:
@@ -286,114 +361,3 @@ def parse_irq_cpus(text: str) -> IrqPlacement:
         return IrqPlacement.parse(text, parse_cpu_list(sysfs.online_cpus_text()))
     except ValueError as e:
         raise UserError(f"--irq-cpus {text}: {e}") from None
-
-
-def device_identity(device: BlkDevice) -> dict[str, object]:
-    """What must not change across a restart for the in-flight log to apply."""
-    spec = device.spec()
-    return {"backend": device.backend.description, "size": device.backend.size,
-            "features": spec.features, "queues": spec.num_queues,
-            "queue_size": spec.queue_size, "block_size": device.options.block_size}
-
-
-def open_state(name: str, state_dir: Path, device: VirtioDevice, reconnect: bool,
-               identity: dict[str, object] | None = None) -> StateFile:
-    """The device's state file: new for a new device, checked for a reconnect."""
-    if identity is None:
-        assert isinstance(device, BlkDevice)
-        identity = device_identity(device)
-    path = state_dir / name / "state"
-    if reconnect and not path.exists():
-        raise UserError(
-            f"a VDUSE device named '{name}' already exists but has no pyvduse state in "
-            f"{path.parent}: choose another --name, or remove the old one with "
-            f"'pyvduse destroy {name}'")
-    try:
-        state = StateFile.for_device(name, state_dir, identity, device.spec().num_queues,
-                                     device.spec().queue_size)
-    except OSError as e:
-        raise UserError(f"cannot use state directory {state_dir}: {e.strerror}; choose "
-                        "another with --state-dir") from None
-    if reconnect:
-        try:
-            state.check_identity()
-        except IdentityMismatch as e:
-            state.close()
-            raise UserError(
-                f"refusing to resume '{name}': its configuration differs ({e}); start it with "
-                f"the options it was created with, or 'pyvduse destroy {name}'") from None
-    else:
-        state.write_identity()
-    return state
-
-
-def block_node(name: str, stop: threading.Event) -> tuple[str, str]:
-    """What READY says of a block device once its node exists: ``dev=/dev/vdX``."""
-    node = wait_for_node(name, stop)
-    return f"dev={node}", node
-
-
-#: Waits until the device is usable from the host; returns (the READY line's field, the
-#: node or interface name).
-ReadyWaiter = Callable[[str, threading.Event], tuple[str, str]]
-
-
-def serve(name: str, device: VirtioDevice, *, msg_timeout: int | None = None,
-          bounce_size: int | None = None, state: StateFile | None = None,
-          reconnect: bool = False, ops: OpsOptions | None = None,
-          tuning: QueueTuning | None = None, irq_placement: IrqPlacement | None = None,
-          user_bounce: bool = False, wait_ready: ReadyWaiter = block_node,
-          operations_hook: Callable[[Operations], None] | None = None) -> int:
-    """Create, attach, announce, serve until a signal, then tear everything down."""
-    stop = threading.Event()
-    broken: list[str] = []
-
-    def on_broken(why: str) -> None:
-        broken.append(why)
-        stop.set()
-
-    signals = StopSignals(stop).install()
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # where is it stuck? kill -USR1
-    server = DeviceServer(device, state, tuning)
-    transport = KernelTransport(name, device.spec(), server, msg_timeout=msg_timeout,
-                                bounce_size=bounce_size, irq_placement=irq_placement,
-                                user_bounce=user_bounce)
-    transport.on_broken = on_broken
-    server.bind(transport)
-    operations = Operations(name, server, transport, ops, on_quit=stop.set,
-                            on_resize=keep_identity(state, device)
-                            if isinstance(device, BlkDevice) else None)
-    if operations_hook is not None:
-        operations_hook(operations)
-    try:
-        if reconnect:
-            transport.reconnect()
-            log.info("resumed %s after its previous daemon stopped", name)
-        else:
-            transport.create()
-            transport.attach()
-        operations.start()
-        field, node = wait_ready(name, stop)
-        if not stop.is_set():
-            sys.stdout.write(f"READY name={name} {field}\n")
-            sys.stdout.flush()
-            backend = getattr(device, "backend", None)
-            log.info("serving %s on %s", getattr(backend, "description", "a device"), node)
-            operations.ready(node)
-        while not stop.wait(1.0):
-            pass
-        if not broken:
-            log.info("%s, shutting down", signals.describe())
-        operations.shutdown(drain_requests=not broken, abort=signals.hurry)
-    finally:
-        try:
-            transport.close()
-        finally:
-            operations.close()
-        signals.restore()
-        faulthandler.unregister(signal.SIGUSR1)
-        if state is not None:  # nothing to recover once the device is gone
-            state.remove() if name not in sysfs.vduse_devices() else state.close()
-    if broken:
-        raise UserError(f"device '{name}' broke: {broken[0]}; it was removed, start again")
-    return 0

@@ -135,13 +135,21 @@ def render_status(r: Json) -> str:
         lines.append(f"  backend   {r['backend']}")
         lines.append(f"  link      {r['link']}, MAC {r['mac']}{mtu}, "
                      f"{r.get('rx_buffers_held', 0)} receive buffers waiting for frames")
+    nbd = r.get("nbd")
+    if nbd:
+        conns = ", ".join(f"{c['state']}" + (f" ({c['reconnects']} reconnects)"
+                                             if c["reconnects"] else "")
+                          for c in nbd["connections"])
+        lines.append(f"  nbd       {len(nbd['connections'])} connection(s): {conns}; "
+                     f"reconnect window {nbd['reconnect_seconds']:g} s")
     status = r.get("status")
     names = "|".join(r.get("status_names") or []) or "-"
     lines.append("  status    " + ("unknown" if status is None else f"0x{status:02x} {names}"))
     lines.append(f"  features  {r['features']} {' '.join(r.get('feature_names') or [])}".rstrip())
     for q in r["queues"]:
         if not q["served"]:
-            lines.append(f"  queue {q['index']}   not served")
+            why = f"  BROKEN: {q['broken']}" if q.get("broken") else ""
+            lines.append(f"  queue {q['index']}   not served{why}")
             continue
         avail = "-" if q.get("avail_idx") is None else q["avail_idx"]
         broken = f"  BROKEN: {q['broken']}" if q.get("broken") else ""

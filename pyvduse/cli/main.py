@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
 import logging
 import sys
 
 from pyvduse import __version__
-from pyvduse.errors import UserError
+from pyvduse.errors import PyvduseError, UserError
+
+#: What ``pyvduse --help`` says first (plain text: the docstring above is for readers of code).
+DESCRIPTION = ("Serve virtio devices from Python through VDUSE: 'pyvduse blk' makes a real "
+               "/dev/vdX whose every request this process serves.")
 
 # The subcommands each module defines. A command line that names one of them gets a parser
 # with only that one, so that starting a daemon neither imports the other commands' modules
@@ -21,7 +27,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The command line parser; given one of COMMAND_MODULES' commands, the parser of that
     command alone, which parses that command's arguments exactly as the full one does."""
     only = COMMAND_MODULES.get(command) if command is not None else None
-    parser = argparse.ArgumentParser(prog="pyvduse", description=__doc__)
+    parser = argparse.ArgumentParser(prog="pyvduse", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"pyvduse {__version__}")
     parser.add_argument("--log-level", default="warning",
                         choices=("debug", "info", "warning", "error"),
@@ -102,11 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="pyvduse: %(levelname)s: %(message)s")
     logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug output is per message
+    with contextlib.suppress(ValueError, OSError):  # a stderr with no file (tests)
+        faulthandler.enable()  # a crash in C (the native data path) says where, on stderr
     try:
         return int(args.func(args))
-    except UserError as e:
-        print(f"pyvduse: error: {e}", file=sys.stderr)
-        return e.exit_code
+    except PyvduseError as e:
+        from pyvduse.cli.messages import terminal_message
+
+        print(f"pyvduse: error: {terminal_message(e)}", file=sys.stderr)
+        return e.exit_code if isinstance(e, UserError) else UserError.exit_code
     except KeyboardInterrupt:
         return 130
 

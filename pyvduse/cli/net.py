@@ -6,32 +6,27 @@ import argparse
 import contextlib
 import json
 import logging
-import threading
+import sys
 import time
 from pathlib import Path
 
 from pyvduse.backend.tap import TapBackend, TapError
 from pyvduse.cli.blk import (
-    ReadyWaiter,
-    _check_name,
-    add_device_arguments,
+    MAX_MSG_TIMEOUT,
     add_ops_arguments,
-    bounce_size,
-    open_state,
     ops_options,
-    resuming,
-    serve,
+    parse_bounce_size,
+    parse_msg_timeout,
 )
+from pyvduse.daemon import Daemon, check_kernel, check_name
 from pyvduse.device.net import NetConfigError, NetDevice, NetOptions, format_mac, parse_mac
 from pyvduse.errors import UserError
 from pyvduse.runtime.state_file import DEFAULT_STATE_DIR, StateFile
 from pyvduse.transport.kernel import sysfs
-from pyvduse.transport.kernel.control import missing_module_hint
 
 log = logging.getLogger("pyvduse")
 
 CAP_NET_ADMIN = 12
-INTERFACE_WAIT_SECONDS = 30.0
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -60,7 +55,20 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--link", choices=("up", "down"), default="up",
                    help="the link state at start (default up; 'pyvduse ctl NAME link' "
                    "changes it)")
-    add_device_arguments(p)
+    p.add_argument("--msg-timeout", metavar="SECONDS",
+                   help="how long the kernel waits for the daemon's answer to each control "
+                   f"message, whole seconds 0 to {MAX_MSG_TIMEOUT} (0: forever; sysfs "
+                   "msg_timeout, 30 unless set)")
+    p.add_argument("--bounce-size", metavar="SIZE",
+                   help="kernel bounce buffer size, 1M to 1G (sysfs bounce_size; 64M unless "
+                   "set)")
+    p.add_argument("--packed", action="store_true",
+                   help="offer the packed virtqueue layout (VIRTIO_F_RING_PACKED)")
+    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR",
+                   help="where the crash-recovery state lives (default /run/pyvduse)")
+    p.add_argument("--reconnect", action="store_true",
+                   help="require an existing device left by a dead daemon, and resume it "
+                   "(the default when /dev/vduse/NAME exists)")
     add_ops_arguments(p)
     p.set_defaults(func=run)
 
@@ -81,80 +89,79 @@ class NetState:
     ours created the TAP (so it is removed at the end), the link state, the interface name.
     Kept as JSON next to the state file."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path | None) -> None:
+        self.path = path  # None: kept in memory only
         self.data: dict[str, object] = {}
-        with contextlib.suppress(OSError, ValueError):
-            loaded = json.loads(path.read_text())
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            loaded = json.loads(path.read_text()) if path is not None else None
             if isinstance(loaded, dict):
                 self.data = loaded
 
     def save(self, **changes: object) -> None:
         self.data.update(changes)
+        if self.path is None:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data))
         tmp.replace(self.path)  # a kill leaves the old or the new file, never half of one
 
     def remove(self) -> None:
-        with contextlib.suppress(OSError):
-            self.path.unlink()
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
 
 
-def device_identity(device: NetDevice) -> dict[str, object]:
-    """What must not change across a restart for the in-flight logs to apply."""
-    spec = device.spec()
-    return {"backend": device.backend.description, "features": spec.features,
-            "queues": spec.num_queues, "queue_size": spec.queue_size,
-            "mac": format_mac(device.mac), "mtu": device.options.mtu}
+class NetDaemon(Daemon):
+    """A ``Daemon`` whose device is a network interface: ready once virtio_net has made the
+    interface (``node`` is its name). After a restart the interface may live in another
+    network namespace, where this one cannot see it: then the name it had."""
 
+    def __init__(self, device: NetDevice, name: str, state: NetState | None = None,
+                 **options: object) -> None:
+        super().__init__(device, name, **options)  # type: ignore[arg-type]
+        self.net_state = state or NetState(None)
 
-def interface_waiter(state: NetState, reconnect: bool) -> ReadyWaiter:
-    """READY's ``ifname=``: the interface virtio_net made (after a restart it may live in
-    another network namespace, where we cannot see it: then the name it had)."""
-
-    def wait(name: str, stop: threading.Event) -> tuple[str, str]:
-        deadline = time.monotonic() + (2.0 if reconnect else INTERFACE_WAIT_SECONDS)
-        while not stop.is_set():
-            found = sysfs.net_interfaces(name)
+    def _wait_for_node(self) -> str:
+        deadline = time.monotonic() + (2.0 if self.resumed else self.node_timeout)
+        while not self._stop_requested.is_set():
+            found = sysfs.net_interfaces(self.name)
             if found:
-                state.save(ifname=found[0])
-                return f"ifname={found[0]}", found[0]
+                self.net_state.save(ifname=found[0])
+                return found[0]
             if time.monotonic() >= deadline:
                 break
             time.sleep(0.05)
-        known = state.data.get("ifname")
-        if reconnect and isinstance(known, str):
-            return f"ifname={known}", known
-        if stop.is_set():
-            return "ifname=-", "-"
-        raise UserError(f"no network interface appeared for '{name}' within "
-                        f"{INTERFACE_WAIT_SECONDS:.0f} s: check 'dmesg' for virtio_net errors")
+        known = self.net_state.data.get("ifname")
+        if self.resumed and isinstance(known, str):
+            return known
+        return super()._wait_for_node()  # says why there is none
 
-    return wait
+
+def announce(daemon: Daemon) -> None:
+    """The one line scripts wait for (flushed: they read it through a pipe)."""
+    sys.stdout.write(f"READY name={daemon.name} ifname={daemon.node}\n")
+    sys.stdout.flush()
 
 
 def preflight() -> None:
     if not has_net_admin():
         raise UserError("a VDUSE network device and its TAP need CAP_NET_ADMIN: run as root")
-    if not sysfs.CONTROL.exists():
-        raise UserError(missing_module_hint())
-    if "virtio_vdpa" not in sysfs.vdpa_drivers() and "vhost_vdpa" not in sysfs.vdpa_drivers():
-        raise UserError("no vdpa bus driver is loaded: run 'modprobe virtio_vdpa' for a host "
-                        "network interface (or 'modprobe vhost_vdpa' to give it to a VM)")
+    check_kernel()
 
 
 def run(args: argparse.Namespace) -> int:
-    _check_name(args.name)
+    check_name(args.name)
     ops = ops_options(args)
-    bounce = bounce_size(args)
+    bounce = parse_bounce_size(args.bounce_size)
+    msg_timeout = parse_msg_timeout(args.msg_timeout)
     try:
         mac = parse_mac(args.mac) if args.mac is not None else None
     except NetConfigError as e:
         raise UserError(str(e)) from None
     preflight()
     name = args.name
-    reconnect = resuming(args)
+    reconnect = name in sysfs.vduse_devices()
     state_dir = args.state_dir / name
     net_state = NetState(state_dir / "net.json")
     link_up = args.link == "up"
@@ -170,7 +177,6 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(e.strerror or str(e)) from None
     except ValueError as e:
         raise UserError(str(e)) from None
-    removed = False
     try:
         net_state.save(tap=args.tap if backend.created else None, link=link_up)
         options = NetOptions(mac=mac, mtu=args.mtu, queue_size=args.queue_size,
@@ -181,29 +187,27 @@ def run(args: argparse.Namespace) -> int:
         except NetConfigError as e:
             raise UserError(str(e)) from None
         device.on_link_change = lambda up: net_state.save(link=up)
-        state = open_state(name, args.state_dir, device, reconnect, device_identity(device))
         log.info("MAC %s, TAP %s%s", format_mac(device.mac), args.tap,
                  " (created)" if backend.created else "")
-        code = serve(name, device, msg_timeout=args.msg_timeout, bounce_size=bounce,
-                     state=state, reconnect=reconnect, ops=ops,
-                     wait_ready=interface_waiter(net_state, reconnect))
-        removed = name not in sysfs.vduse_devices()
-        return code
+        daemon = NetDaemon(device, name, net_state, state_dir=args.state_dir,
+                           resume=True if args.reconnect else None, ops=ops,
+                           msg_timeout=msg_timeout, bounce_size=bounce)
+        daemon.on_ready = announce
+        daemon.run(signals=True)
+        return 0
     finally:
         backend.close()
-        if removed or name not in sysfs.vduse_devices():  # nothing left to resume
+        if name not in sysfs.vduse_devices():  # nothing left to resume
             net_state.remove()
             with contextlib.suppress(OSError):
                 state_dir.rmdir()
 
 
-def serve_device(name: str, device: NetDevice, **options: object) -> int:
+def serve_device(name: str, device: NetDevice) -> int:
     """Serve a network device of one's own (a backend written in Python) until SIGINT or
     SIGTERM, like ``pyvduse net`` does with a TAP: prints ``READY name=NAME ifname=IF``."""
     preflight()
-    state = NetState(DEFAULT_STATE_DIR / name / "net.json")
-    try:
-        return serve(name, device, wait_ready=interface_waiter(state, False),
-                     **options)  # type: ignore[arg-type]
-    finally:
-        state.remove()
+    daemon = NetDaemon(device, name, state_dir=None)
+    daemon.on_ready = announce
+    daemon.run(signals=True)
+    return 0

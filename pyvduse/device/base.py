@@ -62,6 +62,13 @@ class VirtioDevice(ABC):
     def spec(self) -> DeviceSpec:
         """The device's identity; called once before creation."""
 
+    def identity(self) -> dict[str, object]:
+        """What must not change across a daemon restart for its in-flight log to apply to
+        the device left behind (JSON values); a device adds what its requests depend on."""
+        spec = self.spec()
+        return {"device_id": spec.device_id, "features": spec.features,
+                "queues": spec.num_queues, "queue_size": spec.queue_size}
+
     def accept_features(self, features: int) -> bool:
         """Whether the driver's choice is acceptable (answering FEATURES_OK)."""
         offered = self.spec().features
@@ -106,6 +113,26 @@ class VirtioDevice(ABC):
         """Complete a request that failed (an exception, a lost mapping): write what the
         device writes then, return the bytes written. The default writes nothing."""
         return 0
+
+    # -- what operations show (``ctl status``, ``ctl stats``, metrics) ---------------------
+
+    @property
+    def may_wait(self) -> bool:
+        """Whether requests may wait for something (a disk, a server) rather than finish
+        inline, so that the queue's aio mode matters. A device of one's own: assume so."""
+        return True
+
+    def status(self) -> dict[str, object]:
+        """Device-specific fields of ``ctl NAME status`` (JSON values)."""
+        return {}
+
+    def queue_counts(self, queue: int) -> dict[str, object]:
+        """Device-specific counters of queue ``queue`` for ``ctl NAME stats``."""
+        return {}
+
+    def total_counts(self) -> dict[str, object]:
+        """The same, all queues added up."""
+        return {}
 
     def bind_config_writer(self, writer: ConfigWriter | None) -> None:
         """The transport's way to push config-space changes (set config + config IRQ)."""

@@ -14,6 +14,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pyvduse.abi import virtio_blk as vb
 from pyvduse.abi.virtio import (
@@ -23,7 +24,7 @@ from pyvduse.abi.virtio import (
     DeviceId,
     bit,
 )
-from pyvduse.backend.base import Backend
+from pyvduse.backend.base import Backend, CallAbandoned, LaterBackend, NativeStorage
 from pyvduse.device.base import REQUIRED_FEATURES, DeviceSpec, VirtioDevice
 from pyvduse.device.request import Request
 from pyvduse.ratelimit import RateLimitedLogger
@@ -47,6 +48,32 @@ class BlkConfigError(ValueError):
     """The options cannot describe a valid virtio-blk device."""
 
 
+@dataclass(frozen=True)
+class NativeBlk:
+    """What a native virtio-blk loop needs to serve a device's queues without calling
+    Python for each request (``BlkDevice.native_plan``)."""
+
+    capacity: array.array[int]  # the capacity in bytes, one cell the loop reads as it changes
+    readonly: bool
+    serial: bytes  # GET_ID's answer, padded
+    num_queues: int
+    storage: NativeStorage
+    blocking: bool  # the backend's own calls may block (a file)
+    stats: EngineStats  # where the engine's per-queue counters go
+
+
+class EngineStats(Protocol):
+    """Where a native engine's per-queue counters are counted in."""
+
+    def attach_engine(self, queue: int, source: Callable[[], BlkStats]) -> None:
+        """An engine serves ``queue`` now; ``source()`` reads its counters."""
+        ...
+
+    def retire_engine(self, queue: int, final: BlkStats) -> None:
+        """The engine of ``queue`` stopped with these counters: keep them."""
+        ...
+
+
 @dataclass
 class BlkOptions:
     """What the user can choose about a block device."""
@@ -59,6 +86,12 @@ class BlkOptions:
     packed: bool = False
     discard: bool = True
     write_zeroes: bool = True
+    #: Offer FLUSH (a volatile write cache); False: writes are durable when completed.
+    flush: bool = True
+    #: The storage's own block size (reported as the physical block size) and preferred
+    #: I/O size, in bytes; 0: the logical block size, none.
+    physical_block_size: int = 0
+    opt_io_size: int = 0
     extra_features: int = 0
 
 
@@ -71,6 +104,17 @@ class BlkStats:
     bad_chains: int = 0  # malformed requests (no header, no status byte, bad chain)
     bytes_read: int = 0
     bytes_written: int = 0
+
+    def as_json(self) -> dict[str, object]:
+        by_type = dict(self.by_type)
+        return {
+            "requests": {vb.request_type_name(t): n for t, n in sorted(by_type.items())},
+            "requests_total": sum(by_type.values()),
+            "bytes_read": self.bytes_read,
+            "bytes_written": self.bytes_written,
+            "errors": self.errors,
+            "bad_requests": self.bad_chains,
+        }
 
     def add(self, other: BlkStats) -> None:
         for rtype, n in list(other.by_type.items()):
@@ -100,6 +144,10 @@ class BlkDevice(VirtioDevice):
         qs = opts.queue_size
         if not (2 <= qs <= 32768 and qs & (qs - 1) == 0):
             raise BlkConfigError(f"queue size {qs} must be a power of two from 2 to 32768")
+        phys = opts.physical_block_size
+        if phys and (phys < opts.block_size or phys & (phys - 1) or phys > 1 << 16):
+            raise BlkConfigError(f"physical block size {phys} must be a power of two from the "
+                                 f"block size {opts.block_size} to 64 KiB")
         if len(opts.serial.encode()) > vb.ID_BYTES:
             raise BlkConfigError(f"serial is longer than {vb.ID_BYTES} bytes")
         self.serial = opts.serial.encode().ljust(vb.ID_BYTES, b"\0")
@@ -114,6 +162,26 @@ class BlkDevice(VirtioDevice):
         #: The backend's calls are coroutines: requests run on the runtime's event loop.
         self._async_backend = any(inspect.iscoroutinefunction(getattr(backend, name, None))
                                   for name in ("readv", "writev", "flush"))
+        #: The backend's calls return at once and complete later (a network client).
+        self._later_backend = isinstance(backend, LaterBackend)
+
+    def native_plan(self) -> NativeBlk | str:
+        """How a native data path can serve this device, or why it cannot: a subclass that
+        handles requests itself, or a backend whose storage only its methods reach."""
+        if self._own_handle or type(self).submit is not BlkDevice.submit:
+            return f"{type(self).__name__} handles its requests itself"
+        storage = self.backend.native_storage()
+        if storage is None:
+            return f"the native data path has no {self.backend.kind} backend"
+        return NativeBlk(self.capacity_cell, self.options.readonly, self.serial,
+                         self.options.num_queues, storage, self.backend.blocking, self)
+
+    def attach_engine(self, queue: int, source: Callable[[], BlkStats]) -> None:
+        self.stats_sources[queue] = source
+
+    def retire_engine(self, queue: int, final: BlkStats) -> None:
+        self.queue_stats[queue].add(final)
+        self.stats_sources.pop(queue, None)
 
     @property
     def capacity_bytes(self) -> int:
@@ -122,6 +190,31 @@ class BlkDevice(VirtioDevice):
     @capacity_bytes.setter
     def capacity_bytes(self, value: int) -> None:
         self.capacity_cell[0] = value
+
+    @property
+    def block_size(self) -> int:
+        return self.options.block_size
+
+    @property
+    def may_wait(self) -> bool:
+        return self.backend.blocking or self._later_backend or self._async_backend
+
+    def status(self) -> dict[str, object]:
+        b, o = self.backend, self.options
+        out: dict[str, object] = {
+            "backend": b.description, "backend_kind": b.kind, "capacity": self.capacity_bytes,
+            "block_size": o.block_size, "readonly": o.readonly, "serial": o.serial,
+            "cache": "none" if getattr(b, "direct", False) else "writeback"}
+        backend_status = getattr(b, "status", None)
+        if callable(backend_status):  # a network client: its server and connections
+            out[b.kind] = backend_status()
+        return out
+
+    def queue_counts(self, queue: int) -> dict[str, object]:
+        return self.queue_snapshot(queue).as_json()
+
+    def total_counts(self) -> dict[str, object]:
+        return self.stats.as_json()
 
     def queue_snapshot(self, queue: int) -> BlkStats:
         """The counters of one queue, including those of a native engine serving it."""
@@ -145,7 +238,9 @@ class BlkDevice(VirtioDevice):
     def offered_features(self) -> int:
         o = self.options
         f = REQUIRED_FEATURES | bit(F_RING_EVENT_IDX) | bit(F_RING_INDIRECT_DESC)
-        f |= bit(vb.F_SEG_MAX) | bit(vb.F_BLK_SIZE) | bit(vb.F_TOPOLOGY) | bit(vb.F_FLUSH)
+        f |= bit(vb.F_SEG_MAX) | bit(vb.F_BLK_SIZE) | bit(vb.F_TOPOLOGY)
+        if o.flush:
+            f |= bit(vb.F_FLUSH)
         if o.packed:
             f |= bit(F_RING_PACKED)
         if o.num_queues > 1:
@@ -166,8 +261,10 @@ class BlkDevice(VirtioDevice):
             capacity=self.capacity_bytes // vb.SECTOR_SIZE,
             seg_max=max(o.queue_size - 2, 1),
             blk_size=o.block_size,
+            physical_block_exp=((o.physical_block_size or o.block_size)
+                                // o.block_size).bit_length() - 1,
             min_io_size=1,
-            opt_io_size=0,
+            opt_io_size=o.opt_io_size // o.block_size,
             num_queues=o.num_queues,
             max_discard_sectors=MAX_DISCARD_SECTORS,
             max_discard_seg=MAX_DISCARD_SEG,
@@ -185,6 +282,12 @@ class BlkDevice(VirtioDevice):
             num_queues=self.options.num_queues,
             queue_size=self.options.queue_size,
         )
+
+    def identity(self) -> dict[str, object]:
+        spec = self.spec()
+        return {"backend": self.backend.description, "size": self.backend.size,
+                "features": spec.features, "queues": spec.num_queues,
+                "queue_size": spec.queue_size, "block_size": self.options.block_size}
 
     def set_capacity(self, size_bytes: int) -> None:
         """Change the capacity seen by the driver (config update + config interrupt).
@@ -221,6 +324,8 @@ class BlkDevice(VirtioDevice):
             request.complete(planned)
         elif not planned.calls:
             request.complete(self._finish(planned, OK))
+        elif self._later_backend:
+            self._start_later(planned, request)
         elif self._async_backend:
             request.run(self._perform_async(planned))
         elif self.backend.blocking:
@@ -272,9 +377,15 @@ class BlkDevice(VirtioDevice):
 
     def _perform(self, planned: _Planned) -> int:
         """Make the backend calls (this thread may block); returns the used length."""
+        backend = self.backend
         try:
             for fn, args in planned.calls:
-                fn(*args)
+                if isinstance(backend, LaterBackend):  # started, then waited for
+                    backend.call_and_wait(planned.queue, fn.__name__, args)
+                else:
+                    fn(*args)
+        except CallAbandoned:
+            raise  # the queue is stopping: the runtime drops the request
         except Exception as e:
             return self._finish(planned, self._failure(planned, e), locked=True)
         return self._finish(planned, OK, planned.written, locked=True)
@@ -289,6 +400,40 @@ class BlkDevice(VirtioDevice):
         except Exception as e:
             return self._finish(planned, self._failure(planned, e), locked=True)
         return self._finish(planned, OK, planned.written, locked=True)
+
+    def _start_later(self, planned: _Planned, request: Request) -> None:
+        """Start the calls of a ``LaterBackend``; the last one to finish completes the
+        request (from whichever thread finishes it)."""
+        backend = self.backend
+        assert isinstance(backend, LaterBackend)
+        calls = planned.calls
+        left = [len(calls)]
+        failures: list[BaseException] = []
+        lock = threading.Lock() if len(calls) > 1 else None
+
+        def done(error: BaseException | None) -> None:
+            if lock is not None:
+                with lock:
+                    if error is not None:
+                        failures.append(error)
+                    left[0] -= 1
+                    if left[0]:
+                        return
+            elif error is not None:
+                failures.append(error)
+            if failures:
+                e = failures[0]
+                status = self._failure(planned, e if isinstance(e, Exception)
+                                       else RuntimeError(str(e)))
+                request.complete(self._finish(planned, status, locked=True))
+            else:
+                request.complete(self._finish(planned, OK, planned.written, locked=True))
+
+        for fn, args in calls:
+            try:
+                backend.start(planned.queue, fn.__name__, args, done)
+            except Exception as e:  # a bug in the backend: this call fails, not the queue
+                done(e)
 
     def _failure(self, planned: _Planned, e: Exception) -> int:
         if isinstance(e, OSError):

@@ -384,6 +384,27 @@ class NetDevice(VirtioDevice):
     def accept_features(self, features: int) -> bool:
         return super().accept_features(features) and not features & vn.VDUSE_REFUSED_MASK
 
+    def identity(self) -> dict[str, object]:
+        return {**super().identity(), "backend": self.backend.description,
+                "mac": format_mac(self.mac), "mtu": self.options.mtu}
+
+    # -- what ctl status / stats show ---------------------------------------------------
+
+    def status(self) -> dict[str, object]:
+        return {"backend": self.backend.description, "backend_kind": self.backend.kind,
+                "mac": format_mac(self.mac), "mtu": self.options.mtu,
+                "link": "up" if self.link_up else "down", "rx_buffers_held": self.rx.held}
+
+    def queue_counts(self, queue: int) -> dict[str, object]:
+        st = self.queue_stats[queue]
+        return {"direction": "rx" if queue == vn.RX_QUEUE else "tx", **_counts(st)}
+
+    def total_counts(self) -> dict[str, object]:
+        both = NetStats()
+        for st in self.queue_stats:
+            both.add(st)
+        return _counts(both)
+
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self, features: int) -> None:
@@ -443,6 +464,10 @@ class NetDevice(VirtioDevice):
         st.packets += 1
         st.bytes += n - HDR
         return 0
+
+
+def _counts(st: NetStats) -> dict[str, object]:
+    return {"packets": st.packets, "bytes": st.bytes, "drops": st.drops, "bad_requests": st.bad}
 
 
 def _feature_name(b: int) -> str:

@@ -42,7 +42,10 @@
 #include <stdlib.h>
 #include <unistd.h>
 
-#ifdef SB_URING
+#if defined(SB_NBD)
+#define SB_MODULE "_splitblk_full"
+#define SB_INIT PyInit__splitblk_full
+#elif defined(SB_URING)
 #define SB_MODULE "_splitblk_uring"
 #define SB_INIT PyInit__splitblk_uring
 #else
@@ -71,17 +74,20 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
                             "irq_request", "irq_index", "notify", "on_error", "poll_ns",
                             "publish_ns", "hold_ns", "affinity_fd", "follow_mask", "aio",
                             "direct", "bounce", "dio_align", "inflight", "test_gate_fd",
-                            "test_gate_mask", "test_efault", "nowait", NULL};
+                            "test_gate_mask", "test_efault", "nowait", "nbd", "nbd_fua",
+                            "nbd_max", "budget", "test_serial", NULL};
     PyObject *regions, *capacity, *memory = Py_None, *log = Py_None, *notify = Py_None,
-             *on_error = Py_None, *inflight = Py_None;
+             *on_error = Py_None, *inflight = Py_None, *nbd = Py_None;
     unsigned long long desc, avail, used;
-    unsigned int num, irq_index = 0;
+    unsigned int num, irq_index = 0, budget = 0;
     unsigned short last_avail, used_idx, signalled;
     unsigned long irq_request = 0;
     unsigned long long poll_ns = 0, publish_ns = ULLONG_MAX, hold_ns = ULLONG_MAX,
-                       follow_mask = 0, dio_align = 512, gate_mask = 0, test_efault = 0;
+                       follow_mask = 0, dio_align = 512, gate_mask = 0, test_efault = 0,
+                       nbd_max = 32u << 20;
     int event_idx, indirect, readonly, backend, fd = -1, irq_fd = -1, affinity_fd = -1;
-    int aio = AIO_SYNC, direct = 0, bounce = 0, gate_fd = -1, nowait = 1;
+    int aio = AIO_SYNC, direct = 0, bounce = 0, gate_fd = -1, nowait = 1, nbd_fua = 0;
+    int test_serial = 0;
     const char *serial;
     Py_ssize_t serial_len;
 
@@ -91,7 +97,8 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
     }
     e->efd = e->gate_fd = -1;
     e->oldest = e->newest = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OIKKKppHHHOpy#i|iOOikIOOKKKiKippKOiKKp", names,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OIKKKppHHHOpy#i|iOOikIOOKKKiKippKOiKKpOpKIp",
+                                     names,
                                      &regions, &num, &desc, &avail, &used, &event_idx,
                                      &indirect, &last_avail, &used_idx, &signalled, &capacity,
                                      &readonly, &serial, &serial_len, &backend, &fd, &memory,
@@ -99,18 +106,29 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
                                      &on_error, &poll_ns, &publish_ns, &hold_ns, &affinity_fd,
                                      &follow_mask, &aio, &direct, &bounce, &dio_align,
                                      &inflight, &gate_fd, &gate_mask, &test_efault,
-                                     &nowait))
+                                     &nowait, &nbd, &nbd_fua, &nbd_max, &budget, &test_serial))
         return -1;
     if (num == 0 || num > 32768 || (num & (num - 1))) {
         PyErr_SetString(PyExc_ValueError, "queue size must be a power of two up to 32768");
         return -1;
     }
-    if (backend < BACKEND_NULL || backend > BACKEND_MEMORY || serial_len > ID_BYTES) {
+    if (backend < BACKEND_NULL || backend > BACKEND_NBD || serial_len > ID_BYTES) {
         PyErr_SetString(PyExc_ValueError, "bad backend or serial");
         return -1;
     }
-    if (aio != AIO_SYNC && aio != AIO_URING) {
-        PyErr_SetString(PyExc_ValueError, "aio must be AIO_SYNC or AIO_URING");
+    if ((backend == BACKEND_NBD) != (aio == AIO_NBD) || aio < AIO_SYNC || aio > AIO_NBD) {
+        PyErr_SetString(PyExc_ValueError,
+                        "aio must be AIO_SYNC or AIO_URING, or AIO_NBD with BACKEND_NBD");
+        return -1;
+    }
+#ifndef SB_NBD
+    if (backend == BACKEND_NBD) {
+        PyErr_SetString(PyExc_ValueError, "BACKEND_NBD: this build of the engine has no libnbd");
+        return -1;
+    }
+#endif
+    if (backend == BACKEND_NBD && (nbd_max == 0 || nbd_max > UINT32_MAX)) {
+        PyErr_SetString(PyExc_ValueError, "nbd_max must be 1 to 4 GiB - 1");
         return -1;
     }
 #ifndef SB_URING
@@ -136,7 +154,7 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
     e->desc_iova = desc;
     e->avail_iova = avail;
     e->used_iova = used;
-    if (sb_map_ring(e) < 0)
+    if (sb_check_layout(e) < 0 || sb_map_ring(e) < 0)
         return -1;
     e->last_avail = e->avail_seen = last_avail;
     e->used_idx = used_idx;
@@ -179,8 +197,23 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
         PyErr_NoMemory();
         return -1;
     }
-    for (uint32_t k = 0; k < num; k++)
+    for (uint32_t k = 0; k < num; k++) {
         e->reqs[k].prev = e->reqs[k].next = -1;
+        e->reqs[k].eng = e;
+    }
+    if (backend == BACKEND_NBD) {
+        if ((e->nbd_ready = PyMem_Calloc(num, sizeof(uint16_t))) == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        e->nbd_fua = nbd_fua;
+        e->nbd_max = nbd_max;
+        if (sb_nbd_set(e, nbd) < 0)
+            return -1;
+    }
+    e->budget = budget ? budget : BUDGET_PER_SLOT * num;
+    e->credit = e->budget;
+    e->backoff_ns = BUDGET_SLEEP_MIN_NS;
     e->poll_ns = poll_ns;
     e->publish_ns = publish_ns;
     e->hold_ns = hold_ns;
@@ -193,6 +226,7 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
     e->gate_fd = gate_fd;
     e->gate_mask = gate_mask;
     e->test_efault = test_efault;
+    e->test_serial = test_serial;
     e->nowait = nowait;
     if (notify != Py_None) {
         Py_INCREF(notify);
@@ -210,6 +244,7 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
             return -1;
         }
     }
+    e->ready = 1;
     return 0;
 }
 
@@ -239,6 +274,9 @@ static void release_all(Engine *e)
     e->capacity = NULL;
     e->mem = e->log = NULL;
     sb_uring_close(e);
+    sb_nbd_release(e);
+    PyMem_Free(e->nbd_ready);
+    e->nbd_ready = NULL;
     if (e->reqs != NULL)
         for (uint32_t k = 0; k < e->num; k++) {
             free(e->reqs[k].iov);
@@ -275,7 +313,7 @@ static void Engine_dealloc(Engine *e)
 
 static int usable(Engine *e, int abandoned_ok)
 {
-    if (e->running || e->closed || e->num == 0) {
+    if (e->running || e->closed || !e->ready) {
         PyErr_SetString(PyExc_RuntimeError, "engine is running, closed or not initialised");
         return 0;
     }
@@ -296,11 +334,13 @@ static PyObject *Engine_run(Engine *e, PyObject *args)
     e->running = 1;
     if (e->log != NULL)
         e->seq = ld64(e->log + 8); /* the Python path may have taken requests meanwhile */
+    sb_run_start(e, !e->deferred);
     e->ts = PyEval_SaveThread();
     r = sb_run(e, kick_fd, stop_fd);
     PyEval_RestoreThread(e->ts);
     e->ts = NULL;
     e->running = 0;
+    e->deferred = r == RUN_DEFER;
     sb_collect_sets(e);
     return PyLong_FromLong(r);
 }
@@ -333,7 +373,8 @@ static PyObject *Engine_abandon(Engine *e, PyObject *unused)
         return NULL;
     if (!e->abandoned) {
         e->abandoned = 1;
-        if (e->nasync)
+        sb_nbd_fail_parked(e, 1); /* dropped: they were never sent again */
+        if (e->nasync && e->backend != BACKEND_NBD)
             sb_uring_cancel_all(e);
     }
     Py_RETURN_NONE;
@@ -391,8 +432,8 @@ static PyObject *Engine_resume(Engine *e, PyObject *unused)
 static PyObject *Engine_set_regions(Engine *e, PyObject *regions)
 {
     RegionSet *old, *rs;
-    if (e->running || e->closed || e->num == 0) {
-        PyErr_SetString(PyExc_RuntimeError, "engine is running");
+    if (e->running || e->closed || !e->ready) {
+        PyErr_SetString(PyExc_RuntimeError, "engine is running, closed or not initialised");
         return NULL;
     }
     if ((rs = sb_load_regions(regions)) == NULL)
@@ -412,22 +453,59 @@ static PyObject *Engine_set_regions(Engine *e, PyObject *regions)
     Py_RETURN_NONE;
 }
 
+/* A new NBD connection (the binding's NBD object; None: none yet): the requests parked on
+ * the lost one are sent on it (and park again if it is lost too). */
+static PyObject *Engine_set_nbd(Engine *e, PyObject *capsule)
+{
+    if (e->running || e->closed || !e->ready || e->backend != BACKEND_NBD) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "engine is running, closed, not initialised or not an NBD engine");
+        return NULL;
+    }
+    if (sb_nbd_set(e, capsule) < 0)
+        return NULL;
+    if (!e->abandoned)
+        sb_nbd_resend(e);
+    sb_publish(e);
+    Py_RETURN_NONE;
+}
+
+/* No connection came back in time: the parked requests fail with IOERR. */
+static PyObject *Engine_fail_parked(Engine *e, PyObject *unused)
+{
+    if (e->running || e->closed || !e->ready) {
+        PyErr_SetString(PyExc_RuntimeError, "engine is running, closed or not initialised");
+        return NULL;
+    }
+    sb_nbd_fail_parked(e, 0);
+    sb_publish(e);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_get_parked(Engine *e, void *closure)
+{
+    return PyLong_FromUnsignedLongLong(e->nparked);
+}
+
 static PyObject *Engine_position(Engine *e, PyObject *unused)
 {
-    return Py_BuildValue("HHHK", e->last_avail, e->used_idx, e->signalled,
-                         (unsigned long long)e->seq);
+    return Py_BuildValue("HHHKH", e->last_avail, e->used_idx, e->signalled,
+                         (unsigned long long)e->seq, e->avail_seen);
 }
 
 static PyObject *Engine_set_position(Engine *e, PyObject *args)
 {
-    unsigned short last_avail, used_idx, signalled;
-    if (e->running) {
-        PyErr_SetString(PyExc_RuntimeError, "engine is running");
+    unsigned short last_avail, used_idx, signalled, seen;
+    if (e->running || !e->ready) {
+        PyErr_SetString(PyExc_RuntimeError, "engine is running or not initialised");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "HHH", &last_avail, &used_idx, &signalled))
+    if (!PyArg_ParseTuple(args, "HHH|H", &last_avail, &used_idx, &signalled, &seen))
         return NULL;
-    e->last_avail = e->avail_seen = last_avail;
+    if (PyTuple_GET_SIZE(args) < 4 || (uint16_t)(seen - last_avail) > e->num)
+        seen = last_avail; /* read avail->idx again before taking anything */
+    e->last_avail = last_avail;
+    e->avail_seen = seen;
     e->used_idx = used_idx;
     e->signalled = signalled;
     Py_RETURN_NONE;
@@ -458,7 +536,7 @@ static PyObject *Engine_counters(Engine *e, PyObject *unused)
         return NULL;
     }
     return Py_BuildValue(
-        "{s:K,s:K,s:K,s:N,s:{s:K,s:K,s:K,s:K},s:K,s:K,s:K,s:K,s:N,s:K,s:K,s:K,s:K,s:K,s:i,s:K}",
+        "{s:K,s:K,s:K,s:N,s:{s:K,s:K,s:K,s:K},s:K,s:K,s:K,s:K,s:N,s:K,s:K,s:K,s:K,s:K,s:i,s:K,s:K}",
         "started", (unsigned long long)e->started, "completed",
         (unsigned long long)e->completed, "latency_ns", (unsigned long long)e->latency_ns,
         "latency", hist, "by_type", "0", (unsigned long long)e->n_in, "1",
@@ -470,7 +548,8 @@ static PyObject *Engine_counters(Engine *e, PyObject *unused)
         (unsigned long long)e->taken, "oldest_taken",
         (unsigned long long)e->oldest_taken, "bounced", (unsigned long long)e->bounced,
         "efaults", (unsigned long long)e->efaults, "bounce_all", e->bounce_all, "inline",
-        (unsigned long long)e->inline_done);
+        (unsigned long long)e->inline_done, "budget_sleeps",
+        (unsigned long long)e->budget_sleeps);
 }
 
 static PyObject *Engine_get_started(Engine *e, void *closure)
@@ -480,12 +559,15 @@ static PyObject *Engine_get_started(Engine *e, void *closure)
 
 static PyObject *Engine_get_aio(Engine *e, void *closure)
 {
+    if (e->backend == BACKEND_NBD)
+        return PyLong_FromLong(AIO_NBD);
     return PyLong_FromLong(e->ring_ok ? AIO_URING : AIO_SYNC);
 }
 
 static PyMethodDef Engine_methods[] = {
     {"run", (PyCFunction)Engine_run, METH_VARARGS,
-     "run(kick_fd, stop_fd) -> 0 stopped, 1 the next chain is for the Python path"},
+     "run(kick_fd, stop_fd) -> 0 stopped, 1 the next chain is for the Python path, "
+     "3 the NBD connection is lost (requests parked)"},
     {"wait_idle", (PyCFunction)Engine_wait_idle, METH_O,
      "wait_idle(timeout_ns) -> requests still in flight (when run() is not running)"},
     {"abandon", (PyCFunction)Engine_abandon, METH_NOARGS,
@@ -504,10 +586,14 @@ static PyMethodDef Engine_methods[] = {
     {"set_regions", (PyCFunction)Engine_set_regions, METH_O,
      "replace the driver-memory regions (after the Python path faulted new ones in)"},
     {"position", (PyCFunction)Engine_position, METH_NOARGS,
-     "(last_avail, used_idx, signalled_used, log_seq)"},
+     "(last_avail, used_idx, signalled_used, log_seq, avail_seen)"},
     {"set_position", (PyCFunction)Engine_set_position, METH_VARARGS,
-     "set_position(last_avail, used_idx, signalled_used)"},
+     "set_position(last_avail, used_idx, signalled_used[, avail_seen])"},
     {"counters", (PyCFunction)Engine_counters, METH_NOARGS, "the counters as a dict"},
+    {"set_nbd", (PyCFunction)Engine_set_nbd, METH_O,
+     "set_nbd(NBD handle or None): a new NBD connection; parked requests are sent on it"},
+    {"fail_parked", (PyCFunction)Engine_fail_parked, METH_NOARGS,
+     "the requests parked for a lost NBD connection fail with IOERR"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -515,7 +601,9 @@ static PyGetSetDef Engine_getset[] = {
     {"started", (getter)Engine_get_started, NULL,
      "monotonic ns when the oldest request in flight was taken, 0 if none", NULL},
     {"aio", (getter)Engine_get_aio, NULL,
-     "AIO_URING when requests go to io_uring, else AIO_SYNC", NULL},
+     "AIO_NBD for an NBD engine, AIO_URING when requests go to io_uring, else AIO_SYNC", NULL},
+    {"parked", (getter)Engine_get_parked, NULL,
+     "NBD requests waiting for a connection", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -551,6 +639,9 @@ PyMODINIT_FUNC SB_INIT(void)
     }
     PyModule_AddIntConstant(m, "RUN_STOPPED", RUN_STOPPED);
     PyModule_AddIntConstant(m, "RUN_DEFER", RUN_DEFER);
+    PyModule_AddIntConstant(m, "RUN_NBD_LOST", RUN_NBD_LOST);
+    PyModule_AddIntConstant(m, "BACKEND_NBD", BACKEND_NBD);
+    PyModule_AddIntConstant(m, "AIO_NBD", AIO_NBD);
     PyModule_AddIntConstant(m, "BACKEND_NULL", BACKEND_NULL);
     PyModule_AddIntConstant(m, "BACKEND_FD", BACKEND_FD);
     PyModule_AddIntConstant(m, "BACKEND_MEMORY", BACKEND_MEMORY);
@@ -560,6 +651,11 @@ PyMODINIT_FUNC SB_INIT(void)
     PyModule_AddIntConstant(m, "HAS_URING", 1);
 #else
     PyModule_AddIntConstant(m, "HAS_URING", 0);
+#endif
+#ifdef SB_NBD
+    PyModule_AddIntConstant(m, "HAS_NBD", 1);
+#else
+    PyModule_AddIntConstant(m, "HAS_NBD", 0);
 #endif
     return m;
 }

@@ -1,22 +1,29 @@
 # Types of the C extension (_splitblk.c and the files it names; _splitblk_uring is the same
-# engine built with io_uring and has the same interface).
+# engine built with io_uring, _splitblk_full with io_uring and libnbd, with the same
+# interface).
 from collections.abc import Callable, Sequence
 from typing import Any
 
 RUN_STOPPED: int
 RUN_DEFER: int
+RUN_NBD_LOST: int
 BACKEND_NULL: int
 BACKEND_FD: int
 BACKEND_MEMORY: int
+BACKEND_NBD: int
 AIO_SYNC: int
 AIO_URING: int
-HAS_URING: int  # 1 in _splitblk_uring, 0 in _splitblk
+AIO_NBD: int
+HAS_URING: int  # 1 in _splitblk_uring and _splitblk_full, 0 in _splitblk
+HAS_NBD: int  # 1 in _splitblk_full
 
 class Engine:
     #: monotonic ns when the oldest request in flight was taken, 0 when none is
     started: int
-    #: AIO_URING when this engine's requests go to io_uring, else AIO_SYNC
+    #: AIO_NBD for an NBD engine, AIO_URING when its requests go to io_uring, else AIO_SYNC
     aio: int
+    #: NBD requests waiting for a connection (see set_nbd, fail_parked)
+    parked: int
     def __init__(
         self,
         regions: Sequence[tuple[int, int, Any, bool]],
@@ -71,10 +78,24 @@ class Engine:
         # test-only: the next N direct transfers into driver memory complete as if the
         # kernel had failed them with EFAULT
         test_efault: int = ...,
-        nowait: bool = ...
+        nowait: bool = ...,
+        # backend=BACKEND_NBD with aio=AIO_NBD (only in _splitblk_full): a libnbd handle
+        # ready for commands (the binding's NBD object, kept alive by the engine, or its
+        # capsule; None: no connection yet), whose socket the engine alone polls; reads,
+        # writes and flushes become its asynchronous commands. nbd_fua: writes carry FUA;
+        # reads and writes over nbd_max bytes go to Python (RUN_DEFER).
+        nbd: Any = ...,
+        nbd_fua: bool = ...,
+        nbd_max: int = ...,
+        # requests taken (or left to Python) between two kicks; 0: 4 * num (ring/budget.py)
+        budget: int = ...,
+        # test-only: each io_uring request is waited for as soon as it is submitted, so
+        # requests complete in the order they were taken (the differential tests)
+        test_serial: bool = ...,
     ) -> None: ...
-    # Serves until stopped (RUN_STOPPED) or the next chain is for Python (RUN_DEFER); either
-    # may leave requests in flight (in io_uring); everything pushed is published first.
+    # Serves until stopped (RUN_STOPPED), the next chain is for Python (RUN_DEFER) or the NBD
+    # connection was lost with requests parked on it (RUN_NBD_LOST); any may leave requests
+    # in flight (in io_uring, at the NBD server); everything pushed is published first.
     def run(self, kick_fd: int, stop_fd: int) -> int: ...
     def request_stop(self) -> None: ...
     def request_pause(self) -> None: ...
@@ -84,17 +105,23 @@ class Engine:
     # Also with requests in flight (when run() is not running): the old regions' buffers are
     # kept until every request taken before the call has completed.
     def set_regions(self, regions: Sequence[tuple[int, int, Any, bool]]) -> None: ...
-    def position(self) -> tuple[int, int, int, int]: ...
+    # (last_avail, used_idx, signalled, log_seq, avail_seen): avail_seen is avail->idx as
+    # the engine last read it (it reads it again only once it has taken that far)
+    def position(self) -> tuple[int, int, int, int, int]: ...
     # Also before wait_idle() when Python moved the ring meanwhile: completions are pushed
-    # at the used index the engine holds.
-    def set_position(self, last_avail: int, used_idx: int, signalled: int, /) -> None: ...
+    # at the used index the engine holds. avail_seen: as position() gives it (the ring the
+    # engine takes over from); without it, or one more than num ahead of last_avail,
+    # avail->idx is read again before anything is taken.
+    def set_position(self, last_avail: int, used_idx: int, signalled: int,
+                     avail_seen: int = ..., /) -> None: ...
     # Keys: started, completed, latency_ns (sum of the per-request latencies), latency (64
     # log2 buckets of µs, take to push), by_type, errors, bytes_read, bytes_written,
     # in_flight, depth_hist (64 buckets: at each take, bit_length(requests in flight then)),
     # taken (requests taken so far), oldest_taken (the take number, 1-based, of the oldest
     # request in flight; 0: none), bounced (requests copied through the engine's buffers),
     # efaults (direct transfers redone through a buffer after EFAULT), bounce_all (1: every
-    # request is copied now).
+    # request is copied now), inline (io_uring requests served inline with RWF_NOWAIT),
+    # budget_sleeps (times the budget was spent and the loop waited for a kick).
     def counters(self) -> dict[str, Any]: ...
     # Requests taken and not yet completed.
     def in_flight(self) -> int: ...
@@ -107,3 +134,9 @@ class Engine:
     def abandon(self) -> None: ...
     # The requests in flight now complete with IOERR whatever the backend returns.
     def poison_in_flight(self) -> None: ...
+    # When run() is not running: a new NBD connection (an NBD object, or None); the
+    # parked requests are sent on it. Completions are pushed and published: take the
+    # engine's position into the ring afterwards.
+    def set_nbd(self, handle: Any, /) -> None: ...
+    # When run() is not running: the parked NBD requests fail with IOERR (published).
+    def fail_parked(self) -> None: ...

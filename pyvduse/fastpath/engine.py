@@ -1,24 +1,24 @@
 """Building a native engine for one queue, and telling when one can be used.
 
 The native loop serves a queue only in the configuration it implements exactly: a split ring
-of a plain ``BlkDevice`` (not a subclass that changes ``handle``) whose backend is null,
-memory or a file, over driver memory that is a ``RegionMap``. Everything else keeps the
-Python worker. Choosing is the runtime's job (``DataPath``); this module only answers
-"can it?" and "build it".
+of a device that says how (``native_plan()``: a ``BlkDevice`` that handles requests as
+``BlkDevice`` does, over a backend whose ``native_storage()`` is null, memory, a file
+descriptor, or NBD with a connection per queue in the build with libnbd), over driver memory
+that is a ``RegionMap``. It never looks at concrete device or backend classes. Everything else
+keeps the Python worker. Choosing is the runtime's job (``DataPath``); this module only
+answers "can it?" and "build it".
 """
 
 from __future__ import annotations
 
-import enum
 import os
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from pyvduse.backend.file import FileBackend
-from pyvduse.backend.memory import MemoryBackend
-from pyvduse.backend.null import NullBackend
+from pyvduse.backend.base import NativeStorage
 from pyvduse.device.base import VirtioDevice
-from pyvduse.device.blk import BlkDevice
+from pyvduse.device.blk import NativeBlk
+from pyvduse.ring.budget import wakeup_budget
 from pyvduse.ring.inflight import InflightLog
 from pyvduse.ring.memory import GuestMemory, RegionMap
 from pyvduse.ring.split import SplitQueue
@@ -28,28 +28,25 @@ if TYPE_CHECKING:
     from pyvduse.fastpath._splitblk import Engine as Engine
 else:
     Engine = Any  # the extension may not be built
-    try:  # the build with io_uring (liburing-dev was there at install time) ...
-        import pyvduse.fastpath._splitblk_uring as _splitblk
+    try:  # the build with io_uring and libnbd (liburing-dev, libnbd-dev at install time) ...
+        import pyvduse.fastpath._splitblk_full as _splitblk
     except ImportError:
-        try:  # ... or the one without
-            import pyvduse.fastpath._splitblk as _splitblk
-        except ImportError:  # not built: no compiler or no Python headers at install time
-            _splitblk = None
+        try:  # ... with io_uring only ...
+            import pyvduse.fastpath._splitblk_uring as _splitblk
+        except ImportError:
+            try:  # ... or the one without
+                import pyvduse.fastpath._splitblk as _splitblk
+            except ImportError:  # not built: no compiler or no Python headers at install time
+                _splitblk = None
 
 # What Engine.run returns (only ever compared when the extension exists)
 RUN_STOPPED: int = _splitblk.RUN_STOPPED if _splitblk is not None else 0
 RUN_DEFER: int = _splitblk.RUN_DEFER if _splitblk is not None else 1
+RUN_NBD_LOST: int = getattr(_splitblk, "RUN_NBD_LOST", 3)
 # Engine(aio=...): requests served inline one at a time, or on io_uring, many in flight
 AIO_SYNC: int = _splitblk.AIO_SYNC if _splitblk is not None else 0
 AIO_URING: int = _splitblk.AIO_URING if _splitblk is not None else 1
-
-
-class DataPath(enum.Enum):
-    """Which engine serves the queues: the user's ``--data-path``."""
-
-    AUTO = "auto"  # native where it can, Python elsewhere
-    NATIVE = "native"  # native or refuse to start
-    PYTHON = "python"  # the reference engine only
+AIO_NBD: int = getattr(_splitblk, "AIO_NBD", 2)
 
 
 def available() -> bool:
@@ -64,27 +61,64 @@ def uring_built() -> bool:
     return available() and bool(_splitblk.HAS_URING)
 
 
-def why_not(device: VirtioDevice, packed: bool) -> str | None:
-    """Why the native loop cannot serve ``device`` (None: it can)."""
+def nbd_built() -> bool:
+    """Whether the extension in use has the NBD client path (built with libnbd)."""
+    return available() and bool(getattr(_splitblk, "HAS_NBD", 0))
+
+
+@runtime_checkable
+class NativeServable(Protocol):
+    """A device that can say how a native loop serves it (``BlkDevice``)."""
+
+    def native_plan(self) -> NativeBlk | str: ...
+
+
+def plan_of(device: VirtioDevice, packed: bool) -> NativeBlk | str:
+    """How the native loop would serve ``device``, or why it cannot."""
     if not available():
         return ("the native data path is not built (reinstall with a C compiler and the "
                 "Python headers: apt install gcc python3-dev; pip install -e .)")
     if packed:
         return "the native data path serves split rings only"
-    if type(device) is not BlkDevice:
-        return f"the native data path serves plain virtio-blk devices, not {type(device).__name__}"
-    if type(device.backend) not in (NullBackend, MemoryBackend, FileBackend):
-        return f"the native data path has no {device.backend.kind} backend"
-    return None
+    if not isinstance(device, NativeServable):
+        return f"the native data path serves virtio-blk devices, not {type(device).__name__}"
+    plan = device.native_plan()
+    if isinstance(plan, str):
+        return plan
+    storage = plan.storage
+    if storage.kind == "nbd":
+        if not nbd_built():
+            return ("the native data path was built without libnbd (reinstall with "
+                    "libnbd-dev: apt install libnbd-dev; pip install -e .)")
+        if storage.connections is None or storage.connections.queue_count != plan.num_queues:
+            return ("the NBD server does not allow multi-conn, so the queues share one "
+                    "connection")
+    return plan
 
 
-def _backend_args(device: BlkDevice) -> dict[str, Any]:
-    b = device.backend
+def require_plan(device: VirtioDevice) -> NativeBlk:
+    """``device``'s native plan on a split ring; ValueError saying why there is none."""
+    plan = plan_of(device, packed=False)
+    if isinstance(plan, str):
+        raise ValueError(plan)
+    return plan
+
+
+def why_not(device: VirtioDevice, packed: bool) -> str | None:
+    """Why the native loop cannot serve ``device`` (None: it can)."""
+    plan = plan_of(device, packed)
+    return plan if isinstance(plan, str) else None
+
+
+def _storage_args(storage: NativeStorage, nbd: object) -> dict[str, Any]:
     assert _splitblk is not None
-    if isinstance(b, FileBackend):
-        return {"backend": _splitblk.BACKEND_FD, "fd": b.fd}
-    if isinstance(b, MemoryBackend):
-        return {"backend": _splitblk.BACKEND_MEMORY, "memory": b.buffer}
+    if storage.kind == "nbd":
+        return {"backend": _splitblk.BACKEND_NBD, "nbd": nbd, "nbd_fua": storage.fua_writes,
+                "nbd_max": storage.max_command}
+    if storage.kind == "fd":
+        return {"backend": _splitblk.BACKEND_FD, "fd": storage.fd}
+    if storage.kind == "memory":
+        return {"backend": _splitblk.BACKEND_MEMORY, "memory": storage.memory}
     return {"backend": _splitblk.BACKEND_NULL}
 
 
@@ -97,7 +131,7 @@ def _or_never(ns: int | None) -> int:
 
 
 def build(
-    device: BlkDevice,
+    plan: NativeBlk,
     index: int,
     ring: SplitQueue,
     memory: GuestMemory,
@@ -116,6 +150,8 @@ def build(
     bounce: bool = False,
     dio_align: int = 512,
     inflight: bytearray | memoryview | None = None,
+    nbd: object = None,
+    knobs: dict[str, Any] | None = None,
 ) -> Engine:
     """A native engine positioned where ``ring`` stands; it publishes a round's completions
     after a request that took ``publish_ns`` or once the oldest is ``hold_ns`` old (None:
@@ -129,18 +165,21 @@ def build(
     backend's fd was opened with O_DIRECT (buffers not aligned to ``dio_align`` are copied
     through the engine's own; an EFAULT makes it copy from then on); ``bounce`` copies from
     the start. ``inflight`` (``ring.num`` bytes) is the map of heads in flight shared with
-    the Python ring; the engine allocates its own without it."""
+    the Python ring; the engine allocates its own without it. An NBD backend's engine
+    (``aio=AIO_NBD``) takes ``nbd``, the binding's handle it is lent (None: down).
+    ``knobs``: more constructor arguments, the test-only ones (``test_serial``, ``nowait``,
+    ...: see _splitblk.pyi)."""
     assert _splitblk is not None and isinstance(memory, RegionMap)
-    last_avail, used, signalled = ring.position()
+    last_avail, used, signalled, _ = ring.position()  # run_native hands the rest over
     irq_fd, irq_request = irq if irq is not None else (-1, 0)
     return _splitblk.Engine(
         regions=region_tuples(memory), num=ring.num, desc=ring.desc_addr, avail=ring.avail_addr,
         used=ring.used_addr, event_idx=ring.event_idx, indirect=ring.indirect,
         last_avail=last_avail, used_idx=used, signalled=signalled,
-        capacity=device.capacity_cell, readonly=device.options.readonly, serial=device.serial,
+        capacity=plan.capacity, readonly=plan.readonly, serial=plan.serial,
         log=None if log is None else log.mem, irq_fd=irq_fd, irq_request=irq_request,
         irq_index=index, notify=None if irq is not None else notify, on_error=on_error,
         poll_ns=poll_ns, publish_ns=_or_never(publish_ns), hold_ns=_or_never(hold_ns),
         affinity_fd=affinity_fd, follow_mask=sum(1 << c for c in set(follow_cpus) if c < 64),
         aio=aio, direct=direct, bounce=bounce, dio_align=dio_align, inflight=inflight,
-        **_backend_args(device))
+        budget=wakeup_budget(ring.num), **_storage_args(plan.storage, nbd), **(knobs or {}))

@@ -9,10 +9,12 @@
  *   splitblk_blk.c    virtio-blk requests: which ones this path takes, serving them inline
  *                     (null, memory, GET_ID, the synchronous file path), completing them;
  *   splitblk_uring.c  the asynchronous file path on io_uring (built with SB_URING only);
+ *   splitblk_nbd.c    the NBD client path on libnbd's asynchronous API (SB_NBD only);
  *   splitblk_loop.c   the serving loop: rounds of takes, publishing, sleeping, waiting idle;
  *   _splitblk.c       the Python object and the module.
- * The same sources are compiled twice (pyproject.toml): pyvduse.fastpath._splitblk without
- * liburing and pyvduse.fastpath._splitblk_uring with SB_URING defined and -luring.
+ * The same sources are compiled three times (pyproject.toml): pyvduse.fastpath._splitblk
+ * without liburing, pyvduse.fastpath._splitblk_uring with SB_URING defined and -luring, and
+ * pyvduse.fastpath._splitblk_full with SB_URING and SB_NBD, -luring and -lnbd.
  */
 #ifndef PYVDUSE_SPLITBLK_H
 #define PYVDUSE_SPLITBLK_H
@@ -29,10 +31,16 @@
 #ifdef SB_URING
 #include <liburing.h>
 #endif
+#ifdef SB_NBD
+#include <libnbd.h>
+#endif
 
 #define DESC_F_NEXT 1
 #define DESC_F_WRITE 2
 #define DESC_F_INDIRECT 4
+#define DESC_ALIGN 16 /* virtio 1.2 2.7: the alignment of each part of a split ring */
+#define AVAIL_ALIGN 2
+#define USED_ALIGN 4
 #define AVAIL_F_NO_INTERRUPT 1
 #define USED_F_NO_NOTIFY 1
 
@@ -53,6 +61,9 @@
 #define LOG_COMPLETED 2
 
 #define MAX_SEGS 1024 /* per direction; more goes to the Python path, which splits */
+/* A used length is a u32: a chain whose writable buffers total more goes to the Python path,
+ * which refuses it (pyvduse/ring/descriptors.py MAX_WRITABLE) */
+#define MAX_WRITABLE 0xFFFFFFFFull
 #define HIST_BUCKETS 64
 
 /* Copying through the engine's own aligned buffers (direct I/O): a request moves through its
@@ -64,10 +75,24 @@
 #define BOUNCE_KEEP (256u << 10)
 #define BOUNCE_RETAIN (32u << 20)
 
-enum { RUN_STOPPED = 0, RUN_DEFER = 1 };
-#define DRAIN_SLEEP 2 /* drain(): the ring is empty with kicks enabled */
-enum { BACKEND_NULL = 0, BACKEND_FD = 1, BACKEND_MEMORY = 2 };
-enum { AIO_SYNC = 0, AIO_URING = 1 };
+/* RUN_NBD_LOST: the NBD connection is gone; its requests are parked until set_nbd(). */
+enum { RUN_STOPPED = 0, RUN_DEFER = 1, RUN_NBD_LOST = 3 };
+#define DRAIN_SLEEP 2  /* drain(): the ring is empty with kicks enabled */
+#define DRAIN_BUDGET 4 /* drain(): the budget is spent; wait for a kick (or the backoff) */
+enum { BACKEND_NULL = 0, BACKEND_FD = 1, BACKEND_MEMORY = 2, BACKEND_NBD = 3 };
+enum { AIO_SYNC = 0, AIO_URING = 1, AIO_NBD = 2 };
+/* Where a request of the NBD path stands (Req.nbd_state). */
+enum { NBD_IDLE = 0, NBD_SENT, NBD_READY, NBD_PARKED };
+
+/* The work a queue does per wakeup (pyvduse/ring/budget.py, the same numbers): at most
+ * BUDGET_PER_SLOT * num requests between two kicks of the driver; then it asks for a kick
+ * (whatever is pending) and sleeps until one comes or the backoff ends, which doubles from
+ * BUDGET_SLEEP_MIN_NS to BUDGET_SLEEP_MAX_NS while no kick comes. A driver that adds work
+ * kicks at once; a ring that feeds itself (its used ring, or a buffer, on its avail ring
+ * through memory mapped twice) cannot keep the worker from sleeping. */
+#define BUDGET_PER_SLOT 4
+#define BUDGET_SLEEP_MIN_NS 1000000ull
+#define BUDGET_SLEEP_MAX_NS 1000000000ull
 
 /* io_uring user_data of the SQEs that are not requests (requests carry their Req *). */
 #define TAG_GATE 1u   /* test-only: the gate read linked before a request */
@@ -113,6 +138,11 @@ typedef struct {
     uint8_t *buf;        /* the aligned buffer, allocated lazily, kept for the head */
     size_t buf_cap, chunk; /* its size; bytes of the step in flight through it */
     int gates;           /* test-only: times it was linked behind the gate */
+    /* the NBD path */
+    struct Engine *eng;  /* its engine (a libnbd completion gets only the Req) */
+    int nbd_state;       /* NBD_IDLE, _SENT (libnbd has it), _READY (its reply came), _PARKED */
+    int nbd_err;         /* the reply's errno (NBD_READY) */
+    uint64_t nbd_gen;    /* the connection it was sent on */
 } Req;
 
 typedef struct Engine {
@@ -157,12 +187,23 @@ typedef struct Engine {
     struct io_uring ring;
 #endif
     int ring_ok;        /* the io_uring above exists */
+    /* the NBD path (splitblk_nbd.c) */
+    void *nbd;          /* struct nbd_handle *, NULL while there is no connection */
+    PyObject *nbd_owner; /* the binding's NBD object, which keeps the handle open */
+    uint64_t nbd_gen;   /* bumped when a connection is lost or replaced */
+    int nbd_dead;       /* lost: new requests park; run() returns RUN_NBD_LOST */
+    int nbd_fua;        /* writes carry NBD_CMD_FLAG_FUA (the server has FUA, no flush) */
+    uint64_t nbd_max;   /* reads and writes longer than this are left to Python */
+    uint16_t *nbd_ready; /* heads whose reply came, for the loop to complete (num) */
+    uint32_t nready;
+    uint64_t nparked;   /* requests waiting for a connection */
     int efd;            /* eventfd registered with it: readable when completions arrive */
     /* test-only knobs (see _splitblk.pyi) */
     int gate_fd;
     uint64_t gate_mask;
     uint8_t *gate_buf;  /* 64 bytes the gate reads land in (malloc: see dealloc) */
     uint64_t test_efault;
+    int test_serial;    /* each io_uring request is waited for once submitted (in order) */
     /* interrupts and errors */
     int irq_fd;
     unsigned long irq_request;
@@ -179,6 +220,15 @@ typedef struct Engine {
     volatile int stop;
     volatile int pause; /* request_pause(): run() returns as for a stop, until resume() */
     int running, closed;
+    /* the budget (see BUDGET_PER_SLOT) */
+    uint32_t budget, credit; /* requests per kick; left until the next kick */
+    uint64_t backoff_ns;     /* the next sleep on a spent budget */
+    uint64_t wake_at;        /* while the budget is spent: when it is restored anyway; 0 */
+    uint64_t budget_sleeps;  /* times it was spent */
+    uint32_t round_n;        /* chains of the round taken so far, when in_round */
+    int in_round;            /* run() returned RUN_DEFER mid-round: the next run() goes on */
+    int deferred;            /* run() last returned RUN_DEFER */
+    int ready; /* __init__ succeeded: a failed one leaves a half-built engine nothing may run */
     /* counters, written by the serving thread only */
     volatile uint64_t started;      /* t_take of the oldest in flight, 0: none */
     volatile uint64_t oldest_taken; /* take_no of the oldest in flight, 0: none */
@@ -193,10 +243,12 @@ typedef struct Engine {
     /* scratch of the chain being taken */
     struct iovec rd[MAX_SEGS], wr[MAX_SEGS], tmp[MAX_SEGS];
     int nrd, nwr;
+    uint64_t wr_bytes; /* the writable descriptors' lengths added up (at most MAX_WRITABLE) */
 } Engine;
 
 /* -- little helpers ------------------------------------------------------------------- */
 
+/* Our own memory (the in-flight log, local copies): little-endian fields at any alignment. */
 static inline uint16_t ld16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return le16toh(v); }
 static inline uint32_t ld32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return le32toh(v); }
 static inline uint64_t ld64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return le64toh(v); }
@@ -204,13 +256,58 @@ static inline void st16(uint8_t *p, uint16_t v) { v = htole16(v); memcpy(p, &v, 
 static inline void st32(uint8_t *p, uint32_t v) { v = htole32(v); memcpy(p, &v, 4); }
 static inline void st64(uint8_t *p, uint64_t v) { v = htole64(v); memcpy(p, &v, 8); }
 
-static inline uint16_t ld16_acquire(const uint8_t *p)
+/* -- driver memory: the one way to read it ---------------------------------------------
+ *
+ * Every read of memory the driver can write that the engine acts on -- avail ring fields
+ * and entries, descriptors in the table and in indirect tables, request headers -- goes
+ * through these: relaxed atomic loads (drv_ld*), or volatile byte loads into a local copy
+ * (drv_copy, for bytes of any alignment). So each field is fetched exactly once, where the
+ * source reads it: with plain loads the compiler may fetch a field again after checking it
+ * (to use it), and a driver changing it in between gets past the check (the XSA-155 class
+ * of bugs). The atomic loads need natural alignment: the ring areas are checked at setup
+ * (sb_check_layout, and sb_map_ring in this process), and an indirect table that is not
+ * 8-byte aligned goes to the Python engine. Request data (what an OUT writes, what the
+ * memory backend copies) is only copied, never interpreted, so it is read with memcpy.
+ * Stores the driver reads (used ring fields, flags, event indices) are single atomic stores
+ * too, release for the used index. */
+static inline uint16_t drv_ld16(const uint8_t *p)
 {
-    uint16_t v = __atomic_load_n((const uint16_t *)p, __ATOMIC_ACQUIRE);
-    return le16toh(v);
+    return le16toh(__atomic_load_n((const uint16_t *)p, __ATOMIC_RELAXED));
 }
 
-static inline void st16_release(uint8_t *p, uint16_t v)
+static inline uint32_t drv_ld32(const uint8_t *p)
+{
+    return le32toh(__atomic_load_n((const uint32_t *)p, __ATOMIC_RELAXED));
+}
+
+static inline uint64_t drv_ld64(const uint8_t *p)
+{
+    return le64toh(__atomic_load_n((const uint64_t *)p, __ATOMIC_RELAXED));
+}
+
+static inline uint16_t drv_ld16_acquire(const uint8_t *p)
+{
+    return le16toh(__atomic_load_n((const uint16_t *)p, __ATOMIC_ACQUIRE));
+}
+
+static inline void drv_copy(uint8_t *dst, const uint8_t *src, size_t n)
+{
+    const volatile uint8_t *s = src;
+    for (size_t k = 0; k < n; k++)
+        dst[k] = s[k];
+}
+
+static inline void drv_st16(uint8_t *p, uint16_t v)
+{
+    __atomic_store_n((uint16_t *)p, htole16(v), __ATOMIC_RELAXED);
+}
+
+static inline void drv_st32(uint8_t *p, uint32_t v)
+{
+    __atomic_store_n((uint32_t *)p, htole32(v), __ATOMIC_RELAXED);
+}
+
+static inline void drv_st16_release(uint8_t *p, uint16_t v)
 {
     __atomic_store_n((uint16_t *)p, htole16(v), __ATOMIC_RELEASE);
 }
@@ -238,6 +335,7 @@ void sb_gather(const struct iovec *iov, int n, uint64_t off, uint8_t *dst, uint6
 void sb_zero(const struct iovec *iov, int n, uint64_t off);
 void sb_release_set(RegionSet *rs);
 RegionSet *sb_load_regions(PyObject *seq);
+int sb_check_layout(Engine *e);
 int sb_map_ring(Engine *e);
 void sb_collect_sets(Engine *e);
 void sb_log_taken(Engine *e, uint16_t head);
@@ -247,6 +345,7 @@ void sb_follow_cpu(Engine *e);
 int sb_pending(Engine *e);
 void sb_disable_kicks(Engine *e);
 int sb_enable_kicks(Engine *e);
+void sb_ask_kick(Engine *e);
 Req *sb_track(Engine *e, uint16_t head, uint64_t now);
 void sb_untrack(Engine *e, Req *r);
 int sb_gil_enter(Engine *e);             /* take the GIL if released; 1 if it was */
@@ -273,9 +372,24 @@ uint32_t sb_uring_reap(Engine *e); /* completions handled */
 int sb_uring_ready(Engine *e);     /* completions waiting to be reaped */
 int sb_uring_pending(Engine *e);   /* SQEs prepared that the kernel has not taken */
 void sb_uring_cancel_all(Engine *e);
+void sb_uring_wait(Engine *e, Req *r); /* test_serial: until r has completed */
+
+/* -- splitblk_nbd.c (stubs without SB_NBD) ------------------------------------------------ */
+
+int sb_nbd_set(Engine *e, PyObject *handle); /* with the GIL, not running; -1: exception */
+void sb_nbd_release(Engine *e);               /* with the GIL */
+void sb_nbd_start(Engine *e, Req *r);         /* send r's command, or park it */
+uint32_t sb_nbd_reap(Engine *e);              /* complete the requests whose reply came */
+int sb_nbd_ready(Engine *e);                  /* replies waiting to be reaped */
+int sb_nbd_poll_fd(Engine *e, short *events); /* the socket to poll (and for what), or -1 */
+void sb_nbd_notify(Engine *e, short revents); /* tell libnbd what the socket is ready for */
+void sb_nbd_pump(Engine *e);                  /* read what has arrived, without blocking */
+void sb_nbd_fail_parked(Engine *e, int drop); /* IOERR (or dropped) for every parked one */
+void sb_nbd_resend(Engine *e);                /* after set_nbd(): send the parked ones */
 
 /* -- splitblk_loop.c ------------------------------------------------------------------- */
 
+void sb_run_start(Engine *e, int fresh);               /* before sb_run */
 int sb_run(Engine *e, int kick_fd, int stop_fd);       /* without the GIL */
 uint64_t sb_wait_idle(Engine *e, uint64_t timeout_ns); /* without the GIL */
 

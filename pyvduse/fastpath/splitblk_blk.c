@@ -63,7 +63,8 @@ int sb_aligned(const Engine *e, const struct iovec *iov, int n)
  * 0 ring empty, -1 leave it to Python. Nothing changes unless it returns 1. Left to Python:
  * a head out of range, a head still in flight (a driver offering it again: Python's ring
  * breaks the queue), a malformed chain or memory not mapped (sb_walk), a request type other
- * than the four, and with direct I/O an offset or length not aligned for it. */
+ * than the four, with direct I/O an offset or length not aligned for it, and with NBD a
+ * read or write longer than the server takes in one command. */
 int sb_take(Engine *e, uint16_t *head, uint32_t *rtype, uint64_t *sector, uint8_t **status)
 {
     uint8_t hdr[OUTHDR_SIZE];
@@ -76,7 +77,7 @@ int sb_take(Engine *e, uint16_t *head, uint32_t *rtype, uint64_t *sector, uint8_
         if (p <= 0)
             return p;
     }
-    h = ld16(e->avail + 4 + 2 * (e->last_avail % e->num));
+    h = drv_ld16(e->avail + 4 + 2 * (e->last_avail % e->num));
     if (h >= e->num || e->map[h] || sb_walk(e, h) < 0 || e->nwr == 0 || e->nrd == 0 ||
         sb_iov_total(e->rd, e->nrd) < OUTHDR_SIZE)
         return -1;
@@ -85,6 +86,9 @@ int sb_take(Engine *e, uint16_t *head, uint32_t *rtype, uint64_t *sector, uint8_
     if (t != T_IN && t != T_OUT && t != T_FLUSH && t != T_GET_ID)
         return -1;
     s = ld64(hdr + 8);
+    if (e->backend == BACKEND_NBD && (t == T_IN || t == T_OUT) &&
+        (t == T_IN ? in_len(e) : out_len(e)) > e->nbd_max)
+        return -1; /* Python splits it into commands the server takes */
     if (e->direct && (t == T_IN || t == T_OUT) && s <= (UINT64_MAX >> 9) &&
         (((s << 9) | (t == T_IN ? in_len(e) : out_len(e))) & (e->dio_align - 1)))
         return -1;
@@ -277,12 +281,12 @@ static uint8_t serve(Engine *e, uint32_t rtype, uint64_t sector, uint32_t *writt
 
 /* -- starting and completing ------------------------------------------------------------ */
 
-/* Whether a request just taken goes to io_uring: reads, writes and flushes of the file
- * backend that will touch it (the rest fails or succeeds inline, as serve() would). */
+/* Whether a request just taken goes to io_uring (or to the NBD server): reads, writes and
+ * flushes that will touch the backend (the rest fails or succeeds inline, as serve() would). */
 static int goes_async(Engine *e, uint32_t rtype, uint64_t sector)
 {
     uint64_t len;
-    if (!use_uring(e))
+    if (!use_uring(e) && e->backend != BACKEND_NBD)
         return 0;
     switch (rtype) {
     case T_IN:
@@ -324,7 +328,8 @@ static int try_inline(Engine *e, uint32_t rtype, uint64_t sector, uint8_t *st, u
     uint64_t len = rtype == T_IN ? in_len(e) : out_len(e);
     int write = rtype == T_OUT, n;
     ssize_t r;
-    if (!e->nowait || e->direct || e->bounce_all || (rtype != T_IN && rtype != T_OUT) ||
+    if (e->backend != BACKEND_FD || !e->nowait || e->direct || e->bounce_all ||
+        (rtype != T_IN && rtype != T_OUT) ||
         (e->gate_fd >= 0 && (sector & e->gate_mask))) /* test-only: gated ones wait */
         return 0;
     n = write ? sb_iov_slice(e->rd, e->nrd, OUTHDR_SIZE, len, e->tmp)
@@ -410,7 +415,13 @@ int sb_start(Engine *e, uint16_t head, uint32_t rtype, uint64_t sector, uint8_t 
         }
         r->state = REQ_ASYNC;
         e->nasync++;
-        sb_uring_start(e, r);
+        if (e->backend == BACKEND_NBD) {
+            sb_nbd_start(e, r);
+        } else {
+            sb_uring_start(e, r);
+            if (e->test_serial)
+                sb_uring_wait(e, r);
+        }
         return r->state == REQ_FREE; /* it may have failed at once */
     }
     st = serve(e, rtype, sector, &written);

@@ -2,14 +2,23 @@
  * The serving loop of the native engine, run without the GIL: rounds of takes, publishing,
  * sleeping until a kick, a completion or a stop, and waiting for requests in flight.
  *
- * A round: reap the completions that arrived (aio=AIO_URING), take every chain this path can
- * serve (at most num), serving the inline ones and preparing an SQE for the others, submit
- * the round's SQEs with one io_uring_submit, reap again (some complete during the submit),
- * and publish what was pushed: one store of the used index and at most one interrupt per
+ * A round: reap the completions that arrived (aio=AIO_URING, or NBD replies), take every
+ * chain this path can serve (at most num), serving the inline ones and preparing an SQE (or
+ * sending an NBD command) for the others, submit the round's SQEs with one io_uring_submit,
+ * reap again (some complete during the submit), and publish what was pushed: one store of the used index and at most one interrupt per
  * publish. Inline requests keep the publish rule (publish_ns / hold_ns, pyvduse/runtime/
  * tuning.py): the completions of a round go out together unless one took publish_ns or the
  * oldest unpublished one has waited hold_ns; completions from io_uring go out with the round
- * that reaped them, so none waits for more than the next wake-up.
+ * that reaped them, so none waits for more than the next wake-up. With NBD the socket is
+ * polled beside the kick and stop fds (for writing too while libnbd has bytes it could not
+ * send), and read once per round without waiting; a lost connection with requests parked
+ * returns RUN_NBD_LOST.
+ *
+ * The budget (splitblk.h, BUDGET_PER_SLOT): every chain taken, or left to Python, spends one
+ * credit; a kick restores them. Spent, the loop publishes, asks the driver for a kick and
+ * sleeps until it comes (or the backoff ends), still reaping io_uring and NBD completions. A
+ * round left for Python (RUN_DEFER) goes on at the next run(): the deferred chain counts in
+ * it, as in the Python worker's round, so both engines write the ring in the same steps.
  */
 #include "splitblk.h"
 
@@ -23,7 +32,8 @@ static int poll_for_work(Engine *e)
 {
     uint64_t deadline = now_ns() + e->poll_ns;
     for (unsigned spins = 0;; spins++) {
-        if (ld16_acquire(e->avail + 2) != e->last_avail || sb_uring_ready(e))
+        if (drv_ld16_acquire(e->avail + 2) != e->last_avail || sb_uring_ready(e) ||
+            sb_nbd_ready(e))
             return 1;
         if (e->stop || e->pause)
             return 0;
@@ -38,6 +48,11 @@ static int poll_for_work(Engine *e)
 /* Submit what is prepared and push what has completed. */
 static void settle(Engine *e)
 {
+    if (e->backend == BACKEND_NBD) { /* commands went out as they were taken */
+        sb_nbd_pump(e);
+        sb_nbd_reap(e);
+        return;
+    }
     if (!use_uring(e))
         return;
     sb_uring_submit(e);
@@ -55,9 +70,19 @@ static int drain(Engine *e)
         uint64_t published;
         int r = DRAIN_SLEEP;
         uint64_t t;
-        sb_disable_kicks(e);
+        if (e->in_round) { /* the round Python took a chain of goes on */
+            n = e->round_n;
+            e->in_round = 0;
+        } else if (e->credit == 0) { /* spent: completions only, the kick stays asked for */
+            settle(e);
+            sb_publish(e);
+            return e->nbd_dead && e->nparked ? RUN_NBD_LOST : DRAIN_BUDGET;
+        } else {
+            sb_disable_kicks(e);
+        }
         if (use_uring(e))
             sb_uring_reap(e);
+        sb_nbd_reap(e);
         t = published = now_ns();
         while (n < e->num) {
             uint16_t head;
@@ -69,11 +94,21 @@ static int drain(Engine *e)
                 r = RUN_STOPPED;
                 break;
             }
-            k = sb_take(e, &head, &rtype, &sector, &status);
-            if (k <= 0) {
-                r = k < 0 ? RUN_DEFER : DRAIN_SLEEP;
+            if (e->credit == 0) {
+                r = DRAIN_BUDGET;
                 break;
             }
+            k = sb_take(e, &head, &rtype, &sector, &status);
+            if (k < 0) { /* Python takes it, in this round and on this budget */
+                r = RUN_DEFER;
+                e->credit--;
+                e->round_n = n + 1;
+                e->in_round = 1;
+                break;
+            }
+            if (k == 0)
+                break;
+            e->credit--;
             /* taken when the one before ended: one clock read per request */
             done = sb_start(e, head, rtype, sector, status, t) ? e->clock : now_ns();
             n++;
@@ -87,6 +122,8 @@ static int drain(Engine *e)
         sb_publish(e);
         if (r != DRAIN_SLEEP)
             return r;
+        if (e->nbd_dead && e->nparked)
+            return RUN_NBD_LOST; /* Python reconnects, then set_nbd() sends them again */
         if (n < e->num) {
             int p;
             if (e->poll_ns && poll_for_work(e))
@@ -97,6 +134,41 @@ static int drain(Engine *e)
             if (p == 0)
                 return DRAIN_SLEEP;
         }
+    }
+}
+
+/* The budget back: a kick (the driver is there) also resets the backoff, which otherwise
+ * doubles. */
+static void restore_credit(Engine *e, int kicked)
+{
+    e->credit = e->budget;
+    e->wake_at = 0;
+    if (kicked)
+        e->backoff_ns = BUDGET_SLEEP_MIN_NS;
+    else if ((e->backoff_ns *= 2) > BUDGET_SLEEP_MAX_NS)
+        e->backoff_ns = BUDGET_SLEEP_MAX_NS;
+}
+
+/* poll(2)'s timeout: until the budget comes back (-1: none pending), at most 1 ms while SQEs
+ * wait for room in the kernel. */
+static int sleep_ms(Engine *e)
+{
+    int timeout = -1;
+    if (e->wake_at) {
+        uint64_t now = now_ns();
+        timeout = now >= e->wake_at ? 0 : (int)((e->wake_at - now + 999999) / 1000000);
+    }
+    /* SQEs the kernel would not take yet (EAGAIN, EBUSY) wake nobody: retry soon */
+    if (sb_uring_pending(e) && (timeout < 0 || timeout > 1))
+        timeout = 1;
+    return timeout;
+}
+
+void sb_run_start(Engine *e, int fresh)
+{
+    if (fresh) { /* not the same wakeup going on after RUN_DEFER */
+        e->in_round = 0;
+        restore_credit(e, 1);
     }
 }
 
@@ -116,17 +188,24 @@ int sb_run(Engine *e, int kick_fd, int stop_fd)
     }
     sb_follow_cpu(e);
     r = drain(e);
-    while (r == DRAIN_SLEEP) {
+    while (r == DRAIN_SLEEP || r == DRAIN_BUDGET) {
         uint64_t junk;
-        /* SQEs the kernel would not take yet (EAGAIN, EBUSY) wake nobody: retry soon */
-        int timeout = sb_uring_pending(e) ? 1 : -1;
+        if (r == DRAIN_BUDGET && e->wake_at == 0) {
+            sb_ask_kick(e);
+            e->wake_at = now_ns() + e->backoff_ns;
+            e->budget_sleeps++;
+        }
         if (e->stop || e->pause) {
             r = RUN_STOPPED;
             break;
         }
+        if (e->backend == BACKEND_NBD) { /* the socket, for what libnbd waits for now */
+            fds[2].fd = sb_nbd_poll_fd(e, &fds[2].events);
+            nfds = fds[2].fd >= 0 ? 3 : 2;
+        }
         for (nfds_t k = 0; k < nfds; k++)
             fds[k].revents = 0;
-        if (poll(fds, nfds, timeout) < 0) {
+        if (poll(fds, nfds, sleep_ms(e)) < 0) {
             if (errno == EINTR)
                 continue;
             r = RUN_STOPPED; /* cannot happen with valid fds */
@@ -136,10 +215,18 @@ int sb_run(Engine *e, int kick_fd, int stop_fd)
             r = RUN_STOPPED;
             break;
         }
-        if (fds[0].revents & POLLIN)
+        if (fds[0].revents & POLLIN) {
             (void)!read(kick_fd, &junk, sizeof junk);
-        if (nfds == 3 && (fds[2].revents & POLLIN))
+            restore_credit(e, 1);
+        } else if (e->wake_at && now_ns() >= e->wake_at) {
+            restore_credit(e, 0);
+        }
+        if (e->backend == BACKEND_NBD) {
+            if (nfds == 3 && fds[2].revents)
+                sb_nbd_notify(e, fds[2].revents);
+        } else if (nfds == 3 && (fds[2].revents & POLLIN)) {
             (void)!read(e->efd, &junk, sizeof junk); /* before reaping: none is missed */
+        }
         sb_follow_cpu(e);
         r = drain(e);
     }
@@ -157,7 +244,8 @@ uint64_t sb_wait_idle(Engine *e, uint64_t timeout_ns)
         settle(e);
         if (e->nbatch)
             sb_publish(e);
-        if (e->nasync == 0 || (t = now_ns()) >= deadline)
+        /* parked NBD requests wait for a connection, which only Python can bring */
+        if (e->nasync <= e->nparked || (t = now_ns()) >= deadline)
             break;
         wait = deadline - t;
         if (sb_uring_pending(e) && wait > 1000000)
@@ -166,10 +254,15 @@ uint64_t sb_wait_idle(Engine *e, uint64_t timeout_ns)
         ts.tv_nsec = (long)(wait % 1000000000u);
         p.fd = e->efd;
         p.events = POLLIN;
+        if (e->backend == BACKEND_NBD)
+            p.fd = sb_nbd_poll_fd(e, &p.events);
         p.revents = 0;
         if (ppoll(&p, 1, &ts, NULL) > 0) {
             uint64_t junk;
-            (void)!read(e->efd, &junk, sizeof junk);
+            if (e->backend == BACKEND_NBD)
+                sb_nbd_notify(e, p.revents);
+            else
+                (void)!read(e->efd, &junk, sizeof junk);
         }
     }
     return e->ninflight;

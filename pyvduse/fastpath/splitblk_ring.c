@@ -130,7 +130,10 @@ RegionSet *sb_load_regions(PyObject *seq)
         if (PyObject_GetBuffer(buf, &rs->views[k], writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0)
             goto fail;
         rs->n = (int)k + 1;
-        if (last < start || (unsigned long long)rs->views[k].len != last - start + 1 ||
+        /* len - 1 against last - start: a region spanning the whole 64-bit space would make
+         * last - start + 1 wrap to 0 and pass for an empty buffer */
+        if (last < start || rs->views[k].len <= 0 ||
+            (unsigned long long)(rs->views[k].len - 1) != last - start ||
             (k > 0 && start <= rs->regions[k - 1].last)) {
             PyErr_SetString(PyExc_ValueError,
                             "regions must be sorted, disjoint and match their buffers");
@@ -167,18 +170,72 @@ void sb_collect_sets(Engine *e)
     }
 }
 
-/* Point at the ring's three parts inside the current regions (sizes as in virtio 1.2
- * 2.7.6 and 2.7.8: the event-idx fields only when negotiated). */
-int sb_map_ring(Engine *e)
+/* The ring's three parts: IOVA, size (virtio 1.2 2.7.6 and 2.7.8: the event-idx fields
+ * only when negotiated) and the alignment 2.7 requires. */
+static void ring_areas(const Engine *e, uint64_t iova[3], uint64_t size[3], uint64_t align[3])
 {
     uint64_t extra = e->event_idx ? 2 : 0;
-    e->desc = sb_contiguous(e, e->desc_iova, 16ull * e->num, 0);
-    e->avail = sb_contiguous(e, e->avail_iova, 4 + 2ull * e->num + extra, 0);
-    e->used = sb_contiguous(e, e->used_iova, 4 + 8ull * e->num + extra, 1);
-    if (e->desc == NULL || e->avail == NULL || e->used == NULL) {
-        PyErr_SetString(PyExc_ValueError, "ring not inside the regions given");
-        return -1;
+    iova[0] = e->desc_iova;
+    size[0] = 16ull * e->num;
+    align[0] = DESC_ALIGN;
+    iova[1] = e->avail_iova;
+    size[1] = 4 + 2ull * e->num + extra;
+    align[1] = AVAIL_ALIGN;
+    iova[2] = e->used_iova;
+    size[2] = 4 + 8ull * e->num + extra;
+    align[2] = USED_ALIGN;
+}
+
+/* The checks of pyvduse/ring/areas.py: each part aligned and inside the IOVA space, no two
+ * overlapping (a used ring on the avail ring would make every completion the next request). */
+int sb_check_layout(Engine *e)
+{
+    static const char *names[3] = {"descriptor table", "avail ring", "used ring"};
+    uint64_t iova[3], size[3], align[3];
+    ring_areas(e, iova, size, align);
+    for (int k = 0; k < 3; k++) {
+        if (iova[k] % align[k]) {
+            PyErr_Format(PyExc_ValueError, "the %s (0x%llx) is not %d-byte aligned", names[k],
+                         (unsigned long long)iova[k], (int)align[k]);
+            return -1;
+        }
+        if (iova[k] > UINT64_MAX - (size[k] - 1)) {
+            PyErr_Format(PyExc_ValueError, "the %s runs past the end of the IOVA space",
+                         names[k]);
+            return -1;
+        }
     }
+    for (int a = 0; a < 3; a++)
+        for (int b = a + 1; b < 3; b++)
+            if (iova[a] <= iova[b] + (size[b] - 1) && iova[b] <= iova[a] + (size[a] - 1)) {
+                PyErr_Format(PyExc_ValueError, "ring areas overlap: the %s and the %s",
+                             names[a], names[b]);
+                return -1;
+            }
+    return 0;
+}
+
+/* Point at the ring's three parts inside the current regions. They must be aligned in this
+ * process too: their words are read and written with single (atomic) accesses. */
+int sb_map_ring(Engine *e)
+{
+    uint64_t iova[3], size[3], align[3];
+    uint8_t *p[3];
+    ring_areas(e, iova, size, align);
+    for (int k = 0; k < 3; k++) {
+        p[k] = sb_contiguous(e, iova[k], size[k], k == 2);
+        if (p[k] == NULL) {
+            PyErr_SetString(PyExc_ValueError, "ring not inside the regions given");
+            return -1;
+        }
+        if ((uintptr_t)p[k] % align[k]) {
+            PyErr_SetString(PyExc_ValueError, "ring memory is not aligned in this process");
+            return -1;
+        }
+    }
+    e->desc = p[0];
+    e->avail = p[1];
+    e->used = p[2];
     return 0;
 }
 
@@ -186,8 +243,11 @@ int sb_map_ring(Engine *e)
 
 static int add_desc(Engine *e, uint64_t addr, uint32_t len, uint16_t flags)
 {
-    if (flags & DESC_F_WRITE)
+    if (flags & DESC_F_WRITE) {
+        if ((e->wr_bytes += len) > MAX_WRITABLE)
+            return -1;
         return add_segments(e, addr, len, 1, e->wr, &e->nwr);
+    }
     if (e->nwr) /* readable after writable */
         return -1;
     return add_segments(e, addr, len, 0, e->rd, &e->nrd);
@@ -198,6 +258,7 @@ int sb_walk(Engine *e, uint16_t head)
 {
     uint32_t i = head, count = 0;
     e->nrd = e->nwr = 0;
+    e->wr_bytes = 0;
     for (;;) {
         const uint8_t *d;
         uint64_t addr;
@@ -206,10 +267,10 @@ int sb_walk(Engine *e, uint16_t head)
         if (++count > e->num)
             return -1;
         d = e->desc + 16u * i;
-        addr = ld64(d);
-        len = ld32(d + 8);
-        flags = ld16(d + 12);
-        next = ld16(d + 14);
+        addr = drv_ld64(d);
+        len = drv_ld32(d + 8);
+        flags = drv_ld16(d + 12);
+        next = drv_ld16(d + 14);
         if (flags & DESC_F_INDIRECT) {
             const uint8_t *table;
             uint32_t n, j = 0, budget = e->num - count + 1, used = 0;
@@ -217,7 +278,7 @@ int sb_walk(Engine *e, uint16_t head)
                 len / 16 > e->num)
                 return -1;
             table = sb_contiguous(e, addr, len, 0);
-            if (table == NULL)
+            if (table == NULL || (uintptr_t)table % 8) /* drv_ld64 needs it aligned */
                 return -1;
             n = len / 16;
             for (;;) {
@@ -228,10 +289,10 @@ int sb_walk(Engine *e, uint16_t head)
                 if (++used > budget)
                     return -1;
                 t = table + 16u * j;
-                taddr = ld64(t);
-                tlen = ld32(t + 8);
-                tflags = ld16(t + 12);
-                tnext = ld16(t + 14);
+                taddr = drv_ld64(t);
+                tlen = drv_ld32(t + 8);
+                tflags = drv_ld16(t + 12);
+                tnext = drv_ld16(t + 14);
                 if (tflags & DESC_F_INDIRECT)
                     return -1;
                 if (tlen && add_desc(e, taddr, tlen, tflags) < 0)
@@ -291,7 +352,7 @@ void sb_gather_header(const struct iovec *iov, int n, uint8_t *out)
     struct iovec parts[OUTHDR_SIZE]; /* every segment holds at least one byte */
     int m = sb_iov_slice(iov, n < OUTHDR_SIZE ? n : OUTHDR_SIZE, 0, OUTHDR_SIZE, parts);
     for (int k = 0; k < m; k++) {
-        memcpy(out, parts[k].iov_base, parts[k].iov_len);
+        drv_copy(out, parts[k].iov_base, parts[k].iov_len);
         out += parts[k].iov_len;
     }
 }
@@ -444,8 +505,8 @@ void sb_push(Engine *e, uint16_t head, uint32_t written)
         log_entry(e, head)[0] = LOG_COMPLETED;
     }
     e->batch[e->nbatch++] = head;
-    st32(elem, head);
-    st32(elem + 4, written);
+    drv_st32(elem, head);
+    drv_st32(elem + 4, written);
     e->used_idx++;
 }
 
@@ -509,7 +570,7 @@ void sb_publish(Engine *e)
     int need;
     if (e->abandoned)
         return;
-    st16_release(e->used + 2, new_idx);
+    drv_st16_release(e->used + 2, new_idx);
     if (e->log != NULL)
         for (uint32_t k = 0; k < e->nbatch; k++)
             log_entry(e, e->batch[k])[0] = LOG_FREE;
@@ -520,10 +581,10 @@ void sb_publish(Engine *e)
     if (e->event_idx) {
         uint16_t ev;
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        ev = ld16_acquire(e->avail + 4 + 2 * e->num);
+        ev = drv_ld16_acquire(e->avail + 4 + 2 * e->num);
         need = (uint16_t)(new_idx - ev - 1) < (uint16_t)(new_idx - old);
     } else {
-        need = !(ld16_acquire(e->avail) & AVAIL_F_NO_INTERRUPT);
+        need = !(drv_ld16_acquire(e->avail) & AVAIL_F_NO_INTERRUPT);
     }
     if (need)
         interrupt(e);
@@ -533,7 +594,7 @@ void sb_publish(Engine *e)
  * the queue with the message). */
 int sb_pending(Engine *e)
 {
-    uint16_t seen = ld16_acquire(e->avail + 2);
+    uint16_t seen = drv_ld16_acquire(e->avail + 2);
     uint16_t n = (uint16_t)(seen - e->last_avail);
     if (n > e->num)
         return -1;
@@ -544,15 +605,26 @@ int sb_pending(Engine *e)
 void sb_disable_kicks(Engine *e)
 {
     if (!e->event_idx)
-        st16(e->used, USED_F_NO_NOTIFY);
+        drv_st16(e->used, USED_F_NO_NOTIFY);
+}
+
+/* A spent budget: ask the driver to kick at its next addition, whatever is pending now
+ * (ring/split.py ask_for_kick). */
+void sb_ask_kick(Engine *e)
+{
+    if (e->event_idx)
+        drv_st16(e->used + 4 + 8 * e->num, drv_ld16_acquire(e->avail + 2));
+    else
+        drv_st16(e->used, 0);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
 }
 
 int sb_enable_kicks(Engine *e)
 {
     if (e->event_idx)
-        st16(e->used + 4 + 8 * e->num, e->last_avail);
+        drv_st16(e->used + 4 + 8 * e->num, e->last_avail);
     else
-        st16(e->used, 0);
+        drv_st16(e->used, 0);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     return sb_pending(e);
 }

@@ -35,7 +35,9 @@
  * fd (a pipe the test writes to), so it cannot start, let alone finish, before the test
  * says: completions out of order on demand (a gate cancelled with its thread is read again,
  * up to 8 times). test_efault makes the next N direct transfers
- * into driver memory complete as if with -EFAULT.
+ * into driver memory complete as if with -EFAULT. test_serial waits for each request as soon
+ * as it is submitted, so that the differential tests (fuzz/ring_cases.py) see completions in
+ * the order the Python engine makes them.
  */
 #include "splitblk.h"
 
@@ -270,6 +272,20 @@ uint32_t sb_uring_reap(Engine *e)
     return done;
 }
 
+/* test_serial (differential tests): complete r before anything else happens, so requests
+ * complete in the order they were taken, as on the Python engine. */
+void sb_uring_wait(Engine *e, Req *r)
+{
+    while (r->state == REQ_ASYNC) {
+        struct io_uring_cqe *cqe;
+        int err = io_uring_submit_and_wait(&e->ring, 1);
+        if (err < 0 && err != -EINTR && err != -EAGAIN && err != -EBUSY)
+            return; /* cannot happen with a valid ring: the loop reaps it later */
+        if (io_uring_peek_cqe(&e->ring, &cqe) == 0)
+            sb_uring_reap(e);
+    }
+}
+
 /* abandon(): ask the kernel to cancel everything in flight (best effort: a transfer already
  * under way finishes; the ones cancelled complete with -ECANCELED and are dropped). */
 void sb_uring_cancel_all(Engine *e)
@@ -292,5 +308,6 @@ uint32_t sb_uring_reap(Engine *e) { return 0; }
 int sb_uring_ready(Engine *e) { return 0; }
 int sb_uring_pending(Engine *e) { return 0; }
 void sb_uring_cancel_all(Engine *e) {}
+void sb_uring_wait(Engine *e, Req *r) {}
 
 #endif

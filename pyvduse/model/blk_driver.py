@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 from pyvduse.abi import virtio_blk as vb
-from pyvduse.model.virtio_driver import DriverQueue, VirtioDriver
+from pyvduse.model.virtio_driver import DriverQueue, Placement, VirtioDriver
 from pyvduse.transport.model.kernel import ModelKernel
 
 
@@ -20,8 +20,9 @@ class BlkIOError(OSError):
 class BlkDriver:
     """read/write/flush/discard/write_zeroes/get_id over the model's virtio-blk device."""
 
-    def __init__(self, kernel: ModelKernel, *, indirect: bool = True, **driver_args: int) -> None:
-        self.virtio = VirtioDriver(kernel, **driver_args)
+    def __init__(self, kernel: ModelKernel, *, indirect: bool = True,
+                 placement: Placement | None = None, **driver_args: int) -> None:
+        self.virtio = VirtioDriver(kernel, placement=placement, **driver_args)
         self.virtio.probe()
         self.indirect = indirect
         self._rr = 0

@@ -37,8 +37,10 @@ class NetDriver:
     """send / receive frames through the model's virtio-net device."""
 
     def __init__(self, kernel: ModelKernel, *, rx_buffers: int | None = None,
-                 buffer_size: int = 1536, **driver_args: int) -> None:
-        self.virtio = VirtioDriver(kernel, **driver_args)
+                 buffer_size: int = 1536, device_features: int = (1 << 28) - 1,
+                 queue_size: int | None = None) -> None:
+        self.virtio = VirtioDriver(kernel, device_features=device_features,
+                                   queue_size=queue_size)
         offered = kernel.get_device_features()
         if not has(offered, vn.F_CTRL_VQ):
             needs_cvq = offered & vn.VDUSE_REFUSED_MASK

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from typing import cast
 
 from pyvduse.abi.virtio import (
@@ -87,16 +88,23 @@ class DriverQueue:
             self.irq.clear()
 
 
+#: Where a driver tells the device a queue's ring areas are, given the queue index and where
+#: they really are (desc, driver area, device area); a hostile driver's placement.
+Placement = Callable[[int, tuple[int, int, int]], tuple[int, int, int]]
+
+
 class VirtioDriver:
     """Binds to a ``ModelKernel`` device and brings it to DRIVER_OK."""
 
     def __init__(self, kernel: ModelKernel, *, device_features: int = (1 << 28) - 1,
                  transport_features: int = DRIVER_TRANSPORT_FEATURES,
-                 queue_size: int | None = None, num_queues: int | None = None) -> None:
+                 queue_size: int | None = None, num_queues: int | None = None,
+                 placement: Placement | None = None) -> None:
         self.kernel = kernel
         self.wanted = device_features | transport_features
         self.queue_size = queue_size
         self.num_queues = num_queues
+        self.placement = placement
         self.features = 0
         self.queues: list[DriverQueue] = []
         self.config_changes = 0
@@ -121,12 +129,15 @@ class VirtioDriver:
             ring: DriverSplitRing | DriverPackedRing
             if packed:
                 ring = DriverPackedRing(k.iova, num, event_idx=event_idx)
-                k.set_vq_address(i, ring.desc_addr, ring.driver_addr, ring.device_addr)
+                addresses = (ring.desc_addr, ring.driver_addr, ring.device_addr)
                 k.set_vq_state(i, (1, 0, 1, 0))
             else:
                 ring = DriverSplitRing(k.iova, num, event_idx=event_idx)
-                k.set_vq_address(i, ring.desc_addr, ring.avail_addr, ring.used_addr)
+                addresses = (ring.desc_addr, ring.avail_addr, ring.used_addr)
                 k.set_vq_state(i, (0,))
+            if self.placement is not None:
+                addresses = self.placement(i, addresses)
+            k.set_vq_address(i, *addresses)
             q = DriverQueue(k, i, ring)
             k.set_vq_num(i, num)
             k.set_vq_callback(i, q.on_interrupt)

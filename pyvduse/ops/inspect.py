@@ -13,12 +13,10 @@ from typing import Any
 from pyvduse.abi import virtio as vio
 from pyvduse.abi import virtio_blk as vb
 from pyvduse.abi import virtio_net as vn
-from pyvduse.device.blk import BlkDevice, BlkStats
-from pyvduse.device.net import NetDevice, NetStats, format_mac
 from pyvduse.ops.protocol import Json
 from pyvduse.ops.target import Target
 from pyvduse.runtime.native_worker import NativeQueueWorker
-from pyvduse.runtime.worker import LATENCY_BUCKETS, QueueCounters, QueueWorker, queue_counters
+from pyvduse.runtime.worker import LATENCY_BUCKETS, QueueCounters, QueueWorker
 
 
 def _bit_names(module: Any, lo: int, hi: int) -> dict[int, str]:
@@ -33,23 +31,6 @@ TRANSPORT_FEATURES = _bit_names(vio, vio.TRANSPORT_F_START, 64)
 BLK_FEATURES = _bit_names(vb, 0, vio.TRANSPORT_F_START)
 NET_FEATURES = {**_bit_names(vn, 0, vio.TRANSPORT_F_START), **_bit_names(vn, vio.TRANSPORT_F_END,
                                                                         64)}
-
-_REQ_NAMES: dict[int, str] = {
-    vb.ReqType.IN: "read", vb.ReqType.OUT: "write", vb.ReqType.FLUSH: "flush",
-    vb.ReqType.GET_ID: "get_id", vb.ReqType.DISCARD: "discard",
-    vb.ReqType.WRITE_ZEROES: "write_zeroes",
-}
-
-
-def request_type_name(rtype: int) -> str:
-    name = _REQ_NAMES.get(rtype)
-    if name is not None:
-        return name
-    try:
-        return str(vb.ReqType(rtype).name).lower()
-    except ValueError:
-        return f"type_{rtype}"
-
 
 def feature_names(features: int, device_id: int) -> list[str]:
     names = []
@@ -100,8 +81,11 @@ def _ring_avail_idx(queue: object) -> int | None:
 
 
 def queue_status(index: int, size: int, worker: QueueWorker | None,
-                 counters: QueueCounters | None, irq_cpus: list[int] | None = None) -> Json:
+                 counters: QueueCounters | None, irq_cpus: list[int] | None = None,
+                 refused: str | None = None) -> Json:
     q: Json = {"index": index, "size": size, "served": worker is not None, "irq_cpus": irq_cpus}
+    if worker is None and refused is not None:  # set up by the driver, not served: why
+        q["broken"] = refused
     if worker is not None:
         ring = worker.queue
         q["size"] = ring.num
@@ -111,18 +95,11 @@ def queue_status(index: int, size: int, worker: QueueWorker | None,
                  pending=None if avail is None else (avail - last_avail) & 0xFFFF,
                  broken=worker.broken or ring.broken,
                  engine="native" if isinstance(worker, NativeQueueWorker) else "python",
-                 aio=worker.aio if _blocking_backend(worker.device) else "inline")
+                 aio=worker.aio if worker.device.may_wait else "inline")
     q["in_flight"] = counters.in_flight if counters else 0
     q["in_flight_s"] = in_flight_seconds(counters)
     q["completed"] = counters.completed if counters else 0
     return q
-
-
-def _blocking_backend(device: object) -> bool:
-    """Whether the device's calls may block (a file backend; a custom device: assume so)."""
-    if isinstance(device, NetDevice):
-        return False
-    return not isinstance(device, BlkDevice) or device.backend.blocking
 
 
 def in_flight_seconds(counters: QueueCounters | None) -> float | None:
@@ -134,7 +111,7 @@ def in_flight_seconds(counters: QueueCounters | None) -> float | None:
 def status(target: Target) -> Json:
     server, spec = target.server, target.spec
     device = server.device
-    counters = queue_counters(device)
+    counters = target.server.queue_counters
     workers = _workers(target)
     features = server.features
     out: Json = {
@@ -154,21 +131,14 @@ def status(target: Target) -> Json:
         "control": target.control_path,
         "metrics": target.metrics_address,
     }
-    if isinstance(device, BlkDevice):
-        o = device.options
-        out.update(backend=device.backend.description, backend_kind=device.backend.kind,
-                   capacity=device.capacity_bytes, block_size=o.block_size,
-                   readonly=o.readonly, serial=o.serial,
-                   cache="none" if getattr(device.backend, "direct", False) else "writeback")
-    if isinstance(device, NetDevice):
-        out.update(backend=device.backend.description, backend_kind=device.backend.kind,
-                   mac=format_mac(device.mac), mtu=device.options.mtu,
-                   link="up" if device.link_up else "down", rx_buffers_held=device.rx.held)
+    out.update(device.status())
     out["aio"] = server.tuning.aio.value
     out["bounce_memory"] = getattr(target.transport, "bounce_memory", None)
     transport = target.transport
+    refused = dict(server.refused)
     out["queues"] = [queue_status(i, spec.queue_size, workers.get(i), counters.get(i),
-                                  transport.interrupt_cpus(i) if transport else None)
+                                  transport.interrupt_cpus(i) if transport else None,
+                                  refused.get(i))
                      for i in range(spec.num_queues)]
     return out
 
@@ -201,32 +171,10 @@ def depth(hist: list[int], total: int) -> Json:
     }
 
 
-def _blk_counts(st: BlkStats) -> Json:
-    by_type = dict(st.by_type)
-    return {
-        "requests": {request_type_name(t): n for t, n in sorted(by_type.items())},
-        "requests_total": sum(by_type.values()),
-        "bytes_read": st.bytes_read,
-        "bytes_written": st.bytes_written,
-        "errors": st.errors,
-        "bad_requests": st.bad_chains,
-    }
-
-
-def _net_counts(st: NetStats) -> Json:
-    return {"packets": st.packets, "bytes": st.bytes, "drops": st.drops,
-            "bad_requests": st.bad}
-
-
-NET_QUEUE_NAMES = {vn.RX_QUEUE: "rx", vn.TX_QUEUE: "tx"}
-
-
 def stats(target: Target) -> Json:
     """Per-queue counters and their totals."""
     device = target.server.device
-    blk = device if isinstance(device, BlkDevice) else None
-    net = device if isinstance(device, NetDevice) else None
-    counters = queue_counters(device)
+    counters = target.server.queue_counters
     queues = []
     all_hist = [0] * LATENCY_BUCKETS
     all_depth = [0] * LATENCY_BUCKETS
@@ -235,11 +183,7 @@ def stats(target: Target) -> Json:
         c = counters.get(i)
         hist, sum_ns = c.latency_totals() if c else ([0] * LATENCY_BUCKETS, 0)
         q: Json = {"index": i}
-        if blk is not None:
-            q.update(_blk_counts(blk.queue_snapshot(i)))
-        if net is not None:
-            q["direction"] = NET_QUEUE_NAMES.get(i, "?")
-            q.update(_net_counts(net.queue_stats[i]))
+        q.update(device.queue_counts(i))
         totals = c.totals() if c else None
         depth_hist = totals.depth if totals else [0] * LATENCY_BUCKETS
         depth_sum = totals.depth_sum if totals else 0
@@ -255,19 +199,13 @@ def stats(target: Target) -> Json:
         all_ns += sum_ns
         in_flight += q["in_flight"]
         completed += q["completed"]
-    total: Json = {}
-    if blk is not None:
-        total = _blk_counts(blk.stats)
-    if net is not None:
-        both = NetStats()
-        for st in net.queue_stats:
-            both.add(st)
-        total = _net_counts(both)
+    total: Json = dict(device.total_counts())
     total.update(in_flight=in_flight, completed=completed, latency=latency(all_hist, all_ns),
                  depth=depth(all_depth, all_depth_sum))
     out: Json = {"name": target.name, "queues": queues, "total": total}
-    if blk is not None:
-        out["capacity"] = blk.capacity_bytes
+    capacity = device.status().get("capacity")
+    if capacity is not None:
+        out["capacity"] = capacity
     return out
 
 

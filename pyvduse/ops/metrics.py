@@ -11,7 +11,7 @@ import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from pyvduse.errors import UserError
+from pyvduse.errors import ConfigError, MissingDependency
 from pyvduse.ops import inspect
 from pyvduse.ops.target import Target
 from pyvduse.runtime.worker import LATENCY_BUCKETS
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 #: Histogram bounds exported: 1 µs to 2**26 µs (about 67 s), then +Inf.
 EXPORTED_BUCKETS = min(27, LATENCY_BUCKETS)
 
-MISSING = ("--metrics needs the prometheus_client package: "
+MISSING = ("metrics need the prometheus_client package: "
            "pip install 'pyvduse[metrics]' (or pip install prometheus_client)")
 
 
@@ -32,20 +32,22 @@ def parse_address(text: str) -> tuple[str, int]:
     """``ADDR:PORT`` (``[::1]:9100`` for IPv6; an empty ADDR means every address)."""
     host, sep, port_text = text.rpartition(":")
     if not sep or not port_text.isdigit() or int(port_text) > 65535:
-        raise UserError(f"--metrics {text}: give ADDR:PORT, for example 127.0.0.1:9100")
+        raise ConfigError(f"{text} is no address: give ADDR:PORT, for example "
+                          "127.0.0.1:9100", option="metrics")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     elif ":" in host:
-        raise UserError(f"--metrics {text}: write an IPv6 address in brackets, like [::1]:9100")
+        raise ConfigError(f"{text}: write an IPv6 address in brackets, like [::1]:9100",
+                          option="metrics")
     return host or "0.0.0.0", int(port_text)
 
 
 def require_client() -> None:
-    """UserError (one line) when prometheus_client is not installed."""
+    """MissingDependency when prometheus_client is not installed."""
     try:
         import prometheus_client  # noqa: F401
     except ImportError:
-        raise UserError(MISSING) from None
+        raise MissingDependency(MISSING, option="metrics") from None
 
 
 class DeviceCollector:
@@ -168,8 +170,8 @@ class MetricsServer:
         try:
             result = start_http_server(self.port, self.host, registry=registry)
         except OSError as e:
-            raise UserError(f"cannot serve metrics on {self.host}:{self.port}: "
-                            f"{e.strerror or e}") from None
+            raise ConfigError(f"cannot serve metrics on {self.host}:{self.port}: "
+                              f"{e.strerror or e}", option="metrics") from None
         self._httpd = result[0] if isinstance(result, tuple) else None
         if self._httpd is not None:
             self.port = int(self._httpd.server_port)

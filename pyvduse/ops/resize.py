@@ -7,20 +7,19 @@ fail, wait for the requests already in flight, then truncate the file. With no s
 backing file's current size is taken (someone else grew it) and the capacity follows.
 
 Backends: a file (regular file: any size; read-only or block device: re-read its size only),
-null (any size: it stores nothing). A memory backend cannot: its RAM is one fixed mapping.
+null (any size: it stores nothing), NBD (re-read the export's size on a new connection: an
+open NBD connection never learns of a resize). A memory backend cannot: its RAM is one fixed mapping.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import stat
 import time
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
-from pyvduse.backend.file import FileBackend
-from pyvduse.backend.null import NullBackend
-from pyvduse.device.blk import BlkConfigError, BlkDevice
+from pyvduse.backend.base import Backend
+from pyvduse.device.blk import BlkConfigError
+from pyvduse.errors import ResizeError
 from pyvduse.ops.protocol import BUSY, FAILED, INVALID_ARGUMENT, UNSUPPORTED, Json, OpsError
 from pyvduse.ops.target import Target
 from pyvduse.sizes import parse_size
@@ -51,52 +50,51 @@ def parse_size_argument(value: Any) -> int | None:
     return size
 
 
-def _is_blockdev(backend: FileBackend) -> bool:
-    return stat.S_ISBLK(os.fstat(backend.fd).st_mode)
+@runtime_checkable
+class Resizable(Protocol):
+    """A device whose capacity can change while served (``BlkDevice``)."""
+
+    backend: Backend
+
+    @property
+    def capacity_bytes(self) -> int: ...
+
+    @property
+    def block_size(self) -> int: ...
+
+    def set_capacity(self, size_bytes: int) -> None: ...
+
+
+CODES = {"unsupported": UNSUPPORTED, "invalid": INVALID_ARGUMENT, "failed": FAILED}
 
 
 def resize(target: Target, size: int | None, shrink: bool = False) -> Json:
     """Resize ``target``'s block device; returns ``{"old_size", "size", "changed"}``."""
     device = target.server.device
-    if not isinstance(device, BlkDevice):
+    if not isinstance(device, Resizable):
         raise OpsError(UNSUPPORTED, "only block devices can be resized")
     if not target.resize_lock.acquire(blocking=False):
         raise OpsError(BUSY, "another resize is in progress")
     try:
         return _resize(target, device, size, shrink)
+    except ResizeError as e:
+        raise OpsError(CODES.get(e.code, FAILED), str(e)) from None
     finally:
         target.resize_lock.release()
 
 
-def _resize(target: Target, device: BlkDevice, size: int | None, shrink: bool) -> Json:
+def _resize(target: Target, device: Resizable, size: int | None, shrink: bool) -> Json:
     backend = device.backend
-    bs = device.options.block_size
+    bs = device.block_size
     old = device.capacity_bytes
-    file: FileBackend | None = None
-    if isinstance(backend, FileBackend):
-        file = backend
-        if size is not None and (backend.readonly or _is_blockdev(backend)):
-            what = "a block device" if _is_blockdev(backend) else "open read-only"
-            raise OpsError(UNSUPPORTED, f"{backend.path} is {what}, so pyvduse cannot change "
-                           "its size: resize it yourself, then run 'resize' with no size")
-        if size is None:
-            try:
-                found = backend.refresh_size()
-            except OSError as e:
-                raise OpsError(FAILED, f"cannot read the size of {backend.path}: "
-                               f"{e.strerror}") from None
-            size = found - found % bs
-            if size <= 0:
-                raise OpsError(FAILED, f"{backend.path} is now smaller than one block")
-    elif isinstance(backend, NullBackend):
-        if size is None:
-            raise OpsError(INVALID_ARGUMENT, "a null device has no storage whose size could "
-                           "have changed: give the new size")
-    else:
-        kind = backend.kind
-        why = (": its RAM is one fixed mapping that cannot grow in place (serve a file on "
-               "tmpfs with --file for a resizable RAM disk)" if kind == "memory" else "")
-        raise OpsError(UNSUPPORTED, f"a {kind} device cannot be resized{why}")
+    why_not = backend.size_settable()
+    if size is None:
+        found = backend.storage_size()
+        size = found - found % bs
+        if size <= 0:
+            raise OpsError(FAILED, f"{backend.description} is now smaller than one block")
+    elif why_not is not None:
+        raise OpsError(UNSUPPORTED, why_not)
 
     if size % bs:
         raise OpsError(INVALID_ARGUMENT, f"size {size} is not a multiple of the block size {bs}")
@@ -105,16 +103,15 @@ def _resize(target: Target, device: BlkDevice, size: int | None, shrink: bool) -
                        "shrinking loses the data past the new end; pass --shrink "
                        '("shrink": true) if that is what you want')
 
-    if file is not None and not file.readonly and not _is_blockdev(file):
-        if size >= old:
-            _truncate(file, size, grow_only=True)
-            _set_capacity(device, size)
-        else:
-            _set_capacity(device, size)
-            _wait_in_flight(target)
-            _truncate(file, size, grow_only=False)
+    if why_not is not None:  # the storage was resized by someone else: follow it
+        _set_capacity(device, size)
+    elif size >= old:
+        backend.set_storage_size(size, grow_only=True)
+        _set_capacity(device, size)
     else:
         _set_capacity(device, size)
+        _wait_in_flight(target)
+        backend.set_storage_size(size, grow_only=False)
     if size != old:
         log.info("%s resized from %d to %d bytes", target.name, old, size)
         if target.on_resize is not None:
@@ -126,20 +123,7 @@ def _resize(target: Target, device: BlkDevice, size: int | None, shrink: bool) -
     return {"old_size": old, "size": size, "changed": size != old}
 
 
-def _truncate(file: FileBackend, size: int, grow_only: bool) -> None:
-    current = file.refresh_size()
-    if current == size or (grow_only and current > size):
-        return
-    try:
-        os.ftruncate(file.fd, size)
-    except OSError as e:
-        raise OpsError(FAILED, f"cannot resize {file.path} to {size} bytes: "
-                       f"{e.strerror}") from None
-    finally:
-        file.refresh_size()
-
-
-def _set_capacity(device: BlkDevice, size: int) -> None:
+def _set_capacity(device: Resizable, size: int) -> None:
     if size == device.capacity_bytes:
         return
     try:

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pyvduse.errors import UserError
+from pyvduse.errors import ConfigError
 from pyvduse.ops import inspect
 from pyvduse.ops.protocol import (
     BAD_REQUEST,
@@ -203,8 +203,9 @@ class OpsServer:
         try:
             os.makedirs(parent, mode=0o755, exist_ok=True)
         except OSError as e:
-            raise UserError(f"cannot create {parent} for the management socket: {e.strerror}: "
-                            "choose another place with --control PATH") from None
+            raise ConfigError(f"cannot create {parent} for the management socket: "
+                              f"{e.strerror}: choose another place for it",
+                              option="control") from None
         self._check_existing(path)
         tmp = os.path.join(parent, f".{os.path.basename(path)}.{os.getpid()}.tmp")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -219,8 +220,8 @@ class OpsServer:
             sock.close()
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            raise UserError(f"cannot create the management socket {path}: {e.strerror}: "
-                            "choose another place with --control PATH") from None
+            raise ConfigError(f"cannot create the management socket {path}: {e.strerror}: "
+                              "choose another place for it", option="control") from None
         st = os.stat(path)
         self._inode = (st.st_dev, st.st_ino)
         sock.setblocking(False)
@@ -233,8 +234,8 @@ class OpsServer:
         except FileNotFoundError:
             return
         if not stat.S_ISSOCK(st.st_mode):
-            raise UserError(f"{path} exists and is not a socket: remove it or choose another "
-                            "place with --control PATH")
+            raise ConfigError(f"{path} exists and is not a socket: remove it or choose "
+                              "another place for the management socket", option="control")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         probe.settimeout(1.0)
         try:
@@ -242,11 +243,12 @@ class OpsServer:
         except OSError as e:
             if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
                 return  # left by a daemon that died: ours replaces it
-            raise UserError(f"cannot check the existing socket {path}: {e.strerror}") from None
+            raise ConfigError(f"cannot check the existing socket {path}: {e.strerror}",
+                              option="control") from None
         finally:
             probe.close()
-        raise UserError(f"{path} is the management socket of another running daemon: "
-                        "choose another place with --control PATH")
+        raise ConfigError(f"{path} is the management socket of another running daemon: "
+                          "choose another place for ours", option="control")
 
     def _unlink_if_ours(self) -> None:
         try:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pyvduse.errors import UserError
+from pyvduse.errors import ConfigError
 from pyvduse.ops import sdnotify
 from pyvduse.ops.drain import drain
 from pyvduse.ops.protocol import default_control_path
@@ -41,11 +41,11 @@ class OpsOptions:
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
 
     def validate(self) -> None:
-        """One-line UserError for a bad choice, before any device exists."""
+        """ConfigError for a bad choice, before any device exists."""
         if self.drain_timeout < 0:
-            raise UserError("--drain-timeout must be zero or more seconds")
+            raise ConfigError("must be zero or more seconds", option="drain_timeout")
         if self.control is not None and not self.control:
-            raise UserError("--control needs a path")
+            raise ConfigError("needs a path", option="control")
         if self.metrics is not None:
             from pyvduse.ops.metrics import parse_address, require_client
 
@@ -70,7 +70,7 @@ class Operations:
         return self.options.control or default_control_path(self.target.name)
 
     def start(self) -> None:
-        """Open the management socket and the metrics endpoint (UserError if impossible)."""
+        """Open the management socket and the metrics endpoint (ConfigError if impossible)."""
         try:
             if self.options.metrics is not None:
                 from pyvduse.ops.metrics import MetricsServer

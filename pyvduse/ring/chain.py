@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pyvduse.ring.iovec import gather, scatter, slice_segments, total
+
 
 class Chain:
     """One request: its id and the device-readable then device-writable buffers.
@@ -25,6 +27,28 @@ class Chain:
         self.writable = writable
         self.error = error
         self.ndesc = ndesc  # ring slots the chain occupied (packed rings advance by this)
+
+    @property
+    def readable_size(self) -> int:
+        """Bytes the driver gave to be read."""
+        return total(self.readable)
+
+    @property
+    def writable_size(self) -> int:
+        """Bytes the driver gave to be written (the most a completion can report)."""
+        return total(self.writable)
+
+    def read(self, start: int = 0, length: int | None = None) -> bytes:
+        """A copy of the readable bytes from ``start`` (``length`` of them, or to the end;
+        fewer if the buffers end first). Driver memory may change under a device: read a
+        header once and use the copy."""
+        end = self.readable_size if length is None else start + length
+        return gather(self.readable, start, max(min(end, self.readable_size) - start, 0))
+
+    def write(self, data: bytes | memoryview, start: int = 0) -> int:
+        """Copy ``data`` into the writable buffers from ``start``; returns how many bytes
+        fitted (the buffers may be shorter)."""
+        return scatter(slice_segments(self.writable, start, start + len(data)), data)
 
     def __repr__(self) -> str:
         r = sum(len(s) for s in self.readable)

@@ -3,8 +3,9 @@
 Every rule of the spec that protects the device is checked here: addresses must lie in mapped
 memory (writable memory for device-writable buffers), device-readable buffers come before
 device-writable ones, an indirect table is only followed when negotiated, never nested and
-never combined with NEXT, its length is a non-zero multiple of 16, and a chain may not hold
-more descriptors than the queue has (which also ends loops).
+never combined with NEXT, its length is a non-zero multiple of 16, a chain may not hold
+more descriptors than the queue has (which also ends loops), and its device-writable buffers
+may not total more than a used length can say (``MAX_WRITABLE``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,18 @@ from pyvduse.ring.errors import ChainError
 from pyvduse.ring.memory import GuestMemory, MemoryFault
 
 _unpack_desc = VRING_DESC.unpack_from
+
+#: The most a chain's device-writable buffers may hold: a used element's length is a u32
+#: (virtio 1.2 2.7.8), so a device serving more (256 descriptors of 16 MiB naming one buffer)
+#: would complete it with a length that wraps. The spec caps a whole chain at 2^32 bytes.
+MAX_WRITABLE = (1 << 32) - 1
+
+
+def check_writable_total(total: int) -> None:
+    """Refuse a chain whose device-writable descriptors add up to more than ``MAX_WRITABLE``."""
+    if total > MAX_WRITABLE:
+        raise ChainError(f"device-writable buffers total {total} bytes, more than a used "
+                         f"length can hold (2^32-1)")
 
 
 def add_buffer(
@@ -65,11 +78,16 @@ def walk_indirect(
     readable: list[memoryview],
     writable: list[memoryview],
     budget: int,
+    writable_before: int = 0,
 ) -> int:
-    """Follow the chain inside an indirect table from entry 0; returns descriptors used."""
+    """Follow the chain inside an indirect table from entry 0; returns descriptors used.
+
+    ``writable_before``: bytes of device-writable buffers the chain had before the table
+    (they count towards ``MAX_WRITABLE``)."""
     n = len(table) // DESC_SIZE
     i = 0
     count = 0
+    wsum = writable_before
     segments = memory.segments
     while True:
         count += 1
@@ -86,7 +104,10 @@ def walk_indirect(
                 (writable if write else readable).extend(segments(addr, length, bool(write)))
             except MemoryFault as e:
                 raise ChainError(f"{'writable' if write else 'readable'} buffer: {e}") from None
+            if write:
+                wsum += length
         if not flags & VRING_DESC_F_NEXT:
+            check_writable_total(wsum)
             return count
         if nxt >= n:
             raise ChainError(f"indirect next {nxt} is outside the table of {n}")

@@ -10,6 +10,7 @@ bytearrays), which keeps this module free of I/O.
 from __future__ import annotations
 
 import bisect
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -57,59 +58,75 @@ MAX_IOVA = (1 << 64) - 1
 
 
 class RegionMap:
-    """A sorted set of non-overlapping regions with a last-hit cache and lazy fault-in."""
+    """A sorted set of non-overlapping regions with a last-hit cache and lazy fault-in.
+
+    Several threads use one map at once (each queue's worker, the control thread reading
+    the chains a dead daemon left in flight): lookups take no lock and see either the map
+    before a change or after it, never half of one (the sorted index is replaced whole);
+    faulting a region in is serialised, and a thread that waited finds the region the
+    other one added instead of adding it twice.
+    """
 
     def __init__(self, fault_in: FaultIn | None = None) -> None:
-        self._starts: list[int] = []
-        self._regions: list[Region] = []
+        self._index: tuple[list[int], list[Region]] = ([], [])  # starts, regions: one value
         self._fault_in = fault_in
+        self._fault_lock = threading.RLock()  # writers: fault-ins, adds, removals
         self._hit: Region | None = None
 
     @property
     def regions(self) -> list[Region]:
-        return list(self._regions)
+        return list(self._index[1])
 
     def add(self, region: Region) -> None:
-        i = bisect.bisect_left(self._starts, region.start)
-        if i > 0 and self._regions[i - 1].last >= region.start:
-            raise ValueError("overlapping region")
-        if i < len(self._regions) and self._regions[i].start <= region.last:
-            raise ValueError("overlapping region")
-        self._starts.insert(i, region.start)
-        self._regions.insert(i, region)
+        with self._fault_lock:
+            starts, regions = self._index
+            i = bisect.bisect_left(starts, region.start)
+            if i > 0 and regions[i - 1].last >= region.start:
+                raise ValueError("overlapping region")
+            if i < len(regions) and regions[i].start <= region.last:
+                raise ValueError("overlapping region")
+            self._index = ([*starts[:i], region.start, *starts[i:]],
+                           [*regions[:i], region, *regions[i:]])
 
     def remove_overlapping(self, start: int, last: int) -> list[Region]:
         """Forget every region that overlaps ``[start, last]`` and return them."""
         kept: list[Region] = []
         gone: list[Region] = []
-        for r in self._regions:
-            (gone if r.start <= last and r.last >= start else kept).append(r)
-        self._regions = kept
-        self._starts = [r.start for r in kept]
-        self._hit = None
+        with self._fault_lock:
+            for r in self._index[1]:
+                (gone if r.start <= last and r.last >= start else kept).append(r)
+            self._index = ([r.start for r in kept], kept)
+            self._hit = None
         return gone
 
     def clear(self) -> list[Region]:
         return self.remove_overlapping(0, MAX_IOVA)
+
+    def _cached(self, iova: int) -> Region | None:
+        starts, regions = self._index
+        i = bisect.bisect_right(starts, iova) - 1
+        if i >= 0:
+            r = regions[i]
+            if r.start <= iova <= r.last:
+                return r
+        return None
 
     def find(self, iova: int) -> Region | None:
         """The region holding ``iova``, faulting it in if needed."""
         r = self._hit
         if r is not None and r.start <= iova <= r.last:
             return r
-        i = bisect.bisect_right(self._starts, iova) - 1
-        if i >= 0:
-            r = self._regions[i]
-            if iova <= r.last:
-                self._hit = r
-                return r
-        if self._fault_in is None:
-            return None
-        r = self._fault_in(iova)
-        if r is None or not r.start <= iova <= r.last:
-            return None
-        self.add(r)
-        self._hit = r
+        r = self._cached(iova)
+        if r is None and self._fault_in is not None:
+            with self._fault_lock:
+                r = self._cached(iova)  # another thread may have faulted it in meanwhile
+                if r is None:
+                    r = self._fault_in(iova)
+                    if r is None or not r.start <= iova <= r.last:
+                        return None
+                    self.add(r)
+        if r is not None:
+            self._hit = r
         return r
 
     def view(self, iova: int, length: int, write: bool = False) -> memoryview:

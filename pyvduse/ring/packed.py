@@ -29,7 +29,8 @@ chain ends is found from NEXT flags alone, even after an error, and a descriptor
 middle of a chain that is not available (AVAIL/USED bits not matching the wrap counter)
 ends the chain *before* it: that slot is not consumed. The buffer id comes from the chain's
 last consumed descriptor; an id ``>= num`` cannot be completed and breaks the ring
-(``RingError``, ``broken`` set), as do an unmapped ring or a bad saved state.
+(``RingError``, ``broken`` set), as do an unmapped ring, areas that overlap or are
+misaligned (``areas``), or a bad saved state.
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ from pyvduse.abi.virtio import (
     VRING_PACKED_EVENT_FLAG_ENABLE,
     has,
 )
+from pyvduse.ring.areas import check_areas, packed_areas
 from pyvduse.ring.chain import Chain
-from pyvduse.ring.descriptors import add_buffer, indirect_table
+from pyvduse.ring.descriptors import add_buffer, check_writable_total, indirect_table
 from pyvduse.ring.errors import ChainError, RingError
 from pyvduse.ring.memory import GuestMemory, MemoryFault
 from pyvduse.ring.packed_layout import (
@@ -119,6 +121,7 @@ class PackedQueue:
         self.event_idx = has(features, F_RING_EVENT_IDX)
         self.indirect = has(features, F_RING_INDIRECT_DESC)
         self.desc_addr, self.driver_addr, self.device_addr = desc_addr, driver_addr, device_addr
+        check_areas(packed_areas(num, desc_addr, driver_addr, device_addr))
         self.remap()
         #: 1 at each buffer id taken and not yet pushed: an id the driver offers again while
         #: it is in flight breaks the ring.
@@ -204,6 +207,7 @@ class PackedQueue:
             except ChainError as e:
                 error = str(e)
         else:
+            wsum = 0  # bytes of device-writable buffers
             while True:
                 if error is None:
                     try:
@@ -219,6 +223,10 @@ class PackedQueue:
                             walk_indirect_packed(memory, table, readable, writable)
                         else:
                             add_buffer(memory, addr, length, flags, readable, writable)
+                            if flags & _WRITE:
+                                wsum += length
+                        if not flags & _NEXT:
+                            check_writable_total(wsum)
                     except ChainError as e:
                         error = str(e)
                 if not flags & _NEXT:
@@ -299,6 +307,12 @@ class PackedQueue:
     def disable_kicks(self) -> None:
         """Ask the driver not to kick while we are busy (best effort, per the spec)."""
         self._device16[1] = _DISABLE
+
+    def ask_for_kick(self) -> None:
+        """Ask the driver to kick at its next addition, whatever is pending now (a worker
+        whose budget is spent waits for that kick before it serves on)."""
+        self._device16[1] = _ENABLE
+        full_fence()
 
     def enable_kicks(self) -> bool:
         """Ask for a kick on new work; True if work is already there (process it now).

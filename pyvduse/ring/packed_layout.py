@@ -14,12 +14,13 @@ from __future__ import annotations
 from pyvduse.abi.virtio import (
     DESC_SIZE,
     VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_WRITE,
     VRING_PACKED_DESC,
     VRING_PACKED_DESC_F_AVAIL,
     VRING_PACKED_DESC_F_USED,
     VRING_PACKED_EVENT_F_WRAP_CTR,
 )
-from pyvduse.ring.descriptors import add_buffer
+from pyvduse.ring.descriptors import add_buffer, check_writable_total
 from pyvduse.ring.errors import ChainError
 from pyvduse.ring.memory import GuestMemory
 
@@ -84,15 +85,19 @@ def walk_indirect_packed(
 
     Unlike split tables, a packed table is not linked: its ``len / 16`` entries are used in
     order, and only WRITE is a valid flag (NEXT and the buffer id are reserved and ignored,
-    section 2.8.8). An INDIRECT entry is refused as a nested table. The table size was
-    already bounded by ``indirect_table``.
+    section 2.8.8). An INDIRECT entry is refused as a nested table, and so is a table whose
+    writable entries add up to more than a used length holds. The table size was already
+    bounded by ``indirect_table``.
     """
-    n = 0
+    n = wsum = 0
     for addr, length, _id, flags in _iter_desc(table):
         if flags & VRING_DESC_F_INDIRECT:
             raise ChainError("nested indirect descriptor")
         add_buffer(memory, addr, length, flags, readable, writable)
+        if flags & VRING_DESC_F_WRITE:
+            wsum += length
         n += 1
+    check_writable_total(wsum)
     return n
 
 

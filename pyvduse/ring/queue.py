@@ -29,6 +29,7 @@ class VirtQueue(Protocol):
     def publish(self) -> bool: ...
     def disable_kicks(self) -> None: ...
     def enable_kicks(self) -> bool: ...
+    def ask_for_kick(self) -> None: ...
 
 
 Q = TypeVar("Q", bound=VirtQueue)
@@ -78,3 +79,6 @@ class WrappedQueue(Generic[Q]):
 
     def enable_kicks(self) -> bool:
         return self.queue.enable_kicks()
+
+    def ask_for_kick(self) -> None:
+        self.queue.ask_for_kick()

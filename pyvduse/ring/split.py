@@ -7,7 +7,8 @@ test) drives it.
 
 Ring-level corruption (an avail index that runs ahead by more than the queue size, a head
 outside the table, a head made available again while it is still in flight) raises
-``RingError``: nothing on that ring can be trusted any more. A bad chain only fails its own
+``RingError``: nothing on that ring can be trusted any more; so does a ring whose areas
+overlap or are misaligned (``areas``), when the queue is set up. A bad chain only fails its own
 request: ``pop`` returns a ``Chain`` with ``error`` set.
 
 Requests may complete in any order: ``push`` takes any head that is in flight, and the used
@@ -29,6 +30,7 @@ from pyvduse.abi.virtio import (
     VRING_DESC,
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
     VRING_USED_ELEM,
     VRING_USED_F_NO_NOTIFY,
     avail_ring_size,
@@ -36,8 +38,14 @@ from pyvduse.abi.virtio import (
     need_event,
     used_ring_size,
 )
+from pyvduse.ring.areas import check_areas, split_areas
 from pyvduse.ring.chain import Chain
-from pyvduse.ring.descriptors import add_buffer, indirect_table, walk_indirect
+from pyvduse.ring.descriptors import (
+    add_buffer,
+    check_writable_total,
+    indirect_table,
+    walk_indirect,
+)
 from pyvduse.ring.errors import ChainError, RingError
 from pyvduse.ring.memory import GuestMemory, MemoryFault
 from pyvduse.ring.stores import words16
@@ -81,6 +89,7 @@ class SplitQueue:
         self.desc_addr, self.avail_addr, self.used_addr = desc_addr, driver_addr, device_addr
         self.event_idx = has(features, F_RING_EVENT_IDX)
         self.indirect = has(features, F_RING_INDIRECT_DESC)
+        check_areas(split_areas(num, desc_addr, driver_addr, device_addr, self.event_idx))
         self.remap()
         #: 1 at each head taken and not yet pushed (shared with a native engine serving the
         #: same ring: a head the driver offers again while it is in flight breaks the ring).
@@ -132,13 +141,22 @@ class SplitQueue:
         """
         self.last_avail_idx = self._avail_seen = index & 0xFFFF
 
-    def position(self) -> tuple[int, int, int]:
-        """(last_avail_idx, used_idx, used index last signalled): all another engine serving
-        this ring needs to take over (and ``set_position`` to hand it back)."""
-        return self.last_avail_idx, self.used_idx, self._signalled_used
+    def position(self) -> tuple[int, int, int, int]:
+        """(last_avail_idx, used_idx, used index last signalled, avail index last read): all
+        another engine serving this ring needs to take over (and ``set_position`` to hand it
+        back). The avail index as read goes with it: an engine re-reads ``avail->idx`` only
+        once it has taken what it saw, and one that took over re-reading it earlier would
+        serve a driver that rewrites it differently from the engine alone."""
+        return self.last_avail_idx, self.used_idx, self._signalled_used, self._avail_seen
 
-    def set_position(self, last_avail: int, used: int, signalled: int) -> None:
+    def set_position(self, last_avail: int, used: int, signalled: int,
+                     avail_seen: int | None = None) -> None:
+        """Take over where another engine stands (see ``position``); without ``avail_seen``
+        (or with one that is no position the ring could have reached) the avail index is
+        read again before anything is taken, as after ``resume_at``."""
         self.resume_at(last_avail)
+        if avail_seen is not None and (avail_seen - self.last_avail_idx) & 0xFFFF <= self.num:
+            self._avail_seen = avail_seen & 0xFFFF
         self.used_idx = used & 0xFFFF
         self._signalled_used = signalled & 0xFFFF
 
@@ -193,6 +211,7 @@ class SplitQueue:
         memory, desc, num = self.memory, self.desc, self.num
         i = head
         count = 0
+        wsum = 0  # bytes of device-writable buffers
         while True:
             count += 1
             if count > num:
@@ -204,10 +223,13 @@ class SplitQueue:
                 if flags & VRING_DESC_F_NEXT:
                     raise ChainError("indirect descriptor with NEXT set")
                 table = indirect_table(memory, addr, length, num)
-                walk_indirect(memory, table, readable, writable, num - count + 1)
+                walk_indirect(memory, table, readable, writable, num - count + 1, wsum)
                 return
             add_buffer(memory, addr, length, flags, readable, writable)
+            if flags & VRING_DESC_F_WRITE:
+                wsum += length
             if not flags & VRING_DESC_F_NEXT:
+                check_writable_total(wsum)
                 return
             if nxt >= num:
                 raise ChainError(f"next {nxt} is outside the queue of {num}")
@@ -243,6 +265,15 @@ class SplitQueue:
         """Ask the driver not to kick while we are busy (best effort, per the spec)."""
         if not self.event_idx:
             self._used16[0] = VRING_USED_F_NO_NOTIFY
+
+    def ask_for_kick(self) -> None:
+        """Ask the driver to kick at its next addition, whatever is pending now (a worker
+        whose budget is spent waits for that kick before it serves on)."""
+        if self.event_idx:
+            self._used16[self._avail_event_off >> 1] = _unpack16(self.avail, 2)[0]
+        else:
+            self._used16[0] = 0
+        full_fence()
 
     def enable_kicks(self) -> bool:
         """Ask for a kick on new work; True if work is already there (process it now)."""

@@ -24,8 +24,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pyvduse.backend.file import FileBackend
-from pyvduse.device.blk import BlkDevice, BlkStats, bad_request_log
+from pyvduse.backend.base import CallAbandoned
+from pyvduse.device.base import VirtioDevice
+from pyvduse.device.blk import BlkStats, bad_request_log
 from pyvduse.fastpath import engine as native
 from pyvduse.fastpath.engine import Engine
 from pyvduse.ring.chain import Chain
@@ -35,7 +36,7 @@ from pyvduse.ring.memory import RegionMap
 from pyvduse.ring.split import SplitQueue
 from pyvduse.runtime.executors import Aio, Executors
 from pyvduse.runtime.tuning import DEFAULT_TUNING, QueueTuning
-from pyvduse.runtime.worker import QueueWorker, Totals
+from pyvduse.runtime.worker import QueueCounters, QueueWorker, Totals
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +56,29 @@ def totals_of(counters: dict[str, Any]) -> Totals:
 
 def run_native(engine: Engine, ring: SplitQueue, inflight: InflightLog | None,
                memory: RegionMap, kick_fd: int, stop_fd: int, serve_one: Callable[[], bool],
-               stopping: Callable[[], bool]) -> None:
+               stopping: Callable[[], bool],
+               nbd_lost: Callable[[], None] | None = None) -> None:
     """Alternate the native loop and ``serve_one`` (the Python engine taking the one chain
-    the loop left) until the loop returns stopped; raises what ``serve_one`` raises."""
+    the loop left) until the loop returns stopped; raises what ``serve_one`` raises. When
+    the loop lost its NBD connection, ``nbd_lost`` reconnects (or fails the requests that
+    wait) and the loop goes on."""
+    def take_position() -> None:
+        last_avail, used, signalled, seq, seen = engine.position()
+        ring.set_position(last_avail, used, signalled, seen)
+        if inflight is not None:
+            inflight.seq = seq
+
     while not stopping():
         engine.set_position(*ring.position())
         code = engine.run(kick_fd, stop_fd)
-        last_avail, used, signalled, seq = engine.position()
-        ring.set_position(last_avail, used, signalled)
-        if inflight is not None:
-            inflight.seq = seq
+        take_position()
         if code == native.RUN_STOPPED:
             return
+        if code == native.RUN_NBD_LOST:
+            if nbd_lost is not None:
+                nbd_lost()
+                take_position()  # requests failed or completed meanwhile were published
+            continue
         if not serve_one():  # the loop saw a chain there a moment ago
             raise RingError("the avail index went backwards")
         engine.set_regions(native.region_tuples(memory))
@@ -77,7 +89,7 @@ class NativeQueueWorker(QueueWorker):
 
     def __init__(
         self,
-        device: BlkDevice,
+        device: VirtioDevice,
         index: int,
         queue: SplitQueue | LoggedQueue,
         kick_fd: int,
@@ -91,6 +103,7 @@ class NativeQueueWorker(QueueWorker):
         cpus: list[int] | None = None,
         irq_follow: tuple[str, list[int]] | None = None,
         executors: Executors | None = None,
+        counters: QueueCounters | None = None,
     ) -> None:
         self.index = index
         self.ring = queue.queue if isinstance(queue, LoggedQueue) else queue
@@ -98,29 +111,46 @@ class NativeQueueWorker(QueueWorker):
         # The engine writes its CPU there (--irq-cpus follow); ours to close.
         path, follow_cpus = irq_follow or (None, [])
         self._affinity_fd = _open_for_writing(path, index)
-        backend = device.backend
-        uring = tuning.aio is Aio.IO_URING and isinstance(backend, FileBackend)
-        direct = isinstance(backend, FileBackend) and backend.direct
+        plan = native.plan_of(device, packed=False)
+        if isinstance(plan, str):
+            self._close_affinity()
+            raise ValueError(plan)
+        storage = plan.storage
+        uring = tuning.aio is Aio.IO_URING and storage.kind == "fd"
+        #: The backend whose connection for this queue the engine drives (NBD).
+        self.nbd = storage.connections
+        nbd_handle = None
+        aio = native.AIO_URING if uring else native.AIO_SYNC
+        if self.nbd is not None:
+            aio = native.AIO_NBD
+            try:
+                nbd_handle = self.nbd.lend(index, self._switch_nbd, self._inline_gives_up)
+            except Exception as e:  # the connection cannot be lent now (NbdError)
+                self._close_affinity()
+                raise ValueError(str(e)) from None
         # first, as it may refuse (ValueError; OSError: no io_uring) before the worker holds
         # anything else
         try:
-            self.engine = native.build(device, index, self.ring, memory, self.log, irq, notify,
+            self.engine = native.build(plan, index, self.ring, memory, self.log, irq, notify,
                                        self._backend_error, tuning.poll_us * 1000,
                                        tuning.publish_us * 1000, tuning.hold_us * 1000,
-                                       self._affinity_fd, follow_cpus,
-                                       aio=native.AIO_URING if uring else native.AIO_SYNC,
-                                       direct=direct, inflight=self.ring.in_flight)
+                                       self._affinity_fd, follow_cpus, aio=aio,
+                                       direct=storage.direct, inflight=self.ring.in_flight,
+                                       nbd=nbd_handle)
         except BaseException:
             self._close_affinity()
+            if self.nbd is not None:
+                self.nbd.give_back(index, reusable=True)
             raise
         super().__init__(device, index, queue, kick_fd, notify, resubmit, resumed=resumed,
-                         tuning=tuning, cpus=cpus, executors=executors)
-        self.blk = device
+                         tuning=tuning, cpus=cpus, executors=executors, counters=counters)
+        self.device_stats = plan.stats
         self.memory = memory
         self.deferred = 0  # chains the native loop left to Python
         self.abandoned_native = 0  # the engine's requests dropped at a stop
+        self._give_up_at: float | None = None  # stopping: when an inline request is dropped
         self._engine_live = True  # its counters are not yet folded into ours
-        device.stats_sources[index] = self._engine_stats
+        plan.stats.attach_engine(index, self._engine_stats)
 
     @property
     def completed(self) -> int:
@@ -128,11 +158,13 @@ class NativeQueueWorker(QueueWorker):
         return self._completed + (int(self.engine.counters()["completed"]) if live else 0)
 
     def indices(self) -> tuple[int, int]:
-        last_avail, used, _, _ = self.engine.position()
+        last_avail, used, *_ = self.engine.position()
         return last_avail, used
 
     @property
     def aio(self) -> str:
+        if self.engine.aio == native.AIO_NBD:
+            return "nbd"
         return "io_uring" if self.engine.aio == native.AIO_URING else "sync"
 
     # -- LiveQueue: the engine's requests as well as Python's ----------------------------------
@@ -187,8 +219,12 @@ class NativeQueueWorker(QueueWorker):
 
     def join(self) -> None:
         super().join()
+        in_flight = self.engine.in_flight() if self._engine_live else 0
         self._retire_engine()
         self._close_affinity()
+        if self.nbd is not None:  # an abandoned engine keeps its handle: ours reconnects
+            self.nbd.give_back(self.index, reusable=in_flight == 0)
+            self.nbd = None
 
     def abandoned_owners(self) -> list[object]:
         """The mappings an abandoned engine may still write into: every region it knew."""
@@ -208,9 +244,8 @@ class NativeQueueWorker(QueueWorker):
         c = self.engine.counters()
         self.counters.absorb(totals_of(c))
         self._completed += c["completed"]
-        self.blk.queue_stats[self.index].add(stats_of(c))
         self._engine_live = False
-        self.blk.stats_sources.pop(self.index, None)
+        self.device_stats.retire_engine(self.index, stats_of(c))
         if self.engine.in_flight():  # abandoned, the kernel still has some of its requests
             _graveyard.keep(self.engine, self.index)
         else:
@@ -223,7 +258,7 @@ class NativeQueueWorker(QueueWorker):
             while not self._stopping:
                 run_native(self.engine, self.ring, self.log, self.memory, self.kick_fd,
                            self._stop_fd, self._serve_one,
-                           lambda: self._stopping or self._pause_wanted)
+                           lambda: self._stopping or self._pause_wanted, self._nbd_lost)
                 if self._pause_wanted and not self._stopping:
                     self._park_native()
         except RingError as e:
@@ -236,6 +271,40 @@ class NativeQueueWorker(QueueWorker):
             log.exception("queue %d stopped", self.index)
             self._wait_for_stop()
 
+    def _nbd_lost(self) -> None:
+        """The engine's NBD connection is gone, with requests parked: reconnect on this
+        thread (the ring waits meanwhile; a stop or pause cuts it short), then resend them
+        or fail them."""
+        assert self.nbd is not None
+        handle = self.nbd.reconnect_native(self.index,
+                                           lambda: self._stopping or self._pause_wanted)
+        if handle is not None:
+            self.engine.set_nbd(handle)
+        elif not (self._stopping or self._pause_wanted):
+            self.engine.fail_parked()
+
+    def _inline_gives_up(self) -> bool:
+        """Stopping, and the request Python serves inline has had the grace period."""
+        if not self._stopping:
+            return False
+        if self._give_up_at is None:
+            self._give_up_at = time.monotonic() + self._grace
+        return time.monotonic() >= self._give_up_at
+
+    def _switch_nbd(self, handle: object, timeout: float = 5.0) -> bool:
+        """From another thread (a resize): pause, let the engine's NBD commands finish on
+        the old handle, give it the new one, resume. False (nothing changed) when they did
+        not finish within ``timeout`` or the worker did not pause."""
+        try:
+            if not self.pause(timeout) or not self._engine_live:
+                return False
+            if self.engine.wait_idle(int(timeout * 1e9)) > self.engine.parked:
+                return False
+            self.engine.set_nbd(handle)
+            return True
+        finally:
+            self.resume()
+
     def _park_native(self) -> None:
         """Paused for a remap: the engine keeps its requests (the control thread may wait
         for them, see ``settle``); then the ring and the engine take the new map."""
@@ -246,8 +315,8 @@ class NativeQueueWorker(QueueWorker):
             os.eventfd_read(self._stop_fd)  # pause() woke the loop with it
         self.engine.resume()
         # settle() may have completed requests meanwhile: the engine's position is the truth
-        last_avail, used, signalled, seq = self.engine.position()
-        self.ring.set_position(last_avail, used, signalled)
+        last_avail, used, signalled, seq, seen = self.engine.position()
+        self.ring.set_position(last_avail, used, signalled, seen)
         if self.log is not None:
             self.log.seq = seq
         if self._stopping:
@@ -267,7 +336,7 @@ class NativeQueueWorker(QueueWorker):
                 left = self.engine.wait_idle(int(self._grace * 1e9))
                 if left:
                     self.engine.abandon()
-                    self.abandoned_native = left
+                    self.abandoned_native += left
                     log.warning("queue %d: %d request(s) still in flight after %.1f s; "
                                 "their results will be dropped", self.index, left,
                                 self._grace)
@@ -303,11 +372,19 @@ class NativeQueueWorker(QueueWorker):
         c.depth[1] += 1
         c.depth_sum += 1
         try:
-            written = self.blk.handle(self.index, chain)
+            result = self.device.handle(self.index, chain)
+            if not isinstance(result, int):  # a device with a native plan serves inline
+                raise TypeError(f"handle() returned {type(result).__name__}, not a length")
+            written = result
+        except CallAbandoned:  # stopping with it at the server: dropped, its memory fenced
+            self.abandoned_native += 1
+            log.warning("queue %d: request %d still at the backend while stopping; its "
+                        "result will be dropped", self.index, chain.head)
+            return
         except Exception as e:  # the device's bug fails this request, not the queue
             bad_request_log.warning("queue %d: request %d failed: %s: %s", self.index,
                                     chain.head, type(e).__name__, e)
-            written = self.blk.write_failure(chain)
+            written = self.device.write_failure(chain)
         q.push(chain.head, written, chain.ndesc)
         done = time.monotonic_ns()
         c.hist[((done - t) // 1000).bit_length()] += 1

@@ -24,10 +24,8 @@ from typing import Literal, TypeVar
 
 from pyvduse.abi.virtio import F_RING_PACKED, has
 from pyvduse.device.base import VirtioDevice
-from pyvduse.device.blk import BlkDevice
 from pyvduse.device.request import Request
 from pyvduse.fastpath import engine as native
-from pyvduse.fastpath.engine import DataPath
 from pyvduse.ring.chain import Chain
 from pyvduse.ring.errors import RingError
 from pyvduse.ring.inflight import LoggedQueue
@@ -40,8 +38,8 @@ from pyvduse.runtime import fence
 from pyvduse.runtime.executors import Aio, Executors
 from pyvduse.runtime.native_worker import NativeQueueWorker
 from pyvduse.runtime.state_file import StateFile
-from pyvduse.runtime.tuning import DEFAULT_TUNING, QueueTuning
-from pyvduse.runtime.worker import DEFAULT_GRACE_SECONDS, QueueWorker
+from pyvduse.runtime.tuning import DEFAULT_TUNING, DataPath, QueueTuning
+from pyvduse.runtime.worker import DEFAULT_GRACE_SECONDS, QueueCounters, QueueWorker
 from pyvduse.transport.base import QueueSetup, Transport
 
 log = logging.getLogger(__name__)
@@ -70,10 +68,16 @@ class DeviceServer:
         self.tuning = tuning or DEFAULT_TUNING  # read at each DRIVER_OK
         self.transport: Transport | None = None
         self.workers: dict[int, QueueWorker] = {}
+        #: Queues the driver set up that are not served, and why (a ring that fails its
+        #: checks: not mapped, areas overlapping or misaligned), until the next reset.
+        self.refused: dict[int, str] = {}
         self._setups: dict[int, QueueSetup] = {}
         self.features = 0
         self.running = threading.Event()  # set between DRIVER_OK and reset
         self.executors = Executors(self.tuning.python_aio, self.tuning.io_threads)
+        #: Each queue's latency and depth accounting, by index: the one place it lives;
+        #: every worker that serves the queue adds to it, operations read it.
+        self.queue_counters: dict[int, QueueCounters] = {}
         self._lock = threading.Lock()
 
     def bind(self, transport: Transport) -> None:
@@ -117,9 +121,9 @@ class DeviceServer:
 
     def grace(self) -> float:
         """How long requests in flight may delay the answer to a reset or an unmap: half
-        the kernel's message timeout."""
+        the kernel's message timeout (which 0 makes endless: then the default grace)."""
         timeout = self.transport.reply_timeout() if self.transport is not None else None
-        return DEFAULT_GRACE_SECONDS if timeout is None else max(timeout / 2, 0.0)
+        return DEFAULT_GRACE_SECONDS if not timeout or timeout < 0 else timeout / 2
 
     def remap(self, invalidate: Callable[[], None], start: int = 0,
               last: int = (1 << 64) - 1) -> None:
@@ -212,6 +216,7 @@ class DeviceServer:
             ring = self._open_ring(q, position)
         except RingError as e:
             log.error("queue %d cannot be served: %s", q.index, e)
+            self.refused[q.index] = str(e)
             return
         queue: VirtQueue = ring
         resubmit: list[Chain] = []
@@ -230,10 +235,11 @@ class DeviceServer:
             queue, resubmit = logged, logged.resubmit  # resubmit: only after a recovery
         resumed = mode == "resume"
         cpus = self._worker_cpus(q.index)
-        w = self._native_worker(q.index, queue, resubmit, resumed, cpus) or QueueWorker(
+        counters = self.queue_counters.setdefault(q.index, QueueCounters())
+        w = self._native_worker(q.index, queue, resubmit, resumed, cpus, counters) or QueueWorker(
             self.device, q.index, queue, self.transport.kick_fd(q.index),
             self.transport.notify, resubmit, resumed=resumed,
-            tuning=self.tuning, cpus=cpus, executors=self.executors)
+            tuning=self.tuning, cpus=cpus, executors=self.executors, counters=counters)
         self.workers[q.index] = w
         w.start()
 
@@ -250,15 +256,16 @@ class DeviceServer:
         return sorted(irq_cpus & allowed)
 
     def _native_worker(self, index: int, queue: VirtQueue, resubmit: list[Chain],
-                       resumed: bool, cpus: list[int] | None) -> NativeQueueWorker | None:
+                       resumed: bool, cpus: list[int] | None,
+                       counters: QueueCounters) -> NativeQueueWorker | None:
         """A native worker when the data path allows it and the queue is one it serves."""
         assert self.transport is not None
         memory = self.transport.memory
-        if (self.tuning.data_path is DataPath.PYTHON or not isinstance(self.device, BlkDevice)
-                or native.why_not(self.device, self.packed) is not None
+        plan = native.plan_of(self.device, self.packed)
+        if (self.tuning.data_path is DataPath.PYTHON or isinstance(plan, str)
                 or not isinstance(queue, SplitQueue | LoggedQueue)
                 or not isinstance(memory, RegionMap)
-                or (self.tuning.aio is Aio.THREADS and self.device.backend.blocking)):
+                or (self.tuning.aio is Aio.THREADS and plan.blocking)):
             return None
         try:
             return NativeQueueWorker(self.device, index, queue, self.transport.kick_fd(index),
@@ -266,7 +273,7 @@ class DeviceServer:
                                      self.transport.irq_ioctl(index), resubmit,
                                      resumed=resumed, tuning=self.tuning, cpus=cpus,
                                      irq_follow=self.transport.irq_follow(index),
-                                     executors=self.executors)
+                                     executors=self.executors, counters=counters)
         except ValueError as e:  # e.g. a ring the native loop cannot map as one piece
             log.warning("queue %d: served by the Python engine: %s", index, e)
             return None
@@ -284,6 +291,7 @@ class DeviceServer:
         for w in workers:
             w.join()
         self.workers.clear()
+        self.refused.clear()
         abandoned = [r.chain for w in workers for r in w.abandoned]
         owners = {id(o): o for o in fence.owners(abandoned)}
         for w in workers:

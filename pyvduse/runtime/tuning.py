@@ -3,10 +3,20 @@ command line (``--data-path``, ``--poll-us``, ``--publish-us``) and read by the 
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
-from pyvduse.fastpath.engine import DataPath
 from pyvduse.runtime.executors import DEFAULT_IO_THREADS, Aio
+
+__all__ = ["DEFAULT_TUNING", "Aio", "DataPath", "QueueTuning"]
+
+
+class DataPath(enum.Enum):
+    """Which engine serves the queues: the user's ``--data-path``."""
+
+    AUTO = "auto"  # the native loop where it can, Python elsewhere
+    NATIVE = "native"  # the native loop or refuse to start
+    PYTHON = "python"  # the reference engine only
 
 #: A request that took this long (µs) is published at once, with those finished before it,
 #: not at the end of its round: a round of long requests (128 KiB reads: ~400 µs each under

@@ -2,7 +2,8 @@
 
 It sleeps on the queue's kick eventfd (and on a completion eventfd), takes every chain the
 driver made available in bounded rounds (at most one queue's worth per round, so a flood
-cannot starve the stop check), hands each to the device as a ``Request``, and pushes
+cannot starve the stop check, and at most a budget between two kicks, so a ring that feeds
+itself cannot keep it awake: ``ring.budget``), hands each to the device as a ``Request``, and pushes
 completions as they come: inline when the device finished at once, or from the completion
 queue other threads (the runtime's event loop, its thread pool, a user's own threads) fill.
 Completions are published once per round or batch, the driver interrupted only when it
@@ -32,7 +33,6 @@ import os
 import select
 import threading
 import time
-import weakref
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -40,6 +40,7 @@ from typing import Any, NamedTuple, Protocol
 from pyvduse.device.base import VirtioDevice
 from pyvduse.device.request import MAX_WRITTEN, Request, RequestError
 from pyvduse.ratelimit import RateLimitedLogger
+from pyvduse.ring.budget import Budget
 from pyvduse.ring.chain import Chain
 from pyvduse.ring.errors import RingError
 from pyvduse.ring.queue import VirtQueue
@@ -149,24 +150,6 @@ class QueueCounters:
         self.depth_sum += t.depth_sum
 
 
-_counters: weakref.WeakKeyDictionary[VirtioDevice, dict[int, QueueCounters]] = (
-    weakref.WeakKeyDictionary())
-_counters_lock = threading.Lock()
-
-
-def queue_counters(device: VirtioDevice) -> dict[int, QueueCounters]:
-    """The counters of every queue of ``device`` that has been served, by queue index."""
-    with _counters_lock:
-        return dict(_counters.get(device, {}))
-
-
-def _counters_for(device: VirtioDevice, index: int) -> QueueCounters:
-    with _counters_lock:
-        per_device = _counters.setdefault(device, {})
-        c = per_device.get(index)
-        if c is None:
-            c = per_device[index] = QueueCounters()
-        return c
 
 
 _NO_LATENCY = Totals([0] * LATENCY_BUCKETS, 0, [0] * LATENCY_BUCKETS, 0)
@@ -189,6 +172,7 @@ class QueueWorker:
         tuning: QueueTuning = DEFAULT_TUNING,
         cpus: list[int] | None = None,
         executors: Executors | None = None,
+        counters: QueueCounters | None = None,
     ) -> None:
         self.device = device
         self.index = index
@@ -217,7 +201,9 @@ class QueueWorker:
         self._parked = threading.Event()
         self._resume = threading.Event()
         self._ident = 0
-        self.counters = _counters_for(device, index)
+        self.budget = Budget(queue.num)  # requests between two kicks
+        #: The queue's accounting, owned by the server (it outlives this worker).
+        self.counters = counters if counters is not None else QueueCounters()
         self.counters.live = self
         self._thread = threading.Thread(target=self._main, name=f"vq{index}", daemon=True)
 
@@ -431,13 +417,17 @@ class QueueWorker:
             if self._resumed:
                 self._replay()
             self._serve()  # requests may be waiting from before we started
+            budget = self.budget
             while not self._stopping:
-                events = poller.poll()
+                events = poller.poll(budget.timeout_ms(time.monotonic_ns()))
                 if self._stopping:
                     break
                 for fd, _ in events:
                     with contextlib.suppress(BlockingIOError):
                         os.eventfd_read(fd)
+                    if fd == self.kick_fd:
+                        budget.kicked()
+                budget.woke(time.monotonic_ns())
                 if self._pause_wanted:
                     self._park()
                     continue
@@ -596,15 +586,23 @@ class QueueWorker:
         pop = q.pop
         clock = time.monotonic_ns
         publish_ns, hold_ns = self.tuning.publish_us * 1000, self.tuning.hold_us * 1000
+        budget = self.budget
         try:
             while not self._stopping and not self._pause_wanted:
+                if not budget.credit:  # spent: completions only, the kick stays asked for
+                    self._reap()
+                    self._publish()
+                    if budget.sleep(clock()):
+                        q.ask_for_kick()
+                    return
                 q.disable_kicks()
                 n = 0
                 published = clock()
-                while n < q.num and not self._stopping:
+                while n < q.num and budget.credit and not self._stopping:
                     chain = pop()
                     if chain is None:
                         break
+                    budget.credit -= 1
                     t = clock()
                     self._take(chain)
                     n += 1
@@ -616,7 +614,7 @@ class QueueWorker:
                         self._publish()
                 self._reap()
                 self._publish()
-                if n < q.num and not q.enable_kicks():
+                if n < q.num and budget.credit and not q.enable_kicks():
                     return
         except RingError as e:
             self._broke(str(e))

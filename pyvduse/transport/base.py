@@ -95,3 +95,7 @@ class Transport(ABC):
     @abstractmethod
     def set_config(self, offset: int, data: bytes) -> None:
         """Change config space and raise the config-change interrupt."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop serving: reset the device's runtime, detach and remove what was created."""

@@ -19,7 +19,7 @@ from typing import Protocol
 from pyvduse.backend.file import FileBackend
 from pyvduse.device.blk import BlkDevice, BlkOptions
 from pyvduse.model.blk_driver import BlkDriver
-from pyvduse.transport.model.rig import ModelRig
+from pyvduse.testing.rig import ModelRig
 
 BLKDISCARD = 0x1277
 BLKZEROOUT = 0x127F

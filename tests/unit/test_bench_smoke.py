@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -330,8 +331,9 @@ def test_slow_disk_rows_summary_and_targets(slow: ModuleType) -> None:
     cells = slow_matrix()
     report = slow.build_report({"cells": cells}, {"seconds_per_cell": 4, "repeat": 1})
     rows = report["rows"]
-    assert len(rows) == 6 * 8  # every workload x every mode, failed ones included
-    assert [r["mode"] for r in rows[:8]] == [m.name for m in slow.MODES]
+    measured = [m.name for m in slow.MODES if any(c["mode"] == m.name for c in cells)]
+    assert len(rows) == 6 * len(measured)  # every workload x mode, failed ones included
+    assert [r["mode"] for r in rows[:len(measured)]] == measured
     by = {(r["workload"], r["mode"]): r for r in rows}
     r = by[("randread-4k-qd16", "py-io_uring")]
     assert r["vs_raw"] == pytest.approx(24000 / 26000)
@@ -506,3 +508,83 @@ def test_slow_disk_quick_run(tmp_path: Path, slow: ModuleType, slow_guest: Modul
     assert info["nullb"]["completion_nsec"] == "250000" and info["pyvduse_commit"]
     assert info["host_cpu"] and info["guest"]["qsd_version"] and info["guest"]["fio_version"]
     assert "met" in proc.stdout and "pyvduse best" in proc.stdout
+
+
+# --------------------------------------------------------------------------- bench/nbd.py
+
+
+@pytest.fixture(scope="module")
+def nbd_bench(slow: ModuleType) -> ModuleType:
+    """bench/nbd.py, under another name: ``nbd`` is libnbd's module."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_nbd", BENCH / "nbd.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def nbd_cell(impl: str, server: str, workload: str, figure: float, **kw: Any) -> dict[str, Any]:
+    rw, bs, qd = workload.split("-")
+    cell = {"impl": impl, "server": server, "workload": workload, "rw": rw, "bs": bs,
+            "iodepth": int(qd[2:]), "iops": figure, "mb_s": figure * 4096 / 1e6,
+            "lat_mean_us": 1e6 / figure * int(qd[2:]), "cpu_us_per_io": 50.0,
+            "server_cpu_us_per_io": 30.0, "round": 0}
+    if impl == "pyvduse":
+        cell["depth_mean"] = float(qd[2:])
+    cell.update(kw)
+    return cell
+
+
+def test_nbd_rows_limits_and_targets(nbd_bench: ModuleType) -> None:
+    cells = []
+    for server in ("plain", "delay-1ms"):
+        for w, ours, peer in (("randread-4k-qd1", 900, 600), ("randread-4k-qd16", 13000, 7000),
+                              ("randwrite-4k-qd16", 9000, 10000)):
+            if server == "plain":
+                ours, peer = ours * 2, peer * 2
+            cells += [nbd_cell("pyvduse", server, w, ours), nbd_cell("qsd", server, w, peer)]
+    rows = nbd_bench.build_rows(cells)
+    by = {(r["server"], r["workload"]): r for r in rows}
+    assert len(rows) == 6
+    r = by[("delay-1ms", "randread-4k-qd16")]
+    assert r["limit"] == 16000 and r["ours_vs_limit"] == pytest.approx(13000 / 16000)
+    assert r["ratio"] == pytest.approx(13000 / 7000) and by[("plain", "randread-4k-qd1")]["limit"] is None
+    targets = {t["target"]: t for t in nbd_bench.evaluate_targets(rows)}
+    assert targets["vs_peer"]["met"] is False
+    assert targets["vs_peer"]["below"] == ["plain randwrite-4k-qd16 0.90x",
+                                           "delay-1ms randwrite-4k-qd16 0.90x"]
+    assert targets["limit_randread"]["met"] is True and targets["limit_randwrite"]["met"] is False
+    text = nbd_bench.report_text({"rows": rows, "targets": list(targets.values()),
+                                  "info": {"guest": {}}})
+    assert "16,000 IOPS" in text and "1.86x" in text and "not met" in text
+    failed = nbd_bench.build_rows([nbd_cell("pyvduse", "plain", "randread-4k-qd1", 1,
+                                            error="fio exited 1")])
+    assert failed[0]["ours"] is None and failed[0]["errors"] == ["fio exited 1"]
+
+
+@pytest.mark.boots_vm
+@pytest.mark.skipif(os.environ.get("PYVDUSE_IN_VM") == "1", reason="boots a VM from the host")
+@pytest.mark.skipif(os.geteuid() != 0, reason="the test VM needs root")
+def test_nbd_bench_quick_run(tmp_path: Path, nbd_bench: ModuleType) -> None:
+    """The NBD benchmark's smoke form: both daemons on both servers, every figure there, and
+    our queues on the native loop."""
+    out = tmp_path / "nbd.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "nbd.py"), "--quick", "--json", str(out)],
+                          capture_output=True, text=True, timeout=1200, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {(r["server"], r["workload"]): r for r in report["rows"]}
+    quick = sys.modules["nbd_guest"].QUICK_WORKLOADS
+    assert set(rows) == {(s, w) for s in ("plain", "delay-1ms") for w in quick}
+    for key, r in rows.items():
+        assert not r["errors"], key
+        for field in ("ours", "peer", "ratio", "our_cpu_us_per_io", "peer_cpu_us_per_io"):
+            assert r[field] is not None and r[field] > 0, (key, field)
+    ours = [d for d in report["info"]["devices"] if d["impl"] == "pyvduse"]
+    assert ours and all(d["engines"] == ["native"] for d in ours), ours
+    assert all(t["met"] in (True, False, None) for t in report["targets"])
+    assert "ours/limit" in proc.stdout

@@ -144,3 +144,64 @@ def test_pyroute2_package_still_whole_when_asked() -> None:
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout.strip() == "ok IPRoute", p.stderr
+
+
+def test_memory_larger_than_the_machine_is_one_line() -> None:
+    p = pyvduse("blk", "--name", "x", "--memory", "1024T")
+    one_line_error(p, "--memory")
+    assert "cannot reserve 1024T" in p.stderr
+
+
+@pytest.mark.skipif(HAS_VDUSE, reason="this host has the vduse module")
+def test_every_block_size_the_device_supports_is_taken() -> None:
+    for bs in ("1024", "2048"):  # accepted: the next error is the missing module
+        one_line_error(pyvduse("blk", "--name", "x", "--null", "1M", "--block-size", bs),
+                       "modprobe vduse")
+
+
+def test_msg_timeout_and_bounce_size_are_checked_here() -> None:
+    one_line_error(pyvduse("blk", "--name", "x", "--null", "1M", "--msg-timeout", "1.5"),
+                   "whole seconds", "use 2")
+    one_line_error(pyvduse("blk", "--name", "x", "--null", "1M", "--msg-timeout", "-1"),
+                   "must be 0 (forever) to 86400")
+    one_line_error(pyvduse("blk", "--name", "x", "--null", "1M", "--msg-timeout", "soon"),
+                   "not a number")
+    one_line_error(pyvduse("blk", "--name", "x", "--null", "1M", "--bounce-size", "512K"),
+                   "--bounce-size 512K must be 1M to 1G")
+    one_line_error(pyvduse("blk", "--name", "x", "--null", "1M", "--bounce-size", "2G"),
+                   "must be 1M to 1G")
+
+
+def test_msg_timeout_parses_whole_seconds() -> None:
+    from pyvduse.cli.blk import parse_msg_timeout
+
+    assert parse_msg_timeout(None) is None
+    assert parse_msg_timeout("0") == 0
+    assert parse_msg_timeout("3.0") == 3
+
+
+def test_unreadable_image_with_readonly_does_not_say_use_readonly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from pyvduse.cli import blk
+    from pyvduse.errors import UserError
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")  # as for a mode-000 image, not root
+
+    monkeypatch.setattr(blk, "FileBackend", refuse)
+    img = tmp_path / "locked.img"
+    img.write_bytes(bytes(1 << 20))
+    for readonly, says in ((True, "no permission to read"), (False, "or use --readonly")):
+        args = argparse.Namespace(file=str(img), readonly=readonly, cache="writeback",
+                                  backend=None, backend_arg=None)
+        with pytest.raises(UserError, match=says) as e:
+            blk.make_backend(args)
+        assert ("use --readonly" in str(e.value)) is not readonly
+
+
+def test_help_is_plain_text() -> None:
+    p = pyvduse("--help")
+    assert p.returncode == 0
+    assert "``" not in p.stdout and "pyvduse blk" in p.stdout

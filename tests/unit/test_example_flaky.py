@@ -13,7 +13,7 @@ from flaky_blk import FlakyBlk
 
 from pyvduse.abi import virtio_blk as vb
 from pyvduse.model.blk_driver import BlkDriver, BlkIOError
-from pyvduse.transport.model.rig import ModelRig
+from pyvduse.testing.rig import ModelRig
 
 
 def test_every_third_write_fails() -> None:

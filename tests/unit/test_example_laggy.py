@@ -13,7 +13,7 @@ from laggy_blk import LaggyBackend
 from pyvduse.abi import virtio_blk as vb
 from pyvduse.device.blk import BlkDevice
 from pyvduse.model.blk_driver import BlkDriver
-from pyvduse.transport.model.rig import ModelRig
+from pyvduse.testing.rig import ModelRig
 
 
 def test_slow_reads_of_one_queue_wait_together() -> None:

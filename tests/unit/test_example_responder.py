@@ -12,7 +12,7 @@ from ping_responder import ETH, RESPONDER_MAC, Responder, checksum
 
 from pyvduse.device.net import NetDevice
 from pyvduse.model.net_driver import NetDriver
-from pyvduse.transport.model.rig import ModelRig
+from pyvduse.testing import ModelRig
 
 OUR_MAC = bytes.fromhex("525400000001")
 

@@ -132,3 +132,22 @@ def test_without_o_direct_support_the_open_fails_with_einval(tmp_path: Path,
     with pytest.raises(OSError) as info:
         FileBackend(str(path), direct=True)
     assert info.value.errno == errno.EINVAL
+
+
+def test_the_native_engine_gets_the_o_direct_descriptor(image: Path) -> None:
+    """--cache none on the native path: its reads and writes bypass the page cache (given the
+    buffered descriptor, io_uring pushed every write to a kernel worker thread)."""
+    import fcntl
+
+    from pyvduse.device.blk import BlkDevice
+    from pyvduse.fastpath import engine
+
+    if not engine.available():
+        pytest.skip("no native data path")
+    for direct in (True, False):
+        b = FileBackend(str(image), direct=direct)
+        try:
+            fd = engine.require_plan(BlkDevice(b)).storage.fd
+            assert bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT) is direct
+        finally:
+            b.close()

@@ -6,6 +6,7 @@ ring, its own event suppression area and the buffers descriptors mark device-wri
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,6 +23,7 @@ from pyvduse.abi.virtio import (
     bit,
 )
 from pyvduse.backend.memory import MemoryBackend
+from pyvduse.backend.null import NullBackend
 from pyvduse.device.blk import BlkDevice
 from pyvduse.model.arena import Arena
 from pyvduse.model.packed_driver import DriverPackedRing
@@ -230,3 +232,44 @@ def _check(before: bytes, after: bytearray, ok: bytearray) -> None:
         for i in range(blk, blk + 256):
             if before[i] != after[i]:
                 assert ok[i], f"device wrote outside the driver's writable buffers at 0x{i:x}"
+
+
+HUGE = 32 << 20  # one buffer, named by 128 descriptors: 2^32 device-writable bytes
+
+
+@pytest.mark.parametrize("indirect", [False, True])
+def test_a_packed_chain_whose_writable_buffers_total_2_32_bytes_is_refused(
+        indirect: bool) -> None:
+    """Its used length (a u32) would not fit: struct.error used to stop the queue. The chain
+    is refused (length 0, status byte untouched, nothing read) and the next one served."""
+    arena = Arena(HUGE + (1 << 16))
+    drv = DriverPackedRing(arena, 256)
+    buf = arena.alloc(HUGE, 4096)
+    arena.write(buf + HUGE - 1, b"\xee")
+    hdr = arena.alloc(16)
+    arena.write(hdr, vb.OUTHDR.pack(vb.ReqType.IN, 0, 0))
+    bufs = [(hdr, 16, 0)] + [(buf, HUGE, WRITE)] * 128
+    avail = AVAIL_PATTERN[1]
+    if indirect:
+        table = arena.alloc(DESC_SIZE * len(bufs))
+        for k, (a, n, f) in enumerate(bufs):
+            arena.write(table + DESC_SIZE * k, VRING_PACKED_DESC.pack(a, n, 0, f))
+        drv.write_desc(0, table, DESC_SIZE * len(bufs), 7, INDIRECT | avail)
+        slots = 1
+    else:
+        for k, (a, n, f) in enumerate(bufs):
+            drv.write_desc(k, a, n, 7, f | avail | (NEXT if k + 1 < len(bufs) else 0))
+        slots = len(bufs)
+    drv.commit(slots, 7)
+    drv.add([vb.OUTHDR.pack(vb.ReqType.FLUSH, 0, 0)], [1])
+    q = PackedQueue(arena.memory, 256, drv.desc_addr, drv.driver_addr, drv.device_addr,
+                    bit(F_RING_INDIRECT_DESC))
+    dev = BlkDevice(NullBackend(8 << 30))
+    while (chain := q.pop()) is not None:
+        q.push(chain.head, dev.handle(0, chain), chain.ndesc)
+    q.publish()
+    assert q.broken is None
+    got = {c.head: c.length for c in drv.collect()}
+    assert got[7] == 0 and len(got) == 2 and set(got.values()) == {0, 1}
+    assert arena.read(buf + HUGE - 1, 1) == b"\xee"
+    assert dev.stats.bad_chains == 1 and dev.stats.bytes_read == 0

@@ -13,8 +13,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pyvduse.backend.null import NullBackend
+from pyvduse.cli.messages import terminal_message
 from pyvduse.device.blk import BlkDevice, BlkOptions
-from pyvduse.errors import UserError
+from pyvduse.errors import KernelMissing
 from pyvduse.runtime.server import DeviceServer
 from pyvduse.transport.kernel import sysfs
 from pyvduse.transport.kernel.irq_affinity import (
@@ -149,8 +150,9 @@ def test_a_kernel_without_the_attribute(vduse_class: Path, caplog: pytest.LogCap
     with caplog.at_level(logging.INFO):
         t._check_irq_placement()  # the default just says so
     assert not t._place_irqs and "cannot place VDUSE interrupts" in caplog.text
-    with pytest.raises(UserError, match="--irq-cpus cannot apply: leave it out"):
+    with pytest.raises(KernelMissing, match="cannot apply: leave it out") as e:
         transport(IrqPlacement.parse("0", [0, 1]))._check_irq_placement()
+    assert terminal_message(e.value).startswith("--irq-cpus: this kernel has no ")
 
 
 def test_a_refused_write_leaves_the_queue_and_says_so(

@@ -32,14 +32,13 @@ from pyvduse.abi.virtio import F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_RING_PA
 from pyvduse.backend.file import FileBackend
 from pyvduse.device.blk import BlkDevice, BlkOptions
 from pyvduse.fastpath import engine as native
-from pyvduse.fastpath.engine import DataPath
 from pyvduse.model.arena import Arena
 from pyvduse.model.packed_driver import DriverPackedRing
 from pyvduse.model.split_driver import Completion, DriverSplitRing
 from pyvduse.ring.memory import GuestMemory, RegionMap
 from pyvduse.runtime.server import DeviceServer
 from pyvduse.runtime.state_file import StateFile
-from pyvduse.runtime.tuning import QueueTuning
+from pyvduse.runtime.tuning import DataPath, QueueTuning
 from pyvduse.transport.base import QueueSetup, Transport
 from pyvduse.transport.model.iova import FirstFit
 
@@ -92,6 +91,9 @@ class ChildTransport(Transport):
 
     def set_config(self, offset: int, data: bytes) -> None:
         raise AssertionError("no config changes here")
+
+    def close(self) -> None:
+        pass  # the child is killed, never closed
 
 
 class SlowFile(FileBackend):

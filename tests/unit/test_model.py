@@ -14,8 +14,8 @@ from pyvduse.backend.memory import MemoryBackend
 from pyvduse.device.blk import BlkDevice, BlkOptions
 from pyvduse.model.blk_driver import BlkDriver, BlkIOError
 from pyvduse.model.virtio_driver import DRIVER_TRANSPORT_FEATURES, ProbeError
+from pyvduse.testing.rig import ModelRig
 from pyvduse.transport.model.kernel import SET_STATUS, ModelError, ModelKernel
-from pyvduse.transport.model.rig import ModelRig
 
 MiB = 1 << 20
 
@@ -104,6 +104,31 @@ def test_multiqueue_concurrent_io() -> None:
             t.join()
         assert not errors
         assert all(rig.server.workers[q].completed >= 60 for q in range(4))
+
+
+def test_threads_sharing_one_queue_get_their_own_completions() -> None:
+    """Eight threads on queue 0 at once: a descriptor head is reused as soon as it is
+    collected, so completions must reach the thread that submitted them, not whoever holds
+    that head now."""
+    with ModelRig(blk()) as rig:
+        drv = BlkDriver(rig.kernel)
+        errors: list[BaseException] = []
+
+        def worker(t: int) -> None:
+            try:
+                for k in range(25):
+                    off = (t * 32 + k) * 4096
+                    payload = bytes([t, k]) * 2048
+                    drv.write(off, payload, queue=0)
+                    assert drv.read(off, 4096, queue=0) == payload
+            except BaseException as e:
+                errors.append(e)
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert not errors, errors[0]
 
 
 def test_deaf_device_is_marked_broken_and_driver_never_hangs() -> None:

@@ -22,15 +22,13 @@ from pyvduse.abi import virtio_blk as vb
 from pyvduse.backend.file import FileBackend
 from pyvduse.device.blk import BlkDevice
 from pyvduse.fastpath import engine as native
-from pyvduse.fastpath.engine import DataPath
 from pyvduse.model.blk_driver import BlkDriver
 from pyvduse.model.split_driver import DriverSplitRing
 from pyvduse.model.virtio_driver import DriverQueue
 from pyvduse.ops.drain import drain
 from pyvduse.runtime.native_worker import NativeQueueWorker
-from pyvduse.runtime.tuning import QueueTuning
-from pyvduse.runtime.worker import queue_counters
-from pyvduse.transport.model.rig import ModelRig
+from pyvduse.runtime.tuning import DataPath, QueueTuning
+from pyvduse.testing.rig import ModelRig
 
 if not native.uring_built():
     pytest.skip("the io_uring build of the native engine is not there", allow_module_level=True)
@@ -81,40 +79,40 @@ def read(q: DriverQueue, sector: int) -> int:
     return q.submit([vb.OUTHDR.pack(vb.ReqType.IN, 0, sector)], [4096, 1], indirect=True)
 
 
-def wait_in_flight(device: BlkDevice, n: int) -> None:
+def wait_in_flight(rig: ModelRig, n: int) -> None:
     deadline = time.monotonic() + 5
-    while queue_counters(device)[0].in_flight < n:
+    while rig.server.queue_counters[0].in_flight < n:
         assert time.monotonic() < deadline, "the requests never reached the engine"
         time.sleep(0.002)
 
 
 def test_many_in_flight_complete_out_of_order(tmp_path: Path, gate: tuple[int, int]) -> None:
-    rig, device, image = rig_for(tmp_path)
+    rig, _device, image = rig_for(tmp_path)
     with rig:
         _, q = probe(rig)
         worker = rig.server.workers[0]
         assert isinstance(worker, NativeQueueWorker) and worker.aio == "io_uring"
         held = {read(q, GATE + 8 * k): GATE + 8 * k for k in range(8)}
-        wait_in_flight(device, 8)
+        wait_in_flight(rig, 8)
         free = {read(q, 8 * k): 8 * k for k in range(8)}
         for ticket, sector in free.items():  # later, but not held: they finish first
             c = q.wait(ticket, 5)
             assert c.data[:-1] == image[sector * 512 : sector * 512 + 4096]
-        assert queue_counters(device)[0].in_flight == 8
+        assert rig.server.queue_counters[0].in_flight == 8
         os.write(gate[1], b"x" * 8)
         for ticket, sector in held.items():
             c = q.wait(ticket, 5)
             assert c.data[-1] == vb.ReqStatus.OK
             assert c.data[:-1] == image[sector * 512 : sector * 512 + 4096]
-        assert max(b for b, n in enumerate(queue_counters(device)[0].depth_hist) if n) >= 4
+        assert max(b for b, n in enumerate(rig.server.queue_counters[0].depth_hist) if n) >= 4
 
 
 def test_drain_waits_for_the_engines_requests(tmp_path: Path, gate: tuple[int, int]) -> None:
-    rig, device, _ = rig_for(tmp_path)
+    rig, _, _ = rig_for(tmp_path)
     with rig:
         _, q = probe(rig)
         tickets = [read(q, GATE + 8 * k) for k in range(4)]
-        wait_in_flight(device, 4)
+        wait_in_flight(rig, 4)
         assert drain(rig.server, 0.1) == 1
         os.write(gate[1], b"x" * 4)
         assert drain(rig.server, 5) == 0
@@ -124,11 +122,11 @@ def test_drain_waits_for_the_engines_requests(tmp_path: Path, gate: tuple[int, i
 
 def test_a_reset_with_hung_requests_is_answered_in_time(tmp_path: Path,
                                                          gate: tuple[int, int]) -> None:
-    rig, device, _ = rig_for(tmp_path, msg_timeout=1.0)
+    rig, _, _ = rig_for(tmp_path, msg_timeout=1.0)
     with rig:
         _, q = probe(rig)
         tickets = [read(q, GATE + 8 * k) for k in range(6)]
-        wait_in_flight(device, 6)
+        wait_in_flight(rig, 6)
         ring = q.ring
         assert isinstance(ring, DriverSplitRing)
         buffers = [w for _, (_, wbufs, _, _) in ring.pending.items() for w in wbufs]
@@ -148,13 +146,13 @@ def test_a_reset_with_hung_requests_is_answered_in_time(tmp_path: Path,
 def test_a_remap_keeps_the_engines_requests(tmp_path: Path, gate: tuple[int, int]) -> None:
     """An unmap of memory no request uses, while requests are in flight and finish within
     the grace: they complete normally after the remap."""
-    rig, device, image = rig_for(tmp_path)
+    rig, _device, image = rig_for(tmp_path)
     with rig:
         _, q = probe(rig)
         spare = rig.kernel.iova.alloc_coherent(4096)
         rig.transport.memory.view(spare, 16)  # the device has it mapped
         held = {read(q, GATE + 8 * k): GATE + 8 * k for k in range(4)}
-        wait_in_flight(device, 4)
+        wait_in_flight(rig, 4)
         import threading
 
         threading.Timer(0.2, os.write, (gate[1], b"x" * 4)).start()

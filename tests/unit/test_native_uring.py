@@ -778,11 +778,13 @@ def test_build_passes_the_new_arguments_and_defaults_to_sync(tmp_path: Path) -> 
     drv = DriverSplitRing(arena, 8)
     q = SplitQueue(arena.memory, 8, drv.desc_addr, drv.avail_addr, drv.used_addr, 0)
     assert native.uring_built()
-    sync = native.build(dev, 0, q, arena.memory, None, None, lambda i: None, lambda *a: None)
+    sync = native.build(native.require_plan(dev),
+                        0, q, arena.memory, None, None, lambda i: None, lambda *a: None)
     assert sync.aio == native.AIO_SYNC
     sync.close()
     shared = bytearray(8)
-    eng = native.build(dev, 0, q, arena.memory, None, None, lambda i: None, lambda *a: None,
+    eng = native.build(native.require_plan(dev),
+                       0, q, arena.memory, None, None, lambda i: None, lambda *a: None,
                        aio=native.AIO_URING, inflight=shared)
     assert eng.aio == native.AIO_URING and eng.in_flight() == 0
     drv.add([vb.OUTHDR.pack(vb.ReqType.IN, 0, 0)], [512, 1])
@@ -796,16 +798,19 @@ def test_build_passes_the_new_arguments_and_defaults_to_sync(tmp_path: Path) -> 
         os.close(kick)
         os.close(stop)
     with pytest.raises(ValueError, match="inflight"):
-        native.build(dev, 0, q, arena.memory, None, None, lambda i: None, lambda *a: None,
+        native.build(native.require_plan(dev),
+                     0, q, arena.memory, None, None, lambda i: None, lambda *a: None,
                      inflight=bytearray(4))
     with pytest.raises(ValueError, match="dio_align"):
-        native.build(dev, 0, q, arena.memory, None, None, lambda i: None, lambda *a: None,
+        native.build(native.require_plan(dev),
+                     0, q, arena.memory, None, None, lambda i: None, lambda *a: None,
                      dio_align=3)
     dev.backend.close()
 
 
 def test_engine_py_falls_back_to_the_build_without_liburing() -> None:
     code = ("import sys; sys.modules['pyvduse.fastpath._splitblk_uring'] = None\n"
+            "sys.modules['pyvduse.fastpath._splitblk_full'] = None\n"
             "from pyvduse.fastpath import engine\n"
             "assert engine.available() and not engine.uring_built()\n"
             "assert engine._splitblk.__name__ == 'pyvduse.fastpath._splitblk'\n")

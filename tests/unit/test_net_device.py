@@ -27,8 +27,8 @@ from pyvduse.ops import inspect
 from pyvduse.ops.drain import drain
 from pyvduse.ops.server import answer
 from pyvduse.ops.target import Target
+from pyvduse.testing import ModelRig
 from pyvduse.transport.model.kernel import ModelError, ModelKernel
-from pyvduse.transport.model.rig import ModelRig
 
 MAC = bytes.fromhex("525400123456")
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from pyvduse.errors import UserError
+from pyvduse.errors import ConfigError, MissingDependency
 from pyvduse.ops import metrics
 from pyvduse.ops.client import request
 from tests.unit.test_ops_socket import served, short_dir
@@ -87,7 +87,7 @@ def test_port_in_use_is_one_line(sock_dir: Path) -> None:
         assert taken is not None
         sub = sock_dir / "other"
         sub.mkdir()
-        with pytest.raises(UserError, match=r"cannot serve metrics on 127\.0\.0\.1"), \
+        with pytest.raises(ConfigError, match=r"cannot serve metrics on 127\.0\.0\.1"), \
                 served(sub, metrics=taken):
             pass
         assert not (sub / "t0.sock").exists()  # nothing left behind
@@ -98,7 +98,7 @@ def test_parse_address() -> None:
     assert metrics.parse_address("[::1]:9100") == ("::1", 9100)
     assert metrics.parse_address(":9100") == ("0.0.0.0", 9100)
     for bad in ("127.0.0.1", "127.0.0.1:http", "::1:9100", "x:70000"):
-        with pytest.raises(UserError, match=r"ADDR:PORT|brackets"):
+        with pytest.raises(ConfigError, match=r"ADDR:PORT|brackets"):
             metrics.parse_address(bad)
 
 
@@ -111,7 +111,7 @@ def test_missing_prometheus_client_is_one_line(monkeypatch: pytest.MonkeyPatch) 
         return real_import(name, *args, **kw)
 
     monkeypatch.setattr(builtins, "__import__", no_prometheus)
-    with pytest.raises(UserError, match=r"pip install 'pyvduse\[metrics\]'"):
+    with pytest.raises(MissingDependency, match=r"pip install 'pyvduse\[metrics\]'"):
         metrics.require_client()
 
 
@@ -133,4 +133,4 @@ def test_blk_checks_ops_options_before_anything() -> None:
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == [
-        "pyvduse: error: " + metrics.MISSING]
+        "pyvduse: error: --metrics: " + metrics.MISSING]

@@ -9,14 +9,12 @@ import pytest
 
 from pyvduse.backend.file import FileBackend
 from pyvduse.backend.null import NullBackend
-from pyvduse.cli.blk import device_identity, keep_identity
+from pyvduse.daemon import Daemon
 from pyvduse.device.blk import BlkDevice, BlkOptions
 from pyvduse.model.blk_driver import BlkIOError
 from pyvduse.ops.client import request
-from pyvduse.ops.resize import resize
-from pyvduse.ops.service import Operations
+from pyvduse.ops.service import OpsOptions
 from pyvduse.runtime.state_file import StateFile
-from pyvduse.transport.model.rig import ModelRig
 from tests.unit.test_ops_socket import served, short_dir
 
 sock_dir = pytest.fixture(name="sock_dir")(short_dir)
@@ -149,17 +147,15 @@ def test_one_resize_at_a_time(sock_dir: Path) -> None:
 def test_resize_keeps_the_crash_recovery_identity(sock_dir: Path) -> None:
     img = image(sock_dir / "g.img", 4 * MiB)
     device = BlkDevice(FileBackend(str(img)))
-    state = StateFile.for_device("t0", sock_dir / "state", device_identity(device), 1, 256)
-    state.write_identity()
-    with ModelRig(device) as rig:
-        ops = Operations("t0", rig.server, rig.transport, on_resize=keep_identity(state, device))
-        assert resize(ops.target, 8 * MiB)["changed"]
-    state.close()
-    # a restart after a crash opens the grown file: its identity matches the state file
-    again = BlkDevice(FileBackend(str(img)))
-    reopened = StateFile.for_device("t0", sock_dir / "state", device_identity(again), 1, 256)
-    reopened.check_identity()
-    assert reopened.stored_identity()["size"] == 8 * MiB  # type: ignore[index]
-    reopened.close()
+    control = str(sock_dir / "t0.sock")
+    with Daemon(device, "t0", model=True, state_dir=sock_dir / "state",
+                ops=OpsOptions(control=control)):
+        assert "result" in call(control, size="8M")
+        # a restart after a crash opens the grown file: its identity matches the state file
+        again = BlkDevice(FileBackend(str(img)))
+        reopened = StateFile.for_device("t0", sock_dir / "state", again.identity(), 1, 256)
+        reopened.check_identity()
+        assert reopened.stored_identity()["size"] == 8 * MiB  # type: ignore[index]
+        reopened.close()
+        again.backend.close()
     device.backend.close()
-    again.backend.close()

@@ -19,12 +19,12 @@ import pytest
 
 from pyvduse.backend.memory import MemoryBackend
 from pyvduse.device.blk import BlkDevice, BlkOptions
-from pyvduse.errors import UserError
+from pyvduse.errors import ConfigError
 from pyvduse.model.blk_driver import BlkDriver
 from pyvduse.ops import protocol
 from pyvduse.ops.client import NoDaemon, request
 from pyvduse.ops.service import Operations, OpsOptions
-from pyvduse.transport.model.rig import ModelRig
+from pyvduse.testing.rig import ModelRig
 
 MiB = 1 << 20
 
@@ -273,11 +273,11 @@ def test_stale_socket_is_replaced_live_one_refused(sock_dir: Path) -> None:
         request(str(path), {"cmd": "status"})
     with served(sock_dir) as (_rig, _drv, ops, _):
         assert "result" in request(ops.control_path, {"cmd": "status"})
-        with pytest.raises(UserError, match="another running daemon"), served(sock_dir):
+        with pytest.raises(ConfigError, match="another running daemon"), served(sock_dir):
             pass
         assert "result" in request(ops.control_path, {"cmd": "status"})  # still ours
     path.write_text("not a socket")
-    with pytest.raises(UserError, match="not a socket"), served(sock_dir):
+    with pytest.raises(ConfigError, match="not a socket"), served(sock_dir):
         pass
 
 

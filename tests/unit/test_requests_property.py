@@ -33,11 +33,10 @@ from pyvduse.abi.virtio import (
 )
 from pyvduse.device.base import REQUIRED_FEATURES, DeviceSpec, VirtioDevice
 from pyvduse.device.request import Request
-from pyvduse.fastpath.engine import DataPath
 from pyvduse.model.virtio_driver import DriverQueue, VirtioDriver
-from pyvduse.runtime.tuning import QueueTuning
+from pyvduse.runtime.tuning import DataPath, QueueTuning
+from pyvduse.testing.rig import ModelRig
 from pyvduse.transport.model.iova import IovaSpace
-from pyvduse.transport.model.rig import ModelRig
 
 NUM = 16
 COHERENT = 1 << 16  # the unmappable region where some requests keep their buffers
@@ -185,6 +184,18 @@ class World:
                 assert self.frozen_now(s) == before, "a request wrote into driver memory " \
                     "after the reset or unmap was answered"
             r.complete(written)
+        if s.generation == self.generation and s.fate != "dropped":
+            self.seen(s)
+
+    def seen(self, s: Sent) -> None:
+        """Wait until the driver has collected ``s``'s completion (its data read then), as a
+        driver does before it frees a request's buffers: each step starts from a known
+        state, and a later unmap cannot change what this request returned."""
+        deadline = time.monotonic() + 5
+        while s.ticket not in self.queue.done:
+            assert time.monotonic() < deadline, "a completed request never reached the driver"
+            self.collect()
+            time.sleep(0.0005)
 
     def collect(self) -> None:
         with self.queue.lock:

@@ -15,14 +15,13 @@ from pyvduse.backend.memory import MemoryBackend
 from pyvduse.device.base import REQUIRED_FEATURES
 from pyvduse.device.blk import BlkDevice, BlkOptions
 from pyvduse.fastpath import engine as native
-from pyvduse.fastpath.engine import DataPath
 from pyvduse.model.arena import Arena
 from pyvduse.model.packed_driver import DriverPackedRing
 from pyvduse.model.split_driver import DriverSplitRing
 from pyvduse.ring.memory import GuestMemory
 from pyvduse.runtime.server import DeviceServer
 from pyvduse.runtime.state_file import StateFile
-from pyvduse.runtime.tuning import MAX_US, PUBLISH_AFTER_US, QueueTuning
+from pyvduse.runtime.tuning import MAX_US, PUBLISH_AFTER_US, DataPath, QueueTuning
 from pyvduse.transport.base import QueueSetup, Transport
 
 FEATURES = REQUIRED_FEATURES | bit(F_RING_EVENT_IDX) | bit(F_RING_INDIRECT_DESC)
@@ -51,6 +50,9 @@ class LoopbackTransport(Transport):
 
     def set_config(self, offset: int, data: bytes) -> None:
         self.config.append((offset, data))
+
+    def close(self) -> None:
+        pass
 
     def kick(self, index: int) -> None:
         os.eventfd_write(self.kicks[index], 1)

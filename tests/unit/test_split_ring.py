@@ -226,3 +226,48 @@ def test_queue_size_must_be_power_of_two() -> None:
     arena = Arena(1 << 16)
     with pytest.raises(RingError):
         SplitQueue(arena.memory, 6, 0, 0x1000, 0x2000, ALL)
+
+
+def test_threads_faulting_the_same_regions_in_at_once() -> None:
+    """Each queue's worker and the control thread share one map: two of them missing the
+    same region fault it in once (it raised 'overlapping region' when a resumed daemon read
+    the chains left in flight while a queue's worker already served), and no lookup sees a
+    half-updated index."""
+    import threading
+    import time as _time
+
+    from pyvduse.ring.memory import Region, RegionMap
+
+    backing = {k: bytearray(4096) for k in range(64)}
+    faults: list[int] = []
+
+    def fault_in(iova: int) -> Region | None:
+        k = iova // 4096
+        if k not in backing:
+            return None
+        faults.append(k)
+        _time.sleep(0.0005)  # the window in which another thread misses too
+        return Region(k * 4096, k * 4096 + 4095, memoryview(backing[k]), True)
+
+    rm = RegionMap(fault_in)
+    errors: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        import random
+
+        rng = random.Random(seed)
+        try:
+            for _ in range(400):
+                iova = rng.randrange(64 * 4096)
+                r = rm.find(iova)
+                assert r is not None and r.start <= iova <= r.last
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert sorted(faults) == list(range(64))  # each region faulted in exactly once

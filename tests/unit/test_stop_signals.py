@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from pyvduse.cli.stop_signals import StopSignals
+from pyvduse.ops.stop_signals import StopSignals
 
 
 def test_first_signal_stops_second_hurries() -> None:

@@ -126,10 +126,7 @@ STALL_OFFSET = MiB
 # exists, like a storage server that stopped answering.
 STALL_SCRIPT = f"""
 import logging, os, sys, time
-from pyvduse.backend.file import FileBackend
-from pyvduse.cli.blk import preflight, serve
-from pyvduse.device.blk import BlkDevice
-from pyvduse.ops.service import OpsOptions
+from pyvduse import BlkDevice, Daemon, FileBackend, OpsOptions, check_kernel
 
 name, image, trigger, control = sys.argv[1:5]
 
@@ -142,9 +139,11 @@ class StallingFile(FileBackend):
         super().readv(offset, bufs)
 
 logging.basicConfig(level="INFO", stream=sys.stderr, format="pyvduse: %(levelname)s: %(message)s")
-preflight()
-sys.exit(serve(name, BlkDevice(StallingFile(image)),
-               ops=OpsOptions(control=control, drain_timeout=2)))
+check_kernel()
+daemon = Daemon(BlkDevice(StallingFile(image)), name,
+                ops=OpsOptions(control=control, drain_timeout=2))
+daemon.on_ready = lambda d: print(f"READY name={{d.name}} dev={{d.node}}", flush=True)
+daemon.run(signals=True)
 """
 
 

@@ -9,7 +9,7 @@ import struct
 from pathlib import Path
 
 from pyvduse.abi import vduse as v
-from pyvduse.errors import UserError
+from pyvduse.errors import AccessDenied, KernelMissing, KernelRefused, NameTaken
 from pyvduse.transport.kernel import sysfs
 
 
@@ -38,9 +38,9 @@ class Control:
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise UserError(missing_module_hint()) from None
+            raise KernelMissing(missing_module_hint()) from None
         except PermissionError:
-            raise UserError(
+            raise AccessDenied(
                 f"no permission to open {path}: run as root, or give your user access to it "
                 "with a udev rule"
             ) from None
@@ -67,20 +67,19 @@ class Control:
             fcntl.ioctl(self.fd, v.VDUSE_CREATE_DEV, bytearray(config.pack()))
         except OSError as e:
             if e.errno == errno.EEXIST:
-                raise UserError(
-                    f"a VDUSE device named '{config.name}' already exists: choose another "
-                    f"--name, or remove the old one with 'pyvduse destroy {config.name}'"
-                ) from None
+                raise NameTaken(config.name, f"a VDUSE device named '{config.name}' already "
+                                "exists: choose another name, or destroy the old one",
+                                option="name") from None
             if e.errno == errno.EPERM:
-                raise UserError(
+                raise AccessDenied(
                     f"the kernel refused to create '{config.name}' (EPERM): network devices "
                     "need CAP_NET_ADMIN; run as root"
                 ) from None
             if e.errno == errno.EINVAL:
-                raise UserError(
-                    f"the kernel refused the configuration of '{config.name}' (EINVAL): "
-                    "check the device type, features and queue count this kernel supports"
-                ) from None
+                raise KernelRefused(
+                    config.name, f"the kernel refused the configuration of '{config.name}' "
+                    "(EINVAL): check the device type, features and queue count this kernel "
+                    "supports") from None
             raise
 
     def destroy(self, name: str) -> None:

@@ -19,10 +19,14 @@ import logging
 import mmap
 import os
 import resource
+import time
 
 from pyvduse.abi import vduse as v
 from pyvduse.ring.memory import MAX_IOVA, Region, RegionMap
 from pyvduse.transport.kernel.device_fd import DeviceFd
+
+#: How long a daemon waits for its killed predecessor's bounce memory to be released.
+UMEM_BUSY_SECONDS = 5.0
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +96,7 @@ class IotlbMapper:
                 mem = UserBounce(-1, size, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
                 anchor = ctypes.c_char.from_buffer(mem)
                 try:
-                    self.dev.reg_umem(ctypes.addressof(anchor), 0, size)
+                    self._register(ctypes.addressof(anchor), size)
                 finally:
                     del anchor
             except (OSError, ValueError) as e:  # ValueError: RLIMIT_MEMLOCK not raised
@@ -105,6 +109,20 @@ class IotlbMapper:
             self._bounce = mem
             log.info("the bounce buffer is the daemon's memory (%d MiB)", size >> 20)
         return Region(0, entry.last, memoryview(self._bounce), True, owner=self._bounce)
+
+    def _register(self, uaddr: int, size: int) -> None:
+        """REG_UMEM. EEXIST: the memory of the daemon this one replaces is still registered,
+        because the kernel has not finished releasing that daemon's device file (a kill -9
+        a moment ago): it will be deregistered shortly, so try again for a while."""
+        deadline = time.monotonic() + UMEM_BUSY_SECONDS
+        while True:
+            try:
+                self.dev.reg_umem(uaddr, 0, size)
+                return
+            except OSError as e:
+                if e.errno != errno.EEXIST or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.02)
 
     def drop_user_bounce(self, mem: UserBounce) -> None:
         """Give the bounce buffer back to the kernel (it copies the pages in use) so that

@@ -21,7 +21,13 @@ from types import TracebackType
 from pyvduse.abi import vduse as v
 from pyvduse.abi.virtio import Status
 from pyvduse.device.base import DeviceSpec
-from pyvduse.errors import UserError
+from pyvduse.errors import (
+    AccessDenied,
+    DeviceBroken,
+    DeviceBusy,
+    KernelMissing,
+    NoSuchDevice,
+)
 from pyvduse.ring.memory import GuestMemory
 from pyvduse.transport.base import DeviceEvents, QueueSetup, Transport
 from pyvduse.transport.kernel import sysfs
@@ -170,10 +176,12 @@ class KernelTransport(Transport):
         try:
             self._dev = DeviceFd.open(path)
         except FileNotFoundError:
-            raise UserError(f"there is no device '{self.name}' to reconnect to") from None
+            raise NoSuchDevice(self.name, f"there is no device '{self.name}' to resume",
+                               option="name") from None
         except OSError as e:
             if e.errno == errno.EBUSY:
-                raise UserError(f"'{self.name}' is already served by a running daemon") from None
+                raise DeviceBusy(self.name, f"'{self.name}' is already served by a running "
+                                 "daemon", option="name") from None
             raise
         self._created = True
         self._attached = sysfs.bound_driver(self.name) is not None or bool(
@@ -187,10 +195,9 @@ class KernelTransport(Transport):
                 features = self._dev.get_features()
                 infos = [self._dev.vq_get_info(i) for i in range(self.spec.num_queues)]
             except PermissionError:
-                raise UserError(
-                    f"device '{self.name}' is broken: the kernel timed out waiting for a daemon "
-                    f"(msg_timeout); remove it with 'pyvduse destroy {self.name}' and start "
-                    "again") from None
+                raise DeviceBroken(
+                    self.name, f"device '{self.name}' is broken: the kernel timed out waiting "
+                    "for a daemon (msg_timeout); destroy it and create it again") from None
             if features and any(i.ready for i in infos):
                 sm = self.status_machine
                 sm.features = features
@@ -208,7 +215,7 @@ class KernelTransport(Transport):
 
     def remove_orphan(self) -> None:
         """Take over an attached device whose daemon died, then detach and destroy it."""
-        with contextlib.suppress(UserError):  # broken: the kernel asks nothing more of us
+        with contextlib.suppress(DeviceBroken):  # the kernel asks nothing more of us
             self.reconnect()
         self._created = self._attached = True
         self.close()
@@ -223,13 +230,15 @@ class KernelTransport(Transport):
                 nl.dev_add(self.name)
         except VdpaError as e:
             if e.errno == errno.ENOENT:
-                raise UserError(str(e)) from None
+                raise KernelMissing(str(e)) from None
             if e.errno == errno.EPERM:
-                raise UserError("attaching a vdpa device needs CAP_NET_ADMIN: run as root") from None
+                raise AccessDenied("attaching a vdpa device needs CAP_NET_ADMIN: run as "
+                                   "root") from None
             raise
         self._attached = True
         if self.broken:
-            raise UserError(f"the kernel marked device '{self.name}' broken: {self.broken}")
+            raise DeviceBroken(self.name, f"the kernel marked device '{self.name}' broken: "
+                               f"{self.broken}")
 
     def detach(self) -> None:
         if not self._attached:
@@ -351,8 +360,9 @@ class KernelTransport(Transport):
         self._place_irqs = attr.exists()
         if not self._place_irqs:
             if self.irq_placement.explicit:
-                raise UserError(f"this kernel has no {attr.parent.parent}/vqN/irq_cb_affinity, "
-                                "so --irq-cpus cannot apply: leave it out")
+                raise KernelMissing(f"this kernel has no {attr.parent.parent}/vqN/"
+                                    "irq_cb_affinity, so a placement of the queues' interrupts "
+                                    "cannot apply: leave it out", option="irq_placement")
             log.info("this kernel cannot place VDUSE interrupts (no vqN/irq_cb_affinity)")
 
     def _place_interrupts(self) -> None:

@@ -5,9 +5,8 @@ from __future__ import annotations
 from types import TracebackType
 
 from pyvduse.device.base import VirtioDevice
-from pyvduse.fastpath.engine import DataPath
 from pyvduse.runtime.server import DeviceServer
-from pyvduse.runtime.tuning import QueueTuning
+from pyvduse.runtime.tuning import DataPath, QueueTuning
 from pyvduse.transport.model.kernel import ModelKernel
 from pyvduse.transport.model.transport import ModelTransport
 

@@ -1,0 +1,273 @@
+"""fio through an NBD server: pyvduse --nbd against qemu-storage-daemon driver=nbd, in the test VM.
+
+The benchmark of issue 17. In one run in the test VM, two nbdkit memory servers (one plain,
+one answering every request 1 ms late through nbdkit's delay filter) are each exported by
+pyvduse (``blk --nbd``) and by qemu-storage-daemon (``--blockdev driver=nbd --export
+type=vduse-blk``), and fio (libaio, direct, time-based, one job) runs 4k randread and
+randwrite at iodepth 1, 16 and 64 and 128k sequential reads and writes at iodepth 8 against
+each, ours and the peer's back to back. It prints one row per server and workload (ours, the
+peer's, the ratio, the limit the delay sets, CPU per I/O of both daemons and of the server)
+and the issue's targets:
+
+- every cell: ours >= 1.0x the peer's;
+- iodepth 16 behind the 1 ms delay: ours >= 0.8x of 16 requests per millisecond.
+
+    python3 bench/nbd.py [--seconds 4] [--ramp 1] [--repeat N] [--quick] [--markdown]
+                         [--workloads NAME,...] [--servers plain,delay-1ms]
+                         [--our-args ARGS] [--json PATH]
+
+Needs root (the test VM does). Emulated (TCG) figures: compare the columns with each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fio_vs_qsd import (
+    git_commit,
+    host_cpu_model,
+    host_cpu_times,
+    host_load,
+    merge_runs,
+    paired_ratio,
+    run_guest,
+    source_digest,
+    steal_share,
+)
+from nbd_guest import QUICK_WORKLOADS, SERVERS, WORKLOAD_BY_NAME, WORKLOADS
+from slow_disk import HostWatch, _num, _x, format_grid
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+DEFAULT_JSON = HERE / "results" / "nbd.json"
+DEFAULT_SECONDS = 4.0
+TARGET_DEPTH = 16
+TARGET_SHARE_OF_LIMIT = 0.8
+DELAYED = "delay-1ms"
+
+
+def _metric(cell: dict[str, Any] | None, large: bool) -> float | None:
+    if not cell or "error" in cell:
+        return None
+    value = cell.get("mb_s" if large else "iops")
+    return float(value) if value is not None else None
+
+
+def limit(server: str, bs: str, iodepth: int) -> float | None:
+    """What the server's delay allows at this depth: iodepth requests per delay (IOPS, or
+    MB/s for large blocks); None without a delay."""
+    delay_us = SERVERS[server][2]
+    if not delay_us:
+        return None
+    per_s = iodepth * 1e6 / delay_us
+    return per_s * 128 * 1024 / 1e6 if bs != "4k" else per_s
+
+
+def build_rows(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Cells -> one row per (server, workload), medians over rounds, ratios paired by
+    round."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for c in cells:
+        groups.setdefault((c["server"], c["workload"], c["impl"]), []).append(c)
+    rows = []
+    for server in SERVERS:
+        for w in WORKLOADS:
+            ours_runs = groups.get((server, w.name, "pyvduse"), [])
+            peer_runs = groups.get((server, w.name, "qsd"), [])
+            if not ours_runs and not peer_runs:
+                continue
+            large = w.bs != "4k"
+            ours = merge_runs(ours_runs) if ours_runs else {}
+            peer = merge_runs(peer_runs) if peer_runs else {}
+            cap = limit(server, w.bs, w.iodepth)
+            our_figure = _metric(ours, large)
+
+            def get(cell: dict[str, Any], key: str) -> Any:
+                return None if "error" in cell else cell.get(key)
+
+            rows.append({
+                "server": server, "workload": w.name, "rw": w.rw, "bs": w.bs,
+                "iodepth": w.iodepth, "unit": "MB/s" if large else "IOPS",
+                "ours": our_figure, "peer": _metric(peer, large),
+                "ratio": paired_ratio(ours_runs, peer_runs, large) if peer_runs else None,
+                "limit": cap,
+                "ours_vs_limit": our_figure / cap if our_figure is not None and cap else None,
+                "our_lat_us": get(ours, "lat_mean_us"), "peer_lat_us": get(peer, "lat_mean_us"),
+                "our_cpu_us_per_io": get(ours, "cpu_us_per_io"),
+                "peer_cpu_us_per_io": get(peer, "cpu_us_per_io"),
+                "server_cpu_ours": get(ours, "server_cpu_us_per_io"),
+                "server_cpu_peer": get(peer, "server_cpu_us_per_io"),
+                "our_depth": get(ours, "depth_mean"),
+                "errors": [c["error"] for c in ours_runs + peer_runs if "error" in c],
+            })  # fmt: skip
+    return rows
+
+
+def evaluate_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    measured = [r for r in rows if r["ratio"] is not None]
+    below = [f"{r['server']} {r['workload']} {r['ratio']:.2f}x" for r in measured
+             if r["ratio"] < 1.0]
+    out = [{"target": "vs_peer", "text": "every cell: ours >= 1.0x the peer's",
+            "value": f"{len(measured) - len(below)} of {len(measured)} cells",
+            "met": None if not measured else not below, "below": below}]
+    for rw in ("randread", "randwrite"):
+        r = next((r for r in rows if r["server"] == DELAYED and r["rw"] == rw
+                  and r["bs"] == "4k" and r["iodepth"] == TARGET_DEPTH), None)
+        share = r["ours_vs_limit"] if r else None
+        out.append({"target": f"limit_{rw}",
+                    "text": f"{rw} iodepth {TARGET_DEPTH}, 1 ms delay: ours >= "
+                            f"{TARGET_SHARE_OF_LIMIT}x of {TARGET_DEPTH} requests per ms",
+                    "value": None if share is None else f"{share:.2f}x ({r['ours']:,.0f} IOPS)"
+                    if r else None,
+                    "met": None if share is None else share >= TARGET_SHARE_OF_LIMIT})
+    return out
+
+
+COLUMNS = ("server", "workload", "ours", "peer", "ratio", "limit", "ours/limit",
+           "lat µs ours/peer", "CPU µs/IO ours/peer", "server CPU µs/IO ours/peer", "depth")
+RIGHT = set(COLUMNS) - {"server", "workload"}
+
+
+def _figure(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f} IOPS" if unit == "IOPS" else f"{value:,.1f} MB/s"
+
+
+def format_rows(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
+    body = []
+    for r in rows:
+        lat = (f"{_num(r['our_lat_us'])}/{_num(r['peer_lat_us'])}" if r["iodepth"] == 1
+               else "-")
+        body.append([
+            r["server"], r["workload"], _figure(r["ours"], r["unit"]),
+            _figure(r["peer"], r["unit"]), _x(r["ratio"]), _figure(r["limit"], r["unit"]),
+            _x(r["ours_vs_limit"]), lat,
+            f"{_num(r['our_cpu_us_per_io'])}/{_num(r['peer_cpu_us_per_io'])}",
+            f"{_num(r['server_cpu_ours'])}/{_num(r['server_cpu_peer'])}",
+            _num(r["our_depth"], 1),
+        ])  # fmt: skip
+    return format_grid(COLUMNS, body, RIGHT, markdown)
+
+
+def format_targets(targets: Sequence[dict[str, Any]], markdown: bool = False) -> str:
+    body = []
+    for t in targets:
+        verdict = "not measured" if t["met"] is None else ("met" if t["met"] else "not met")
+        extra = f" (below: {', '.join(t['below'])})" if t.get("below") else ""
+        body.append([t["text"], f"{t['value'] or '-'}{extra}", verdict])
+    return format_grid(("target", "measured", "verdict"), body, set(), markdown)
+
+
+def format_notes(info: dict[str, Any]) -> str:
+    guest = info.get("guest", {})
+    steal = info.get("host_steal_share")
+    return "\n".join([
+        f"nbdkit memory {info.get('disk_mb', '?')} MiB on a Unix socket in the guest, "
+        f"{info.get('server_threads', '?')} threads; '{DELAYED}': nbdkit --filter=delay "
+        "delay-read=1ms delay-write=1ms. One queue of 256 per daemon; qsd: driver=nbd, "
+        "type=vduse-blk. limit: iodepth requests per ms behind the delay. CPU µs/IO: the "
+        "serving daemon's CPU (all threads) per I/O the device completed; server CPU: "
+        "nbdkit's over the same cell; depth: pyvduse's mean queue depth (ctl stats).",
+        f"{info.get('seconds_per_cell', 0):g} s per cell (+{info.get('ramp_seconds', 0):g} s "
+        f"ramp), {info.get('repeat', 1)} round(s); guest {guest.get('guest_kernel', '?')}, "
+        f"{guest.get('guest_vcpus', '?')} vCPUs, QEMU TCG on {info.get('host_cpu', '?')}"
+        + ("" if steal is None else f" ({steal * 100:.0f}% stolen)")
+        + f"; {guest.get('qsd_version', '?')}; {guest.get('fio_version', '?')}; pyvduse "
+        f"{info.get('pyvduse_commit', '?')}"
+        + (f" with {info['our_args']}" if info.get("our_args") else "")
+        + f"; total {info.get('total_seconds', 0):.0f} s.",
+    ])
+
+
+def report_text(report: dict[str, Any], markdown: bool = False) -> str:
+    return "\n\n".join([format_rows(report["rows"], markdown),
+                        format_targets(report["targets"], markdown),
+                        format_notes(report["info"])])
+
+
+def build_report(guest: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+    rows = build_rows(guest["cells"])
+    return {"info": info, "rows": rows, "targets": evaluate_targets(rows),
+            "cells": guest["cells"]}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--seconds", type=float, default=None,
+                   help=f"fio runtime per cell (default {DEFAULT_SECONDS:g}, 1 with --quick)")
+    p.add_argument("--ramp", type=float, default=None,
+                   help="fio ramp_time per cell (default 1, 0 with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke mode: 1 s cells, workloads " + ",".join(QUICK_WORKLOADS))
+    p.add_argument("--workloads", help="comma-separated subset (default: all, or the quick set)")
+    p.add_argument("--servers", default=",".join(SERVERS), help="plain, delay-1ms or both")
+    p.add_argument("--repeat", type=int, default=1, metavar="N")
+    p.add_argument("--our-args", default="", metavar="ARGS",
+                   help="extra 'pyvduse blk' options for our daemons")
+    p.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    p.add_argument("--markdown", action="store_true")
+    p.add_argument("--mem", default=os.environ.get("TESTVM_MEM", "3G"))
+    p.add_argument("--smp", type=int, default=2)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    seconds = args.seconds if args.seconds is not None else (1.0 if args.quick else DEFAULT_SECONDS)
+    ramp = args.ramp if args.ramp is not None else (0.0 if args.quick else 1.0)
+    workloads = args.workloads.split(",") if args.workloads else (
+        list(QUICK_WORKLOADS) if args.quick else [w.name for w in WORKLOADS])
+    servers = args.servers.split(",")
+    unknown = [n for n in workloads if n not in WORKLOAD_BY_NAME]
+    unknown += [n for n in servers if n not in SERVERS]
+    if unknown:
+        parser.error(f"unknown {', '.join(unknown)}")
+    started = time.monotonic()
+    load_before, times_before = host_load(), host_cpu_times()
+    date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    cells = len(workloads) * len(servers) * 2 * args.repeat
+    with HostWatch() as watch:
+        guest = run_guest(["--seconds", f"{seconds:g}", "--ramp", f"{ramp:g}",
+                           "--workloads", ",".join(workloads), "--servers", ",".join(servers),
+                           "--repeat", str(args.repeat), f"--our-args={args.our_args}"],
+                          mem=args.mem, smp=args.smp,
+                          timeout=900 + 3 * cells * (seconds + ramp + 5),
+                          runner="nbd_guest.py", prog="nbd")
+    from nbd_guest import DISK_MB, SERVER_THREADS
+
+    info = {
+        "date": date, "host_cpu": host_cpu_model(), "host_cpus": os.cpu_count(),
+        "host_load_before": load_before, "host_load_after": host_load(),
+        "host_steal_share": steal_share(times_before, host_cpu_times()),
+        "other_vms": watch.summary(), "guest": guest["info"],
+        "pyvduse_commit": git_commit(), "pyvduse_source_sha256": source_digest(),
+        "seconds_per_cell": seconds, "ramp_seconds": ramp, "repeat": args.repeat,
+        "our_args": args.our_args, "workloads": workloads, "servers": servers,
+        "disk_mb": DISK_MB, "server_threads": SERVER_THREADS,
+        "devices": guest.get("devices", []), "guest_seconds": guest.get("guest_total_s"),
+        "total_seconds": time.monotonic() - started,
+    }  # fmt: skip
+    report = build_report(guest, info)
+    print(report_text(report, markdown=args.markdown))
+    report["table"] = report_text(report)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    print(f"wrote {args.json}")
+    failed = [r for r in report["rows"] if r["errors"]]
+    for r in failed:
+        print(f"FAILED {r['server']} {r['workload']}: {r['errors'][0][-500:]}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

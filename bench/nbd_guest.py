@@ -1,0 +1,250 @@
+"""Guest half of bench/nbd.py: fio through pyvduse --nbd and qemu-storage-daemon driver=nbd.
+
+Do not run this on a workstation: it starts NBD servers, creates VDUSE devices and writes to
+them. bench/nbd.py boots the test VM and runs it there:
+
+    python bench/nbd_guest.py --out bench/results/.guest.json [--seconds 4] [--ramp 1]
+                              [--workloads NAME,...] [--servers NAME,...] [--repeat N]
+                              [--our-args 'BLK OPTIONS']
+
+Two nbdkit servers of the same kind serve a 1 GiB memory disk on Unix sockets: one plain,
+one behind nbdkit's delay filter (every read and write answered 1 ms late; 64 server
+threads, so the server is not what limits 64 in flight). Each is exported twice, once by
+pyvduse (``blk --nbd``) and once by qemu-storage-daemon (``--blockdev driver=nbd``,
+``--export type=vduse-blk``), one queue of 256 each; the same fio cell then runs against
+our device and the peer's back to back (who goes first alternating). Per cell: fio's
+figures, the serving daemon's CPU time per I/O, the server's, and for pyvduse the queue depth
+from ``ctl stats``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from contextlib import ExitStack, suppress
+from pathlib import Path
+from typing import Any
+
+from guest_runner import (
+    QSD,
+    QUEUE_SIZE,
+    BenchError,
+    Device,
+    Workload,
+    _log,
+    _spawn,
+    _wait,
+    cpu_seconds,
+    guest_info,
+    launch_qsd,
+    local_fio,
+    measure_fio,
+    stop,
+    wait_ready,
+)
+from slow_disk_guest import ctl, stats_delta
+
+WORKLOADS: tuple[Workload, ...] = (
+    *(Workload(f"{rw}-4k-qd{depth}", rw, "4k", depth)
+      for rw in ("randread", "randwrite") for depth in (1, 16, 64)),
+    Workload("read-128k-qd8", "read", "128k", 8),
+    Workload("write-128k-qd8", "write", "128k", 8),
+)
+WORKLOAD_BY_NAME = {w.name: w for w in WORKLOADS}
+#: Server name -> (nbdkit filters, their parameters), and the delay each request gets (µs).
+SERVERS: dict[str, tuple[tuple[str, ...], tuple[str, ...], int]] = {
+    "plain": ((), (), 0),
+    "delay-1ms": (("--filter=delay",), ("delay-read=1ms", "delay-write=1ms"), 1000),
+}
+QUICK_WORKLOADS = ("randread-4k-qd1", "randwrite-4k-qd16", "read-128k-qd8")
+DISK_MB = 1024
+SERVER_THREADS = 64
+IMPLS = ("pyvduse", "qsd")
+OUR_EXTRA: list[str] = []
+
+
+def socket_path(work: Path, server: str) -> Path:
+    return work / f"{server}.sock"
+
+
+def uri(work: Path, server: str) -> str:
+    return f"nbd+unix:///?socket={socket_path(work, server)}"
+
+
+def nbdkit_argv(work: Path, server: str) -> list[str]:
+    filters, params, _ = SERVERS[server]
+    return ["nbdkit", "-f", "--threads", str(SERVER_THREADS), "-U",
+            str(socket_path(work, server)), *filters, "memory", f"{DISK_MB}M", *params]
+
+
+def device_name(impl: str, server: str) -> str:
+    return f"{'py' if impl == 'pyvduse' else 'qsd'}-nbd-{server.replace('-', '')}"
+
+
+def our_argv(work: Path, server: str) -> list[str]:
+    return [sys.executable, "-m", "pyvduse", "blk", "--name", device_name("pyvduse", server),
+            "--nbd", uri(work, server), "--queues", "1", "--queue-size", str(QUEUE_SIZE),
+            *OUR_EXTRA]  # fmt: skip
+
+
+def qsd_argv(work: Path, server: str) -> list[str]:
+    node = f"driver=nbd,node-name=n0,server.type=unix,server.path={socket_path(work, server)}"
+    export = (f"type=vduse-blk,id=e0,node-name=n0,name={device_name('qsd', server)},"
+              f"writable=on,num-queues=1,queue-size={QUEUE_SIZE}")
+    return [QSD, "--blockdev", node, "--export", export]
+
+
+def start_server(work: Path, server: str) -> subprocess.Popen[bytes]:
+    sock = socket_path(work, server)
+    sock.unlink(missing_ok=True)
+    proc = _spawn(nbdkit_argv(work, server), work / f"nbdkit-{server}.log")
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise BenchError(f"nbdkit {server} exited ({proc.returncode})")
+        return sock.exists()
+
+    _wait(f"nbdkit {server}", up, 30)
+    return proc
+
+
+def _stop_server(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_one(d: Device, w: Workload, server: str, server_pid: int, seconds: float,
+            ramp: float, fio: Any) -> dict[str, Any]:
+    cell: dict[str, Any] = {"impl": d.impl, "server": server, "workload": w.name, "rw": w.rw,
+                            "bs": w.bs, "iodepth": w.iodepth, "dev": d.dev,
+                            "delay_us": SERVERS[server][2]}
+    if d.proc.poll() is not None:
+        cell["error"] = f"the daemon exited ({d.proc.returncode}) before this cell"
+        cell["daemon_log"] = d.log_tail()
+        return cell
+    before = None
+    server0 = cpu_seconds(server_pid)
+    try:
+        if d.impl == "pyvduse":
+            before = ctl(d.name, "stats")
+        measure_fio(cell, d.dev, d.pid, w, seconds, ramp, fio)
+        if before is not None:
+            cell.update(stats_delta(before, ctl(d.name, "stats")))
+    except (OSError, subprocess.SubprocessError, BenchError) as e:
+        cell.setdefault("error", f"{type(e).__name__}: {e}")
+    except Exception as e:  # the management client's errors: record, go on
+        cell.setdefault("error", f"{type(e).__name__}: {e}")
+    ios = cell.get("dev_ios")
+    cell["server_cpu_us_per_io"] = ((cpu_seconds(server_pid) - server0) / ios * 1e6
+                                    if ios else None)
+    if "error" in cell:
+        cell["daemon_log"] = d.log_tail()[-1500:]
+    return cell
+
+
+def run_matrix(workloads: list[Workload], servers: list[str], *, seconds: float, ramp: float,
+               repeat: int) -> dict[str, Any]:
+    started = time.monotonic()
+    work = Path("/tmp/nbd-bench")
+    work.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"info": guest_info(), "cells": [], "devices": []}
+    with ExitStack() as stack:
+        procs = {}
+        for s in servers:
+            procs[s] = start_server(work, s)
+            stack.callback(_stop_server, procs[s])  # after the daemons (LIFO)
+        devices: dict[tuple[str, str], Device] = {}
+        ours = []
+        for s in servers:
+            name = device_name("pyvduse", s)
+            argv = our_argv(work, s)
+            d = Device("pyvduse", s, 1, name, _spawn(argv, work / f"{name}.log",
+                                                     stdout=subprocess.PIPE),
+                       work / f"{name}.log", command=shlex.join(argv))
+            stack.callback(stop, d)
+            ours.append(d)
+            devices[("pyvduse", s)] = d
+        fio = local_fio(work)
+        wait_ready(ours)
+        for s in servers:
+            d = launch_qsd(device_name("qsd", s), qsd_argv(work, s), work, s, 1)
+            stack.callback(stop, d)
+            devices[("qsd", s)] = d
+        for (impl, s), d in devices.items():
+            entry: dict[str, Any] = {"impl": impl, "server": s, "dev": d.dev,
+                                     "command": d.command}
+            if impl == "pyvduse":
+                status = ctl(d.name, "status")
+                entry["nbd"] = status.get("nbd")
+                entry["engines"] = [q.get("engine") for q in status.get("queues", [])]
+            result["devices"].append(entry)
+        result["setup_s"] = time.monotonic() - started
+        _log(f"set up in {result['setup_s']:.1f} s")
+        k = 0
+        for w in workloads:
+            for r in range(repeat):
+                for s in servers:
+                    order = IMPLS if k % 2 == 0 else IMPLS[::-1]
+                    k += 1
+                    for impl in order:
+                        cell = run_one(devices[(impl, s)], w, s, procs[s].pid, seconds, ramp,
+                                       fio)
+                        cell["round"] = r
+                        result["cells"].append(cell)
+                        _log(cell_line(cell))
+    result["guest_total_s"] = time.monotonic() - started
+    return result
+
+
+def cell_line(c: dict[str, Any]) -> str:
+    head = f"{c['impl']:8} {c['server']:10} {c['workload']:17}"
+    if "error" in c:
+        return f"{head} ERROR: {c['error'][-300:]}"
+    cpu = c.get("cpu_us_per_io")
+    return (f"{head} {c['iops']:8.0f} IOPS {c['mb_s']:7.1f} MB/s lat {c['lat_mean_us']:7.0f} us "
+            f"cpu {'-' if cpu is None else f'{cpu:.0f}'} us/IO")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seconds", type=float, default=4.0)
+    p.add_argument("--ramp", type=float, default=1.0)
+    p.add_argument("--workloads", default=",".join(w.name for w in WORKLOADS))
+    p.add_argument("--servers", default=",".join(SERVERS))
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--our-args", default="")
+    args = p.parse_args(argv)
+    OUR_EXTRA[:] = shlex.split(args.our_args)
+    try:
+        workloads = [WORKLOAD_BY_NAME[n] for n in args.workloads.split(",") if n]
+        servers = [n for n in args.servers.split(",") if n]
+        unknown = [n for n in servers if n not in SERVERS]
+        if unknown:
+            raise BenchError(f"unknown server {', '.join(unknown)}")
+        result = run_matrix(workloads, servers, seconds=args.seconds, ramp=args.ramp,
+                            repeat=args.repeat)
+    except (BenchError, KeyError, OSError, subprocess.SubprocessError) as e:
+        result = {"fatal": f"{type(e).__name__}: {e}"}
+        _log(f"FATAL {result['fatal']}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".partial")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(args.out)
+    with suppress(OSError):
+        os.sync()
+    return 1 if "fatal" in result else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

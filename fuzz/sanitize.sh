@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The native engine under AddressSanitizer and UndefinedBehaviorSanitizer: build the
+# extension (every build: plain, io_uring, and io_uring + NBD where libnbd-dev is there) with
+# -fsanitize=address,undefined in a copy of the tree, then run the native-engine tests (the
+# NBD ones against nbdkit when it is installed) and the differential fuzzer
+# (fuzz/ring_cases.py: both engines, byte for byte) against it on a fixed seeded budget.
+# Any sanitizer report fails the run (the first one aborts the process, and every report
+# is also written to a log file this script checks for).
+#
+#   fuzz/sanitize.sh              # CI (.ci/run): the fixed budget, a few minutes
+#   FUZZ_CASES=100000 fuzz/sanitize.sh   # a longer fuzzing run
+#
+# Needs gcc (its libasan and libubsan: Debian's libgcc-12-dev brings them) and the tests'
+# Python packages. The ordinary build in the checkout is left alone.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SEED=${SANITIZE_SEED:-20261205}
+CASES=${FUZZ_CASES:-4000}
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/pyvduse-sanitize.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+
+echo "sanitize: copying the tree to $WORK"
+tar --exclude='__pycache__' --exclude='*.so' --exclude='.hypothesis' -cf - \
+  pyproject.toml README.md pyvduse tests fuzz | tar -xf - -C "$WORK"
+cd "$WORK"
+
+SAN="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -g"
+echo "sanitize: building the extension with $SAN"
+CFLAGS="$SAN" LDFLAGS="$SAN" python3 -c 'import setuptools; setuptools.setup()' \
+  build_ext --inplace >build.log 2>&1 || { cat build.log; exit 1; }
+
+# The ASan runtime the extension was linked with must be loaded first (Python itself is not
+# instrumented): find it in the extension's own dependencies.
+LIBASAN=
+for so in pyvduse/fastpath/_splitblk*.so; do
+  lib=$(ldd "$so" | awk '/libasan/ {print $3}')
+  [ -n "$lib" ] || { echo "sanitize: $so is not linked with AddressSanitizer" >&2; exit 1; }
+  LIBASAN=$lib
+done
+[ -n "$LIBASAN" ] && [ -e "$LIBASAN" ] || { echo "sanitize: no libasan found" >&2; exit 1; }
+ls pyvduse/fastpath/_splitblk_uring*.so >/dev/null 2>&1 \
+  || echo "sanitize: warning: built without liburing, the io_uring path is not covered"
+
+REPORT="$WORK/sanitizer-report"
+export LD_PRELOAD="$LIBASAN"
+export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:log_path=$REPORT:allocator_may_return_null=1"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$REPORT"
+export PYTHONMALLOC=malloc    # Python's buffers (the tests' driver memory) get ASan's redzones
+export PYVDUSE_REQUIRE_NATIVE=1
+export PYTHONDONTWRITEBYTECODE=1
+
+python3 - <<'EOF'
+import ctypes
+ctypes.CDLL(None).__asan_init  # AttributeError unless the ASan runtime is loaded
+import pyvduse.fastpath.engine as native
+assert native.available(), "the sanitized extension did not load"
+print(f"sanitize: {native._splitblk.__file__} loaded under AddressSanitizer")
+EOF
+
+status=0
+echo "sanitize: native-engine properties (hypothesis seed $SEED)"
+python3 -m pytest -p no:cacheprovider -q --no-vm -x --hypothesis-seed="$SEED" \
+  tests/unit/test_native_api.py tests/unit/test_native_engine.py \
+  tests/unit/test_hostile_ring.py tests/unit/test_ring_areas.py \
+  tests/unit/test_ring_budget.py tests/unit/test_native_uring.py \
+  tests/unit/test_native_inflight.py tests/unit/test_nbd.py || status=$?
+if [ "$status" = 0 ]; then
+  echo "sanitize: differential fuzzing, $CASES cases (seed $SEED)"
+  python3 fuzz/fuzz_rings.py --cases "$CASES" --seed "$SEED" || status=$?
+fi
+if compgen -G "$REPORT*" >/dev/null; then
+  echo "sanitize: SANITIZER REPORTS:" >&2
+  cat "$REPORT"* >&2
+  exit 1
+fi
+[ "$status" = 0 ] || { echo "sanitize: FAILED (exit $status)" >&2; exit "$status"; }
+echo "sanitize: no sanitizer report"

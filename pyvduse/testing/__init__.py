@@ -1,0 +1,18 @@
+"""For tests of devices and backends: the model rig and the model's drivers.
+
+``ModelRig`` serves a device on the in-process model of VDUSE's kernel half (no root, no
+kernel module, milliseconds); ``BlkDriver`` is a small virtio-blk driver for it, whose
+``read``/``write``/``flush``/``discard``/``write_zeroes``/``get_id`` read like using a disk,
+``NetDriver`` a virtio-net one (``send``, ``receive`` frames), and ``VirtioDriver`` the
+generic driver under them (feature negotiation, queues) for devices of other types. This
+package sits above the runtime: nothing in pyvduse itself imports it.
+"""
+
+from __future__ import annotations
+
+from pyvduse.model.blk_driver import BlkDriver, BlkIOError
+from pyvduse.model.net_driver import NetDriver
+from pyvduse.model.virtio_driver import ProbeError, VirtioDriver
+from pyvduse.testing.rig import ModelRig
+
+__all__ = ["BlkDriver", "BlkIOError", "ModelRig", "NetDriver", "ProbeError", "VirtioDriver"]
