@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pyvduse.backend.tap import TapBackend, TapError
 from pyvduse.cli.blk import (
-    MAX_MSG_TIMEOUT,
+    add_device_arguments,
     add_ops_arguments,
     ops_options,
     parse_bounce_size,
@@ -21,7 +21,7 @@ from pyvduse.cli.blk import (
 from pyvduse.daemon import Daemon, check_kernel, check_name
 from pyvduse.device.net import NetConfigError, NetDevice, NetOptions, format_mac, parse_mac
 from pyvduse.errors import UserError
-from pyvduse.runtime.state_file import DEFAULT_STATE_DIR, StateFile
+from pyvduse.runtime.state_file import StateFile
 from pyvduse.transport.kernel import sysfs
 
 log = logging.getLogger("pyvduse")
@@ -55,20 +55,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--link", choices=("up", "down"), default="up",
                    help="the link state at start (default up; 'pyvduse ctl NAME link' "
                    "changes it)")
-    p.add_argument("--msg-timeout", metavar="SECONDS",
-                   help="how long the kernel waits for the daemon's answer to each control "
-                   f"message, whole seconds 0 to {MAX_MSG_TIMEOUT} (0: forever; sysfs "
-                   "msg_timeout, 30 unless set)")
-    p.add_argument("--bounce-size", metavar="SIZE",
-                   help="kernel bounce buffer size, 1M to 1G (sysfs bounce_size; 64M unless "
-                   "set)")
-    p.add_argument("--packed", action="store_true",
-                   help="offer the packed virtqueue layout (VIRTIO_F_RING_PACKED)")
-    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR",
-                   help="where the crash-recovery state lives (default /run/pyvduse)")
-    p.add_argument("--reconnect", action="store_true",
-                   help="require an existing device left by a dead daemon, and resume it "
-                   "(the default when /dev/vduse/NAME exists)")
+    add_device_arguments(p)
     add_ops_arguments(p)
     p.set_defaults(func=run)
 
