@@ -79,8 +79,8 @@ REQUIRED_COMMANDS = ("qemu-system-x86_64", "cpio", "depmod", "xz", "vdpa")
 # each package is there: the test harness installs the missing ones, as it does the VM's.
 TEST_PACKAGES = {"fio": "fio", "mkfs.ext4": "e2fsprogs", "blkdiscard": "util-linux",
                  "dmsetup": "dmsetup", "qemu-storage-daemon": "qemu-system-common",
-                 "sha256sum": "coreutils", "nbdkit": "nbdkit", "qemu-nbd": "qemu-utils",
-                 "nbdsh": "python3-libnbd"}
+                 "sha256sum": "coreutils", "iperf3": "iperf3", "ping": "iputils-ping",
+                 "nbdkit": "nbdkit", "qemu-nbd": "qemu-utils", "nbdsh": "python3-libnbd"}
 VIRTIOFSD_CANDIDATES = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd")
 SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 STANDARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -94,7 +94,9 @@ GUEST_MODULES = ("vduse", "virtio_vdpa", "vhost_vdpa", "virtio_blk", "virtio_net
                  # slow and hanging block devices for the tests and benchmarks: null_blk
                  # (devices made through configfs: with a completion latency, an SSD),
                  # device-mapper (dmsetup suspend makes I/O hang), dm-delay, nbd
-                 "null_blk", "dm_mod", "dm_delay", "nbd")
+                 "null_blk", "dm_mod", "dm_delay", "nbd",
+                 # the network tests and benchmark: a veth pair is bench/net.py's peer
+                 "veth")
 #: Parameters a module is loaded with (null_blk: no device at load, tests make theirs).
 MODULE_PARAMS = {"null_blk": "nr_devices=0"}
 

@@ -73,24 +73,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--block-size", type=int, default=512, choices=(512, 1024, 2048, 4096),
                    help="logical block size (default 512)")
     p.add_argument("--serial", default="", help="serial number, up to 20 bytes")
-    p.add_argument("--msg-timeout", metavar="SECONDS",
-                   help="how long the kernel waits for the daemon's answer to each control "
-                   f"message, whole seconds 0 to {MAX_MSG_TIMEOUT} (0: forever; sysfs "
-                   "msg_timeout, 30 unless set)")
-    p.add_argument("--bounce-size", metavar="SIZE",
-                   help="kernel bounce buffer size, 1M to 1G (sysfs bounce_size; 64M unless "
-                   "set)")
-    p.add_argument("--packed", action="store_true",
-                   help="offer the packed virtqueue layout (VIRTIO_F_RING_PACKED)")
+    add_device_arguments(p)
     p.add_argument("--bind", choices=sorted(BIND_DRIVERS), default="virtio",
                    help="the vdpa driver the device is given to: 'virtio' (virtio_vdpa: a "
                    "block device /dev/vdX on this host; the default) or 'vhost' "
                    "(vhost_vdpa: /dev/vhost-vdpa-N, for a VM)")
-    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR",
-                   help="where the crash-recovery state lives (default /run/pyvduse)")
-    p.add_argument("--reconnect", action="store_true",
-                   help="require an existing device left by a dead daemon, and resume it "
-                   "(the default when /dev/vduse/NAME exists)")
     p.add_argument("--data-path", choices=[d.value for d in DataPath], default="auto",
                    help="who serves the queues: 'native' (the C loop of pyvduse.fastpath), "
                    "'python' (the reference engine) or 'auto' (native where it can; "
@@ -137,6 +124,24 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    "application runs elsewhere, less at iodepth 1 when it does not)")
     add_ops_arguments(p)
     p.set_defaults(func=run)
+
+
+def add_device_arguments(p: argparse.ArgumentParser) -> None:
+    """What every device command takes about the VDUSE device and its crash recovery."""
+    p.add_argument("--msg-timeout", metavar="SECONDS",
+                   help="how long the kernel waits for the daemon's answer to each control "
+                   f"message, whole seconds 0 to {MAX_MSG_TIMEOUT} (0: forever; sysfs "
+                   "msg_timeout, 30 unless set)")
+    p.add_argument("--bounce-size", metavar="SIZE",
+                   help="kernel bounce buffer size, 1M to 1G (sysfs bounce_size; 64M unless "
+                   "set)")
+    p.add_argument("--packed", action="store_true",
+                   help="offer the packed virtqueue layout (VIRTIO_F_RING_PACKED)")
+    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR",
+                   help="where the crash-recovery state lives (default /run/pyvduse)")
+    p.add_argument("--reconnect", action="store_true",
+                   help="require an existing device left by a dead daemon, and resume it "
+                   "(the default when /dev/vduse/NAME exists)")
 
 
 def add_ops_arguments(p: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ from pyvduse.ops.client import ClientError, NoDaemon, request
 from pyvduse.ops.protocol import Json, default_control_path
 from pyvduse.transport.kernel.irq_affinity import format_cpu_list
 
-COMMANDS = ("status", "stats", "resize", "quit")
+COMMANDS = ("status", "stats", "resize", "link", "quit")
 
 
 class ErrorReply(UserError):
@@ -27,11 +27,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "ctl", help="query or control a running device daemon",
         description="Send one command to the daemon serving NAME over its management socket: "
         "status, stats, resize [SIZE] [--shrink] (no SIZE: take the backing file's new size), "
-        "quit.")
+        "link up|down (network devices), quit.")
     p.add_argument("name", help="the device's name (pyvduse blk --name)")
     p.add_argument("command", choices=COMMANDS, metavar="COMMAND",
-                   help="status, stats, resize or quit")
-    p.add_argument("size", nargs="?", help="resize: the new size (bytes, or like 2G)")
+                   help="status, stats, resize, link or quit")
+    p.add_argument("size", nargs="?", metavar="SIZE|up|down",
+                   help="resize: the new size (bytes, or like 2G); link: up or down")
     p.add_argument("--shrink", action="store_true",
                    help="resize: allow a smaller size (loses the data past the new end)")
     p.add_argument("--json", action="store_true", help="print the daemon's reply as JSON")
@@ -43,6 +44,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def build_request(args: argparse.Namespace) -> Json:
+    if args.command == "link":
+        if args.size not in ("up", "down") or args.shrink:
+            raise UserError("say 'link up' or 'link down'")
+        return {"cmd": "link", "state": args.size}
     if args.command != "resize" and (args.size is not None or args.shrink):
         raise UserError(f"'{args.command}' takes no size and no --shrink")
     req: Json = {"cmd": args.command}
@@ -107,6 +112,9 @@ def render(command: str, name: str, result: Json) -> str:
             return f"{name}: size unchanged, {new} bytes ({human_bytes(new)})\n"
         return (f"{name}: resized from {old} to {new} bytes "
                 f"({human_bytes(old)} -> {human_bytes(new)})\n")
+    if command == "link":
+        state = result["link"]
+        return f"{name}: link {state}" + ("" if result["changed"] else " (it was)") + "\n"
     if command == "quit":
         return f"{name}: stopping\n"
     return json.dumps(result, indent=2) + "\n"
@@ -115,13 +123,18 @@ def render(command: str, name: str, result: Json) -> str:
 def render_status(r: Json) -> str:
     lines = [f"{r['name']}: {r['state']}, {r['device']} on {r.get('node') or '-'} "
              f"(pid {r['pid']}, up {r['uptime_s']:.0f} s)"]
-    if "backend" in r:
+    if "capacity" in r:
         ro = ", read-only" if r.get("readonly") else ""
         lines.append(f"  backend   {r['backend']}")
         lines.append(f"  capacity  {r['capacity']} bytes ({human_bytes(r['capacity'])}), "
                      f"block size {r['block_size']}{ro}")
         lines.append(f"  I/O       aio {r.get('aio', '-')}, cache {r.get('cache', '-')}, "
                      f"bounce buffer {r.get('bounce_memory') or '-'}")
+    if "mac" in r:
+        mtu = f", MTU {r['mtu']}" if r.get("mtu") else ""
+        lines.append(f"  backend   {r['backend']}")
+        lines.append(f"  link      {r['link']}, MAC {r['mac']}{mtu}, "
+                     f"{r.get('rx_buffers_held', 0)} receive buffers waiting for frames")
     nbd = r.get("nbd")
     if nbd:
         conns = ", ".join(f"{c['state']}" + (f" ({c['reconnects']} reconnects)"
@@ -157,7 +170,12 @@ def render_status(r: Json) -> str:
 def _stats_line(label: str, q: Json) -> list[str]:
     lat = q["latency"]
     parts = []
-    if "requests" in q:
+    if "packets" in q:
+        parts.append(f"{q['packets']} packets, {human_bytes(q['bytes'])}")
+        parts.append(f"{q['drops']} dropped, {q['bad_requests']} bad")
+        if "direction" in q:
+            label = f"{label} ({q['direction']})"
+    elif "requests" in q:
         kinds = ", ".join(f"{k} {n}" for k, n in q["requests"].items())
         parts.append(f"{q['requests_total']} requests" + (f" ({kinds})" if kinds else ""))
         parts.append(f"{human_bytes(q['bytes_read'])} read, "

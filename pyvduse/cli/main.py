@@ -19,7 +19,8 @@ DESCRIPTION = ("Serve virtio devices from Python through VDUSE: 'pyvduse blk' ma
 # with only that one, so that starting a daemon neither imports the other commands' modules
 # nor builds their parsers: in the test VM every module and every argparse parser (its
 # gettext look-ups stat the disk) costs tens of milliseconds, and restarting fast matters.
-COMMAND_MODULES = {"blk": "blk", "list": "manage", "destroy": "manage", "ctl": "ctl"}
+COMMAND_MODULES = {"blk": "blk", "net": "net", "list": "manage", "destroy": "manage",
+                   "ctl": "ctl"}
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -36,6 +37,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         from pyvduse.cli import blk
 
         blk.add_parser(sub)
+    if only in (None, "net"):
+        from pyvduse.cli import net
+
+        net.add_parser(sub)
     if only in (None, "manage"):
         from pyvduse.cli import manage
 

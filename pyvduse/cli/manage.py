@@ -32,8 +32,10 @@ def run_list(args: argparse.Namespace) -> int:
         driver = sysfs.bound_driver(name) or "-"
         nodes = sysfs.block_devices(name) or sysfs.vhost_devices(name)
         served = "served" if _served(name) else "orphaned"
-        print(f"{name}\t{served}\tdriver={driver}\t"
-              f"dev={','.join('/dev/' + n for n in nodes) or '-'}")
+        ifnames = sysfs.net_interfaces(name)
+        where = (f"ifname={','.join(ifnames)}" if ifnames
+                 else f"dev={','.join('/dev/' + n for n in nodes) or '-'}")
+        print(f"{name}\t{served}\tdriver={driver}\t{where}")
     return 0
 
 
@@ -68,4 +70,23 @@ def run_destroy(args: argparse.Namespace) -> int:
     if name in sysfs.vduse_devices():
         raise UserError(f"'{name}' could not be removed: see 'dmesg'")
     print(f"destroyed {name}")
+    _remove_tap(name)
     return 0
+
+
+def _remove_tap(name: str) -> None:
+    """A ``pyvduse net`` daemon that died leaves the TAP it created (persistent, for the next
+    daemon): with the device gone, nobody will need it."""
+    from pyvduse.backend.tap import SYS_NET, TapBackend, TapError
+    from pyvduse.cli.net import NetState
+    from pyvduse.runtime.state_file import DEFAULT_STATE_DIR
+
+    state = NetState(DEFAULT_STATE_DIR / name / "net.json")
+    tap = state.data.get("tap")
+    if isinstance(tap, str) and (SYS_NET / tap).exists():
+        try:
+            TapBackend(tap, owned=True).close()  # not persistent any more: gone
+            print(f"removed TAP {tap}")
+        except (TapError, ValueError) as e:
+            print(f"TAP {tap} left: {e}")
+    state.remove()

@@ -82,6 +82,11 @@ class VirtioDevice(ABC):
         """The driver reset the device: forget negotiated state."""
         self.features = 0
 
+    def quiesce(self) -> None:
+        """The queues are about to stop (a reset, shutdown): stop whatever completes requests
+        from outside (a packet source filling receive buffers). Once this returns nothing may
+        touch a request the device marked ``idle``: those are dropped, not waited for."""
+
     def handle(self, queue: int, chain: Chain) -> int | Awaitable[int]:
         """Serve one request; returns the number of bytes written to writable buffers.
 

@@ -12,6 +12,12 @@ any thread, in any order relative to the queue's other requests:
   it on its thread pool, or inline when the user chose synchronous I/O, and ``fn()``'s
   result completes the request.
 
+``complete_together`` completes several requests of one queue so that the driver sees all
+of them or none (a packet spread over several receive buffers). A request that waits for
+something from outside rather than being worked on (a receive buffer waiting for a packet)
+is marked ``idle`` by its device: a drain does not wait for it, and a reset drops it at once
+once the device has stopped its outside sources (``VirtioDevice.quiesce``).
+
 Until it is completed the request owns its buffers; afterwards nothing may touch them (the
 driver may already have reused them). This module knows nothing about threads: who carries
 completions back to the ring is the ``RequestSink`` the runtime gives each request.
@@ -39,6 +45,10 @@ class RequestSink(Protocol):
         """The request failed: complete it as the device fails requests; log ``why``."""
         ...
 
+    def finish_together(self, outcomes: list[tuple[Request, int]]) -> None:
+        """Several requests are done; the driver must see them in one publication."""
+        ...
+
     def run(self, request: Request, coroutine: Coroutine[Any, Any, int]) -> None:
         """Run ``coroutine`` on the runtime's event loop; its result completes ``request``."""
         ...
@@ -55,7 +65,7 @@ class RequestError(RuntimeError):
 class Request:
     """A chain taken from queue ``queue``, waiting for the device to complete it."""
 
-    __slots__ = ("_done", "_sink", "chain", "poisoned", "queue", "seq", "taken_at")
+    __slots__ = ("_done", "_sink", "chain", "idle", "poisoned", "queue", "seq", "taken_at")
 
     def __init__(self, queue: int, chain: Chain, sink: RequestSink, seq: int = 0,
                  taken_at: int = 0) -> None:
@@ -70,6 +80,9 @@ class Request:
         #: Set by the runtime when the request's memory was unmapped while it was in flight:
         #: whatever it returns, it is failed.
         self.poisoned = False
+        #: Set by the device while the request waits for outside input rather than being
+        #: worked on (a receive buffer without a packet): drains do not wait for it.
+        self.idle = False
 
     @property
     def head(self) -> int:
@@ -111,3 +124,24 @@ class Request:
     def __repr__(self) -> str:
         state = "done" if self._done else "in flight"
         return f"<Request queue={self.queue} head={self.chain.head} seq={self.seq} {state}>"
+
+
+def complete_together(outcomes: list[tuple[Request, int]]) -> None:
+    """Complete requests of one queue at once: the driver sees every one of them in the same
+    publication of the used ring, or (after a crash) none (``written`` as in ``complete``)."""
+    if not outcomes:
+        return
+    sink = outcomes[0][0]._sink
+    for request, written in outcomes:
+        if request._sink is not sink:
+            raise RequestError("requests completed together must come from one queue")
+        if (not isinstance(written, int) or isinstance(written, bool)
+                or not 0 <= written <= MAX_WRITTEN):
+            raise RequestError(f"request {request.head} completed with {written!r}, not a byte "
+                               "count 0..2^32-1")
+        if request._done:
+            raise RequestError(f"request {request.head} of queue {request.queue} was already "
+                               "completed")
+    for request, _ in outcomes:
+        request._done = True
+    sink.finish_together(outcomes)

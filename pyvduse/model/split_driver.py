@@ -180,5 +180,9 @@ class DriverSplitRing:
             return need_event(self.avail_event(), new, old)
         return not self.used_flags() & 1
 
+    def in_flight(self) -> int:
+        """Requests made available and not yet collected."""
+        return len(self.pending)
+
     def read_writable(self, c: Completion) -> bytes:
         return b"".join(self.arena.read(iova, n) for iova, n in c.writable)

@@ -12,6 +12,7 @@ from typing import Any
 
 from pyvduse.abi import virtio as vio
 from pyvduse.abi import virtio_blk as vb
+from pyvduse.abi import virtio_net as vn
 from pyvduse.ops.protocol import Json
 from pyvduse.ops.target import Target
 from pyvduse.runtime.native_worker import NativeQueueWorker
@@ -28,10 +29,14 @@ def _bit_names(module: Any, lo: int, hi: int) -> dict[int, str]:
 
 TRANSPORT_FEATURES = _bit_names(vio, vio.TRANSPORT_F_START, 64)
 BLK_FEATURES = _bit_names(vb, 0, vio.TRANSPORT_F_START)
+NET_FEATURES = {**_bit_names(vn, 0, vio.TRANSPORT_F_START), **_bit_names(vn, vio.TRANSPORT_F_END,
+                                                                        64)}
 
 def feature_names(features: int, device_id: int) -> list[str]:
     names = []
-    device = BLK_FEATURES if device_id == vio.DeviceId.BLOCK else {}
+    by_kind: dict[int, dict[int, str]] = {vio.DeviceId.BLOCK: BLK_FEATURES,
+                                          vio.DeviceId.NET: NET_FEATURES}
+    device = by_kind.get(device_id, {})
     for n in range(64):
         if features >> n & 1:
             names.append(TRANSPORT_FEATURES.get(n) or device.get(n) or f"BIT_{n}")

@@ -91,6 +91,13 @@ class DeviceCollector:
                       "Requests completed with an error status", "errors")
         yield counter("pyvduse_bad_requests_total", "Malformed requests", "bad_requests")
         yield counter("pyvduse_requests_completed_total", "Requests completed", "completed")
+        if any("packets" in q for q in snap["queues"]):
+            yield counter("pyvduse_net_packets_total", "Frames sent (tx) or received (rx)",
+                          "packets")
+            yield counter("pyvduse_net_bytes_total", "Frame bytes sent (tx) or received (rx)",
+                          "bytes")
+            yield counter("pyvduse_net_drops_total", "Frames dropped: link down, no receive "
+                          "buffer, refused by the backend", "drops")
         in_flight = GaugeMetricFamily("pyvduse_requests_in_flight",
                                       "Requests taken from the ring and not completed",
                                       labels=qlabels)

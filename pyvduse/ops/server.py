@@ -33,6 +33,7 @@ from pyvduse.ops.protocol import (
     INVALID_ARGUMENT,
     MAX_LINE,
     UNKNOWN_COMMAND,
+    UNSUPPORTED,
     Json,
     OpsError,
     decode_request,
@@ -74,6 +75,23 @@ def _resize(target: Target, req: Json) -> Json:
     return resize(target, parse_size_argument(req.get("size")), shrink)
 
 
+def _link(target: Target, req: Json) -> Json:
+    from pyvduse.device.net import NetDevice
+
+    device = target.server.device
+    if not isinstance(device, NetDevice):
+        raise OpsError(UNSUPPORTED, "only a network device has a link")
+    state = req.get("state")
+    if state not in ("up", "down"):
+        raise OpsError(INVALID_ARGUMENT, "state must be 'up' or 'down'")
+    before = device.link_up
+    try:
+        device.set_link(state == "up")
+    except OSError as e:
+        raise OpsError(FAILED, f"the kernel refused the config change: {e.strerror or e}") from e
+    return {"link": state, "changed": before != device.link_up}
+
+
 def _quit(target: Target, req: Json) -> Json:
     if target.on_quit is None:
         raise OpsError(FAILED, "this daemon cannot be stopped from its socket")
@@ -90,6 +108,9 @@ COMMANDS: dict[str, Command] = {
     "resize": Command(_resize, frozenset({"size", "shrink"}), slow=True,
                       help="resize the device: size (bytes or like 2G; none re-reads the "
                       "backing file), shrink (true to allow a smaller size)"),
+    "link": Command(_link, frozenset({"state"}),
+                    help="network devices: set the link 'up' or 'down' (config space and a "
+                    "config interrupt: the driver's carrier follows)"),
     "quit": Command(_quit, help="stop the daemon, like SIGTERM"),
     "help": Command(_help, help="list the commands"),
 }

@@ -121,6 +121,7 @@ class DeviceServer:
 
     def reset(self) -> None:
         with self._lock:
+            self.device.quiesce()
             self._stop_workers(self.grace())
             self._setups.clear()
             self.features = 0
@@ -164,17 +165,21 @@ class DeviceServer:
         deadline = time.monotonic() + self.grace()
         python = [w for w in workers if not isinstance(w, NativeQueueWorker)]
 
-        def touching() -> list[Request]:
+        def touching(idle: bool = False) -> list[Request]:
             return [r for w in python for r in w.in_flight_requests()
-                    if not r.done and any(id(o) in going for o in fence.owners([r.chain]))]
+                    if not r.done and r.idle == idle
+                    and any(id(o) in going for o in fence.owners([r.chain]))]
 
         waiting = touching()
         while waiting and time.monotonic() < deadline:
             time.sleep(0.001)
             waiting = touching()
-        for r in waiting:
+        # idle requests (receive buffers waiting for a packet) are not waited for: they
+        # fail when their device gets to them
+        lost = waiting + touching(idle=True)
+        for r in lost:
             r.poisoned = True
-        fenced = fence.fence_chains([r.chain for r in waiting], only=set(going))
+        fenced = fence.fence_chains([r.chain for r in lost], only=set(going))
         # the native engine cannot say which memory its requests use: all of it waits
         left = sum(w.settle(deadline - time.monotonic()) for w in workers
                    if isinstance(w, NativeQueueWorker))
@@ -312,6 +317,7 @@ class DeviceServer:
     def stop(self) -> None:
         """Stop serving (used on shutdown when no reset will come)."""
         with self._lock:
+            self.device.quiesce()
             self._stop_workers(self.grace())
             self.running.clear()
             self.executors.close()

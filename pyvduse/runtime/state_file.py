@@ -62,19 +62,17 @@ class StateFile:
         return cls(state_dir / name / "state", identity, num_queues, queue_size)
 
     def stored_identity(self) -> dict[str, Any] | None:
-        magic = bytes(self.mem[: len(MAGIC)])
-        if magic != MAGIC:
-            if magic.startswith(MAGIC_FAMILY):  # another pyvduse's layout: do not guess
-                raise IdentityMismatch({"state file format": (
-                    magic.decode(errors="replace").strip(), MAGIC.decode().strip())})
-            return None
-        n = int.from_bytes(self.mem[len(MAGIC) : len(MAGIC) + 4], "little")
-        raw = bytes(self.mem[len(MAGIC) + 4 : len(MAGIC) + 4 + n])
+        return _parse_identity(bytes(self.mem[:HEADER_SIZE]))
+
+    @staticmethod
+    def peek_identity(path: Path) -> dict[str, Any] | None:
+        """The identity a state file holds, read without opening it for use (None: no file,
+        or none in it)."""
         try:
-            stored: dict[str, Any] = json.loads(raw)
-        except ValueError:
+            with open(path, "rb") as f:
+                return _parse_identity(f.read(HEADER_SIZE))
+        except (OSError, IdentityMismatch):
             return None
-        return stored
 
     def check_identity(self) -> None:
         """Raise IdentityMismatch if the file describes another configuration."""
@@ -117,3 +115,19 @@ class StateFile:
         with contextlib.suppress(BufferError, ValueError):
             self.mem.release()
             self._map.close()
+
+
+def _parse_identity(header: bytes) -> dict[str, Any] | None:
+    magic = header[: len(MAGIC)]
+    if magic != MAGIC:
+        if magic.startswith(MAGIC_FAMILY):  # another pyvduse's layout: do not guess
+            raise IdentityMismatch({"state file format": (
+                magic.decode(errors="replace").strip(), MAGIC.decode().strip())})
+        return None
+    n = int.from_bytes(header[len(MAGIC) : len(MAGIC) + 4], "little")
+    raw = header[len(MAGIC) + 4 : len(MAGIC) + 4 + n]
+    try:
+        stored = json.loads(raw)
+    except ValueError:
+        return None
+    return stored if isinstance(stored, dict) else None

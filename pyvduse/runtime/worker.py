@@ -300,8 +300,9 @@ class QueueWorker:
         return self._taken
 
     def drained(self, mark: int) -> bool:
-        """No request taken at or before ``mark`` is still in flight."""
-        return all(r.seq > mark for r in self.in_flight_requests())
+        """No request taken at or before ``mark`` is still being worked on (idle requests,
+        waiting for outside input, are not waited for)."""
+        return all(r.seq > mark or r.idle for r in self.in_flight_requests())
 
     def drain(self, timeout: float, abort: threading.Event | None = None) -> bool:
         """Drain hook: wait until the requests in flight now have completed (True), or until
@@ -332,6 +333,21 @@ class QueueWorker:
         if not self._wake_pending:
             self._wake_pending = True
             with contextlib.suppress(OSError, ValueError):  # closed: the worker has ended
+                os.eventfd_write(self._done_fd, 1)
+
+    def finish_together(self, outcomes: list[tuple[Request, int]]) -> None:
+        if self._dropping and self._stop_fd < 0:
+            return
+        if threading.get_ident() == self._ident:
+            for request, written in outcomes:
+                self._push_done(request, written)
+            return
+        # one extend: the worker's reap, which publishes only once the deque is empty, sees
+        # all of them or none
+        self._done.extend(outcomes)
+        if not self._wake_pending:
+            self._wake_pending = True
+            with contextlib.suppress(OSError, ValueError):
                 os.eventfd_write(self._done_fd, 1)
 
     def fail(self, request: Request, why: BaseException | str | None) -> None:
@@ -465,10 +481,10 @@ class QueueWorker:
             deadline = time.monotonic() + self._grace
             poller = select.poll()
             poller.register(self._done_fd, select.POLLIN)
-            while self._in_flight:
+            while self._working():
                 self._reap()
                 left = deadline - time.monotonic()
-                if not self._in_flight or left <= 0:
+                if not self._working() or left <= 0:
                     break
                 poller.poll(max(int(left * 1000), 1))
                 with contextlib.suppress(BlockingIOError):
@@ -480,11 +496,17 @@ class QueueWorker:
             log.exception("queue %d: stopping failed", self.index)
         finally:
             self._dropping = True
-            if self._in_flight:
-                self.abandoned = list(self._in_flight.values())
+            # idle requests (receive buffers with no packet) are dropped: their device
+            # stopped whatever fills them before the queues stopped (quiesce)
+            self.abandoned = [r for r in self._in_flight.values() if not r.idle]
+            if self.abandoned:
                 log.warning("queue %d: %d request(s) still in flight after %.1f s; their "
                             "results will be dropped", self.index, len(self.abandoned),
                             self._grace)
+
+    def _working(self) -> bool:
+        """Requests in flight that are being worked on (not idle)."""
+        return any(not r.idle for r in self._in_flight.values())
 
     def _replay(self) -> None:
         """Take over from a dead daemon: serve again, in their original order, the requests

@@ -3,8 +3,9 @@
 ``ModelRig`` serves a device on the in-process model of VDUSE's kernel half (no root, no
 kernel module, milliseconds); ``BlkDriver`` is a small virtio-blk driver for it, whose
 ``read``/``write``/``flush``/``discard``/``write_zeroes``/``get_id`` read like using a disk,
-and ``VirtioDriver`` the generic driver under it (feature negotiation, queues) for devices
-of other types. Both also drive a real device bound to vhost_vdpa through ``VhostVdpa``
+``NetDriver`` a virtio-net one (``send``, ``receive`` frames), and ``VirtioDriver`` the
+generic driver under them (feature negotiation, queues) for devices of other types. The block
+drivers also drive a real device bound to vhost_vdpa through ``VhostVdpa``
 (``/dev/vhost-vdpa-N`` from this process, with memory of its own, as a VMM would). This
 package sits above the runtime: nothing in pyvduse itself imports it.
 """
@@ -12,8 +13,10 @@ package sits above the runtime: nothing in pyvduse itself imports it.
 from __future__ import annotations
 
 from pyvduse.model.blk_driver import BlkDriver, BlkIOError
+from pyvduse.model.net_driver import NetDriver
 from pyvduse.model.vhost_vdpa import VhostVdpa
 from pyvduse.model.virtio_driver import ProbeError, VirtioDriver
 from pyvduse.testing.rig import ModelRig
 
-__all__ = ["BlkDriver", "BlkIOError", "ModelRig", "ProbeError", "VhostVdpa", "VirtioDriver"]
+__all__ = ["BlkDriver", "BlkIOError", "ModelRig", "NetDriver", "ProbeError", "VhostVdpa",
+           "VirtioDriver"]

@@ -24,7 +24,7 @@ from pyvduse.backend.memory import MemoryBackend
 from pyvduse.backend.null import NullBackend
 from pyvduse.device.base import REQUIRED_FEATURES, DeviceSpec, VirtioDevice
 from pyvduse.device.blk import BlkDevice, BlkOptions
-from pyvduse.device.request import Request, RequestError
+from pyvduse.device.request import Request, RequestError, complete_together
 from pyvduse.model.blk_driver import BlkDriver, BlkIOError
 from pyvduse.model.virtio_driver import DriverQueue
 from pyvduse.ring.chain import Chain
@@ -301,6 +301,26 @@ def test_a_second_completion_raises() -> None:
     with pytest.raises(RequestError):
         r.fail()
     assert done == [5]
+
+
+def test_completed_together_or_not_at_all() -> None:
+    """complete_together hands every request to the sink in one call, and refuses (before
+    completing any) a set with one already done, a bad length or two queues."""
+    calls: list[list[tuple[int, int]]] = []
+
+    class Sink:
+        def finish_together(self, outcomes: list[tuple[Request, int]]) -> None:
+            calls.append([(r.head, n) for r, n in outcomes])
+
+    sink, other = Sink(), Sink()
+    a, b, c = (Request(0, Chain(h, [], []), sink) for h in (1, 2, 3))  # type: ignore[arg-type]
+    complete_together([(a, 10), (b, 20)])
+    assert calls == [[(1, 10), (2, 20)]] and a.done and b.done
+    for bad in ([(c, 5), (a, 1)], [(c, -1)], [(c, 1), (Request(1, Chain(4, [], []), other), 1)]):
+        with pytest.raises(RequestError):
+            complete_together(bad)  # type: ignore[arg-type]
+        assert not c.done
+    assert len(calls) == 1
 
 
 def test_a_device_without_handle_or_submit_is_refused() -> None:

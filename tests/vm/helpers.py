@@ -24,11 +24,13 @@ def sh(cmd: str, check: bool = True, timeout: float = 600) -> subprocess.Complet
 
 
 class Daemon:
-    """``pyvduse blk`` as a child process, started and waited for like a user would."""
+    """``pyvduse blk`` (or ``net``) as a child process, started and waited for like a user
+    would."""
 
-    def __init__(self, *args: str, name: str, ready_timeout: float = 120) -> None:
+    def __init__(self, *args: str, name: str, ready_timeout: float = 120,
+                 command: str = "blk") -> None:
         self.name = name
-        self.argv = [sys.executable, "-m", "pyvduse", "--log-level", "info", "blk", "--name",
+        self.argv = [sys.executable, "-m", "pyvduse", "--log-level", "info", command, "--name",
                      name, *args]
         self.log = Path(f"/tmp/pyvduse-{name}.log")
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=self.log.open("w"),
@@ -40,7 +42,8 @@ class Daemon:
             raise AssertionError(f"daemon did not become ready: {line!r}\n{self.stderr()}")
         fields = dict(kv.split("=", 1) for kv in line.split()[1:])
         assert fields["name"] == name
-        self.dev = fields["dev"]
+        self.dev = fields.get("dev", "")
+        self.ifname = fields.get("ifname", "")
         self.ready_line = line
 
     def stderr(self) -> str:

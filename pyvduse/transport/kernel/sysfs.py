@@ -59,14 +59,26 @@ def bound_driver(name: str) -> str | None:
         return None
 
 
-def block_devices(name: str) -> list[str]:
-    """Block device names (``vda``) that virtio_vdpa created for vdpa device ``name``."""
+def _virtio_children(name: str, kind: str) -> list[str]:
+    """What the virtio driver bound to vdpa device ``name`` made, by class (``block``,
+    ``net``)."""
     out = []
     for virtio in (VDPA_DEVICES / name).glob("virtio*"):
-        block = virtio / "block"
-        if block.is_dir():
-            out.extend(sorted(os.listdir(block)))
+        d = virtio / kind
+        if d.is_dir():
+            out.extend(sorted(os.listdir(d)))
     return out
+
+
+def block_devices(name: str) -> list[str]:
+    """Block device names (``vda``) that virtio_vdpa created for vdpa device ``name``."""
+    return _virtio_children(name, "block")
+
+
+def net_interfaces(name: str) -> list[str]:
+    """Network interfaces (``eth0``) that virtio_net made for vdpa device ``name``, as far
+    as this network namespace sees them."""
+    return _virtio_children(name, "net")
 
 
 def vhost_devices(name: str) -> list[str]:

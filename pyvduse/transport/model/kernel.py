@@ -22,7 +22,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pyvduse.abi import virtio_blk as vb
-from pyvduse.abi.virtio import F_ACCESS_PLATFORM, F_RING_PACKED, DeviceId, Status, has
+from pyvduse.abi import virtio_net as vn
+from pyvduse.abi.virtio import (
+    F_ACCESS_PLATFORM,
+    F_RING_PACKED,
+    F_VERSION_1,
+    DeviceId,
+    Status,
+    has,
+)
 from pyvduse.device.base import DeviceSpec
 from pyvduse.ring.memory import Region
 from pyvduse.transport.base import QueueSetup
@@ -97,6 +105,10 @@ class ModelKernel:
             raise ModelError(errno.EINVAL, "VIRTIO_F_ACCESS_PLATFORM must be offered")
         if spec.device_id == DeviceId.BLOCK and has(spec.features, vb.F_CONFIG_WCE):
             raise ModelError(errno.EINVAL, "VIRTIO_BLK_F_CONFIG_WCE is refused")
+        if spec.device_id == DeviceId.NET and has(spec.features, vn.F_CTRL_VQ):
+            raise ModelError(errno.EINVAL, "VIRTIO_NET_F_CTRL_VQ is refused")
+        if spec.device_id == DeviceId.NET and not has(spec.features, F_VERSION_1):
+            raise ModelError(errno.EINVAL, "a net device needs VIRTIO_F_VERSION_1")
         if spec.device_id not in (DeviceId.BLOCK, DeviceId.NET):
             raise ModelError(errno.EINVAL, f"device id {spec.device_id} is not allowed")
         if len(spec.config) > 4096 or not 0 < spec.num_queues <= 0xFFFF:
