@@ -413,3 +413,48 @@ def test_blk_options_unchanged_for_sync_style_subclasses() -> None:
     with python_rig(Counting(MemoryBackend(MiB), BlkOptions())) as rig:
         BlkDriver(rig.kernel).read(0, 512)
     assert Counting.calls == 1
+
+
+def test_drain_does_not_wait_for_requests_taken_after_it_began() -> None:
+    """A shutdown drain waits for what was in flight when it began; a busy queue taking
+    more meanwhile cannot hold it up (it waited for every request in flight, new ones too:
+    the mark it compared take numbers with was a timestamp)."""
+    from pyvduse.ops.drain import drain
+
+    class Gated(BlkDevice):
+        """Reads wait for the event of their sector."""
+
+        def __init__(self) -> None:
+            super().__init__(MemoryBackend(MiB))
+            self.gates = {s: threading.Event() for s in range(4)}
+            self.entered = threading.Semaphore(0)
+
+        def submit(self, request: Request) -> None:
+            sector = vb.OUTHDR.unpack(request.chain.read(0, vb.OUTHDR.size))[2]
+
+            def slow() -> int:
+                self.entered.release()
+                self.gates[sector].wait(30)
+                return self.handle(request.queue, request.chain)
+
+            request.run_blocking(slow)
+
+    device = Gated()
+    with python_rig(device) as rig:
+        q = BlkDriver(rig.kernel).virtio.queues[0]
+        old = [read_request(q, s) for s in (0, 1)]
+        for _ in old:
+            assert device.entered.acquire(timeout=5)
+        result: list[int] = []
+        drainer = threading.Thread(target=lambda: result.append(drain(rig.server, 10)))
+        drainer.start()
+        time.sleep(0.1)
+        new = read_request(q, 3)  # taken after the drain began; stays in flight
+        assert device.entered.acquire(timeout=5)
+        device.gates[0].set()
+        device.gates[1].set()
+        drainer.join(5)
+        assert not drainer.is_alive() and result == [0]
+        device.gates[3].set()
+        for t in [*old, new]:
+            assert q.wait(t, 5).data[-1] == vb.ReqStatus.OK
