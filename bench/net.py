@@ -79,7 +79,7 @@ def figure(result: dict[str, Any], kind: str) -> float:
     if kind == "bits":
         return float(end["sum_received"]["bits_per_second"])
     s = end["sum"]  # UDP: what arrived, per second
-    return (s["packets"] - s["lost_packets"]) / s["seconds"]
+    return float((s["packets"] - s["lost_packets"]) / s["seconds"])
 
 
 def start_ours(extra: list[str], profile: str | None) -> tuple[subprocess.Popen[bytes], str]:

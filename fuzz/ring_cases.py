@@ -540,12 +540,12 @@ def _disk(backend: Backend, files: list[str]) -> bytes:
 def _refused_by_the_native_engine(case: SplitCase) -> bool:
     d = case.drv
     try:
-        native._splitblk.Engine(
+        native.extension().Engine(
             regions=native.region_tuples(case.mem.map), num=case.num, desc=d.desc_addr,
             avail=d.avail_addr, used=d.used_addr,
             event_idx=bool(case.features & bit(F_RING_EVENT_IDX)), indirect=True,
             last_avail=0, used_idx=0, signalled=0, capacity=bytearray(8), readonly=False,
-            serial=b"", backend=native._splitblk.BACKEND_NULL).close()
+            serial=b"", backend=native.extension().BACKEND_NULL).close()
     except ValueError:
         return True
     return False

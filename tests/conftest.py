@@ -154,5 +154,6 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     vm = VmSession([i.nodeid for i in vm_items])
     for n, item in enumerate(items):
         if item.get_closest_marker("vm") is not None:
+            assert item.parent is not None
             items[n] = VmProxyItem.from_parent(item.parent, name=item.name, session_ref=vm,
                                                original=item)

@@ -49,6 +49,11 @@ AIO_URING: int = _splitblk.AIO_URING if _splitblk is not None else 1
 AIO_NBD: int = getattr(_splitblk, "AIO_NBD", 2)
 
 
+def extension() -> Any:
+    """The compiled extension in use (its constants: BACKEND_*, RUN_*, ...), None unbuilt."""
+    return _splitblk
+
+
 def available() -> bool:
     """Whether the extension was built (``pip install`` with a C compiler and headers)."""
     return _splitblk is not None and os.environ.get("PYVDUSE_NO_NATIVE") != "1"

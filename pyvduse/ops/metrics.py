@@ -166,7 +166,7 @@ class MetricsServer:
         from prometheus_client import CollectorRegistry, start_http_server
 
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(DeviceCollector(self.target))  # type: ignore[arg-type]
+        registry.register(DeviceCollector(self.target))
         try:
             result = start_http_server(self.port, self.host, registry=registry)
         except OSError as e:

@@ -4,6 +4,8 @@ driver sees every request completed exactly once and the data landed (in-process
 
 from __future__ import annotations
 
+from typing import cast
+
 import pytest
 
 from pyvduse.abi import virtio_blk as vb
@@ -287,5 +289,6 @@ def test_packed_restart_then_new_requests_across_wraps() -> None:
             d.run()
         except Crash:
             PackedDaemon(arena, drv, log_mem, device, fresh=False, crash_at=None).run()
-        assert sorted(c.token for c in drv.collect()) == [(rnd, k) for k in range(3)]
+        assert sorted(cast(tuple[int, int], c.token) for c in drv.collect()) == [
+            (rnd, k) for k in range(3)]
     assert device.stats.bad_chains == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -46,7 +47,7 @@ class FakeIotlb:
 
 
 @pytest.fixture
-def fake() -> FakeIotlb:
+def fake() -> Iterator[FakeIotlb]:
     f = FakeIotlb()
     yield f
     f.close()

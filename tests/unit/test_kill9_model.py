@@ -24,6 +24,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -185,9 +186,10 @@ class Driver:
             os.eventfd_write(self.kick_fd, 1)
 
     def complete(self, c: Completion) -> None:
-        kind, block, data = c.token  # type: ignore[misc]
-        assert c.data[-1:] == b"\0", f"request {c.token[:2]} failed"  # type: ignore[index]
+        kind, block, data = cast(tuple[str, int, bytes | None], c.token)
+        assert c.data[-1:] == b"\0", f"request {kind} {block} failed"
         if kind == "w":
+            assert data is not None
             self.disk[block] = data
         else:
             assert c.data[:-1] == self.disk[block], f"block {block} reads back wrong data"

@@ -68,7 +68,7 @@ def test_config_space_is_kernel_side() -> None:
 
 def test_refused_features_fail_probe() -> None:
     device = blk()
-    device.accept_features = lambda f: False  # type: ignore[method-assign]
+    device.accept_features = lambda features: False  # type: ignore[method-assign]
     with ModelRig(device) as rig:
         with pytest.raises(ProbeError):
             BlkDriver(rig.kernel)

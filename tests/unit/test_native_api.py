@@ -23,7 +23,7 @@ def engine_args(**over: Any) -> dict[str, Any]:
     args: dict[str, Any] = dict(
         regions=[(0, 0xFFFF, bytearray(0x10000), True)], num=8, desc=0x1000, avail=0x1080,
         used=0x2000, event_idx=True, indirect=True, last_avail=0, used_idx=0, signalled=0,
-        capacity=bytearray(8), readonly=False, serial=b"", backend=native._splitblk.BACKEND_NULL)
+        capacity=bytearray(8), readonly=False, serial=b"", backend=native.extension().BACKEND_NULL)
     args.update(over)
     return args
 
@@ -31,7 +31,7 @@ def engine_args(**over: Any) -> dict[str, Any]:
 def test_a_region_spanning_the_whole_iova_space_is_refused() -> None:
     """(0, 2^64-1) made last - start + 1 wrap to 0, so an empty buffer passed for it and
     every address then 'lay' in zero bytes of memory."""
-    E = native._splitblk.Engine
+    E = native.extension().Engine
     for buf in (bytearray(0), bytearray(1)):
         with pytest.raises(ValueError, match="regions"):
             E(**engine_args(regions=[(0, (1 << 64) - 1, buf, True)]))
@@ -44,7 +44,7 @@ def test_a_region_spanning_the_whole_iova_space_is_refused() -> None:
 
 
 def test_a_region_at_the_top_of_the_iova_space_is_accepted() -> None:
-    E = native._splitblk.Engine
+    E = native.extension().Engine
     top = (1 << 64) - 0x10000
     eng = E(**engine_args(regions=[(top, (1 << 64) - 1, bytearray(0x10000), True)],
                           desc=top + 0x1000, avail=top + 0x1080, used=top + 0x2000))
@@ -60,7 +60,7 @@ def test_an_engine_whose_init_failed_cannot_run() -> None:
         sys.path.insert(0, {os.getcwd()!r})
         from pyvduse.fastpath import engine as native
         from tests.unit.test_native_api import engine_args
-        E = native._splitblk.Engine
+        E = native.extension().Engine
         e = E.__new__(E)
         try:
             e.__init__(**engine_args(capacity=bytearray(4)))  # too small: fails late

@@ -302,11 +302,10 @@ def test_a_refused_native_worker_leaks_nothing(monkeypatch: pytest.MonkeyPatch) 
     from pyvduse.model.split_driver import DriverSplitRing
     from pyvduse.ring.memory import RegionMap
     from pyvduse.ring.split import SplitQueue
-    from pyvduse.runtime import worker
 
     opened: list[int] = []
     real = os.eventfd
-    monkeypatch.setattr(worker.os, "eventfd",
+    monkeypatch.setattr(os, "eventfd",
                         lambda *a: opened.append(1) or real(*a))  # type: ignore[func-returns-value]
     arena = Arena(1 << 16)
     drv = DriverSplitRing(arena, 8)

@@ -183,7 +183,7 @@ def test_an_unmap_under_hung_requests_fails_them_with_nothing_written(
             assert c.data[:-1] == image[8 * 512 : 8 * 512 + 4096]
             held = [read(q, GATE + 8 * k) for k in range(4)]
         finally:
-            ring.arena = saved  # type: ignore[assignment]
+            ring.arena = saved
         wait_in_flight(rig, 4)
         buffers = [w for _, (_, wbufs, _, _) in ring.pending.items() for w in wbufs]
         before = [rig.kernel.iova.read(a, n) for a, n in buffers]

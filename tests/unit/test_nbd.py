@@ -35,6 +35,12 @@ from pyvduse.testing.rig import ModelRig
 from tests.unit.test_cli import one_line_error, pyvduse
 from tests.unit.test_ops_socket import served, short_dir
 
+
+def blk_of(rig: ModelRig) -> BlkDevice:
+    assert isinstance(rig.device, BlkDevice)
+    return rig.device
+
+
 needs_nbd = pytest.mark.skipif(shutil.which("nbdkit") is None or not nbd_binding.available(),
                                reason="needs nbdkit and libnbd's Python binding "
                                "(apt install nbdkit python3-libnbd)")
@@ -269,7 +275,7 @@ def test_a_failing_server_fails_exactly_those_requests(sock_dir: Path,
         drv.write(4096, b"w" * 4096)  # writes still work
         trigger.unlink()
         assert drv.read(0, 8192) == b"k" * 4096 + b"w" * 4096
-        assert rig.device.stats.errors == 1
+        assert blk_of(rig).stats.errors == 1
         assert all(c.state == "connected" for c in b.connections)
     b.close()
 
@@ -300,7 +306,7 @@ def test_a_server_that_comes_back_within_the_window_loses_nothing(
             t = q.submit([vb.OUTHDR.pack(vb.ReqType.IN, 0, i * 8)], [4096, 1])
             c = q.wait(t, 10)
             assert c.data[-1] == vb.ReqStatus.OK and c.data[:-1] == d
-        assert rig.device.stats.errors == 0 and b.connections[0].reconnects == 1
+        assert blk_of(rig).stats.errors == 0 and b.connections[0].reconnects == 1
     b.close()
 
 
@@ -375,9 +381,9 @@ def test_resize_with_no_size_rereads_the_export(sock_dir: Path, nbdkit: list[Nbd
         drv.write(3 * MiB - 512, b"n" * 512)  # past the old end: the server takes it
         assert drv.read(3 * MiB - 512, 512) == b"n" * 512
         r = request(ops.control_path, {"cmd": "resize", "size": "4M"})
-        assert r["error"]["code"] == "unsupported"  # type: ignore[index]
+        assert r["error"]["code"] == "unsupported"
         status = request(ops.control_path, {"cmd": "status"})["result"]
-        assert status["nbd"]["connections"][0]["state"] == "connected"  # type: ignore[index]
+        assert status["nbd"]["connections"][0]["state"] == "connected"
         # a reconnect now expects the new size
         server.kill()
         server.start()

@@ -15,6 +15,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -77,17 +78,27 @@ class Concurrency:
 
 
 class SlowBackend(MemoryBackend):
-    """A RAM disk with a disk's latency: each read waits, blocking its thread."""
+    """A RAM disk with a disk's latency: each read waits, blocking its thread. With
+    ``together``, the first that many reads wait until all of them are inside at once (a
+    disk that answers nothing before its queue is full): proof that they were in flight
+    together, whatever the machine's load does to the timing."""
 
     blocking = True
 
-    def __init__(self, size: int, delay: float = 0.02) -> None:
+    def __init__(self, size: int, delay: float = 0.02, together: int = 0) -> None:
         super().__init__(size)
         self.delay = delay
         self.inside = Concurrency()
+        self.together = threading.Barrier(together) if together else None
+        self.calls = 0
 
     def readv(self, offset: int, bufs: list[memoryview]) -> None:
         with self.inside:
+            with self.inside.lock:
+                self.calls += 1
+                first = self.calls <= (self.together.parties if self.together else 0)
+            if first and self.together is not None:
+                self.together.wait(timeout=10)  # BrokenBarrierError: they never were
             time.sleep(self.delay * random.random())
             super().readv(offset, bufs)
 
@@ -125,7 +136,7 @@ def deep_reads(rig: ModelRig, backend: MemoryBackend, n: int = 4 * DEPTH) -> Non
 
 
 def test_a_blocking_backend_serves_a_queue_many_at_once_on_the_thread_pool() -> None:
-    backend = SlowBackend(MiB)
+    backend = SlowBackend(MiB, together=DEPTH)
     device = BlkDevice(backend)
     with python_rig(device, Aio.THREADS) as rig:
         deep_reads(rig, backend)
@@ -312,13 +323,14 @@ def test_completed_together_or_not_at_all() -> None:
         def finish_together(self, outcomes: list[tuple[Request, int]]) -> None:
             calls.append([(r.head, n) for r, n in outcomes])
 
-    sink, other = Sink(), Sink()
-    a, b, c = (Request(0, Chain(h, [], []), sink) for h in (1, 2, 3))  # type: ignore[arg-type]
+    sink: Any = Sink()
+    other: Any = Sink()
+    a, b, c = (Request(0, Chain(h, [], []), sink) for h in (1, 2, 3))
     complete_together([(a, 10), (b, 20)])
     assert calls == [[(1, 10), (2, 20)]] and a.done and b.done
     for bad in ([(c, 5), (a, 1)], [(c, -1)], [(c, 1), (Request(1, Chain(4, [], []), other), 1)]):
         with pytest.raises(RequestError):
-            complete_together(bad)  # type: ignore[arg-type]
+            complete_together(bad)
         assert not c.done
     assert len(calls) == 1
 

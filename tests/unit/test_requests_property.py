@@ -20,6 +20,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -131,14 +132,14 @@ class World:
         ring = self.queue.ring
         tag = os.urandom(4)
         if coherent:
-            saved, ring.arena = ring.arena, self.coherent  # type: ignore[assignment]
+            saved, ring.arena = ring.arena, self.coherent
         try:
             ticket = self.queue.submit([tag], [size], indirect=True)
         finally:
             if coherent:
-                ring.arena = saved  # type: ignore[assignment]
-        writable = next(p[1] for p in ring.pending.values()  # type: ignore[attr-defined]
-                        if p[2][0] == ticket)
+                ring.arena = saved
+        pending: dict[int, Any] = ring.pending
+        writable = next(p[1] for p in pending.values() if p[2][0] == ticket)
         self.sent.append(Sent(ticket, tag, writable, self.generation,
                               self.coherent.base if coherent else None))
         deadline = time.monotonic() + 5  # the device has it: each step starts from a known state
@@ -187,7 +188,7 @@ class World:
     def collect(self) -> None:
         with self.queue.lock:
             for c in self.queue.ring.collect():
-                t, c.token = c.token  # type: ignore[misc]
+                t, c.token = cast(tuple[int, object], c.token)
                 self.queue.done[t] = c
 
     def frozen_now(self, s: Sent) -> bytes:

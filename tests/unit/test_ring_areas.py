@@ -58,11 +58,11 @@ def test_split_ring_areas(case: str) -> None:
         with pytest.raises(RingError, match=refused):
             SplitQueue(memory(), NUM, desc, avail, used, features)
     if native.available():
-        build = native._splitblk.Engine
+        build = native.extension().Engine
         args = dict(regions=[(0, MEM - 1, bytearray(MEM), True)], num=NUM, desc=desc,
                     avail=avail, used=used, event_idx=True, indirect=True, last_avail=0,
                     used_idx=0, signalled=0, capacity=bytearray(8), readonly=False,
-                    serial=b"", backend=native._splitblk.BACKEND_NULL)
+                    serial=b"", backend=native.extension().BACKEND_NULL)
         if refused is None:
             build(**args).close()
         else:
@@ -115,11 +115,11 @@ def test_both_engines_refuse_the_same_layouts(desc: int, avail: int, used: int, 
     except RingError:
         python_ok = False
     try:
-        native._splitblk.Engine(
+        native.extension().Engine(
             regions=[(0, MEM - 1, bytearray(MEM), True)], num=num, desc=desc, avail=avail,
             used=used, event_idx=event_idx, indirect=True, last_avail=0, used_idx=0,
             signalled=0, capacity=bytearray(8), readonly=False, serial=b"",
-            backend=native._splitblk.BACKEND_NULL).close()
+            backend=native.extension().BACKEND_NULL).close()
         native_ok = True
     except ValueError:
         native_ok = False
