@@ -188,22 +188,28 @@ def table_cells(row: dict[str, Any]) -> list[str]:
             f"{_num(row.get('peer_guest_cpu_us_per_io'))}"]  # fmt: skip
 
 
-def format_table(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
-    """One aligned text table (or a Markdown one) of the rows."""
-    body = [table_cells(r) for r in rows]
-    widths = [max(len(h), *(len(line[i]) for line in body)) for i, h in enumerate(COLUMNS)]
+def format_grid(columns: Sequence[str], body: Sequence[Sequence[str]], right: set[str],
+                markdown: bool = False) -> str:
+    """An aligned text (or Markdown) table."""
+    widths = [max(len(h), *(len(line[i]) for line in body)) if body else len(h)
+              for i, h in enumerate(columns)]
 
     def line(cells: Sequence[str]) -> str:
-        parts = [c.rjust(w) if h in RIGHT else c.ljust(w)
-                 for c, w, h in zip(cells, widths, COLUMNS, strict=True)]
+        parts = [c.rjust(w) if h in right else c.ljust(w)
+                 for c, w, h in zip(cells, widths, columns, strict=True)]
         return f"| {' | '.join(parts)} |" if markdown else "  ".join(parts).rstrip()
 
     if markdown:
-        rule = "|" + "|".join(("-" * (w + 1) + ":") if h in RIGHT else ("-" * (w + 2))
-                              for w, h in zip(widths, COLUMNS, strict=True)) + "|"
+        rule = "|" + "|".join(("-" * (w + 1) + ":") if h in right else ("-" * (w + 2))
+                              for w, h in zip(widths, columns, strict=True)) + "|"
     else:
         rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(COLUMNS), rule, *(line(cells) for cells in body)])
+    return "\n".join([line(columns), rule, *(line(c) for c in body)])
+
+
+def format_table(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
+    """One aligned text table (or a Markdown one) of the rows."""
+    return format_grid(COLUMNS, [table_cells(r) for r in rows], set(RIGHT), markdown)
 
 
 def _repeat_note(repeat: int) -> str:

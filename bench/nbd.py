@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from fio_vs_qsd import (
+    format_grid,
     git_commit,
     host_cpu_model,
     host_cpu_times,
@@ -43,7 +44,7 @@ from fio_vs_qsd import (
     steal_share,
 )
 from nbd_guest import QUICK_WORKLOADS, SERVERS, WORKLOAD_BY_NAME, WORKLOADS
-from slow_disk import HostWatch, _num, _x, format_grid
+from slow_disk import HostWatch, _num, _x
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

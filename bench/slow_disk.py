@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from fio_vs_qsd import (
+    format_grid,
     git_commit,
     host_cpu_model,
     host_cpu_times,
@@ -220,25 +221,6 @@ def _num(value: float | None, digits: int = 0) -> str:
 
 def _x(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
-
-
-def format_grid(columns: Sequence[str], body: Sequence[Sequence[str]], right: set[str],
-                markdown: bool = False) -> str:
-    """An aligned text (or Markdown) table."""
-    widths = [max(len(h), *(len(line[i]) for line in body)) if body else len(h)
-              for i, h in enumerate(columns)]
-
-    def line(cells: Sequence[str]) -> str:
-        parts = [c.rjust(w) if h in right else c.ljust(w)
-                 for c, w, h in zip(cells, widths, columns, strict=True)]
-        return f"| {' | '.join(parts)} |" if markdown else "  ".join(parts).rstrip()
-
-    if markdown:
-        rule = "|" + "|".join(("-" * (w + 1) + ":") if h in right else ("-" * (w + 2))
-                              for w, h in zip(widths, columns, strict=True)) + "|"
-    else:
-        rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(columns), rule, *(line(c) for c in body)])
 
 
 CELL_COLUMNS = ("workload", "mode", "options", "IOPS", "x raw", "x own qd1", "lat µs",
