@@ -54,8 +54,16 @@
 #define ID_BYTES 20
 #define OUTHDR_SIZE 16
 
+/* The in-flight log (pyvduse/ring/inflight.py): a header (u16 last_avail, u16 base, u32 num,
+ * u64 sequence), then an entry per head (u8 state, 7 pad, u64 sequence at its take). */
 #define LOG_HEADER 16
+#define LOG_LAST_AVAIL 0 /* byte offsets in the header */
+#define LOG_BASE 2
+#define LOG_NUM 4
+#define LOG_SEQ 8
 #define LOG_ENTRY 16
+#define LOG_ENTRY_STATE 0 /* ... and in an entry */
+#define LOG_ENTRY_SEQ 8
 #define LOG_FREE 0
 #define LOG_IN_FLIGHT 1
 #define LOG_COMPLETED 2

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -35,6 +35,17 @@ from pyvduse.abi.virtio import F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, bit
 from pyvduse.backend.file import FileBackend
 from pyvduse.device.blk import BlkDevice
 from pyvduse.fastpath import engine as native
+from pyvduse.fastpath.config import (
+    AioMode,
+    DeviceConfig,
+    EngineConfig,
+    EngineTuning,
+    Interrupts,
+    RingLayout,
+    StorageConfig,
+    StorageKind,
+    TestKnobs,
+)
 from pyvduse.model.arena import Arena
 from pyvduse.model.split_driver import Completion, DriverSplitRing
 from pyvduse.ring.inflight import FREE, InflightLog, LoggedQueue, log_size
@@ -63,16 +74,20 @@ def gated(block: int) -> bool:
     return bool(block * (BLOCK // 512) & GATE)
 
 
+def ring_of(arena: Arena, drv: DriverSplitRing) -> RingLayout:
+    """The driver's fresh ring, with event index and indirect descriptors."""
+    return RingLayout(native.region_tuples(arena.memory), drv.num, drv.desc_addr,
+                      drv.avail_addr, drv.used_addr, event_idx=True, indirect=True)
+
+
 def _can_uring() -> str | None:
     fd = os.open("/dev/null", os.O_RDWR)
     try:
         arena = Arena(1 << 16)
         drv = DriverSplitRing(arena, 8)
-        uring.Engine(regions=native.region_tuples(arena.memory), num=8, desc=drv.desc_addr,
-                     avail=drv.avail_addr, used=drv.used_addr, event_idx=True, indirect=True,
-                     last_avail=0, used_idx=0, signalled=0, capacity=bytearray(8),
-                     readonly=False, serial=b"", backend=uring.BACKEND_FD, fd=fd,
-                     aio=uring.AIO_URING).close()
+        uring.Engine(EngineConfig(ring_of(arena, drv), DeviceConfig(bytearray(8)),
+                                  StorageConfig(StorageKind.FD, fd=fd),
+                                  tuning=EngineTuning(AioMode.URING))).close()
     except OSError as e:
         return f"the kernel refuses io_uring: {e}"
     finally:
@@ -212,7 +227,10 @@ class Rig:
 
 def make_rig(tmp_path: Path, num: int = 64, *, arena: Arena | None = None,
              space_offset: int | None = None, flags: int = 0, gate: bool = False,
-             **engine_args: Any) -> Rig:
+             aio: int = AioMode.URING, nowait: bool = False, direct: bool = False,
+             bounce: bool = False, dio_align: int = 512, efault: int = 0) -> Rig:
+    """A rig whose engine serves a file of DISK random bytes (opened with ``flags``) on
+    ``aio``; ``gate``: requests at GATE sectors wait for the test to release them."""
     arena = arena or Arena(16 << 20)
     drv = DriverSplitRing(Space(arena, space_offset), num)
     path = tmp_path / "disk.img"
@@ -225,14 +243,13 @@ def make_rig(tmp_path: Path, num: int = 64, *, arena: Arena | None = None,
     gate_r, gate_w = os.pipe() if gate else (-1, -1)
     interrupts: list[int] = []
     errors: list[tuple[int, int, int]] = []
-    engine = uring.Engine(
-        regions=native.region_tuples(arena.memory), num=num, desc=drv.desc_addr,
-        avail=drv.avail_addr, used=drv.used_addr, event_idx=True, indirect=True, last_avail=0,
-        used_idx=0, signalled=0, capacity=bytearray(struct.pack("<Q", DISK)), readonly=False,
-        serial=b"uring", backend=uring.BACKEND_FD, fd=fd, log=log.mem,
-        notify=interrupts.append, on_error=lambda *a: errors.append(a),
-        inflight=inflight, test_gate_fd=gate_r, test_gate_mask=GATE if gate else 0,
-        **{"aio": uring.AIO_URING, "nowait": False, **engine_args})
+    engine = uring.Engine(EngineConfig(
+        replace(ring_of(arena, drv), log=log.mem, inflight=inflight),
+        DeviceConfig(bytearray(struct.pack("<Q", DISK)), serial=b"uring"),
+        StorageConfig(StorageKind.FD, fd=fd, direct=direct, dio_align=dio_align),
+        Interrupts(notify=interrupts.append, on_error=lambda *a: errors.append(a)),
+        EngineTuning(AioMode(aio), bounce=bounce, nowait=nowait),
+        TestKnobs(gate_fd=gate_r, gate_mask=GATE if gate else 0, efault=efault)))
     return Rig(arena, drv, num, path, fd, model, engine, log, inflight, os.eventfd(0),
                os.eventfd(0), interrupts, errors, gate_r, gate_w)
 
@@ -645,7 +662,7 @@ def test_efault_makes_the_engine_copy_from_then_on(tmp_path: Path, rigs: list[Ri
     EFAULT as they do into VDUSE's bounce pages; both are redone through the engine's
     buffers, and every request taken after is copied from the start."""
     rig = make_rig(tmp_path, 16, arena=mmap_arena(2 << 20), space_offset=0,
-                   flags=_direct_flags(tmp_path), direct=True, test_efault=2)
+                   flags=_direct_flags(tmp_path), direct=True, efault=2)
     rigs.append(rig)
     rnd = random.Random(5)
     rig.start()
@@ -785,7 +802,7 @@ def test_build_passes_the_new_arguments_and_defaults_to_sync(tmp_path: Path) -> 
     shared = bytearray(8)
     eng = native.build(native.require_plan(dev),
                        0, q, arena.memory, None, None, lambda i: None, lambda *a: None,
-                       aio=native.AIO_URING, inflight=shared)
+                       tuning=EngineTuning(AioMode.URING), inflight=shared)
     assert eng.aio == native.AIO_URING and eng.in_flight() == 0
     drv.add([vb.OUTHDR.pack(vb.ReqType.IN, 0, 0)], [512, 1])
     kick, stop = os.eventfd(0), os.eventfd(1)
@@ -801,10 +818,6 @@ def test_build_passes_the_new_arguments_and_defaults_to_sync(tmp_path: Path) -> 
         native.build(native.require_plan(dev),
                      0, q, arena.memory, None, None, lambda i: None, lambda *a: None,
                      inflight=bytearray(4))
-    with pytest.raises(ValueError, match="dio_align"):
-        native.build(native.require_plan(dev),
-                     0, q, arena.memory, None, None, lambda i: None, lambda *a: None,
-                     dio_align=3)
     dev.backend.close()
 
 
@@ -827,8 +840,6 @@ def test_the_build_without_liburing_refuses_uring() -> None:
     arena = Arena(1 << 16)
     drv = DriverSplitRing(arena, 8)
     with pytest.raises(ValueError, match="io_uring"):
-        plain.Engine(regions=native.region_tuples(arena.memory), num=8, desc=drv.desc_addr,
-                     avail=drv.avail_addr, used=drv.used_addr, event_idx=True, indirect=True,
-                     last_avail=0, used_idx=0, signalled=0, capacity=bytearray(8),
-                     readonly=False, serial=b"", backend=plain.BACKEND_FD, fd=0,
-                     aio=plain.AIO_URING)
+        plain.Engine(EngineConfig(ring_of(arena, drv), DeviceConfig(bytearray(8)),
+                                  StorageConfig(StorageKind.FD, fd=0),
+                                  tuning=EngineTuning(AioMode.URING)))
