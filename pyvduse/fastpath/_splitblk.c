@@ -86,7 +86,7 @@ typedef struct {
     /* storage */
     uint64_t backend, dio_align, nbd_max;
     int fd, direct, nbd_fua;
-    PyObject *memory, *nbd;
+    PyObject *memory, *nbd, *unpinnable, *on_unpinnable;
     /* interrupts */
     int irq_fd, affinity_fd;
     uint64_t irq_request, irq_index, follow_mask;
@@ -107,6 +107,8 @@ static void config_clear(Config *c)
     Py_CLEAR(c->capacity);
     Py_CLEAR(c->memory);
     Py_CLEAR(c->nbd);
+    Py_CLEAR(c->unpinnable);
+    Py_CLEAR(c->on_unpinnable);
     Py_CLEAR(c->notify);
     Py_CLEAR(c->on_error);
 }
@@ -261,6 +263,8 @@ static int read_storage(PyObject *g, Config *c)
            cfg_bool(g, s, "direct", &c->direct) < 0 ||
            cfg_int(g, s, "dio_align", 1, BOUNCE_CHUNK, &c->dio_align) < 0 ||
            cfg_object(g, s, "memory", 1, &c->memory) < 0 ||
+           cfg_object(g, s, "unpinnable", 1, &c->unpinnable) < 0 ||
+           cfg_callable(g, s, "on_unpinnable", &c->on_unpinnable) < 0 ||
            cfg_object(g, s, "nbd", 1, &c->nbd) < 0 ||
            cfg_bool(g, s, "nbd_fua", &c->nbd_fua) < 0 ||
            cfg_int(g, s, "nbd_max", 1, UINT32_MAX, &c->nbd_max) < 0
@@ -384,6 +388,15 @@ static int engine_setup(Engine *e, const Config *c)
     e->aio = aio;
     e->direct = c->direct && backend == BACKEND_FD;
     e->bounce_all = c->bounce && backend == BACKEND_FD;
+    if (c->unpinnable != Py_None) {
+        if (get_buffer(c->unpinnable, &e->unpin_view, 1, "unpinnable") < 0)
+            return -1;
+        e->unpinnable = e->unpin_view.buf;
+    }
+    if (c->on_unpinnable != Py_None) {
+        Py_INCREF(c->on_unpinnable);
+        e->on_unpinnable = c->on_unpinnable;
+    }
     e->dio_align = c->dio_align;
     if (backend == BACKEND_MEMORY) {
         if (c->memory == Py_None) {
@@ -479,6 +492,7 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
     }
     e->efd = e->gate_fd = -1;
     e->oldest = e->newest = -1;
+    e->unpinnable = &e->own_unpinnable; /* unless the storage shares its byte */
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O:Engine", names, &config))
         return -1;
     r = read_config(config, &c);
@@ -505,6 +519,9 @@ static void release_all(Engine *e)
         PyBuffer_Release(&e->mem_view);
     if (e->log_view.obj)
         PyBuffer_Release(&e->log_view);
+    if (e->unpin_view.obj)
+        PyBuffer_Release(&e->unpin_view);
+    e->unpinnable = &e->own_unpinnable; /* counters() still reads it */
     if (e->map_view.obj)
         PyBuffer_Release(&e->map_view);
     else
@@ -548,6 +565,7 @@ static void Engine_dealloc(Engine *e)
     }
     Py_XDECREF(e->notify);
     Py_XDECREF(e->on_error);
+    Py_XDECREF(e->on_unpinnable);
     Py_TYPE(e)->tp_free((PyObject *)e);
 }
 
@@ -787,7 +805,7 @@ static PyObject *Engine_counters(Engine *e, PyObject *unused)
         "depth_hist", depth, "depth_sum", (unsigned long long)e->depth_sum, "taken",
         (unsigned long long)e->taken, "oldest_taken",
         (unsigned long long)e->oldest_taken, "bounced", (unsigned long long)e->bounced,
-        "efaults", (unsigned long long)e->efaults, "bounce_all", e->bounce_all, "inline",
+        "efaults", (unsigned long long)e->efaults, "bounce_all", sb_copying(e), "inline",
         (unsigned long long)e->inline_done, "budget_sleeps",
         (unsigned long long)e->budget_sleeps);
 }

@@ -85,6 +85,13 @@ class StorageConfig:
     direct: bool = False
     dio_align: int = 512  # a power of two up to 1 MiB
     memory: Any = None  # StorageKind.MEMORY: a writable buffer, the disk's bytes
+    #: The storage's byte (writable, 1 byte; None: the engine's own) saying driver memory
+    #: cannot be pinned for transfers with the file: 1 once one failed with EFAULT (VDUSE's
+    #: bounce pages, with O_DIRECT or a FUSE file in direct-I/O mode), by this engine,
+    #: another of the storage or its Python backend; every request is then copied through
+    #: the engine's own buffers. ``on_unpinnable()`` is called by the engine that set it.
+    unpinnable: Any = None
+    on_unpinnable: Callable[[], object] | None = None
     #: StorageKind.NBD: a libnbd handle ready for commands (the binding's NBD object or its
     #: capsule; None: no connection yet), whose socket the engine alone polls.
     nbd: Any = None
@@ -136,8 +143,8 @@ class TestKnobs:
     #: gate_fd (a pipe): they start only once the test writes a byte per request there.
     gate_fd: int = -1
     gate_mask: int = 0
-    #: The next ``efault`` transfers between the file and driver memory fail as if the
-    #: kernel could not pin it (EFAULT), on both the inline and the io_uring path.
+    #: The next ``efault`` transfers between the file and driver memory (that succeeded)
+    #: are taken for ones that failed with EFAULT, on the inline and the io_uring paths.
     efault: int = 0
     #: Each io_uring request is waited for as soon as it is submitted, so requests complete
     #: in the order they were taken (the differential tests).

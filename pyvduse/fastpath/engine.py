@@ -132,7 +132,8 @@ def storage_config(storage: NativeStorage, nbd: object = None) -> StorageConfig:
         return StorageConfig(StorageKind.NBD, nbd=nbd, nbd_fua=storage.fua_writes,
                              nbd_max=storage.max_command)
     return StorageConfig(_KINDS[storage.kind], fd=storage.fd, direct=storage.direct,
-                         memory=storage.memory)
+                         memory=storage.memory, unpinnable=storage.unpinnable,
+                         on_unpinnable=storage.on_unpinnable)
 
 
 def region_tuples(memory: RegionMap) -> list[tuple[int, int, memoryview, bool]]:

@@ -228,7 +228,9 @@ class Rig:
 def make_rig(tmp_path: Path, num: int = 64, *, arena: Arena | None = None,
              space_offset: int | None = None, flags: int = 0, gate: bool = False,
              aio: int = AioMode.URING, nowait: bool = False, direct: bool = False,
-             bounce: bool = False, dio_align: int = 512, efault: int = 0) -> Rig:
+             bounce: bool = False, dio_align: int = 512, efault: int = 0,
+             unpinnable: bytearray | None = None,
+             on_unpinnable: Callable[[], object] | None = None) -> Rig:
     """A rig whose engine serves a file of DISK random bytes (opened with ``flags``) on
     ``aio``; ``gate``: requests at GATE sectors wait for the test to release them."""
     arena = arena or Arena(16 << 20)
@@ -246,7 +248,8 @@ def make_rig(tmp_path: Path, num: int = 64, *, arena: Arena | None = None,
     engine = uring.Engine(EngineConfig(
         replace(ring_of(arena, drv), log=log.mem, inflight=inflight),
         DeviceConfig(bytearray(struct.pack("<Q", DISK)), serial=b"uring"),
-        StorageConfig(StorageKind.FD, fd=fd, direct=direct, dio_align=dio_align),
+        StorageConfig(StorageKind.FD, fd=fd, direct=direct, dio_align=dio_align,
+                      unpinnable=unpinnable, on_unpinnable=on_unpinnable),
         Interrupts(notify=interrupts.append, on_error=lambda *a: errors.append(a)),
         EngineTuning(AioMode(aio), bounce=bounce, nowait=nowait),
         TestKnobs(gate_fd=gate_r, gate_mask=GATE if gate else 0, efault=efault)))
@@ -657,26 +660,53 @@ def test_direct_io_at_an_unaligned_offset_is_left_to_python(tmp_path: Path,
     os.eventfd_read(rig.stop)
 
 
-def test_efault_makes_the_engine_copy_from_then_on(tmp_path: Path, rigs: list[Rig]) -> None:
-    """Through the test-only hook (io_uring path): the first direct transfers 'fail' with
-    EFAULT as they do into VDUSE's bounce pages; both are redone through the engine's
-    buffers, and every request taken after is copied from the start."""
-    rig = make_rig(tmp_path, 16, arena=mmap_arena(2 << 20), space_offset=0,
-                   flags=_direct_flags(tmp_path), direct=True, efault=2)
+@pytest.mark.parametrize(("aio", "cache"), [
+    ("sync", "none"), ("uring", "none"),  # O_DIRECT: VDUSE's bounce pages
+    ("sync", "writeback"), ("uring", "writeback"),  # a FUSE file in direct-I/O mode
+    ("uring-nowait", "writeback"),  # ... whose inline attempt (RWF_NOWAIT) faults
+])
+def test_efault_makes_the_engine_copy_from_then_on(tmp_path: Path, rigs: list[Rig], aio: str,
+                                                   cache: str) -> None:
+    """Through the test-only hook: the first transfers between the file and driver memory
+    'fail' with EFAULT as they do where the kernel cannot pin VDUSE's bounce pages (O_DIRECT,
+    or any I/O on a virtiofs file with cache=none); they are redone through the engine's
+    buffers, every request after is copied from the start, the storage's shared byte says
+    so and the engine that set it tells Python once. A second engine of the same storage
+    copies from its start, with no EFAULT of its own."""
+    direct = cache == "none"
+    flags = _direct_flags(tmp_path) if direct else 0
+    shared, told = bytearray(1), []
+    mode = uring.AIO_SYNC if aio == "sync" else uring.AIO_URING
+    rig = make_rig(tmp_path, 16, arena=mmap_arena(2 << 20), space_offset=0, flags=flags,
+                   direct=direct, aio=mode, nowait=aio == "uring-nowait", efault=2,
+                   unpinnable=shared, on_unpinnable=lambda: told.append(1))
     rigs.append(rig)
     rnd = random.Random(5)
     rig.start()
-    random_batch(rig, rnd, 16)
-    rig.go()
-    rig.verify(rig.collect(16))
-    random_batch(rig, rnd, 16)
-    rig.go()
-    rig.verify(rig.collect(16))
+    for _ in range(2):
+        random_batch(rig, rnd, 16)
+        rig.go()
+        rig.verify(rig.collect(16))
     rig.join()
     c = rig.engine.counters()
-    assert c["efaults"] == 2 and c["bounce_all"] == 1
-    assert 16 + 2 <= c["bounced"] <= 32, "after the EFAULT every request is copied"
+    assert c["efaults"] == (2 if aio == "uring" else 1) and c["bounce_all"] == 1
+    assert shared == b"\1" and told == [1], "not said exactly once"
+    assert 16 + 1 <= c["bounced"] <= 32, "after the EFAULT every request is copied"
+    assert c["inline"] == 0 or aio == "uring-nowait"
     assert not rig.errors and rig.path.read_bytes() == rig.model
+
+    again = make_rig(tmp_path, 16, arena=mmap_arena(2 << 20), space_offset=0, flags=flags,
+                     direct=direct, aio=mode, unpinnable=shared,
+                     on_unpinnable=lambda: told.append(2))
+    rigs.append(again)
+    again.start()
+    random_batch(again, rnd, 16)
+    again.go()
+    again.verify(again.collect(16))
+    again.join()
+    c = again.engine.counters()
+    assert (c["efaults"], c["bounce_all"], c["bounced"], told) == (0, 1, 16, [1])
+    assert again.path.read_bytes() == again.model
 
 
 def _secret_arena(size: int) -> Arena:
