@@ -7,7 +7,7 @@
  * steps as pyvduse.runtime.worker + ring.split + ring.inflight + device.blk for the common
  * requests (IN, OUT, FLUSH, GET_ID) with the GIL released, so queues also run in parallel.
  *
- * Many requests in flight: with aio=AIO_URING and the file backend, reads, writes and
+ * Many requests in flight: with tuning.aio AIO_URING and the file backend, reads, writes and
  * flushes go to an io_uring the engine owns (splitblk_uring.c), as many as the queue holds,
  * and complete in the order they finish: used elements are written in completion order, and
  * the in-flight log records each head IN_FLIGHT at its take, COMPLETED at its push and FREE

@@ -66,8 +66,8 @@ def available() -> bool:
 
 def uring_built() -> bool:
     """Whether the extension in use was built with io_uring (liburing), so that
-    ``aio=AIO_URING`` can work (the kernel may still refuse it: then the engine's
-    constructor raises OSError)."""
+    ``EngineTuning(aio=AioMode.URING)`` can work (the kernel may still refuse it: then the
+    engine's constructor raises OSError)."""
     return available() and bool(_splitblk.HAS_URING)
 
 
@@ -168,7 +168,19 @@ def config(
     nbd: object = None,
     test: TestKnobs = _NO_TEST_KNOBS,
 ) -> EngineConfig:
-    """The configuration ``build`` makes its engine from (see there)."""
+    """What a native engine serving queue ``index`` of the device ``plan`` describes is
+    made from: positioned where ``ring`` stands, with ``log`` (None: none); it interrupts
+    through ``irq`` (the VDUSE fd and its inject request) or, without, calls
+    ``notify(index)``; ``on_error`` hears of requests the storage failed. ``tuning``: when
+    it publishes, whether it polls, how it waits for the storage (``AioMode.URING``:
+    ValueError if the extension was built without liburing, OSError if the kernel refuses
+    io_uring; the budget defaults to ring/budget.py's). With ``affinity_fd`` (the queue's
+    irq_cb_affinity, open for writing) it points the queue's interrupts at its own CPU
+    whenever that is one of ``follow_cpus`` (the first 64 CPUs can be followed).
+    ``inflight`` (``ring.num`` bytes) is the map of heads in flight shared with the Python
+    ring; the engine allocates its own without it. An NBD backend's engine
+    (``AioMode.NBD``) takes ``nbd``, the binding's handle it is lent (None: down).
+    ``test``: the test-only knobs. See config.py for each field."""
     if not isinstance(memory, RegionMap):
         raise ValueError("the native data path needs driver memory as a RegionMap")
     irq_fd, irq_request = irq if irq is not None else (-1, 0)
@@ -185,37 +197,11 @@ def config(
         tuning=tuning, test=test)
 
 
-def build(
-    plan: NativeBlk,
-    index: int,
-    ring: SplitQueue,
-    memory: GuestMemory,
-    log: InflightLog | None,
-    irq: tuple[int, int] | None,
-    notify: Callable[[int], None],
-    on_error: Callable[[int, int, int], None],
-    *,
-    tuning: EngineTuning = _DEFAULT_TUNING,
-    affinity_fd: int = -1,
-    follow_cpus: Sequence[int] = (),
-    inflight: bytearray | memoryview | None = None,
-    nbd: object = None,
-    test: TestKnobs = _NO_TEST_KNOBS,
-) -> Engine:
-    """A native engine serving queue ``index`` of the device ``plan`` describes, positioned
-    where ``ring`` stands, with ``log`` (None: none); it interrupts through ``irq`` (the
-    VDUSE fd and its inject request) or, without, calls ``notify(index)``; ``on_error`` hears
-    of requests the storage failed. ``tuning``: when it publishes, whether it polls, how it
-    waits for the storage (``AioMode.URING``: ValueError if the extension was built without
-    liburing, OSError if the kernel refuses io_uring; the budget defaults to
-    ring/budget.py's). With ``affinity_fd`` (the queue's irq_cb_affinity, open for writing)
-    it points the queue's interrupts at its own CPU whenever that is one of ``follow_cpus``
-    (the first 64 CPUs can be followed). ``inflight`` (``ring.num`` bytes) is the map of
-    heads in flight shared with the Python ring; the engine allocates its own without it.
-    An NBD backend's engine (``AioMode.NBD``) takes ``nbd``, the binding's handle it is lent
-    (None: down). ``test``: the test-only knobs. See config.py for each field."""
+def build(plan: NativeBlk, index: int, ring: SplitQueue, memory: GuestMemory,
+          log: InflightLog | None, irq: tuple[int, int] | None, notify: Callable[[int], None],
+          on_error: Callable[[int, int, int], None], **options: Any) -> Engine:
+    """The native engine ``config`` describes for these arguments and ``options`` (its
+    keyword arguments): ``Engine(config(...))``."""
     assert _splitblk is not None
     return _splitblk.Engine(config(plan, index, ring, memory, log, irq, notify, on_error,
-                                   tuning=tuning, affinity_fd=affinity_fd,
-                                   follow_cpus=follow_cpus, inflight=inflight, nbd=nbd,
-                                   test=test))
+                                   **options))

@@ -30,14 +30,14 @@
  * kernel before the flush is even taken; writes still in flight beside it are not covered by
  * the spec either, and draining them would only add latency.
  *
- * Test-only knobs (constructor arguments test_gate_fd, test_gate_mask, test_efault): a
- * request whose sector has a bit of the mask set is linked behind a one-byte read of the gate
- * fd (a pipe the test writes to), so it cannot start, let alone finish, before the test
- * says: completions out of order on demand (a gate cancelled with its thread is read again,
- * up to 8 times). test_efault makes the next N transfers between the file and driver memory
- * (here and on the inline paths) fail as if with EFAULT. test_serial waits for each request as soon
- * as it is submitted, so that the differential tests (fuzz/ring_cases.py) see completions in
- * the order the Python engine makes them.
+ * Test-only knobs (the config's test group: gate_fd, gate_mask, efault, serial): a request
+ * whose sector has a bit of the mask set is linked behind a one-byte read of the gate fd (a
+ * pipe the test writes to), so it cannot start, let alone finish, before the test says:
+ * completions out of order on demand (a gate cancelled with its thread is read again, up to
+ * 8 times). efault makes the next N transfers between the file and driver memory (here and
+ * on the inline paths) fail as if with EFAULT. serial waits for each request as soon as it
+ * is submitted, so that the differential tests (fuzz/ring_cases.py) see completions in the
+ * order the Python engine makes them.
  */
 #include "splitblk.h"
 
