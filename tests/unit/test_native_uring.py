@@ -1,14 +1,16 @@
-"""The native engine on io_uring (aio=AIO_URING): many requests in flight, out of order.
+"""The native engine on io_uring (AioMode.URING): many requests in flight, out of order.
 
 The engine is driven directly, as test_native_engine.py and fuzz/ring_cases.py do: an
 ``Arena`` holds the driver's memory, a ``DriverSplitRing`` plays the driver, the engine
 serves a regular file in ``tmp_path``. Completions out of order are made deterministic with
-the engine's test-only gate (``test_gate_fd``/``test_gate_mask``): a request whose sector
+the engine's test-only gate (``TestKnobs.gate_fd``/``gate_mask``): a request whose sector
 has a bit of the mask set is linked behind a one-byte read of a pipe, so it starts only when
 the test writes a byte there. Direct I/O runs on an O_DIRECT file over mmap-backed driver
 memory (page-aligned, so buffer alignment is chosen per test); the EFAULT that VDUSE's bounce
 pages give direct I/O is produced for real with memfd_secret(2) memory (skipped where the
-kernel has none) and through the engine's test-only ``test_efault`` hook.
+kernel has none), and through the engine's test-only ``TestKnobs.efault`` hook for buffered
+I/O too (a FUSE file in direct-I/O mode faults there; tests/vm/test_fuse_file_e2e.py has the
+real one).
 """
 
 from __future__ import annotations
