@@ -47,6 +47,8 @@ from pyvduse.runtime.server import DeviceServer
 from pyvduse.runtime.state_file import DEFAULT_STATE_DIR, IdentityMismatch, StateFile
 from pyvduse.runtime.tuning import QueueTuning
 from pyvduse.transport.base import Transport
+from pyvduse.transport.kernel.vdpa_bind import DRIVERS as BIND_DRIVERS
+from pyvduse.transport.kernel.vdpa_bind import MODULE_HINT
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +56,29 @@ log = logging.getLogger(__name__)
 NODE_WAIT_SECONDS = 30.0
 
 
-def check_kernel() -> None:
-    """KernelMissing, saying what to load, when the kernel side of VDUSE is not there."""
+def check_kernel(bind: str = "virtio") -> None:
+    """KernelMissing, saying what to load, when the kernel side of VDUSE is not there, or
+    the vdpa bus driver ``bind`` names (see ``Daemon``)."""
     from pyvduse.transport.kernel import sysfs
     from pyvduse.transport.kernel.control import missing_module_hint
 
     if not sysfs.CONTROL.exists():
         raise KernelMissing(missing_module_hint())
-    if not sysfs.vdpa_drivers():
-        raise KernelMissing("no vdpa bus driver is loaded: run 'modprobe virtio_vdpa' for a "
-                            "host block device (or 'modprobe vhost_vdpa' to give it to a VM)")
+    driver = BIND_DRIVERS[bind]
+    if driver not in sysfs.vdpa_drivers():
+        raise KernelMissing(f"the {driver} module is not loaded: run 'modprobe {driver}' "
+                            f"(it gives the device to {MODULE_HINT[driver]})")
+
+
+def check_bind(bind: str, user_bounce: bool = False) -> None:
+    """ConfigError unless the device can be given to ``bind`` with these options."""
+    if bind not in BIND_DRIVERS:
+        raise ConfigError(f"'{bind}' is not a vdpa driver pyvduse binds to: use one of "
+                          f"{', '.join(sorted(BIND_DRIVERS))}", option="bind")
+    if bind == "vhost" and user_bounce:
+        raise ConfigError("a bounce buffer in the daemon's memory is virtio_vdpa's; bound to "
+                          "vhost_vdpa the device uses the VM's own memory: leave it out",
+                          option="user_bounce")
 
 
 class Stopped(DeviceError):
@@ -86,9 +101,9 @@ class Daemon:
     buffer in the daemon's own memory). ``state_dir``: where the crash-recovery state lives
     (None: no state file, no resuming). ``resume``: None resumes a device a dead daemon left
     (its node exists), True insists on one, False refuses to. ``ops``: the management socket
-    and metrics (None: neither). ``bind``: the vdpa bus driver the kernel attaches
-    (``virtio``: a local device; ``vhost``: /dev/vhost-vdpa-N for a VM), as far as the
-    kernel lets us choose.
+    and metrics (None: neither). ``bind``: the vdpa bus driver the device is given to
+    (``virtio``: virtio_vdpa, a local device; ``vhost``: vhost_vdpa, /dev/vhost-vdpa-N for
+    a VM), and to no other (``transport.kernel.vdpa_bind``).
     """
 
     def __init__(self, device: VirtioDevice, name: str, *, model: bool = False,
@@ -96,8 +111,9 @@ class Daemon:
                  tuning: QueueTuning | None = None, ops: OpsOptions | None = None,
                  msg_timeout: int | None = None, bounce_size: int | None = None,
                  irq_placement: Any = None, user_bounce: bool = False,
-                 node_timeout: float = NODE_WAIT_SECONDS) -> None:
+                 node_timeout: float = NODE_WAIT_SECONDS, bind: str = "virtio") -> None:
         check_name(name)
+        check_bind(bind, user_bounce)
         if ops is not None:
             ops.validate()
         self.device = device
@@ -107,8 +123,10 @@ class Daemon:
         self.resume = resume
         self.ops_options = ops
         self.node_timeout = node_timeout
+        self.bind = bind
         self._kernel_options = {"msg_timeout": msg_timeout, "bounce_size": bounce_size,
-                                "irq_placement": irq_placement, "user_bounce": user_bounce}
+                                "irq_placement": irq_placement, "user_bounce": user_bounce,
+                                "driver": BIND_DRIVERS[bind]}
         self.server = DeviceServer(device, None, tuning)
         #: The device node once started: /dev/vdX (virtio_vdpa), /dev/vhost-vdpa-N; None on
         #: the model.
@@ -117,6 +135,8 @@ class Daemon:
         self.kernel: Any = None
         self.transport: Transport | None = None
         self.resumed = False
+        #: ``stop()`` left the device attached: a VM still held it (see ``stop``).
+        self.left_attached = False
         #: Why the kernel gave up on the device, once it did (the daemon then stops).
         self.broken: str | None = None
         self._operations: Operations | None = None
@@ -149,9 +169,15 @@ class Daemon:
     def stop(self, *, drain: bool = True, abort: threading.Event | None = None) -> None:
         """Stop serving (any thread; idempotent): let the requests in flight finish (up to
         the ops drain timeout, unless ``drain`` is False or ``abort`` gets set), detach and
-        destroy the device, remove the state file."""
+        destroy the device, remove the state file.
+
+        Bound to vhost_vdpa, the kernel's detach waits (beyond any signal) until whoever
+        opened the node closes it: while a process (a VM) holds it, the device is served on
+        and detached once it is closed; if ``abort`` gets set first, the device is left
+        attached (``left_attached``), to be resumed by a later daemon, as after a crash."""
         self._stop_requested.set()
-        self._teardown(drain=drain, abort=abort)
+        leave = self._wait_for_release(abort)
+        self._teardown(drain=drain, abort=abort, leave=leave)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until something asks the daemon to stop (``request_stop()``, the ``quit``
@@ -236,6 +262,11 @@ class Daemon:
             raise DeviceBusy(self.name, f"a VDUSE device named '{self.name}' already exists "
                              "and a running daemon serves it: choose another name",
                              option="name")
+        bound = sysfs.bound_driver(self.name) if exists else None
+        if bound is not None and bound != self._kernel_options["driver"]:
+            other = next((k for k, d in BIND_DRIVERS.items() if d == bound), bound)
+            raise ConfigError(f"device '{self.name}' is attached to {bound}: resume it bound "
+                              f"to '{other}', or destroy it", option="bind")
         self._state = self._open_state(resume=exists)
         self.server.state = self._state
         opts = dict(self._kernel_options)
@@ -344,7 +375,33 @@ class Daemon:
         """The management socket's ``quit``: whoever waits in ``run()``/``wait()`` stops."""
         self._stop_requested.set()
 
-    def _teardown(self, *, drain: bool, abort: threading.Event | None = None) -> None:
+    def _wait_for_release(self, abort: threading.Event | None) -> bool:
+        """While a process holds our /dev/vhost-vdpa-N, serve on and wait for it to close
+        it; True: ``abort`` came first, leave the device attached."""
+        if self.model or self.node is None or self.broken is not None or self.stopped:
+            return False
+        from pyvduse.transport.kernel import sysfs
+
+        if sysfs.bound_driver(self.name) != "vhost_vdpa":
+            return False
+        holders = sysfs.node_holders(self.node)
+        if not holders:
+            return False
+        log.warning("%s is open by process %s (a VM?): serving it until it closes it, then "
+                    "detaching (stop again to leave the device attached instead)", self.node,
+                    ",".join(map(str, holders)))
+        while holders:
+            if abort is not None and abort.wait(0.5):
+                log.warning("left %s attached, for a later daemon to resume", self.name)
+                return True
+            if abort is None:
+                time.sleep(0.5)
+            holders = sysfs.node_holders(self.node)
+        log.info("%s was closed: detaching", self.node)
+        return False
+
+    def _teardown(self, *, drain: bool, abort: threading.Event | None = None,
+                  leave: bool = False) -> None:
         with self._stop_lock:
             try:
                 if self._operations is not None:
@@ -353,7 +410,14 @@ class Daemon:
             finally:
                 try:
                     if self.transport is not None:
-                        self.transport.close()
+                        if leave:
+                            from pyvduse.transport.kernel.transport import KernelTransport
+
+                            assert isinstance(self.transport, KernelTransport)
+                            self.transport.close(leave=True)
+                            self.left_attached = True
+                        else:
+                            self.transport.close()
                         self.transport = None
                 finally:
                     if self._operations is not None:

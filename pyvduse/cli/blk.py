@@ -18,7 +18,7 @@ from pyvduse.backend.nbd import DEFAULT_RECONNECT_SECONDS, NbdBackend, NbdError
 from pyvduse.backend.nbd_binding import NbdUnavailable
 from pyvduse.backend.null import NullBackend
 from pyvduse.cli import plugins
-from pyvduse.daemon import Daemon, check_kernel, check_name
+from pyvduse.daemon import Daemon, check_bind, check_kernel, check_name
 from pyvduse.device.base import VirtioDevice
 from pyvduse.device.blk import BlkConfigError, BlkDevice, BlkOptions
 from pyvduse.errors import UserError
@@ -30,6 +30,7 @@ from pyvduse.runtime.tuning import HOLD_MAX_US, MAX_US, PUBLISH_AFTER_US, DataPa
 from pyvduse.sizes import parse_size
 from pyvduse.transport.kernel import sysfs
 from pyvduse.transport.kernel.irq_affinity import FOLLOW, IrqPlacement, parse_cpu_list
+from pyvduse.transport.kernel.vdpa_bind import DRIVERS as BIND_DRIVERS
 
 log = logging.getLogger("pyvduse")
 
@@ -81,6 +82,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    "set)")
     p.add_argument("--packed", action="store_true",
                    help="offer the packed virtqueue layout (VIRTIO_F_RING_PACKED)")
+    p.add_argument("--bind", choices=sorted(BIND_DRIVERS), default="virtio",
+                   help="the vdpa driver the device is given to: 'virtio' (virtio_vdpa: a "
+                   "block device /dev/vdX on this host; the default) or 'vhost' "
+                   "(vhost_vdpa: /dev/vhost-vdpa-N, for a VM)")
     p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR",
                    help="where the crash-recovery state lives (default /run/pyvduse)")
     p.add_argument("--reconnect", action="store_true",
@@ -294,19 +299,21 @@ def run(args: argparse.Namespace) -> int:
                          workers_on_irq_cpus=args.worker_cpus == "irq", aio=Aio(args.aio),
                          io_threads=args.io_threads)
     irq_placement = parse_irq_cpus(args.irq_cpus)
+    check_bind(args.bind, args.bounce_memory == "daemon")
     backend = make_backend(args)
     try:
         device = build_device(args, backend)
         why_not = native.why_not(device, args.packed)
         if data_path is DataPath.NATIVE and why_not is not None:
             raise UserError(f"--data-path native: {why_not}; or use --data-path python")
-        check_kernel()
+        check_kernel(args.bind)
         if data_path is DataPath.AUTO and why_not is not None:
             log.info("queues served by the Python engine: %s", why_not)
         daemon = Daemon(device, args.name, state_dir=args.state_dir,
                         resume=True if args.reconnect else None, tuning=tuning, ops=ops,
                         msg_timeout=msg_timeout, bounce_size=bounce,
-                        irq_placement=irq_placement, user_bounce=args.bounce_memory == "daemon")
+                        irq_placement=irq_placement, user_bounce=args.bounce_memory == "daemon",
+                        bind=args.bind)
         return serve(daemon)
     finally:
         if backend is not None:
@@ -318,6 +325,9 @@ def serve(daemon: Daemon) -> int:
     SIGINT or SIGTERM (or ``ctl NAME quit``)."""
     daemon.on_ready = announce
     daemon.run(signals=True)
+    if daemon.left_attached:
+        log.warning("the same command serves %s again; 'pyvduse destroy %s' removes it once "
+                    "the VM has closed it", daemon.name, daemon.name)
     return 0
 
 

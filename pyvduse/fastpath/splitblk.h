@@ -348,6 +348,7 @@ static inline int sb_copying(const Engine *e)
 /* -- splitblk_ring.c ------------------------------------------------------------------- */
 
 uint8_t *sb_contiguous(Engine *e, uint64_t iova, uint64_t len, int write);
+int sb_visible(const Engine *e, const uint8_t *p);
 int sb_walk(Engine *e, uint16_t head);
 uint64_t sb_iov_total(const struct iovec *iov, int n);
 int sb_iov_slice(const struct iovec *iov, int n, uint64_t off, uint64_t len, struct iovec *out);

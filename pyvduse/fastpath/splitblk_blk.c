@@ -473,12 +473,14 @@ int sb_start(Engine *e, uint16_t head, uint32_t rtype, uint64_t sector, uint8_t 
 }
 
 /* A request is done: its status byte, its used element (pushed, not published), its
- * latency. Requests taken before a poison_in_flight() fail with IOERR whatever they did;
- * on an abandoned engine they are only dropped. */
+ * latency. Requests taken before a poison_in_flight() fail with IOERR whatever they did,
+ * with a used length of 0 when even their status byte was in memory unmapped meanwhile
+ * (the driver would read a stale one); on an abandoned engine they are only dropped. */
 void sb_finish(Engine *e, Req *r, uint8_t st, uint32_t written)
 {
     uint64_t lat;
     uint16_t head = r->head;
+    uint32_t used;
     if (r->state == REQ_ASYNC)
         e->nasync--;
     sb_buffer_done(e, r);
@@ -486,9 +488,10 @@ void sb_finish(Engine *e, Req *r, uint8_t st, uint32_t written)
         sb_untrack(e, r);
         return;
     }
+    used = written + 1;
     if (r->take_no <= __atomic_load_n(&e->poison_mark, __ATOMIC_ACQUIRE)) {
         st = S_IOERR;
-        written = 0;
+        used = sb_visible(e, r->status) ? 1 : 0;
     }
     if (st != S_OK)
         e->errors++;
@@ -499,7 +502,7 @@ void sb_finish(Engine *e, Req *r, uint8_t st, uint32_t written)
     e->latency_ns += lat;
     e->completed++;
     sb_untrack(e, r);
-    sb_push(e, head, written + 1);
+    sb_push(e, head, used);
 }
 
 /* -- the aligned buffers of requests ---------------------------------------------------- */

@@ -63,6 +63,20 @@ uint8_t *sb_contiguous(Engine *e, uint64_t iova, uint64_t len, int write)
     return r->base + (iova - r->start);
 }
 
+/* Whether p points into the current memory (not into a region dropped by a remap: its
+ * pages were fenced, nothing written there reaches the driver). */
+int sb_visible(const Engine *e, const uint8_t *p)
+{
+    const RegionSet *rs = e->mem_cur;
+    int i;
+    for (i = 0; i < rs->n; i++) {
+        const Region *r = &rs->regions[i];
+        if (p >= r->base && (uint64_t)(p - r->base) <= r->last - r->start)
+            return 1;
+    }
+    return 0;
+}
+
 /* Append the local segments of [iova, iova+len) to iov; -1 if any byte is not mapped. */
 static int add_segments(Engine *e, uint64_t iova, uint32_t len, int write, struct iovec *iov,
                         int *n)

@@ -7,6 +7,7 @@ exactly as it sees the real mmapped regions.
 from __future__ import annotations
 
 from pyvduse.ring.memory import RegionMap, buffer_region
+from pyvduse.transport.model.iova import IovaSpace
 
 
 class Arena:
@@ -44,3 +45,30 @@ class Arena:
     def read(self, iova: int, length: int) -> bytes:
         off = iova - self.base
         return bytes(self.buf[off : off + length])
+
+
+class CoherentArena:
+    """Request buffers carved from one coherent allocation of the kernel model, which is
+    its own IOTLB region: the driver can free it (an unmap) under the requests using it."""
+
+    def __init__(self, iova: IovaSpace, size: int = 1 << 16) -> None:
+        self.iova = iova
+        self.base = iova.alloc_coherent(size)
+        self.end = self.base + size
+        self.next = self.base + 64  # a buffer at the base would be freed as the allocation
+
+    def alloc(self, size: int, align: int = 16) -> int:
+        a = -(-self.next // align) * align
+        if a + size > self.end:
+            raise MemoryError("coherent arena exhausted")
+        self.next = a + size
+        return a
+
+    def free(self, iova: int) -> None:
+        """Bump allocation: nothing is reused."""
+
+    def write(self, iova: int, data: bytes) -> None:
+        self.iova.write(iova, data)
+
+    def read(self, iova: int, length: int) -> bytes:
+        return self.iova.read(iova, length)

@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
+from typing import Any
 
 from pyvduse.abi import virtio_blk as vb
-from pyvduse.model.virtio_driver import DriverQueue, Placement, VirtioDriver
-from pyvduse.transport.model.kernel import ModelKernel
+from pyvduse.model.virtio_driver import DriverQueue, Placement, VdpaOps, VirtioDriver
+
+#: The status ``request`` reports when the device completed a request without writing its
+#: status byte (used length 0: the device could not take the chain, e.g. unmapped memory).
+NO_STATUS = -1
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A request submitted and not yet waited for."""
+
+    queue: DriverQueue
+    ticket: int
 
 
 class BlkIOError(OSError):
@@ -18,10 +31,12 @@ class BlkIOError(OSError):
 
 
 class BlkDriver:
-    """read/write/flush/discard/write_zeroes/get_id over the model's virtio-blk device."""
+    """read/write/flush/discard/write_zeroes/get_id over a virtio-blk device: the model's,
+    or a real one through vhost-vdpa."""
 
-    def __init__(self, kernel: ModelKernel, *, indirect: bool = True,
-                 placement: Placement | None = None, **driver_args: int) -> None:
+    def __init__(self, kernel: VdpaOps, *, indirect: bool = True,
+                 placement: Placement | None = None, **driver_args: Any) -> None:
+        """``driver_args`` go to ``VirtioDriver`` (features, queue size and count, ...)."""
         self.virtio = VirtioDriver(kernel, placement=placement, **driver_args)
         self.virtio.probe()
         self.indirect = indirect
@@ -45,15 +60,25 @@ class BlkDriver:
             self._rr = (self._rr + 1) % len(qs)
             return qs[self._rr]
 
-    def request(self, rtype: int, sector: int = 0, out: bytes = b"", in_len: int = 0, *,
-                queue: int | None = None, timeout: float = 10.0) -> tuple[int, bytes, int]:
-        """Submit one request and wait: (status, data read, used length)."""
+    def submit(self, rtype: int, sector: int = 0, out: bytes = b"", in_len: int = 0, *,
+               queue: int | None = None) -> Pending:
+        """Make one request available without waiting for it (see ``wait``)."""
         q = self._queue(queue)
         readable = [vb.OUTHDR.pack(rtype, 0, sector)] + ([out] if out else [])
         writable = ([in_len] if in_len else []) + [1]
-        ticket = q.submit(readable, writable, indirect=self.indirect)
-        c = q.wait(ticket, timeout)
-        return c.data[-1], c.data[:-1], c.length
+        return Pending(q, q.submit(readable, writable, indirect=self.indirect))
+
+    def wait(self, pending: Pending, timeout: float = 10.0) -> tuple[int, bytes, int]:
+        """(status, data read, used length) of a submitted request; the status is
+        ``NO_STATUS`` when the device wrote nothing."""
+        c = pending.queue.wait(pending.ticket, timeout)
+        status = c.data[-1] if c.length else NO_STATUS
+        return status, c.data[:-1], c.length
+
+    def request(self, rtype: int, sector: int = 0, out: bytes = b"", in_len: int = 0, *,
+                queue: int | None = None, timeout: float = 10.0) -> tuple[int, bytes, int]:
+        """Submit one request and wait: (status, data read, used length)."""
+        return self.wait(self.submit(rtype, sector, out, in_len, queue=queue), timeout)
 
     def _ok(self, what: str, *args: object, **kw: object) -> bytes:
         status, data, _ = self.request(*args, **kw)  # type: ignore[arg-type]

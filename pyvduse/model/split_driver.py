@@ -57,7 +57,9 @@ class DriverSplitRing:
         # One coherent allocation laid out like vring_init(): desc, avail, then used aligned.
         avail_off = DESC_SIZE * num
         used_off = -(-(avail_off + avail_ring_size(num, True)) // 4096) * 4096
-        base = arena.alloc_coherent(used_off + used_ring_size(num, True), 4096)
+        size = used_off + used_ring_size(num, True)
+        base = arena.alloc_coherent(size, 4096)
+        arena.write(base, bytes(size))  # zeroed, as dma_alloc_coherent's memory is
         self.desc_addr = base
         self.avail_addr = base + avail_off
         self.used_addr = base + used_off

@@ -11,8 +11,8 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable
-from typing import cast
+from collections.abc import Callable, Sized
+from typing import Protocol, cast
 
 from pyvduse.abi.virtio import (
     F_ACCESS_PLATFORM,
@@ -25,12 +25,37 @@ from pyvduse.abi.virtio import (
     has,
 )
 from pyvduse.model.packed_driver import DriverPackedRing
-from pyvduse.model.split_driver import Completion, DriverSplitRing
-from pyvduse.transport.model.kernel import ModelKernel
+from pyvduse.model.split_driver import Completion, DmaSpace, DriverSplitRing
 
 #: Transport features this driver implements.
 DRIVER_TRANSPORT_FEATURES = (bit(F_VERSION_1) | bit(F_ACCESS_PLATFORM) | bit(F_RING_EVENT_IDX)
                              | bit(F_RING_INDIRECT_DESC) | bit(F_RING_PACKED))
+
+
+class VdpaOps(Protocol):
+    """The vdpa config ops a virtio driver calls: the kernel model's (``ModelKernel``) or a
+    real device's through vhost-vdpa (``VhostVdpa``)."""
+
+    @property
+    def vqs(self) -> Sized: ...
+    @property
+    def iova(self) -> DmaSpace: ...
+    @property
+    def config_callback(self) -> Callable[[], None] | None: ...
+    @config_callback.setter
+    def config_callback(self, cb: Callable[[], None] | None) -> None: ...
+    def get_config(self, offset: int, length: int) -> bytes: ...
+    def get_device_features(self) -> int: ...
+    def set_driver_features(self, features: int) -> None: ...
+    def get_status(self) -> int: ...
+    def set_status(self, status: int) -> None: ...
+    def get_vq_num_max(self) -> int: ...
+    def set_vq_num(self, index: int, num: int) -> None: ...
+    def set_vq_address(self, index: int, desc: int, driver: int, device: int) -> None: ...
+    def set_vq_state(self, index: int, state: tuple[int, ...]) -> None: ...
+    def set_vq_ready(self, index: int, ready: bool) -> None: ...
+    def set_vq_callback(self, index: int, cb: Callable[[], None] | None) -> None: ...
+    def kick(self, index: int) -> None: ...
 
 
 class ProbeError(RuntimeError):
@@ -40,7 +65,7 @@ class ProbeError(RuntimeError):
 class DriverQueue:
     """One virtqueue as the driver uses it."""
 
-    def __init__(self, kernel: ModelKernel, index: int,
+    def __init__(self, kernel: VdpaOps, index: int,
                  ring: DriverSplitRing | DriverPackedRing) -> None:
         self.kernel = kernel
         self.index = index
@@ -94,13 +119,15 @@ Placement = Callable[[int, tuple[int, int, int]], tuple[int, int, int]]
 
 
 class VirtioDriver:
-    """Binds to a ``ModelKernel`` device and brings it to DRIVER_OK."""
+    """Binds to a device (the model's, or a real one through vhost-vdpa) and brings it to
+    DRIVER_OK."""
 
-    def __init__(self, kernel: ModelKernel, *, device_features: int = (1 << 28) - 1,
+    def __init__(self, kernel: VdpaOps, *, device_features: int = (1 << 28) - 1,
                  transport_features: int = DRIVER_TRANSPORT_FEATURES,
                  queue_size: int | None = None, num_queues: int | None = None,
-                 placement: Placement | None = None) -> None:
+                 placement: Placement | None = None, late_enable: bool = False) -> None:
         self.kernel = kernel
+        self.late_enable = late_enable  # enable the queues after DRIVER_OK, as vhost allows
         self.wanted = device_features | transport_features
         self.queue_size = queue_size
         self.num_queues = num_queues
@@ -141,11 +168,15 @@ class VirtioDriver:
             q = DriverQueue(k, i, ring)
             k.set_vq_num(i, num)
             k.set_vq_callback(i, q.on_interrupt)
-            k.set_vq_ready(i, True)
+            if not self.late_enable:
+                k.set_vq_ready(i, True)
             self.queues.append(q)
         k.set_status(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK)
         if not k.get_status() & Status.DRIVER_OK:
             raise ProbeError("the device did not accept DRIVER_OK")
+        if self.late_enable:
+            for q in self.queues:
+                k.set_vq_ready(q.index, True)
 
     def _on_config(self) -> None:
         self.config_changes += 1

@@ -15,7 +15,7 @@ from pyvduse.abi import virtio_blk as vb
 from pyvduse.ops.protocol import Json
 from pyvduse.ops.target import Target
 from pyvduse.runtime.native_worker import NativeQueueWorker
-from pyvduse.runtime.worker import LATENCY_BUCKETS, QueueCounters, QueueWorker, queue_counters
+from pyvduse.runtime.worker import LATENCY_BUCKETS, QueueCounters, QueueWorker
 
 
 def _bit_names(module: Any, lo: int, hi: int) -> dict[int, str]:
@@ -106,7 +106,7 @@ def in_flight_seconds(counters: QueueCounters | None) -> float | None:
 def status(target: Target) -> Json:
     server, spec = target.server, target.spec
     device = server.device
-    counters = queue_counters(device)
+    counters = target.server.queue_counters
     workers = _workers(target)
     features = server.features
     out: Json = {
@@ -169,7 +169,7 @@ def depth(hist: list[int], total: int) -> Json:
 def stats(target: Target) -> Json:
     """Per-queue counters and their totals."""
     device = target.server.device
-    counters = queue_counters(device)
+    counters = target.server.queue_counters
     queues = []
     all_hist = [0] * LATENCY_BUCKETS
     all_depth = [0] * LATENCY_BUCKETS

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 _MAP_FIXED = 0x10
 _mmap: Any = None  # libc's mmap(2), bound on first use (ctypes costs at start)
+_fenced: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()  # mappings whose pages nobody reads
 
 
 def _libc_mmap() -> Any:
@@ -73,7 +75,15 @@ def fence(owner: object) -> bool:
         err = ctypes.get_errno()
         log.error("could not fence a mapping of %d bytes: %s", size, os.strerror(err))
         return False
+    _fenced.add(owner)
     return True
+
+
+def fenced(view: memoryview) -> bool:
+    """Whether ``view`` is into a fenced mapping: what is written there, the driver never
+    sees (so a used length must not count it)."""
+    owner = view.obj
+    return isinstance(owner, mmap.mmap) and owner in _fenced
 
 
 def fence_chains(chains: Iterable[Chain], only: set[int] | None = None) -> int:

@@ -37,7 +37,7 @@ from pyvduse.ring.memory import RegionMap
 from pyvduse.ring.split import SplitQueue
 from pyvduse.runtime.executors import Aio, Executors
 from pyvduse.runtime.tuning import DEFAULT_TUNING, QueueTuning
-from pyvduse.runtime.worker import QueueWorker, Totals
+from pyvduse.runtime.worker import QueueCounters, QueueWorker, Totals
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ class NativeQueueWorker(QueueWorker):
         cpus: list[int] | None = None,
         irq_follow: tuple[str, list[int]] | None = None,
         executors: Executors | None = None,
+        counters: QueueCounters | None = None,
     ) -> None:
         self.index = index
         self.ring = queue.queue if isinstance(queue, LoggedQueue) else queue
@@ -144,7 +145,7 @@ class NativeQueueWorker(QueueWorker):
                 self.nbd.give_back(index, reusable=True)
             raise
         super().__init__(device, index, queue, kick_fd, notify, resubmit, resumed=resumed,
-                         tuning=tuning, cpus=cpus, executors=executors)
+                         tuning=tuning, cpus=cpus, executors=executors, counters=counters)
         self.device_stats = plan.stats
         self.memory = memory
         self.deferred = 0  # chains the native loop left to Python

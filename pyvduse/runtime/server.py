@@ -30,7 +30,7 @@ from pyvduse.ring.chain import Chain
 from pyvduse.ring.errors import RingError
 from pyvduse.ring.inflight import LoggedQueue
 from pyvduse.ring.inflight_packed import LoggedPackedQueue, PackedInflightLog
-from pyvduse.ring.memory import RegionMap
+from pyvduse.ring.memory import Region, RegionMap
 from pyvduse.ring.packed import PackedQueue
 from pyvduse.ring.queue import VirtQueue
 from pyvduse.ring.split import SplitQueue
@@ -39,7 +39,7 @@ from pyvduse.runtime.executors import Aio, Executors
 from pyvduse.runtime.native_worker import NativeQueueWorker
 from pyvduse.runtime.state_file import StateFile
 from pyvduse.runtime.tuning import DEFAULT_TUNING, DataPath, QueueTuning
-from pyvduse.runtime.worker import DEFAULT_GRACE_SECONDS, QueueWorker
+from pyvduse.runtime.worker import DEFAULT_GRACE_SECONDS, QueueCounters, QueueWorker
 from pyvduse.transport.base import QueueSetup, Transport
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,9 @@ class DeviceServer:
         self.features = 0
         self.running = threading.Event()  # set between DRIVER_OK and reset
         self.executors = Executors(self.tuning.python_aio, self.tuning.io_threads)
+        #: Each queue's latency and depth accounting, by index: the one place it lives;
+        #: every worker that serves the queue adds to it, operations read it.
+        self.queue_counters: dict[int, QueueCounters] = {}
         self._lock = threading.Lock()
 
     def bind(self, transport: Transport) -> None:
@@ -107,6 +110,15 @@ class DeviceServer:
                      "native data path" if n_native == len(self.workers) and n_native else
                      "Python data path" if not n_native else f"{n_native} native")
 
+    def queue_ready(self, q: QueueSetup) -> None:
+        """A queue the driver enabled after DRIVER_OK (the transport saw its first kick):
+        serve it from now on."""
+        with self._lock:
+            if not self.running.is_set() or q.index in self.workers:
+                return
+            self._setups[q.index] = q
+            self._start_worker(q, self._initial_position(q), "fresh")
+
     def reset(self) -> None:
         with self._lock:
             self._stop_workers(self.grace())
@@ -122,27 +134,31 @@ class DeviceServer:
         return DEFAULT_GRACE_SECONDS if not timeout or timeout < 0 else timeout / 2
 
     def remap(self, invalidate: Callable[[], None], start: int = 0,
-              last: int = (1 << 64) - 1) -> None:
-        """The driver's memory map changed (UPDATE_IOTLB of ``[start, last]``): pause the
-        queues, let the requests using that memory finish (or fence them: they will fail),
-        remap, resume in place with every other request still running."""
+              last: int = (1 << 64) - 1, going: list[Region] | None = None) -> None:
+        """The driver's memory map changed (UPDATE_IOTLB of ``[start, last]``; ``going``:
+        the regions that really go, when the transport can tell): pause the queues, let the
+        requests using that memory finish (or fence them: they will fail), remap, resume in
+        place with every other request still running."""
         assert self.transport is not None
         with self._lock:
             workers = list(self.workers.values())
             for w in workers:
                 if not w.pause():
                     log.warning("queue %d did not pause for the remap", w.index)
-            self._settle_unmapped(workers, start, last)
+            self._settle_unmapped(workers, start, last, going)
             invalidate()
             for w in workers:
                 w.resume()
 
-    def _settle_unmapped(self, workers: list[QueueWorker], start: int, last: int) -> None:
-        """Wait (within the grace) for the requests whose buffers are in ``[start, last]``;
-        fence the rest, which then complete as failed."""
-        memory = self.transport.memory if self.transport is not None else None
-        regions = getattr(memory, "regions", [])
-        going = {id(r.mem.obj): r.mem.obj for r in regions if r.start <= last and r.last >= start}
+    def _settle_unmapped(self, workers: list[QueueWorker], start: int, last: int,
+                         regions: list[Region] | None = None) -> None:
+        """Wait (within the grace) for the requests whose buffers are in ``regions`` (those
+        in ``[start, last]`` unless given); fence the rest, which then complete as failed."""
+        if regions is None:
+            memory = self.transport.memory if self.transport is not None else None
+            regions = [r for r in getattr(memory, "regions", [])
+                       if r.start <= last and r.last >= start]
+        going = {id(r.mem.obj): r.mem.obj for r in regions}
         if not going:
             return
         deadline = time.monotonic() + self.grace()
@@ -227,10 +243,11 @@ class DeviceServer:
             queue, resubmit = logged, logged.resubmit  # resubmit: only after a recovery
         resumed = mode == "resume"
         cpus = self._worker_cpus(q.index)
-        w = self._native_worker(q.index, queue, resubmit, resumed, cpus) or QueueWorker(
+        counters = self.queue_counters.setdefault(q.index, QueueCounters())
+        w = self._native_worker(q.index, queue, resubmit, resumed, cpus, counters) or QueueWorker(
             self.device, q.index, queue, self.transport.kick_fd(q.index),
             self.transport.notify, resubmit, resumed=resumed,
-            tuning=self.tuning, cpus=cpus, executors=self.executors)
+            tuning=self.tuning, cpus=cpus, executors=self.executors, counters=counters)
         self.workers[q.index] = w
         w.start()
 
@@ -247,7 +264,8 @@ class DeviceServer:
         return sorted(irq_cpus & allowed)
 
     def _native_worker(self, index: int, queue: VirtQueue, resubmit: list[Chain],
-                       resumed: bool, cpus: list[int] | None) -> NativeQueueWorker | None:
+                       resumed: bool, cpus: list[int] | None,
+                       counters: QueueCounters) -> NativeQueueWorker | None:
         """A native worker when the data path allows it and the queue is one it serves."""
         assert self.transport is not None
         memory = self.transport.memory
@@ -263,7 +281,7 @@ class DeviceServer:
                                      self.transport.irq_ioctl(index), resubmit,
                                      resumed=resumed, tuning=self.tuning, cpus=cpus,
                                      irq_follow=self.transport.irq_follow(index),
-                                     executors=self.executors)
+                                     executors=self.executors, counters=counters)
         except ValueError as e:  # e.g. a ring the native loop cannot map as one piece
             log.warning("queue %d: served by the Python engine: %s", index, e)
             return None

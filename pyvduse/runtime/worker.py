@@ -33,7 +33,6 @@ import os
 import select
 import threading
 import time
-import weakref
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -45,6 +44,7 @@ from pyvduse.ring.budget import Budget
 from pyvduse.ring.chain import Chain
 from pyvduse.ring.errors import RingError
 from pyvduse.ring.queue import VirtQueue
+from pyvduse.runtime import fence
 from pyvduse.runtime.executors import Executors
 from pyvduse.runtime.tuning import DEFAULT_TUNING, QueueTuning
 
@@ -151,24 +151,6 @@ class QueueCounters:
         self.depth_sum += t.depth_sum
 
 
-_counters: weakref.WeakKeyDictionary[VirtioDevice, dict[int, QueueCounters]] = (
-    weakref.WeakKeyDictionary())
-_counters_lock = threading.Lock()
-
-
-def queue_counters(device: VirtioDevice) -> dict[int, QueueCounters]:
-    """The counters of every queue of ``device`` that has been served, by queue index."""
-    with _counters_lock:
-        return dict(_counters.get(device, {}))
-
-
-def _counters_for(device: VirtioDevice, index: int) -> QueueCounters:
-    with _counters_lock:
-        per_device = _counters.setdefault(device, {})
-        c = per_device.get(index)
-        if c is None:
-            c = per_device[index] = QueueCounters()
-        return c
 
 
 _NO_LATENCY = Totals([0] * LATENCY_BUCKETS, 0, [0] * LATENCY_BUCKETS, 0)
@@ -191,6 +173,7 @@ class QueueWorker:
         tuning: QueueTuning = DEFAULT_TUNING,
         cpus: list[int] | None = None,
         executors: Executors | None = None,
+        counters: QueueCounters | None = None,
     ) -> None:
         self.device = device
         self.index = index
@@ -220,7 +203,8 @@ class QueueWorker:
         self._resume = threading.Event()
         self._ident = 0
         self.budget = Budget(queue.num)  # requests between two kicks
-        self.counters = _counters_for(device, index)
+        #: The queue's accounting, owned by the server (it outlives this worker).
+        self.counters = counters if counters is not None else QueueCounters()
         self.counters.live = self
         self._thread = threading.Thread(target=self._main, name=f"vq{index}", daemon=True)
 
@@ -551,6 +535,9 @@ class QueueWorker:
             return
         if req.poisoned:  # its memory was unmapped while it ran: whatever it did is lost
             written = self._failed_length(req)
+            status = req.chain.writable[-1:] if written else []
+            if any(fence.fenced(v) for v in status):  # the failure went nowhere either:
+                written = 0  # say that nothing was written (else the driver reads stale bytes)
         self.queue.push(head, written, req.chain.ndesc)
         took = time.monotonic_ns() - req.taken_at
         c = self.counters

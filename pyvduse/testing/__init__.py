@@ -4,13 +4,16 @@
 kernel module, milliseconds); ``BlkDriver`` is a small virtio-blk driver for it, whose
 ``read``/``write``/``flush``/``discard``/``write_zeroes``/``get_id`` read like using a disk,
 and ``VirtioDriver`` the generic driver under it (feature negotiation, queues) for devices
-of other types. This package sits above the runtime: nothing in pyvduse itself imports it.
+of other types. Both also drive a real device bound to vhost_vdpa through ``VhostVdpa``
+(``/dev/vhost-vdpa-N`` from this process, with memory of its own, as a VMM would). This
+package sits above the runtime: nothing in pyvduse itself imports it.
 """
 
 from __future__ import annotations
 
 from pyvduse.model.blk_driver import BlkDriver, BlkIOError
+from pyvduse.model.vhost_vdpa import VhostVdpa
 from pyvduse.model.virtio_driver import ProbeError, VirtioDriver
 from pyvduse.testing.rig import ModelRig
 
-__all__ = ["BlkDriver", "BlkIOError", "ModelRig", "ProbeError", "VirtioDriver"]
+__all__ = ["BlkDriver", "BlkIOError", "ModelRig", "ProbeError", "VhostVdpa", "VirtioDriver"]

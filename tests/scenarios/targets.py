@@ -1,9 +1,11 @@
-"""One block-device interface over both transports, so the same scenarios run on each.
+"""One block-device interface over three transports, so the same scenarios run on each.
 
 ``ModelTarget`` drives pyvduse through the in-process model with the model's virtio-blk
 driver; ``KernelTarget`` drives it through the real kernel in the test VM: the daemon serves
 ``/dev/vdX`` and Linux's virtio_blk driver carries the requests (O_DIRECT I/O, fsync,
-BLKDISCARD and BLKZEROOUT ioctls, the serial from sysfs).
+BLKDISCARD and BLKZEROOUT ioctls, the serial from sysfs); ``VhostTarget`` too, but bound to
+vhost_vdpa (``--bind vhost``), with the model's virtio-blk driver in this process driving
+``/dev/vhost-vdpa-N`` from memory of its own, as a VMM would.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Protocol
 from pyvduse.backend.file import FileBackend
 from pyvduse.device.blk import BlkDevice, BlkOptions
 from pyvduse.model.blk_driver import BlkDriver
+from pyvduse.model.vhost_vdpa import VhostVdpa
 from pyvduse.testing.rig import ModelRig
 
 BLKDISCARD = 0x1277
@@ -36,12 +39,11 @@ class BlockTarget(Protocol):
     def get_id(self) -> str: ...
 
 
-class ModelTarget:
-    def __init__(self, image: Path, options: BlkOptions) -> None:
-        self.backend = FileBackend(str(image), readonly=options.readonly)
-        self.rig = ModelRig(BlkDevice(self.backend, options)).__enter__()
-        self.driver = BlkDriver(self.rig.kernel)
-        self.capacity = self.driver.capacity
+class DriverTarget:
+    """A target our own virtio-blk driver (``BlkDriver``) talks to."""
+
+    driver: BlkDriver
+    capacity: int
 
     def read(self, offset: int, length: int, queue: int | None = None) -> bytes:
         return self.driver.read(offset, length, queue=queue)
@@ -61,25 +63,64 @@ class ModelTarget:
     def get_id(self) -> str:
         return self.driver.get_id()
 
+
+class ModelTarget(DriverTarget):
+    def __init__(self, image: Path, options: BlkOptions) -> None:
+        self.backend = FileBackend(str(image), readonly=options.readonly)
+        self.rig = ModelRig(BlkDevice(self.backend, options)).__enter__()
+        self.driver = BlkDriver(self.rig.kernel)
+        self.capacity = self.driver.capacity
+
     def close(self) -> None:
         self.driver.remove()
         self.rig.__exit__(None, None, None)
         self.backend.close()
 
 
+def daemon_args(image: Path, options: BlkOptions) -> list[str]:
+    """``pyvduse blk`` options serving ``image`` as ``options`` say."""
+    args = ["--file", str(image), "--queues", str(options.num_queues),
+            "--block-size", str(options.block_size)]
+    if options.serial:
+        args += ["--serial", options.serial]
+    if options.readonly:
+        args.append("--readonly")
+    if options.packed:
+        args.append("--packed")
+    return args
+
+
+#: Where a VhostTarget's driver memory sits: one region, as a VM's RAM would.
+VHOST_MEMORY = (1 << 20, 32 << 20)
+
+
+class VhostTarget(DriverTarget):
+    def __init__(self, image: Path, options: BlkOptions, name: str) -> None:
+        from tests.vm.helpers import Daemon
+
+        self.daemon = Daemon(*daemon_args(image, options), "--bind", "vhost", name=name)
+        try:
+            self.vhost = VhostVdpa(self.daemon.dev)
+            self.vhost.iova.map(*VHOST_MEMORY)
+            self.driver = BlkDriver(self.vhost)
+        except BaseException:
+            self.close()
+            raise
+        self.capacity = self.driver.capacity
+
+    def close(self) -> None:
+        # first: detaching waits for whoever holds /dev/vhost-vdpa-N to close it
+        if hasattr(self, "vhost"):
+            self.vhost.close()
+        code = self.daemon.stop()
+        assert code == 0, self.daemon.stderr()
+
+
 class KernelTarget:
     def __init__(self, image: Path, options: BlkOptions, name: str) -> None:
         from tests.vm.helpers import Daemon
 
-        args = ["--file", str(image), "--queues", str(options.num_queues),
-                "--block-size", str(options.block_size)]
-        if options.serial:
-            args += ["--serial", options.serial]
-        if options.readonly:
-            args.append("--readonly")
-        if options.packed:
-            args.append("--packed")
-        self.daemon = Daemon(*args, name=name)
+        self.daemon = Daemon(*daemon_args(image, options), name=name)
         self.dev = self.daemon.dev
         flags = (os.O_RDONLY if options.readonly else os.O_RDWR) | os.O_DIRECT
         self.fd = os.open(self.dev, flags)
@@ -128,9 +169,9 @@ class TargetFactory(AbstractContextManager["TargetFactory"]):
         self.kind = kind
         self.tmp = tmp
         self.packed = packed
-        self.opened: list[ModelTarget | KernelTarget] = []
+        self.opened: list[ModelTarget | KernelTarget | VhostTarget] = []
 
-    def __call__(self, size: int, **opts: object) -> ModelTarget | KernelTarget:
+    def __call__(self, size: int, **opts: object) -> ModelTarget | KernelTarget | VhostTarget:
         image = self.tmp / f"img{len(self.opened)}"
         fill = opts.pop("fill", None)
         if isinstance(fill, bytes):
@@ -139,10 +180,14 @@ class TargetFactory(AbstractContextManager["TargetFactory"]):
             with open(image, "wb") as f:
                 f.truncate(size)
         options = BlkOptions(packed=self.packed, **opts)  # type: ignore[arg-type]
+        name = f"sc{os.getpid() % 1000}x{len(self.opened)}"
+        t: ModelTarget | KernelTarget | VhostTarget
         if self.kind == "model":
-            t: ModelTarget | KernelTarget = ModelTarget(image, options)
+            t = ModelTarget(image, options)
+        elif self.kind == "vhost":
+            t = VhostTarget(image, options, name)
         else:
-            t = KernelTarget(image, options, name=f"sc{os.getpid() % 1000}x{len(self.opened)}")
+            t = KernelTarget(image, options, name)
         self.opened.append(t)
         return t
 

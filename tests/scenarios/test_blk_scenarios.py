@@ -1,7 +1,8 @@
 """virtio-blk behaviour, the same tests on the in-process model and on the real kernel.
 
-The ``kernel`` variants run in the test VM (Linux's virtio_blk driver, ``/dev/vdX``); the
-``model`` variants run here in milliseconds. What only the model can provoke (resets
+The ``kernel`` variants run in the test VM (Linux's virtio_blk driver, ``/dev/vdX``), the
+``vhost`` variants too, through vhost_vdpa with our own driver in the test's process (as a
+VMM); the ``model`` variants run here in milliseconds. What only the model can provoke (resets
 mid-request, changed features, kicks on unready queues) lives in tests/unit/test_model.py.
 """
 
@@ -25,6 +26,8 @@ MiB = 1 << 20
     "model-split", "model-packed",
     pytest.param("kernel-split", marks=pytest.mark.vm),
     pytest.param("kernel-packed", marks=pytest.mark.vm),
+    pytest.param("vhost-split", marks=pytest.mark.vm),
+    pytest.param("vhost-packed", marks=pytest.mark.vm),
 ])
 def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TargetFactory]:
     kind, ring = request.param.split("-")

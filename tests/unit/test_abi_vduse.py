@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import shutil
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from pyvduse.abi import vduse as v
+from tests.unit.c_header import c_values
 
 # --------------------------------------------------------------------------------------
 # Literal values from the reference
@@ -440,29 +440,11 @@ C_OPTIONAL: dict[str, int] = {
 }
 
 
-def _c_values(tmp: Path, exprs: list[str], optional: list[str]) -> dict[str, int]:
-    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <sys/ioctl.h>"]
-    lines.append("#include <linux/vduse.h>")
-    lines.append('#define P(x) printf("%s|%lld\\n", #x, (long long)(x));')
-    lines.append("int main(void) {")
-    lines += [f"P({e})" for e in exprs]
-    for name in optional:
-        lines += [f"#ifdef {name}", f"P({name})", "#endif"]
-    lines += ["return 0;", "}"]
-    src = tmp / "vduse_check.c"
-    src.write_text("\n".join(lines) + "\n")
-    exe = tmp / "vduse_check"
-    cc = subprocess.run(["gcc", "-o", str(exe), str(src)], capture_output=True, text=True)
-    assert cc.returncode == 0, cc.stderr
-    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
-    return {k: int(val) for k, val in (line.split("|") for line in out.splitlines())}
-
-
 @pytest.mark.skipif(
     shutil.which("gcc") is None or not HEADER.exists(), reason="needs gcc and linux/vduse.h"
 )
 def test_against_c_header(tmp_path: Path) -> None:
-    got = _c_values(tmp_path, list(C_EXPRS), list(C_OPTIONAL))
+    got = c_values(tmp_path, "linux/vduse.h", list(C_EXPRS), list(C_OPTIONAL))
     expected = {**C_EXPRS, **{k: val for k, val in C_OPTIONAL.items() if k in got}}
     mismatches = {k: (got[k], val) for k, val in expected.items() if got[k] != val}
     assert not mismatches, f"C value vs Python value: {mismatches}"

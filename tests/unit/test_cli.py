@@ -146,6 +146,11 @@ def test_pyroute2_package_still_whole_when_asked() -> None:
     assert p.returncode == 0 and p.stdout.strip() == "ok IPRoute", p.stderr
 
 
+def test_daemon_bounce_memory_is_not_for_vhost() -> None:
+    one_line_error(pyvduse("blk", "--name", "x", "--null", "1M", "--bind", "vhost",
+                           "--bounce-memory", "daemon"), "--bounce-memory", "leave it out")
+
+
 def test_memory_larger_than_the_machine_is_one_line() -> None:
     p = pyvduse("blk", "--name", "x", "--memory", "1024T")
     one_line_error(p, "--memory")

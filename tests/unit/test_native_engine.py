@@ -138,9 +138,8 @@ def test_io_through_each_data_path(path: DataPath, tmp_path: Path) -> None:
             assert sum(w.completed for w in workers) >= 9
             if path is DataPath.NATIVE:  # Python took only the discard and first touches
                 assert sum(w.deferred for w in workers if isinstance(w, NativeQueueWorker)) <= 4
-            from pyvduse.runtime.worker import queue_counters
 
-            assert sum(c.completed for c in queue_counters(dev).values()) >= 9
+            assert sum(c.completed for c in rig.server.queue_counters.values()) >= 9
         if isinstance(backend, FileBackend):
             assert img.read_bytes()[8192 : 8192 + len(data)] == data
 

@@ -24,13 +24,13 @@ from pyvduse.backend.file import FileBackend
 from pyvduse.device.blk import BlkDevice
 from pyvduse.fastpath import engine as native
 from pyvduse.fastpath.config import EngineConfig, TestKnobs
+from pyvduse.model.arena import CoherentArena
 from pyvduse.model.blk_driver import BlkDriver
 from pyvduse.model.split_driver import DriverSplitRing
 from pyvduse.model.virtio_driver import DriverQueue
 from pyvduse.ops.drain import drain
 from pyvduse.runtime.native_worker import NativeQueueWorker
 from pyvduse.runtime.tuning import DataPath, QueueTuning
-from pyvduse.runtime.worker import queue_counters
 from pyvduse.testing.rig import ModelRig
 
 if not native.uring_built():
@@ -82,40 +82,40 @@ def read(q: DriverQueue, sector: int) -> int:
     return q.submit([vb.OUTHDR.pack(vb.ReqType.IN, 0, sector)], [4096, 1], indirect=True)
 
 
-def wait_in_flight(device: BlkDevice, n: int) -> None:
+def wait_in_flight(rig: ModelRig, n: int) -> None:
     deadline = time.monotonic() + 5
-    while queue_counters(device)[0].in_flight < n:
+    while rig.server.queue_counters[0].in_flight < n:
         assert time.monotonic() < deadline, "the requests never reached the engine"
         time.sleep(0.002)
 
 
 def test_many_in_flight_complete_out_of_order(tmp_path: Path, gate: tuple[int, int]) -> None:
-    rig, device, image = rig_for(tmp_path)
+    rig, _device, image = rig_for(tmp_path)
     with rig:
         _, q = probe(rig)
         worker = rig.server.workers[0]
         assert isinstance(worker, NativeQueueWorker) and worker.aio == "io_uring"
         held = {read(q, GATE + 8 * k): GATE + 8 * k for k in range(8)}
-        wait_in_flight(device, 8)
+        wait_in_flight(rig, 8)
         free = {read(q, 8 * k): 8 * k for k in range(8)}
         for ticket, sector in free.items():  # later, but not held: they finish first
             c = q.wait(ticket, 5)
             assert c.data[:-1] == image[sector * 512 : sector * 512 + 4096]
-        assert queue_counters(device)[0].in_flight == 8
+        assert rig.server.queue_counters[0].in_flight == 8
         os.write(gate[1], b"x" * 8)
         for ticket, sector in held.items():
             c = q.wait(ticket, 5)
             assert c.data[-1] == vb.ReqStatus.OK
             assert c.data[:-1] == image[sector * 512 : sector * 512 + 4096]
-        assert max(b for b, n in enumerate(queue_counters(device)[0].depth_hist) if n) >= 4
+        assert max(b for b, n in enumerate(rig.server.queue_counters[0].depth_hist) if n) >= 4
 
 
 def test_drain_waits_for_the_engines_requests(tmp_path: Path, gate: tuple[int, int]) -> None:
-    rig, device, _ = rig_for(tmp_path)
+    rig, _, _ = rig_for(tmp_path)
     with rig:
         _, q = probe(rig)
         tickets = [read(q, GATE + 8 * k) for k in range(4)]
-        wait_in_flight(device, 4)
+        wait_in_flight(rig, 4)
         assert drain(rig.server, 0.1) == 1
         os.write(gate[1], b"x" * 4)
         assert drain(rig.server, 5) == 0
@@ -125,11 +125,11 @@ def test_drain_waits_for_the_engines_requests(tmp_path: Path, gate: tuple[int, i
 
 def test_a_reset_with_hung_requests_is_answered_in_time(tmp_path: Path,
                                                          gate: tuple[int, int]) -> None:
-    rig, device, _ = rig_for(tmp_path, msg_timeout=1.0)
+    rig, _, _ = rig_for(tmp_path, msg_timeout=1.0)
     with rig:
         _, q = probe(rig)
         tickets = [read(q, GATE + 8 * k) for k in range(6)]
-        wait_in_flight(device, 6)
+        wait_in_flight(rig, 6)
         ring = q.ring
         assert isinstance(ring, DriverSplitRing)
         buffers = [w for _, (_, wbufs, _, _) in ring.pending.items() for w in wbufs]
@@ -149,13 +149,13 @@ def test_a_reset_with_hung_requests_is_answered_in_time(tmp_path: Path,
 def test_a_remap_keeps_the_engines_requests(tmp_path: Path, gate: tuple[int, int]) -> None:
     """An unmap of memory no request uses, while requests are in flight and finish within
     the grace: they complete normally after the remap."""
-    rig, device, image = rig_for(tmp_path)
+    rig, _device, image = rig_for(tmp_path)
     with rig:
         _, q = probe(rig)
         spare = rig.kernel.iova.alloc_coherent(4096)
         rig.transport.memory.view(spare, 16)  # the device has it mapped
         held = {read(q, GATE + 8 * k): GATE + 8 * k for k in range(4)}
-        wait_in_flight(device, 4)
+        wait_in_flight(rig, 4)
         import threading
 
         threading.Timer(0.2, os.write, (gate[1], b"x" * 4)).start()
@@ -164,4 +164,36 @@ def test_a_remap_keeps_the_engines_requests(tmp_path: Path, gate: tuple[int, int
             c = q.wait(ticket, 5)
             assert c.data[-1] == vb.ReqStatus.OK
             assert c.data[:-1] == image[sector * 512 : sector * 512 + 4096]
+        assert BlkDriver(rig.kernel).read(0, 512)
+
+
+def test_an_unmap_under_hung_requests_fails_them_with_nothing_written(
+        tmp_path: Path, gate: tuple[int, int]) -> None:
+    """Requests whose buffers, status byte included, are in memory that is unmapped while
+    they hang past the grace: they complete with a used length of 0 (their IOERR went to
+    fenced pages: a length of 1 would make the driver read a stale status), and nothing
+    reaches that memory."""
+    rig, _, image = rig_for(tmp_path, msg_timeout=1.0)
+    with rig:
+        _, q = probe(rig)
+        ring = q.ring
+        assert isinstance(ring, DriverSplitRing)
+        carved = CoherentArena(rig.kernel.iova)
+        saved, ring.arena = ring.arena, carved  # type: ignore[assignment]
+        try:
+            c = q.wait(read(q, 8), 5)  # maps the region (Python) and tells the engine
+            assert c.data[:-1] == image[8 * 512 : 8 * 512 + 4096]
+            held = [read(q, GATE + 8 * k) for k in range(4)]
+        finally:
+            ring.arena = saved  # type: ignore[assignment]
+        wait_in_flight(rig, 4)
+        buffers = [w for _, (_, wbufs, _, _) in ring.pending.items() for w in wbufs]
+        before = [rig.kernel.iova.read(a, n) for a, n in buffers]
+        t = time.monotonic()
+        assert rig.kernel.free_coherent(carved.base)
+        assert time.monotonic() - t < 1.0
+        os.write(gate[1], b"x" * 4)
+        for ticket in held:
+            assert q.wait(ticket, 5).length == 0
+        assert [rig.kernel.iova.read(a, n) for a, n in buffers] == before
         assert BlkDriver(rig.kernel).read(0, 512)

@@ -31,7 +31,6 @@ from pyvduse.model.blk_driver import BlkDriver, BlkIOError
 from pyvduse.ops.client import request
 from pyvduse.runtime.native_worker import NativeQueueWorker
 from pyvduse.runtime.tuning import DataPath
-from pyvduse.runtime.worker import queue_counters
 from pyvduse.testing.rig import ModelRig
 from tests.unit.test_cli import one_line_error, pyvduse
 from tests.unit.test_ops_socket import served, short_dir
@@ -211,7 +210,7 @@ def test_many_requests_in_flight_on_two_queues_over_two_connections(
         t = reader.submit([vb.OUTHDR.pack(vb.ReqType.IN, 0, 0)],
                                         [512, 1536, 2048, 1])
         assert bytes(reader.wait(t, 10).data[:-1]) == image[:4096]
-        depth = queue_counters(rig.device)[1].depth_hist
+        depth = rig.server.queue_counters[1].depth_hist
         assert sum(depth[5:]) > 0  # requests taken with 16 or more in flight
         drv.flush()
         drv.write_zeroes(0, 8192, unmap=False)

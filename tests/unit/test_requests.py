@@ -31,7 +31,6 @@ from pyvduse.ring.chain import Chain
 from pyvduse.ring.iovec import gather
 from pyvduse.runtime.executors import Aio
 from pyvduse.runtime.tuning import DataPath, QueueTuning
-from pyvduse.runtime.worker import queue_counters
 from pyvduse.testing.rig import ModelRig
 
 MiB = 1 << 20
@@ -130,7 +129,7 @@ def test_a_blocking_backend_serves_a_queue_many_at_once_on_the_thread_pool() -> 
     device = BlkDevice(backend)
     with python_rig(device, Aio.THREADS) as rig:
         deep_reads(rig, backend)
-        c = queue_counters(device)[0]
+        c = rig.server.queue_counters[0]
         assert c.in_flight == 0 and c.completed == 4 * DEPTH
         assert sum(c.depth_hist[6:]) > 0  # requests taken with 32 or more in flight
     assert backend.inside.peak >= DEPTH // 4  # sync would be 1
@@ -238,7 +237,7 @@ def test_submit_completing_from_another_thread_in_reverse_order() -> None:
     with python_rig(device) as rig:
         results = echo_many(rig)
         assert all(n == len(p) for p, n in results)
-        assert queue_counters(device)[0].in_flight == 0
+        assert rig.server.queue_counters[0].in_flight == 0
 
 
 class Flaky(BlkDevice):
@@ -338,7 +337,7 @@ def test_a_reset_with_hung_requests_is_answered_in_time_and_drops_them() -> None
         tickets = [read_request(q, s) for s in range(8)]
         for _ in tickets:
             assert device.entered.acquire(timeout=5)
-        assert queue_counters(device)[0].in_flight == 8
+        assert rig.server.queue_counters[0].in_flight == 8
         t = time.monotonic()
         assert rig.kernel.reset()  # answered OK ...
         assert time.monotonic() - t < 1.0  # ... within msg_timeout (grace: half of it)

@@ -9,7 +9,8 @@ resets and the unmapping of memory that requests in flight use. Whatever the ord
 - a request completed after the reset that dropped it publishes nothing and writes nothing
   the driver can see (its mapping was fenced when the reset was answered);
 - a request whose memory was unmapped while it ran completes as failed, and nothing it
-  writes after the unmap reaches that memory.
+  writes after the unmap reaches that memory: not even its failure, so its used length is 0
+  (a driver reading a status byte the device says it wrote would read a stale one).
 """
 
 from __future__ import annotations
@@ -33,12 +34,14 @@ from pyvduse.abi.virtio import (
 )
 from pyvduse.device.base import REQUIRED_FEATURES, DeviceSpec, VirtioDevice
 from pyvduse.device.request import Request
+from pyvduse.model.arena import CoherentArena
 from pyvduse.model.virtio_driver import DriverQueue, VirtioDriver
+from pyvduse.ring.chain import Chain
 from pyvduse.runtime.tuning import DataPath, QueueTuning
 from pyvduse.testing.rig import ModelRig
-from pyvduse.transport.model.iova import IovaSpace
 
 NUM = 16
+FAILED = 0xEE  # what a failed request writes last
 COHERENT = 1 << 16  # the unmappable region where some requests keep their buffers
 
 
@@ -70,6 +73,14 @@ class Holding(VirtioDevice):
     def submit(self, request: Request) -> None:
         self.held.append(request)
 
+    def write_failure(self, chain: Chain) -> int:
+        """As virtio-blk does: a failure byte at the end of the last writable buffer."""
+        if chain.writable and len(chain.writable[-1]):
+            last = chain.writable[-1]
+            last[len(last) - 1] = FAILED
+            return 1
+        return 0
+
     @staticmethod
     def serve(request: Request) -> int:
         tag = b"".join(bytes(b) for b in request.chain.readable)
@@ -78,30 +89,6 @@ class Holding(VirtioDevice):
             w[:] = pattern(tag, len(w))
             n += len(w)
         return n
-
-
-class CoherentArena:
-    """Request buffers carved from one coherent allocation (its own IOTLB region)."""
-
-    def __init__(self, iova: IovaSpace) -> None:
-        self.iova = iova
-        self.base = iova.alloc_coherent(COHERENT)
-        self.next = self.base + 64  # a buffer at the base would be freed as the allocation
-
-    def alloc(self, size: int, align: int = 16) -> int:
-        a = -(-self.next // align) * align
-        assert a + size <= self.base + COHERENT
-        self.next = a + size
-        return a
-
-    def free(self, iova: int) -> None:
-        pass
-
-    def write(self, iova: int, data: bytes) -> None:
-        self.iova.write(iova, data)
-
-    def read(self, iova: int, length: int) -> bytes:
-        return self.iova.read(iova, length)
 
 
 @dataclass
@@ -132,7 +119,7 @@ class World:
         self.driver = VirtioDriver(self.rig.kernel)
         self.driver.probe()
         self.queue = self.driver.queues[0]
-        self.coherent = CoherentArena(self.rig.kernel.iova)
+        self.coherent = CoherentArena(self.rig.kernel.iova, COHERENT)
 
     def in_flight(self) -> int:
         """Requests the driver has not collected (each holds a ring slot until then)."""
@@ -222,7 +209,7 @@ class World:
         for s in self.sent:
             if s.coherent == base and s.generation == self.generation and s.fate == "pending":
                 s.fate = "poisoned"  # the device had not finished it
-        self.coherent = CoherentArena(self.rig.kernel.iova)
+        self.coherent = CoherentArena(self.rig.kernel.iova, COHERENT)
 
 
 def finish(w: World) -> None:
@@ -235,9 +222,10 @@ def finish(w: World) -> None:
         c = w.queue.wait(s.ticket, 5)
         data = c.data  # as the driver read it when it collected the completion
         if s.fate == "poisoned":
+            # its failure byte went to fenced pages: the used length must not count it
             assert c.length == 0, "a request whose memory was unmapped did not fail"
         elif s.fate == "failed":
-            assert c.length == 0
+            assert c.length == 1 and data[-1] == FAILED
         else:
             assert c.length == sum(n for _, n in s.writable)
             assert data == pattern(s.tag, len(data))

@@ -2,7 +2,13 @@
 
 ``fault_in`` is what a ``RegionMap`` calls for an IOVA it does not know: it asks the kernel for
 the region (VDUSE_IOTLB_GET_FD), maps it and closes the fd. ``invalidate`` forgets regions on
-UPDATE_IOTLB or reset; their mappings are closed as soon as no view into them is alive.
+reset; their mappings are closed as soon as no view into them is alive.
+
+UPDATE_IOTLB (vhost-vdpa changing the driver's memory map) always names the whole IOVA space:
+VDUSE replaces its IOTLB and cannot say what changed. ``stale`` asks the kernel again about
+each region we have mapped and keeps the ones it still holds as they were (same range,
+permission, file and offset): adding a region, or removing another, must not disturb the
+requests using those, and only the stale ones are dropped (``drop``).
 
 With ``user_bounce`` (``--bounce-memory daemon``) the bounce buffer -- the region at IOVA 0
 where virtio_vdpa copies every request's data -- is backed by our own memory instead
@@ -14,6 +20,7 @@ when the mapping must be fenced (the kernel then copies the pages back to its ow
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import mmap
@@ -51,6 +58,8 @@ class IotlbMapper:
         self._zombies: list[mmap.mmap] = []  # unmapped once the last view into them is gone
         self.user_bounce = user_bounce  # wanted, and not refused by the kernel (yet)
         self._bounce: UserBounce | None = None  # registered with the kernel
+        # region start -> what the kernel said of it when we mapped it (see ``stale``)
+        self._identity: dict[int, tuple[int, ...]] = {}
 
     @property
     def bounce_memory(self) -> str:
@@ -75,11 +84,39 @@ class IotlbMapper:
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
             skew = entry.offset % mmap.ALLOCATIONGRANULARITY
             mm = mmap.mmap(fd, length + skew, mmap.MAP_SHARED, prot, offset=entry.offset - skew)
+            self._identity[entry.start] = _identity(entry, fd)
         finally:
             os.close(fd)
         view = memoryview(mm)[skew : skew + length]
         log.debug("mapped IOVA [0x%x, 0x%x] perm %d", entry.start, entry.last, entry.perm)
         return Region(entry.start, entry.last, view, writable, owner=mm)
+
+    def stale(self, start: int = 0, last: int = MAX_IOVA) -> list[Region]:
+        """Our regions overlapping ``[start, last]`` that the kernel's IOTLB no longer holds
+        as we mapped them (asked after the kernel changed it, before we answer)."""
+        out = []
+        for r in self.regions.regions:
+            if r.start <= last and r.last >= start and not self._unchanged(r):
+                out.append(r)
+        return out
+
+    def _unchanged(self, r: Region) -> bool:
+        known = self._identity.get(r.start)
+        if known is None or r.owner is self._bounce:
+            return False
+        try:
+            entry, fd = self.dev.iotlb_get_fd(r.start, r.start)
+        except OSError:  # EINVAL: nothing there any more
+            return False
+        try:
+            return entry.start == r.start and _identity(entry, fd) == known
+        finally:
+            os.close(fd)
+
+    def drop(self, regions: list[Region]) -> None:
+        """Forget ``regions`` (found ``stale``); the next access maps afresh."""
+        for r in regions:
+            self.invalidate(r.start, r.last)
 
     def _user_bounce_region(self, entry: v.IotlbEntry) -> Region | None:
         """The bounce region over our own registered memory; None (logged once, and not
@@ -139,7 +176,9 @@ class IotlbMapper:
 
     def invalidate(self, start: int = 0, last: int = MAX_IOVA) -> None:
         for r in self.regions.remove_overlapping(start, last):
-            r.mem.release()
+            self._identity.pop(r.start, None)
+            with contextlib.suppress(BufferError):  # the native engine still holds views
+                r.mem.release()
             if isinstance(r.owner, mmap.mmap) and r.owner is not self._bounce:
                 self._zombies.append(r.owner)  # ours stays registered for the next driver
         self._reap()
@@ -160,6 +199,13 @@ class IotlbMapper:
             except BufferError:  # a view still points into it
                 alive.append(mm)
         self._zombies = alive
+
+
+def _identity(entry: v.IotlbEntry, fd: int) -> tuple[int, ...]:
+    """What makes a kernel IOTLB region the same one: its range, permission, and the file
+    and offset behind it."""
+    st = os.fstat(fd)
+    return (entry.start, entry.last, entry.perm, entry.offset, st.st_dev, st.st_ino)
 
 
 def _allow_pinning(size: int) -> None:

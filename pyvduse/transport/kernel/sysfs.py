@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 DEV_VDUSE = Path("/dev/vduse")
@@ -13,6 +14,7 @@ VDPA_BUS = Path("/sys/bus/vdpa")
 VDPA_DEVICES = VDPA_BUS / "devices"
 VDPA_DRIVERS = VDPA_BUS / "drivers"
 CPUS_ONLINE = Path("/sys/devices/system/cpu/online")
+PROC = Path("/proc")
 
 
 def device_node(name: str) -> Path:
@@ -78,3 +80,32 @@ def vduse_devices() -> list[str]:
         return sorted(n for n in os.listdir(DEV_VDUSE) if n != "control")
     except FileNotFoundError:
         return []
+
+
+def node_holders(node: str, proc: Path = PROC) -> list[int]:
+    """The processes that have the character device ``node`` open (a VMM holding a
+    ``/dev/vhost-vdpa-N``); empty when none does or the node is gone."""
+    try:
+        rdev = os.stat(node).st_rdev
+    except OSError:
+        return []
+    name = os.path.basename(node)
+    pids = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fds = list((entry / "fd").iterdir())
+        except OSError:  # gone, or not ours to look at
+            continue
+        for fd in fds:
+            try:
+                if name not in os.readlink(fd):
+                    continue
+                st = os.stat(fd)
+            except OSError:
+                continue
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == rdev:
+                pids.append(int(entry.name))
+                break
+    return sorted(pids)

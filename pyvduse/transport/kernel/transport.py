@@ -26,11 +26,12 @@ from pyvduse.errors import (
     DeviceBroken,
     DeviceBusy,
     KernelMissing,
+    KernelRefused,
     NoSuchDevice,
 )
 from pyvduse.ring.memory import GuestMemory
 from pyvduse.transport.base import DeviceEvents, QueueSetup, Transport
-from pyvduse.transport.kernel import sysfs
+from pyvduse.transport.kernel import sysfs, vdpa_bind
 from pyvduse.transport.kernel.control import Control
 from pyvduse.transport.kernel.device_fd import DeviceFd
 from pyvduse.transport.kernel.iotlb import IotlbMapper
@@ -62,8 +63,10 @@ class KernelTransport(Transport):
         bounce_size: int | None = None,
         irq_placement: IrqPlacement | None = None,
         user_bounce: bool = False,
+        driver: str = "virtio_vdpa",
     ) -> None:
         self.name = name
+        self.driver = driver  # the vdpa bus driver attach() gives the device to
         self.user_bounce = user_bounce  # --bounce-memory daemon: see iotlb
         self.spec = spec
         self.events = events
@@ -83,6 +86,7 @@ class KernelTransport(Transport):
         self._dev: DeviceFd | None = None
         self._iotlb: IotlbMapper | None = None
         self._kick_fds: dict[int, int] = {}
+        self._late: dict[int, int] = {}  # kick fds of queues not ready at DRIVER_OK
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._thread: threading.Thread | None = None
 
@@ -221,13 +225,20 @@ class KernelTransport(Transport):
         self.close()
 
     def attach(self) -> None:
-        """Put the device on the vdpa bus; returns once the bound driver has probed it."""
+        """Put the device on the vdpa bus and give it to ``driver`` (see ``vdpa_bind``);
+        returns once that driver has probed it."""
         # Imported here: pyroute2 is slow to import and a reconnecting daemon never needs it.
         from pyvduse.transport.kernel.vdpa_netlink import VdpaError, VdpaNetlink
 
         try:
-            with VdpaNetlink() as nl:
-                nl.dev_add(self.name)
+            with vdpa_bind.autoprobe_off() as manual:
+                with VdpaNetlink() as nl:
+                    nl.dev_add(self.name)
+                self._attached = True
+                if manual:
+                    vdpa_bind.reserve(self.name, self.driver)
+            if manual:
+                vdpa_bind.bind(self.name, self.driver)
         except VdpaError as e:
             if e.errno == errno.ENOENT:
                 raise KernelMissing(str(e)) from None
@@ -235,7 +246,13 @@ class KernelTransport(Transport):
                 raise AccessDenied("attaching a vdpa device needs CAP_NET_ADMIN: run as "
                                    "root") from None
             raise
-        self._attached = True
+        except vdpa_bind.BindError as e:
+            raise KernelRefused(self.name, f"{e.strerror}; see 'dmesg'") from None
+        other = vdpa_bind.wrong_driver(self.name, self.driver)
+        if other is not None:  # a kernel without drivers_autoprobe: the first driver won
+            raise KernelRefused(self.name, f"device '{self.name}' was taken by {other}, not "
+                                f"{self.driver}: unload {other} ('modprobe -r {other}') or "
+                                f"bind the device to {other}", option="bind")
         if self.broken:
             raise DeviceBroken(self.name, f"the kernel marked device '{self.name}' broken: "
                                f"{self.broken}")
@@ -249,8 +266,11 @@ class KernelTransport(Transport):
             nl.dev_del(self.name)
         self._attached = False
 
-    def close(self) -> None:
-        """Detach if attached, stop the control thread, close and destroy the device."""
+    def close(self, *, leave: bool = False) -> None:
+        """Detach if attached, stop the control thread, close and destroy the device; with
+        ``leave``, keep it attached for a later daemon (as a crash would)."""
+        if leave:
+            self._attached = self._created = False
         try:
             self.detach()
         except OSError as e:
@@ -286,13 +306,18 @@ class KernelTransport(Transport):
     def _control_loop(self) -> None:
         assert self._dev is not None
         dev = self._dev
-        poller = select.poll()
-        poller.register(dev.fd, select.POLLIN)
-        poller.register(self._stop_fd, select.POLLIN)
         while True:
+            poller = select.poll()  # afresh: the queues not enabled yet change
+            poller.register(dev.fd, select.POLLIN)
+            poller.register(self._stop_fd, select.POLLIN)
+            for fd in self._late.values():
+                poller.register(fd, select.POLLIN)
             events = dict(poller.poll())
             if self._stop_fd in events:
                 return
+            for index, fd in list(self._late.items()):
+                if fd in events:
+                    self._late_kick(dev, index, fd)
             ev = events.get(dev.fd, 0)
             if ev & select.POLLERR:
                 self._mark_broken("a control message timed out (see msg_timeout)")
@@ -334,14 +359,16 @@ class KernelTransport(Transport):
                 dev.write_response(v.pack_response(req.request_id, ok, avail_index=state[0],
                                                    vq_index=req.vq_index))
         elif req.type == v.MsgType.UPDATE_IOTLB:
-            log.debug("UPDATE_IOTLB [0x%x, 0x%x]", req.iova_start, req.iova_last)
             assert self._iotlb is not None
-            remap = getattr(self.events, "remap", None)
             iotlb = self._iotlb
-            if remap is not None:
-                remap(lambda: iotlb.invalidate(req.iova_start, req.iova_last))
-            else:
-                iotlb.invalidate(req.iova_start, req.iova_last)
+            stale = iotlb.stale(req.iova_start, req.iova_last)  # the rest did not change
+            log.debug("UPDATE_IOTLB [0x%x, 0x%x]: %d region(s) to drop", req.iova_start,
+                      req.iova_last, len(stale))
+            remap = getattr(self.events, "remap", None)
+            if stale and remap is not None:
+                remap(lambda: iotlb.drop(stale), req.iova_start, req.iova_last, going=stale)
+            elif stale:
+                iotlb.drop(stale)
             dev.write_response(v.pack_response(req.request_id, ok))
         else:
             log.warning("unknown control message type %d", req.type)
@@ -393,14 +420,24 @@ class KernelTransport(Transport):
             kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             self._kick_fds[i] = kick
             dev.vq_setup_kickfd(i, kick)
-            p = info.packed
-            queues.append(QueueSetup(
-                index=i, num=info.num, desc_addr=info.desc_addr, driver_addr=info.driver_addr,
-                device_addr=info.device_addr, ready=info.ready, avail_index=info.avail_index,
-                packed_state=(p.last_avail_counter, p.last_avail_idx, p.last_used_counter,
-                              p.last_used_idx),
-            ))
+            queues.append(_setup(i, info))
         self.events.driver_ok(self.negotiated, queues, resume)
+        if getattr(self.events, "queue_ready", None) is not None:
+            self._late = {q.index: self._kick_fds[q.index] for q in queues if not q.ready}
+
+    def _late_kick(self, dev: DeviceFd, index: int, fd: int) -> None:
+        """A kick on a queue that was not ready at DRIVER_OK. vhost-vdpa lets a driver enable
+        queues after DRIVER_OK (QEMU's vhost-vdpa-device did, up to 8.2) and VDUSE tells us
+        nothing of it, but it drops kicks on queues that are not ready: so this one is ready
+        now. Its kick stays unread, for the worker that starts serving it."""
+        info = dev.vq_get_info(index)
+        if not info.ready:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(fd)  # from before it was disabled again: forget it
+            return
+        del self._late[index]
+        log.info("queue %d was enabled after DRIVER_OK", index)
+        self.events.queue_ready(_setup(index, info))  # type: ignore[attr-defined]
 
     def _forget_driver_state(self) -> None:
         """After reset: unmap every region, drop kick fds and negotiated features."""
@@ -410,6 +447,7 @@ class KernelTransport(Transport):
                     self._dev.vq_setup_kickfd(i, v.VDUSE_EVENTFD_DEASSIGN)
             os.close(fd)
         self._kick_fds.clear()
+        self._late.clear()
         if self._iotlb is not None:
             self._iotlb.invalidate()
         self.negotiated = 0
@@ -419,3 +457,13 @@ class KernelTransport(Transport):
         log.error("device %s is broken: %s", self.name, why)
         if self.on_broken is not None:
             self.on_broken(why)
+
+
+def _setup(index: int, info: v.VqInfo) -> QueueSetup:
+    """A queue as VDUSE_VQ_GET_INFO describes it."""
+    p = info.packed
+    return QueueSetup(
+        index=index, num=info.num, desc_addr=info.desc_addr, driver_addr=info.driver_addr,
+        device_addr=info.device_addr, ready=info.ready, avail_index=info.avail_index,
+        packed_state=(p.last_avail_counter, p.last_avail_idx, p.last_used_counter,
+                      p.last_used_idx))

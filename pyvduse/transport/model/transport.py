@@ -136,7 +136,8 @@ class ModelTransport(Transport):
 
     def _invalidate(self, start: int, last: int) -> None:
         for r in self.regions.remove_overlapping(start, last):
-            r.mem.release()
+            with contextlib.suppress(BufferError):  # the native engine still holds views
+                r.mem.release()
 
     def _forget(self) -> None:
         for i, fd in self._kick_fds.items():
