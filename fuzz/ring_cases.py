@@ -37,8 +37,7 @@ import os
 import struct
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
 
 from pyvduse.abi import virtio_blk as vb
 from pyvduse.abi.virtio import (
@@ -58,6 +57,14 @@ from pyvduse.backend.memory import MemoryBackend
 from pyvduse.backend.null import NullBackend
 from pyvduse.device.blk import BlkDevice
 from pyvduse.fastpath import engine as native
+from pyvduse.fastpath.config import (
+    AioMode,
+    DeviceConfig,
+    EngineConfig,
+    EngineTuning,
+    RingLayout,
+    TestKnobs,
+)
 from pyvduse.model.split_driver import DriverSplitRing
 from pyvduse.ring.budget import Budget, wakeup_budget
 from pyvduse.ring.errors import RingError
@@ -232,7 +239,8 @@ class SplitCase:
     features: int
     before: bytes
     backend: str = "memory"  # memory, file (preadv), uring (io_uring), null (8 GiB)
-    knobs: dict[str, Any] = field(default_factory=dict)  # the native engine's extra args
+    tuning: EngineTuning = field(default_factory=EngineTuning)  # the native engine's
+    test: TestKnobs = field(default_factory=TestKnobs)  # ... and its test-only knobs
     logged: bool = False
     layout_error: bool = False  # built to be refused at setup (checked by both engines)
     allowed: bytearray = field(default_factory=lambda: bytearray(ARENA + TOP_SIZE))
@@ -282,11 +290,11 @@ def _device_setup(r: Reader, case: SplitCase) -> None:
     if case.backend != "null":
         case.backend = BACKENDS[how % len(BACKENDS)]
     if case.backend == "uring":
-        case.knobs = {"test_serial": True, "nowait": bool(how & 0x10)}
-        if how & 0x20:
-            case.knobs["bounce"] = True
+        case.tuning = EngineTuning(AioMode.URING, nowait=bool(how & 0x10),
+                                   bounce=bool(how & 0x20))
+        case.test = TestKnobs(serial=True)
     elif case.backend == "file" and how & 0x20:
-        case.knobs = {"bounce": True}
+        case.tuning = EngineTuning(bounce=True)
     case.logged = bool(how & 0x40)
 
 
@@ -540,12 +548,11 @@ def _disk(backend: Backend, files: list[str]) -> bytes:
 def _refused_by_the_native_engine(case: SplitCase) -> bool:
     d = case.drv
     try:
-        native.extension().Engine(
-            regions=native.region_tuples(case.mem.map), num=case.num, desc=d.desc_addr,
-            avail=d.avail_addr, used=d.used_addr,
-            event_idx=bool(case.features & bit(F_RING_EVENT_IDX)), indirect=True,
-            last_avail=0, used_idx=0, signalled=0, capacity=bytearray(8), readonly=False,
-            serial=b"", backend=native.extension().BACKEND_NULL).close()
+        native.extension().Engine(EngineConfig(
+            RingLayout(native.region_tuples(case.mem.map), case.num, d.desc_addr,
+                       d.avail_addr, d.used_addr,
+                       event_idx=bool(case.features & bit(F_RING_EVENT_IDX)), indirect=True),
+            DeviceConfig(bytearray(8)))).close()
     except ValueError:
         return True
     return False
@@ -631,10 +638,7 @@ def _serve_native(case: SplitCase, q: SplitQueue, dev: BlkDevice, log: InflightL
     the chains the loop served (also when ``serve_one`` raises)."""
     engine = native.build(native.require_plan(dev), 0, q, case.mem.map,
                           log if case.logged else None, None, lambda i: None, lambda *e: None,
-                          publish_ns=0,
-                          aio=native.AIO_URING if case.backend == "uring" else native.AIO_SYNC,
-                          bounce=bool(case.knobs.get("bounce")),
-                          knobs={k: v for k, v in case.knobs.items() if k != "bounce"},
+                          tuning=replace(case.tuning, publish_ns=0), test=case.test,
                           inflight=q.in_flight)
     kick, stop = os.eventfd(0), os.eventfd(1)  # stopped from the start: one wakeup, then back
     try:

@@ -101,6 +101,12 @@ GUEST_MODULES = ("vduse", "virtio_vdpa", "vhost_vdpa", "virtio_blk", "virtio_net
 MODULE_PARAMS = {"null_blk": "nr_devices=0"}
 
 RUN_BASE = Path("/run/pyvduse-testvm")
+#: A second virtiofs share, with cache=none (FUSE direct-I/O mode: every read and write of
+#: its files pins the caller's buffer), for tests of files on such filesystems: an empty
+#: directory of the run's own on the host, at this path in the guest (also in the command's
+#: environment as PYVDUSE_VM_NOCACHE_DIR), under the guest's private /tmp.
+NOCACHE_TAG = "nocache"
+NOCACHE_MOUNT = "/tmp/pyvduse-nocache"
 # Ignored by the kernel (a dotted name is a module parameter), read by the init.
 CMDLINE_KEY = "pyvduse.rundir"
 READY_MARKER = "pyvduse-testvm: guest ready"
@@ -153,6 +159,9 @@ token="${rundir##*/}"
 mount -t virtiofs hostroot /host || fail "virtiofs mount failed"
 for d in proc sys dev; do mount -o rbind "/$d" "/host/$d"; done
 mount -t tmpfs tmp /host/tmp
+mkdir -p /host/tmp/pyvduse-nocache
+mount -t virtiofs nocache /host/tmp/pyvduse-nocache ||
+  echo "pyvduse-testvm: the cache=none share (tag nocache) did not mount"
 # /run is tmpfs on a real host; pyvduse keeps memory-mapped state there, which virtiofs
 # (without DAX) cannot share-map.
 mkdir -p /host/run/pyvduse && mount -t tmpfs run-pyvduse /host/run/pyvduse
@@ -680,6 +689,7 @@ def guest_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
         "PATH": path,
         "HOME": "/root",
         "PYVDUSE_IN_VM": "1",
+        "PYVDUSE_VM_NOCACHE_DIR": NOCACHE_MOUNT,
         "LANG": "C.UTF-8",
         "TERM": "dumb",
     }
@@ -702,8 +712,10 @@ def command_script(command: str, *, cwd: str, env: Mapping[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def qemu_argv(qemu: str, image: GuestImage, socket: Path, rundir: Path, *, mem: str, smp: int) -> list[str]:
-    """The QEMU command line: serial console on stdout, no default devices, no NIC."""
+def qemu_argv(qemu: str, image: GuestImage, socket: Path, rundir: Path, *, mem: str, smp: int,
+              nocache_socket: Path | None = None) -> list[str]:
+    """The QEMU command line: serial console on stdout, no default devices, no NIC; the
+    host's / over virtiofs from ``socket``, the cache=none share from ``nocache_socket``."""
     # TCG by default: it works everywhere, and a /dev/kvm that exists is no promise that
     # KVM works (on nested/PVM hosts guests hang at boot). Opt in with ...ACCEL=kvm.
     accel = os.environ.get("PYVDUSE_TESTVM_ACCEL", "tcg")
@@ -717,11 +729,16 @@ def qemu_argv(qemu: str, image: GuestImage, socket: Path, rundir: Path, *, mem: 
         "-numa", "node,memdev=mem",
         "-chardev", f"socket,id=vfs,path={socket}",
         "-device", "vhost-user-fs-pci,chardev=vfs,tag=hostroot",
-    ]  # fmt: skip
+    ] + ([
+        "-chardev", f"socket,id=vfs2,path={nocache_socket}",
+        "-device", f"vhost-user-fs-pci,chardev=vfs2,tag={NOCACHE_TAG}",
+    ] if nocache_socket is not None else [])  # fmt: skip
 
 
-def virtiofsd_argv(virtiofsd: str, socket: Path) -> list[str]:
-    """Share / in a chroot sandbox, cached in the guest for as long as the VM lives.
+def virtiofsd_argv(virtiofsd: str, socket: Path, source: str = "/",
+                   cache: str = "always") -> list[str]:
+    """Share ``source`` (/) in a chroot sandbox, cached in the guest for as long as the VM
+    lives (``cache="none"``: never, and every file is opened in FUSE's direct-I/O mode).
 
     Under emulation every uncached stat or read is a round trip to virtiofsd: with
     ``cache=none`` Python spent 4 s just starting (hundreds of import-path stats) and a
@@ -739,17 +756,17 @@ def virtiofsd_argv(virtiofsd: str, socket: Path) -> list[str]:
         return [
             virtiofsd,
             f"--socket-path={socket}",
-            "--shared-dir=/",
-            "--cache=always",
+            f"--shared-dir={source}",
+            f"--cache={'never' if cache == 'none' else cache}",
             "--sandbox=chroot",
         ]
     return [
         virtiofsd,
         f"--socket-path={socket}",
         "-o",
-        "source=/",
+        f"source={source}",
         "-o",
-        "cache=always",
+        f"cache={cache}",
         "-o",
         "sandbox=chroot",
     ]
@@ -797,10 +814,11 @@ def _stop(proc: subprocess.Popen[bytes], grace: float = 2.0) -> None:
 
 
 @contextmanager
-def _virtiofsd(virtiofsd: str, socket: Path, log: Path) -> Iterator[None]:
-    """A virtiofsd serving / on socket for the lifetime of the block."""
+def _virtiofsd(virtiofsd: str, socket: Path, log: Path, source: str = "/",
+               cache: str = "always") -> Iterator[None]:
+    """A virtiofsd serving ``source`` on socket for the lifetime of the block."""
     with open(log, "wb") as logf:
-        proc = _spawn(virtiofsd_argv(virtiofsd, socket), logf)
+        proc = _spawn(virtiofsd_argv(virtiofsd, socket, source, cache), logf)
     try:
         deadline = time.monotonic() + 10
         while not socket.exists():
@@ -1050,10 +1068,15 @@ def _run_in_slot(script: str, tools: HostTools, image: GuestImage, *, mem: str, 
         (rundir / "owner").write_text(f"{os.getpid()}\n")
         (rundir / "command.sh").write_text(script)
         socket = rundir / "virtiofsd.sock"
-        argv = qemu_argv(tools.qemu, image, socket, rundir, mem=mem, smp=smp)
+        nocache, nocache_socket = rundir / "nocache", rundir / "nocache.sock"
+        nocache.mkdir()
+        argv = qemu_argv(tools.qemu, image, socket, rundir, mem=mem, smp=smp,
+                         nocache_socket=nocache_socket)
         for boot in range(1, BOOT_ATTEMPTS + 1):
             # virtiofsd serves one connection: a fresh one for every boot.
-            with _virtiofsd(tools.virtiofsd, socket, rundir / "virtiofsd.log"):
+            with _virtiofsd(tools.virtiofsd, socket, rundir / "virtiofsd.log"), _virtiofsd(
+                    tools.virtiofsd, nocache_socket, rundir / "virtiofsd-nocache.log",
+                    str(nocache), "none"):
                 result = _run_prepared(
                     argv, rundir, timeout=max(deadline - time.monotonic(), 0.0), console=console,
                     will_retry=boot < BOOT_ATTEMPTS, boot_timeout=BOOT_TIMEOUT,

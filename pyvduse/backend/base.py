@@ -35,7 +35,10 @@ class NativeStorage:
     O_DIRECT when ``direct``), ``memory`` (``memory``: the disk's bytes), ``null`` (reads
     zeroes, drops writes) or ``nbd`` (``connections`` lends the engine one NBD connection
     per queue; ``fua_writes``: every write carries FUA; ``max_command``: the largest
-    request the server takes)."""
+    request the server takes). ``unpinnable``: a byte shared by everything serving an
+    ``fd`` (the native engines and the backend's own methods), 1 once the kernel could not
+    pin the driver's buffers for a transfer with the file (EFAULT): all then copy through
+    buffers of their own; ``on_unpinnable()`` is called by whoever set it."""
 
     kind: Literal["fd", "memory", "null", "nbd"]
     fd: int = -1
@@ -44,6 +47,8 @@ class NativeStorage:
     connections: LendsConnections | None = None
     fua_writes: bool = False
     max_command: int = 0
+    unpinnable: bytearray | None = None
+    on_unpinnable: Callable[[], None] | None = None
 
 
 class LendsConnections(Protocol):

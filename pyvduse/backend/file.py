@@ -6,12 +6,17 @@ uses ``FALLOC_FL_ZERO_RANGE`` (or a hole when unmapping is allowed), falling bac
 zeroes where the filesystem cannot.
 
 ``direct=True`` (``--cache none``) bypasses the page cache with a second descriptor opened
-``O_DIRECT``. Direct I/O has two limits the driver's buffers may not meet: alignment (the
-kernel refuses with EINVAL) and pinning: the pages VDUSE maps for its bounce buffer cannot
-be pinned, so a direct read or write into them fails with EFAULT (qemu-storage-daemon's
-``cache.direct=on`` fails every request there). Such requests are copied through an aligned
-buffer of our own; after the first EFAULT every request is. A request whose offset or
-length the device cannot take directly even then goes through the page cache.
+``O_DIRECT``. Direct I/O has a limit the driver's buffers may not meet: alignment (the
+kernel refuses with EINVAL): such requests are copied through an aligned buffer of our own,
+and a request whose offset or length the device cannot take directly even then goes
+through the page cache.
+
+Pinning: the pages VDUSE maps for its bounce buffer cannot be pinned, so a transfer that
+makes the kernel pin the driver's buffer fails with EFAULT: direct I/O, and every read and
+write of a FUSE file in direct-I/O mode (virtiofs with ``cache=none``), even through the
+page cache's descriptor (qemu-storage-daemon fails every request in both cases). The first
+EFAULT makes this backend copy every request through a buffer of our own from then on
+(logged once); the native engines serving it share the switch (``unpinnable``).
 """
 
 from __future__ import annotations
@@ -100,7 +105,7 @@ class AlignedBuffers:
         self._lock = threading.Lock()
 
     def get(self, size: int) -> mmap.mmap:
-        size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+        size = max(-(-size // mmap.PAGESIZE), 1) * mmap.PAGESIZE  # mmap refuses 0 bytes
         with self._lock:
             free = self._free.get(size)
             if free:
@@ -143,9 +148,11 @@ class FileBackend(Backend):
             raise
         self._can_punch = not self._is_blockdev
         self._can_zero_range = not self._is_blockdev
-        #: Direct I/O straight into the driver's buffers works (False after an EFAULT).
-        self.pin_ok = True
-        self.bounced = 0  # requests copied through our own aligned buffers
+        #: 1 once a transfer with the driver's buffers failed with EFAULT: from then on
+        #: every request is copied through our own buffers (shared with native engines).
+        self.unpinnable = bytearray(1)
+        self._unpinnable_lock = threading.Lock()
+        self.bounced = 0  # requests copied through our own buffers
         self.buffered = 0  # direct requests the device could not take: page cache
         self._buffers = AlignedBuffers()
 
@@ -153,13 +160,35 @@ class FileBackend(Backend):
     def direct(self) -> bool:
         return self.direct_fd >= 0
 
+    @property
+    def pin_ok(self) -> bool:
+        """Transfers straight between the file and the driver's buffers work (False after
+        an EFAULT)."""
+        return not self.unpinnable[0]
+
+    def _cannot_pin(self) -> None:
+        """A transfer with the driver's buffers failed with EFAULT: copy from now on."""
+        with self._unpinnable_lock:
+            if self.unpinnable[0]:
+                return
+            self.unpinnable[0] = 1
+        self.report_unpinnable()
+
+    def report_unpinnable(self) -> None:
+        """Say once that this backend copies from now on (also the native engines' call)."""
+        log.info("%s: the kernel cannot pin the driver's buffers for I/O on this file "
+                 "(EFAULT: VDUSE's bounce pages, with %s): copying every request through "
+                 "buffers of our own from now on", self.path,
+                 "O_DIRECT" if self.direct else "a FUSE file in direct-I/O mode")
+
     def native_storage(self) -> NativeStorage | None:
         if not self.io_as_in(FileBackend):
             return None
         # --cache none: the O_DIRECT descriptor (the engine leaves requests it cannot do
         # direct to Python, which has the buffered one)
         return NativeStorage("fd", fd=self.direct_fd if self.direct else self.fd,
-                             direct=self.direct)
+                             direct=self.direct, unpinnable=self.unpinnable,
+                             on_unpinnable=self.report_unpinnable)
 
     @property
     def size(self) -> int:
@@ -205,54 +234,73 @@ class FileBackend(Backend):
 
     def readv(self, offset: int, bufs: list[memoryview]) -> None:
         if self.direct_fd < 0 or not self._direct(offset, bufs, False):
-            _transfer(self.fd, bufs, offset, False)
+            self._buffered(offset, bufs, False)
 
     def writev(self, offset: int, bufs: list[memoryview]) -> None:
         if self.direct_fd < 0 or not self._direct(offset, bufs, True):
-            _transfer(self.fd, bufs, offset, True)
+            self._buffered(offset, bufs, True)
+
+    def _straight(self, fd: int, offset: int, bufs: list[memoryview], write: bool) -> bool:
+        """Straight between ``fd`` and the driver's buffers, unless they cannot be pinned
+        (then False, for good)."""
+        if self.unpinnable[0]:
+            return False
+        try:
+            _transfer(fd, bufs, offset, write)
+            return True
+        except OSError as e:
+            if e.errno != errno.EFAULT:
+                raise
+        self._cannot_pin()
+        return False
+
+    def _buffered(self, offset: int, bufs: list[memoryview], write: bool) -> None:
+        if not self._straight(self.fd, offset, bufs, write):
+            self._copied(self.fd, offset, bufs, write)
 
     def _direct(self, offset: int, bufs: list[memoryview], write: bool) -> bool:
         """Direct I/O, into the driver's buffers or through ours; False: the device cannot
         take this request directly (it then goes through the page cache)."""
-        if self.pin_ok:
-            try:
-                _transfer(self.direct_fd, bufs, offset, write)
+        try:
+            if self._straight(self.direct_fd, offset, bufs, write):
                 return True
-            except OSError as e:
-                if e.errno == errno.EFAULT:
-                    self.pin_ok = False
-                    log.info("%s: direct I/O cannot reach the driver's buffers (EFAULT): "
-                             "copying through aligned buffers of our own", self.path)
-                elif e.errno != errno.EINVAL:
-                    raise
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
         length = sum(len(b) for b in bufs)
         if offset % DIRECT_ALIGN == 0 and length % DIRECT_ALIGN == 0:
-            buf = self._buffers.get(length)
             try:
-                view = memoryview(buf)[:length]
-                try:
-                    if write:
-                        pos = 0
-                        for b in bufs:
-                            view[pos : pos + len(b)] = b
-                            pos += len(b)
-                    _transfer(self.direct_fd, [view], offset, write)
-                    if not write:
-                        pos = 0
-                        for b in bufs:
-                            b[:] = view[pos : pos + len(b)]
-                            pos += len(b)
-                    self.bounced += 1
-                    return True
-                except OSError as e:
-                    if e.errno != errno.EINVAL:
-                        raise
-                finally:
-                    view.release()
-            finally:
-                self._buffers.put(buf)
+                self._copied(self.direct_fd, offset, bufs, write)
+                return True
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
         self.buffered += 1
         return False
+
+    def _copied(self, fd: int, offset: int, bufs: list[memoryview], write: bool) -> None:
+        """Through a page-aligned buffer of our own (which direct I/O can take)."""
+        length = sum(len(b) for b in bufs)
+        buf = self._buffers.get(length)
+        try:
+            view = memoryview(buf)[:length]
+            try:
+                if write:
+                    pos = 0
+                    for b in bufs:
+                        view[pos : pos + len(b)] = b
+                        pos += len(b)
+                _transfer(fd, [view], offset, write)
+                if not write:
+                    pos = 0
+                    for b in bufs:
+                        b[:] = view[pos : pos + len(b)]
+                        pos += len(b)
+                self.bounced += 1
+            finally:
+                view.release()
+        finally:
+            self._buffers.put(buf)
 
     def flush(self) -> None:
         os.fdatasync(self.fd)

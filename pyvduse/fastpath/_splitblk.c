@@ -7,7 +7,7 @@
  * steps as pyvduse.runtime.worker + ring.split + ring.inflight + device.blk for the common
  * requests (IN, OUT, FLUSH, GET_ID) with the GIL released, so queues also run in parallel.
  *
- * Many requests in flight: with aio=AIO_URING and the file backend, reads, writes and
+ * Many requests in flight: with tuning.aio AIO_URING and the file backend, reads, writes and
  * flushes go to an io_uring the engine owns (splitblk_uring.c), as many as the queue holds,
  * and complete in the order they finish: used elements are written in completion order, and
  * the in-flight log records each head IN_FLIGHT at its take, COMPLETED at its push and FREE
@@ -66,59 +66,281 @@ static int get_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t min_len, const 
     return 0;
 }
 
-static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
-{
-    static char *names[] = {"regions", "num", "desc", "avail", "used", "event_idx", "indirect",
-                            "last_avail", "used_idx", "signalled", "capacity", "readonly",
-                            "serial", "backend", "fd", "memory", "log", "irq_fd",
-                            "irq_request", "irq_index", "notify", "on_error", "poll_ns",
-                            "publish_ns", "hold_ns", "affinity_fd", "follow_mask", "aio",
-                            "direct", "bounce", "dio_align", "inflight", "test_gate_fd",
-                            "test_gate_mask", "test_efault", "nowait", "nbd", "nbd_fua",
-                            "nbd_max", "budget", "test_serial", NULL};
-    PyObject *regions, *capacity, *memory = Py_None, *log = Py_None, *notify = Py_None,
-             *on_error = Py_None, *inflight = Py_None, *nbd = Py_None;
-    unsigned long long desc, avail, used;
-    unsigned int num, irq_index = 0, budget = 0;
-    unsigned short last_avail, used_idx, signalled;
-    unsigned long irq_request = 0;
-    unsigned long long poll_ns = 0, publish_ns = ULLONG_MAX, hold_ns = ULLONG_MAX,
-                       follow_mask = 0, dio_align = 512, gate_mask = 0, test_efault = 0,
-                       nbd_max = 32u << 20;
-    int event_idx, indirect, readonly, backend, fd = -1, irq_fd = -1, affinity_fd = -1;
-    int aio = AIO_SYNC, direct = 0, bounce = 0, gate_fd = -1, nowait = 1, nbd_fua = 0;
-    int test_serial = 0;
-    const char *serial;
-    Py_ssize_t serial_len;
+/* -- the constructor's argument -------------------------------------------------------
+ *
+ * Engine(config): an object with the groups ring, device, storage, interrupts, tuning and
+ * test, each with the attributes pyvduse/fastpath/config.py documents. Everything is read
+ * into a Config first, so a missing or mistyped attribute is refused (TypeError naming it)
+ * before the engine holds anything; values out of range are ValueErrors. */
 
-    if (e->num) {
-        PyErr_SetString(PyExc_RuntimeError, "engine is already initialised");
+typedef struct {
+    /* ring */
+    PyObject *regions, *log, *inflight;
+    uint64_t num, desc, avail, used, last_avail, used_idx, signalled;
+    int event_idx, indirect;
+    /* device */
+    PyObject *capacity;
+    int readonly;
+    uint8_t serial[ID_BYTES];
+    Py_ssize_t serial_len;
+    /* storage */
+    uint64_t backend, dio_align, nbd_max;
+    int fd, direct, nbd_fua;
+    PyObject *memory, *nbd, *unpinnable, *on_unpinnable;
+    /* interrupts */
+    int irq_fd, affinity_fd;
+    uint64_t irq_request, irq_index, follow_mask;
+    PyObject *notify, *on_error;
+    /* tuning */
+    uint64_t aio, poll_ns, publish_ns, hold_ns, budget;
+    int bounce, nowait;
+    /* test */
+    int gate_fd, test_serial;
+    uint64_t gate_mask, test_efault;
+} Config;
+
+static void config_clear(Config *c)
+{
+    Py_CLEAR(c->regions);
+    Py_CLEAR(c->log);
+    Py_CLEAR(c->inflight);
+    Py_CLEAR(c->capacity);
+    Py_CLEAR(c->memory);
+    Py_CLEAR(c->nbd);
+    Py_CLEAR(c->unpinnable);
+    Py_CLEAR(c->on_unpinnable);
+    Py_CLEAR(c->notify);
+    Py_CLEAR(c->on_error);
+}
+
+/* Attribute `name` of config group `group` (a new reference), or NULL with a TypeError. */
+static PyObject *cfg_attr(PyObject *obj, const char *group, const char *name)
+{
+    PyObject *v = PyObject_GetAttrString(obj, name);
+    if (v == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyErr_Clear();
+        if (*group)
+            PyErr_Format(PyExc_TypeError, "engine config: %s has no attribute '%s'", group, name);
+        else
+            PyErr_Format(PyExc_TypeError, "engine config: no attribute '%s' (the groups: ring, "
+                         "device, storage, interrupts, tuning, test)", name);
+    }
+    return v;
+}
+
+static int cfg_type_error(PyObject *v, const char *group, const char *name, const char *want)
+{
+    PyErr_Format(PyExc_TypeError, "engine config: %s.%s must be %s, not %.80s", group, name,
+                 want, Py_TYPE(v)->tp_name);
+    Py_DECREF(v);
+    return -1;
+}
+
+/* An int from min to max (min >= -1). */
+static int cfg_int(PyObject *g, const char *group, const char *name, long long min,
+                   unsigned long long max, uint64_t *out)
+{
+    PyObject *v = cfg_attr(g, group, name);
+    int overflow = 0;
+    long long x;
+    if (v == NULL)
+        return -1;
+    if (!PyLong_Check(v))
+        return cfg_type_error(v, group, name, "an int");
+    x = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (overflow > 0) { /* above LLONG_MAX: only a u64 can hold it */
+        unsigned long long u = PyLong_AsUnsignedLongLong(v);
+        if (u == (unsigned long long)-1 && PyErr_Occurred())
+            PyErr_Clear();
+        else if (u <= max) {
+            Py_DECREF(v);
+            *out = u;
+            return 0;
+        }
+    }
+    Py_DECREF(v);
+    if (x == -1 && PyErr_Occurred())
+        return -1;
+    if (overflow || x < min || (x >= 0 && (unsigned long long)x > max)) {
+        PyErr_Format(PyExc_ValueError, "engine config: %s.%s must be %lld to %llu", group,
+                     name, min, max);
         return -1;
     }
-    e->efd = e->gate_fd = -1;
-    e->oldest = e->newest = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OIKKKppHHHOpy#i|iOOikIOOKKKiKippKOiKKpOpKIp",
-                                     names,
-                                     &regions, &num, &desc, &avail, &used, &event_idx,
-                                     &indirect, &last_avail, &used_idx, &signalled, &capacity,
-                                     &readonly, &serial, &serial_len, &backend, &fd, &memory,
-                                     &log, &irq_fd, &irq_request, &irq_index, &notify,
-                                     &on_error, &poll_ns, &publish_ns, &hold_ns, &affinity_fd,
-                                     &follow_mask, &aio, &direct, &bounce, &dio_align,
-                                     &inflight, &gate_fd, &gate_mask, &test_efault,
-                                     &nowait, &nbd, &nbd_fua, &nbd_max, &budget, &test_serial))
+    *out = (uint64_t)x;
+    return 0;
+}
+
+static int cfg_fd(PyObject *g, const char *group, const char *name, int *out)
+{
+    uint64_t v;
+    if (cfg_int(g, group, name, -1, INT_MAX, &v) < 0)
         return -1;
-    if (num == 0 || num > 32768 || (num & (num - 1))) {
+    *out = (int)(int64_t)v;
+    return 0;
+}
+
+static int cfg_bool(PyObject *g, const char *group, const char *name, int *out)
+{
+    PyObject *v = cfg_attr(g, group, name);
+    if (v == NULL)
+        return -1;
+    if (!PyLong_Check(v)) /* bool, or an int */
+        return cfg_type_error(v, group, name, "a bool");
+    *out = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return 0;
+}
+
+/* Any object (kept in *out), None allowed or not. */
+static int cfg_object(PyObject *g, const char *group, const char *name, int none_ok,
+                      PyObject **out)
+{
+    PyObject *v = cfg_attr(g, group, name);
+    if (v == NULL)
+        return -1;
+    if (v == Py_None && !none_ok)
+        return cfg_type_error(v, group, name, "given");
+    *out = v;
+    return 0;
+}
+
+static int cfg_callable(PyObject *g, const char *group, const char *name, PyObject **out)
+{
+    if (cfg_object(g, group, name, 1, out) < 0)
+        return -1;
+    if (*out != Py_None && !PyCallable_Check(*out)) {
+        int r = cfg_type_error(*out, group, name, "callable or None");
+        *out = NULL;
+        return r;
+    }
+    return 0;
+}
+
+static int read_ring(PyObject *g, Config *c)
+{
+    const char *r = "ring";
+    return cfg_object(g, r, "regions", 0, &c->regions) < 0 ||
+           cfg_int(g, r, "num", 0, 32768, &c->num) < 0 ||
+           cfg_int(g, r, "desc", 0, UINT64_MAX, &c->desc) < 0 ||
+           cfg_int(g, r, "avail", 0, UINT64_MAX, &c->avail) < 0 ||
+           cfg_int(g, r, "used", 0, UINT64_MAX, &c->used) < 0 ||
+           cfg_bool(g, r, "event_idx", &c->event_idx) < 0 ||
+           cfg_bool(g, r, "indirect", &c->indirect) < 0 ||
+           cfg_int(g, r, "last_avail", 0, UINT16_MAX, &c->last_avail) < 0 ||
+           cfg_int(g, r, "used_idx", 0, UINT16_MAX, &c->used_idx) < 0 ||
+           cfg_int(g, r, "signalled", 0, UINT16_MAX, &c->signalled) < 0 ||
+           cfg_object(g, r, "log", 1, &c->log) < 0 ||
+           cfg_object(g, r, "inflight", 1, &c->inflight) < 0
+               ? -1 : 0;
+}
+
+static int read_device(PyObject *g, Config *c)
+{
+    PyObject *serial;
+    if (cfg_object(g, "device", "capacity", 0, &c->capacity) < 0 ||
+        cfg_bool(g, "device", "readonly", &c->readonly) < 0 ||
+        cfg_object(g, "device", "serial", 0, &serial) < 0)
+        return -1;
+    if (!PyBytes_Check(serial))
+        return cfg_type_error(serial, "device", "serial", "bytes");
+    c->serial_len = PyBytes_GET_SIZE(serial);
+    if (c->serial_len > ID_BYTES) {
+        Py_DECREF(serial);
+        PyErr_Format(PyExc_ValueError, "engine config: device.serial is longer than %d bytes",
+                     ID_BYTES);
+        return -1;
+    }
+    memcpy(c->serial, PyBytes_AS_STRING(serial), (size_t)c->serial_len);
+    Py_DECREF(serial);
+    return 0;
+}
+
+static int read_storage(PyObject *g, Config *c)
+{
+    const char *s = "storage";
+    return cfg_int(g, s, "kind", BACKEND_NULL, BACKEND_NBD, &c->backend) < 0 ||
+           cfg_fd(g, s, "fd", &c->fd) < 0 ||
+           cfg_bool(g, s, "direct", &c->direct) < 0 ||
+           cfg_int(g, s, "dio_align", 1, BOUNCE_CHUNK, &c->dio_align) < 0 ||
+           cfg_object(g, s, "memory", 1, &c->memory) < 0 ||
+           cfg_object(g, s, "unpinnable", 1, &c->unpinnable) < 0 ||
+           cfg_callable(g, s, "on_unpinnable", &c->on_unpinnable) < 0 ||
+           cfg_object(g, s, "nbd", 1, &c->nbd) < 0 ||
+           cfg_bool(g, s, "nbd_fua", &c->nbd_fua) < 0 ||
+           cfg_int(g, s, "nbd_max", 1, UINT32_MAX, &c->nbd_max) < 0
+               ? -1 : 0;
+}
+
+static int read_interrupts(PyObject *g, Config *c)
+{
+    const char *i = "interrupts";
+    return cfg_fd(g, i, "irq_fd", &c->irq_fd) < 0 ||
+           cfg_int(g, i, "irq_request", 0, ULONG_MAX, &c->irq_request) < 0 ||
+           cfg_int(g, i, "irq_index", 0, UINT32_MAX, &c->irq_index) < 0 ||
+           cfg_callable(g, i, "notify", &c->notify) < 0 ||
+           cfg_callable(g, i, "on_error", &c->on_error) < 0 ||
+           cfg_fd(g, i, "affinity_fd", &c->affinity_fd) < 0 ||
+           cfg_int(g, i, "follow_mask", 0, UINT64_MAX, &c->follow_mask) < 0
+               ? -1 : 0;
+}
+
+static int read_tuning(PyObject *g, Config *c)
+{
+    const char *t = "tuning";
+    return cfg_int(g, t, "aio", AIO_SYNC, AIO_NBD, &c->aio) < 0 ||
+           cfg_bool(g, t, "bounce", &c->bounce) < 0 ||
+           cfg_bool(g, t, "nowait", &c->nowait) < 0 ||
+           cfg_int(g, t, "poll_ns", 0, UINT64_MAX, &c->poll_ns) < 0 ||
+           cfg_int(g, t, "publish_ns", 0, UINT64_MAX, &c->publish_ns) < 0 ||
+           cfg_int(g, t, "hold_ns", 0, UINT64_MAX, &c->hold_ns) < 0 ||
+           cfg_int(g, t, "budget", 0, UINT32_MAX, &c->budget) < 0
+               ? -1 : 0;
+}
+
+static int read_test(PyObject *g, Config *c)
+{
+    const char *t = "test";
+    return cfg_fd(g, t, "gate_fd", &c->gate_fd) < 0 ||
+           cfg_int(g, t, "gate_mask", 0, UINT64_MAX, &c->gate_mask) < 0 ||
+           cfg_int(g, t, "efault", 0, UINT64_MAX, &c->test_efault) < 0 ||
+           cfg_bool(g, t, "serial", &c->test_serial) < 0
+               ? -1 : 0;
+}
+
+static int read_config(PyObject *config, Config *c)
+{
+    static const struct {
+        const char *name;
+        int (*read)(PyObject *, Config *);
+    } groups[] = {{"ring", read_ring},   {"device", read_device}, {"storage", read_storage},
+                  {"interrupts", read_interrupts}, {"tuning", read_tuning},
+                  {"test", read_test}};
+    for (size_t k = 0; k < sizeof groups / sizeof groups[0]; k++) {
+        PyObject *g = cfg_attr(config, "", groups[k].name);
+        int r;
+        if (g == NULL)
+            return -1;
+        r = groups[k].read(g, c);
+        Py_DECREF(g);
+        if (r < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* Check what the config asks for and hold it: the engine's part of __init__. */
+static int engine_setup(Engine *e, const Config *c)
+{
+    uint32_t num = (uint32_t)c->num;
+    int backend = (int)c->backend, aio = (int)c->aio;
+
+    if (num == 0 || (num & (num - 1))) {
         PyErr_SetString(PyExc_ValueError, "queue size must be a power of two up to 32768");
         return -1;
     }
-    if (backend < BACKEND_NULL || backend > BACKEND_NBD || serial_len > ID_BYTES) {
-        PyErr_SetString(PyExc_ValueError, "bad backend or serial");
-        return -1;
-    }
-    if ((backend == BACKEND_NBD) != (aio == AIO_NBD) || aio < AIO_SYNC || aio > AIO_NBD) {
-        PyErr_SetString(PyExc_ValueError,
-                        "aio must be AIO_SYNC or AIO_URING, or AIO_NBD with BACKEND_NBD");
+    if ((backend == BACKEND_NBD) != (aio == AIO_NBD)) {
+        PyErr_SetString(PyExc_ValueError, "tuning.aio must be AIO_SYNC or AIO_URING, or "
+                        "AIO_NBD with storage.kind BACKEND_NBD");
         return -1;
     }
 #ifndef SB_NBD
@@ -127,10 +349,6 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
         return -1;
     }
 #endif
-    if (backend == BACKEND_NBD && (nbd_max == 0 || nbd_max > UINT32_MAX)) {
-        PyErr_SetString(PyExc_ValueError, "nbd_max must be 1 to 4 GiB - 1");
-        return -1;
-    }
 #ifndef SB_URING
     if (aio == AIO_URING) {
         PyErr_SetString(PyExc_ValueError,
@@ -138,52 +356,65 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
         return -1;
     }
 #endif
-    if (dio_align == 0 || (dio_align & (dio_align - 1)) || dio_align > BOUNCE_CHUNK) {
+    if (c->dio_align & (c->dio_align - 1)) {
         PyErr_SetString(PyExc_ValueError, "dio_align must be a power of two up to 1 MiB");
         return -1;
     }
-    if (backend == BACKEND_FD && fd < 0) {
+    if (backend == BACKEND_FD && c->fd < 0) {
         PyErr_SetString(PyExc_ValueError, "fd backend without an fd");
         return -1;
     }
-    if ((e->mem_cur = sb_load_regions(regions)) == NULL)
+    if ((e->mem_cur = sb_load_regions(c->regions)) == NULL)
         return -1;
     e->num = num;
-    e->event_idx = event_idx;
-    e->indirect = indirect;
-    e->desc_iova = desc;
-    e->avail_iova = avail;
-    e->used_iova = used;
+    e->event_idx = c->event_idx;
+    e->indirect = c->indirect;
+    e->desc_iova = c->desc;
+    e->avail_iova = c->avail;
+    e->used_iova = c->used;
     if (sb_check_layout(e) < 0 || sb_map_ring(e) < 0)
         return -1;
-    e->last_avail = e->avail_seen = last_avail;
-    e->used_idx = used_idx;
-    e->signalled = signalled;
-    if (get_buffer(capacity, &e->cap_view, 8, "capacity") < 0)
+    e->last_avail = e->avail_seen = (uint16_t)c->last_avail;
+    e->used_idx = (uint16_t)c->used_idx;
+    e->signalled = (uint16_t)c->signalled;
+    if (get_buffer(c->capacity, &e->cap_view, 8, "capacity") < 0)
         return -1;
     e->capacity = (volatile uint64_t *)e->cap_view.buf;
-    e->readonly = readonly;
+    e->readonly = c->readonly;
     memset(e->serial, 0, ID_BYTES);
-    memcpy(e->serial, serial, (size_t)serial_len);
+    memcpy(e->serial, c->serial, (size_t)c->serial_len);
     e->backend = backend;
-    e->fd = fd;
+    e->fd = c->fd;
     e->aio = aio;
-    e->direct = direct && backend == BACKEND_FD;
-    e->bounce_all = bounce && backend == BACKEND_FD;
-    e->dio_align = dio_align;
+    e->direct = c->direct && backend == BACKEND_FD;
+    e->bounce_all = c->bounce && backend == BACKEND_FD;
+    if (c->unpinnable != Py_None) {
+        if (get_buffer(c->unpinnable, &e->unpin_view, 1, "unpinnable") < 0)
+            return -1;
+        e->unpinnable = e->unpin_view.buf;
+    }
+    if (c->on_unpinnable != Py_None) {
+        Py_INCREF(c->on_unpinnable);
+        e->on_unpinnable = c->on_unpinnable;
+    }
+    e->dio_align = c->dio_align;
     if (backend == BACKEND_MEMORY) {
-        if (get_buffer(memory, &e->mem_view, 0, "memory") < 0)
+        if (c->memory == Py_None) {
+            PyErr_SetString(PyExc_ValueError, "memory backend without storage.memory");
+            return -1;
+        }
+        if (get_buffer(c->memory, &e->mem_view, 0, "memory") < 0)
             return -1;
         e->mem = e->mem_view.buf;
         e->mem_size = (uint64_t)e->mem_view.len;
     }
-    if (log != Py_None) {
-        if (get_buffer(log, &e->log_view, LOG_HEADER + LOG_ENTRY * (Py_ssize_t)num, "log") < 0)
+    if (c->log != Py_None) {
+        if (get_buffer(c->log, &e->log_view, LOG_HEADER + LOG_ENTRY * (Py_ssize_t)num, "log") < 0)
             return -1;
         e->log = e->log_view.buf;
     }
-    if (inflight != Py_None) {
-        if (get_buffer(inflight, &e->map_view, (Py_ssize_t)num, "inflight") < 0)
+    if (c->inflight != Py_None) {
+        if (get_buffer(c->inflight, &e->map_view, (Py_ssize_t)num, "inflight") < 0)
             return -1;
         e->map = e->map_view.buf;
     } else if ((e->map = PyMem_Calloc(num, 1)) == NULL) {
@@ -206,35 +437,35 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
             PyErr_NoMemory();
             return -1;
         }
-        e->nbd_fua = nbd_fua;
-        e->nbd_max = nbd_max;
-        if (sb_nbd_set(e, nbd) < 0)
+        e->nbd_fua = c->nbd_fua;
+        e->nbd_max = c->nbd_max;
+        if (sb_nbd_set(e, c->nbd) < 0)
             return -1;
     }
-    e->budget = budget ? budget : BUDGET_PER_SLOT * num;
+    e->budget = c->budget ? (uint32_t)c->budget : BUDGET_PER_SLOT * num;
     e->credit = e->budget;
     e->backoff_ns = BUDGET_SLEEP_MIN_NS;
-    e->poll_ns = poll_ns;
-    e->publish_ns = publish_ns;
-    e->hold_ns = hold_ns;
-    e->irq_fd = irq_fd;
-    e->affinity_fd = affinity_fd;
-    e->follow_mask = follow_mask;
+    e->poll_ns = c->poll_ns;
+    e->publish_ns = c->publish_ns;
+    e->hold_ns = c->hold_ns;
+    e->irq_fd = c->irq_fd;
+    e->affinity_fd = c->affinity_fd;
+    e->follow_mask = c->follow_mask;
     e->irq_cpu = -1;
-    e->irq_request = irq_request;
-    e->irq_index = irq_index;
-    e->gate_fd = gate_fd;
-    e->gate_mask = gate_mask;
-    e->test_efault = test_efault;
-    e->test_serial = test_serial;
-    e->nowait = nowait;
-    if (notify != Py_None) {
-        Py_INCREF(notify);
-        e->notify = notify;
+    e->irq_request = (unsigned long)c->irq_request;
+    e->irq_index = (uint32_t)c->irq_index;
+    e->gate_fd = c->gate_fd;
+    e->gate_mask = c->gate_mask;
+    e->test_efault = c->test_efault;
+    e->test_serial = c->test_serial;
+    e->nowait = c->nowait;
+    if (c->notify != Py_None) {
+        Py_INCREF(c->notify);
+        e->notify = c->notify;
     }
-    if (on_error != Py_None) {
-        Py_INCREF(on_error);
-        e->on_error = on_error;
+    if (c->on_error != Py_None) {
+        Py_INCREF(c->on_error);
+        e->on_error = c->on_error;
     }
     if (aio == AIO_URING && backend == BACKEND_FD) {
         int err = sb_uring_open(e);
@@ -246,6 +477,29 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
     }
     e->ready = 1;
     return 0;
+}
+
+static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
+{
+    static char *names[] = {"config", NULL};
+    PyObject *config;
+    Config c = {0};
+    int r;
+
+    if (e->num) {
+        PyErr_SetString(PyExc_RuntimeError, "engine is already initialised");
+        return -1;
+    }
+    e->efd = e->gate_fd = -1;
+    e->oldest = e->newest = -1;
+    e->unpinnable = &e->own_unpinnable; /* unless the storage shares its byte */
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O:Engine", names, &config))
+        return -1;
+    r = read_config(config, &c);
+    if (r == 0)
+        r = engine_setup(e, &c);
+    config_clear(&c); /* what the engine keeps, it holds itself (buffer views, references) */
+    return r;
 }
 
 /* Let go of everything (driver memory, the disk, the log, the map, the capacity, the ring):
@@ -265,6 +519,9 @@ static void release_all(Engine *e)
         PyBuffer_Release(&e->mem_view);
     if (e->log_view.obj)
         PyBuffer_Release(&e->log_view);
+    if (e->unpin_view.obj)
+        PyBuffer_Release(&e->unpin_view);
+    e->unpinnable = &e->own_unpinnable; /* counters() still reads it */
     if (e->map_view.obj)
         PyBuffer_Release(&e->map_view);
     else
@@ -308,6 +565,7 @@ static void Engine_dealloc(Engine *e)
     }
     Py_XDECREF(e->notify);
     Py_XDECREF(e->on_error);
+    Py_XDECREF(e->on_unpinnable);
     Py_TYPE(e)->tp_free((PyObject *)e);
 }
 
@@ -333,7 +591,7 @@ static PyObject *Engine_run(Engine *e, PyObject *args)
         return NULL;
     e->running = 1;
     if (e->log != NULL)
-        e->seq = ld64(e->log + 8); /* the Python path may have taken requests meanwhile */
+        e->seq = ld64(e->log + LOG_SEQ); /* the Python path may have taken requests meanwhile */
     sb_run_start(e, !e->deferred);
     e->ts = PyEval_SaveThread();
     r = sb_run(e, kick_fd, stop_fd);
@@ -547,7 +805,7 @@ static PyObject *Engine_counters(Engine *e, PyObject *unused)
         "depth_hist", depth, "depth_sum", (unsigned long long)e->depth_sum, "taken",
         (unsigned long long)e->taken, "oldest_taken",
         (unsigned long long)e->oldest_taken, "bounced", (unsigned long long)e->bounced,
-        "efaults", (unsigned long long)e->efaults, "bounce_all", e->bounce_all, "inline",
+        "efaults", (unsigned long long)e->efaults, "bounce_all", sb_copying(e), "inline",
         (unsigned long long)e->inline_done, "budget_sleeps",
         (unsigned long long)e->budget_sleeps);
 }

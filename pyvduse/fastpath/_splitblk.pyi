@@ -1,8 +1,10 @@
 # Types of the C extension (_splitblk.c and the files it names; _splitblk_uring is the same
 # engine built with io_uring, _splitblk_full with io_uring and libnbd, with the same
 # interface).
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
+
+from pyvduse.fastpath.config import EngineConfig
 
 RUN_STOPPED: int
 RUN_DEFER: int
@@ -24,75 +26,24 @@ class Engine:
     aio: int
     #: NBD requests waiting for a connection (see set_nbd, fail_parked)
     parked: int
-    def __init__(
-        self,
-        regions: Sequence[tuple[int, int, Any, bool]],
-        num: int,
-        desc: int,
-        avail: int,
-        used: int,
-        event_idx: bool,
-        indirect: bool,
-        last_avail: int,
-        used_idx: int,
-        signalled: int,
-        capacity: Any,
-        readonly: bool,
-        serial: bytes,
-        backend: int,
-        fd: int = ...,
-        memory: Any = ...,
-        log: Any = ...,
-        irq_fd: int = ...,
-        irq_request: int = ...,
-        irq_index: int = ...,
-        notify: Callable[[int], object] | None = ...,
-        on_error: Callable[[int, int, int], object] | None = ...,
-        poll_ns: int = ...,
-        publish_ns: int = ...,
-        hold_ns: int = ...,
-        affinity_fd: int = ...,
-        follow_mask: int = ...,
-        # AIO_SYNC (default) or AIO_URING: the file backend's IN/OUT/FLUSH on io_uring, up to
-        # num in flight, completed out of order. ValueError in a build without liburing;
-        # OSError(errno) when the kernel refuses io_uring (io_uring_disabled, seccomp).
-        aio: int = ...,
-        # the fd was opened with O_DIRECT: requests whose buffers are not multiples of
-        # dio_align (address and length) are copied through aligned buffers of the engine;
-        # ones at an offset or of a length not aligned go to Python (RUN_DEFER). A direct
-        # transfer into driver memory that fails with EFAULT is redone through a buffer and
-        # the engine copies every request from then on (counters: efaults, bounce_all).
-        direct: bool = ...,
-        # copy every request of the file backend through the engine's buffers from the start
-        bounce: bool = ...,
-        dio_align: int = ...,  # a power of two up to 1 MiB; default 512
-        # writable, num bytes, shared with the Python ring: byte [head] is 1 while head is
-        # taken and not completed (set at take, cleared at push); a head offered while its
-        # byte is 1 is left to Python. Without it the engine keeps its own.
-        inflight: Any = ...,
-        # test-only: requests whose sector & test_gate_mask != 0 are linked behind a
-        # one-byte read of test_gate_fd (a pipe), so they start only once the test writes a
-        # byte per request there: completions out of order, deterministically.
-        test_gate_fd: int = ...,
-        test_gate_mask: int = ...,
-        # test-only: the next N direct transfers into driver memory complete as if the
-        # kernel had failed them with EFAULT
-        test_efault: int = ...,
-        nowait: bool = ...,
-        # backend=BACKEND_NBD with aio=AIO_NBD (only in _splitblk_full): a libnbd handle
-        # ready for commands (the binding's NBD object, kept alive by the engine, or its
-        # capsule; None: no connection yet), whose socket the engine alone polls; reads,
-        # writes and flushes become its asynchronous commands. nbd_fua: writes carry FUA;
-        # reads and writes over nbd_max bytes go to Python (RUN_DEFER).
-        nbd: Any = ...,
-        nbd_fua: bool = ...,
-        nbd_max: int = ...,
-        # requests taken (or left to Python) between two kicks; 0: 4 * num (ring/budget.py)
-        budget: int = ...,
-        # test-only: each io_uring request is waited for as soon as it is submitted, so
-        # requests complete in the order they were taken (the differential tests)
-        test_serial: bool = ...,
-    ) -> None: ...
+    # Everything the engine is built from, in groups (ring, device, storage, interrupts,
+    # tuning, test): see config.py for each field. A missing or mistyped attribute is a
+    # TypeError naming it, a value out of range a ValueError; AIO_URING is a ValueError in
+    # a build without liburing and OSError(errno) when the kernel refuses io_uring
+    # (io_uring_disabled, seccomp); BACKEND_NBD a ValueError without libnbd.
+    #
+    # The file backend (storage.kind BACKEND_FD): with tuning.aio AIO_URING, reads, writes
+    # and flushes go to io_uring, up to num in flight, completed out of order. With
+    # storage.direct (O_DIRECT), requests whose buffers are not multiples of dio_align
+    # (address and length) are copied through aligned buffers of the engine; ones at an
+    # offset or of a length not aligned go to Python (RUN_DEFER). A transfer between the
+    # file and driver memory that fails with EFAULT (memory the kernel cannot pin: VDUSE's
+    # bounce pages, for a FUSE file in direct-I/O mode or O_DIRECT) is redone through a
+    # buffer and the engine copies every request from then on (counters: efaults,
+    # bounce_all). The in-flight map (ring.inflight): byte [head] is 1 while head is taken
+    # and not completed (set at take, cleared at push); a head offered while its byte is 1
+    # is left to Python.
+    def __init__(self, config: EngineConfig, /) -> None: ...
     # Serves until stopped (RUN_STOPPED), the next chain is for Python (RUN_DEFER) or the NBD
     # connection was lost with requests parked on it (RUN_NBD_LOST); any may leave requests
     # in flight (in io_uring, at the NBD server); everything pushed is published first.

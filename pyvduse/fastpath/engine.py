@@ -13,11 +13,23 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from pyvduse.backend.base import NativeStorage
 from pyvduse.device.base import VirtioDevice
 from pyvduse.device.blk import NativeBlk
+from pyvduse.fastpath.config import (
+    AioMode,
+    DeviceConfig,
+    EngineConfig,
+    EngineTuning,
+    Interrupts,
+    RingLayout,
+    StorageConfig,
+    StorageKind,
+    TestKnobs,
+)
 from pyvduse.ring.budget import wakeup_budget
 from pyvduse.ring.inflight import InflightLog
 from pyvduse.ring.memory import GuestMemory, RegionMap
@@ -43,10 +55,8 @@ else:
 RUN_STOPPED: int = _splitblk.RUN_STOPPED if _splitblk is not None else 0
 RUN_DEFER: int = _splitblk.RUN_DEFER if _splitblk is not None else 1
 RUN_NBD_LOST: int = getattr(_splitblk, "RUN_NBD_LOST", 3)
-# Engine(aio=...): requests served inline one at a time, or on io_uring, many in flight
-AIO_SYNC: int = _splitblk.AIO_SYNC if _splitblk is not None else 0
-AIO_URING: int = _splitblk.AIO_URING if _splitblk is not None else 1
-AIO_NBD: int = getattr(_splitblk, "AIO_NBD", 2)
+# EngineTuning.aio: requests served inline one at a time, or on io_uring, many in flight
+AIO_SYNC, AIO_URING, AIO_NBD = AioMode.SYNC, AioMode.URING, AioMode.NBD
 
 
 def extension() -> Any:
@@ -61,8 +71,8 @@ def available() -> bool:
 
 def uring_built() -> bool:
     """Whether the extension in use was built with io_uring (liburing), so that
-    ``aio=AIO_URING`` can work (the kernel may still refuse it: then the engine's
-    constructor raises OSError)."""
+    ``EngineTuning(aio=AioMode.URING)`` can work (the kernel may still refuse it: then the
+    engine's constructor raises OSError)."""
     return available() and bool(_splitblk.HAS_URING)
 
 
@@ -115,27 +125,38 @@ def why_not(device: VirtioDevice, packed: bool) -> str | None:
     return plan if isinstance(plan, str) else None
 
 
-def _storage_args(storage: NativeStorage, nbd: object) -> dict[str, Any]:
-    assert _splitblk is not None
+_DEFAULT_TUNING = EngineTuning()
+_NO_TEST_KNOBS = TestKnobs()
+_KINDS = {"null": StorageKind.NULL, "fd": StorageKind.FD, "memory": StorageKind.MEMORY,
+          "nbd": StorageKind.NBD}
+
+
+def storage_config(storage: NativeStorage, nbd: object = None) -> StorageConfig:
+    """The engine's view of a backend's storage; ``nbd``: the connection it is lent."""
     if storage.kind == "nbd":
-        return {"backend": _splitblk.BACKEND_NBD, "nbd": nbd, "nbd_fua": storage.fua_writes,
-                "nbd_max": storage.max_command}
-    if storage.kind == "fd":
-        return {"backend": _splitblk.BACKEND_FD, "fd": storage.fd}
-    if storage.kind == "memory":
-        return {"backend": _splitblk.BACKEND_MEMORY, "memory": storage.memory}
-    return {"backend": _splitblk.BACKEND_NULL}
+        return StorageConfig(StorageKind.NBD, nbd=nbd, nbd_fua=storage.fua_writes,
+                             nbd_max=storage.max_command)
+    return StorageConfig(_KINDS[storage.kind], fd=storage.fd, direct=storage.direct,
+                         memory=storage.memory, unpinnable=storage.unpinnable,
+                         on_unpinnable=storage.on_unpinnable)
 
 
 def region_tuples(memory: RegionMap) -> list[tuple[int, int, memoryview, bool]]:
     return [(r.start, r.last, r.mem, r.writable) for r in memory.regions]
 
 
-def _or_never(ns: int | None) -> int:
-    return (1 << 64) - 1 if ns is None else ns
+def ring_layout(ring: SplitQueue, memory: RegionMap, log: InflightLog | None = None,
+                inflight: bytearray | memoryview | None = None) -> RingLayout:
+    """Where ``ring`` is in ``memory`` and where it stands (run_native hands the rest of its
+    position over)."""
+    last_avail, used, signalled, _ = ring.position()
+    return RingLayout(region_tuples(memory), ring.num, ring.desc_addr, ring.avail_addr,
+                      ring.used_addr, event_idx=ring.event_idx, indirect=ring.indirect,
+                      last_avail=last_avail, used_idx=used, signalled=signalled,
+                      log=None if log is None else log.mem, inflight=inflight)
 
 
-def build(
+def config(
     plan: NativeBlk,
     index: int,
     ring: SplitQueue,
@@ -144,47 +165,48 @@ def build(
     irq: tuple[int, int] | None,
     notify: Callable[[int], None],
     on_error: Callable[[int, int, int], None],
-    poll_ns: int = 0,
-    publish_ns: int | None = None,
-    hold_ns: int | None = None,
+    *,
+    tuning: EngineTuning = _DEFAULT_TUNING,
     affinity_fd: int = -1,
     follow_cpus: Sequence[int] = (),
-    *,
-    aio: int = AIO_SYNC,
-    direct: bool = False,
-    bounce: bool = False,
-    dio_align: int = 512,
     inflight: bytearray | memoryview | None = None,
     nbd: object = None,
-    knobs: dict[str, Any] | None = None,
-) -> Engine:
-    """A native engine positioned where ``ring`` stands; it publishes a round's completions
-    after a request that took ``publish_ns`` or once the oldest is ``hold_ns`` old (None:
-    never, only once per round); see runtime.tuning. With ``affinity_fd`` (the queue's
+    test: TestKnobs = _NO_TEST_KNOBS,
+) -> EngineConfig:
+    """What a native engine serving queue ``index`` of the device ``plan`` describes is
+    made from: positioned where ``ring`` stands, with ``log`` (None: none); it interrupts
+    through ``irq`` (the VDUSE fd and its inject request) or, without, calls
+    ``notify(index)``; ``on_error`` hears of requests the storage failed. ``tuning``: when
+    it publishes, whether it polls, how it waits for the storage (``AioMode.URING``:
+    ValueError if the extension was built without liburing, OSError if the kernel refuses
+    io_uring; the budget defaults to ring/budget.py's). With ``affinity_fd`` (the queue's
     irq_cb_affinity, open for writing) it points the queue's interrupts at its own CPU
     whenever that is one of ``follow_cpus`` (the first 64 CPUs can be followed).
-
-    ``aio=AIO_URING`` serves a file backend's reads, writes and flushes on io_uring, up to
-    the queue's size in flight, completing out of order (ValueError if the extension was
-    built without liburing, OSError if the kernel refuses io_uring). ``direct``: the
-    backend's fd was opened with O_DIRECT (buffers not aligned to ``dio_align`` are copied
-    through the engine's own; an EFAULT makes it copy from then on); ``bounce`` copies from
-    the start. ``inflight`` (``ring.num`` bytes) is the map of heads in flight shared with
-    the Python ring; the engine allocates its own without it. An NBD backend's engine
-    (``aio=AIO_NBD``) takes ``nbd``, the binding's handle it is lent (None: down).
-    ``knobs``: more constructor arguments, the test-only ones (``test_serial``, ``nowait``,
-    ...: see _splitblk.pyi)."""
-    assert _splitblk is not None and isinstance(memory, RegionMap)
-    last_avail, used, signalled, _ = ring.position()  # run_native hands the rest over
+    ``inflight`` (``ring.num`` bytes) is the map of heads in flight shared with the Python
+    ring; the engine allocates its own without it. An NBD backend's engine
+    (``AioMode.NBD``) takes ``nbd``, the binding's handle it is lent (None: down).
+    ``test``: the test-only knobs. See config.py for each field."""
+    if not isinstance(memory, RegionMap):
+        raise ValueError("the native data path needs driver memory as a RegionMap")
     irq_fd, irq_request = irq if irq is not None else (-1, 0)
-    return _splitblk.Engine(
-        regions=region_tuples(memory), num=ring.num, desc=ring.desc_addr, avail=ring.avail_addr,
-        used=ring.used_addr, event_idx=ring.event_idx, indirect=ring.indirect,
-        last_avail=last_avail, used_idx=used, signalled=signalled,
-        capacity=plan.capacity, readonly=plan.readonly, serial=plan.serial,
-        log=None if log is None else log.mem, irq_fd=irq_fd, irq_request=irq_request,
-        irq_index=index, notify=None if irq is not None else notify, on_error=on_error,
-        poll_ns=poll_ns, publish_ns=_or_never(publish_ns), hold_ns=_or_never(hold_ns),
-        affinity_fd=affinity_fd, follow_mask=sum(1 << c for c in set(follow_cpus) if c < 64),
-        aio=aio, direct=direct, bounce=bounce, dio_align=dio_align, inflight=inflight,
-        budget=wakeup_budget(ring.num), **_storage_args(plan.storage, nbd), **(knobs or {}))
+    if not tuning.budget:
+        tuning = replace(tuning, budget=wakeup_budget(ring.num))
+    return EngineConfig(
+        ring=ring_layout(ring, memory, log, inflight),
+        device=DeviceConfig(plan.capacity, plan.readonly, plan.serial),
+        storage=storage_config(plan.storage, nbd),
+        interrupts=Interrupts(irq_fd, irq_request, index,
+                              notify=None if irq is not None else notify, on_error=on_error,
+                              affinity_fd=affinity_fd,
+                              follow_mask=sum(1 << c for c in set(follow_cpus) if c < 64)),
+        tuning=tuning, test=test)
+
+
+def build(plan: NativeBlk, index: int, ring: SplitQueue, memory: GuestMemory,
+          log: InflightLog | None, irq: tuple[int, int] | None, notify: Callable[[int], None],
+          on_error: Callable[[int, int, int], None], **options: Any) -> Engine:
+    """The native engine ``config`` describes for these arguments and ``options`` (its
+    keyword arguments): ``Engine(config(...))``."""
+    assert _splitblk is not None
+    return _splitblk.Engine(config(plan, index, ring, memory, log, irq, notify, on_error,
+                                   **options))

@@ -54,8 +54,16 @@
 #define ID_BYTES 20
 #define OUTHDR_SIZE 16
 
+/* The in-flight log (pyvduse/ring/inflight.py): a header (u16 last_avail, u16 base, u32 num,
+ * u64 sequence), then an entry per head (u8 state, 7 pad, u64 sequence at its take). */
 #define LOG_HEADER 16
+#define LOG_LAST_AVAIL 0 /* byte offsets in the header */
+#define LOG_BASE 2
+#define LOG_NUM 4
+#define LOG_SEQ 8
 #define LOG_ENTRY 16
+#define LOG_ENTRY_STATE 0 /* ... and in an entry */
+#define LOG_ENTRY_SEQ 8
 #define LOG_FREE 0
 #define LOG_IN_FLIGHT 1
 #define LOG_COMPLETED 2
@@ -173,7 +181,14 @@ typedef struct Engine {
     uint64_t poison_mark; /* requests taken up to this number complete with IOERR */
     int abandoned;     /* never write driver memory, the log or the map, never interrupt */
     /* the device */
-    int backend, fd, readonly, aio, direct, bounce_all;
+    int backend, fd, readonly, aio, direct;
+    int bounce_all;        /* copy every request (tuning.bounce, or after our own EFAULT) */
+    /* the storage's byte saying driver memory cannot be pinned for transfers with it (an
+     * EFAULT was seen, by any engine or the Python path): every engine of it copies then */
+    Py_buffer unpin_view;
+    uint8_t *unpinnable;   /* into unpin_view, or own_unpinnable */
+    uint8_t own_unpinnable;
+    PyObject *on_unpinnable; /* called by whoever set the byte (Python logs it) */
     uint64_t dio_align;
     Py_buffer mem_view;
     uint8_t *mem;
@@ -323,6 +338,13 @@ static inline int bit_length(uint64_t x) { return x ? 64 - __builtin_clzll(x) : 
 
 static inline int use_uring(const Engine *e) { return e->ring_ok; }
 
+/* Every request of the file backend is copied through the engine's own buffers. */
+static inline int sb_copying(const Engine *e)
+{
+    return e->bounce_all ||
+           (e->unpinnable != NULL && __atomic_load_n(e->unpinnable, __ATOMIC_RELAXED));
+}
+
 /* -- splitblk_ring.c ------------------------------------------------------------------- */
 
 uint8_t *sb_contiguous(Engine *e, uint64_t iova, uint64_t len, int write);
@@ -359,6 +381,8 @@ int sb_start(Engine *e, uint16_t head, uint32_t rtype, uint64_t sector, uint8_t 
              uint64_t now); /* 1: completed inline (at e->clock) */
 void sb_finish(Engine *e, Req *r, uint8_t st, uint32_t written);
 void sb_report_error(Engine *e, uint32_t rtype, uint64_t sector, int err);
+void sb_unpinnable(Engine *e); /* a transfer with driver memory failed with EFAULT */
+int sb_fake_efault(Engine *e); /* test-only: 1 if this transfer is to fail with EFAULT */
 int sb_aligned(const Engine *e, const struct iovec *iov, int n);
 int sb_buffer(Engine *e, Req *r, size_t size);
 void sb_buffer_done(Engine *e, Req *r);

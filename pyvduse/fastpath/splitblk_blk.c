@@ -12,9 +12,13 @@
  * (each iov_base and iov_len a multiple of dio_align) moves through an aligned buffer of the
  * engine's own; one whose offset or length is not aligned is left to Python (it cannot be
  * served by copying alone: a write would need a read-modify-write of the blocks around it).
- * A direct transfer into driver memory that fails with EFAULT (the kernel cannot pin pages
- * VDUSE maps for its bounce buffer) is done again through an aligned buffer, and from then on
- * the engine copies every request ("bounce_all"); counters: bounced, efaults.
+ *
+ * Memory the kernel cannot pin: a transfer between the file and driver memory that fails
+ * with EFAULT is done again through a buffer of the engine's own, and from then on every
+ * request of that storage is copied (sb_unpinnable). The kernel pins the pages VDUSE maps
+ * for its bounce buffer neither for O_DIRECT nor for a FUSE file in direct-I/O mode
+ * (virtiofs with cache=none), whose even buffered reads and writes pin the user's buffer;
+ * counters: bounced, efaults, bounce_all.
  */
 #include "splitblk.h"
 
@@ -35,6 +39,32 @@ void sb_report_error(Engine *e, uint32_t rtype, uint64_t sector, int err)
         PyErr_WriteUnraisable(e->on_error);
     Py_XDECREF(res);
     sb_gil_leave(e, was);
+}
+
+/* The storage cannot reach driver memory (EFAULT): copy from now on, and say so once per
+ * storage (the byte is shared by its engines and its Python backend, which logs). */
+void sb_unpinnable(Engine *e)
+{
+    PyObject *res;
+    int was;
+    e->efaults++;
+    e->bounce_all = 1;
+    if (__atomic_exchange_n(e->unpinnable, 1, __ATOMIC_ACQ_REL) || e->on_unpinnable == NULL)
+        return;
+    was = sb_gil_enter(e);
+    res = PyObject_CallNoArgs(e->on_unpinnable);
+    if (res == NULL)
+        PyErr_WriteUnraisable(e->on_unpinnable);
+    Py_XDECREF(res);
+    sb_gil_leave(e, was);
+}
+
+int sb_fake_efault(Engine *e)
+{
+    if (e->test_efault == 0)
+        return 0;
+    e->test_efault--;
+    return 1;
 }
 
 static int in_range(Engine *e, uint64_t sector, uint64_t len)
@@ -173,13 +203,14 @@ static int fd_io(Engine *e, const struct iovec *iov, int n, uint64_t off, uint64
                  int write)
 {
     int err;
-    if (!e->bounce_all && !(e->direct && !sb_aligned(e, iov, n))) {
+    if (!sb_copying(e) && !(e->direct && !sb_aligned(e, iov, n))) {
         memcpy(e->tmp, iov, (size_t)n * sizeof *iov); /* fd_transfer consumes its iov */
         err = fd_transfer(e->fd, e->tmp, n, off, write);
-        if (err != EFAULT || !e->direct)
+        if (err == 0 && sb_fake_efault(e))
+            err = EFAULT;
+        if (err != EFAULT)
             return err;
-        e->efaults++;
-        e->bounce_all = 1;
+        sb_unpinnable(e); /* what moved before the fault is moved again */
     }
     return fd_bounced(e, iov, n, off, len, write);
 }
@@ -322,13 +353,15 @@ static int req_iov(Req *r, int n)
  * (redoing the part that moved is harmless: the same bytes at the same place). A file that
  * refuses RWF_NOWAIT writes (Linux's block devices do, EOPNOTSUPP) gets its writes inline:
  * into the page cache, blocking only when writeback throttles them, which is measured to
- * cost less than handing each to an io-wq thread. 1: served (status and *written set). */
+ * cost less than handing each to an io-wq thread. An EFAULT (memory the kernel cannot pin)
+ * makes the engine copy, so the request goes to io_uring through its buffer. 1: served
+ * (status and *written set). */
 static int try_inline(Engine *e, uint32_t rtype, uint64_t sector, uint8_t *st, uint32_t *written)
 {
     uint64_t len = rtype == T_IN ? in_len(e) : out_len(e);
     int write = rtype == T_OUT, n;
     ssize_t r;
-    if (e->backend != BACKEND_FD || !e->nowait || e->direct || e->bounce_all ||
+    if (e->backend != BACKEND_FD || !e->nowait || e->direct || sb_copying(e) ||
         (rtype != T_IN && rtype != T_OUT) ||
         (e->gate_fd >= 0 && (sector & e->gate_mask))) /* test-only: gated ones wait */
         return 0;
@@ -336,6 +369,12 @@ static int try_inline(Engine *e, uint32_t rtype, uint64_t sector, uint8_t *st, u
               : sb_iov_slice(e->wr, e->nwr, 0, len, e->tmp);
     if (write && e->nowait_writes < 0) {
         int err = fd_transfer(e->fd, e->tmp, n, sector << 9, 1);
+        if (err == 0 && sb_fake_efault(e))
+            err = EFAULT;
+        if (err == EFAULT) {
+            sb_unpinnable(e);
+            return 0;
+        }
         *st = err ? S_IOERR : S_OK;
         if (err)
             sb_report_error(e, rtype, sector, err);
@@ -353,6 +392,10 @@ static int try_inline(Engine *e, uint32_t rtype, uint64_t sector, uint8_t *st, u
     if (r < 0 && write && errno == EOPNOTSUPP) {
         e->nowait_writes = -1;
         return try_inline(e, rtype, sector, st, written);
+    }
+    if ((r < 0 && errno == EFAULT) || (r >= 0 && sb_fake_efault(e))) {
+        sb_unpinnable(e);
+        return 0;
     }
     if (r < 0 || (uint64_t)r != len)
         return 0; /* EAGAIN, short (or an error: io_uring will meet and report it) */
@@ -409,7 +452,7 @@ int sb_start(Engine *e, uint16_t head, uint32_t rtype, uint64_t sector, uint8_t 
         if (n)
             memcpy(r->iov, e->tmp, (size_t)n * sizeof *r->iov);
         r->niov = n;
-        if (n && (e->bounce_all || (e->direct && !sb_aligned(e, r->iov, n)))) {
+        if (n && (sb_copying(e) || (e->direct && !sb_aligned(e, r->iov, n)))) {
             r->bounced = 1;
             e->bounced++;
         }

@@ -498,10 +498,10 @@ void sb_log_taken(Engine *e, uint16_t head)
         return;
     e->seq++;
     ent = log_entry(e, head);
-    ent[0] = LOG_IN_FLIGHT;
-    st64(ent + 8, e->seq);
-    st16(e->log, e->last_avail);
-    st64(e->log + 8, e->seq);
+    ent[LOG_ENTRY_STATE] = LOG_IN_FLIGHT;
+    st64(ent + LOG_ENTRY_SEQ, e->seq);
+    st16(e->log + LOG_LAST_AVAIL, e->last_avail);
+    st64(e->log + LOG_SEQ, e->seq);
 }
 
 /* Write a used element (not yet visible: see sb_publish). */
@@ -515,8 +515,8 @@ void sb_push(Engine *e, uint16_t head, uint32_t written)
     elem = e->used + 4 + 8u * (e->used_idx % e->num);
     if (e->log != NULL) {
         if (e->nbatch == 0)
-            st16(e->log + 2, e->used_idx); /* the batch's base */
-        log_entry(e, head)[0] = LOG_COMPLETED;
+            st16(e->log + LOG_BASE, e->used_idx); /* the batch's base */
+        log_entry(e, head)[LOG_ENTRY_STATE] = LOG_COMPLETED;
     }
     e->batch[e->nbatch++] = head;
     drv_st32(elem, head);
@@ -587,7 +587,7 @@ void sb_publish(Engine *e)
     drv_st16_release(e->used + 2, new_idx);
     if (e->log != NULL)
         for (uint32_t k = 0; k < e->nbatch; k++)
-            log_entry(e, e->batch[k])[0] = LOG_FREE;
+            log_entry(e, e->batch[k])[LOG_ENTRY_STATE] = LOG_FREE;
     e->nbatch = 0;
     if (new_idx == old)
         return;

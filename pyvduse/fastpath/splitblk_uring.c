@@ -18,10 +18,10 @@
  *
  * A completion: -EINTR / -EAGAIN: the same step again. A short transfer: the rest is
  * submitted (a read that returns 0 is at the end of the file: the rest reads as zeroes, as
- * the synchronous path does; a write that returns 0 is EIO). -EFAULT on a direct transfer
- * into driver memory: again through the engine's aligned buffer, and from then on every
- * request is copied (see splitblk_blk.c). Any other error: the request fails with IOERR and
- * on_error is told, as on the synchronous path.
+ * the synchronous path does; a write that returns 0 is EIO). -EFAULT on a transfer with
+ * driver memory (memory the kernel cannot pin): again through the engine's aligned buffer,
+ * and from then on every request is copied (see splitblk_blk.c). Any other error: the
+ * request fails with IOERR and on_error is told, as on the synchronous path.
  *
  * FLUSH is submitted when it is taken, with no IOSQE_IO_DRAIN: virtio-blk asks a flush to
  * cover the writes that had *completed* when it was submitted, and the driver counts a
@@ -30,14 +30,14 @@
  * kernel before the flush is even taken; writes still in flight beside it are not covered by
  * the spec either, and draining them would only add latency.
  *
- * Test-only knobs (constructor arguments test_gate_fd, test_gate_mask, test_efault): a
- * request whose sector has a bit of the mask set is linked behind a one-byte read of the gate
- * fd (a pipe the test writes to), so it cannot start, let alone finish, before the test
- * says: completions out of order on demand (a gate cancelled with its thread is read again,
- * up to 8 times). test_efault makes the next N direct transfers
- * into driver memory complete as if with -EFAULT. test_serial waits for each request as soon
- * as it is submitted, so that the differential tests (fuzz/ring_cases.py) see completions in
- * the order the Python engine makes them.
+ * Test-only knobs (the config's test group: gate_fd, gate_mask, efault, serial): a request
+ * whose sector has a bit of the mask set is linked behind a one-byte read of the gate fd (a
+ * pipe the test writes to), so it cannot start, let alone finish, before the test says:
+ * completions out of order on demand (a gate cancelled with its thread is read again, up to
+ * 8 times). efault makes the next N transfers between the file and driver memory (here and
+ * on the inline paths) fail as if with EFAULT. serial waits for each request as soon as it
+ * is submitted, so that the differential tests (fuzz/ring_cases.py) see completions in the
+ * order the Python engine makes them.
  */
 #include "splitblk.h"
 
@@ -207,14 +207,11 @@ static void complete_step(Engine *e, Req *r, int res)
             sb_finish(e, r, S_OK, 0);
         return;
     }
-    if (e->test_efault && e->direct && !r->bounced && res >= 0) {
-        e->test_efault--;
+    if (res >= 0 && !r->bounced && sb_fake_efault(e))
         res = -EFAULT;
-    }
-    if (res == -EFAULT && e->direct && !r->bounced) {
-        e->efaults++;
+    if (res == -EFAULT && !r->bounced) { /* memory the kernel cannot pin: copy from now on */
+        sb_unpinnable(e);
         e->bounced++;
-        e->bounce_all = 1;
         r->bounced = 1;
         resubmit(e, r); /* from r->done: what moved before is moved again */
         return;

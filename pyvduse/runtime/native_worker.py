@@ -28,6 +28,7 @@ from pyvduse.backend.base import CallAbandoned
 from pyvduse.device.base import VirtioDevice
 from pyvduse.device.blk import BlkStats, bad_request_log
 from pyvduse.fastpath import engine as native
+from pyvduse.fastpath.config import EngineTuning
 from pyvduse.fastpath.engine import Engine
 from pyvduse.ring.chain import Chain
 from pyvduse.ring.errors import RingError
@@ -131,12 +132,13 @@ class NativeQueueWorker(QueueWorker):
         # first, as it may refuse (ValueError; OSError: no io_uring) before the worker holds
         # anything else
         try:
+            engine_tuning = EngineTuning(aio, poll_ns=tuning.poll_us * 1000,
+                                         publish_ns=tuning.publish_us * 1000,
+                                         hold_ns=tuning.hold_us * 1000)
             self.engine = native.build(plan, index, self.ring, memory, self.log, irq, notify,
-                                       self._backend_error, tuning.poll_us * 1000,
-                                       tuning.publish_us * 1000, tuning.hold_us * 1000,
-                                       self._affinity_fd, follow_cpus, aio=aio,
-                                       direct=storage.direct, inflight=self.ring.in_flight,
-                                       nbd=nbd_handle)
+                                       self._backend_error, tuning=engine_tuning,
+                                       affinity_fd=self._affinity_fd, follow_cpus=follow_cpus,
+                                       inflight=self.ring.in_flight, nbd=nbd_handle)
         except BaseException:
             self._close_affinity()
             if self.nbd is not None:

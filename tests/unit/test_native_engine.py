@@ -31,6 +31,7 @@ from pyvduse.backend.memory import MemoryBackend
 from pyvduse.backend.null import NullBackend
 from pyvduse.device.blk import BlkDevice, BlkOptions
 from pyvduse.fastpath import engine as native
+from pyvduse.fastpath.config import NEVER, EngineTuning
 from pyvduse.model.blk_driver import BlkDriver, BlkIOError
 from pyvduse.model.split_driver import DriverSplitRing
 from pyvduse.ring.chain import Chain
@@ -336,8 +337,10 @@ def test_native_loop_publishes_by_the_same_rule(publish_ns: int | None, hold_ns:
         drv.add([vb.OUTHDR.pack(vb.ReqType.IN, 0, 8 * k)], [4096, 1])
     notified: list[int] = []
     dev = device(NullBackend(4 * MiB))
+    tuning = EngineTuning(publish_ns=NEVER if publish_ns is None else publish_ns,
+                          hold_ns=NEVER if hold_ns is None else hold_ns)
     engine = native.build(native.require_plan(dev), 0, q, arena.memory, None, None, notified.append,
-                          lambda *e: None, publish_ns=publish_ns, hold_ns=hold_ns)
+                          lambda *e: None, tuning=tuning)
     kick, stop = os.eventfd(0), os.eventfd(1)  # stopped from the start: run() drains, returns
     try:
         assert engine.run(kick, stop) == native.RUN_STOPPED

@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from pyvduse.abi import virtio_blk as vb
 from pyvduse.backend.file import FileBackend
 from pyvduse.device.blk import BlkDevice
 from pyvduse.fastpath import engine as native
+from pyvduse.fastpath.config import EngineConfig, TestKnobs
 from pyvduse.model.arena import CoherentArena
 from pyvduse.model.blk_driver import BlkDriver
 from pyvduse.model.split_driver import DriverSplitRing
@@ -42,11 +44,11 @@ GATE = 1 << 9  # sectors with this bit set wait for the gate
 def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[int, int]]:
     """Every engine the runtime builds gets the gate; yields (read end, write end)."""
     r, w = os.pipe()
-    ext: Any = native._splitblk  # type: ignore[attr-defined]
+    ext: Any = native.extension()
     real = ext.Engine
 
-    def gated(**kw: Any) -> Any:
-        return real(**kw, test_gate_fd=r, test_gate_mask=GATE)
+    def gated(config: EngineConfig) -> Any:
+        return real(replace(config, test=TestKnobs(gate_fd=r, gate_mask=GATE)))
 
     monkeypatch.setattr(ext, "Engine", gated)
     logging.disable(logging.WARNING)

@@ -1,14 +1,16 @@
-"""The native engine on io_uring (aio=AIO_URING): many requests in flight, out of order.
+"""The native engine on io_uring (AioMode.URING): many requests in flight, out of order.
 
 The engine is driven directly, as test_native_engine.py and fuzz/ring_cases.py do: an
 ``Arena`` holds the driver's memory, a ``DriverSplitRing`` plays the driver, the engine
 serves a regular file in ``tmp_path``. Completions out of order are made deterministic with
-the engine's test-only gate (``test_gate_fd``/``test_gate_mask``): a request whose sector
+the engine's test-only gate (``TestKnobs.gate_fd``/``gate_mask``): a request whose sector
 has a bit of the mask set is linked behind a one-byte read of a pipe, so it starts only when
 the test writes a byte there. Direct I/O runs on an O_DIRECT file over mmap-backed driver
 memory (page-aligned, so buffer alignment is chosen per test); the EFAULT that VDUSE's bounce
 pages give direct I/O is produced for real with memfd_secret(2) memory (skipped where the
-kernel has none) and through the engine's test-only ``test_efault`` hook.
+kernel has none), and through the engine's test-only ``TestKnobs.efault`` hook for buffered
+I/O too (a FUSE file in direct-I/O mode faults there; tests/vm/test_fuse_file_e2e.py has the
+real one).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -35,6 +37,17 @@ from pyvduse.abi.virtio import F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, bit
 from pyvduse.backend.file import FileBackend
 from pyvduse.device.blk import BlkDevice
 from pyvduse.fastpath import engine as native
+from pyvduse.fastpath.config import (
+    AioMode,
+    DeviceConfig,
+    EngineConfig,
+    EngineTuning,
+    Interrupts,
+    RingLayout,
+    StorageConfig,
+    StorageKind,
+    TestKnobs,
+)
 from pyvduse.model.arena import Arena
 from pyvduse.model.split_driver import Completion, DriverSplitRing
 from pyvduse.ring.inflight import FREE, InflightLog, LoggedQueue, log_size
@@ -63,16 +76,20 @@ def gated(block: int) -> bool:
     return bool(block * (BLOCK // 512) & GATE)
 
 
+def ring_of(arena: Arena, drv: DriverSplitRing) -> RingLayout:
+    """The driver's fresh ring, with event index and indirect descriptors."""
+    return RingLayout(native.region_tuples(arena.memory), drv.num, drv.desc_addr,
+                      drv.avail_addr, drv.used_addr, event_idx=True, indirect=True)
+
+
 def _can_uring() -> str | None:
     fd = os.open("/dev/null", os.O_RDWR)
     try:
         arena = Arena(1 << 16)
         drv = DriverSplitRing(arena, 8)
-        uring.Engine(regions=native.region_tuples(arena.memory), num=8, desc=drv.desc_addr,
-                     avail=drv.avail_addr, used=drv.used_addr, event_idx=True, indirect=True,
-                     last_avail=0, used_idx=0, signalled=0, capacity=bytearray(8),
-                     readonly=False, serial=b"", backend=uring.BACKEND_FD, fd=fd,
-                     aio=uring.AIO_URING).close()
+        uring.Engine(EngineConfig(ring_of(arena, drv), DeviceConfig(bytearray(8)),
+                                  StorageConfig(StorageKind.FD, fd=fd),
+                                  tuning=EngineTuning(AioMode.URING))).close()
     except OSError as e:
         return f"the kernel refuses io_uring: {e}"
     finally:
@@ -212,7 +229,12 @@ class Rig:
 
 def make_rig(tmp_path: Path, num: int = 64, *, arena: Arena | None = None,
              space_offset: int | None = None, flags: int = 0, gate: bool = False,
-             **engine_args: Any) -> Rig:
+             aio: int = AioMode.URING, nowait: bool = False, direct: bool = False,
+             bounce: bool = False, dio_align: int = 512, efault: int = 0,
+             unpinnable: bytearray | None = None,
+             on_unpinnable: Callable[[], object] | None = None) -> Rig:
+    """A rig whose engine serves a file of DISK random bytes (opened with ``flags``) on
+    ``aio``; ``gate``: requests at GATE sectors wait for the test to release them."""
     arena = arena or Arena(16 << 20)
     drv = DriverSplitRing(Space(arena, space_offset), num)
     path = tmp_path / "disk.img"
@@ -225,14 +247,14 @@ def make_rig(tmp_path: Path, num: int = 64, *, arena: Arena | None = None,
     gate_r, gate_w = os.pipe() if gate else (-1, -1)
     interrupts: list[int] = []
     errors: list[tuple[int, int, int]] = []
-    engine = uring.Engine(
-        regions=native.region_tuples(arena.memory), num=num, desc=drv.desc_addr,
-        avail=drv.avail_addr, used=drv.used_addr, event_idx=True, indirect=True, last_avail=0,
-        used_idx=0, signalled=0, capacity=bytearray(struct.pack("<Q", DISK)), readonly=False,
-        serial=b"uring", backend=uring.BACKEND_FD, fd=fd, log=log.mem,
-        notify=interrupts.append, on_error=lambda *a: errors.append(a),
-        inflight=inflight, test_gate_fd=gate_r, test_gate_mask=GATE if gate else 0,
-        **{"aio": uring.AIO_URING, "nowait": False, **engine_args})
+    engine = uring.Engine(EngineConfig(
+        replace(ring_of(arena, drv), log=log.mem, inflight=inflight),
+        DeviceConfig(bytearray(struct.pack("<Q", DISK)), serial=b"uring"),
+        StorageConfig(StorageKind.FD, fd=fd, direct=direct, dio_align=dio_align,
+                      unpinnable=unpinnable, on_unpinnable=on_unpinnable),
+        Interrupts(notify=interrupts.append, on_error=lambda *a: errors.append(a)),
+        EngineTuning(AioMode(aio), bounce=bounce, nowait=nowait),
+        TestKnobs(gate_fd=gate_r, gate_mask=GATE if gate else 0, efault=efault)))
     return Rig(arena, drv, num, path, fd, model, engine, log, inflight, os.eventfd(0),
                os.eventfd(0), interrupts, errors, gate_r, gate_w)
 
@@ -640,26 +662,53 @@ def test_direct_io_at_an_unaligned_offset_is_left_to_python(tmp_path: Path,
     os.eventfd_read(rig.stop)
 
 
-def test_efault_makes_the_engine_copy_from_then_on(tmp_path: Path, rigs: list[Rig]) -> None:
-    """Through the test-only hook (io_uring path): the first direct transfers 'fail' with
-    EFAULT as they do into VDUSE's bounce pages; both are redone through the engine's
-    buffers, and every request taken after is copied from the start."""
-    rig = make_rig(tmp_path, 16, arena=mmap_arena(2 << 20), space_offset=0,
-                   flags=_direct_flags(tmp_path), direct=True, test_efault=2)
+@pytest.mark.parametrize(("aio", "cache"), [
+    ("sync", "none"), ("uring", "none"),  # O_DIRECT: VDUSE's bounce pages
+    ("sync", "writeback"), ("uring", "writeback"),  # a FUSE file in direct-I/O mode
+    ("uring-nowait", "writeback"),  # ... whose inline attempt (RWF_NOWAIT) faults
+])
+def test_efault_makes_the_engine_copy_from_then_on(tmp_path: Path, rigs: list[Rig], aio: str,
+                                                   cache: str) -> None:
+    """Through the test-only hook: the first transfers between the file and driver memory
+    'fail' with EFAULT as they do where the kernel cannot pin VDUSE's bounce pages (O_DIRECT,
+    or any I/O on a virtiofs file with cache=none); they are redone through the engine's
+    buffers, every request after is copied from the start, the storage's shared byte says
+    so and the engine that set it tells Python once. A second engine of the same storage
+    copies from its start, with no EFAULT of its own."""
+    direct = cache == "none"
+    flags = _direct_flags(tmp_path) if direct else 0
+    shared, told = bytearray(1), []
+    mode = uring.AIO_SYNC if aio == "sync" else uring.AIO_URING
+    rig = make_rig(tmp_path, 16, arena=mmap_arena(2 << 20), space_offset=0, flags=flags,
+                   direct=direct, aio=mode, nowait=aio == "uring-nowait", efault=2,
+                   unpinnable=shared, on_unpinnable=lambda: told.append(1))
     rigs.append(rig)
     rnd = random.Random(5)
     rig.start()
-    random_batch(rig, rnd, 16)
-    rig.go()
-    rig.verify(rig.collect(16))
-    random_batch(rig, rnd, 16)
-    rig.go()
-    rig.verify(rig.collect(16))
+    for _ in range(2):
+        random_batch(rig, rnd, 16)
+        rig.go()
+        rig.verify(rig.collect(16))
     rig.join()
     c = rig.engine.counters()
-    assert c["efaults"] == 2 and c["bounce_all"] == 1
-    assert 16 + 2 <= c["bounced"] <= 32, "after the EFAULT every request is copied"
+    assert c["efaults"] == (2 if aio == "uring" else 1) and c["bounce_all"] == 1
+    assert shared == b"\1" and told == [1], "not said exactly once"
+    assert 16 + 1 <= c["bounced"] <= 32, "after the EFAULT every request is copied"
+    assert c["inline"] == 0 or aio == "uring-nowait"
     assert not rig.errors and rig.path.read_bytes() == rig.model
+
+    again = make_rig(tmp_path, 16, arena=mmap_arena(2 << 20), space_offset=0, flags=flags,
+                     direct=direct, aio=mode, unpinnable=shared,
+                     on_unpinnable=lambda: told.append(2))
+    rigs.append(again)
+    again.start()
+    random_batch(again, rnd, 16)
+    again.go()
+    again.verify(again.collect(16))
+    again.join()
+    c = again.engine.counters()
+    assert (c["efaults"], c["bounce_all"], c["bounced"], told) == (0, 1, 16, [1])
+    assert again.path.read_bytes() == again.model
 
 
 def _secret_arena(size: int) -> Arena:
@@ -785,7 +834,7 @@ def test_build_passes_the_new_arguments_and_defaults_to_sync(tmp_path: Path) -> 
     shared = bytearray(8)
     eng = native.build(native.require_plan(dev),
                        0, q, arena.memory, None, None, lambda i: None, lambda *a: None,
-                       aio=native.AIO_URING, inflight=shared)
+                       tuning=EngineTuning(AioMode.URING), inflight=shared)
     assert eng.aio == native.AIO_URING and eng.in_flight() == 0
     drv.add([vb.OUTHDR.pack(vb.ReqType.IN, 0, 0)], [512, 1])
     kick, stop = os.eventfd(0), os.eventfd(1)
@@ -801,10 +850,6 @@ def test_build_passes_the_new_arguments_and_defaults_to_sync(tmp_path: Path) -> 
         native.build(native.require_plan(dev),
                      0, q, arena.memory, None, None, lambda i: None, lambda *a: None,
                      inflight=bytearray(4))
-    with pytest.raises(ValueError, match="dio_align"):
-        native.build(native.require_plan(dev),
-                     0, q, arena.memory, None, None, lambda i: None, lambda *a: None,
-                     dio_align=3)
     dev.backend.close()
 
 
@@ -827,8 +872,6 @@ def test_the_build_without_liburing_refuses_uring() -> None:
     arena = Arena(1 << 16)
     drv = DriverSplitRing(arena, 8)
     with pytest.raises(ValueError, match="io_uring"):
-        plain.Engine(regions=native.region_tuples(arena.memory), num=8, desc=drv.desc_addr,
-                     avail=drv.avail_addr, used=drv.used_addr, event_idx=True, indirect=True,
-                     last_avail=0, used_idx=0, signalled=0, capacity=bytearray(8),
-                     readonly=False, serial=b"", backend=plain.BACKEND_FD, fd=0,
-                     aio=plain.AIO_URING)
+        plain.Engine(EngineConfig(ring_of(arena, drv), DeviceConfig(bytearray(8)),
+                                  StorageConfig(StorageKind.FD, fd=0),
+                                  tuning=EngineTuning(AioMode.URING)))

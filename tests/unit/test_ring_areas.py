@@ -14,6 +14,7 @@ from pyvduse.abi.virtio import F_RING_EVENT_IDX, bit
 from pyvduse.backend.memory import MemoryBackend
 from pyvduse.device.blk import BlkDevice, BlkOptions
 from pyvduse.fastpath import engine as native
+from pyvduse.fastpath.config import DeviceConfig, EngineConfig, RingLayout
 from pyvduse.model.blk_driver import BlkDriver
 from pyvduse.ops import inspect
 from pyvduse.ring.areas import check_areas, packed_areas, split_areas
@@ -26,6 +27,13 @@ from pyvduse.testing import ModelRig
 
 MEM = 1 << 18
 NUM = 8
+
+
+def null_engine(num: int, desc: int, avail: int, used: int, event_idx: bool) -> EngineConfig:
+    """A native engine's configuration for a ring of ``num`` at these IOVAs in MEM bytes."""
+    return EngineConfig(RingLayout([(0, MEM - 1, bytearray(MEM), True)], num, desc, avail, used,
+                                   event_idx=event_idx, indirect=True),
+                        DeviceConfig(bytearray(8)))
 
 
 def memory() -> RegionMap:
@@ -58,16 +66,12 @@ def test_split_ring_areas(case: str) -> None:
         with pytest.raises(RingError, match=refused):
             SplitQueue(memory(), NUM, desc, avail, used, features)
     if native.available():
-        build = native.extension().Engine
-        args = dict(regions=[(0, MEM - 1, bytearray(MEM), True)], num=NUM, desc=desc,
-                    avail=avail, used=used, event_idx=True, indirect=True, last_avail=0,
-                    used_idx=0, signalled=0, capacity=bytearray(8), readonly=False,
-                    serial=b"", backend=native.extension().BACKEND_NULL)
+        config = null_engine(NUM, desc, avail, used, True)
         if refused is None:
-            build(**args).close()
+            native.extension().Engine(config).close()
         else:
             with pytest.raises(ValueError, match=refused):
-                build(**args)
+                native.extension().Engine(config)
 
 
 def test_the_event_fields_count_only_when_negotiated() -> None:
@@ -115,11 +119,7 @@ def test_both_engines_refuse_the_same_layouts(desc: int, avail: int, used: int, 
     except RingError:
         python_ok = False
     try:
-        native.extension().Engine(
-            regions=[(0, MEM - 1, bytearray(MEM), True)], num=num, desc=desc, avail=avail,
-            used=used, event_idx=event_idx, indirect=True, last_avail=0, used_idx=0,
-            signalled=0, capacity=bytearray(8), readonly=False, serial=b"",
-            backend=native.extension().BACKEND_NULL).close()
+        native.extension().Engine(null_engine(num, desc, avail, used, event_idx)).close()
         native_ok = True
     except ValueError:
         native_ok = False

@@ -25,6 +25,7 @@ from pyvduse.abi.virtio import (
 from pyvduse.backend.null import NullBackend
 from pyvduse.device.blk import BlkDevice
 from pyvduse.fastpath import engine as native
+from pyvduse.fastpath.config import DeviceConfig, EngineConfig, EngineTuning, RingLayout
 from pyvduse.model.arena import Arena
 from pyvduse.model.split_driver import DriverSplitRing
 from pyvduse.ring import budget as ring_budget
@@ -127,11 +128,10 @@ def test_a_spent_budget_asks_the_driver_to_kick_at_its_next_request(
     arena, drv, q = _flush_ring(event_idx, 6)
     dev = BlkDevice(NullBackend(1 << 20))
     if engine == "native":
-        eng = native.extension().Engine(
-            regions=native.region_tuples(arena.memory), num=16, desc=drv.desc_addr,
-            avail=drv.avail_addr, used=drv.used_addr, event_idx=event_idx, indirect=False,
-            last_avail=0, used_idx=0, signalled=0, capacity=dev.capacity_cell,
-            readonly=False, serial=b"", backend=native.extension().BACKEND_NULL, budget=4)
+        eng = native.extension().Engine(EngineConfig(
+            RingLayout(native.region_tuples(arena.memory), 16, drv.desc_addr, drv.avail_addr,
+                       drv.used_addr, event_idx=event_idx),
+            DeviceConfig(dev.capacity_cell), tuning=EngineTuning(budget=4)))
         kick, stop = os.eventfd(0), os.eventfd(1)
         try:
             assert eng.run(kick, stop) == native.RUN_STOPPED

@@ -289,6 +289,22 @@ def test_virtiofsd_argv_knows_both_flavours(tmp_path: Path) -> None:
     assert testvm.virtiofsd_argv(str(c), sock)[-6:] == [
         "-o", "source=/", "-o", "cache=always", "-o", "sandbox=chroot",
     ]  # fmt: skip
+    # the second share: a directory of the run's, uncached (FUSE direct-I/O mode)
+    assert testvm.virtiofsd_argv(str(rust), sock, "/r/nocache", "none")[2:4] == [
+        "--shared-dir=/r/nocache", "--cache=never"]
+    assert testvm.virtiofsd_argv(str(c), sock, "/r/nocache", "none")[-6:] == [
+        "-o", "source=/r/nocache", "-o", "cache=none", "-o", "sandbox=chroot",
+    ]  # fmt: skip
+
+
+def test_the_guest_gets_a_cache_none_share(tmp_path: Path) -> None:
+    image = testvm.GuestImage(tmp_path / "vmlinuz", tmp_path / "initrd", "6.12", "pkg")
+    argv = testvm.qemu_argv("qemu", image, tmp_path / "a.sock", tmp_path, mem="1G", smp=1,
+                            nocache_socket=tmp_path / "b.sock")
+    assert f"vhost-user-fs-pci,chardev=vfs2,tag={testvm.NOCACHE_TAG}" in argv
+    assert f"socket,id=vfs2,path={tmp_path / 'b.sock'}" in argv
+    assert f"mount -t virtiofs {testvm.NOCACHE_TAG} /host{testvm.NOCACHE_MOUNT}" in INIT_SCRIPT
+    assert testvm.guest_env()["PYVDUSE_VM_NOCACHE_DIR"] == testvm.NOCACHE_MOUNT
 
 
 # --------------------------------------------------------------------------- console
