@@ -59,8 +59,15 @@ QUICK_WORKLOADS = (
 )
 COLUMNS = ("backend", "workload", "ours", "peer", "ratio", "lat µs ours/peer",
            "our CPU µs/IO", "peer CPU µs/IO", "guest CPU µs/IO ours/peer")  # fmt: skip
-RIGHT = {"ours", "peer", "ratio", "lat µs ours/peer", "our CPU µs/IO", "peer CPU µs/IO",
-         "guest CPU µs/IO ours/peer"}
+RIGHT = {
+    "ours",
+    "peer",
+    "ratio",
+    "lat µs ours/peer",
+    "our CPU µs/IO",
+    "peer CPU µs/IO",
+    "guest CPU µs/IO ours/peer",
+}
 
 
 # --------------------------------------------------------------------------- report
@@ -88,13 +95,13 @@ def merge_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-def paired_ratio(ours: Sequence[dict[str, Any]], peer: Sequence[dict[str, Any]],
-                 large: bool) -> float | None:
+def paired_ratio(ours: Sequence[dict[str, Any]], peer: Sequence[dict[str, Any]], large: bool) -> float | None:
     """Median over rounds of ours/peer within a round (both ran back to back, so under the
     same load), which a drift in the machine's load moves less than a ratio of medians."""
     by_round = {c.get("round", 0): _metric(c, large) for c in peer}
-    ratios = [o / p for c in ours
-              if (o := _metric(c, large)) is not None and (p := by_round.get(c.get("round", 0)))]
+    ratios = [
+        o / p for c in ours if (o := _metric(c, large)) is not None and (p := by_round.get(c.get("round", 0)))
+    ]
     return statistics.median(ratios) if ratios else None
 
 
@@ -143,8 +150,9 @@ def build_rows(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _ratio_range(ours: Sequence[dict[str, Any]], peer: Sequence[dict[str, Any]],
-                 large: bool) -> tuple[float, float] | None:
+def _ratio_range(
+    ours: Sequence[dict[str, Any]], peer: Sequence[dict[str, Any]], large: bool
+) -> tuple[float, float] | None:
     """The lowest and highest per-round ratio: how far one run alone could have misled."""
     ratios = [r for r in (paired_ratio([c], peer, large) for c in ours) if r is not None]
     return (min(ratios), max(ratios)) if ratios else None
@@ -161,8 +169,9 @@ def two_queue_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             ours = r2["ours"] / r1["ours"] if r2["ours"] and r1["ours"] else None
             peer = r2["peer"] / r1["peer"] if r2["peer"] and r1["peer"] else None
-            out.append({"backend": b, "workload": two, "baseline": one,
-                        "ours_ratio": ours, "peer_ratio": peer})
+            out.append(
+                {"backend": b, "workload": two, "baseline": one, "ours_ratio": ours, "peer_ratio": peer}
+            )
     return out
 
 
@@ -188,20 +197,29 @@ def table_cells(row: dict[str, Any]) -> list[str]:
             f"{_num(row.get('peer_guest_cpu_us_per_io'))}"]  # fmt: skip
 
 
-def format_grid(columns: Sequence[str], body: Sequence[Sequence[str]], right: set[str],
-                markdown: bool = False) -> str:
+def format_grid(
+    columns: Sequence[str], body: Sequence[Sequence[str]], right: set[str], markdown: bool = False
+) -> str:
     """An aligned text (or Markdown) table."""
-    widths = [max(len(h), *(len(line[i]) for line in body)) if body else len(h)
-              for i, h in enumerate(columns)]
+    widths = [
+        max(len(h), *(len(line[i]) for line in body)) if body else len(h) for i, h in enumerate(columns)
+    ]
 
     def line(cells: Sequence[str]) -> str:
-        parts = [c.rjust(w) if h in right else c.ljust(w)
-                 for c, w, h in zip(cells, widths, columns, strict=True)]
+        parts = [
+            c.rjust(w) if h in right else c.ljust(w) for c, w, h in zip(cells, widths, columns, strict=True)
+        ]
         return f"| {' | '.join(parts)} |" if markdown else "  ".join(parts).rstrip()
 
     if markdown:
-        rule = "|" + "|".join(("-" * (w + 1) + ":") if h in right else ("-" * (w + 2))
-                              for w, h in zip(widths, columns, strict=True)) + "|"
+        rule = (
+            "|"
+            + "|".join(
+                ("-" * (w + 1) + ":") if h in right else ("-" * (w + 2))
+                for w, h in zip(widths, columns, strict=True)
+            )
+            + "|"
+        )
     else:
         rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(columns), rule, *(line(c) for c in body)])
@@ -225,8 +243,10 @@ def format_notes(two_q: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
     for t in two_q:
         ours = "-" if t["ours_ratio"] is None else f"{t['ours_ratio']:.2f}"
         peer = "-" if t["peer_ratio"] is None else f"{t['peer_ratio']:.2f}"
-        lines.append(f"{t['backend']}: {t['workload']} vs {t['baseline']} (same 32 in flight): "
-                     f"ours {ours}x, peer {peer}x")
+        lines.append(
+            f"{t['backend']}: {t['workload']} vs {t['baseline']} (same 32 in flight): "
+            f"ours {ours}x, peer {peer}x"
+        )
     guest = info.get("guest", {})
     lines.append(
         f"{info.get('seconds_per_cell', 0):g} s per cell (+{info.get('ramp_seconds', 0):g} s ramp)"
@@ -253,8 +273,13 @@ def host_cpu_model() -> str:
 
 def git_commit() -> str:
     try:
-        proc = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty", "--abbrev=12"],
-                              capture_output=True, text=True, timeout=30, check=False)
+        proc = subprocess.run(
+            ["git", "-C", str(ROOT), "describe", "--always", "--dirty", "--abbrev=12"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return proc.stdout.strip() or "unknown"
@@ -300,20 +325,30 @@ def steal_share(before: Sequence[int], after: Sequence[int]) -> float | None:
     return delta[7] / total if total > 0 else None
 
 
-def run_guest(guest_args: list[str], *, mem: str, smp: int, timeout: float,
-              runner: str = "guest_runner.py", prog: str = "fio_vs_qsd") -> dict[str, Any]:
+def run_guest(
+    guest_args: list[str],
+    *,
+    mem: str,
+    smp: int,
+    timeout: float,
+    runner: str = "guest_runner.py",
+    prog: str = "fio_vs_qsd",
+) -> dict[str, Any]:
     """Boot the VM once, run the guest runner (bench/RUNNER, which takes --out PATH), return
     its JSON (written under bench/results); `prog` names the caller in error messages."""
     out = HERE / "results" / f".guest-{os.getpid()}-{int(time.time())}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, str(HERE / runner), "--out", str(out), *guest_args]
     try:
-        res = testvm.run(shlex.join(argv), cwd=str(ROOT), mem=mem, smp=smp, timeout=timeout,
-                         console=sys.stderr)
+        res = testvm.run(
+            shlex.join(argv), cwd=str(ROOT), mem=mem, smp=smp, timeout=timeout, console=sys.stderr
+        )
         if not out.exists():
-            raise SystemExit(f"{prog}: the guest wrote no results (exit {res.exit_code}"
-                             f"{', timed out' if res.timed_out else ''}); console tail:\n"
-                             f"{res.output[-3000:]}")
+            raise SystemExit(
+                f"{prog}: the guest wrote no results (exit {res.exit_code}"
+                f"{', timed out' if res.timed_out else ''}); console tail:\n"
+                f"{res.output[-3000:]}"
+            )
         data: dict[str, Any] = json.loads(out.read_text())
     finally:
         out.unlink(missing_ok=True)
@@ -336,25 +371,44 @@ def print_profile(path: str, top: int) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seconds", type=float, default=None,
-                   help=f"fio runtime per cell (default {DEFAULT_SECONDS:g}, 1 with --quick)")
-    p.add_argument("--ramp", type=float, default=None,
-                   help="fio ramp_time per cell (default 1, 0 with --quick)")
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help=f"fio runtime per cell (default {DEFAULT_SECONDS:g}, 1 with --quick)",
+    )
+    p.add_argument(
+        "--ramp", type=float, default=None, help="fio ramp_time per cell (default 1, 0 with --quick)"
+    )
     p.add_argument("--quick", action="store_true", help="smoke mode: 1 s cells, a subset of the workloads")
     p.add_argument("--workloads", help="comma-separated subset (default: all, or the quick set)")
     p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated (default null,file)")
-    p.add_argument("--json", type=Path, default=DEFAULT_JSON,
-                   help=f"default {DEFAULT_JSON.relative_to(ROOT)}")
-    p.add_argument("--our-args", default="", metavar="ARGS",
-                   help="extra 'pyvduse blk' options for our daemon, e.g. '--poll-us 50'")
-    p.add_argument("--repeat", type=int, default=1, metavar="N",
-                   help="run every cell N times, back to back with the peer's: the table shows "
-                        "medians and the median per-round ratio with its range (default 1)")
+    p.add_argument(
+        "--json", type=Path, default=DEFAULT_JSON, help=f"default {DEFAULT_JSON.relative_to(ROOT)}"
+    )
+    p.add_argument(
+        "--our-args",
+        default="",
+        metavar="ARGS",
+        help="extra 'pyvduse blk' options for our daemon, e.g. '--poll-us 50'",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run every cell N times, back to back with the peer's: the table shows "
+        "medians and the median per-round ratio with its range (default 1)",
+    )
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--mem", default=os.environ.get("TESTVM_MEM", "3G"), help="guest memory (default 3G)")
     p.add_argument("--smp", type=int, default=2, help="guest vCPUs (default 2)")
-    p.add_argument("--profile", metavar="PSTATS", help="instead: profile our daemon for one "
-                   f"{PROFILE_WORKLOAD} null cell and print the top functions by tottime")
+    p.add_argument(
+        "--profile",
+        metavar="PSTATS",
+        help="instead: profile our daemon for one "
+        f"{PROFILE_WORKLOAD} null cell and print the top functions by tottime",
+    )
     p.add_argument("--top", type=int, default=25, help="functions to print with --profile")
     return p
 
@@ -366,8 +420,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     if args.profile:
         prof = Path(args.profile).resolve()
-        data = run_guest(["--profile", str(prof), "--seconds", f"{seconds:g}", "--ramp", f"{ramp:g}"],
-                         mem=args.mem, smp=args.smp, timeout=vm_timeout(1, seconds, ramp))
+        data = run_guest(
+            ["--profile", str(prof), "--seconds", f"{seconds:g}", "--ramp", f"{ramp:g}"],
+            mem=args.mem,
+            smp=args.smp,
+            timeout=vm_timeout(1, seconds, ramp),
+        )
         print(f"profiled cell: {json.dumps(data['cells'][0])}")
         workers = Path(f"{prof}.workers")
         if workers.exists():
@@ -377,8 +435,11 @@ def main(argv: list[str] | None = None) -> int:
             print_profile(str(prof), args.top)
         print(f"total {time.monotonic() - started:.0f} s")
         return 0
-    names = args.workloads.split(",") if args.workloads else (
-        list(QUICK_WORKLOADS) if args.quick else [w.name for w in WORKLOADS])
+    names = (
+        args.workloads.split(",")
+        if args.workloads
+        else (list(QUICK_WORKLOADS) if args.quick else [w.name for w in WORKLOADS])
+    )
     unknown = [n for n in names if n not in WORKLOAD_BY_NAME]
     if unknown:
         _parser().error(f"unknown workloads {', '.join(unknown)}; known: {', '.join(WORKLOAD_BY_NAME)}")
@@ -390,10 +451,24 @@ def main(argv: list[str] | None = None) -> int:
     cells = len(names) * len(backends) * 2 * args.repeat
     load_before, times_before = host_load(), host_cpu_times()
     date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    guest = run_guest(["--seconds", f"{seconds:g}", "--ramp", f"{ramp:g}", "--workloads", ",".join(names),
-                       "--backends", ",".join(backends), f"--our-args={args.our_args}",
-                       "--repeat", str(args.repeat)],
-                      mem=args.mem, smp=args.smp, timeout=vm_timeout(cells, seconds, ramp))
+    guest = run_guest(
+        [
+            "--seconds",
+            f"{seconds:g}",
+            "--ramp",
+            f"{ramp:g}",
+            "--workloads",
+            ",".join(names),
+            "--backends",
+            ",".join(backends),
+            f"--our-args={args.our_args}",
+            "--repeat",
+            str(args.repeat),
+        ],
+        mem=args.mem,
+        smp=args.smp,
+        timeout=vm_timeout(cells, seconds, ramp),
+    )
     rows = build_rows(guest["cells"])
     two_q = two_queue_ratios(rows)
     info = {
@@ -421,8 +496,13 @@ def main(argv: list[str] | None = None) -> int:
     table = format_table(rows, markdown=args.markdown)
     print(table)
     print(format_notes(two_q, info))
-    report = {"info": info, "rows": rows, "two_queue_vs_one": two_q, "cells": guest["cells"],
-              "table": format_table(rows)}
+    report = {
+        "info": info,
+        "rows": rows,
+        "two_queue_vs_one": two_q,
+        "cells": guest["cells"],
+        "table": format_table(rows),
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {args.json}")

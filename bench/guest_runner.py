@@ -285,8 +285,10 @@ def qsd_argv(backend: str, name: str, queues: int, image: str) -> list[str]:
         # Defaults (cache.direct=off, aio=threads) like our buffered preadv/pwritev; the 1- and
         # 2-queue daemons share the image, so QEMU's image locking is off.
         node = f"driver=file,node-name=n0,filename={image},locking=off"
-    export = (f"type=vduse-blk,id=e0,node-name=n0,name={name},writable=on,num-queues={queues},"
-              f"queue-size={QUEUE_SIZE},logical-block-size={BLOCK_SIZE},serial={name}")
+    export = (
+        f"type=vduse-blk,id=e0,node-name=n0,name={name},writable=on,num-queues={queues},"
+        f"queue-size={QUEUE_SIZE},logical-block-size={BLOCK_SIZE},serial={name}"
+    )
     return [QSD, "--blockdev", node, "--export", export]
 
 
@@ -296,8 +298,7 @@ def _spawn(argv: list[str], log: Path, stdout: int | None = None) -> subprocess.
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
 
 
-def start_ours(backend: str, queues: int, image: str, workdir: Path,
-               profile: str | None = None) -> Device:
+def start_ours(backend: str, queues: int, image: str, workdir: Path, profile: str | None = None) -> Device:
     name = f"py-{backend}-{queues}q"
     argv = our_argv(backend, name, queues, image, profile)
     log = workdir / f"{name}.log"
@@ -324,8 +325,9 @@ def wait_ready(devices: Sequence[Device], timeout: float = READY_TIMEOUT) -> Non
                 chunk = os.read(key.fd, 4096)
                 if not chunk:
                     sel.unregister(key.fileobj)
-                    raise BenchError(f"{d.name} exited before READY (status {d.proc.wait()}):\n"
-                                     f"{d.log_tail()}")
+                    raise BenchError(
+                        f"{d.name} exited before READY (status {d.proc.wait()}):\n{d.log_tail()}"
+                    )
                 buffers[key.fd] = buffers.get(key.fd, b"") + chunk
                 m = re.search(rb"READY name=(\S+) dev=(\S+)", buffers[key.fd])
                 if m:
@@ -350,8 +352,7 @@ def launch_qsd(name: str, argv: list[str], workdir: Path, backend: str, queues: 
 
     def created() -> bool:
         if d.proc.poll() is not None:
-            raise BenchError(f"qemu-storage-daemon for {name} exited ({d.proc.returncode}):\n"
-                             f"{d.log_tail()}")
+            raise BenchError(f"qemu-storage-daemon for {name} exited ({d.proc.returncode}):\n{d.log_tail()}")
         return Path("/dev/vduse", name).exists()
 
     try:
@@ -384,8 +385,7 @@ def stop(d: Device) -> None:
 
 
 def _run(argv: list[str], timeout: float = 120, env: dict[str, str] | None = None) -> str:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
-                          env=env)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False, env=env)
     if proc.returncode != 0:
         raise BenchError(f"{shlex.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc.stdout
@@ -443,13 +443,19 @@ def local_fio(workdir: Path) -> Fio:
 
 def run_cell(d: Device, w: Workload, seconds: float, ramp: float, fio: Fio) -> dict[str, Any]:
     """One fio run against d; the daemon's CPU and the device's I/Os over the same window."""
-    cell: dict[str, Any] = {"impl": d.impl, "backend": d.backend, "workload": w.name,
-                            "queues": d.queues, "dev": d.dev}
+    cell: dict[str, Any] = {
+        "impl": d.impl,
+        "backend": d.backend,
+        "workload": w.name,
+        "queues": d.queues,
+        "dev": d.dev,
+    }
     return measure_fio(cell, d.dev, d.pid, w, seconds, ramp, fio)
 
 
-def measure_fio(cell: dict[str, Any], dev: str, pid: int | None, w: Workload, seconds: float,
-                ramp: float, fio: Fio) -> dict[str, Any]:
+def measure_fio(
+    cell: dict[str, Any], dev: str, pid: int | None, w: Workload, seconds: float, ramp: float, fio: Fio
+) -> dict[str, Any]:
     """Run w on dev and add fio's figures to `cell`, with the CPU time of the daemon `pid`
     (None: no daemon, e.g. the raw device; its CPU figures are then None) and the device's
     I/Os over the same window."""
@@ -458,8 +464,9 @@ def measure_fio(cell: dict[str, Any], dev: str, pid: int | None, w: Workload, se
     cpu0 = cpu_seconds(pid) if pid is not None else 0.0
     t0 = time.monotonic()
     sys0 = system_counters()
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + ramp + 120,
-                          check=False, env=fio.env)
+    proc = subprocess.run(
+        argv, capture_output=True, text=True, timeout=seconds + ramp + 120, check=False, env=fio.env
+    )
     sys1 = system_counters()
     ios1 = device_ios(dev)
     cpu1 = cpu_seconds(pid) if pid is not None else 0.0
@@ -525,8 +532,9 @@ def _workdir() -> Path:
     return d
 
 
-def run_matrix(workloads: Sequence[Workload], backends: Sequence[str], seconds: float,
-               ramp: float, repeat: int = 1) -> dict[str, Any]:
+def run_matrix(
+    workloads: Sequence[Workload], backends: Sequence[str], seconds: float, ramp: float, repeat: int = 1
+) -> dict[str, Any]:
     started = time.monotonic()
     result: dict[str, Any] = {"info": guest_info(), "cells": [], "devices": []}
     queue_counts = sorted({w.queues for w in workloads})
@@ -557,8 +565,10 @@ def run_matrix(workloads: Sequence[Workload], backends: Sequence[str], seconds: 
                 peers.append(d)
         _log(f"{len(peers)} qemu-storage-daemon devices ready in {time.monotonic() - t:.1f} s")
         devices = {(d.impl, d.backend, d.queues): d for d in ours + peers}
-        result["devices"] = [{"impl": d.impl, "backend": d.backend, "queues": d.queues,
-                              "dev": d.dev, "command": d.command} for d in devices.values()]
+        result["devices"] = [
+            {"impl": d.impl, "backend": d.backend, "queues": d.queues, "dev": d.dev, "command": d.command}
+            for d in devices.values()
+        ]
         result["setup_s"] = time.monotonic() - started
         k = 0
         for w in workloads:
@@ -571,9 +581,14 @@ def run_matrix(workloads: Sequence[Workload], backends: Sequence[str], seconds: 
                         try:
                             cell = run_cell(d, w, seconds, ramp, fio)
                         except (OSError, subprocess.SubprocessError) as e:  # the daemon died?
-                            cell = {"impl": impl, "backend": b, "workload": w.name,
-                                    "queues": w.queues, "error": f"{type(e).__name__}: {e}",
-                                    "daemon_log": d.log_tail()}
+                            cell = {
+                                "impl": impl,
+                                "backend": b,
+                                "workload": w.name,
+                                "queues": w.queues,
+                                "error": f"{type(e).__name__}: {e}",
+                                "daemon_log": d.log_tail(),
+                            }
                         cell["round"] = r
                         result["cells"].append(cell)
                         _log(_cell_line(cell))
@@ -586,10 +601,12 @@ def _cell_line(c: dict[str, Any]) -> str:
     head = f"{c['impl']:8} {c['backend']:5} {c['workload']:22}"
     if "error" in c:
         return f"{head} ERROR {c['error']}"
-    return (f"{head} {c['iops']:9.0f} IOPS {c['mb_s']:8.1f} MB/s lat {c['lat_mean_us']:8.0f} us  "
-            f"cpu {_figure(c, 'cpu_us_per_io')} us/IO ({_figure(c, 'cpu_util', 100)}%)  "
-            f"guest {_figure(c, 'guest_cpu_us_per_io')} us/IO "
-            f"({_figure(c, 'guest_cpu_util', 100)}%) {_figure(c, 'ctxt_per_io', fmt='.1f')} cs/IO")
+    return (
+        f"{head} {c['iops']:9.0f} IOPS {c['mb_s']:8.1f} MB/s lat {c['lat_mean_us']:8.0f} us  "
+        f"cpu {_figure(c, 'cpu_us_per_io')} us/IO ({_figure(c, 'cpu_util', 100)}%)  "
+        f"guest {_figure(c, 'guest_cpu_us_per_io')} us/IO "
+        f"({_figure(c, 'guest_cpu_util', 100)}%) {_figure(c, 'ctxt_per_io', fmt='.1f')} cs/IO"
+    )
 
 
 def _figure(c: dict[str, Any], key: str, scale: float = 1, fmt: str = ".0f") -> str:

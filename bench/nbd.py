@@ -114,26 +114,54 @@ def build_rows(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def evaluate_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     measured = [r for r in rows if r["ratio"] is not None]
-    below = [f"{r['server']} {r['workload']} {r['ratio']:.2f}x" for r in measured
-             if r["ratio"] < 1.0]
-    out = [{"target": "vs_peer", "text": "every cell: ours >= 1.0x the peer's",
+    below = [f"{r['server']} {r['workload']} {r['ratio']:.2f}x" for r in measured if r["ratio"] < 1.0]
+    out = [
+        {
+            "target": "vs_peer",
+            "text": "every cell: ours >= 1.0x the peer's",
             "value": f"{len(measured) - len(below)} of {len(measured)} cells",
-            "met": None if not measured else not below, "below": below}]
+            "met": None if not measured else not below,
+            "below": below,
+        }
+    ]
     for rw in ("randread", "randwrite"):
-        r = next((r for r in rows if r["server"] == DELAYED and r["rw"] == rw
-                  and r["bs"] == "4k" and r["iodepth"] == TARGET_DEPTH), None)
+        r = next(
+            (
+                r
+                for r in rows
+                if r["server"] == DELAYED
+                and r["rw"] == rw
+                and r["bs"] == "4k"
+                and r["iodepth"] == TARGET_DEPTH
+            ),
+            None,
+        )
         share = r["ours_vs_limit"] if r else None
-        out.append({"target": f"limit_{rw}",
-                    "text": f"{rw} iodepth {TARGET_DEPTH}, 1 ms delay: ours >= "
-                            f"{TARGET_SHARE_OF_LIMIT}x of {TARGET_DEPTH} requests per ms",
-                    "value": None if share is None else f"{share:.2f}x ({r['ours']:,.0f} IOPS)"
-                    if r else None,
-                    "met": None if share is None else share >= TARGET_SHARE_OF_LIMIT})
+        out.append(
+            {
+                "target": f"limit_{rw}",
+                "text": f"{rw} iodepth {TARGET_DEPTH}, 1 ms delay: ours >= "
+                f"{TARGET_SHARE_OF_LIMIT}x of {TARGET_DEPTH} requests per ms",
+                "value": None if share is None else f"{share:.2f}x ({r['ours']:,.0f} IOPS)" if r else None,
+                "met": None if share is None else share >= TARGET_SHARE_OF_LIMIT,
+            }
+        )
     return out
 
 
-COLUMNS = ("server", "workload", "ours", "peer", "ratio", "limit", "ours/limit",
-           "lat µs ours/peer", "CPU µs/IO ours/peer", "server CPU µs/IO ours/peer", "depth")
+COLUMNS = (
+    "server",
+    "workload",
+    "ours",
+    "peer",
+    "ratio",
+    "limit",
+    "ours/limit",
+    "lat µs ours/peer",
+    "CPU µs/IO ours/peer",
+    "server CPU µs/IO ours/peer",
+    "depth",
+)
 RIGHT = set(COLUMNS) - {"server", "workload"}
 
 
@@ -146,8 +174,7 @@ def _figure(value: float | None, unit: str) -> str:
 def format_rows(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
     body = []
     for r in rows:
-        lat = (f"{_num(r['our_lat_us'])}/{_num(r['peer_lat_us'])}" if r["iodepth"] == 1
-               else "-")
+        lat = f"{_num(r['our_lat_us'])}/{_num(r['peer_lat_us'])}" if r["iodepth"] == 1 else "-"
         body.append([
             r["server"], r["workload"], _figure(r["ours"], r["unit"]),
             _figure(r["peer"], r["unit"]), _x(r["ratio"]), _figure(r["limit"], r["unit"]),
@@ -171,49 +198,61 @@ def format_targets(targets: Sequence[dict[str, Any]], markdown: bool = False) ->
 def format_notes(info: dict[str, Any]) -> str:
     guest = info.get("guest", {})
     steal = info.get("host_steal_share")
-    return "\n".join([
-        f"nbdkit memory {info.get('disk_mb', '?')} MiB on a Unix socket in the guest, "
-        f"{info.get('server_threads', '?')} threads; '{DELAYED}': nbdkit --filter=delay "
-        "delay-read=1ms delay-write=1ms. One queue of 256 per daemon; qsd: driver=nbd, "
-        "type=vduse-blk. limit: iodepth requests per ms behind the delay. CPU µs/IO: the "
-        "serving daemon's CPU (all threads) per I/O the device completed; server CPU: "
-        "nbdkit's over the same cell; depth: pyvduse's mean queue depth (ctl stats).",
-        f"{info.get('seconds_per_cell', 0):g} s per cell (+{info.get('ramp_seconds', 0):g} s "
-        f"ramp), {info.get('repeat', 1)} round(s); guest {guest.get('guest_kernel', '?')}, "
-        f"{guest.get('guest_vcpus', '?')} vCPUs, QEMU TCG on {info.get('host_cpu', '?')}"
-        + ("" if steal is None else f" ({steal * 100:.0f}% stolen)")
-        + f"; {guest.get('qsd_version', '?')}; {guest.get('fio_version', '?')}; pyvduse "
-        f"{info.get('pyvduse_commit', '?')}"
-        + (f" with {info['our_args']}" if info.get("our_args") else "")
-        + f"; total {info.get('total_seconds', 0):.0f} s.",
-    ])
+    return "\n".join(
+        [
+            f"nbdkit memory {info.get('disk_mb', '?')} MiB on a Unix socket in the guest, "
+            f"{info.get('server_threads', '?')} threads; '{DELAYED}': nbdkit --filter=delay "
+            "delay-read=1ms delay-write=1ms. One queue of 256 per daemon; qsd: driver=nbd, "
+            "type=vduse-blk. limit: iodepth requests per ms behind the delay. CPU µs/IO: the "
+            "serving daemon's CPU (all threads) per I/O the device completed; server CPU: "
+            "nbdkit's over the same cell; depth: pyvduse's mean queue depth (ctl stats).",
+            f"{info.get('seconds_per_cell', 0):g} s per cell (+{info.get('ramp_seconds', 0):g} s "
+            f"ramp), {info.get('repeat', 1)} round(s); guest {guest.get('guest_kernel', '?')}, "
+            f"{guest.get('guest_vcpus', '?')} vCPUs, QEMU TCG on {info.get('host_cpu', '?')}"
+            + ("" if steal is None else f" ({steal * 100:.0f}% stolen)")
+            + f"; {guest.get('qsd_version', '?')}; {guest.get('fio_version', '?')}; pyvduse "
+            f"{info.get('pyvduse_commit', '?')}"
+            + (f" with {info['our_args']}" if info.get("our_args") else "")
+            + f"; total {info.get('total_seconds', 0):.0f} s.",
+        ]
+    )
 
 
 def report_text(report: dict[str, Any], markdown: bool = False) -> str:
-    return "\n\n".join([format_rows(report["rows"], markdown),
-                        format_targets(report["targets"], markdown),
-                        format_notes(report["info"])])
+    return "\n\n".join(
+        [
+            format_rows(report["rows"], markdown),
+            format_targets(report["targets"], markdown),
+            format_notes(report["info"]),
+        ]
+    )
 
 
 def build_report(guest: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
     rows = build_rows(guest["cells"])
-    return {"info": info, "rows": rows, "targets": evaluate_targets(rows),
-            "cells": guest["cells"]}
+    return {"info": info, "rows": rows, "targets": evaluate_targets(rows), "cells": guest["cells"]}
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    p.add_argument("--seconds", type=float, default=None,
-                   help=f"fio runtime per cell (default {DEFAULT_SECONDS:g}, 1 with --quick)")
-    p.add_argument("--ramp", type=float, default=None,
-                   help="fio ramp_time per cell (default 1, 0 with --quick)")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke mode: 1 s cells, workloads " + ",".join(QUICK_WORKLOADS))
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help=f"fio runtime per cell (default {DEFAULT_SECONDS:g}, 1 with --quick)",
+    )
+    p.add_argument(
+        "--ramp", type=float, default=None, help="fio ramp_time per cell (default 1, 0 with --quick)"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="smoke mode: 1 s cells, workloads " + ",".join(QUICK_WORKLOADS)
+    )
     p.add_argument("--workloads", help="comma-separated subset (default: all, or the quick set)")
     p.add_argument("--servers", default=",".join(SERVERS), help="plain, delay-1ms or both")
     p.add_argument("--repeat", type=int, default=1, metavar="N")
-    p.add_argument("--our-args", default="", metavar="ARGS",
-                   help="extra 'pyvduse blk' options for our daemons")
+    p.add_argument(
+        "--our-args", default="", metavar="ARGS", help="extra 'pyvduse blk' options for our daemons"
+    )
     p.add_argument("--json", type=Path, default=DEFAULT_JSON)
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--mem", default=os.environ.get("TESTVM_MEM", "3G"))
@@ -226,8 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     seconds = args.seconds if args.seconds is not None else (1.0 if args.quick else DEFAULT_SECONDS)
     ramp = args.ramp if args.ramp is not None else (0.0 if args.quick else 1.0)
-    workloads = args.workloads.split(",") if args.workloads else (
-        list(QUICK_WORKLOADS) if args.quick else [w.name for w in WORKLOADS])
+    workloads = (
+        args.workloads.split(",")
+        if args.workloads
+        else (list(QUICK_WORKLOADS) if args.quick else [w.name for w in WORKLOADS])
+    )
     servers = args.servers.split(",")
     unknown = [n for n in workloads if n not in WORKLOAD_BY_NAME]
     unknown += [n for n in servers if n not in SERVERS]
@@ -238,12 +280,26 @@ def main(argv: list[str] | None = None) -> int:
     date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     cells = len(workloads) * len(servers) * 2 * args.repeat
     with HostWatch() as watch:
-        guest = run_guest(["--seconds", f"{seconds:g}", "--ramp", f"{ramp:g}",
-                           "--workloads", ",".join(workloads), "--servers", ",".join(servers),
-                           "--repeat", str(args.repeat), f"--our-args={args.our_args}"],
-                          mem=args.mem, smp=args.smp,
-                          timeout=900 + 3 * cells * (seconds + ramp + 5),
-                          runner="nbd_guest.py", prog="nbd")
+        guest = run_guest(
+            [
+                "--seconds",
+                f"{seconds:g}",
+                "--ramp",
+                f"{ramp:g}",
+                "--workloads",
+                ",".join(workloads),
+                "--servers",
+                ",".join(servers),
+                "--repeat",
+                str(args.repeat),
+                f"--our-args={args.our_args}",
+            ],
+            mem=args.mem,
+            smp=args.smp,
+            timeout=900 + 3 * cells * (seconds + ramp + 5),
+            runner="nbd_guest.py",
+            prog="nbd",
+        )
     from nbd_guest import DISK_MB, SERVER_THREADS
 
     info = {

@@ -50,8 +50,11 @@ from guest_runner import (
 from slow_disk_guest import ctl, stats_delta
 
 WORKLOADS: tuple[Workload, ...] = (
-    *(Workload(f"{rw}-4k-qd{depth}", rw, "4k", depth)
-      for rw in ("randread", "randwrite") for depth in (1, 16, 64)),
+    *(
+        Workload(f"{rw}-4k-qd{depth}", rw, "4k", depth)
+        for rw in ("randread", "randwrite")
+        for depth in (1, 16, 64)
+    ),
     Workload("read-128k-qd8", "read", "128k", 8),
     Workload("write-128k-qd8", "write", "128k", 8),
 )
@@ -78,8 +81,18 @@ def uri(work: Path, server: str) -> str:
 
 def nbdkit_argv(work: Path, server: str) -> list[str]:
     filters, params, _ = SERVERS[server]
-    return ["nbdkit", "-f", "--threads", str(SERVER_THREADS), "-U",
-            str(socket_path(work, server)), *filters, "memory", f"{DISK_MB}M", *params]
+    return [
+        "nbdkit",
+        "-f",
+        "--threads",
+        str(SERVER_THREADS),
+        "-U",
+        str(socket_path(work, server)),
+        *filters,
+        "memory",
+        f"{DISK_MB}M",
+        *params,
+    ]
 
 
 def device_name(impl: str, server: str) -> str:
@@ -94,8 +107,10 @@ def our_argv(work: Path, server: str) -> list[str]:
 
 def qsd_argv(work: Path, server: str) -> list[str]:
     node = f"driver=nbd,node-name=n0,server.type=unix,server.path={socket_path(work, server)}"
-    export = (f"type=vduse-blk,id=e0,node-name=n0,name={device_name('qsd', server)},"
-              f"writable=on,num-queues=1,queue-size={QUEUE_SIZE}")
+    export = (
+        f"type=vduse-blk,id=e0,node-name=n0,name={device_name('qsd', server)},"
+        f"writable=on,num-queues=1,queue-size={QUEUE_SIZE}"
+    )
     return [QSD, "--blockdev", node, "--export", export]
 
 
@@ -123,11 +138,19 @@ def _stop_server(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def run_one(d: Device, w: Workload, server: str, server_pid: int, seconds: float,
-            ramp: float, fio: Any) -> dict[str, Any]:
-    cell: dict[str, Any] = {"impl": d.impl, "server": server, "workload": w.name, "rw": w.rw,
-                            "bs": w.bs, "iodepth": w.iodepth, "dev": d.dev,
-                            "delay_us": SERVERS[server][2]}
+def run_one(
+    d: Device, w: Workload, server: str, server_pid: int, seconds: float, ramp: float, fio: Any
+) -> dict[str, Any]:
+    cell: dict[str, Any] = {
+        "impl": d.impl,
+        "server": server,
+        "workload": w.name,
+        "rw": w.rw,
+        "bs": w.bs,
+        "iodepth": w.iodepth,
+        "dev": d.dev,
+        "delay_us": SERVERS[server][2],
+    }
     if d.proc.poll() is not None:
         cell["error"] = f"the daemon exited ({d.proc.returncode}) before this cell"
         cell["daemon_log"] = d.log_tail()
@@ -145,15 +168,15 @@ def run_one(d: Device, w: Workload, server: str, server_pid: int, seconds: float
     except Exception as e:  # the management client's errors: record, go on
         cell.setdefault("error", f"{type(e).__name__}: {e}")
     ios = cell.get("dev_ios")
-    cell["server_cpu_us_per_io"] = ((cpu_seconds(server_pid) - server0) / ios * 1e6
-                                    if ios else None)
+    cell["server_cpu_us_per_io"] = (cpu_seconds(server_pid) - server0) / ios * 1e6 if ios else None
     if "error" in cell:
         cell["daemon_log"] = d.log_tail()[-1500:]
     return cell
 
 
-def run_matrix(workloads: list[Workload], servers: list[str], *, seconds: float, ramp: float,
-               repeat: int) -> dict[str, Any]:
+def run_matrix(
+    workloads: list[Workload], servers: list[str], *, seconds: float, ramp: float, repeat: int
+) -> dict[str, Any]:
     started = time.monotonic()
     work = Path("/tmp/nbd-bench")
     work.mkdir(parents=True, exist_ok=True)
@@ -168,9 +191,15 @@ def run_matrix(workloads: list[Workload], servers: list[str], *, seconds: float,
         for s in servers:
             name = device_name("pyvduse", s)
             argv = our_argv(work, s)
-            d = Device("pyvduse", s, 1, name, _spawn(argv, work / f"{name}.log",
-                                                     stdout=subprocess.PIPE),
-                       work / f"{name}.log", command=shlex.join(argv))
+            d = Device(
+                "pyvduse",
+                s,
+                1,
+                name,
+                _spawn(argv, work / f"{name}.log", stdout=subprocess.PIPE),
+                work / f"{name}.log",
+                command=shlex.join(argv),
+            )
             stack.callback(stop, d)
             ours.append(d)
             devices[("pyvduse", s)] = d
@@ -181,8 +210,7 @@ def run_matrix(workloads: list[Workload], servers: list[str], *, seconds: float,
             stack.callback(stop, d)
             devices[("qsd", s)] = d
         for (impl, s), d in devices.items():
-            entry: dict[str, Any] = {"impl": impl, "server": s, "dev": d.dev,
-                                     "command": d.command}
+            entry: dict[str, Any] = {"impl": impl, "server": s, "dev": d.dev, "command": d.command}
             if impl == "pyvduse":
                 status = ctl(d.name, "status")
                 entry["nbd"] = status.get("nbd")
@@ -197,8 +225,7 @@ def run_matrix(workloads: list[Workload], servers: list[str], *, seconds: float,
                     order = IMPLS if k % 2 == 0 else IMPLS[::-1]
                     k += 1
                     for impl in order:
-                        cell = run_one(devices[(impl, s)], w, s, procs[s].pid, seconds, ramp,
-                                       fio)
+                        cell = run_one(devices[(impl, s)], w, s, procs[s].pid, seconds, ramp, fio)
                         cell["round"] = r
                         result["cells"].append(cell)
                         _log(cell_line(cell))
@@ -211,8 +238,10 @@ def cell_line(c: dict[str, Any]) -> str:
     if "error" in c:
         return f"{head} ERROR: {c['error'][-300:]}"
     cpu = c.get("cpu_us_per_io")
-    return (f"{head} {c['iops']:8.0f} IOPS {c['mb_s']:7.1f} MB/s lat {c['lat_mean_us']:7.0f} us "
-            f"cpu {'-' if cpu is None else f'{cpu:.0f}'} us/IO")
+    return (
+        f"{head} {c['iops']:8.0f} IOPS {c['mb_s']:7.1f} MB/s lat {c['lat_mean_us']:7.0f} us "
+        f"cpu {'-' if cpu is None else f'{cpu:.0f}'} us/IO"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,8 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [n for n in servers if n not in SERVERS]
         if unknown:
             raise BenchError(f"unknown server {', '.join(unknown)}")
-        result = run_matrix(workloads, servers, seconds=args.seconds, ramp=args.ramp,
-                            repeat=args.repeat)
+        result = run_matrix(workloads, servers, seconds=args.seconds, ramp=args.ramp, repeat=args.repeat)
     except (BenchError, KeyError, OSError, subprocess.SubprocessError) as e:
         result = {"fatal": f"{type(e).__name__}: {e}"}
         _log(f"FATAL {result['fatal']}")

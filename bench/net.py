@@ -66,8 +66,7 @@ def cpu_seconds(pid: int) -> float:
 def iperf3(server: str, ns: str, options: str, seconds: float) -> dict[str, Any]:
     sh(f"ip netns exec {ns} iperf3 -s -D -1")
     time.sleep(0.5)
-    p = sh(f"iperf3 -c {server} -t {seconds:g} -J {options}", check=False,
-           timeout=seconds + 120)
+    p = sh(f"iperf3 -c {server} -t {seconds:g} -J {options}", check=False, timeout=seconds + 120)
     result: dict[str, Any] = json.loads(p.stdout)
     if "error" in result:
         raise RuntimeError(f"iperf3 {options}: {result['error']}")
@@ -95,8 +94,9 @@ def start_ours(extra: list[str], profile: str | None) -> tuple[subprocess.Popen[
     line = proc.stdout.readline().decode()
     if not line.startswith("READY"):
         proc.wait(60)
-        raise RuntimeError(f"daemon not ready: {line!r} "
-                           f"{Path('/tmp/bench-net-daemon.log').read_text()[-2000:]}")
+        raise RuntimeError(
+            f"daemon not ready: {line!r} {Path('/tmp/bench-net-daemon.log').read_text()[-2000:]}"
+        )
     fields = dict(kv.split("=", 1) for kv in line.split()[1:])
     return proc, fields["ifname"]
 
@@ -121,14 +121,21 @@ def guest(args: argparse.Namespace) -> int:
                     continue
                 cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
                 try:
-                    value: float | None = figure(iperf3(server, where, options, args.seconds),
-                                                 kind)
+                    value: float | None = figure(iperf3(server, where, options, args.seconds), kind)
                     error = None
                 except (RuntimeError, ValueError, subprocess.TimeoutExpired) as e:
                     value, error = None, str(e)[:300]
                 busy = (cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - t0)
-                cells.append({"test": name, "impl": impl, "kind": kind, "value": value,
-                              "error": error, "daemon_cpu": busy if impl == "pyvduse" else None})
+                cells.append(
+                    {
+                        "test": name,
+                        "impl": impl,
+                        "kind": kind,
+                        "value": value,
+                        "error": error,
+                        "daemon_cpu": busy if impl == "pyvduse" else None,
+                    }
+                )
                 _log(f"{name:24} {impl:8} {value} {error or ''}")
         stats = sh(f"{sys.executable} -m pyvduse ctl bench0 stats --json", check=False).stdout
     finally:
@@ -137,9 +144,13 @@ def guest(args: argparse.Namespace) -> int:
         sh(f"ip netns del {ns}", check=False)
         sh(f"ip netns del {PEER[2]}", check=False)
         sh("ip link del bveth0", check=False)
-    out = {"cells": cells, "stats": json.loads(stats) if stats else None,
-           "kernel": os.uname().release, "cpus": os.cpu_count(),
-           "mem_kib": int(Path("/proc/meminfo").read_text().split()[1])}
+    out = {
+        "cells": cells,
+        "stats": json.loads(stats) if stats else None,
+        "kernel": os.uname().release,
+        "cpus": os.cpu_count(),
+        "mem_kib": int(Path("/proc/meminfo").read_text().split()[1]),
+    }
     Path(args.out).write_text(json.dumps(out, indent=1))
     return 0
 
@@ -176,14 +187,20 @@ def host(args: argparse.Namespace) -> int:
     results.mkdir(exist_ok=True)
     guest_json = results / ".net-guest.json"
     guest_json.unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--guest", "--out", str(guest_json),
-           "--seconds", str(args.seconds), f"--our-args={args.our_args}"]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--guest",
+        "--out",
+        str(guest_json),
+        "--seconds",
+        str(args.seconds),
+        f"--our-args={args.our_args}",
+    ]
     if args.profile:
-        cmd += ["--profile", str(Path(args.profile).resolve()),
-                f"--profile-test={args.profile_test}"]
+        cmd += ["--profile", str(Path(args.profile).resolve()), f"--profile-test={args.profile_test}"]
     started = time.monotonic()
-    code = testvm.main(["--smp", "2", "--mem", "3G", "--cwd", str(ROOT), "--",
-                        shlex.join(cmd)])
+    code = testvm.main(["--smp", "2", "--mem", "3G", "--cwd", str(ROOT), "--", shlex.join(cmd)])
     if code != 0 or not guest_json.exists():
         print(f"the guest run failed (exit {code})", file=sys.stderr)
         return 1
@@ -194,9 +211,14 @@ def host(args: argparse.Namespace) -> int:
         print(s.getvalue())
     text = table(data["cells"])
     print(text)
-    data.update(date=datetime.datetime.now().isoformat(timespec="seconds"),
-                minutes=round((time.monotonic() - started) / 60, 1), seconds=args.seconds,
-                our_args=args.our_args, host_cpus=os.cpu_count(), table=text)
+    data.update(
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        minutes=round((time.monotonic() - started) / 60, 1),
+        seconds=args.seconds,
+        our_args=args.our_args,
+        host_cpus=os.cpu_count(),
+        table=text,
+    )
     Path(args.json).write_text(json.dumps(data, indent=1))
     return 0
 
@@ -207,8 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--our-args", default="", help="more 'pyvduse net' options")
     p.add_argument("--json", default=str(DEFAULT_JSON), help="where the results go")
     p.add_argument("--profile", help="run the daemon under cProfile (one test), pstats here")
-    p.add_argument("--profile-test", default=TESTS[0][0], metavar="TEST",
-                   help=f"the test profiled (default '{TESTS[0][0]}')")
+    p.add_argument(
+        "--profile-test",
+        default=TESTS[0][0],
+        metavar="TEST",
+        help=f"the test profiled (default '{TESTS[0][0]}')",
+    )
     p.add_argument("--guest", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -53,8 +53,7 @@ def setup(kind: str, batch: int) -> tuple[DriverSplitRing, SplitQueue, BlkDevice
         rtype, writable = vb.ReqType.IN, [4096, 1]
     # Pre-build one batch of chains and recycle the same descriptors: the bench measures the
     # device side only.
-    heads = [drv.add([vb.OUTHDR.pack(rtype, 0, 0)], writable, indirect=True)
-             for _ in range(batch)]
+    heads = [drv.add([vb.OUTHDR.pack(rtype, 0, 0)], writable, indirect=True) for _ in range(batch)]
     return drv, q, dev, heads, arena
 
 
@@ -87,8 +86,9 @@ def run_native(kind: str, batch: int, seconds: float) -> float:
     # avail ring once and let the "driver" only move its index.
     for s in range(q.num):
         drv.set_avail_entry(s, heads[s % batch])
-    engine = native.build(native.require_plan(dev), 0, q, arena.memory, None, None,
-                          lambda i: None, lambda *e: None)
+    engine = native.build(
+        native.require_plan(dev), 0, q, arena.memory, None, None, lambda i: None, lambda *e: None
+    )
     kick, stop = os.eventfd(0), os.eventfd(1)  # run() serves what is there, then returns
     avail = drv.avail_idx
     rounds = 0
@@ -116,8 +116,7 @@ def run_native(kind: str, batch: int, seconds: float) -> float:
 ENGINES: dict[str, Callable[[str, int, float], float]] = {"python": run, "native": run_native}
 
 
-def run_parallel(engine: Callable[[str, int, float], float], kind: str, queues: int,
-                 seconds: float) -> float:
+def run_parallel(engine: Callable[[str, int, float], float], kind: str, queues: int, seconds: float) -> float:
     """Total requests/s of ``queues`` rings served at once, one thread each (as the daemon's
     queue workers), every ring set up before any starts."""
     rates = [0.0] * queues
@@ -139,17 +138,22 @@ def parallel_rows(engines: list[str], seconds: float) -> list[dict[str, object]]
     """One queue against ``max(2, cores)`` queues on their own threads, per engine and kind."""
     queues = max(2, os.cpu_count() or 1)
     rows: list[dict[str, object]] = []
-    print(f"\nqueues in parallel (batch {PARALLEL_BATCH}, one thread per queue, "
-          f"{os.cpu_count()} host cores)")
-    print(f"{'requests':<10}{'engine':>8}{'1 queue req/s':>16}{f'{queues} queues req/s':>18}"
-          f"{'scaling':>9}")
+    print(f"\nqueues in parallel (batch {PARALLEL_BATCH}, one thread per queue, {os.cpu_count()} host cores)")
+    print(f"{'requests':<10}{'engine':>8}{'1 queue req/s':>16}{f'{queues} queues req/s':>18}{'scaling':>9}")
     for kind in ("null", "4k-copy"):
         for e in engines:
             one = run_parallel(ENGINES[e], kind, 1, seconds)
             many = run_parallel(ENGINES[e], kind, queues, seconds)
-            rows.append({"requests": kind, "engine": e, "queues": queues,
-                         "one_queue_req_per_s": round(one), "req_per_s": round(many),
-                         "scaling": round(many / one, 2)})
+            rows.append(
+                {
+                    "requests": kind,
+                    "engine": e,
+                    "queues": queues,
+                    "one_queue_req_per_s": round(one),
+                    "req_per_s": round(many),
+                    "scaling": round(many / one, 2),
+                }
+            )
             print(f"{kind:<10}{e:>8}{one:>16,.0f}{many:>18,.0f}{many / one:>8.2f}x")
     return rows
 

@@ -153,8 +153,7 @@ def _best(rows: Sequence[dict[str, Any]], impl: str) -> dict[str, Any] | None:
     return max(measured, key=lambda r: r["iops"]) if measured else None
 
 
-def summary_rows(rows: Sequence[dict[str, Any]],
-                 cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def summary_rows(rows: Sequence[dict[str, Any]], cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per workload: our best mode, the peer's best mode, the raw device, and the
     ratios (paired by round with the raw device's and the peer's cells)."""
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -200,11 +199,22 @@ def evaluate_targets(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             s = by_rw.get(rw)
             value = None
             if s is not None:
-                value = {"vs_raw": s["ours_vs_raw"], "vs_peer": s["ours_vs_peer"],
-                         "scaling": s["ours_vs_qd1"]}[t.key]
-            out.append({"target": t.key, "text": t.text, "rw": rw, "threshold": t.threshold,
-                        "value": value, "mode": s["our_mode"] if s else None,
-                        "met": None if value is None else value >= t.threshold})
+                value = {
+                    "vs_raw": s["ours_vs_raw"],
+                    "vs_peer": s["ours_vs_peer"],
+                    "scaling": s["ours_vs_qd1"],
+                }[t.key]
+            out.append(
+                {
+                    "target": t.key,
+                    "text": t.text,
+                    "rw": rw,
+                    "threshold": t.threshold,
+                    "value": value,
+                    "mode": s["our_mode"] if s else None,
+                    "met": None if value is None else value >= t.threshold,
+                }
+            )
     return out
 
 
@@ -223,8 +233,19 @@ def _x(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
-CELL_COLUMNS = ("workload", "mode", "options", "IOPS", "x raw", "x own qd1", "lat µs",
-                "CPU µs/IO", "guest CPU µs/IO", "depth", "note")
+CELL_COLUMNS = (
+    "workload",
+    "mode",
+    "options",
+    "IOPS",
+    "x raw",
+    "x own qd1",
+    "lat µs",
+    "CPU µs/IO",
+    "guest CPU µs/IO",
+    "depth",
+    "note",
+)
 CELL_RIGHT = {"IOPS", "x raw", "x own qd1", "lat µs", "CPU µs/IO", "guest CPU µs/IO", "depth"}
 
 
@@ -241,16 +262,37 @@ def _note(r: dict[str, Any]) -> str:
 
 def format_cells(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
     """Every (workload, mode): IOPS and ratios, mean latency, CPU per I/O, our queue depth."""
-    body = [[r["workload"], r["mode"], r["label"], _num(r["iops"]), _x(r["vs_raw"]),
-             _x(r["vs_qd1"]), _num(r["lat_mean_us"]), _num(r["cpu_us_per_io"]),
-             _num(r["guest_cpu_us_per_io"]), _num(r["depth_mean"], 1), _note(r)]
-            for r in rows]
+    body = [
+        [
+            r["workload"],
+            r["mode"],
+            r["label"],
+            _num(r["iops"]),
+            _x(r["vs_raw"]),
+            _x(r["vs_qd1"]),
+            _num(r["lat_mean_us"]),
+            _num(r["cpu_us_per_io"]),
+            _num(r["guest_cpu_us_per_io"]),
+            _num(r["depth_mean"], 1),
+            _note(r),
+        ]
+        for r in rows
+    ]
     return format_grid(CELL_COLUMNS, body, CELL_RIGHT, markdown)
 
 
-SUMMARY_COLUMNS = ("workload", "pyvduse best", "peer best", "raw (limit)", "ours/raw",
-                   "ours/peer", "peer/raw", "ours/own qd1", "CPU µs/IO ours/peer",
-                   "lat µs ours/peer/raw")
+SUMMARY_COLUMNS = (
+    "workload",
+    "pyvduse best",
+    "peer best",
+    "raw (limit)",
+    "ours/raw",
+    "ours/peer",
+    "peer/raw",
+    "ours/own qd1",
+    "CPU µs/IO ours/peer",
+    "lat µs ours/peer/raw",
+)
 SUMMARY_RIGHT = set(SUMMARY_COLUMNS) - {"workload"}
 
 
@@ -262,9 +304,20 @@ def format_summary(summary: Sequence[dict[str, Any]], markdown: bool = False) ->
             lat = f"{_num(s['our_lat_us'])}/{_num(s['peer_lat_us'])}/{_num(s['raw_lat_us'])}"
         ours = f"{_num(s['ours'])} ({s['our_mode']})" if s["our_mode"] else "-"
         peer = f"{_num(s['peer'])} ({s['peer_mode']})" if s["peer_mode"] else "-"
-        body.append([s["workload"], ours, peer, _num(s["raw"]), _x(s["ours_vs_raw"]),
-                     _x(s["ours_vs_peer"]), _x(s["peer_vs_raw"]), _x(s["ours_vs_qd1"]),
-                     f"{_num(s['our_cpu_us_per_io'])}/{_num(s['peer_cpu_us_per_io'])}", lat])
+        body.append(
+            [
+                s["workload"],
+                ours,
+                peer,
+                _num(s["raw"]),
+                _x(s["ours_vs_raw"]),
+                _x(s["ours_vs_peer"]),
+                _x(s["peer_vs_raw"]),
+                _x(s["ours_vs_qd1"]),
+                f"{_num(s['our_cpu_us_per_io'])}/{_num(s['peer_cpu_us_per_io'])}",
+                lat,
+            ]
+        )
     return format_grid(SUMMARY_COLUMNS, body, SUMMARY_RIGHT, markdown)
 
 
@@ -305,8 +358,11 @@ def format_notes(info: dict[str, Any]) -> str:
         f"ramp), {info.get('repeat', 1)} round(s); guest {guest.get('guest_kernel', '?')}, "
         f"{guest.get('guest_vcpus', '?')} vCPUs, {guest.get('guest_mem_mib', '?')} MiB, QEMU "
         f"TCG on {info.get('host_cpu', '?')}"
-        + ("" if info.get("host_steal_share") is None
-           else f" ({info['host_steal_share'] * 100:.0f}% of the host's CPU time stolen)")
+        + (
+            ""
+            if info.get("host_steal_share") is None
+            else f" ({info['host_steal_share'] * 100:.0f}% of the host's CPU time stolen)"
+        )
         + f"; {guest.get('qsd_version', '?')}; {guest.get('fio_version', '?')}; pyvduse "
         f"{info.get('pyvduse_commit', '?')}"
         + (f" with {info['our_args']}" if info.get("our_args") else "")
@@ -320,29 +376,41 @@ def _others_note(others: dict[str, Any] | None) -> str:
     if not others or not others.get("samples"):
         return "The host was not watched during the run."
     cpu = others.get("others_cpu_share")
-    cpu_text = "" if cpu is None else (f"; {cpu * 100:.0f}% of the host's CPU time went to "
-                                       "processes other than this run's VM")
+    cpu_text = (
+        ""
+        if cpu is None
+        else (f"; {cpu * 100:.0f}% of the host's CPU time went to processes other than this run's VM")
+    )
     if not others["max"]:
         return f"No other VM ran on the host during the run{cpu_text}."
-    return (f"Another VM ran on the host in {others['share_with_others'] * 100:.0f}% of the "
-            f"samples (up to {others['max']} at once){cpu_text}: the figures are lower than "
-            "on a quiet host.")
+    return (
+        f"Another VM ran on the host in {others['share_with_others'] * 100:.0f}% of the "
+        f"samples (up to {others['max']} at once){cpu_text}: the figures are lower than "
+        "on a quiet host."
+    )
 
 
 def report_text(report: dict[str, Any], markdown: bool = False) -> str:
-    return "\n\n".join([
-        format_cells(report["rows"], markdown),
-        format_summary(report["summary"], markdown),
-        format_targets(report["targets"], markdown),
-        format_notes(report["info"]),
-    ])
+    return "\n\n".join(
+        [
+            format_cells(report["rows"], markdown),
+            format_summary(report["summary"], markdown),
+            format_targets(report["targets"], markdown),
+            format_notes(report["info"]),
+        ]
+    )
 
 
 def build_report(guest: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
     rows = mode_rows(guest["cells"])
     summary = summary_rows(rows, guest["cells"])
-    return {"info": info, "rows": rows, "summary": summary, "targets": evaluate_targets(summary),
-            "cells": guest["cells"]}
+    return {
+        "info": info,
+        "rows": rows,
+        "summary": summary,
+        "targets": evaluate_targets(summary),
+        "cells": guest["cells"],
+    }
 
 
 def unexpected_failures(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -431,25 +499,47 @@ def vm_timeout(cells: int, seconds: float, ramp: float) -> float:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    p.add_argument("--seconds", type=float, default=None,
-                   help=f"fio runtime per cell (default {DEFAULT_SECONDS:g}, 1 with --quick)")
-    p.add_argument("--ramp", type=float, default=None,
-                   help="fio ramp_time per cell (default 1, 0 with --quick)")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke mode: 1 s cells, randread at iodepth 1 and 16, modes "
-                        + ",".join(QUICK_MODES))
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help=f"fio runtime per cell (default {DEFAULT_SECONDS:g}, 1 with --quick)",
+    )
+    p.add_argument(
+        "--ramp", type=float, default=None, help="fio ramp_time per cell (default 1, 0 with --quick)"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke mode: 1 s cells, randread at iodepth 1 and 16, modes " + ",".join(QUICK_MODES),
+    )
     p.add_argument("--workloads", help="comma-separated subset (default: all, or the quick set)")
     p.add_argument("--modes", help="comma-separated subset (default: all, or the quick set)")
-    p.add_argument("--latency-us", type=int, default=DEFAULT_LATENCY_US,
-                   help=f"null_blk's completion latency (default {DEFAULT_LATENCY_US})")
-    p.add_argument("--size-mb", type=int, default=DEFAULT_SIZE_MB,
-                   help=f"null_blk's size (default {DEFAULT_SIZE_MB})")
-    p.add_argument("--repeat", type=int, default=1, metavar="N",
-                   help="rounds of every cell: medians, ratios paired by round (default 1)")
-    p.add_argument("--our-args", default="", metavar="ARGS",
-                   help="extra 'pyvduse blk' options for every pyvduse mode, e.g. '--poll-us 50'")
-    p.add_argument("--json", type=Path, default=DEFAULT_JSON,
-                   help=f"default {DEFAULT_JSON.relative_to(ROOT)}")
+    p.add_argument(
+        "--latency-us",
+        type=int,
+        default=DEFAULT_LATENCY_US,
+        help=f"null_blk's completion latency (default {DEFAULT_LATENCY_US})",
+    )
+    p.add_argument(
+        "--size-mb", type=int, default=DEFAULT_SIZE_MB, help=f"null_blk's size (default {DEFAULT_SIZE_MB})"
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="rounds of every cell: medians, ratios paired by round (default 1)",
+    )
+    p.add_argument(
+        "--our-args",
+        default="",
+        metavar="ARGS",
+        help="extra 'pyvduse blk' options for every pyvduse mode, e.g. '--poll-us 50'",
+    )
+    p.add_argument(
+        "--json", type=Path, default=DEFAULT_JSON, help=f"default {DEFAULT_JSON.relative_to(ROOT)}"
+    )
     p.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     p.add_argument("--mem", default=os.environ.get("TESTVM_MEM", "3G"), help="guest memory (default 3G)")
     p.add_argument("--smp", type=int, default=2, help="guest vCPUs (default 2)")
@@ -461,15 +551,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     seconds = args.seconds if args.seconds is not None else (1.0 if args.quick else DEFAULT_SECONDS)
     ramp = args.ramp if args.ramp is not None else (0.0 if args.quick else 1.0)
-    workloads = args.workloads.split(",") if args.workloads else (
-        list(QUICK_WORKLOADS) if args.quick else [w.name for w in WORKLOADS])
-    modes = args.modes.split(",") if args.modes else (
-        list(QUICK_MODES) if args.quick else [m.name for m in MODES])
+    workloads = (
+        args.workloads.split(",")
+        if args.workloads
+        else (list(QUICK_WORKLOADS) if args.quick else [w.name for w in WORKLOADS])
+    )
+    modes = (
+        args.modes.split(",")
+        if args.modes
+        else (list(QUICK_MODES) if args.quick else [m.name for m in MODES])
+    )
     unknown = [n for n in workloads if n not in WORKLOAD_BY_NAME]
     unknown += [n for n in modes if n not in MODE_BY_NAME]
     if unknown:
-        parser.error(f"unknown {', '.join(unknown)}; workloads: {', '.join(WORKLOAD_BY_NAME)}; "
-                     f"modes: {', '.join(MODE_BY_NAME)}")
+        parser.error(
+            f"unknown {', '.join(unknown)}; workloads: {', '.join(WORKLOAD_BY_NAME)}; "
+            f"modes: {', '.join(MODE_BY_NAME)}"
+        )
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     started = time.monotonic()
@@ -477,12 +575,30 @@ def main(argv: list[str] | None = None) -> int:
     date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     cells = len(workloads) * len(modes) * args.repeat
     with HostWatch() as watch:
-        guest = run_guest(["--seconds", f"{seconds:g}", "--ramp", f"{ramp:g}",
-                           "--workloads", ",".join(workloads), "--modes", ",".join(modes),
-                           "--latency-us", str(args.latency_us), "--size-mb", str(args.size_mb),
-                           "--repeat", str(args.repeat), f"--our-args={args.our_args}"],
-                          mem=args.mem, smp=args.smp, timeout=vm_timeout(cells, seconds, ramp),
-                          runner="slow_disk_guest.py", prog="slow_disk")
+        guest = run_guest(
+            [
+                "--seconds",
+                f"{seconds:g}",
+                "--ramp",
+                f"{ramp:g}",
+                "--workloads",
+                ",".join(workloads),
+                "--modes",
+                ",".join(modes),
+                "--latency-us",
+                str(args.latency_us),
+                "--size-mb",
+                str(args.size_mb),
+                "--repeat",
+                str(args.repeat),
+                f"--our-args={args.our_args}",
+            ],
+            mem=args.mem,
+            smp=args.smp,
+            timeout=vm_timeout(cells, seconds, ramp),
+            runner="slow_disk_guest.py",
+            prog="slow_disk",
+        )
     info = {
         "date": date,
         "host_cpu": host_cpu_model(),
@@ -491,8 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         "host_load_after": host_load(),
         "host_steal_share": steal_share(times_before, host_cpu_times()),
         "other_vms": watch.summary(),
-        "vm": {"accel": os.environ.get("PYVDUSE_TESTVM_ACCEL", "tcg"), "vcpus": args.smp,
-               "mem": args.mem},
+        "vm": {"accel": os.environ.get("PYVDUSE_TESTVM_ACCEL", "tcg"), "vcpus": args.smp, "mem": args.mem},
         "guest": guest["info"],
         "nullb": guest.get("nullb", {}),
         "pyvduse_commit": git_commit(),

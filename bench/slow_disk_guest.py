@@ -75,8 +75,9 @@ NULLB_QUEUE_DEPTH = 256
 BLKFLSBUF = 0x1261  # _IO(0x12, 97): write back and drop a block device's page cache
 STATS_TIMEOUT = 30.0
 
-EFAULT_NOTE = ("direct I/O into VDUSE's bounce pages: the kernel cannot pin them (EFAULT), "
-               "so every request fails")
+EFAULT_NOTE = (
+    "direct I/O into VDUSE's bounce pages: the kernel cannot pin them (EFAULT), so every request fails"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +108,11 @@ MODES: tuple[Mode, ...] = (
     Mode("py-io_uring-direct", "pyvduse", ("--aio", "io_uring", "--cache", "none")),
     # Direct I/O straight into the bounce buffer, registered as the daemon's own memory
     # (VDUSE_IOTLB_REG_UMEM), against the copy through aligned buffers of the line above.
-    Mode("py-io_uring-direct-umem", "pyvduse",
-         ("--aio", "io_uring", "--cache", "none", "--bounce-memory", "daemon")),
+    Mode(
+        "py-io_uring-direct-umem",
+        "pyvduse",
+        ("--aio", "io_uring", "--cache", "none", "--bounce-memory", "daemon"),
+    ),
     Mode("py-threads", "pyvduse", ("--aio", "threads", "--cache", "writeback")),
     Mode("py-sync", "pyvduse", ("--aio", "sync", "--cache", "writeback")),
 )
@@ -117,7 +121,9 @@ IMPLS = ("pyvduse", "qsd", "raw")
 
 WORKLOADS: tuple[Workload, ...] = tuple(
     Workload(f"{rw}-4k-qd{depth}", rw, "4k", depth)
-    for rw in ("randread", "randwrite") for depth in (1, 16, 64))
+    for rw in ("randread", "randwrite")
+    for depth in (1, 16, 64)
+)
 WORKLOAD_BY_NAME = {w.name: w for w in WORKLOADS}
 
 QUICK_WORKLOADS = ("randread-4k-qd1", "randread-4k-qd16")
@@ -134,8 +140,13 @@ def device_name(mode: Mode) -> str:
 
 def nullb_attrs(size_mb: int, latency_us: int) -> dict[str, int]:
     """The configfs attributes of the slow disk, in the order they are written (power last)."""
-    attrs = {"size": size_mb, "blocksize": BLOCK_SIZE, "memory_backed": 0,
-             "hw_queue_depth": NULLB_QUEUE_DEPTH, "submit_queues": 1}
+    attrs = {
+        "size": size_mb,
+        "blocksize": BLOCK_SIZE,
+        "memory_backed": 0,
+        "hw_queue_depth": NULLB_QUEUE_DEPTH,
+        "submit_queues": 1,
+    }
     if latency_us:
         attrs.update(irqmode=2, completion_nsec=latency_us * 1000)
     return attrs
@@ -158,8 +169,10 @@ class NullBlk:
             attrs = nullb_attrs(size_mb, latency_us)
             missing = [a for a in attrs if not (self.dir / a).exists()]
             if missing:
-                raise BenchError(f"null_blk has no configfs attribute {', '.join(missing)} "
-                                 f"(it has {', '.join(sorted(p.name for p in self.dir.iterdir()))})")
+                raise BenchError(
+                    f"null_blk has no configfs attribute {', '.join(missing)} "
+                    f"(it has {', '.join(sorted(p.name for p in self.dir.iterdir()))})"
+                )
             for attr, value in attrs.items():
                 (self.dir / attr).write_text(str(value))
             (self.dir / "power").write_text("1")
@@ -203,11 +216,12 @@ def our_argv(mode: Mode, dev: str, serial: str) -> list[str]:
 
 def qsd_argv(mode: Mode, dev: str, serial: str) -> list[str]:
     # Several daemons open the device at once: QEMU's image locking off.
-    node = ",".join(["driver=host_device", "node-name=n0", f"filename={dev}", "locking=off",
-                     *mode.options])
-    export = (f"type=vduse-blk,id=e0,node-name=n0,name={device_name(mode)},writable=on,"
-              f"num-queues=1,queue-size={QUEUE_SIZE},logical-block-size={BLOCK_SIZE},"
-              f"serial={serial}")
+    node = ",".join(["driver=host_device", "node-name=n0", f"filename={dev}", "locking=off", *mode.options])
+    export = (
+        f"type=vduse-blk,id=e0,node-name=n0,name={device_name(mode)},writable=on,"
+        f"num-queues=1,queue-size={QUEUE_SIZE},logical-block-size={BLOCK_SIZE},"
+        f"serial={serial}"
+    )
     return [QSD, "--blockdev", node, "--export", export]
 
 
@@ -249,9 +263,11 @@ def stats_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]
 
 def our_queue_status(status: dict[str, Any]) -> dict[str, Any]:
     """What `status` says our daemon runs: cache and aio, and each queue's engine and aio."""
-    return {"aio": status.get("aio"), "cache": status.get("cache"),
-            "queues": [{"engine": q.get("engine"), "aio": q.get("aio")}
-                       for q in status.get("queues", [])]}
+    return {
+        "aio": status.get("aio"),
+        "cache": status.get("cache"),
+        "queues": [{"engine": q.get("engine"), "aio": q.get("aio")} for q in status.get("queues", [])],
+    }
 
 
 # --------------------------------------------------------------------------- cells
@@ -271,11 +287,25 @@ def _cpu_of(pids: Sequence[int]) -> float:
     return total
 
 
-def run_one(mode: Mode, w: Workload, *, disk: NullBlk, devices: dict[str, Device],
-            start_errors: dict[str, str], seconds: float, ramp: float, fio: Fio) -> dict[str, Any]:
+def run_one(
+    mode: Mode,
+    w: Workload,
+    *,
+    disk: NullBlk,
+    devices: dict[str, Device],
+    start_errors: dict[str, str],
+    seconds: float,
+    ramp: float,
+    fio: Fio,
+) -> dict[str, Any]:
     """One cell: `w` on `mode`'s device; never raises for a failure of the thing measured."""
-    cell: dict[str, Any] = {"impl": mode.impl, "mode": mode.name, "workload": w.name,
-                            "iodepth": w.iodepth, "rw": w.rw}
+    cell: dict[str, Any] = {
+        "impl": mode.impl,
+        "mode": mode.name,
+        "workload": w.name,
+        "iodepth": w.iodepth,
+        "rw": w.rw,
+    }
     if mode.expect_failure:
         cell["expected_failure"] = mode.expect_failure
     if mode.name in start_errors:
@@ -305,8 +335,7 @@ def run_one(mode: Mode, w: Workload, *, disk: NullBlk, devices: dict[str, Device
             measure_fio(cell, d.dev, d.pid, w, seconds, ramp, fio)
             if before is not None:
                 cell.update(stats_delta(before, ctl(d.name, "stats")))
-    except (OSError, subprocess.SubprocessError, BenchError, client.NoDaemon,
-            client.ClientError) as e:
+    except (OSError, subprocess.SubprocessError, BenchError, client.NoDaemon, client.ClientError) as e:
         cell.setdefault("error", f"{type(e).__name__}: {e}")
     cell["idle_daemons_cpu_s"] = _cpu_of(idle) - idle0
     if d is not None and ("error" in cell or d.proc.poll() is not None):
@@ -316,8 +345,16 @@ def run_one(mode: Mode, w: Workload, *, disk: NullBlk, devices: dict[str, Device
     return cell
 
 
-def run_matrix(modes: Sequence[Mode], workloads: Sequence[Workload], *, seconds: float,
-               ramp: float, repeat: int, latency_us: int, size_mb: int) -> dict[str, Any]:
+def run_matrix(
+    modes: Sequence[Mode],
+    workloads: Sequence[Workload],
+    *,
+    seconds: float,
+    ramp: float,
+    repeat: int,
+    latency_us: int,
+    size_mb: int,
+) -> dict[str, Any]:
     started = time.monotonic()
     work = Path("/tmp/slow-disk-bench")
     work.mkdir(parents=True, exist_ok=True)
@@ -361,10 +398,13 @@ def run_matrix(modes: Sequence[Mode], workloads: Sequence[Workload], *, seconds:
         for m in modes:
             served = devices.get(m.name)
             entry: dict[str, Any] = {
-                "mode": m.name, "impl": m.impl, "label": m.label,
+                "mode": m.name,
+                "impl": m.impl,
+                "label": m.label,
                 "dev": served.dev if served else (disk.dev if m.impl == "raw" else None),
                 "command": served.command if served else None,
-                "start_error": start_errors.get(m.name)}
+                "start_error": start_errors.get(m.name),
+            }
             if served is not None and served.impl == "pyvduse":
                 try:
                     entry["status"] = our_queue_status(ctl(served.name, "status"))
@@ -372,14 +412,24 @@ def run_matrix(modes: Sequence[Mode], workloads: Sequence[Workload], *, seconds:
                     entry["status_error"] = str(e)
             result["devices"].append(entry)
         result["setup_s"] = time.monotonic() - started
-        _log(f"set up in {result['setup_s']:.1f} s: {len(devices)} daemons, "
-             f"{len(start_errors)} failed to start")
+        _log(
+            f"set up in {result['setup_s']:.1f} s: {len(devices)} daemons, "
+            f"{len(start_errors)} failed to start"
+        )
         k = 0
         for w in workloads:
             for r in range(repeat):
                 for m in _order(modes, k):
-                    cell = run_one(m, w, disk=disk, devices=devices, start_errors=start_errors,
-                                   seconds=seconds, ramp=ramp, fio=fio)
+                    cell = run_one(
+                        m,
+                        w,
+                        disk=disk,
+                        devices=devices,
+                        start_errors=start_errors,
+                        seconds=seconds,
+                        ramp=ramp,
+                        fio=fio,
+                    )
                     cell["round"] = r
                     result["cells"].append(cell)
                     _log(cell_line(cell))
@@ -408,10 +458,12 @@ def cell_line(c: dict[str, Any]) -> str:
     if "error" in c:
         tag = "expected failure" if c.get("expected_failure") else "ERROR"
         return f"{head} {tag}: {c['error'][-300:]}"
-    return (f"{head} {c['iops']:8.0f} IOPS lat {c['lat_mean_us']:7.0f} us  "
-            f"cpu {_fig(c, 'cpu_us_per_io')} us/IO  guest {_fig(c, 'guest_cpu_us_per_io')} us/IO  "
-            f"depth {_fig(c, 'depth_mean', '.1f')}  daemon lat {_fig(c, 'daemon_lat_us')} us  "
-            f"idle daemons {_fig(c, 'idle_daemons_cpu_s', '.2f')} s")
+    return (
+        f"{head} {c['iops']:8.0f} IOPS lat {c['lat_mean_us']:7.0f} us  "
+        f"cpu {_fig(c, 'cpu_us_per_io')} us/IO  guest {_fig(c, 'guest_cpu_us_per_io')} us/IO  "
+        f"depth {_fig(c, 'depth_mean', '.1f')}  daemon lat {_fig(c, 'daemon_lat_us')} us  "
+        f"idle daemons {_fig(c, 'idle_daemons_cpu_s', '.2f')} s"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -419,8 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path, help="result JSON (host-visible path)")
     p.add_argument("--seconds", type=float, default=4.0, help="fio runtime per cell")
     p.add_argument("--ramp", type=float, default=1.0, help="fio ramp_time per cell")
-    p.add_argument("--latency-us", type=int, default=DEFAULT_LATENCY_US,
-                   help="null_blk's completion latency")
+    p.add_argument("--latency-us", type=int, default=DEFAULT_LATENCY_US, help="null_blk's completion latency")
     p.add_argument("--size-mb", type=int, default=DEFAULT_SIZE_MB, help="null_blk's size")
     p.add_argument("--workloads", default=",".join(w.name for w in WORKLOADS))
     p.add_argument("--modes", default=",".join(m.name for m in MODES))
@@ -431,8 +482,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         workloads = [WORKLOAD_BY_NAME[n] for n in args.workloads.split(",") if n]
         modes = [MODE_BY_NAME[n] for n in args.modes.split(",") if n]
-        result = run_matrix(modes, workloads, seconds=args.seconds, ramp=args.ramp,
-                            repeat=args.repeat, latency_us=args.latency_us, size_mb=args.size_mb)
+        result = run_matrix(
+            modes,
+            workloads,
+            seconds=args.seconds,
+            ramp=args.ramp,
+            repeat=args.repeat,
+            latency_us=args.latency_us,
+            size_mb=args.size_mb,
+        )
     except (BenchError, KeyError, OSError, subprocess.SubprocessError) as e:
         result = {"fatal": f"{type(e).__name__}: {e}"}
         _log(f"FATAL {result['fatal']}")

@@ -43,7 +43,7 @@ def reply_to(frame: bytes) -> bytes | None:
     if len(frame) < ETH.size:
         return None
     _dst, src, ethertype = ETH.unpack_from(frame)
-    body = frame[ETH.size:]
+    body = frame[ETH.size :]
     if ethertype == ETH_ARP and len(body) >= ARP.size:
         htype, ptype, hlen, plen, op, sha, spa, _tha, tpa = ARP.unpack_from(body)
         if op != 1 or spa == tpa:  # a request, and not a probe for the sender's own address
@@ -52,7 +52,7 @@ def reply_to(frame: bytes) -> bytes | None:
         return ETH.pack(src, RESPONDER_MAC, ETH_ARP) + arp
     if ethertype == ETH_IP and len(body) >= 28 and body[9] == 1:  # ICMP
         ihl = (body[0] & 0xF) * 4
-        icmp = bytearray(body[ihl:struct.unpack_from("!H", body, 2)[0]])
+        icmp = bytearray(body[ihl : struct.unpack_from("!H", body, 2)[0]])
         if len(icmp) < 8 or icmp[0] != 8:  # echo request
             return None
         icmp[0] = 0  # echo reply
@@ -76,7 +76,7 @@ class Responder(PacketQueueBackend):
         self.answered = 0
 
     def send(self, packet: list[memoryview]) -> None:
-        reply = reply_to(b"".join(packet)[vn.NET_HDR_V1_SIZE:])
+        reply = reply_to(b"".join(packet)[vn.NET_HDR_V1_SIZE :])
         if reply is not None:
             self.answered += 1
             self.inject(HEADER + reply)

@@ -51,8 +51,10 @@ def fuzz(seconds: float | None, cases: int | None, seed: int, report: bool = Tru
             next_report += 5
     elapsed = time.monotonic() - start
     if report:
-        print(f"done: {n} cases in {elapsed:.1f} s ({n / max(elapsed, 1e-9):,.0f} cases/s), "
-              f"{served} chains served, no failures")
+        print(
+            f"done: {n} cases in {elapsed:.1f} s ({n / max(elapsed, 1e-9):,.0f} cases/s), "
+            f"{served} chains served, no failures"
+        )
     return 0
 
 

@@ -93,8 +93,9 @@ def _big_region() -> Region:
     """The huge cases' region (never written: chains that large are refused)."""
     global _big
     if _big is None:
-        _big = mmap.mmap(-1, BIG_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-                         | getattr(mmap, "MAP_NORESERVE", 0))
+        _big = mmap.mmap(
+            -1, BIG_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+        )
     return Region(BIG, BIG + BIG_SIZE - 1, memoryview(_big), True, owner=_big)
 
 
@@ -248,13 +249,11 @@ class SplitCase:
     log: bytes = b""  # ... and the in-flight log
 
 
-def _setup(r: Reader, num: int, huge: bool = False) -> tuple[CaseMemory, DriverSplitRing, int,
-                                                             int]:
+def _setup(r: Reader, num: int, huge: bool = False) -> tuple[CaseMemory, DriverSplitRing, int, int]:
     """Driver memory with a ring of ``num`` at its start and guard bytes above: (memory,
     ring, features read from ``r``, where data memory starts)."""
     flags = r.u8()
-    feats = (bit(F_RING_INDIRECT_DESC) if flags & 1 else 0) | (
-        bit(F_RING_EVENT_IDX) if flags & 2 else 0)
+    feats = (bit(F_RING_INDIRECT_DESC) if flags & 1 else 0) | (bit(F_RING_EVENT_IDX) if flags & 2 else 0)
     mem = CaseMemory(huge)
     drv = DriverSplitRing(mem, num)
     data_start = mem.alloc(0, 4096)
@@ -290,8 +289,7 @@ def _device_setup(r: Reader, case: SplitCase) -> None:
     if case.backend != "null":
         case.backend = BACKENDS[how % len(BACKENDS)]
     if case.backend == "uring":
-        case.tuning = EngineTuning(AioMode.URING, nowait=bool(how & 0x10),
-                                   bounce=bool(how & 0x20))
+        case.tuning = EngineTuning(AioMode.URING, nowait=bool(how & 0x10), bounce=bool(how & 0x20))
         case.test = TestKnobs(serial=True)
     elif case.backend == "file" and how & 0x20:
         case.tuning = EngineTuning(bounce=True)
@@ -307,15 +305,13 @@ def build_case(data: bytes) -> SplitCase:
     for a in range(data_start, ARENA - 16, 2048):
         mem.write(a, hdr)
     for i in range(num):
-        drv.write_desc(i, r.address(data_start, drv), r.length(), r.u8() & 7,
-                       r.u8() % (num + 2))
+        drv.write_desc(i, r.address(data_start, drv), r.length(), r.u8() & 7, r.u8() % (num + 2))
     for _ in range(r.u8() % 4):  # indirect tables somewhere in data memory
         table = r.address(data_start, drv) & ~15
         for k in range(r.u8() % 6 + 1):
             a = table + k * DESC_SIZE
             if data_start <= a <= ARENA - DESC_SIZE:
-                mem.write(a, VRING_DESC.pack(r.address(data_start, drv), r.length(),
-                                               r.u8() & 7, r.u8() % 8))
+                mem.write(a, VRING_DESC.pack(r.address(data_start, drv), r.length(), r.u8() & 7, r.u8() % 8))
     for slot in range(num):
         drv.set_avail_entry(slot, r.u8() % (num + 2))
     jump = r.u8()
@@ -340,22 +336,27 @@ def _huge_request(r: Reader, mem: CaseMemory) -> list[tuple[int, int, int]]:
     return bufs
 
 
-def _onto_the_ring(r: Reader, mem: CaseMemory, drv: DriverSplitRing, num: int,
-                   tables: list[tuple[int, int]]) -> None:
+def _onto_the_ring(
+    r: Reader, mem: CaseMemory, drv: DriverSplitRing, num: int, tables: list[tuple[int, int]]
+) -> None:
     """Point a few descriptors (direct or in an indirect table) at the ring itself: the avail
     index or entries, the used ring, the descriptor table, a few bytes long."""
     for _ in range(1 + r.u8() % 3):
         where = r.u8()
-        table, count = (drv.desc_addr, num) if not tables or where & 1 else tables[
-            where % len(tables)]
+        table, count = (drv.desc_addr, num) if not tables or where & 1 else tables[where % len(tables)]
         a = table + DESC_SIZE * (r.u8() % count)
         _addr, length, f, nxt = VRING_DESC.unpack(mem.read(a, DESC_SIZE))
         if f & VRING_DESC_F_INDIRECT:
             continue
         k = r.u8()
-        target = (drv.avail_addr + 2, drv.avail_addr + 4 + 2 * (k % num), drv.used_addr,
-                  drv.used_addr + 4 + 8 * (k % num), drv.desc_addr + DESC_SIZE * (k % num),
-                  drv.avail_addr)[r.u8() % 6]
+        target = (
+            drv.avail_addr + 2,
+            drv.avail_addr + 4 + 2 * (k % num),
+            drv.used_addr,
+            drv.used_addr + 4 + 8 * (k % num),
+            drv.desc_addr + DESC_SIZE * (k % num),
+            drv.avail_addr,
+        )[r.u8() % 6]
         mem.write(a, VRING_DESC.pack(target, 1 + r.u8() % 8 if r.u8() & 3 else length, f, nxt))
 
 
@@ -390,8 +391,7 @@ def build_request_case(data: bytes) -> SplitCase:
                 mem.write(hdr, vb.OUTHDR.pack(rtype, 0, sector))
                 split = r.u8() % 17
                 if split:  # the header in two descriptors
-                    bufs += [(hdr, split, 0), (hdr + split, 16 - split, 0)] if split < 16 else [
-                        (hdr, 16, 0)]
+                    bufs += [(hdr, split, 0), (hdr + split, 16 - split, 0)] if split < 16 else [(hdr, 16, 0)]
                 else:
                     bufs.append((hdr, 16, 0))
                 write = 0 if rtype & 0xFF == 1 else VRING_DESC_F_WRITE
@@ -408,14 +408,19 @@ def build_request_case(data: bytes) -> SplitCase:
         if feats & bit(F_RING_INDIRECT_DESC) and r.u8() & 1 and free_desc < num:
             place = r.u8()
             try:  # in data memory (now and then misaligned), or at the top of the IOVA space
-                table = (TOP + TOP_SIZE - DESC_SIZE * (len(bufs) + place % 4) if place < 24
-                         else mem.alloc(DESC_SIZE * len(bufs), 16 if place > 40 else 4))
+                table = (
+                    TOP + TOP_SIZE - DESC_SIZE * (len(bufs) + place % 4)
+                    if place < 24
+                    else mem.alloc(DESC_SIZE * len(bufs), 16 if place > 40 else 4)
+                )
             except MemoryError:
                 break
             for k, (addr, length, f) in enumerate(bufs):
                 last = k == len(bufs) - 1
-                mem.write(table + DESC_SIZE * k, VRING_DESC.pack(
-                    addr, length, f | (0 if last else VRING_DESC_F_NEXT), k + 1))
+                mem.write(
+                    table + DESC_SIZE * k,
+                    VRING_DESC.pack(addr, length, f | (0 if last else VRING_DESC_F_NEXT), k + 1),
+                )
             tables.append((table, len(bufs)))
             drv.write_desc(free_desc, table, DESC_SIZE * len(bufs), VRING_DESC_F_INDIRECT, 0)
             head, free_desc = free_desc, free_desc + 1
@@ -423,8 +428,7 @@ def build_request_case(data: bytes) -> SplitCase:
             head = free_desc
             for k, (addr, length, f) in enumerate(bufs):
                 last = k == len(bufs) - 1
-                drv.write_desc(free_desc, addr, length,
-                               f | (0 if last else VRING_DESC_F_NEXT), free_desc + 1)
+                drv.write_desc(free_desc, addr, length, f | (0 if last else VRING_DESC_F_NEXT), free_desc + 1)
                 free_desc += 1
         else:
             break
@@ -438,14 +442,20 @@ def build_request_case(data: bytes) -> SplitCase:
         drv.set_avail_entry(r.u8() % nreq, num + r.u8() % 3)
     for _ in range(r.u8() % 4 if r.u8() & 1 and not huge else 0):  # corrupt a field
         where = r.u8()
-        table, count = (drv.desc_addr, num) if not tables or where & 1 else tables[
-            where % len(tables)]
+        table, count = (drv.desc_addr, num) if not tables or where & 1 else tables[where % len(tables)]
         a = table + DESC_SIZE * (r.u8() % count)
         field_, value = r.u8() % 4, r.u32()
         addr, length, f, nxt = VRING_DESC.unpack(mem.read(a, DESC_SIZE))
         if field_ == 0:  # elsewhere in data memory, onto the rings, or far outside
-            addr = (r.address(data_start, drv) if value & 2 else data_start
-                    + (addr ^ value) % (ARENA - data_start)) if value & 1 == 0 else value << 20
+            addr = (
+                (
+                    r.address(data_start, drv)
+                    if value & 2
+                    else data_start + (addr ^ value) % (ARENA - data_start)
+                )
+                if value & 1 == 0
+                else value << 20
+            )
         elif field_ == 1:
             length = value if value & 1 else value % 8192
         elif field_ == 2:
@@ -528,8 +538,7 @@ def _backend(case: SplitCase, files: list[str]) -> Backend:
         return NullBackend(8 << 30)
     if case.backend == "memory":
         return MemoryBackend(DISK)
-    fd, path = tempfile.mkstemp(prefix="pyvduse-fuzz-", dir="/dev/shm"
-                                if os.path.isdir("/dev/shm") else None)
+    fd, path = tempfile.mkstemp(prefix="pyvduse-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     os.write(fd, bytes(range(256)) * (DISK // 256))
     os.close(fd)
     files.append(path)
@@ -548,11 +557,20 @@ def _disk(backend: Backend, files: list[str]) -> bytes:
 def _refused_by_the_native_engine(case: SplitCase) -> bool:
     d = case.drv
     try:
-        native.extension().Engine(EngineConfig(
-            RingLayout(native.region_tuples(case.mem.map), case.num, d.desc_addr,
-                       d.avail_addr, d.used_addr,
-                       event_idx=bool(case.features & bit(F_RING_EVENT_IDX)), indirect=True),
-            DeviceConfig(bytearray(8)))).close()
+        native.extension().Engine(
+            EngineConfig(
+                RingLayout(
+                    native.region_tuples(case.mem.map),
+                    case.num,
+                    d.desc_addr,
+                    d.avail_addr,
+                    d.used_addr,
+                    event_idx=bool(case.features & bit(F_RING_EVENT_IDX)),
+                    indirect=True,
+                ),
+                DeviceConfig(bytearray(8)),
+            )
+        ).close()
     except ValueError:
         return True
     return False
@@ -563,8 +581,7 @@ def serve(case: SplitCase, native_path: bool = False) -> tuple[int, bool]:
     (chains served, broken). A ring refused at setup is (0, True)."""
     d = case.drv
     try:
-        q = SplitQueue(case.mem.map, case.num, d.desc_addr, d.avail_addr, d.used_addr,
-                       case.features)
+        q = SplitQueue(case.mem.map, case.num, d.desc_addr, d.avail_addr, d.used_addr, case.features)
     except RingError:
         assert case.layout_error, "a ring laid out as a driver does was refused"
         if native_path:
@@ -632,18 +649,34 @@ def _serve_python(q: VirtQueue, serve_one: Callable[[], bool]) -> None:
             return
 
 
-def _serve_native(case: SplitCase, q: SplitQueue, dev: BlkDevice, log: InflightLog,
-                  serve_one: Callable[[], bool], counts: list[int]) -> None:
+def _serve_native(
+    case: SplitCase,
+    q: SplitQueue,
+    dev: BlkDevice,
+    log: InflightLog,
+    serve_one: Callable[[], bool],
+    counts: list[int],
+) -> None:
     """The native loop with the Python engine for what it leaves; appends to ``counts``
     the chains the loop served (also when ``serve_one`` raises)."""
-    engine = native.build(native.require_plan(dev), 0, q, case.mem.map,
-                          log if case.logged else None, None, lambda i: None, lambda *e: None,
-                          tuning=replace(case.tuning, publish_ns=0), test=case.test,
-                          inflight=q.in_flight)
+    engine = native.build(
+        native.require_plan(dev),
+        0,
+        q,
+        case.mem.map,
+        log if case.logged else None,
+        None,
+        lambda i: None,
+        lambda *e: None,
+        tuning=replace(case.tuning, publish_ns=0),
+        test=case.test,
+        inflight=q.in_flight,
+    )
     kick, stop = os.eventfd(0), os.eventfd(1)  # stopped from the start: one wakeup, then back
     try:
-        run_native(engine, q, log if case.logged else None, case.mem.map, kick, stop,
-                   serve_one, lambda: False)
+        run_native(
+            engine, q, log if case.logged else None, case.mem.map, kick, stop, serve_one, lambda: False
+        )
     finally:
         os.close(kick)
         os.close(stop)
@@ -665,8 +698,9 @@ def compare(build: Callable[[], SplitCase]) -> tuple[SplitCase, SplitCase | None
     nat.allowed = ref.allowed
     nat_result = serve(nat, True)
     check_writes(nat)
-    assert nat_result == ref_result, f"the engines served or broke differently: {ref_result} " \
-        f"(Python) against {nat_result} (native)"
+    assert nat_result == ref_result, (
+        f"the engines served or broke differently: {ref_result} (Python) against {nat_result} (native)"
+    )
     assert nat.disk == ref.disk, "the engines left different disks"
     assert nat.log == ref.log, "the engines left different in-flight logs"
     ref_mem, nat_mem = ref.mem.flat(), nat.mem.flat()

@@ -66,19 +66,25 @@ def check_kernel(bind: str = "virtio") -> None:
         raise KernelMissing(missing_module_hint())
     driver = BIND_DRIVERS[bind]
     if driver not in sysfs.vdpa_drivers():
-        raise KernelMissing(f"the {driver} module is not loaded: run 'modprobe {driver}' "
-                            f"(it gives the device to {MODULE_HINT[driver]})")
+        raise KernelMissing(
+            f"the {driver} module is not loaded: run 'modprobe {driver}' "
+            f"(it gives the device to {MODULE_HINT[driver]})"
+        )
 
 
 def check_bind(bind: str, user_bounce: bool = False) -> None:
     """ConfigError unless the device can be given to ``bind`` with these options."""
     if bind not in BIND_DRIVERS:
-        raise ConfigError(f"'{bind}' is not a vdpa driver pyvduse binds to: use one of "
-                          f"{', '.join(sorted(BIND_DRIVERS))}", option="bind")
+        raise ConfigError(
+            f"'{bind}' is not a vdpa driver pyvduse binds to: use one of {', '.join(sorted(BIND_DRIVERS))}",
+            option="bind",
+        )
     if bind == "vhost" and user_bounce:
-        raise ConfigError("a bounce buffer in the daemon's memory is virtio_vdpa's; bound to "
-                          "vhost_vdpa the device uses the VM's own memory: leave it out",
-                          option="user_bounce")
+        raise ConfigError(
+            "a bounce buffer in the daemon's memory is virtio_vdpa's; bound to "
+            "vhost_vdpa the device uses the VM's own memory: leave it out",
+            option="user_bounce",
+        )
 
 
 class Stopped(DeviceError):
@@ -88,8 +94,7 @@ class Stopped(DeviceError):
 def check_name(name: str) -> None:
     """ConfigError unless ``name`` can name a VDUSE device (and its vdpa device)."""
     if not name or "/" in name or name in (".", "..", "control") or len(name.encode()) > 255:
-        raise ConfigError(f"'{name}' cannot be a device name: use 1 to 255 characters, no '/'",
-                          option="name")
+        raise ConfigError(f"'{name}' cannot be a device name: use 1 to 255 characters, no '/'", option="name")
 
 
 class Daemon:
@@ -106,12 +111,23 @@ class Daemon:
     a VM), and to no other (``transport.kernel.vdpa_bind``).
     """
 
-    def __init__(self, device: VirtioDevice, name: str, *, model: bool = False,
-                 state_dir: Path | None = DEFAULT_STATE_DIR, resume: bool | None = None,
-                 tuning: QueueTuning | None = None, ops: OpsOptions | None = None,
-                 msg_timeout: int | None = None, bounce_size: int | None = None,
-                 irq_placement: Any = None, user_bounce: bool = False,
-                 node_timeout: float = NODE_WAIT_SECONDS, bind: str = "virtio") -> None:
+    def __init__(
+        self,
+        device: VirtioDevice,
+        name: str,
+        *,
+        model: bool = False,
+        state_dir: Path | None = DEFAULT_STATE_DIR,
+        resume: bool | None = None,
+        tuning: QueueTuning | None = None,
+        ops: OpsOptions | None = None,
+        msg_timeout: int | None = None,
+        bounce_size: int | None = None,
+        irq_placement: Any = None,
+        user_bounce: bool = False,
+        node_timeout: float = NODE_WAIT_SECONDS,
+        bind: str = "virtio",
+    ) -> None:
         check_name(name)
         check_bind(bind, user_bounce)
         if ops is not None:
@@ -124,9 +140,13 @@ class Daemon:
         self.ops_options = ops
         self.node_timeout = node_timeout
         self.bind = bind
-        self._kernel_options = {"msg_timeout": msg_timeout, "bounce_size": bounce_size,
-                                "irq_placement": irq_placement, "user_bounce": user_bounce,
-                                "driver": BIND_DRIVERS[bind]}
+        self._kernel_options = {
+            "msg_timeout": msg_timeout,
+            "bounce_size": bounce_size,
+            "irq_placement": irq_placement,
+            "user_bounce": user_bounce,
+            "driver": BIND_DRIVERS[bind],
+        }
         self.server = DeviceServer(device, None, tuning)
         #: The device node once started: /dev/vdX (virtio_vdpa), /dev/vhost-vdpa-N; None on
         #: the model.
@@ -194,8 +214,7 @@ class Daemon:
         SIGTERM stop it (a second one stops waiting for requests in flight) and SIGUSR1
         dumps every thread's stack."""
         if signals and threading.current_thread() is not threading.main_thread():
-            raise ConfigError("signal handlers can only be installed from the main thread",
-                              option="signals")
+            raise ConfigError("signal handlers can only be installed from the main thread", option="signals")
         stop = self._stop_requested
         trap = StopSignals(stop).install() if signals else None
         if signals:
@@ -212,8 +231,7 @@ class Daemon:
                 trap.restore()
                 faulthandler.unregister(signal.SIGUSR1)
         if self.broken is not None:
-            raise DeviceBroken(self.name, f"device '{self.name}' broke: {self.broken}; it was "
-                               "removed")
+            raise DeviceBroken(self.name, f"device '{self.name}' broke: {self.broken}; it was removed")
 
     def request_stop(self) -> None:
         """Ask ``run()`` (or a ``start()`` still waiting for the node) to stop, without
@@ -223,8 +241,9 @@ class Daemon:
     def __enter__(self) -> Daemon:
         return self.start()
 
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop(drain=t is None)
 
     # -- starting -------------------------------------------------------------------------
@@ -234,8 +253,7 @@ class Daemon:
         from pyvduse.transport.model.transport import ModelTransport
 
         timeout = self._kernel_options["msg_timeout"]
-        self.kernel = ModelKernel(self.device.spec(),
-                                  msg_timeout=5.0 if timeout is None else float(timeout))
+        self.kernel = ModelKernel(self.device.spec(), msg_timeout=5.0 if timeout is None else float(timeout))
         transport = ModelTransport(self.kernel, self.server)
         self.transport = transport
         self.server.bind(transport)
@@ -253,20 +271,28 @@ class Daemon:
 
         exists = self.name in sysfs.vduse_devices()
         if self.resume is True and not exists:
-            raise NoSuchDevice(self.name, f"there is no device '{self.name}' to resume",
-                               option="name")
+            raise NoSuchDevice(self.name, f"there is no device '{self.name}' to resume", option="name")
         if exists and self.resume is False:
-            raise NameTaken(self.name, f"a VDUSE device named '{self.name}' already exists: "
-                            "choose another name, or destroy the old one", option="name")
+            raise NameTaken(
+                self.name,
+                f"a VDUSE device named '{self.name}' already exists: "
+                "choose another name, or destroy the old one",
+                option="name",
+            )
         if exists and device_in_use(str(sysfs.device_node(self.name))):
-            raise DeviceBusy(self.name, f"a VDUSE device named '{self.name}' already exists "
-                             "and a running daemon serves it: choose another name",
-                             option="name")
+            raise DeviceBusy(
+                self.name,
+                f"a VDUSE device named '{self.name}' already exists "
+                "and a running daemon serves it: choose another name",
+                option="name",
+            )
         bound = sysfs.bound_driver(self.name) if exists else None
         if bound is not None and bound != self._kernel_options["driver"]:
             other = next((k for k, d in BIND_DRIVERS.items() if d == bound), bound)
-            raise ConfigError(f"device '{self.name}' is attached to {bound}: resume it bound "
-                              f"to '{other}', or destroy it", option="bind")
+            raise ConfigError(
+                f"device '{self.name}' is attached to {bound}: resume it bound to '{other}', or destroy it",
+                option="bind",
+            )
         self._state = self._open_state(resume=exists)
         self.server.state = self._state
         opts = dict(self._kernel_options)
@@ -290,8 +316,14 @@ class Daemon:
         if self.ops_options is None:
             return
         assert self.transport is not None
-        self._operations = Operations(self.name, self.server, self.transport, self.ops_options,
-                                      on_quit=self._quit, on_resize=self._on_resize)
+        self._operations = Operations(
+            self.name,
+            self.server,
+            self.transport,
+            self.ops_options,
+            on_quit=self._quit,
+            on_resize=self._on_resize,
+        )
         self._operations.start()
 
     def _ready(self, node: str | None) -> None:
@@ -316,12 +348,14 @@ class Daemon:
                     return node
             time.sleep(0.05)
         if self.broken is not None:
-            raise DeviceBroken(self.name, f"device '{self.name}' broke while attaching: "
-                               f"{self.broken}")
+            raise DeviceBroken(self.name, f"device '{self.name}' broke while attaching: {self.broken}")
         if self._stop_requested.is_set():
             raise Stopped(self.name, f"asked to stop before '{self.name}' had a device node")
-        raise NoSuchDevice(self.name, f"no device node appeared for '{self.name}' within "
-                           f"{self.node_timeout:.0f} s: check 'dmesg' for driver errors")
+        raise NoSuchDevice(
+            self.name,
+            f"no device node appeared for '{self.name}' within "
+            f"{self.node_timeout:.0f} s: check 'dmesg' for driver errors",
+        )
 
     # -- state file -----------------------------------------------------------------------
 
@@ -332,22 +366,33 @@ class Daemon:
         """The device's state file: new for a new device, checked for a resume."""
         if self.state_dir is None:
             if resume:
-                raise StateMismatch(self.name, f"device '{self.name}' was left by a dead "
-                                    "daemon, and without a state directory it cannot be "
-                                    "resumed: give the one it used", option="state_dir")
+                raise StateMismatch(
+                    self.name,
+                    f"device '{self.name}' was left by a dead "
+                    "daemon, and without a state directory it cannot be "
+                    "resumed: give the one it used",
+                    option="state_dir",
+                )
             return None
         path = self.state_dir / self.name / "state"
         if resume and not path.exists():
-            raise NameTaken(self.name, f"a VDUSE device named '{self.name}' already exists but "
-                            f"has no pyvduse state in {path.parent}: choose another name, or "
-                            "destroy the old one", option="name")
+            raise NameTaken(
+                self.name,
+                f"a VDUSE device named '{self.name}' already exists but "
+                f"has no pyvduse state in {path.parent}: choose another name, or "
+                "destroy the old one",
+                option="name",
+            )
         spec = self.device.spec()
         try:
-            state = StateFile.for_device(self.name, self.state_dir, self._identity(),
-                                         spec.num_queues, spec.queue_size)
+            state = StateFile.for_device(
+                self.name, self.state_dir, self._identity(), spec.num_queues, spec.queue_size
+            )
         except OSError as e:
-            raise ConfigError(f"cannot use state directory {self.state_dir}: {e.strerror}; "
-                              "choose another", option="state_dir") from None
+            raise ConfigError(
+                f"cannot use state directory {self.state_dir}: {e.strerror}; choose another",
+                option="state_dir",
+            ) from None
         if resume:
             try:
                 state.check_identity()
@@ -387,9 +432,12 @@ class Daemon:
         holders = sysfs.node_holders(self.node)
         if not holders:
             return False
-        log.warning("%s is open by process %s (a VM?): serving it until it closes it, then "
-                    "detaching (stop again to leave the device attached instead)", self.node,
-                    ",".join(map(str, holders)))
+        log.warning(
+            "%s is open by process %s (a VM?): serving it until it closes it, then "
+            "detaching (stop again to leave the device attached instead)",
+            self.node,
+            ",".join(map(str, holders)),
+        )
         while holders:
             if abort is not None and abort.wait(0.5):
                 log.warning("left %s attached, for a later daemon to resume", self.name)
@@ -400,13 +448,11 @@ class Daemon:
         log.info("%s was closed: detaching", self.node)
         return False
 
-    def _teardown(self, *, drain: bool, abort: threading.Event | None = None,
-                  leave: bool = False) -> None:
+    def _teardown(self, *, drain: bool, abort: threading.Event | None = None, leave: bool = False) -> None:
         with self._stop_lock:
             try:
                 if self._operations is not None:
-                    self._operations.shutdown(drain_requests=drain and self.broken is None,
-                                              abort=abort)
+                    self._operations.shutdown(drain_requests=drain and self.broken is None, abort=abort)
             finally:
                 try:
                     if self.transport is not None:

@@ -77,10 +77,19 @@ APT_PACKAGES = (
 REQUIRED_COMMANDS = ("qemu-system-x86_64", "cpio", "depmod", "xz", "vdpa")
 # What the tests run in the guest (it sees the host's filesystem), by the command that shows
 # each package is there: the test harness installs the missing ones, as it does the VM's.
-TEST_PACKAGES = {"fio": "fio", "mkfs.ext4": "e2fsprogs", "blkdiscard": "util-linux",
-                 "dmsetup": "dmsetup", "qemu-storage-daemon": "qemu-system-common",
-                 "sha256sum": "coreutils", "iperf3": "iperf3", "ping": "iputils-ping",
-                 "nbdkit": "nbdkit", "qemu-nbd": "qemu-utils", "nbdsh": "python3-libnbd"}
+TEST_PACKAGES = {
+    "fio": "fio",
+    "mkfs.ext4": "e2fsprogs",
+    "blkdiscard": "util-linux",
+    "dmsetup": "dmsetup",
+    "qemu-storage-daemon": "qemu-system-common",
+    "sha256sum": "coreutils",
+    "iperf3": "iperf3",
+    "ping": "iputils-ping",
+    "nbdkit": "nbdkit",
+    "qemu-nbd": "qemu-utils",
+    "nbdsh": "python3-libnbd",
+}
 VIRTIOFSD_CANDIDATES = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd")
 SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 STANDARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -90,13 +99,23 @@ KERNEL_PACKAGE_RE = re.compile(r"^linux-image-6\.12\.(\d+)\+deb(\d+)-cloud-amd64
 KERNEL_PACKAGE_APT_RE = r"^linux-image-6\.12\.[0-9]+\+deb[0-9]+-cloud-amd64-unsigned$"
 # What the tests need; their dependencies (vdpa, vhost_iotlb, vhost, irqbypass, failover,
 # net_failover) are found from each module's modinfo and loaded first.
-GUEST_MODULES = ("vduse", "virtio_vdpa", "vhost_vdpa", "virtio_blk", "virtio_net", "tun",
-                 # slow and hanging block devices for the tests and benchmarks: null_blk
-                 # (devices made through configfs: with a completion latency, an SSD),
-                 # device-mapper (dmsetup suspend makes I/O hang), dm-delay, nbd
-                 "null_blk", "dm_mod", "dm_delay", "nbd",
-                 # the network tests and benchmark: a veth pair is bench/net.py's peer
-                 "veth")
+GUEST_MODULES = (
+    "vduse",
+    "virtio_vdpa",
+    "vhost_vdpa",
+    "virtio_blk",
+    "virtio_net",
+    "tun",
+    # slow and hanging block devices for the tests and benchmarks: null_blk
+    # (devices made through configfs: with a completion latency, an SSD),
+    # device-mapper (dmsetup suspend makes I/O hang), dm-delay, nbd
+    "null_blk",
+    "dm_mod",
+    "dm_delay",
+    "nbd",
+    # the network tests and benchmark: a veth pair is bench/net.py's peer
+    "veth",
+)
 #: Parameters a module is loaded with (null_blk: no device at load, tests make theirs).
 MODULE_PARAMS = {"null_blk": "nr_devices=0"}
 
@@ -331,8 +350,10 @@ def ensure_test_tools() -> None:
     if not missing:
         return
     if not _is_root():
-        raise TestVMError(f"the tests need {', '.join(missing)}; as root run: "
-                          f"apt-get update && apt-get install -y {' '.join(missing)}")
+        raise TestVMError(
+            f"the tests need {', '.join(missing)}; as root run: "
+            f"apt-get update && apt-get install -y {' '.join(missing)}"
+        )
     _note(f"installing what the tests run: {' '.join(missing)}")
     _apt("update", "-qq")
     _apt("install", "-y", "-qq", "--no-install-recommends", *missing)
@@ -560,8 +581,7 @@ def initramfs_entries(busybox: bytes, modules: Sequence[tuple[str, bytes]]) -> l
     entries.extend(CpioEntry(f"mods/{name}.ko", f, data) for name, data in modules)
     order = "".join(f"{name}\n" for name, _ in modules)
     entries.append(CpioEntry("mods/order", f, order.encode()))
-    params = "".join(f"{name} {MODULE_PARAMS[name]}\n" for name, _ in modules
-                     if name in MODULE_PARAMS)
+    params = "".join(f"{name} {MODULE_PARAMS[name]}\n" for name, _ in modules if name in MODULE_PARAMS)
     entries.append(CpioEntry("mods/params", f, params.encode()))
     return entries
 
@@ -603,8 +623,9 @@ def _vm_slot(slots: int = VM_SLOTS, poll: float = 2.0) -> Iterator[None]:
                 f.close()
             return
         if not waiting:
-            _note(f"{slots} test VM(s) already run on this machine (PYVDUSE_VM_SLOTS); "
-                  "waiting for one to end")
+            _note(
+                f"{slots} test VM(s) already run on this machine (PYVDUSE_VM_SLOTS); waiting for one to end"
+            )
             waiting = True
         time.sleep(poll)
 
@@ -712,8 +733,16 @@ def command_script(command: str, *, cwd: str, env: Mapping[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def qemu_argv(qemu: str, image: GuestImage, socket: Path, rundir: Path, *, mem: str, smp: int,
-              nocache_socket: Path | None = None) -> list[str]:
+def qemu_argv(
+    qemu: str,
+    image: GuestImage,
+    socket: Path,
+    rundir: Path,
+    *,
+    mem: str,
+    smp: int,
+    nocache_socket: Path | None = None,
+) -> list[str]:
     """The QEMU command line: serial console on stdout, no default devices, no NIC; the
     host's / over virtiofs from ``socket``, the cache=none share from ``nocache_socket``."""
     # TCG by default: it works everywhere, and a /dev/kvm that exists is no promise that
@@ -735,8 +764,7 @@ def qemu_argv(qemu: str, image: GuestImage, socket: Path, rundir: Path, *, mem: 
     ] if nocache_socket is not None else [])  # fmt: skip
 
 
-def virtiofsd_argv(virtiofsd: str, socket: Path, source: str = "/",
-                   cache: str = "always") -> list[str]:
+def virtiofsd_argv(virtiofsd: str, socket: Path, source: str = "/", cache: str = "always") -> list[str]:
     """Share ``source`` (/) in a chroot sandbox, cached in the guest for as long as the VM
     lives (``cache="none"``: never, and every file is opened in FUSE's direct-I/O mode).
 
@@ -814,8 +842,9 @@ def _stop(proc: subprocess.Popen[bytes], grace: float = 2.0) -> None:
 
 
 @contextmanager
-def _virtiofsd(virtiofsd: str, socket: Path, log: Path, source: str = "/",
-               cache: str = "always") -> Iterator[None]:
+def _virtiofsd(
+    virtiofsd: str, socket: Path, log: Path, source: str = "/", cache: str = "always"
+) -> Iterator[None]:
     """A virtiofsd serving ``source`` on socket for the lifetime of the block."""
     with open(log, "wb") as logf:
         proc = _spawn(virtiofsd_argv(virtiofsd, socket, source, cache), logf)
@@ -922,8 +951,9 @@ class ConsoleFilter:
             self._pending = ""
 
 
-def _drive(argv: Sequence[str], timeout: float, console: ConsoleFilter,
-           boot_timeout: float = BOOT_TIMEOUT) -> tuple[int | None, bool, bool]:
+def _drive(
+    argv: Sequence[str], timeout: float, console: ConsoleFilter, boot_timeout: float = BOOT_TIMEOUT
+) -> tuple[int | None, bool, bool]:
     """Run the VM, feeding its console to `console` until it exits or the timeout passes,
     or until `boot_timeout` passes before the command began.
 
@@ -969,8 +999,13 @@ def _drive(argv: Sequence[str], timeout: float, console: ConsoleFilter,
 
 
 def _run_prepared(
-    argv: Sequence[str], rundir: Path, *, timeout: float, console: TextIO | None,
-    will_retry: bool = False, boot_timeout: float = BOOT_TIMEOUT,
+    argv: Sequence[str],
+    rundir: Path,
+    *,
+    timeout: float,
+    console: TextIO | None,
+    will_retry: bool = False,
+    boot_timeout: float = BOOT_TIMEOUT,
 ) -> RunResult:
     """Boot with a prepared run directory and collect the result from it.
 
@@ -1055,12 +1090,19 @@ def run(
     tools = ensure_tools()
     image = ensure_guest()
     with _vm_slot():
-        return _run_in_slot(script, tools, image, mem=mem, smp=smp, timeout=timeout,
-                            console=console)
+        return _run_in_slot(script, tools, image, mem=mem, smp=smp, timeout=timeout, console=console)
 
 
-def _run_in_slot(script: str, tools: HostTools, image: GuestImage, *, mem: str, smp: int,
-                 timeout: float, console: TextIO | None) -> RunResult:
+def _run_in_slot(
+    script: str,
+    tools: HostTools,
+    image: GuestImage,
+    *,
+    mem: str,
+    smp: int,
+    timeout: float,
+    console: TextIO | None,
+) -> RunResult:
     _prune_stale_rundirs()
     rundir = Path(tempfile.mkdtemp(prefix="r", dir=RUN_BASE))
     deadline = time.monotonic() + timeout
@@ -1070,26 +1112,36 @@ def _run_in_slot(script: str, tools: HostTools, image: GuestImage, *, mem: str, 
         socket = rundir / "virtiofsd.sock"
         nocache, nocache_socket = rundir / "nocache", rundir / "nocache.sock"
         nocache.mkdir()
-        argv = qemu_argv(tools.qemu, image, socket, rundir, mem=mem, smp=smp,
-                         nocache_socket=nocache_socket)
+        argv = qemu_argv(tools.qemu, image, socket, rundir, mem=mem, smp=smp, nocache_socket=nocache_socket)
         for boot in range(1, BOOT_ATTEMPTS + 1):
             # virtiofsd serves one connection: a fresh one for every boot.
-            with _virtiofsd(tools.virtiofsd, socket, rundir / "virtiofsd.log"), _virtiofsd(
-                    tools.virtiofsd, nocache_socket, rundir / "virtiofsd-nocache.log",
-                    str(nocache), "none"):
+            with (
+                _virtiofsd(tools.virtiofsd, socket, rundir / "virtiofsd.log"),
+                _virtiofsd(
+                    tools.virtiofsd, nocache_socket, rundir / "virtiofsd-nocache.log", str(nocache), "none"
+                ),
+            ):
                 result = _run_prepared(
-                    argv, rundir, timeout=max(deadline - time.monotonic(), 0.0), console=console,
-                    will_retry=boot < BOOT_ATTEMPTS, boot_timeout=BOOT_TIMEOUT,
+                    argv,
+                    rundir,
+                    timeout=max(deadline - time.monotonic(), 0.0),
+                    console=console,
+                    will_retry=boot < BOOT_ATTEMPTS,
+                    boot_timeout=BOOT_TIMEOUT,
                 )
             result.boots = boot
             if result.timed_out or boot == BOOT_ATTEMPTS:
                 return result
             if result.boot_panic:
-                _note(f"the guest kernel panicked at boot, before the command began; booting "
-                      f"again ({boot + 1} of {BOOT_ATTEMPTS}): {_panic_line(result.boot_panic)}")
+                _note(
+                    f"the guest kernel panicked at boot, before the command began; booting "
+                    f"again ({boot + 1} of {BOOT_ATTEMPTS}): {_panic_line(result.boot_panic)}"
+                )
             elif result.boot_hung:
-                _note(f"the guest did not reach the command in {BOOT_TIMEOUT:.0f} s of booting; "
-                      f"booting again ({boot + 1} of {BOOT_ATTEMPTS})")
+                _note(
+                    f"the guest did not reach the command in {BOOT_TIMEOUT:.0f} s of booting; "
+                    f"booting again ({boot + 1} of {BOOT_ATTEMPTS})"
+                )
             else:
                 return result
         raise AssertionError("unreachable")

@@ -27,8 +27,11 @@ VM_TIMEOUT = float(os.environ.get("PYVDUSE_VM_TIMEOUT", "3600"))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--no-vm", action="store_true",
-                     help="skip every test that needs the test VM (real kernel, or a VM it boots itself)")
+    parser.addoption(
+        "--no-vm",
+        action="store_true",
+        help="skip every test that needs the test VM (real kernel, or a VM it boots itself)",
+    )
 
 
 @dataclass
@@ -55,11 +58,9 @@ class VmSession:
         junit = RESULTS / f"junit-{os.getpid()}.xml"
         junit.unlink(missing_ok=True)
         args = " ".join(f"'{n}'" for n in self.nodeids)
-        command = (f"{sys.executable} -m pytest -p no:cacheprovider -v -rfEs "
-                   f"--junitxml={junit} {args}")
+        command = f"{sys.executable} -m pytest -p no:cacheprovider -v -rfEs --junitxml={junit} {args}"
         live = RESULTS / f"console-{os.getpid()}.log"  # tail -f it while the VM runs
-        sys.stderr.write(f"\n[vm] running {len(self.nodeids)} test(s) in the test VM; "
-                         f"console: {live}\n")
+        sys.stderr.write(f"\n[vm] running {len(self.nodeids)} test(s) in the test VM; console: {live}\n")
         try:
             testvm.ensure_test_tools()  # fio, e2fsprogs, ...: a fresh machine has none
             with live.open("w") as console:
@@ -70,9 +71,10 @@ class VmSession:
         self.console = result.output
         (RESULTS / f"kernel-{os.getpid()}.log").write_text(result.kernel_log)
         if not junit.exists():
-            self.error = (f"the guest produced no results (exit {result.exit_code}"
-                          f"{', timed out' if result.timed_out else ''}); console tail:\n"
-                          + result.output[-3000:])
+            self.error = (
+                f"the guest produced no results (exit {result.exit_code}"
+                f"{', timed out' if result.timed_out else ''}); console tail:\n" + result.output[-3000:]
+            )
             return
         self.results = parse_junit(junit)
 
@@ -123,8 +125,7 @@ class VmProxyItem(pytest.Item):
         if res.outcome == "failed":
             raise GuestFailure(res.message)
 
-    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException],
-                     style: Any = None) -> str:
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
         if isinstance(excinfo.value, GuestFailure):
             return f"[in the test VM] {excinfo.value}"
         return str(super().repr_failure(excinfo))
@@ -134,8 +135,9 @@ class VmProxyItem(pytest.Item):
 
 
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection: boot the VM for the selected tests only
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
-                                  items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
     vm_items = [i for i in items if i.get_closest_marker("vm") is not None]
     if config.getoption("--no-vm"):
         skip = pytest.mark.skip(reason="--no-vm given")
@@ -155,5 +157,4 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     for n, item in enumerate(items):
         if item.get_closest_marker("vm") is not None:
             assert item.parent is not None
-            items[n] = VmProxyItem.from_parent(item.parent, name=item.name, session_ref=vm,
-                                               original=item)
+            items[n] = VmProxyItem.from_parent(item.parent, name=item.name, session_ref=vm, original=item)

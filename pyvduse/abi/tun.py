@@ -72,6 +72,8 @@ def encode_ifname(name: str) -> bytes:
     """An interface name as the kernel takes it: 1 to 15 bytes, no '/', whitespace or ':'."""
     raw = name.encode()
     if not 0 < len(raw) < IFNAMSIZ or any(c in name for c in "/: \t\n") or name in (".", ".."):
-        raise ValueError(f"'{name}' cannot be an interface name: use 1 to {IFNAMSIZ - 1} "
-                         "characters without '/', ':' or spaces")
+        raise ValueError(
+            f"'{name}' cannot be an interface name: use 1 to {IFNAMSIZ - 1} "
+            "characters without '/', ':' or spaces"
+        )
     return raw

@@ -81,12 +81,7 @@ def ioc(direction: int, type_: int, nr: int, size: int) -> int:
     ):
         if not 0 <= value < 1 << bits:
             raise ValueError(f"ioctl {what} {value} does not fit in {bits} bits")
-    return (
-        direction << IOC_DIRSHIFT
-        | size << IOC_SIZESHIFT
-        | type_ << IOC_TYPESHIFT
-        | nr << IOC_NRSHIFT
-    )
+    return direction << IOC_DIRSHIFT | size << IOC_SIZESHIFT | type_ << IOC_TYPESHIFT | nr << IOC_NRSHIFT
 
 
 def io(type_: int, nr: int) -> int:
@@ -211,9 +206,7 @@ def encode_name(name: str) -> bytes:
     if b"\0" in raw:
         raise ValueError("VDUSE device name must not contain NUL")
     if len(raw) >= VDUSE_NAME_MAX:
-        raise ValueError(
-            f"VDUSE device name is {len(raw)} bytes; at most {VDUSE_NAME_MAX - 1} allowed"
-        )
+        raise ValueError(f"VDUSE device name is {len(raw)} bytes; at most {VDUSE_NAME_MAX - 1} allowed")
     return raw
 
 
@@ -306,9 +299,7 @@ class IotlbEntryV2:
     asid: int
 
     def pack(self) -> bytes:
-        return IOTLB_ENTRY_V2.pack(
-            self.offset, self.start, self.last, self.perm, self.asid, *([0] * 12)
-        )
+        return IOTLB_ENTRY_V2.pack(self.offset, self.start, self.last, self.perm, self.asid, *([0] * 12))
 
     @classmethod
     def unpack(cls, buf: bytes) -> IotlbEntryV2:
@@ -510,9 +501,7 @@ class Request:
         if type_ == MsgType.UPDATE_IOTLB:
             # The kernel zero-fills its message, so reading the API-1 asid is harmless on API 0.
             start, last, asid = IOVA_RANGE_V2.unpack_from(buf, off)
-            return cls(
-                MsgType.UPDATE_IOTLB, request_id, iova_start=start, iova_last=last, asid=asid
-            )
+            return cls(MsgType.UPDATE_IOTLB, request_id, iova_start=start, iova_last=last, asid=asid)
         if type_ == MsgType.SET_VQ_GROUP_ASID:
             group, asid = VQ_GROUP_ASID.unpack_from(buf, off)
             return cls(MsgType.SET_VQ_GROUP_ASID, request_id, group=group, asid=asid)

@@ -145,8 +145,7 @@ class VringAddr:
     log: int = 0
 
     def pack(self) -> bytes:
-        return VRING_ADDR.pack(self.index, self.flags, self.desc, self.used, self.avail,
-                               self.log)
+        return VRING_ADDR.pack(self.index, self.flags, self.desc, self.used, self.avail, self.log)
 
     @classmethod
     def unpack(cls, buf: bytes) -> VringAddr:

@@ -114,15 +114,34 @@ class BlkConfig:
 
     def pack(self) -> bytes:
         return CONFIG.pack(
-            self.capacity, self.size_max, self.seg_max, self.cylinders, self.heads,
-            self.sectors, self.blk_size, self.physical_block_exp, self.alignment_offset,
-            self.min_io_size, self.opt_io_size, self.wce, self.num_queues,
-            self.max_discard_sectors, self.max_discard_seg, self.discard_sector_alignment,
-            self.max_write_zeroes_sectors, self.max_write_zeroes_seg,
-            self.write_zeroes_may_unmap, self.max_secure_erase_sectors,
-            self.max_secure_erase_seg, self.secure_erase_sector_alignment,
-            self.zone_sectors, self.max_open_zones, self.max_active_zones,
-            self.max_append_sectors, self.write_granularity, self.zoned_model,
+            self.capacity,
+            self.size_max,
+            self.seg_max,
+            self.cylinders,
+            self.heads,
+            self.sectors,
+            self.blk_size,
+            self.physical_block_exp,
+            self.alignment_offset,
+            self.min_io_size,
+            self.opt_io_size,
+            self.wce,
+            self.num_queues,
+            self.max_discard_sectors,
+            self.max_discard_seg,
+            self.discard_sector_alignment,
+            self.max_write_zeroes_sectors,
+            self.max_write_zeroes_seg,
+            self.write_zeroes_may_unmap,
+            self.max_secure_erase_sectors,
+            self.max_secure_erase_seg,
+            self.secure_erase_sector_alignment,
+            self.zone_sectors,
+            self.max_open_zones,
+            self.max_active_zones,
+            self.max_append_sectors,
+            self.write_granularity,
+            self.zoned_model,
         )
 
     @classmethod
@@ -135,8 +154,12 @@ CAPACITY_OFFSET = 0  # le64 capacity is the first field
 
 #: What ``ctl stats`` and the metrics call each request type.
 _REQ_NAMES: dict[int, str] = {
-    ReqType.IN: "read", ReqType.OUT: "write", ReqType.FLUSH: "flush",
-    ReqType.GET_ID: "get_id", ReqType.DISCARD: "discard", ReqType.WRITE_ZEROES: "write_zeroes",
+    ReqType.IN: "read",
+    ReqType.OUT: "write",
+    ReqType.FLUSH: "flush",
+    ReqType.GET_ID: "get_id",
+    ReqType.DISCARD: "discard",
+    ReqType.WRITE_ZEROES: "write_zeroes",
 }
 
 

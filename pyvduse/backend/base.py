@@ -60,8 +60,9 @@ class LendsConnections(Protocol):
         """How many queues have a connection of their own."""
         ...
 
-    def lend(self, queue: int, switch: Callable[[Any], bool],
-             stopping: Callable[[], bool] | None = None) -> Any:
+    def lend(
+        self, queue: int, switch: Callable[[Any], bool], stopping: Callable[[], bool] | None = None
+    ) -> Any:
         """The handle of ``queue``'s connection for the engine (an exception: it cannot be
         lent now). ``switch`` moves the engine to a new handle (a resize); ``stopping`` says
         the queue is stopping."""
@@ -133,8 +134,10 @@ class Backend(ABC):
     def size_settable(self) -> str | None:
         """Why pyvduse cannot change the storage's size itself (None: it can, with
         ``set_storage_size``)."""
-        return (f"pyvduse cannot change the size of {self.description}: resize it yourself, "
-                "then resize with no size")
+        return (
+            f"pyvduse cannot change the size of {self.description}: resize it yourself, "
+            "then resize with no size"
+        )
 
     def set_storage_size(self, size: int, *, grow_only: bool) -> None:
         """Make the storage ``size`` bytes (``grow_only``: leave it if it is larger);
@@ -179,8 +182,9 @@ class LaterBackend(Backend):
         if error is not None:
             raise error
 
-    def run_call(self, queue: int, call: str, args: tuple[object, ...],
-                 wait: Callable[[threading.Event], None]) -> BaseException | None:
+    def run_call(
+        self, queue: int, call: str, args: tuple[object, ...], wait: Callable[[threading.Event], None]
+    ) -> BaseException | None:
         """Start ``call``, then ``wait(finished)``; its error (an OSError if ``wait``
         returned before it finished), or None."""
         finished = threading.Event()

@@ -176,19 +176,26 @@ class FileBackend(Backend):
 
     def report_unpinnable(self) -> None:
         """Say once that this backend copies from now on (also the native engines' call)."""
-        log.info("%s: the kernel cannot pin the driver's buffers for I/O on this file "
-                 "(EFAULT: VDUSE's bounce pages, with %s): copying every request through "
-                 "buffers of our own from now on", self.path,
-                 "O_DIRECT" if self.direct else "a FUSE file in direct-I/O mode")
+        log.info(
+            "%s: the kernel cannot pin the driver's buffers for I/O on this file "
+            "(EFAULT: VDUSE's bounce pages, with %s): copying every request through "
+            "buffers of our own from now on",
+            self.path,
+            "O_DIRECT" if self.direct else "a FUSE file in direct-I/O mode",
+        )
 
     def native_storage(self) -> NativeStorage | None:
         if not self.io_as_in(FileBackend):
             return None
         # --cache none: the O_DIRECT descriptor (the engine leaves requests it cannot do
         # direct to Python, which has the buffered one)
-        return NativeStorage("fd", fd=self.direct_fd if self.direct else self.fd,
-                             direct=self.direct, unpinnable=self.unpinnable,
-                             on_unpinnable=self.report_unpinnable)
+        return NativeStorage(
+            "fd",
+            fd=self.direct_fd if self.direct else self.fd,
+            direct=self.direct,
+            unpinnable=self.unpinnable,
+            on_unpinnable=self.report_unpinnable,
+        )
 
     @property
     def size(self) -> int:
@@ -207,14 +214,15 @@ class FileBackend(Backend):
         try:
             return self.refresh_size()
         except OSError as e:
-            raise ResizeError("failed", f"cannot read the size of {self.path}: "
-                              f"{e.strerror}") from None
+            raise ResizeError("failed", f"cannot read the size of {self.path}: {e.strerror}") from None
 
     def size_settable(self) -> str | None:
         if self.readonly or self._is_blockdev:
             what = "a block device" if self._is_blockdev else "open read-only"
-            return (f"{self.path} is {what}, so pyvduse cannot change its size: resize it "
-                    "yourself, then resize with no size")
+            return (
+                f"{self.path} is {what}, so pyvduse cannot change its size: resize it "
+                "yourself, then resize with no size"
+            )
         return None
 
     def set_storage_size(self, size: int, *, grow_only: bool) -> None:
@@ -227,8 +235,7 @@ class FileBackend(Backend):
         try:
             os.ftruncate(self.fd, size)
         except OSError as e:
-            raise ResizeError("failed", f"cannot resize {self.path} to {size} bytes: "
-                              f"{e.strerror}") from None
+            raise ResizeError("failed", f"cannot resize {self.path} to {size} bytes: {e.strerror}") from None
         finally:
             self.refresh_size()
 

@@ -32,8 +32,10 @@ class MemoryBackend(Backend):
         raise ResizeError("unsupported", self.size_settable() or "")
 
     def size_settable(self) -> str | None:
-        return ("a memory device cannot be resized: its RAM is one fixed mapping that cannot "
-                "grow in place (serve a file on tmpfs for a resizable RAM disk)")
+        return (
+            "a memory device cannot be resized: its RAM is one fixed mapping that cannot "
+            "grow in place (serve a file on tmpfs for a resizable RAM disk)"
+        )
 
     def native_storage(self) -> NativeStorage | None:
         if not self.io_as_in(MemoryBackend):

@@ -59,8 +59,17 @@ BACKOFF_MAX = 2.0
 #: commonly take 32 MiB); larger ones, and ones over the server's maximum, are split.
 MAX_COMMAND = 32 << 20
 #: Errors that mean the connection, not the request, failed: the request waits and is resent.
-CONNECTION_ERRNOS = frozenset({errno.ENOTCONN, errno.ESHUTDOWN, errno.ECONNRESET, errno.EPIPE,
-                               errno.ECONNABORTED, errno.ECONNREFUSED, errno.ETIMEDOUT})
+CONNECTION_ERRNOS = frozenset(
+    {
+        errno.ENOTCONN,
+        errno.ESHUTDOWN,
+        errno.ECONNRESET,
+        errno.EPIPE,
+        errno.ECONNABORTED,
+        errno.ECONNREFUSED,
+        errno.ETIMEDOUT,
+    }
+)
 
 _READ, _WRITE, _FLUSH, _TRIM, _ZERO = range(5)
 _DIRECTION_WRITE = 2  # libnbd's AIO_DIRECTION_WRITE
@@ -89,15 +98,20 @@ class ExportInfo:
 
     @classmethod
     def of(cls, handle: Any, nbd: ModuleType) -> ExportInfo:
-        return cls(size=handle.get_size(), readonly=bool(handle.is_read_only()),
-                   can_flush=bool(handle.can_flush()), can_fua=bool(handle.can_fua()),
-                   can_trim=bool(handle.can_trim()), can_zero=bool(handle.can_zero()),
-                   can_fast_zero=bool(handle.can_fast_zero()),
-                   can_multi_conn=bool(handle.can_multi_conn()),
-                   min_block=handle.get_block_size(nbd.SIZE_MINIMUM),
-                   preferred_block=handle.get_block_size(nbd.SIZE_PREFERRED),
-                   max_block=handle.get_block_size(nbd.SIZE_MAXIMUM),
-                   structured_replies=bool(handle.get_structured_replies_negotiated()))
+        return cls(
+            size=handle.get_size(),
+            readonly=bool(handle.is_read_only()),
+            can_flush=bool(handle.can_flush()),
+            can_fua=bool(handle.can_fua()),
+            can_trim=bool(handle.can_trim()),
+            can_zero=bool(handle.can_zero()),
+            can_fast_zero=bool(handle.can_fast_zero()),
+            can_multi_conn=bool(handle.can_multi_conn()),
+            min_block=handle.get_block_size(nbd.SIZE_MINIMUM),
+            preferred_block=handle.get_block_size(nbd.SIZE_PREFERRED),
+            max_block=handle.get_block_size(nbd.SIZE_MAXIMUM),
+            structured_replies=bool(handle.get_structured_replies_negotiated()),
+        )
 
     def differences(self, other: ExportInfo) -> list[str]:
         """What differs from ``other`` that matters for serving the same disk."""
@@ -114,8 +128,13 @@ class ExportInfo:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def connect(nbd: ModuleType, uri: str, timeout: float, name: str = "pyvduse",
-            should_stop: Callable[[], bool] | None = None) -> Any:
+def connect(
+    nbd: ModuleType,
+    uri: str,
+    timeout: float,
+    name: str = "pyvduse",
+    should_stop: Callable[[], bool] | None = None,
+) -> Any:
     """A handle connected to ``uri`` and ready for commands, within ``timeout`` seconds;
     ``NbdError`` otherwise (also as soon as ``should_stop()`` says so)."""
     safe = nbd_uri.redact(uri)
@@ -130,8 +149,10 @@ def connect(nbd: ModuleType, uri: str, timeout: float, name: str = "pyvduse",
         deadline = time.monotonic() + timeout
         while not handle.aio_is_ready():
             if handle.aio_is_dead() or handle.aio_is_closed():
-                raise NbdError(f"cannot connect to {safe}: the connection closed during the "
-                               "handshake (wrong export name, or TLS refused?)")
+                raise NbdError(
+                    f"cannot connect to {safe}: the connection closed during the "
+                    "handshake (wrong export name, or TLS refused?)"
+                )
             left = deadline - time.monotonic()
             if left <= 0:
                 raise NbdError(f"cannot connect to {safe}: no answer within {timeout:g} s")
@@ -166,8 +187,9 @@ class _Call:
 
     __slots__ = ("bounce", "bufs", "done", "error", "lock", "parts")
 
-    def __init__(self, done: Done, parts: int, bufs: list[memoryview] | None = None,
-                 bounce: bytearray | None = None) -> None:
+    def __init__(
+        self, done: Done, parts: int, bufs: list[memoryview] | None = None, bounce: bytearray | None = None
+    ) -> None:
         self.done = done
         self.parts = parts
         self.error = 0
@@ -203,8 +225,9 @@ class _Command:
 
     __slots__ = ("buf", "call", "flags", "kind", "length", "offset")
 
-    def __init__(self, call: _Call, kind: int, offset: int, length: int = 0,
-                 buf: Any = None, flags: int = 0) -> None:
+    def __init__(
+        self, call: _Call, kind: int, offset: int, length: int = 0, buf: Any = None, flags: int = 0
+    ) -> None:
         self.call = call
         self.kind = kind
         self.offset = offset
@@ -290,6 +313,7 @@ class _Connection:
     def _issue(self, handle: Any, generation: int, cmd: _Command) -> None:
         """Hand ``cmd`` (already in ``_flight``) to libnbd; never with ``_lock`` held (libnbd
         may call completions, which take it)."""
+
         def completion(err: Any) -> int:
             self._completed(generation, cmd, err.value)
             return 1
@@ -356,9 +380,14 @@ class _Connection:
             waiting = len(self._waiting)
             closed = self._closed
         if not closed:
-            log.warning("%s: connection %d lost (%s); %d request(s) wait while it "
-                        "reconnects (up to %g s)", self.backend.safe_uri, self.index, why,
-                        waiting, self.backend.reconnect_seconds)
+            log.warning(
+                "%s: connection %d lost (%s); %d request(s) wait while it reconnects (up to %g s)",
+                self.backend.safe_uri,
+                self.index,
+                why,
+                waiting,
+                self.backend.reconnect_seconds,
+            )
         self._wake()
 
     def _wake(self) -> None:
@@ -385,8 +414,7 @@ class _Connection:
                 else:
                     self._serve(handle, generation)
         except Exception:
-            log.exception("%s: connection %d's thread failed", self.backend.safe_uri,
-                          self.index)
+            log.exception("%s: connection %d's thread failed", self.backend.safe_uri, self.index)
 
     def _serve(self, handle: Any, generation: int) -> None:
         """Drive ``handle`` until it dies or the connection closes."""
@@ -440,8 +468,9 @@ class _Connection:
             if since is None:  # down, nothing waits: sleep until a request comes
                 self._sleep(3600.0)
                 continue
-            handle = self._connect_within(since + backend.reconnect_seconds,
-                                          lambda: self._native or self._closed, self._sleep)
+            handle = self._connect_within(
+                since + backend.reconnect_seconds, lambda: self._native or self._closed, self._sleep
+            )
             if handle is None:
                 return
             if isinstance(handle, str):
@@ -460,8 +489,13 @@ class _Connection:
                 for cmd in resend:
                     self._flight[cmd] = None
             self.reconnects += 1
-            log.warning("%s: connection %d back after %.1f s; %d request(s) resent",
-                        backend.safe_uri, self.index, down, len(resend))
+            log.warning(
+                "%s: connection %d back after %.1f s; %d request(s) resent",
+                backend.safe_uri,
+                self.index,
+                down,
+                len(resend),
+            )
             for cmd in resend:
                 self._issue(handle, generation, cmd)
             return
@@ -512,38 +546,53 @@ class _Connection:
                 return current  # reconnected already (by call_and_wait)
             self._handle = None
             self._down_since = started
-        log.warning("%s: connection %d lost; requests wait while it reconnects (up to %g s)",
-                    backend.safe_uri, self.index, backend.reconnect_seconds)
-        handle = self._connect_within(deadline, should_stop,
-                                      lambda seconds: _sleep_unless(seconds, should_stop))
+        log.warning(
+            "%s: connection %d lost; requests wait while it reconnects (up to %g s)",
+            backend.safe_uri,
+            self.index,
+            backend.reconnect_seconds,
+        )
+        handle = self._connect_within(
+            deadline, should_stop, lambda seconds: _sleep_unless(seconds, should_stop)
+        )
         if not isinstance(handle, str) and handle is not None:
             with self._lock:
                 self._handle = handle
                 self._generation += 1
                 self._down_since = None
             self.reconnects += 1
-            log.warning("%s: connection %d back after %.1f s", backend.safe_uri, self.index,
-                        time.monotonic() - started)
+            log.warning(
+                "%s: connection %d back after %.1f s",
+                backend.safe_uri,
+                self.index,
+                time.monotonic() - started,
+            )
             return handle
         with self._lock:
             self._down_since = None
         if isinstance(handle, str):
             self.failed_waiting += 1
-            log.error("%s: %s: the waiting requests fail; the next request tries again",
-                      backend.safe_uri, handle)
+            log.error(
+                "%s: %s: the waiting requests fail; the next request tries again", backend.safe_uri, handle
+            )
         return None
 
-    def _connect_within(self, deadline: float, should_stop: Callable[[], bool],
-                        sleep: Callable[[float], None]) -> Any:
+    def _connect_within(
+        self, deadline: float, should_stop: Callable[[], bool], sleep: Callable[[float], None]
+    ) -> Any:
         """Connect with backoff until ``deadline``: a handle to the same export; a string
         saying why not (no server in time, the export changed); None when told to stop."""
         backend = self.backend
         backoff = BACKOFF_FIRST
         while not should_stop():
             try:
-                handle = connect(self.nbd, backend.uri,
-                                 max(min(CONNECT_TIMEOUT, deadline - time.monotonic()), 0.2),
-                                 name=f"pyvduse-{self.index}", should_stop=should_stop)
+                handle = connect(
+                    self.nbd,
+                    backend.uri,
+                    max(min(CONNECT_TIMEOUT, deadline - time.monotonic()), 0.2),
+                    name=f"pyvduse-{self.index}",
+                    should_stop=should_stop,
+                )
             except NbdError as e:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -554,9 +603,12 @@ class _Connection:
             changed = backend.expected().differences(ExportInfo.of(handle, self.nbd))
             if changed:
                 self.refused += 1
-                log.error("%s: the server came back with a different export (%s): refused, "
-                          "requests fail until it serves the same disk", backend.safe_uri,
-                          ", ".join(changed))
+                log.error(
+                    "%s: the server came back with a different export (%s): refused, "
+                    "requests fail until it serves the same disk",
+                    backend.safe_uri,
+                    ", ".join(changed),
+                )
                 return "the export changed"
             return handle
         return None
@@ -630,8 +682,12 @@ class _Connection:
             self._down_since = None
         self.failed_waiting += len(failed)
         if failed:
-            log.error("%s: %d request(s) failed: %s; the next request tries again",
-                      self.backend.safe_uri, len(failed), why)
+            log.error(
+                "%s: %d request(s) failed: %s; the next request tries again",
+                self.backend.safe_uri,
+                len(failed),
+                why,
+            )
         for cmd in failed:
             cmd.call.part_done(errno.EIO)
 
@@ -664,9 +720,15 @@ class NbdBackend(LaterBackend):
 
     kind = "nbd"
 
-    def __init__(self, uri: str, *, connections: int = 1,
-                 reconnect_seconds: float = DEFAULT_RECONNECT_SECONDS,
-                 connect_timeout: float = CONNECT_TIMEOUT, nbd: ModuleType | None = None) -> None:
+    def __init__(
+        self,
+        uri: str,
+        *,
+        connections: int = 1,
+        reconnect_seconds: float = DEFAULT_RECONNECT_SECONDS,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        nbd: ModuleType | None = None,
+    ) -> None:
         self.uri = nbd_uri.check(uri)
         self.safe_uri = nbd_uri.redact(uri)
         self.nbd = nbd if nbd is not None else nbd_binding.load()
@@ -682,8 +744,10 @@ class NbdBackend(LaterBackend):
                 h = connect(self.nbd, uri, connect_timeout, name=f"pyvduse-{i}")
                 changed = self.info.differences(ExportInfo.of(h, self.nbd))
                 if changed:
-                    raise NbdError(f"{self.safe_uri}: the server gave connection {i} a "
-                                   f"different export ({', '.join(changed)})")
+                    raise NbdError(
+                        f"{self.safe_uri}: the server gave connection {i} a "
+                        f"different export ({', '.join(changed)})"
+                    )
                 handles.append(h)
         except BaseException:
             for h in handles:
@@ -730,14 +794,15 @@ class NbdBackend(LaterBackend):
         wanted = dataclasses.replace(current, size=found.size)
         changed = wanted.differences(found)
         if changed:
-            raise NbdError(f"{self.safe_uri}: the export changed more than its size "
-                           f"({', '.join(changed)})")
+            raise NbdError(f"{self.safe_uri}: the export changed more than its size ({', '.join(changed)})")
         for i, conn in enumerate(self.connections):
             fresh = connect(self.nbd, self.uri, timeout, name=f"pyvduse-{i}")
             if not conn.renew(fresh, timeout):
-                raise NbdError(f"{self.safe_uri}: connection {i} could not move to the new "
-                               f"size (requests in flight for over {timeout:g} s, or the "
-                               "server went away)")
+                raise NbdError(
+                    f"{self.safe_uri}: connection {i} could not move to the new "
+                    f"size (requests in flight for over {timeout:g} s, or the "
+                    "server went away)"
+                )
         with self._info_lock:
             self.info = wanted
             self._size = found.size
@@ -750,23 +815,27 @@ class NbdBackend(LaterBackend):
             raise ResizeError("failed", f"cannot read the export's size: {e}") from None
 
     def size_settable(self) -> str | None:
-        return ("pyvduse cannot change the size of an NBD export: resize it on the server, "
-                "then resize with no size")
+        return (
+            "pyvduse cannot change the size of an NBD export: resize it on the server, "
+            "then resize with no size"
+        )
 
     # -- native engines -----------------------------------------------------------------
 
     def native_storage(self) -> NativeStorage | None:
         if not self.io_as_in(NbdBackend) or type(self).start is not NbdBackend.start:
             return None
-        return NativeStorage("nbd", connections=self, fua_writes=self.fua_writes,
-                             max_command=self.max_command)
+        return NativeStorage(
+            "nbd", connections=self, fua_writes=self.fua_writes, max_command=self.max_command
+        )
 
     @property
     def queue_count(self) -> int:
         return len(self.connections)
 
-    def lend(self, queue: int, switch: Callable[[Any], bool],
-             stopping: Callable[[], bool] | None = None) -> Any:
+    def lend(
+        self, queue: int, switch: Callable[[Any], bool], stopping: Callable[[], bool] | None = None
+    ) -> Any:
         """Queue ``queue``'s connection for a native engine: the binding's handle (None while
         down), which the engine keeps alive while it uses it; NbdError if it cannot be lent
         now (see ``_Connection.lend``). ``switch`` moves the engine to a new handle once its
@@ -796,8 +865,7 @@ class NbdBackend(LaterBackend):
             error = self.run_call(queue, call, args, conn.poll_until)
             if conn.stopping is not None and conn.stopping():
                 raise CallAbandoned(f"{call} left running: the queue is stopping")
-            if (attempt == 0 and isinstance(error, OSError)
-                    and error.errno in CONNECTION_ERRNOS):
+            if attempt == 0 and isinstance(error, OSError) and error.errno in CONNECTION_ERRNOS:
                 # the engine is not running: reconnect here (it takes the new handle)
                 if conn.reconnect_now(lambda: False) is None:
                     raise OSError(errno.EIO, "no NBD server within the reconnect window")
@@ -808,12 +876,21 @@ class NbdBackend(LaterBackend):
 
     def status(self) -> dict[str, object]:
         """For ``ctl status``: the export and each connection's state (never blocks)."""
-        return {"uri": self.safe_uri, "export": self.expected().as_json(),
-                "reconnect_seconds": self.reconnect_seconds,
-                "connections": [{"state": c.state, "in_flight": c.in_flight(),
-                                 "reconnects": c.reconnects, "refused": c.refused,
-                                 "failed_waiting": c.failed_waiting}
-                                for c in self.connections]}
+        return {
+            "uri": self.safe_uri,
+            "export": self.expected().as_json(),
+            "reconnect_seconds": self.reconnect_seconds,
+            "connections": [
+                {
+                    "state": c.state,
+                    "in_flight": c.in_flight(),
+                    "reconnects": c.reconnects,
+                    "refused": c.refused,
+                    "failed_waiting": c.failed_waiting,
+                }
+                for c in self.connections
+            ],
+        }
 
     # -- requests -----------------------------------------------------------------------
 
@@ -841,9 +918,17 @@ class NbdBackend(LaterBackend):
             flags = nbd.CMD_FLAG_FUA if write and self.fua_writes else 0
             if parts == 1:
                 return [_Command(c, kind, offset, length, nbd.Buffer.from_buffer(data), flags)]
-            return [_Command(c, kind, offset + pos, min(step, length - pos),
-                             nbd.Buffer.from_buffer(data[pos : pos + step]), flags)
-                    for pos in range(0, length, step)]
+            return [
+                _Command(
+                    c,
+                    kind,
+                    offset + pos,
+                    min(step, length - pos),
+                    nbd.Buffer.from_buffer(data[pos : pos + step]),
+                    flags,
+                )
+                for pos in range(0, length, step)
+            ]
         if call == "flush":
             return [_Command(_Call(done, 1), _FLUSH, 0)]
         if call == "discard":

@@ -21,13 +21,17 @@ from pathlib import Path
 from types import ModuleType
 
 #: What to do without the binding (the whole message of ``NbdUnavailable``).
-INSTALL_HINT = ("--nbd needs libnbd's Python binding: install it with 'apt install "
-                "python3-libnbd' (Debian, Ubuntu) or 'dnf install python3-libnbd' (Fedora)")
+INSTALL_HINT = (
+    "--nbd needs libnbd's Python binding: install it with 'apt install "
+    "python3-libnbd' (Debian, Ubuntu) or 'dnf install python3-libnbd' (Fedora)"
+)
 
 #: Where distributions install the binding for their own Python 3.
-SYSTEM_DIRS = ("/usr/lib/python3/dist-packages",
-               f"/usr/lib64/python3.{sys.version_info.minor}/site-packages",
-               f"/usr/lib/python3.{sys.version_info.minor}/site-packages")
+SYSTEM_DIRS = (
+    "/usr/lib/python3/dist-packages",
+    f"/usr/lib64/python3.{sys.version_info.minor}/site-packages",
+    f"/usr/lib/python3.{sys.version_info.minor}/site-packages",
+)
 
 _lock = threading.Lock()
 _loaded: ModuleType | None = None
@@ -65,8 +69,7 @@ def _from_system(dirs: tuple[str, ...]) -> ModuleType | None:
         for suffix in importlib.machinery.EXTENSION_SUFFIXES:
             ext = base / f"libnbdmod{suffix}"
             if ext.is_file():
-                _load_file("libnbdmod", ext,
-                           importlib.machinery.ExtensionFileLoader("libnbdmod", str(ext)))
+                _load_file("libnbdmod", ext, importlib.machinery.ExtensionFileLoader("libnbdmod", str(ext)))
                 return _load_file("nbd", wrapper)
     return None
 

@@ -21,8 +21,10 @@ def check(uri: str) -> str:
     """``uri`` if pyvduse can pass it to libnbd; ValueError with what is wrong otherwise."""
     parts = urllib.parse.urlsplit(uri)
     if parts.scheme not in SCHEMES:
-        raise ValueError(f"'{redact(uri)}' is not an NBD URI: use nbd://HOST[:PORT]/EXPORT, "
-                         "nbds://... (TLS) or nbd+unix:///EXPORT?socket=PATH")
+        raise ValueError(
+            f"'{redact(uri)}' is not an NBD URI: use nbd://HOST[:PORT]/EXPORT, "
+            "nbds://... (TLS) or nbd+unix:///EXPORT?socket=PATH"
+        )
     query = urllib.parse.parse_qs(parts.query)
     if parts.scheme.endswith("+unix") and not query.get("socket"):
         raise ValueError(f"'{redact(uri)}' names no socket: add ?socket=PATH")
@@ -46,7 +48,8 @@ def redact(uri: str) -> str:
     if ":" in host:  # an IPv6 literal
         host = f"[{host}]"
     netloc = f"{host}:{port}" if port is not None else host
-    kept = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-            if k in LOCATION_PARAMS]
+    kept = [
+        (k, v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True) if k in LOCATION_PARAMS
+    ]
     query = urllib.parse.urlencode(kept, safe="/")
     return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")

@@ -29,8 +29,9 @@ class NullBackend(Backend):
         pass
 
     def storage_size(self) -> int:
-        raise ResizeError("invalid", "a null device has no storage whose size could have "
-                          "changed: give the new size")
+        raise ResizeError(
+            "invalid", "a null device has no storage whose size could have changed: give the new size"
+        )
 
     def size_settable(self) -> str | None:
         return None

@@ -41,11 +41,14 @@ IOV_MAX = 1024
 
 #: Offloads a TAP always takes in what we write: the kernel checks the header and segments
 #: or checksums for us (``virtio_net_hdr_to_skb``).
-HOST_OFFLOADS = (bit(vn.F_CSUM) | bit(vn.F_HOST_TSO4) | bit(vn.F_HOST_TSO6)
-                 | bit(vn.F_HOST_ECN))
+HOST_OFFLOADS = bit(vn.F_CSUM) | bit(vn.F_HOST_TSO4) | bit(vn.F_HOST_TSO6) | bit(vn.F_HOST_ECN)
 #: The TUNSETOFFLOAD flag each receive-side feature needs.
-GUEST_OFFLOADS = {vn.F_GUEST_CSUM: tun.TUN_F_CSUM, vn.F_GUEST_TSO4: tun.TUN_F_TSO4,
-                  vn.F_GUEST_TSO6: tun.TUN_F_TSO6, vn.F_GUEST_ECN: tun.TUN_F_TSO_ECN}
+GUEST_OFFLOADS = {
+    vn.F_GUEST_CSUM: tun.TUN_F_CSUM,
+    vn.F_GUEST_TSO4: tun.TUN_F_TSO4,
+    vn.F_GUEST_TSO6: tun.TUN_F_TSO6,
+    vn.F_GUEST_ECN: tun.TUN_F_TSO_ECN,
+}
 
 
 class TapError(OSError):
@@ -85,15 +88,17 @@ class TapBackend(NetBackend):
         self.description = f"TAP {ifname}"
         flags = tun_flags(ifname)
         if interface_exists(ifname) and (flags is None or not flags & tun.IFF_TAP):
-            raise TapError(errno.EINVAL, f"{ifname} exists and is not a TAP interface: choose "
-                           "another --tap name")
+            raise TapError(
+                errno.EINVAL, f"{ifname} exists and is not a TAP interface: choose another --tap name"
+            )
         #: We made it (or a daemon of ours did, before a crash): removed on close.
         self.created = owned or not interface_exists(ifname)
         try:
             self.fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise TapError(errno.ENOENT, f"{TUN_DEVICE} does not exist: load the tun module "
-                           "(modprobe tun)") from None
+            raise TapError(
+                errno.ENOENT, f"{TUN_DEVICE} does not exist: load the tun module (modprobe tun)"
+            ) from None
         try:
             self._setup(mtu)
         except BaseException:
@@ -109,18 +114,25 @@ class TapBackend(NetBackend):
     def _setup(self, mtu: int | None) -> None:
         name = self.ifname
         try:
-            fcntl.ioctl(self.fd, tun.TUNSETIFF,
-                        tun.ifreq_flags(name, tun.IFF_TAP | tun.IFF_NO_PI | tun.IFF_VNET_HDR))
+            fcntl.ioctl(
+                self.fd, tun.TUNSETIFF, tun.ifreq_flags(name, tun.IFF_TAP | tun.IFF_NO_PI | tun.IFF_VNET_HDR)
+            )
         except OSError as e:
             if e.errno == errno.EPERM:
-                raise TapError(e.errno, f"opening TAP {name} needs CAP_NET_ADMIN (or a TAP "
-                               "owned by this user): run as root") from None
+                raise TapError(
+                    e.errno,
+                    f"opening TAP {name} needs CAP_NET_ADMIN (or a TAP owned by this user): run as root",
+                ) from None
             if e.errno == errno.EBUSY:
-                raise TapError(e.errno, f"TAP {name} is in use by another program: choose "
-                               "another --tap name") from None
+                raise TapError(
+                    e.errno, f"TAP {name} is in use by another program: choose another --tap name"
+                ) from None
             if e.errno == errno.EINVAL:
-                raise TapError(e.errno, f"{name} cannot be opened as a TAP (a multiqueue TAP, "
-                               "or a TUN?): choose another --tap name") from None
+                raise TapError(
+                    e.errno,
+                    f"{name} cannot be opened as a TAP (a multiqueue TAP, "
+                    "or a TUN?): choose another --tap name",
+                ) from None
             raise TapError(e.errno, f"cannot open TAP {name}: {e.strerror}") from None
         fcntl.ioctl(self.fd, tun.TUNSETVNETHDRSZ, vn.NET_HDR_V1_SIZE.to_bytes(4, "little"))
         self._guest_offloads = 0
@@ -154,8 +166,7 @@ class TapBackend(NetBackend):
         self._stopping = False
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._stop_fd)
-        self._thread = threading.Thread(target=self._receive_loop, args=(port,),
-                                        name="net-rx", daemon=True)
+        self._thread = threading.Thread(target=self._receive_loop, args=(port,), name="net-rx", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:

@@ -39,127 +39,228 @@ MAX_MSG_TIMEOUT = 86400
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("blk", help="serve a virtio-blk device",
-                       description="Create a VDUSE virtio-blk device, attach it to the vdpa "
-                       "bus and serve it until SIGINT or SIGTERM.")
+    p = sub.add_parser(
+        "blk",
+        help="serve a virtio-blk device",
+        description="Create a VDUSE virtio-blk device, attach it to the vdpa "
+        "bus and serve it until SIGINT or SIGTERM.",
+    )
     p.add_argument("--name", required=True, help="device name (/dev/vduse/NAME, vdpa NAME)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--file", metavar="PATH", help="raw image file or block device to serve")
     src.add_argument("--memory", metavar="SIZE", help="serve SIZE bytes of RAM (e.g. 1G)")
     src.add_argument("--null", metavar="SIZE", help="discard writes, read zeroes, SIZE bytes")
-    src.add_argument("--nbd", metavar="URI",
-                     help="serve an NBD server's export through libnbd: nbd://HOST[:PORT]/EXPORT, "
-                     "nbds://... (TLS), nbd+unix:///EXPORT?socket=PATH")
-    src.add_argument("--backend", metavar="MODULE:CLASS",
-                     help="a backend of your own: a pyvduse.Backend subclass in an importable "
-                     "module or a FILE.py, constructed with the --backend-arg values")
-    p.add_argument("--backend-arg", action="append", metavar="KEY=VALUE",
-                   help="an argument of --backend's constructor (repeat for more; converted "
-                   "by its annotations: int, float, bool, Path)")
-    p.add_argument("--device", metavar="MODULE:CLASS",
-                   help="a device of your own (a pyvduse.VirtioDevice subclass), constructed "
-                   "with the --device-arg values, and backend= and options= when it takes "
-                   "them (the backend from --file, --memory, ...)")
-    p.add_argument("--device-arg", action="append", metavar="KEY=VALUE",
-                   help="an argument of --device's constructor (repeat for more)")
-    p.add_argument("--nbd-reconnect", type=float, default=DEFAULT_RECONNECT_SECONDS,
-                   metavar="SECONDS", help="--nbd: when the server goes away, requests wait "
-                   "this long while pyvduse reconnects, then fail (default "
-                   f"{DEFAULT_RECONNECT_SECONDS:g})")
+    src.add_argument(
+        "--nbd",
+        metavar="URI",
+        help="serve an NBD server's export through libnbd: nbd://HOST[:PORT]/EXPORT, "
+        "nbds://... (TLS), nbd+unix:///EXPORT?socket=PATH",
+    )
+    src.add_argument(
+        "--backend",
+        metavar="MODULE:CLASS",
+        help="a backend of your own: a pyvduse.Backend subclass in an importable "
+        "module or a FILE.py, constructed with the --backend-arg values",
+    )
+    p.add_argument(
+        "--backend-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an argument of --backend's constructor (repeat for more; converted "
+        "by its annotations: int, float, bool, Path)",
+    )
+    p.add_argument(
+        "--device",
+        metavar="MODULE:CLASS",
+        help="a device of your own (a pyvduse.VirtioDevice subclass), constructed "
+        "with the --device-arg values, and backend= and options= when it takes "
+        "them (the backend from --file, --memory, ...)",
+    )
+    p.add_argument(
+        "--device-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an argument of --device's constructor (repeat for more)",
+    )
+    p.add_argument(
+        "--nbd-reconnect",
+        type=float,
+        default=DEFAULT_RECONNECT_SECONDS,
+        metavar="SECONDS",
+        help="--nbd: when the server goes away, requests wait "
+        "this long while pyvduse reconnects, then fail (default "
+        f"{DEFAULT_RECONNECT_SECONDS:g})",
+    )
     p.add_argument("--readonly", action="store_true", help="offer the device read-only")
     p.add_argument("--queues", type=int, default=1, metavar="N", help="virtqueues (default 1)")
-    p.add_argument("--queue-size", type=int, default=256, metavar="N",
-                   help="descriptors per virtqueue, a power of two (default 256)")
-    p.add_argument("--block-size", type=int, default=512, choices=(512, 1024, 2048, 4096),
-                   help="logical block size (default 512)")
+    p.add_argument(
+        "--queue-size",
+        type=int,
+        default=256,
+        metavar="N",
+        help="descriptors per virtqueue, a power of two (default 256)",
+    )
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=512,
+        choices=(512, 1024, 2048, 4096),
+        help="logical block size (default 512)",
+    )
     p.add_argument("--serial", default="", help="serial number, up to 20 bytes")
     add_device_arguments(p)
-    p.add_argument("--bind", choices=sorted(BIND_DRIVERS), default="virtio",
-                   help="the vdpa driver the device is given to: 'virtio' (virtio_vdpa: a "
-                   "block device /dev/vdX on this host; the default) or 'vhost' "
-                   "(vhost_vdpa: /dev/vhost-vdpa-N, for a VM)")
-    p.add_argument("--data-path", choices=[d.value for d in DataPath], default="auto",
-                   help="who serves the queues: 'native' (the C loop of pyvduse.fastpath), "
-                   "'python' (the reference engine) or 'auto' (native where it can; "
-                   "the default)")
-    p.add_argument("--poll-us", type=int, default=0, metavar="US",
-                   help="native data path: when a queue runs empty, keep watching it this "
-                   "many microseconds with notifications off before sleeping (fewer kicks "
-                   "and wake-ups under load, at the price of CPU; default 0)")
-    p.add_argument("--publish-us", type=int, default=PUBLISH_AFTER_US, metavar="US",
-                   help="while a queue serves a run of requests, hand the finished ones to "
-                   "the driver (and interrupt it) as soon as one took this many "
-                   "microseconds, instead of at the end of the run (default "
-                   f"{PUBLISH_AFTER_US}; short requests are held at most "
-                   f"{HOLD_MAX_US} us or this, whichever is more; larger: fewer interrupts, "
-                   "later completions)")
-    p.add_argument("--irq-cpus", default=FOLLOW, metavar="follow|first|driver|LIST",
-                   help="where the kernel runs each queue's interrupt callback "
-                   "(vqN/irq_cb_affinity): 'follow' (the default: the CPU of the driver's "
-                   "mask that the queue's native worker runs on, the first one until then), "
-                   "'first' CPU of the driver's mask (one CPU per queue, like a hardware "
-                   "interrupt), 'driver' (its whole mask, rotating over it), or a CPU list "
-                   "like 0,2-3 (queue i on the i-th CPU of the list)")
-    p.add_argument("--aio", choices=[a.value for a in Aio], default=Aio.IO_URING.value,
-                   help="how a file backend's reads, writes and flushes run, many per queue "
-                   "at once: 'io_uring' (the native data path submits them to an io_uring; "
-                   "queues on the Python engine use a thread pool; the default), 'threads' "
-                   "(a thread pool, Python engine) or 'sync' (one at a time, inline)")
-    p.add_argument("--cache", choices=("writeback", "none"), default="writeback",
-                   help="'writeback' (the default: through the host's page cache) or 'none' "
-                   "(O_DIRECT: no page cache; requests the device cannot take directly are "
-                   "copied through aligned buffers)")
-    p.add_argument("--bounce-memory", choices=("kernel", "daemon"), default="kernel",
-                   help="whose pages VDUSE's bounce buffer (where the kernel copies every "
-                   "request's data) is: the kernel's (the default) or the daemon's own "
-                   "(VDUSE_IOTLB_REG_UMEM), which direct I/O (--cache none) can reach with "
-                   "no copy of ours")
-    p.add_argument("--io-threads", type=int, default=DEFAULT_IO_THREADS, metavar="N",
-                   help=f"threads of the pool for --aio threads (default {DEFAULT_IO_THREADS})")
-    p.add_argument("--worker-cpus", choices=("any", "irq"), default="any",
-                   help="where each queue's worker thread runs: 'any' (wherever the "
-                   "scheduler puts it; the default) or 'irq', on the CPUs its interrupts "
-                   "are handled on (the daemon and the completion work share them and leave "
-                   "the other CPUs to the application: more IOPS at depth when the "
-                   "application runs elsewhere, less at iodepth 1 when it does not)")
+    p.add_argument(
+        "--bind",
+        choices=sorted(BIND_DRIVERS),
+        default="virtio",
+        help="the vdpa driver the device is given to: 'virtio' (virtio_vdpa: a "
+        "block device /dev/vdX on this host; the default) or 'vhost' "
+        "(vhost_vdpa: /dev/vhost-vdpa-N, for a VM)",
+    )
+    p.add_argument(
+        "--data-path",
+        choices=[d.value for d in DataPath],
+        default="auto",
+        help="who serves the queues: 'native' (the C loop of pyvduse.fastpath), "
+        "'python' (the reference engine) or 'auto' (native where it can; "
+        "the default)",
+    )
+    p.add_argument(
+        "--poll-us",
+        type=int,
+        default=0,
+        metavar="US",
+        help="native data path: when a queue runs empty, keep watching it this "
+        "many microseconds with notifications off before sleeping (fewer kicks "
+        "and wake-ups under load, at the price of CPU; default 0)",
+    )
+    p.add_argument(
+        "--publish-us",
+        type=int,
+        default=PUBLISH_AFTER_US,
+        metavar="US",
+        help="while a queue serves a run of requests, hand the finished ones to "
+        "the driver (and interrupt it) as soon as one took this many "
+        "microseconds, instead of at the end of the run (default "
+        f"{PUBLISH_AFTER_US}; short requests are held at most "
+        f"{HOLD_MAX_US} us or this, whichever is more; larger: fewer interrupts, "
+        "later completions)",
+    )
+    p.add_argument(
+        "--irq-cpus",
+        default=FOLLOW,
+        metavar="follow|first|driver|LIST",
+        help="where the kernel runs each queue's interrupt callback "
+        "(vqN/irq_cb_affinity): 'follow' (the default: the CPU of the driver's "
+        "mask that the queue's native worker runs on, the first one until then), "
+        "'first' CPU of the driver's mask (one CPU per queue, like a hardware "
+        "interrupt), 'driver' (its whole mask, rotating over it), or a CPU list "
+        "like 0,2-3 (queue i on the i-th CPU of the list)",
+    )
+    p.add_argument(
+        "--aio",
+        choices=[a.value for a in Aio],
+        default=Aio.IO_URING.value,
+        help="how a file backend's reads, writes and flushes run, many per queue "
+        "at once: 'io_uring' (the native data path submits them to an io_uring; "
+        "queues on the Python engine use a thread pool; the default), 'threads' "
+        "(a thread pool, Python engine) or 'sync' (one at a time, inline)",
+    )
+    p.add_argument(
+        "--cache",
+        choices=("writeback", "none"),
+        default="writeback",
+        help="'writeback' (the default: through the host's page cache) or 'none' "
+        "(O_DIRECT: no page cache; requests the device cannot take directly are "
+        "copied through aligned buffers)",
+    )
+    p.add_argument(
+        "--bounce-memory",
+        choices=("kernel", "daemon"),
+        default="kernel",
+        help="whose pages VDUSE's bounce buffer (where the kernel copies every "
+        "request's data) is: the kernel's (the default) or the daemon's own "
+        "(VDUSE_IOTLB_REG_UMEM), which direct I/O (--cache none) can reach with "
+        "no copy of ours",
+    )
+    p.add_argument(
+        "--io-threads",
+        type=int,
+        default=DEFAULT_IO_THREADS,
+        metavar="N",
+        help=f"threads of the pool for --aio threads (default {DEFAULT_IO_THREADS})",
+    )
+    p.add_argument(
+        "--worker-cpus",
+        choices=("any", "irq"),
+        default="any",
+        help="where each queue's worker thread runs: 'any' (wherever the "
+        "scheduler puts it; the default) or 'irq', on the CPUs its interrupts "
+        "are handled on (the daemon and the completion work share them and leave "
+        "the other CPUs to the application: more IOPS at depth when the "
+        "application runs elsewhere, less at iodepth 1 when it does not)",
+    )
     add_ops_arguments(p)
     p.set_defaults(func=run)
 
 
 def add_device_arguments(p: argparse.ArgumentParser) -> None:
     """What every device command takes about the VDUSE device and its crash recovery."""
-    p.add_argument("--msg-timeout", metavar="SECONDS",
-                   help="how long the kernel waits for the daemon's answer to each control "
-                   f"message, whole seconds 0 to {MAX_MSG_TIMEOUT} (0: forever; sysfs "
-                   "msg_timeout, 30 unless set)")
-    p.add_argument("--bounce-size", metavar="SIZE",
-                   help="kernel bounce buffer size, 1M to 1G (sysfs bounce_size; 64M unless "
-                   "set)")
-    p.add_argument("--packed", action="store_true",
-                   help="offer the packed virtqueue layout (VIRTIO_F_RING_PACKED)")
-    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR",
-                   help="where the crash-recovery state lives (default /run/pyvduse)")
-    p.add_argument("--reconnect", action="store_true",
-                   help="require an existing device left by a dead daemon, and resume it "
-                   "(the default when /dev/vduse/NAME exists)")
+    p.add_argument(
+        "--msg-timeout",
+        metavar="SECONDS",
+        help="how long the kernel waits for the daemon's answer to each control "
+        f"message, whole seconds 0 to {MAX_MSG_TIMEOUT} (0: forever; sysfs "
+        "msg_timeout, 30 unless set)",
+    )
+    p.add_argument(
+        "--bounce-size",
+        metavar="SIZE",
+        help="kernel bounce buffer size, 1M to 1G (sysfs bounce_size; 64M unless set)",
+    )
+    p.add_argument(
+        "--packed", action="store_true", help="offer the packed virtqueue layout (VIRTIO_F_RING_PACKED)"
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        metavar="DIR",
+        help="where the crash-recovery state lives (default /run/pyvduse)",
+    )
+    p.add_argument(
+        "--reconnect",
+        action="store_true",
+        help="require an existing device left by a dead daemon, and resume it "
+        "(the default when /dev/vduse/NAME exists)",
+    )
 
 
 def add_ops_arguments(p: argparse.ArgumentParser) -> None:
     """Operations: management socket, metrics endpoint, shutdown drain."""
-    p.add_argument("--control", metavar="PATH",
-                   help="management socket for 'pyvduse ctl' (default /run/pyvduse/NAME.sock)")
-    p.add_argument("--metrics", metavar="ADDR:PORT",
-                   help="serve Prometheus metrics on http://ADDR:PORT/metrics "
-                   "(needs prometheus_client)")
-    p.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT,
-                   metavar="SECONDS", help="on SIGTERM, wait this long for requests in "
-                   f"flight before detaching (default {DEFAULT_DRAIN_TIMEOUT:g})")
+    p.add_argument(
+        "--control",
+        metavar="PATH",
+        help="management socket for 'pyvduse ctl' (default /run/pyvduse/NAME.sock)",
+    )
+    p.add_argument(
+        "--metrics",
+        metavar="ADDR:PORT",
+        help="serve Prometheus metrics on http://ADDR:PORT/metrics (needs prometheus_client)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=DEFAULT_DRAIN_TIMEOUT,
+        metavar="SECONDS",
+        help="on SIGTERM, wait this long for requests in "
+        f"flight before detaching (default {DEFAULT_DRAIN_TIMEOUT:g})",
+    )
 
 
 def ops_options(args: argparse.Namespace) -> OpsOptions:
     """The operations options, checked (one-line UserError) before any device exists."""
-    ops = OpsOptions(control=args.control, metrics=args.metrics,
-                     drain_timeout=args.drain_timeout)
+    ops = OpsOptions(control=args.control, metrics=args.metrics, drain_timeout=args.drain_timeout)
     ops.validate()
     return ops
 
@@ -170,37 +271,45 @@ def make_backend(args: argparse.Namespace) -> Backend | None:
     if args.backend is not None:
         cls = plugins.load_class(args.backend, "--backend")
         if not issubclass(cls, Backend):
-            raise UserError(f"--backend {args.backend}: {cls.__name__} is not a backend (a "
-                            "subclass of pyvduse.Backend)")
-        backend: Backend = plugins.construct(cls, plugins.parse_args(args.backend_arg,
-                                                                     "--backend-arg"),
-                                             "--backend")
+            raise UserError(
+                f"--backend {args.backend}: {cls.__name__} is not a backend (a subclass of pyvduse.Backend)"
+            )
+        backend: Backend = plugins.construct(
+            cls, plugins.parse_args(args.backend_arg, "--backend-arg"), "--backend"
+        )
         return backend
     if args.backend_arg:
         raise UserError("--backend-arg is for --backend")
     if all(getattr(args, o) is None for o in ("file", "memory", "null", "nbd")):
         if args.device is not None:
             return None
-        raise UserError("say what to serve: --file PATH, --memory SIZE, --null SIZE, "
-                        "--nbd URI, --backend MODULE:CLASS or --device MODULE:CLASS")
+        raise UserError(
+            "say what to serve: --file PATH, --memory SIZE, --null SIZE, "
+            "--nbd URI, --backend MODULE:CLASS or --device MODULE:CLASS"
+        )
     if args.file is not None:
         path = args.file
         if not os.path.exists(path):
-            raise UserError(f"image file {path} does not exist: create it first, for example "
-                            f"'truncate -s 1G {path}'")
+            raise UserError(
+                f"image file {path} does not exist: create it first, for example 'truncate -s 1G {path}'"
+            )
         try:
             return FileBackend(path, readonly=args.readonly, direct=args.cache == "none")
         except PermissionError:
             if args.readonly:
-                raise UserError(f"no permission to read {path}: fix its permissions (or run "
-                                "as a user who may read it)") from None
-            raise UserError(f"no permission to open {path} for reading and writing: fix "
-                            "its permissions or use --readonly") from None
+                raise UserError(
+                    f"no permission to read {path}: fix its permissions (or run as a user who may read it)"
+                ) from None
+            raise UserError(
+                f"no permission to open {path} for reading and writing: fix its permissions or use --readonly"
+            ) from None
         except OSError as e:
             if e.errno == errno.EINVAL and args.cache == "none":
-                raise UserError(f"{path} cannot be opened for direct I/O (--cache none): its "
-                                "filesystem does not support O_DIRECT; use --cache "
-                                "writeback") from None
+                raise UserError(
+                    f"{path} cannot be opened for direct I/O (--cache none): its "
+                    "filesystem does not support O_DIRECT; use --cache "
+                    "writeback"
+                ) from None
             raise UserError(f"cannot open {path}: {e.strerror}") from None
     if args.nbd is not None:
         return make_nbd_backend(args)
@@ -217,8 +326,10 @@ def make_backend(args: argparse.Namespace) -> Backend | None:
         return MemoryBackend(size)
     except (OSError, OverflowError) as e:
         why = e.strerror if isinstance(e, OSError) and e.strerror else "too large"
-        raise UserError(f"cannot reserve {text} of memory for --memory ({why}): use a smaller "
-                        "size, or --file for a disk larger than this machine's memory") from None
+        raise UserError(
+            f"cannot reserve {text} of memory for --memory ({why}): use a smaller "
+            "size, or --file for a disk larger than this machine's memory"
+        ) from None
 
 
 def make_nbd_backend(args: argparse.Namespace) -> NbdBackend:
@@ -226,15 +337,13 @@ def make_nbd_backend(args: argparse.Namespace) -> NbdBackend:
     if not 0 <= args.nbd_reconnect <= 86400:
         raise UserError(f"--nbd-reconnect {args.nbd_reconnect:g} must be 0 to 86400 seconds")
     try:
-        return NbdBackend(args.nbd, connections=args.queues,
-                          reconnect_seconds=args.nbd_reconnect)
+        return NbdBackend(args.nbd, connections=args.queues, reconnect_seconds=args.nbd_reconnect)
     except NbdUnavailable as e:
         raise UserError(str(e)) from None
     except ValueError as e:
         raise UserError(f"--nbd: {e}") from None
     except NbdError as e:
-        raise UserError(f"{e}: is the server running, and is this its address and export "
-                        "name?") from None
+        raise UserError(f"{e}: is the server running, and is this its address and export name?") from None
 
 
 def nbd_options(backend: NbdBackend, options: BlkOptions) -> BlkOptions:
@@ -244,41 +353,56 @@ def nbd_options(backend: NbdBackend, options: BlkOptions) -> BlkOptions:
     block_size = options.block_size
     if info.min_block > block_size:
         if info.min_block > 4096 or info.min_block & (info.min_block - 1):
-            raise UserError(f"the NBD server's minimum block size {info.min_block} is more "
-                            "than virtio-blk's largest, 4096: it cannot be served")
+            raise UserError(
+                f"the NBD server's minimum block size {info.min_block} is more "
+                "than virtio-blk's largest, 4096: it cannot be served"
+            )
         log.info("block size %d: the NBD server's minimum", info.min_block)
         block_size = info.min_block
     if backend.size % block_size:
-        raise UserError(f"the NBD export's size {backend.size} is not a multiple of the block "
-                        f"size {block_size}: it cannot be served as a virtio-blk disk")
+        raise UserError(
+            f"the NBD export's size {backend.size} is not a multiple of the block "
+            f"size {block_size}: it cannot be served as a virtio-blk disk"
+        )
     preferred = info.preferred_block
-    physical = (preferred if block_size < preferred <= 1 << 16
-                and not preferred & (preferred - 1) else 0)
+    physical = preferred if block_size < preferred <= 1 << 16 and not preferred & (preferred - 1) else 0
     if info.readonly and not options.readonly:
         log.info("the NBD export is read-only: so is the device")
     return dataclasses.replace(
-        options, readonly=options.readonly or info.readonly, block_size=block_size,
-        flush=info.can_flush, discard=info.can_trim, write_zeroes=info.can_zero,
-        physical_block_size=physical, opt_io_size=preferred if physical else 0)
+        options,
+        readonly=options.readonly or info.readonly,
+        block_size=block_size,
+        flush=info.can_flush,
+        discard=info.can_trim,
+        write_zeroes=info.can_zero,
+        physical_block_size=physical,
+        opt_io_size=preferred if physical else 0,
+    )
 
 
 def build_device(args: argparse.Namespace, backend: Backend | None) -> VirtioDevice:
     options = BlkOptions(
-        readonly=args.readonly, block_size=args.block_size, serial=args.serial,
-        num_queues=args.queues, queue_size=args.queue_size, packed=args.packed,
+        readonly=args.readonly,
+        block_size=args.block_size,
+        serial=args.serial,
+        num_queues=args.queues,
+        queue_size=args.queue_size,
+        packed=args.packed,
     )
     if isinstance(backend, NbdBackend):
         options = nbd_options(backend, options)
     if args.device is not None:
         cls = plugins.load_class(args.device, "--device")
         if not issubclass(cls, VirtioDevice):
-            raise UserError(f"--device {args.device}: {cls.__name__} is not a device (a "
-                            "subclass of pyvduse.VirtioDevice)")
+            raise UserError(
+                f"--device {args.device}: {cls.__name__} is not a device (a subclass of pyvduse.VirtioDevice)"
+            )
         extra: dict[str, object] = {"options": options}
         if backend is not None:
             extra["backend"] = backend
         device: VirtioDevice = plugins.construct(
-            cls, plugins.parse_args(args.device_arg, "--device-arg"), "--device", extra)
+            cls, plugins.parse_args(args.device_arg, "--device-arg"), "--device", extra
+        )
         return device
     if args.device_arg:
         raise UserError("--device-arg is for --device")
@@ -300,9 +424,14 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{option} {value} must be 0 to {MAX_US}")
     if not 1 <= args.io_threads <= 1024:
         raise UserError(f"--io-threads {args.io_threads} must be 1 to 1024")
-    tuning = QueueTuning(data_path=data_path, poll_us=args.poll_us, publish_us=args.publish_us,
-                         workers_on_irq_cpus=args.worker_cpus == "irq", aio=Aio(args.aio),
-                         io_threads=args.io_threads)
+    tuning = QueueTuning(
+        data_path=data_path,
+        poll_us=args.poll_us,
+        publish_us=args.publish_us,
+        workers_on_irq_cpus=args.worker_cpus == "irq",
+        aio=Aio(args.aio),
+        io_threads=args.io_threads,
+    )
     irq_placement = parse_irq_cpus(args.irq_cpus)
     check_bind(args.bind, args.bounce_memory == "daemon")
     backend = make_backend(args)
@@ -314,11 +443,19 @@ def run(args: argparse.Namespace) -> int:
         check_kernel(args.bind)
         if data_path is DataPath.AUTO and why_not is not None:
             log.info("queues served by the Python engine: %s", why_not)
-        daemon = Daemon(device, args.name, state_dir=args.state_dir,
-                        resume=True if args.reconnect else None, tuning=tuning, ops=ops,
-                        msg_timeout=msg_timeout, bounce_size=bounce,
-                        irq_placement=irq_placement, user_bounce=args.bounce_memory == "daemon",
-                        bind=args.bind)
+        daemon = Daemon(
+            device,
+            args.name,
+            state_dir=args.state_dir,
+            resume=True if args.reconnect else None,
+            tuning=tuning,
+            ops=ops,
+            msg_timeout=msg_timeout,
+            bounce_size=bounce,
+            irq_placement=irq_placement,
+            user_bounce=args.bounce_memory == "daemon",
+            bind=args.bind,
+        )
         return serve(daemon)
     finally:
         if backend is not None:
@@ -331,8 +468,11 @@ def serve(daemon: Daemon) -> int:
     daemon.on_ready = announce
     daemon.run(signals=True)
     if daemon.left_attached:
-        log.warning("the same command serves %s again; 'pyvduse destroy %s' removes it once "
-                    "the VM has closed it", daemon.name, daemon.name)
+        log.warning(
+            "the same command serves %s again; 'pyvduse destroy %s' removes it once the VM has closed it",
+            daemon.name,
+            daemon.name,
+        )
     return 0
 
 
@@ -364,8 +504,9 @@ def parse_msg_timeout(text: str | None) -> int | None:
     except ValueError:
         raise UserError(f"--msg-timeout {text} is not a number of seconds") from None
     if not value.is_integer():
-        raise UserError(f"--msg-timeout {text}: the kernel counts whole seconds; use "
-                        f"{max(int(value) + 1, 1)}")
+        raise UserError(
+            f"--msg-timeout {text}: the kernel counts whole seconds; use {max(int(value) + 1, 1)}"
+        )
     if not 0 <= value <= MAX_MSG_TIMEOUT:
         raise UserError(f"--msg-timeout {text} must be 0 (forever) to {MAX_MSG_TIMEOUT}")
     return int(value)

@@ -24,22 +24,32 @@ class ErrorReply(UserError):
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
-        "ctl", help="query or control a running device daemon",
+        "ctl",
+        help="query or control a running device daemon",
         description="Send one command to the daemon serving NAME over its management socket: "
         "status, stats, resize [SIZE] [--shrink] (no SIZE: take the backing file's new size), "
-        "link up|down (network devices), quit.")
+        "link up|down (network devices), quit.",
+    )
     p.add_argument("name", help="the device's name (pyvduse blk --name)")
-    p.add_argument("command", choices=COMMANDS, metavar="COMMAND",
-                   help="status, stats, resize, link or quit")
-    p.add_argument("size", nargs="?", metavar="SIZE|up|down",
-                   help="resize: the new size (bytes, or like 2G); link: up or down")
-    p.add_argument("--shrink", action="store_true",
-                   help="resize: allow a smaller size (loses the data past the new end)")
+    p.add_argument("command", choices=COMMANDS, metavar="COMMAND", help="status, stats, resize, link or quit")
+    p.add_argument(
+        "size",
+        nargs="?",
+        metavar="SIZE|up|down",
+        help="resize: the new size (bytes, or like 2G); link: up or down",
+    )
+    p.add_argument(
+        "--shrink", action="store_true", help="resize: allow a smaller size (loses the data past the new end)"
+    )
     p.add_argument("--json", action="store_true", help="print the daemon's reply as JSON")
-    p.add_argument("--control", metavar="PATH",
-                   help="the daemon's socket (default /run/pyvduse/NAME.sock)")
-    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="how long to wait for the answer (default 10)")
+    p.add_argument("--control", metavar="PATH", help="the daemon's socket (default /run/pyvduse/NAME.sock)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long to wait for the answer (default 10)",
+    )
     p.set_defaults(func=run)
 
 
@@ -110,8 +120,7 @@ def render(command: str, name: str, result: Json) -> str:
         old, new = result["old_size"], result["size"]
         if not result["changed"]:
             return f"{name}: size unchanged, {new} bytes ({human_bytes(new)})\n"
-        return (f"{name}: resized from {old} to {new} bytes "
-                f"({human_bytes(old)} -> {human_bytes(new)})\n")
+        return f"{name}: resized from {old} to {new} bytes ({human_bytes(old)} -> {human_bytes(new)})\n"
     if command == "link":
         state = result["link"]
         return f"{name}: link {state}" + ("" if result["changed"] else " (it was)") + "\n"
@@ -121,27 +130,38 @@ def render(command: str, name: str, result: Json) -> str:
 
 
 def render_status(r: Json) -> str:
-    lines = [f"{r['name']}: {r['state']}, {r['device']} on {r.get('node') or '-'} "
-             f"(pid {r['pid']}, up {r['uptime_s']:.0f} s)"]
+    lines = [
+        f"{r['name']}: {r['state']}, {r['device']} on {r.get('node') or '-'} "
+        f"(pid {r['pid']}, up {r['uptime_s']:.0f} s)"
+    ]
     if "capacity" in r:
         ro = ", read-only" if r.get("readonly") else ""
         lines.append(f"  backend   {r['backend']}")
-        lines.append(f"  capacity  {r['capacity']} bytes ({human_bytes(r['capacity'])}), "
-                     f"block size {r['block_size']}{ro}")
-        lines.append(f"  I/O       aio {r.get('aio', '-')}, cache {r.get('cache', '-')}, "
-                     f"bounce buffer {r.get('bounce_memory') or '-'}")
+        lines.append(
+            f"  capacity  {r['capacity']} bytes ({human_bytes(r['capacity'])}), "
+            f"block size {r['block_size']}{ro}"
+        )
+        lines.append(
+            f"  I/O       aio {r.get('aio', '-')}, cache {r.get('cache', '-')}, "
+            f"bounce buffer {r.get('bounce_memory') or '-'}"
+        )
     if "mac" in r:
         mtu = f", MTU {r['mtu']}" if r.get("mtu") else ""
         lines.append(f"  backend   {r['backend']}")
-        lines.append(f"  link      {r['link']}, MAC {r['mac']}{mtu}, "
-                     f"{r.get('rx_buffers_held', 0)} receive buffers waiting for frames")
+        lines.append(
+            f"  link      {r['link']}, MAC {r['mac']}{mtu}, "
+            f"{r.get('rx_buffers_held', 0)} receive buffers waiting for frames"
+        )
     nbd = r.get("nbd")
     if nbd:
-        conns = ", ".join(f"{c['state']}" + (f" ({c['reconnects']} reconnects)"
-                                             if c["reconnects"] else "")
-                          for c in nbd["connections"])
-        lines.append(f"  nbd       {len(nbd['connections'])} connection(s): {conns}; "
-                     f"reconnect window {nbd['reconnect_seconds']:g} s")
+        conns = ", ".join(
+            f"{c['state']}" + (f" ({c['reconnects']} reconnects)" if c["reconnects"] else "")
+            for c in nbd["connections"]
+        )
+        lines.append(
+            f"  nbd       {len(nbd['connections'])} connection(s): {conns}; "
+            f"reconnect window {nbd['reconnect_seconds']:g} s"
+        )
     status = r.get("status")
     names = "|".join(r.get("status_names") or []) or "-"
     lines.append("  status    " + ("unknown" if status is None else f"0x{status:02x} {names}"))
@@ -157,9 +177,11 @@ def render_status(r: Json) -> str:
         since = f" (for {age:.1f} s)" if age is not None and age >= 0.1 else ""
         irq = f", interrupts on CPU {format_cpu_list(q['irq_cpus'])}" if q.get("irq_cpus") else ""
         engine = f", {q['engine']} engine, aio {q['aio']}" if q.get("engine") else ""
-        lines.append(f"  queue {q['index']}   size {q['size']}, avail {avail}, "
-                     f"taken {q['last_avail_idx']}, used {q['used_idx']}, "
-                     f"in flight {q['in_flight']}{since}{engine}{irq}{broken}")
+        lines.append(
+            f"  queue {q['index']}   size {q['size']}, avail {avail}, "
+            f"taken {q['last_avail_idx']}, used {q['used_idx']}, "
+            f"in flight {q['in_flight']}{since}{engine}{irq}{broken}"
+        )
     if r.get("control"):
         lines.append(f"  control   {r['control']}")
     if r.get("metrics"):
@@ -178,8 +200,7 @@ def _stats_line(label: str, q: Json) -> list[str]:
     elif "requests" in q:
         kinds = ", ".join(f"{k} {n}" for k, n in q["requests"].items())
         parts.append(f"{q['requests_total']} requests" + (f" ({kinds})" if kinds else ""))
-        parts.append(f"{human_bytes(q['bytes_read'])} read, "
-                     f"{human_bytes(q['bytes_written'])} written")
+        parts.append(f"{human_bytes(q['bytes_read'])} read, {human_bytes(q['bytes_written'])} written")
         parts.append(f"{q['errors']} errors, {q['bad_requests']} bad")
     else:
         parts.append(f"{q['completed']} requests")
@@ -187,16 +208,20 @@ def _stats_line(label: str, q: Json) -> list[str]:
     out = [f"{label}: " + "; ".join(parts)]
     if lat["count"]:
         mean = lat["sum_us"] / lat["count"]
-        out.append(f"  latency: mean {human_us(round(mean))}, "
-                   f"p50 <= {human_us(inspect.percentile(lat, 0.5))}, "
-                   f"p99 <= {human_us(inspect.percentile(lat, 0.99))}, "
-                   f"max <= {human_us(inspect.percentile(lat, 1.0))}")
+        out.append(
+            f"  latency: mean {human_us(round(mean))}, "
+            f"p50 <= {human_us(inspect.percentile(lat, 0.5))}, "
+            f"p99 <= {human_us(inspect.percentile(lat, 0.99))}, "
+            f"max <= {human_us(inspect.percentile(lat, 1.0))}"
+        )
     dep = q.get("depth")
     if dep and dep["count"]:
         top = dep["buckets"][-1][0]
         shared = sum(n for bound, n in dep["buckets"] if bound > 2)
-        out.append(f"  depth: up to {top - 1} in flight; {100 * shared / dep['count']:.0f}% "
-                   "of requests were taken while others were in flight")
+        out.append(
+            f"  depth: up to {top - 1} in flight; {100 * shared / dep['count']:.0f}% "
+            "of requests were taken while others were in flight"
+        )
     return out
 
 

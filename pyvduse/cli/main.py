@@ -12,15 +12,16 @@ from pyvduse import __version__
 from pyvduse.errors import PyvduseError, UserError
 
 #: What ``pyvduse --help`` says first (plain text: the docstring above is for readers of code).
-DESCRIPTION = ("Serve virtio devices from Python through VDUSE: 'pyvduse blk' makes a real "
-               "/dev/vdX whose every request this process serves.")
+DESCRIPTION = (
+    "Serve virtio devices from Python through VDUSE: 'pyvduse blk' makes a real "
+    "/dev/vdX whose every request this process serves."
+)
 
 # The subcommands each module defines. A command line that names one of them gets a parser
 # with only that one, so that starting a daemon neither imports the other commands' modules
 # nor builds their parsers: in the test VM every module and every argparse parser (its
 # gettext look-ups stat the disk) costs tens of milliseconds, and restarting fast matters.
-COMMAND_MODULES = {"blk": "blk", "net": "net", "list": "manage", "destroy": "manage",
-                   "ctl": "ctl"}
+COMMAND_MODULES = {"blk": "blk", "net": "net", "list": "manage", "destroy": "manage", "ctl": "ctl"}
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -29,9 +30,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     only = COMMAND_MODULES.get(command) if command is not None else None
     parser = argparse.ArgumentParser(prog="pyvduse", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"pyvduse {__version__}")
-    parser.add_argument("--log-level", default="warning",
-                        choices=("debug", "info", "warning", "error"),
-                        help="stderr log level (default warning)")
+    parser.add_argument(
+        "--log-level",
+        default="warning",
+        choices=("debug", "info", "warning", "error"),
+        help="stderr log level (default warning)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     if only in (None, "blk"):
         from pyvduse.cli import blk
@@ -52,8 +56,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     if only is None:
         # Listed for --help only: main() hands everything after "testvm" to its own parser,
         # since argparse's REMAINDER drops options that come before "--".
-        sub.add_parser("testvm", add_help=False,
-                       help="run a command in the test VM (Linux with VDUSE, under QEMU)")
+        sub.add_parser(
+            "testvm", add_help=False, help="run a command in the test VM (Linux with VDUSE, under QEMU)"
+        )
     return parser
 
 
@@ -93,7 +98,7 @@ def split_testvm(argv: list[str]) -> tuple[list[str], list[str]] | None:
     i = command_index(argv)
     if i is None or argv[i] != "testvm":
         return None
-    return argv[:i], argv[i + 1:]
+    return argv[:i], argv[i + 1 :]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().parse_args([*testvm_args[0], "testvm"])  # checks the global options
         return testvm.main(testvm_args[1])
     args = build_parser(daemon_command(argv)).parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="pyvduse: %(levelname)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr, format="pyvduse: %(levelname)s: %(message)s"
+    )
     logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug output is per message
     with contextlib.suppress(ValueError, OSError):  # a stderr with no file (tests)
         faulthandler.enable()  # a crash in C (the native data path) says where, on stderr

@@ -33,8 +33,9 @@ def run_list(args: argparse.Namespace) -> int:
         nodes = sysfs.block_devices(name) or sysfs.vhost_devices(name)
         served = "served" if _served(name) else "orphaned"
         ifnames = sysfs.net_interfaces(name)
-        where = (f"ifname={','.join(ifnames)}" if ifnames
-                 else f"dev={','.join('/dev/' + n for n in nodes) or '-'}")
+        where = (
+            f"ifname={','.join(ifnames)}" if ifnames else f"dev={','.join('/dev/' + n for n in nodes) or '-'}"
+        )
         print(f"{name}\t{served}\tdriver={driver}\t{where}")
     return 0
 
@@ -48,8 +49,7 @@ def run_destroy(args: argparse.Namespace) -> int:
     from pyvduse.transport.kernel.vdpa_netlink import VdpaError, VdpaNetlink  # slow import
 
     if _served(name):
-        raise UserError(f"'{name}' is still served by a running daemon: stop that process "
-                        "(SIGTERM) instead")
+        raise UserError(f"'{name}' is still served by a running daemon: stop that process (SIGTERM) instead")
     try:
         with VdpaNetlink() as nl:
             found = [d for d in nl.dev_list() if d.name == name]

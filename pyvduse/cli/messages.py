@@ -22,13 +22,17 @@ def terminal_message(e: PyvduseError) -> str:
     if isinstance(e, UserError):
         return str(e)
     if isinstance(e, NameTaken):
-        return (f"a VDUSE device named '{e.name}' already exists: choose another --name, or "
-                f"remove the old one with 'pyvduse destroy {e.name}'")
+        return (
+            f"a VDUSE device named '{e.name}' already exists: choose another --name, or "
+            f"remove the old one with 'pyvduse destroy {e.name}'"
+        )
     if isinstance(e, DeviceBroken):
         return f"{e}; remove it with 'pyvduse destroy {e.name}' and start again"
     if isinstance(e, StateMismatch):
-        return (f"refusing to resume '{e.name}': {e}; start it with the options it was "
-                f"created with, or 'pyvduse destroy {e.name}'")
+        return (
+            f"refusing to resume '{e.name}': {e}; start it with the options it was "
+            f"created with, or 'pyvduse destroy {e.name}'"
+        )
     if e.option is not None:
         return f"{flag(e.option)}: {e}"
     return str(e)

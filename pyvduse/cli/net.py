@@ -30,31 +30,55 @@ CAP_NET_ADMIN = 12
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("net", help="serve a virtio-net device backed by a TAP interface",
-                       description="Create a VDUSE virtio-net device, attach it to the vdpa "
-                       "bus (Linux's virtio_net makes an interface of it) and pass its frames "
-                       "to and from a TAP interface until SIGINT or SIGTERM.")
+    p = sub.add_parser(
+        "net",
+        help="serve a virtio-net device backed by a TAP interface",
+        description="Create a VDUSE virtio-net device, attach it to the vdpa "
+        "bus (Linux's virtio_net makes an interface of it) and pass its frames "
+        "to and from a TAP interface until SIGINT or SIGTERM.",
+    )
     p.add_argument("--name", required=True, help="device name (/dev/vduse/NAME, vdpa NAME)")
-    p.add_argument("--tap", required=True, metavar="IFNAME",
-                   help="the TAP interface (created if absent, and then removed on exit)")
-    p.add_argument("--mac", help="the interface's MAC address (default: a random locally "
-                   "administered one)")
-    p.add_argument("--mtu", type=int, metavar="N",
-                   help="the MTU the driver is told to use (VIRTIO_NET_F_MTU), also set on "
-                   "the TAP (default: the driver's, 1500)")
-    p.add_argument("--queue-size", type=int, default=256, metavar="N",
-                   help="descriptors per virtqueue, a power of two (default 256)")
-    p.add_argument("--offloads", choices=("on", "off"), default="on",
-                   help="offer checksum and segmentation offloads as far as the TAP carries "
-                   "them (default on)")
-    p.add_argument("--mrg-rxbuf", action="store_true",
-                   help="offer mergeable receive buffers (VIRTIO_NET_F_MRG_RXBUF: the driver "
-                   "posts page-sized buffers and a frame may take several; without it, "
-                   "the default, it posts 64 KiB buffers, one per frame, which the Python "
-                   "engine serves several times faster)")
-    p.add_argument("--link", choices=("up", "down"), default="up",
-                   help="the link state at start (default up; 'pyvduse ctl NAME link' "
-                   "changes it)")
+    p.add_argument(
+        "--tap",
+        required=True,
+        metavar="IFNAME",
+        help="the TAP interface (created if absent, and then removed on exit)",
+    )
+    p.add_argument("--mac", help="the interface's MAC address (default: a random locally administered one)")
+    p.add_argument(
+        "--mtu",
+        type=int,
+        metavar="N",
+        help="the MTU the driver is told to use (VIRTIO_NET_F_MTU), also set on "
+        "the TAP (default: the driver's, 1500)",
+    )
+    p.add_argument(
+        "--queue-size",
+        type=int,
+        default=256,
+        metavar="N",
+        help="descriptors per virtqueue, a power of two (default 256)",
+    )
+    p.add_argument(
+        "--offloads",
+        choices=("on", "off"),
+        default="on",
+        help="offer checksum and segmentation offloads as far as the TAP carries them (default on)",
+    )
+    p.add_argument(
+        "--mrg-rxbuf",
+        action="store_true",
+        help="offer mergeable receive buffers (VIRTIO_NET_F_MRG_RXBUF: the driver "
+        "posts page-sized buffers and a frame may take several; without it, "
+        "the default, it posts 64 KiB buffers, one per frame, which the Python "
+        "engine serves several times faster)",
+    )
+    p.add_argument(
+        "--link",
+        choices=("up", "down"),
+        default="up",
+        help="the link state at start (default up; 'pyvduse ctl NAME link' changes it)",
+    )
     add_device_arguments(p)
     add_ops_arguments(p)
     p.set_defaults(func=run)
@@ -104,8 +128,9 @@ class NetDaemon(Daemon):
     interface (``node`` is its name). After a restart the interface may live in another
     network namespace, where this one cannot see it: then the name it had."""
 
-    def __init__(self, device: NetDevice, name: str, state: NetState | None = None,
-                 **options: object) -> None:
+    def __init__(
+        self, device: NetDevice, name: str, state: NetState | None = None, **options: object
+    ) -> None:
         super().__init__(device, name, **options)  # type: ignore[arg-type]
         self.net_state = state or NetState(None)
 
@@ -166,19 +191,33 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
     try:
         net_state.save(tap=args.tap if backend.created else None, link=link_up)
-        options = NetOptions(mac=mac, mtu=args.mtu, queue_size=args.queue_size,
-                             packed=args.packed, mrg_rxbuf=args.mrg_rxbuf,
-                             offloads=args.offloads == "on", link_up=link_up)
+        options = NetOptions(
+            mac=mac,
+            mtu=args.mtu,
+            queue_size=args.queue_size,
+            packed=args.packed,
+            mrg_rxbuf=args.mrg_rxbuf,
+            offloads=args.offloads == "on",
+            link_up=link_up,
+        )
         try:
             device = NetDevice(backend, options)
         except NetConfigError as e:
             raise UserError(str(e)) from None
         device.on_link_change = lambda up: net_state.save(link=up)
-        log.info("MAC %s, TAP %s%s", format_mac(device.mac), args.tap,
-                 " (created)" if backend.created else "")
-        daemon = NetDaemon(device, name, net_state, state_dir=args.state_dir,
-                           resume=True if args.reconnect else None, ops=ops,
-                           msg_timeout=msg_timeout, bounce_size=bounce)
+        log.info(
+            "MAC %s, TAP %s%s", format_mac(device.mac), args.tap, " (created)" if backend.created else ""
+        )
+        daemon = NetDaemon(
+            device,
+            name,
+            net_state,
+            state_dir=args.state_dir,
+            resume=True if args.reconnect else None,
+            ops=ops,
+            msg_timeout=msg_timeout,
+            bounce_size=bounce,
+        )
         daemon.on_ready = announce
         daemon.run(signals=True)
         return 0

@@ -29,8 +29,9 @@ def load_class(spec: str, option: str) -> type:
     """The class ``spec`` names: ``module:Class`` or ``file.py:Class``."""
     where, sep, name = spec.rpartition(":")
     if not sep or not where or not name.isidentifier():
-        raise UserError(f"{option} {spec}: give MODULE:CLASS or FILE.py:CLASS, for example "
-                        f"{option} mybackends:RamDisk")
+        raise UserError(
+            f"{option} {spec}: give MODULE:CLASS or FILE.py:CLASS, for example {option} mybackends:RamDisk"
+        )
     module = _load_module(where, option)
     cls = getattr(module, name, None)
     if cls is None:
@@ -60,8 +61,9 @@ def _load_module(where: str, option: str) -> Any:
     try:
         return importlib.import_module(where)
     except ModuleNotFoundError as e:
-        raise UserError(f"{option}: cannot import {where} ({e}): check its name and "
-                        "PYTHONPATH, or give the file's path") from None
+        raise UserError(
+            f"{option}: cannot import {where} ({e}): check its name and PYTHONPATH, or give the file's path"
+        ) from None
     except Exception as e:
         raise UserError(f"{option}: importing {where} failed: {type(e).__name__}: {e}") from None
 
@@ -80,8 +82,7 @@ def parse_args(pairs: list[str] | None, option: str) -> dict[str, str]:
     return out
 
 
-def construct(cls: type, args: dict[str, str], option: str,
-              extra: dict[str, Any] | None = None) -> Any:
+def construct(cls: type, args: dict[str, str], option: str, extra: dict[str, Any] | None = None) -> Any:
     """``cls(**args, **extra)``, each text value converted by the constructor's annotation."""
     try:
         sig = inspect.signature(cls)
@@ -92,8 +93,11 @@ def construct(cls: type, args: dict[str, str], option: str,
     for key, text in args.items():
         kwargs[key] = _convert(text, hints.get(key), f"{option}-arg {key}={text}", cls.__name__)
     for key, value in (extra or {}).items():
-        accepts = sig is None or key in sig.parameters or any(
-            p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+        accepts = (
+            sig is None
+            or key in sig.parameters
+            or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+        )
         if accepts:
             kwargs[key] = value
     if sig is not None:
@@ -101,8 +105,9 @@ def construct(cls: type, args: dict[str, str], option: str,
             sig.bind(**kwargs)
         except TypeError as e:
             wants = ", ".join(p for p in sig.parameters if p not in (extra or {}))
-            raise UserError(f"{option}: {cls.__name__} refuses these arguments ({e}); it takes: "
-                            f"{wants or 'none'}") from None
+            raise UserError(
+                f"{option}: {cls.__name__} refuses these arguments ({e}); it takes: {wants or 'none'}"
+            ) from None
     try:
         return cls(**kwargs)
     except Exception as e:

@@ -66,8 +66,12 @@ class VirtioDevice(ABC):
         """What must not change across a daemon restart for its in-flight log to apply to
         the device left behind (JSON values); a device adds what its requests depend on."""
         spec = self.spec()
-        return {"device_id": spec.device_id, "features": spec.features,
-                "queues": spec.num_queues, "queue_size": spec.queue_size}
+        return {
+            "device_id": spec.device_id,
+            "features": spec.features,
+            "queues": spec.num_queues,
+            "queue_size": spec.queue_size,
+        }
 
     def accept_features(self, features: int) -> bool:
         """Whether the driver's choice is acceptable (answering FEATURES_OK)."""

@@ -136,8 +136,7 @@ class BlkDevice(VirtioDevice):
             raise BlkConfigError(f"block size {opts.block_size} must be 512, 1024, 2048 or 4096")
         if backend.size <= 0 or backend.size % opts.block_size:
             raise BlkConfigError(
-                f"size {backend.size} is not a positive multiple of the block size "
-                f"{opts.block_size}"
+                f"size {backend.size} is not a positive multiple of the block size {opts.block_size}"
             )
         if not 1 <= opts.num_queues <= 64:
             raise BlkConfigError(f"queue count {opts.num_queues} must be 1 to 64")
@@ -146,8 +145,10 @@ class BlkDevice(VirtioDevice):
             raise BlkConfigError(f"queue size {qs} must be a power of two from 2 to 32768")
         phys = opts.physical_block_size
         if phys and (phys < opts.block_size or phys & (phys - 1) or phys > 1 << 16):
-            raise BlkConfigError(f"physical block size {phys} must be a power of two from the "
-                                 f"block size {opts.block_size} to 64 KiB")
+            raise BlkConfigError(
+                f"physical block size {phys} must be a power of two from the "
+                f"block size {opts.block_size} to 64 KiB"
+            )
         if len(opts.serial.encode()) > vb.ID_BYTES:
             raise BlkConfigError(f"serial is longer than {vb.ID_BYTES} bytes")
         self.serial = opts.serial.encode().ljust(vb.ID_BYTES, b"\0")
@@ -160,8 +161,9 @@ class BlkDevice(VirtioDevice):
         self._stats_lock = threading.Lock()  # for outcomes counted off a queue's thread
         self._own_handle = type(self).handle is not BlkDevice.handle
         #: The backend's calls are coroutines: requests run on the runtime's event loop.
-        self._async_backend = any(inspect.iscoroutinefunction(getattr(backend, name, None))
-                                  for name in ("readv", "writev", "flush"))
+        self._async_backend = any(
+            inspect.iscoroutinefunction(getattr(backend, name, None)) for name in ("readv", "writev", "flush")
+        )
         #: The backend's calls return at once and complete later (a network client).
         self._later_backend = isinstance(backend, LaterBackend)
 
@@ -173,8 +175,15 @@ class BlkDevice(VirtioDevice):
         storage = self.backend.native_storage()
         if storage is None:
             return f"the native data path has no {self.backend.kind} backend"
-        return NativeBlk(self.capacity_cell, self.options.readonly, self.serial,
-                         self.options.num_queues, storage, self.backend.blocking, self)
+        return NativeBlk(
+            self.capacity_cell,
+            self.options.readonly,
+            self.serial,
+            self.options.num_queues,
+            storage,
+            self.backend.blocking,
+            self,
+        )
 
     def attach_engine(self, queue: int, source: Callable[[], BlkStats]) -> None:
         self.stats_sources[queue] = source
@@ -202,9 +211,14 @@ class BlkDevice(VirtioDevice):
     def status(self) -> dict[str, object]:
         b, o = self.backend, self.options
         out: dict[str, object] = {
-            "backend": b.description, "backend_kind": b.kind, "capacity": self.capacity_bytes,
-            "block_size": o.block_size, "readonly": o.readonly, "serial": o.serial,
-            "cache": "none" if getattr(b, "direct", False) else "writeback"}
+            "backend": b.description,
+            "backend_kind": b.kind,
+            "capacity": self.capacity_bytes,
+            "block_size": o.block_size,
+            "readonly": o.readonly,
+            "serial": o.serial,
+            "cache": "none" if getattr(b, "direct", False) else "writeback",
+        }
         backend_status = getattr(b, "status", None)
         if callable(backend_status):  # a network client: its server and connections
             out[b.kind] = backend_status()
@@ -261,8 +275,7 @@ class BlkDevice(VirtioDevice):
             capacity=self.capacity_bytes // vb.SECTOR_SIZE,
             seg_max=max(o.queue_size - 2, 1),
             blk_size=o.block_size,
-            physical_block_exp=((o.physical_block_size or o.block_size)
-                                // o.block_size).bit_length() - 1,
+            physical_block_exp=((o.physical_block_size or o.block_size) // o.block_size).bit_length() - 1,
             min_io_size=1,
             opt_io_size=o.opt_io_size // o.block_size,
             num_queues=o.num_queues,
@@ -285,9 +298,14 @@ class BlkDevice(VirtioDevice):
 
     def identity(self) -> dict[str, object]:
         spec = self.spec()
-        return {"backend": self.backend.description, "size": self.backend.size,
-                "features": spec.features, "queues": spec.num_queues,
-                "queue_size": spec.queue_size, "block_size": self.options.block_size}
+        return {
+            "backend": self.backend.description,
+            "size": self.backend.size,
+            "features": spec.features,
+            "queues": spec.num_queues,
+            "queue_size": spec.queue_size,
+            "block_size": self.options.block_size,
+        }
 
     def set_capacity(self, size_bytes: int) -> None:
         """Change the capacity seen by the driver (config update + config interrupt).
@@ -296,8 +314,9 @@ class BlkDevice(VirtioDevice):
         changes in one store; when shrinking, the caller frees the storage only after this.
         """
         if size_bytes <= 0 or size_bytes % self.options.block_size:
-            raise BlkConfigError(f"size {size_bytes} is not a multiple of the block size "
-                                 f"{self.options.block_size}")
+            raise BlkConfigError(
+                f"size {size_bytes} is not a multiple of the block size {self.options.block_size}"
+            )
         self.capacity_bytes = size_bytes
         self.update_config(vb.CAPACITY_OFFSET, (size_bytes // vb.SECTOR_SIZE).to_bytes(8, "little"))
 
@@ -352,11 +371,13 @@ class BlkDevice(VirtioDevice):
             st.bad_chains += 1
             bad_request_log.warning("queue %d: bad request %d: %s", queue, chain.head, chain.error)
             return 0
-        if not writable or not readable or (len(readable[0]) < _OUTHDR.size
-                                            and total(readable) < _OUTHDR.size):
+        if (
+            not writable
+            or not readable
+            or (len(readable[0]) < _OUTHDR.size and total(readable) < _OUTHDR.size)
+        ):
             st.bad_chains += 1
-            bad_request_log.warning("queue %d: request %d has no header or no status byte", queue,
-                                    chain.head)
+            bad_request_log.warning("queue %d: request %d has no header or no status byte", queue, chain.head)
             return 0
         last = writable[-1]
         if not len(last):
@@ -423,8 +444,7 @@ class BlkDevice(VirtioDevice):
                 failures.append(error)
             if failures:
                 e = failures[0]
-                status = self._failure(planned, e if isinstance(e, Exception)
-                                       else RuntimeError(str(e)))
+                status = self._failure(planned, e if isinstance(e, Exception) else RuntimeError(str(e)))
                 request.complete(self._finish(planned, status, locked=True))
             else:
                 request.complete(self._finish(planned, OK, planned.written, locked=True))
@@ -437,15 +457,20 @@ class BlkDevice(VirtioDevice):
 
     def _failure(self, planned: _Planned, e: Exception) -> int:
         if isinstance(e, OSError):
-            bad_request_log.warning("queue %d: request type %d at sector %d failed: %s",
-                                    planned.queue, planned.rtype, planned.sector, e)
+            bad_request_log.warning(
+                "queue %d: request type %d at sector %d failed: %s",
+                planned.queue,
+                planned.rtype,
+                planned.sector,
+                e,
+            )
         else:  # a bug must fail one request, not the queue
-            log.error("queue %d: request type %d failed unexpectedly", planned.queue,
-                      planned.rtype, exc_info=e)
+            log.error(
+                "queue %d: request type %d failed unexpectedly", planned.queue, planned.rtype, exc_info=e
+            )
         return IOERR
 
-    def _finish(self, planned: _Planned, status: int, written: int = 0,
-                locked: bool = False) -> int:
+    def _finish(self, planned: _Planned, status: int, written: int = 0, locked: bool = False) -> int:
         """Write the status byte, count the outcome; returns the used length."""
         st = planned.stats
         if locked:  # off the queue's own thread: other requests of the queue count too
@@ -465,8 +490,9 @@ class BlkDevice(VirtioDevice):
         elif planned.rtype == T_OUT:
             st.bytes_written += planned.out_len
 
-    def _dispatch(self, planned: _Planned, readable: list[memoryview],
-                  writable: list[memoryview], in_len: int) -> tuple[int, int]:
+    def _dispatch(
+        self, planned: _Planned, readable: list[memoryview], writable: list[memoryview], in_len: int
+    ) -> tuple[int, int]:
         """(status, bytes written) of a request, its backend calls left in ``planned``."""
         rtype, sector = planned.rtype, planned.sector
         if rtype == T_IN:
@@ -474,8 +500,7 @@ class BlkDevice(VirtioDevice):
             if not self._in_range(offset, in_len):
                 return IOERR, 0
             if in_len:
-                planned.calls.append((self.backend.readv,
-                                      (offset, slice_segments(writable, 0, in_len))))
+                planned.calls.append((self.backend.readv, (offset, slice_segments(writable, 0, in_len))))
             return OK, in_len
         if rtype == T_OUT:
             if self.options.readonly:
@@ -485,8 +510,12 @@ class BlkDevice(VirtioDevice):
             if not self._in_range(offset, out_len):
                 return IOERR, 0
             if out_len:
-                planned.calls.append((self.backend.writev, (offset, slice_segments(
-                    readable, _OUTHDR.size, _OUTHDR.size + out_len))))
+                planned.calls.append(
+                    (
+                        self.backend.writev,
+                        (offset, slice_segments(readable, _OUTHDR.size, _OUTHDR.size + out_len)),
+                    )
+                )
             planned.out_len = out_len
             return OK, 0
         if rtype == T_FLUSH:
@@ -534,19 +563,18 @@ class BlkDevice(VirtioDevice):
             if rtype == T_DISCARD:
                 planned.calls.append((self.backend.discard, (offset, length)))
             else:
-                planned.calls.append((self.backend.write_zeroes, (
-                    offset, length, bool(flags & vb.WRITE_ZEROES_FLAG_UNMAP))))
+                planned.calls.append(
+                    (self.backend.write_zeroes, (offset, length, bool(flags & vb.WRITE_ZEROES_FLAG_UNMAP)))
+                )
         return OK
 
 
 class _Planned:
     """A checked request and the backend calls that will serve it."""
 
-    __slots__ = ("calls", "out_len", "queue", "rtype", "sector", "stats", "status_byte",
-                 "written")
+    __slots__ = ("calls", "out_len", "queue", "rtype", "sector", "stats", "status_byte", "written")
 
-    def __init__(self, queue: int, rtype: int, sector: int, status_byte: memoryview,
-                 stats: BlkStats) -> None:
+    def __init__(self, queue: int, rtype: int, sector: int, status_byte: memoryview, stats: BlkStats) -> None:
         self.queue = queue
         self.rtype = rtype
         self.sector = sector

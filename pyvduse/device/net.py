@@ -51,9 +51,16 @@ MAX_PACKET = HDR + 65536 + 18
 PENDING_SECONDS = 1.0
 
 #: Offloads a device may offer when its backend carries them.
-OFFLOAD_FEATURES = (bit(vn.F_CSUM) | bit(vn.F_GUEST_CSUM) | bit(vn.F_HOST_TSO4)
-                    | bit(vn.F_HOST_TSO6) | bit(vn.F_GUEST_TSO4) | bit(vn.F_GUEST_TSO6)
-                    | bit(vn.F_HOST_ECN) | bit(vn.F_GUEST_ECN))
+OFFLOAD_FEATURES = (
+    bit(vn.F_CSUM)
+    | bit(vn.F_GUEST_CSUM)
+    | bit(vn.F_HOST_TSO4)
+    | bit(vn.F_HOST_TSO6)
+    | bit(vn.F_GUEST_TSO4)
+    | bit(vn.F_GUEST_TSO6)
+    | bit(vn.F_HOST_ECN)
+    | bit(vn.F_GUEST_ECN)
+)
 
 
 class NetConfigError(ValueError):
@@ -70,8 +77,7 @@ def parse_mac(text: str) -> bytes:
     if len(parts) != vn.MAC_LEN or len(raw) != vn.MAC_LEN:
         raise NetConfigError(f"'{text}' is not a MAC address: write it like 52:54:00:12:34:56")
     if raw[0] & 1:
-        raise NetConfigError(f"{text} is a multicast address: a NIC needs a unicast one (an "
-                             "even first byte)")
+        raise NetConfigError(f"{text} is a multicast address: a NIC needs a unicast one (an even first byte)")
     return raw
 
 
@@ -129,8 +135,13 @@ class ReceiveQueue:
     a backend delivers through. One backend thread at a time receives (a lock makes it
     so); the queue's worker adds buffers."""
 
-    def __init__(self, stats: NetStats, mergeable: Callable[[], bool],
-                 guest_csum: Callable[[], bool], link_up: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        stats: NetStats,
+        mergeable: Callable[[], bool],
+        guest_csum: Callable[[], bool],
+        link_up: Callable[[], bool],
+    ) -> None:
         self.stats = stats
         self._mergeable = mergeable
         self._guest_csum = guest_csum
@@ -156,8 +167,11 @@ class ReceiveQueue:
         chain = request.chain
         if chain.error is not None or chain.readable or total(chain.writable) < HDR:
             self.stats.bad += 1
-            bad_request_log.warning("receive buffer %d is malformed: %s", chain.head,
-                                    chain.error or "readable buffers or shorter than a header")
+            bad_request_log.warning(
+                "receive buffer %d is malformed: %s",
+                chain.head,
+                chain.error or "readable buffers or shorter than a header",
+            )
             request.complete(0)
             return
         request.idle = True
@@ -244,8 +258,7 @@ class ReceiveQueue:
                     self._pending_since = time.monotonic()
                     self._give_back(taken)
                     return Received.PACKET
-                scatter([seg for r, _ in more for seg in r.chain.writable],
-                        self._scratch[: n - cap])
+                scatter([seg for r, _ in more for seg in r.chain.writable], self._scratch[: n - cap])
             self._complete(taken, n)
             return Received.PACKET
 
@@ -333,8 +346,10 @@ class NetDevice(VirtioDevice):
         refused = opts.extra_features & vn.VDUSE_REFUSED_MASK
         if refused:
             names = ", ".join(_feature_name(b) for b in range(64) if refused >> b & 1)
-            raise NetConfigError(f"VDUSE refuses {names}: a VDUSE net device has no control "
-                                 "queue, hence one queue pair and no feature that needs it")
+            raise NetConfigError(
+                f"VDUSE refuses {names}: a VDUSE net device has no control "
+                "queue, hence one queue pair and no feature that needs it"
+            )
         if opts.mtu is not None and not vn.MIN_MTU <= opts.mtu <= 65535:
             raise NetConfigError(f"MTU {opts.mtu} must be {vn.MIN_MTU} to 65535")
         qs = opts.queue_size
@@ -347,10 +362,12 @@ class NetDevice(VirtioDevice):
         #: Per queue (RX_QUEUE, TX_QUEUE): receive counted by the backend's thread, transmit
         #: by the transmit queue's worker.
         self.queue_stats = [NetStats(), NetStats()]
-        self.rx = ReceiveQueue(self.queue_stats[vn.RX_QUEUE],
-                               mergeable=lambda: has(self.features, vn.F_MRG_RXBUF),
-                               guest_csum=lambda: has(self.features, vn.F_GUEST_CSUM),
-                               link_up=lambda: self.link_up)
+        self.rx = ReceiveQueue(
+            self.queue_stats[vn.RX_QUEUE],
+            mergeable=lambda: has(self.features, vn.F_MRG_RXBUF),
+            guest_csum=lambda: has(self.features, vn.F_GUEST_CSUM),
+            link_up=lambda: self.link_up,
+        )
         self._started = False
         self._link_lock = threading.Lock()
         #: Called with the new state after ``set_link`` (the daemon keeps it for a restart).
@@ -360,8 +377,13 @@ class NetDevice(VirtioDevice):
 
     def offered_features(self) -> int:
         o = self.options
-        f = (REQUIRED_FEATURES | bit(F_RING_EVENT_IDX) | bit(F_RING_INDIRECT_DESC)
-             | bit(vn.F_MAC) | bit(vn.F_STATUS))
+        f = (
+            REQUIRED_FEATURES
+            | bit(F_RING_EVENT_IDX)
+            | bit(F_RING_INDIRECT_DESC)
+            | bit(vn.F_MAC)
+            | bit(vn.F_STATUS)
+        )
         if o.mrg_rxbuf:
             f |= bit(vn.F_MRG_RXBUF)
         if o.mtu is not None:
@@ -373,27 +395,44 @@ class NetDevice(VirtioDevice):
         return f | o.extra_features
 
     def config(self) -> vn.NetConfig:
-        return vn.NetConfig(mac=self.mac, status=vn.S_LINK_UP if self.link_up else 0,
-                            max_virtqueue_pairs=1, mtu=self.options.mtu or 0)
+        return vn.NetConfig(
+            mac=self.mac,
+            status=vn.S_LINK_UP if self.link_up else 0,
+            max_virtqueue_pairs=1,
+            mtu=self.options.mtu or 0,
+        )
 
     def spec(self) -> DeviceSpec:
-        return DeviceSpec(device_id=DeviceId.NET, features=self.offered_features(),
-                          config=self.config().pack(), num_queues=vn.NUM_QUEUES,
-                          queue_size=self.options.queue_size)
+        return DeviceSpec(
+            device_id=DeviceId.NET,
+            features=self.offered_features(),
+            config=self.config().pack(),
+            num_queues=vn.NUM_QUEUES,
+            queue_size=self.options.queue_size,
+        )
 
     def accept_features(self, features: int) -> bool:
         return super().accept_features(features) and not features & vn.VDUSE_REFUSED_MASK
 
     def identity(self) -> dict[str, object]:
-        return {**super().identity(), "backend": self.backend.description,
-                "mac": format_mac(self.mac), "mtu": self.options.mtu}
+        return {
+            **super().identity(),
+            "backend": self.backend.description,
+            "mac": format_mac(self.mac),
+            "mtu": self.options.mtu,
+        }
 
     # -- what ctl status / stats show ---------------------------------------------------
 
     def status(self) -> dict[str, object]:
-        return {"backend": self.backend.description, "backend_kind": self.backend.kind,
-                "mac": format_mac(self.mac), "mtu": self.options.mtu,
-                "link": "up" if self.link_up else "down", "rx_buffers_held": self.rx.held}
+        return {
+            "backend": self.backend.description,
+            "backend_kind": self.backend.kind,
+            "mac": format_mac(self.mac),
+            "mtu": self.options.mtu,
+            "link": "up" if self.link_up else "down",
+            "rx_buffers_held": self.rx.held,
+        }
 
     def queue_counts(self, queue: int) -> dict[str, object]:
         st = self.queue_stats[queue]
@@ -448,8 +487,12 @@ class NetDevice(VirtioDevice):
         n = total(readable)
         if chain.error is not None or n < HDR or chain.writable:
             st.bad += 1
-            bad_request_log.warning("queue %d: bad frame %d: %s", queue, chain.head,
-                                    chain.error or "shorter than a header or writable buffers")
+            bad_request_log.warning(
+                "queue %d: bad frame %d: %s",
+                queue,
+                chain.head,
+                chain.error or "shorter than a header or writable buffers",
+            )
             return 0
         if not self.link_up:
             st.drops += 1
@@ -458,8 +501,9 @@ class NetDevice(VirtioDevice):
             self.backend.send(readable)
         except OSError as e:
             st.drops += 1
-            bad_request_log.warning("queue %d: frame of %d bytes not sent: %s", queue, n - HDR,
-                                    e.strerror or e)
+            bad_request_log.warning(
+                "queue %d: frame of %d bytes not sent: %s", queue, n - HDR, e.strerror or e
+            )
             return 0
         st.packets += 1
         st.bytes += n - HDR

@@ -67,8 +67,7 @@ class Request:
 
     __slots__ = ("_done", "_sink", "chain", "idle", "poisoned", "queue", "seq", "taken_at")
 
-    def __init__(self, queue: int, chain: Chain, sink: RequestSink, seq: int = 0,
-                 taken_at: int = 0) -> None:
+    def __init__(self, queue: int, chain: Chain, sink: RequestSink, seq: int = 0, taken_at: int = 0) -> None:
         self.queue = queue
         self.chain = chain
         self._sink = sink
@@ -95,15 +94,13 @@ class Request:
 
     def _claim(self) -> None:
         if self._done:
-            raise RequestError(f"request {self.chain.head} of queue {self.queue} was already "
-                               "completed")
+            raise RequestError(f"request {self.chain.head} of queue {self.queue} was already completed")
         self._done = True
 
     def complete(self, written: int) -> None:
         """Done: ``written`` bytes were stored in the chain's writable buffers."""
         self._claim()
-        if (not isinstance(written, int) or isinstance(written, bool)
-                or not 0 <= written <= MAX_WRITTEN):
+        if not isinstance(written, int) or isinstance(written, bool) or not 0 <= written <= MAX_WRITTEN:
             self._sink.fail(self, f"completed with {written!r}, not a byte count 0..2^32-1")
             return
         self._sink.finish(self, written)
@@ -135,13 +132,12 @@ def complete_together(outcomes: list[tuple[Request, int]]) -> None:
     for request, written in outcomes:
         if request._sink is not sink:
             raise RequestError("requests completed together must come from one queue")
-        if (not isinstance(written, int) or isinstance(written, bool)
-                or not 0 <= written <= MAX_WRITTEN):
-            raise RequestError(f"request {request.head} completed with {written!r}, not a byte "
-                               "count 0..2^32-1")
+        if not isinstance(written, int) or isinstance(written, bool) or not 0 <= written <= MAX_WRITTEN:
+            raise RequestError(
+                f"request {request.head} completed with {written!r}, not a byte count 0..2^32-1"
+            )
         if request._done:
-            raise RequestError(f"request {request.head} of queue {request.queue} was already "
-                               "completed")
+            raise RequestError(f"request {request.head} of queue {request.queue} was already completed")
     for request, _ in outcomes:
         request._done = True
     sink.finish_together(outcomes)

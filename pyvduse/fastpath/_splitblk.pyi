@@ -63,8 +63,9 @@ class Engine:
     # at the used index the engine holds. avail_seen: as position() gives it (the ring the
     # engine takes over from); without it, or one more than num ahead of last_avail,
     # avail->idx is read again before anything is taken.
-    def set_position(self, last_avail: int, used_idx: int, signalled: int,
-                     avail_seen: int = ..., /) -> None: ...
+    def set_position(
+        self, last_avail: int, used_idx: int, signalled: int, avail_seen: int = ..., /
+    ) -> None: ...
     # Keys: started, completed, latency_ns (sum of the per-request latencies), latency (64
     # log2 buckets of µs, take to push), by_type, errors, bytes_read, bytes_written,
     # in_flight, depth_hist (64 buckets: at each take, bit_length(requests in flight then)),

@@ -15,8 +15,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["NEVER", "AioMode", "DeviceConfig", "EngineConfig", "EngineTuning",
-           "Interrupts", "RingLayout", "StorageConfig", "StorageKind", "TestKnobs"]
+__all__ = [
+    "NEVER",
+    "AioMode",
+    "DeviceConfig",
+    "EngineConfig",
+    "EngineTuning",
+    "Interrupts",
+    "RingLayout",
+    "StorageConfig",
+    "StorageKind",
+    "TestKnobs",
+]
 
 #: publish_ns / hold_ns meaning "never" (only once per round).
 NEVER = (1 << 64) - 1

@@ -91,8 +91,10 @@ class NativeServable(Protocol):
 def plan_of(device: VirtioDevice, packed: bool) -> NativeBlk | str:
     """How the native loop would serve ``device``, or why it cannot."""
     if not available():
-        return ("the native data path is not built (reinstall with a C compiler and the "
-                "Python headers: apt install gcc python3-dev; pip install -e .)")
+        return (
+            "the native data path is not built (reinstall with a C compiler and the "
+            "Python headers: apt install gcc python3-dev; pip install -e .)"
+        )
     if packed:
         return "the native data path serves split rings only"
     if not isinstance(device, NativeServable):
@@ -103,11 +105,12 @@ def plan_of(device: VirtioDevice, packed: bool) -> NativeBlk | str:
     storage = plan.storage
     if storage.kind == "nbd":
         if not nbd_built():
-            return ("the native data path was built without libnbd (reinstall with "
-                    "libnbd-dev: apt install libnbd-dev; pip install -e .)")
+            return (
+                "the native data path was built without libnbd (reinstall with "
+                "libnbd-dev: apt install libnbd-dev; pip install -e .)"
+            )
         if storage.connections is None or storage.connections.queue_count != plan.num_queues:
-            return ("the NBD server does not allow multi-conn, so the queues share one "
-                    "connection")
+            return "the NBD server does not allow multi-conn, so the queues share one connection"
     return plan
 
 
@@ -127,33 +130,57 @@ def why_not(device: VirtioDevice, packed: bool) -> str | None:
 
 _DEFAULT_TUNING = EngineTuning()
 _NO_TEST_KNOBS = TestKnobs()
-_KINDS = {"null": StorageKind.NULL, "fd": StorageKind.FD, "memory": StorageKind.MEMORY,
-          "nbd": StorageKind.NBD}
+_KINDS = {
+    "null": StorageKind.NULL,
+    "fd": StorageKind.FD,
+    "memory": StorageKind.MEMORY,
+    "nbd": StorageKind.NBD,
+}
 
 
 def storage_config(storage: NativeStorage, nbd: object = None) -> StorageConfig:
     """The engine's view of a backend's storage; ``nbd``: the connection it is lent."""
     if storage.kind == "nbd":
-        return StorageConfig(StorageKind.NBD, nbd=nbd, nbd_fua=storage.fua_writes,
-                             nbd_max=storage.max_command)
-    return StorageConfig(_KINDS[storage.kind], fd=storage.fd, direct=storage.direct,
-                         memory=storage.memory, unpinnable=storage.unpinnable,
-                         on_unpinnable=storage.on_unpinnable)
+        return StorageConfig(
+            StorageKind.NBD, nbd=nbd, nbd_fua=storage.fua_writes, nbd_max=storage.max_command
+        )
+    return StorageConfig(
+        _KINDS[storage.kind],
+        fd=storage.fd,
+        direct=storage.direct,
+        memory=storage.memory,
+        unpinnable=storage.unpinnable,
+        on_unpinnable=storage.on_unpinnable,
+    )
 
 
 def region_tuples(memory: RegionMap) -> list[tuple[int, int, memoryview, bool]]:
     return [(r.start, r.last, r.mem, r.writable) for r in memory.regions]
 
 
-def ring_layout(ring: SplitQueue, memory: RegionMap, log: InflightLog | None = None,
-                inflight: bytearray | memoryview | None = None) -> RingLayout:
+def ring_layout(
+    ring: SplitQueue,
+    memory: RegionMap,
+    log: InflightLog | None = None,
+    inflight: bytearray | memoryview | None = None,
+) -> RingLayout:
     """Where ``ring`` is in ``memory`` and where it stands (run_native hands the rest of its
     position over)."""
     last_avail, used, signalled, _ = ring.position()
-    return RingLayout(region_tuples(memory), ring.num, ring.desc_addr, ring.avail_addr,
-                      ring.used_addr, event_idx=ring.event_idx, indirect=ring.indirect,
-                      last_avail=last_avail, used_idx=used, signalled=signalled,
-                      log=None if log is None else log.mem, inflight=inflight)
+    return RingLayout(
+        region_tuples(memory),
+        ring.num,
+        ring.desc_addr,
+        ring.avail_addr,
+        ring.used_addr,
+        event_idx=ring.event_idx,
+        indirect=ring.indirect,
+        last_avail=last_avail,
+        used_idx=used,
+        signalled=signalled,
+        log=None if log is None else log.mem,
+        inflight=inflight,
+    )
 
 
 def config(
@@ -195,18 +222,32 @@ def config(
         ring=ring_layout(ring, memory, log, inflight),
         device=DeviceConfig(plan.capacity, plan.readonly, plan.serial),
         storage=storage_config(plan.storage, nbd),
-        interrupts=Interrupts(irq_fd, irq_request, index,
-                              notify=None if irq is not None else notify, on_error=on_error,
-                              affinity_fd=affinity_fd,
-                              follow_mask=sum(1 << c for c in set(follow_cpus) if c < 64)),
-        tuning=tuning, test=test)
+        interrupts=Interrupts(
+            irq_fd,
+            irq_request,
+            index,
+            notify=None if irq is not None else notify,
+            on_error=on_error,
+            affinity_fd=affinity_fd,
+            follow_mask=sum(1 << c for c in set(follow_cpus) if c < 64),
+        ),
+        tuning=tuning,
+        test=test,
+    )
 
 
-def build(plan: NativeBlk, index: int, ring: SplitQueue, memory: GuestMemory,
-          log: InflightLog | None, irq: tuple[int, int] | None, notify: Callable[[int], None],
-          on_error: Callable[[int, int, int], None], **options: Any) -> Engine:
+def build(
+    plan: NativeBlk,
+    index: int,
+    ring: SplitQueue,
+    memory: GuestMemory,
+    log: InflightLog | None,
+    irq: tuple[int, int] | None,
+    notify: Callable[[int], None],
+    on_error: Callable[[int, int, int], None],
+    **options: Any,
+) -> Engine:
     """The native engine ``config`` describes for these arguments and ``options`` (its
     keyword arguments): ``Engine(config(...))``."""
     assert _splitblk is not None
-    return _splitblk.Engine(config(plan, index, ring, memory, log, irq, notify, on_error,
-                                   **options))
+    return _splitblk.Engine(config(plan, index, ring, memory, log, irq, notify, on_error, **options))

@@ -34,8 +34,14 @@ class BlkDriver:
     """read/write/flush/discard/write_zeroes/get_id over a virtio-blk device: the model's,
     or a real one through vhost-vdpa."""
 
-    def __init__(self, kernel: VdpaOps, *, indirect: bool = True,
-                 placement: Placement | None = None, **driver_args: Any) -> None:
+    def __init__(
+        self,
+        kernel: VdpaOps,
+        *,
+        indirect: bool = True,
+        placement: Placement | None = None,
+        **driver_args: Any,
+    ) -> None:
         """``driver_args`` go to ``VirtioDriver`` (features, queue size and count, ...)."""
         self.virtio = VirtioDriver(kernel, placement=placement, **driver_args)
         self.virtio.probe()
@@ -60,8 +66,9 @@ class BlkDriver:
             self._rr = (self._rr + 1) % len(qs)
             return qs[self._rr]
 
-    def submit(self, rtype: int, sector: int = 0, out: bytes = b"", in_len: int = 0, *,
-               queue: int | None = None) -> Pending:
+    def submit(
+        self, rtype: int, sector: int = 0, out: bytes = b"", in_len: int = 0, *, queue: int | None = None
+    ) -> Pending:
         """Make one request available without waiting for it (see ``wait``)."""
         q = self._queue(queue)
         readable = [vb.OUTHDR.pack(rtype, 0, sector)] + ([out] if out else [])
@@ -75,8 +82,16 @@ class BlkDriver:
         status = c.data[-1] if c.length else NO_STATUS
         return status, c.data[:-1], c.length
 
-    def request(self, rtype: int, sector: int = 0, out: bytes = b"", in_len: int = 0, *,
-                queue: int | None = None, timeout: float = 10.0) -> tuple[int, bytes, int]:
+    def request(
+        self,
+        rtype: int,
+        sector: int = 0,
+        out: bytes = b"",
+        in_len: int = 0,
+        *,
+        queue: int | None = None,
+        timeout: float = 10.0,
+    ) -> tuple[int, bytes, int]:
         """Submit one request and wait: (status, data read, used length)."""
         return self.wait(self.submit(rtype, sector, out, in_len, queue=queue), timeout)
 
@@ -87,8 +102,7 @@ class BlkDriver:
         return data
 
     def read(self, offset: int, length: int, *, queue: int | None = None) -> bytes:
-        return self._ok("read", vb.ReqType.IN, offset // vb.SECTOR_SIZE, in_len=length,
-                        queue=queue)
+        return self._ok("read", vb.ReqType.IN, offset // vb.SECTOR_SIZE, in_len=length, queue=queue)
 
     def write(self, offset: int, data: bytes, *, queue: int | None = None) -> None:
         self._ok("write", vb.ReqType.OUT, offset // vb.SECTOR_SIZE, out=data, queue=queue)
@@ -97,16 +111,21 @@ class BlkDriver:
         self._ok("flush", vb.ReqType.FLUSH)
 
     def _ranges(self, rtype: int, what: str, ranges: list[tuple[int, int]], flags: int) -> None:
-        payload = b"".join(vb.DISCARD_SEGMENT.pack(off // vb.SECTOR_SIZE, n // vb.SECTOR_SIZE,
-                                                   flags) for off, n in ranges)
+        payload = b"".join(
+            vb.DISCARD_SEGMENT.pack(off // vb.SECTOR_SIZE, n // vb.SECTOR_SIZE, flags) for off, n in ranges
+        )
         self._ok(what, rtype, 0, out=payload)
 
     def discard(self, offset: int, length: int) -> None:
         self._ranges(vb.ReqType.DISCARD, "discard", [(offset, length)], 0)
 
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
-        self._ranges(vb.ReqType.WRITE_ZEROES, "write_zeroes", [(offset, length)],
-                     vb.WRITE_ZEROES_FLAG_UNMAP if unmap else 0)
+        self._ranges(
+            vb.ReqType.WRITE_ZEROES,
+            "write_zeroes",
+            [(offset, length)],
+            vb.WRITE_ZEROES_FLAG_UNMAP if unmap else 0,
+        )
 
     def get_id(self) -> str:
         return self._ok("get_id", vb.ReqType.GET_ID, in_len=vb.ID_BYTES).rstrip(b"\0").decode()

@@ -54,8 +54,13 @@ class IotlbMemory:
     """Regions of driver memory at IOVAs of our choosing, mapped for the device by ``send``
     (which writes one IOTLB message to the vhost-vdpa fd)."""
 
-    def __init__(self, send: Callable[[IotlbMsg], None], *, batching: bool = False,
-                 iova_range: tuple[int, int] = (0, (1 << 64) - 1)) -> None:
+    def __init__(
+        self,
+        send: Callable[[IotlbMsg], None],
+        *,
+        batching: bool = False,
+        iova_range: tuple[int, int] = (0, (1 << 64) - 1),
+    ) -> None:
         self._send = send
         self.batching = batching  # the kernel takes BATCH_BEGIN/END (IOTLB_BATCH)
         self.iova_range = iova_range
@@ -74,8 +79,10 @@ class IotlbMemory:
             raise ValueError("a region is whole pages at a page-aligned IOVA")
         first, last = self.iova_range
         if iova < first or iova + size - 1 > last:
-            raise ValueError(f"[0x{iova:x}, 0x{iova + size - 1:x}] is outside the device's "
-                             f"IOVA range [0x{first:x}, 0x{last:x}]")
+            raise ValueError(
+                f"[0x{iova:x}, 0x{iova + size - 1:x}] is outside the device's "
+                f"IOVA range [0x{first:x}, 0x{last:x}]"
+            )
         with self._lock:
             i = bisect.bisect_left(self._starts, iova)
             neighbours = self._mappings[max(i - 1, 0) : i + 1]
@@ -205,4 +212,3 @@ class IotlbMemory:
         if m is None or iova + max(length, 1) - 1 > m.last:
             raise ValueError(f"IOVA 0x{iova:x}+{length} is not driver memory")
         return m
-

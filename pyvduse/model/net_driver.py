@@ -25,28 +25,40 @@ HDR = vn.NET_HDR_V1_SIZE
 BIG_BUFFER = HDR + 65536 + 18
 
 
-def header(flags: int = 0, gso_type: int = vn.HDR_GSO_NONE, hdr_len: int = 0,
-           gso_size: int = 0, csum_start: int = 0, csum_offset: int = 0,
-           num_buffers: int = 0) -> bytes:
+def header(
+    flags: int = 0,
+    gso_type: int = vn.HDR_GSO_NONE,
+    hdr_len: int = 0,
+    gso_size: int = 0,
+    csum_start: int = 0,
+    csum_offset: int = 0,
+    num_buffers: int = 0,
+) -> bytes:
     """A v1 virtio-net header."""
-    return vn.NET_HDR_V1.pack(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset,
-                              num_buffers)
+    return vn.NET_HDR_V1.pack(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers)
 
 
 class NetDriver:
     """send / receive frames through the model's virtio-net device."""
 
-    def __init__(self, kernel: ModelKernel, *, rx_buffers: int | None = None,
-                 buffer_size: int = 1536, device_features: int = (1 << 28) - 1,
-                 queue_size: int | None = None) -> None:
-        self.virtio = VirtioDriver(kernel, device_features=device_features,
-                                   queue_size=queue_size)
+    def __init__(
+        self,
+        kernel: ModelKernel,
+        *,
+        rx_buffers: int | None = None,
+        buffer_size: int = 1536,
+        device_features: int = (1 << 28) - 1,
+        queue_size: int | None = None,
+    ) -> None:
+        self.virtio = VirtioDriver(kernel, device_features=device_features, queue_size=queue_size)
         offered = kernel.get_device_features()
         if not has(offered, vn.F_CTRL_VQ):
             needs_cvq = offered & vn.VDUSE_REFUSED_MASK
             if needs_cvq:  # as virtnet_validate_features: Linux fails probe
-                raise ProbeError(f"the device offers features 0x{needs_cvq:x} that need a "
-                                 "control queue, and no control queue")
+                raise ProbeError(
+                    f"the device offers features 0x{needs_cvq:x} that need a "
+                    "control queue, and no control queue"
+                )
         self.virtio.probe()
         self.rxq, self.txq = self.virtio.queues[vn.RX_QUEUE], self.virtio.queues[vn.TX_QUEUE]
         self.mergeable = has(self.virtio.features, vn.F_MRG_RXBUF)

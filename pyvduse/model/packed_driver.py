@@ -90,13 +90,13 @@ class DriverPackedRing:
 
     def write_desc(self, i: int, addr: int, length: int, buf_id: int, flags: int) -> None:
         """Write ring slot ``i`` verbatim (flags included: no wrap bits are added)."""
-        self.arena.write(self.desc_addr + DESC_SIZE * i,
-                         VRING_PACKED_DESC.pack(addr, length, buf_id, flags))
+        self.arena.write(self.desc_addr + DESC_SIZE * i, VRING_PACKED_DESC.pack(addr, length, buf_id, flags))
 
     def read_desc(self, i: int) -> tuple[int, int, int, int]:
         """(addr, len, id, flags) of ring slot ``i``."""
         addr, length, buf_id, flags = VRING_PACKED_DESC.unpack(
-            self.arena.read(self.desc_addr + DESC_SIZE * i, DESC_SIZE))
+            self.arena.read(self.desc_addr + DESC_SIZE * i, DESC_SIZE)
+        )
         return addr, length, buf_id, flags
 
     def _write_flags(self, i: int, flags: int) -> None:
@@ -111,8 +111,9 @@ class DriverPackedRing:
         wrap = self.avail_wrap ^ ((self.next_avail + k) // self.num & 1)
         return AVAIL_PATTERN[wrap]
 
-    def commit(self, nslots: int, buf_id: int, *, token: object = None,
-               writable: list[tuple[int, int]] | None = None) -> None:
+    def commit(
+        self, nslots: int, buf_id: int, *, token: object = None, writable: list[tuple[int, int]] | None = None
+    ) -> None:
         """Account for a chain of ``nslots`` the caller wrote by hand (raw tests).
 
         Advances the avail position and registers ``buf_id`` so ``collect`` can skip the
@@ -219,8 +220,9 @@ class DriverPackedRing:
             i = self.slot(k)
             f |= self.avail_bits(k) | (VRING_DESC_F_NEXT if k + 1 < len(ring) else 0)
             if k == 0:  # everything but the flags now; the flags once the rest is there
-                arena.write(self.desc_addr + DESC_SIZE * i,
-                            VRING_PACKED_DESC.pack(iova, n, buf_id, 0)[:_HEAD])
+                arena.write(
+                    self.desc_addr + DESC_SIZE * i, VRING_PACKED_DESC.pack(iova, n, buf_id, 0)[:_HEAD]
+                )
                 head_flags = f
             else:
                 self.write_desc(i, iova, n, buf_id, f)
@@ -275,4 +277,3 @@ class DriverPackedRing:
     def in_flight(self) -> int:
         """Buffers made available and not yet collected."""
         return len(self.pending)
-

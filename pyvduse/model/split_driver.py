@@ -139,8 +139,9 @@ class DriverSplitRing:
             ids = [self.free.pop() for _ in bufs]
             for k, (iova, n, f) in enumerate(bufs):
                 last = k + 1 == len(bufs)
-                self.write_desc(ids[k], iova, n, f | (0 if last else VRING_DESC_F_NEXT),
-                                0 if last else ids[k + 1])
+                self.write_desc(
+                    ids[k], iova, n, f | (0 if last else VRING_DESC_F_NEXT), 0 if last else ids[k + 1]
+                )
             head = ids[0]
         self.pending[head] = (ids, wbufs, token, allocs)
         self.set_avail_entry(self.avail_idx, head)
@@ -159,8 +160,7 @@ class DriverSplitRing:
         used = self.used_idx()
         while self.last_used != used:
             slot = self.last_used % self.num
-            head, length = VRING_USED_ELEM.unpack(
-                self.arena.read(self.used_addr + 4 + 8 * slot, 8))
+            head, length = VRING_USED_ELEM.unpack(self.arena.read(self.used_addr + 4 + 8 * slot, 8))
             self.last_used = (self.last_used + 1) & 0xFFFF
             ids, wbufs, token, allocs = self.pending.pop(head)
             self.free.extend(ids)

@@ -59,8 +59,11 @@ class VhostVdpa:
             raise
         self.iova_range = (first, last)
         self.vqs = [DriverVq() for _ in range(nvqs)]
-        self.iova = IotlbMemory(self._send_iotlb, iova_range=self.iova_range,
-                                batching=self.has_backend(h.BackendFeature.IOTLB_BATCH))
+        self.iova = IotlbMemory(
+            self._send_iotlb,
+            iova_range=self.iova_range,
+            batching=self.has_backend(h.BackendFeature.IOTLB_BATCH),
+        )
         self._config_fd = -1
         self._config_callback: Callable[[], None] | None = None
         self._features = 0
@@ -135,8 +138,9 @@ class VhostVdpa:
         self._vring(h.VHOST_SET_VRING_NUM, index, num)
 
     def set_vq_address(self, index: int, desc: int, driver: int, device: int) -> None:
-        fcntl.ioctl(self.fd, h.VHOST_SET_VRING_ADDR,
-                    h.VringAddr(index, desc=desc, avail=driver, used=device).pack())
+        fcntl.ioctl(
+            self.fd, h.VHOST_SET_VRING_ADDR, h.VringAddr(index, desc=desc, avail=driver, used=device).pack()
+        )
 
     def set_vq_state(self, index: int, state: tuple[int, ...]) -> None:
         """Where the device starts: ``(avail_index,)`` split, the packed 4-tuple packed
@@ -194,15 +198,15 @@ class VhostVdpa:
 
     def _start_irq_thread(self) -> None:
         if self._irq_thread is None:
-            self._irq_thread = threading.Thread(target=self._irq_loop, name="vhost-irq",
-                                                daemon=True)
+            self._irq_thread = threading.Thread(target=self._irq_loop, name="vhost-irq", daemon=True)
             self._irq_thread.start()
 
     def _irq_loop(self) -> None:
         while not self._closing:
             with self._lock:
                 handlers: dict[int, Callable[[], None] | None] = {
-                    vq.call_fd: vq.callback for vq in self.vqs if vq.call_fd >= 0}
+                    vq.call_fd: vq.callback for vq in self.vqs if vq.call_fd >= 0
+                }
                 if self._config_fd >= 0:
                     handlers[self._config_fd] = self._config_callback
             poller = select.poll()
@@ -242,6 +246,7 @@ class VhostVdpa:
     def __enter__(self) -> VhostVdpa:
         return self
 
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()

@@ -28,8 +28,13 @@ from pyvduse.model.packed_driver import DriverPackedRing
 from pyvduse.model.split_driver import Completion, DmaSpace, DriverSplitRing
 
 #: Transport features this driver implements.
-DRIVER_TRANSPORT_FEATURES = (bit(F_VERSION_1) | bit(F_ACCESS_PLATFORM) | bit(F_RING_EVENT_IDX)
-                             | bit(F_RING_INDIRECT_DESC) | bit(F_RING_PACKED))
+DRIVER_TRANSPORT_FEATURES = (
+    bit(F_VERSION_1)
+    | bit(F_ACCESS_PLATFORM)
+    | bit(F_RING_EVENT_IDX)
+    | bit(F_RING_INDIRECT_DESC)
+    | bit(F_RING_PACKED)
+)
 
 
 class VdpaOps(Protocol):
@@ -65,8 +70,7 @@ class ProbeError(RuntimeError):
 class DriverQueue:
     """One virtqueue as the driver uses it."""
 
-    def __init__(self, kernel: VdpaOps, index: int,
-                 ring: DriverSplitRing | DriverPackedRing) -> None:
+    def __init__(self, kernel: VdpaOps, index: int, ring: DriverSplitRing | DriverPackedRing) -> None:
         self.kernel = kernel
         self.index = index
         self.ring = ring
@@ -82,8 +86,9 @@ class DriverQueue:
         self.interrupts += 1
         self.irq.set()
 
-    def submit(self, readable: list[bytes], writable: list[int], *, indirect: bool = False,
-               token: object = None) -> int:
+    def submit(
+        self, readable: list[bytes], writable: list[int], *, indirect: bool = False, token: object = None
+    ) -> int:
         """Make one request available (kick if the device asks); returns its ticket for
         ``wait``. ``token`` rides along in the completion."""
         with self.lock:
@@ -122,10 +127,17 @@ class VirtioDriver:
     """Binds to a device (the model's, or a real one through vhost-vdpa) and brings it to
     DRIVER_OK."""
 
-    def __init__(self, kernel: VdpaOps, *, device_features: int = (1 << 28) - 1,
-                 transport_features: int = DRIVER_TRANSPORT_FEATURES,
-                 queue_size: int | None = None, num_queues: int | None = None,
-                 placement: Placement | None = None, late_enable: bool = False) -> None:
+    def __init__(
+        self,
+        kernel: VdpaOps,
+        *,
+        device_features: int = (1 << 28) - 1,
+        transport_features: int = DRIVER_TRANSPORT_FEATURES,
+        queue_size: int | None = None,
+        num_queues: int | None = None,
+        placement: Placement | None = None,
+        late_enable: bool = False,
+    ) -> None:
         self.kernel = kernel
         self.late_enable = late_enable  # enable the queues after DRIVER_OK, as vhost allows
         self.wanted = device_features | transport_features

@@ -35,11 +35,9 @@ def request(path: str, req: Json, timeout: float = 10.0) -> Json:
         except (FileNotFoundError, ConnectionRefusedError):
             raise NoDaemon(path) from None
         except PermissionError:
-            raise ClientError(f"no permission to use {path}: run as root (or as the daemon's "
-                              "user)") from None
+            raise ClientError(f"no permission to use {path}: run as root (or as the daemon's user)") from None
         except TimeoutError:
-            raise ClientError(f"the daemon did not accept the connection within {timeout:g} s"
-                              ) from None
+            raise ClientError(f"the daemon did not accept the connection within {timeout:g} s") from None
         except OSError as e:
             if e.errno in (errno.ENOTSOCK, errno.ENOTDIR):
                 raise NoDaemon(path) from None

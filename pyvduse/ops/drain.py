@@ -17,5 +17,4 @@ def drain(server: DeviceServer, timeout: float, abort: threading.Event | None = 
     call are not waited for. Returns how many of the waited-for requests had not finished."""
     marks = [(w, w.drain_mark()) for w in list(server.workers.values())]
     deadline = time.monotonic() + max(timeout, 0.0)
-    return sum(not w.wait_done(mark, max(deadline - time.monotonic(), 0.0), abort)
-               for w, mark in marks)
+    return sum(not w.wait_done(mark, max(deadline - time.monotonic(), 0.0), abort) for w, mark in marks)

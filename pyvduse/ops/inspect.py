@@ -29,13 +29,12 @@ def _bit_names(module: Any, lo: int, hi: int) -> dict[int, str]:
 
 TRANSPORT_FEATURES = _bit_names(vio, vio.TRANSPORT_F_START, 64)
 BLK_FEATURES = _bit_names(vb, 0, vio.TRANSPORT_F_START)
-NET_FEATURES = {**_bit_names(vn, 0, vio.TRANSPORT_F_START), **_bit_names(vn, vio.TRANSPORT_F_END,
-                                                                        64)}
+NET_FEATURES = {**_bit_names(vn, 0, vio.TRANSPORT_F_START), **_bit_names(vn, vio.TRANSPORT_F_END, 64)}
+
 
 def feature_names(features: int, device_id: int) -> list[str]:
     names = []
-    by_kind: dict[int, dict[int, str]] = {vio.DeviceId.BLOCK: BLK_FEATURES,
-                                          vio.DeviceId.NET: NET_FEATURES}
+    by_kind: dict[int, dict[int, str]] = {vio.DeviceId.BLOCK: BLK_FEATURES, vio.DeviceId.NET: NET_FEATURES}
     device = by_kind.get(device_id, {})
     for n in range(64):
         if features >> n & 1:
@@ -47,8 +46,11 @@ def status_names(status: int) -> list[str]:
     return [s.name or "" for s in vio.Status if status & s]
 
 
-_KINDS: dict[int, str] = {vio.DeviceId.BLOCK: "virtio-blk", vio.DeviceId.NET: "virtio-net",
-          vio.DeviceId.FS: "virtio-fs"}
+_KINDS: dict[int, str] = {
+    vio.DeviceId.BLOCK: "virtio-blk",
+    vio.DeviceId.NET: "virtio-net",
+    vio.DeviceId.FS: "virtio-fs",
+}
 
 
 def device_kind(device_id: int) -> str:
@@ -80,9 +82,14 @@ def _ring_avail_idx(queue: object) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def queue_status(index: int, size: int, worker: QueueWorker | None,
-                 counters: QueueCounters | None, irq_cpus: list[int] | None = None,
-                 refused: str | None = None) -> Json:
+def queue_status(
+    index: int,
+    size: int,
+    worker: QueueWorker | None,
+    counters: QueueCounters | None,
+    irq_cpus: list[int] | None = None,
+    refused: str | None = None,
+) -> Json:
     q: Json = {"index": index, "size": size, "served": worker is not None, "irq_cpus": irq_cpus}
     if worker is None and refused is not None:  # set up by the driver, not served: why
         q["broken"] = refused
@@ -91,11 +98,15 @@ def queue_status(index: int, size: int, worker: QueueWorker | None,
         q["size"] = ring.num
         last_avail, used = worker.indices()
         avail = _ring_avail_idx(ring)
-        q.update(avail_idx=avail, last_avail_idx=last_avail, used_idx=used,
-                 pending=None if avail is None else (avail - last_avail) & 0xFFFF,
-                 broken=worker.broken or ring.broken,
-                 engine="native" if isinstance(worker, NativeQueueWorker) else "python",
-                 aio=worker.aio if worker.device.may_wait else "inline")
+        q.update(
+            avail_idx=avail,
+            last_avail_idx=last_avail,
+            used_idx=used,
+            pending=None if avail is None else (avail - last_avail) & 0xFFFF,
+            broken=worker.broken or ring.broken,
+            engine="native" if isinstance(worker, NativeQueueWorker) else "python",
+            aio=worker.aio if worker.device.may_wait else "inline",
+        )
     q["in_flight"] = counters.in_flight if counters else 0
     q["in_flight_s"] = in_flight_seconds(counters)
     q["completed"] = counters.completed if counters else 0
@@ -136,10 +147,17 @@ def status(target: Target) -> Json:
     out["bounce_memory"] = getattr(target.transport, "bounce_memory", None)
     transport = target.transport
     refused = dict(server.refused)
-    out["queues"] = [queue_status(i, spec.queue_size, workers.get(i), counters.get(i),
-                                  transport.interrupt_cpus(i) if transport else None,
-                                  refused.get(i))
-                     for i in range(spec.num_queues)]
+    out["queues"] = [
+        queue_status(
+            i,
+            spec.queue_size,
+            workers.get(i),
+            counters.get(i),
+            transport.interrupt_cpus(i) if transport else None,
+            refused.get(i),
+        )
+        for i in range(spec.num_queues)
+    ]
     return out
 
 
@@ -200,8 +218,12 @@ def stats(target: Target) -> Json:
         in_flight += q["in_flight"]
         completed += q["completed"]
     total: Json = dict(device.total_counts())
-    total.update(in_flight=in_flight, completed=completed, latency=latency(all_hist, all_ns),
-                 depth=depth(all_depth, all_depth_sum))
+    total.update(
+        in_flight=in_flight,
+        completed=completed,
+        latency=latency(all_hist, all_ns),
+        depth=depth(all_depth, all_depth_sum),
+    )
     out: Json = {"name": target.name, "queues": queues, "total": total}
     capacity = device.status().get("capacity")
     if capacity is not None:

@@ -24,21 +24,23 @@ log = logging.getLogger(__name__)
 #: Histogram bounds exported: 1 µs to 2**26 µs (about 67 s), then +Inf.
 EXPORTED_BUCKETS = min(27, LATENCY_BUCKETS)
 
-MISSING = ("metrics need the prometheus_client package: "
-           "pip install 'pyvduse[metrics]' (or pip install prometheus_client)")
+MISSING = (
+    "metrics need the prometheus_client package: "
+    "pip install 'pyvduse[metrics]' (or pip install prometheus_client)"
+)
 
 
 def parse_address(text: str) -> tuple[str, int]:
     """``ADDR:PORT`` (``[::1]:9100`` for IPv6; an empty ADDR means every address)."""
     host, sep, port_text = text.rpartition(":")
     if not sep or not port_text.isdigit() or int(port_text) > 65535:
-        raise ConfigError(f"{text} is no address: give ADDR:PORT, for example "
-                          "127.0.0.1:9100", option="metrics")
+        raise ConfigError(
+            f"{text} is no address: give ADDR:PORT, for example 127.0.0.1:9100", option="metrics"
+        )
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     elif ":" in host:
-        raise ConfigError(f"{text}: write an IPv6 address in brackets, like [::1]:9100",
-                          option="metrics")
+        raise ConfigError(f"{text}: write an IPv6 address in brackets, like [::1]:9100", option="metrics")
     return host or "0.0.0.0", int(port_text)
 
 
@@ -78,49 +80,52 @@ class DeviceCollector:
                     fam.add_metric([name, str(q["index"])], q[key])
             return fam
 
-        requests = CounterMetricFamily("pyvduse_requests_total", "Requests served, by type",
-                                       labels=[*qlabels, "type"])
+        requests = CounterMetricFamily(
+            "pyvduse_requests_total", "Requests served, by type", labels=[*qlabels, "type"]
+        )
         for q in snap["queues"]:
             for rtype, n in q.get("requests", {}).items():
                 requests.add_metric([name, str(q["index"]), rtype], n)
         yield requests
         yield counter("pyvduse_read_bytes_total", "Bytes read from the device", "bytes_read")
-        yield counter("pyvduse_written_bytes_total", "Bytes written to the device",
-                      "bytes_written")
-        yield counter("pyvduse_request_errors_total",
-                      "Requests completed with an error status", "errors")
+        yield counter("pyvduse_written_bytes_total", "Bytes written to the device", "bytes_written")
+        yield counter("pyvduse_request_errors_total", "Requests completed with an error status", "errors")
         yield counter("pyvduse_bad_requests_total", "Malformed requests", "bad_requests")
         yield counter("pyvduse_requests_completed_total", "Requests completed", "completed")
         if any("packets" in q for q in snap["queues"]):
-            yield counter("pyvduse_net_packets_total", "Frames sent (tx) or received (rx)",
-                          "packets")
-            yield counter("pyvduse_net_bytes_total", "Frame bytes sent (tx) or received (rx)",
-                          "bytes")
-            yield counter("pyvduse_net_drops_total", "Frames dropped: link down, no receive "
-                          "buffer, refused by the backend", "drops")
-        in_flight = GaugeMetricFamily("pyvduse_requests_in_flight",
-                                      "Requests taken from the ring and not completed",
-                                      labels=qlabels)
+            yield counter("pyvduse_net_packets_total", "Frames sent (tx) or received (rx)", "packets")
+            yield counter("pyvduse_net_bytes_total", "Frame bytes sent (tx) or received (rx)", "bytes")
+            yield counter(
+                "pyvduse_net_drops_total",
+                "Frames dropped: link down, no receive buffer, refused by the backend",
+                "drops",
+            )
+        in_flight = GaugeMetricFamily(
+            "pyvduse_requests_in_flight", "Requests taken from the ring and not completed", labels=qlabels
+        )
         for q in snap["queues"]:
             in_flight.add_metric([name, str(q["index"])], q["in_flight"])
         yield in_flight
-        hist = HistogramMetricFamily("pyvduse_request_duration_seconds",
-                                     "Time the device took to serve a request",
-                                     labels=qlabels)
+        hist = HistogramMetricFamily(
+            "pyvduse_request_duration_seconds", "Time the device took to serve a request", labels=qlabels
+        )
         for q in snap["queues"]:
-            hist.add_metric([name, str(q["index"])], _cumulative(q["latency"], floatToGoString),
-                            q["latency"]["sum_us"] / 1e6)
+            hist.add_metric(
+                [name, str(q["index"])],
+                _cumulative(q["latency"], floatToGoString),
+                q["latency"]["sum_us"] / 1e6,
+            )
         yield hist
-        depth = HistogramMetricFamily("pyvduse_queue_depth",
-                                      "Requests in flight on the queue (itself included) when "
-                                      "each request was taken", labels=qlabels)
+        depth = HistogramMetricFamily(
+            "pyvduse_queue_depth",
+            "Requests in flight on the queue (itself included) when each request was taken",
+            labels=qlabels,
+        )
         for q in snap["queues"]:
-            depth.add_metric([name, str(q["index"])], _depth_buckets(q["depth"]),
-                             q["depth"]["sum"])
+            depth.add_metric([name, str(q["index"])], _depth_buckets(q["depth"]), q["depth"]["sum"])
         yield depth
         if "capacity" in snap:
-            cap = GaugeMetricFamily("pyvduse_capacity_bytes", "Device capacity",
-                                    labels=["device"])
+            cap = GaugeMetricFamily("pyvduse_capacity_bytes", "Device capacity", labels=["device"])
             cap.add_metric([name], snap["capacity"])
             yield cap
 
@@ -170,8 +175,9 @@ class MetricsServer:
         try:
             result = start_http_server(self.port, self.host, registry=registry)
         except OSError as e:
-            raise ConfigError(f"cannot serve metrics on {self.host}:{self.port}: "
-                              f"{e.strerror or e}", option="metrics") from None
+            raise ConfigError(
+                f"cannot serve metrics on {self.host}:{self.port}: {e.strerror or e}", option="metrics"
+            ) from None
         self._httpd = result[0] if isinstance(result, tuple) else None
         if self._httpd is not None:
             self.port = int(self._httpd.server_port)

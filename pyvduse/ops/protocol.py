@@ -58,10 +58,10 @@ def decode_request(line: bytes) -> Json:
     except (ValueError, UnicodeDecodeError) as e:
         raise OpsError(BAD_REQUEST, f"not JSON: {e}") from None
     if not isinstance(obj, dict):
-        raise OpsError(BAD_REQUEST, "a request is a JSON object, like {\"cmd\": \"status\"}")
+        raise OpsError(BAD_REQUEST, 'a request is a JSON object, like {"cmd": "status"}')
     cmd = obj.get("cmd")
     if not isinstance(cmd, str):
-        raise OpsError(BAD_REQUEST, "the request has no \"cmd\" string")
+        raise OpsError(BAD_REQUEST, 'the request has no "cmd" string')
     return obj
 
 

@@ -99,9 +99,12 @@ def _resize(target: Target, device: Resizable, size: int | None, shrink: bool) -
     if size % bs:
         raise OpsError(INVALID_ARGUMENT, f"size {size} is not a multiple of the block size {bs}")
     if size < old and not shrink:
-        raise OpsError(INVALID_ARGUMENT, f"{size} is smaller than the current size {old}: "
-                       "shrinking loses the data past the new end; pass --shrink "
-                       '("shrink": true) if that is what you want')
+        raise OpsError(
+            INVALID_ARGUMENT,
+            f"{size} is smaller than the current size {old}: "
+            "shrinking loses the data past the new end; pass --shrink "
+            '("shrink": true) if that is what you want',
+        )
 
     if why_not is not None:  # the storage was resized by someone else: follow it
         _set_capacity(device, size)
@@ -139,6 +142,9 @@ def _wait_in_flight(target: Target) -> None:
     deadline = time.monotonic() + SHRINK_DRAIN_SECONDS
     for w in list(target.server.workers.values()):
         if not w.drain(max(deadline - time.monotonic(), 0.0)):
-            raise OpsError(FAILED, "the capacity was lowered, but a request in flight did not "
-                           f"finish within {SHRINK_DRAIN_SECONDS:.0f} s, so the file keeps its "
-                           "size: run the same resize again later")
+            raise OpsError(
+                FAILED,
+                "the capacity was lowered, but a request in flight did not "
+                f"finish within {SHRINK_DRAIN_SECONDS:.0f} s, so the file keeps its "
+                "size: run the same resize again later",
+            )

@@ -105,12 +105,19 @@ def _help(target: Target, req: Json) -> Json:
 COMMANDS: dict[str, Command] = {
     "status": Command(_status, help="features, device status, queues, backend"),
     "stats": Command(_stats, help="per-queue requests, bytes, errors, in flight, latency"),
-    "resize": Command(_resize, frozenset({"size", "shrink"}), slow=True,
-                      help="resize the device: size (bytes or like 2G; none re-reads the "
-                      "backing file), shrink (true to allow a smaller size)"),
-    "link": Command(_link, frozenset({"state"}),
-                    help="network devices: set the link 'up' or 'down' (config space and a "
-                    "config interrupt: the driver's carrier follows)"),
+    "resize": Command(
+        _resize,
+        frozenset({"size", "shrink"}),
+        slow=True,
+        help="resize the device: size (bytes or like 2G; none re-reads the "
+        "backing file), shrink (true to allow a smaller size)",
+    ),
+    "link": Command(
+        _link,
+        frozenset({"state"}),
+        help="network devices: set the link 'up' or 'down' (config space and a "
+        "config interrupt: the driver's carrier follows)",
+    ),
     "quit": Command(_quit, help="stop the daemon, like SIGTERM"),
     "help": Command(_help, help="list the commands"),
 }
@@ -122,8 +129,9 @@ def answer(target: Target, req: Json) -> Json:
     name = req["cmd"]
     cmd = COMMANDS.get(name)
     if cmd is None:
-        return error_reply(UNKNOWN_COMMAND, f"unknown command '{name}' (commands: "
-                           f"{', '.join(COMMANDS)})", rid)
+        return error_reply(
+            UNKNOWN_COMMAND, f"unknown command '{name}' (commands: {', '.join(COMMANDS)})", rid
+        )
     extra = sorted(set(req) - {"cmd", "id"} - cmd.args)
     if extra:
         return error_reply(INVALID_ARGUMENT, f"{name} takes no argument '{extra[0]}'", rid)
@@ -203,9 +211,11 @@ class OpsServer:
         try:
             os.makedirs(parent, mode=0o755, exist_ok=True)
         except OSError as e:
-            raise ConfigError(f"cannot create {parent} for the management socket: "
-                              f"{e.strerror}: choose another place for it",
-                              option="control") from None
+            raise ConfigError(
+                f"cannot create {parent} for the management socket: "
+                f"{e.strerror}: choose another place for it",
+                option="control",
+            ) from None
         self._check_existing(path)
         tmp = os.path.join(parent, f".{os.path.basename(path)}.{os.getpid()}.tmp")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -220,8 +230,10 @@ class OpsServer:
             sock.close()
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            raise ConfigError(f"cannot create the management socket {path}: {e.strerror}: "
-                              "choose another place for it", option="control") from None
+            raise ConfigError(
+                f"cannot create the management socket {path}: {e.strerror}: choose another place for it",
+                option="control",
+            ) from None
         st = os.stat(path)
         self._inode = (st.st_dev, st.st_ino)
         sock.setblocking(False)
@@ -234,8 +246,11 @@ class OpsServer:
         except FileNotFoundError:
             return
         if not stat.S_ISSOCK(st.st_mode):
-            raise ConfigError(f"{path} exists and is not a socket: remove it or choose "
-                              "another place for the management socket", option="control")
+            raise ConfigError(
+                f"{path} exists and is not a socket: remove it or choose "
+                "another place for the management socket",
+                option="control",
+            )
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         probe.settimeout(1.0)
         try:
@@ -243,12 +258,15 @@ class OpsServer:
         except OSError as e:
             if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
                 return  # left by a daemon that died: ours replaces it
-            raise ConfigError(f"cannot check the existing socket {path}: {e.strerror}",
-                              option="control") from None
+            raise ConfigError(
+                f"cannot check the existing socket {path}: {e.strerror}", option="control"
+            ) from None
         finally:
             probe.close()
-        raise ConfigError(f"{path} is the management socket of another running daemon: "
-                          "choose another place for ours", option="control")
+        raise ConfigError(
+            f"{path} is the management socket of another running daemon: choose another place for ours",
+            option="control",
+        )
 
     def _unlink_if_ours(self) -> None:
         try:
@@ -336,8 +354,7 @@ class OpsServer:
             nl = c.inbuf.find(b"\n")
             if nl < 0:
                 if len(c.inbuf) > MAX_LINE:
-                    self._reply(c, error_reply(BAD_REQUEST,
-                                               f"request line longer than {MAX_LINE} bytes"))
+                    self._reply(c, error_reply(BAD_REQUEST, f"request line longer than {MAX_LINE} bytes"))
                     c.closing = True
                     break
                 if not c.eof or not c.inbuf.strip():
@@ -361,8 +378,9 @@ class OpsServer:
         cmd = COMMANDS.get(req["cmd"])
         if cmd is not None and cmd.slow:
             c.busy = True
-            threading.Thread(target=self._run_slow, args=(c, req), daemon=True,
-                             name=f"ops-{req['cmd']}").start()
+            threading.Thread(
+                target=self._run_slow, args=(c, req), daemon=True, name=f"ops-{req['cmd']}"
+            ).start()
             return
         reply = answer(self.target, req)
         if req["cmd"] == "quit" and "result" in reply:

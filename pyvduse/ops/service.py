@@ -56,10 +56,15 @@ class OpsOptions:
 class Operations:
     """Management socket, metrics, systemd notifications and draining for one device."""
 
-    def __init__(self, name: str, server: DeviceServer, transport: Transport | None,
-                 options: OpsOptions | None = None,
-                 on_quit: Callable[[], None] | None = None,
-                 on_resize: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        server: DeviceServer,
+        transport: Transport | None,
+        options: OpsOptions | None = None,
+        on_quit: Callable[[], None] | None = None,
+        on_resize: Callable[[int], None] | None = None,
+    ) -> None:
         self.options = options or OpsOptions()
         self.target = Target(name, server, transport, on_quit=on_quit, on_resize=on_resize)
         self.socket: OpsServer | None = None
@@ -89,8 +94,7 @@ class Operations:
         self.target.state = SERVING
         sdnotify.notify(f"READY=1\nSTATUS=serving {self.target.name} on {node}")
 
-    def shutdown(self, *, drain_requests: bool = True,
-                 abort: threading.Event | None = None) -> int:
+    def shutdown(self, *, drain_requests: bool = True, abort: threading.Event | None = None) -> int:
         """Tell systemd we stop, then wait (at most ``drain_timeout``) for requests in flight.
         Returns how many did not finish."""
         t = self.target
@@ -101,8 +105,7 @@ class Operations:
             timeout = self.options.drain_timeout
             left = drain(t.server, timeout, abort)
             if left:
-                log.warning("%d request(s) still in flight after %g s: detaching anyway", left,
-                            timeout)
+                log.warning("%d request(s) still in flight after %g s: detaching anyway", left, timeout)
             else:
                 log.info("no request in flight: detaching")
         t.state = STOPPING

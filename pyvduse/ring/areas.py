@@ -48,7 +48,7 @@ def check_areas(areas: Sequence[Area]) -> None:
         if a.iova + a.size - 1 > MAX_IOVA:
             raise RingError(f"{a} runs past the end of the IOVA space")
     for i, a in enumerate(areas):
-        for b in areas[i + 1:]:
+        for b in areas[i + 1 :]:
             if a.iova < b.iova + b.size and b.iova < a.iova + a.size:
                 raise RingError(f"ring areas overlap: {a} and {b}")
 
@@ -56,13 +56,17 @@ def check_areas(areas: Sequence[Area]) -> None:
 def split_areas(num: int, desc: int, avail: int, used: int, event_idx: bool) -> list[Area]:
     """A split ring's areas (the event-index fields count only when negotiated)."""
     d, a, u = SPLIT_ALIGN
-    return [Area("descriptor table", desc, DESC_SIZE * num, d),
-            Area("avail ring", avail, avail_ring_size(num, event_idx), a),
-            Area("used ring", used, used_ring_size(num, event_idx), u)]
+    return [
+        Area("descriptor table", desc, DESC_SIZE * num, d),
+        Area("avail ring", avail, avail_ring_size(num, event_idx), a),
+        Area("used ring", used, used_ring_size(num, event_idx), u),
+    ]
 
 
 def packed_areas(num: int, desc: int, driver: int, device: int) -> list[Area]:
     d, drv, dev = PACKED_ALIGN
-    return [Area("descriptor ring", desc, DESC_SIZE * num, d),
-            Area("driver event area", driver, EVENT_AREA_SIZE, drv),
-            Area("device event area", device, EVENT_AREA_SIZE, dev)]
+    return [
+        Area("descriptor ring", desc, DESC_SIZE * num, d),
+        Area("driver event area", driver, EVENT_AREA_SIZE, drv),
+        Area("device event area", device, EVENT_AREA_SIZE, dev),
+    ]

@@ -31,8 +31,9 @@ MAX_WRITABLE = (1 << 32) - 1
 def check_writable_total(total: int) -> None:
     """Refuse a chain whose device-writable descriptors add up to more than ``MAX_WRITABLE``."""
     if total > MAX_WRITABLE:
-        raise ChainError(f"device-writable buffers total {total} bytes, more than a used "
-                         f"length can hold (2^32-1)")
+        raise ChainError(
+            f"device-writable buffers total {total} bytes, more than a used length can hold (2^32-1)"
+        )
 
 
 def add_buffer(

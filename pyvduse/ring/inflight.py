@@ -53,8 +53,7 @@ class InflightLog:
         self.mem = mem
         self.num = num
         size = log_size(num)
-        self._w16, self._w32, self._w64 = (words16(mem[:size]), words32(mem[:size]),
-                                           words64(mem[:size]))
+        self._w16, self._w32, self._w64 = (words16(mem[:size]), words32(mem[:size]), words64(mem[:size]))
         _, _, stored_num, self.seq = _HEADER.unpack_from(mem, 0)
         if stored_num != num:
             self.clear()

@@ -104,7 +104,8 @@ class PackedInflightLog:
     def entry(self, buf_id: int) -> tuple[int, int, int, int, int, int]:
         """(state, wrap, first slot, slots, first copy, seq) of ``buf_id``."""
         state, wrap, start, ndesc, first, seq = _ENTRY.unpack_from(
-            self.mem, self._entries + _ENTRY.size * buf_id)
+            self.mem, self._entries + _ENTRY.size * buf_id
+        )
         return int(state), int(wrap), int(start), int(ndesc), int(first), int(seq)
 
     def set_state(self, buf_id: int, state: int) -> None:
@@ -112,8 +113,7 @@ class PackedInflightLog:
 
     # -- the hot path ------------------------------------------------------------------------
 
-    def taken(self, buf_id: int, desc: memoryview, start: int, wrap: int, ndesc: int,
-              seq: int) -> None:
+    def taken(self, buf_id: int, desc: memoryview, start: int, wrap: int, ndesc: int, seq: int) -> None:
         """Copy a taken chain's ``ndesc`` slots from ``start`` and mark it in flight."""
         free = self._free
         if ndesc > len(free):
@@ -123,8 +123,7 @@ class PackedInflightLog:
         for k in range(ndesc):
             c = free.pop()
             slot = (start + k) % num
-            copies[c * DESC_SIZE : (c + 1) * DESC_SIZE] = desc[slot * DESC_SIZE :
-                                                               (slot + 1) * DESC_SIZE]
+            copies[c * DESC_SIZE : (c + 1) * DESC_SIZE] = desc[slot * DESC_SIZE : (slot + 1) * DESC_SIZE]
             if prev < 0:
                 first = c
             else:
@@ -153,8 +152,9 @@ class PackedInflightLog:
     def chain_slots(self, buf_id: int) -> list[bytes]:
         """The descriptors ``buf_id``'s chain had when it was taken."""
         _, _, _, ndesc, first, _ = self.entry(buf_id)
-        return [bytes(self.copies[c * DESC_SIZE : (c + 1) * DESC_SIZE])
-                for c in self._chain_copies(first, ndesc)]
+        return [
+            bytes(self.copies[c * DESC_SIZE : (c + 1) * DESC_SIZE]) for c in self._chain_copies(first, ndesc)
+        ]
 
     def rebuild_free(self) -> None:
         """After a restart: every copy not held by a live entry is free."""

@@ -85,8 +85,7 @@ class RegionMap:
                 raise ValueError("overlapping region")
             if i < len(regions) and regions[i].start <= region.last:
                 raise ValueError("overlapping region")
-            self._index = ([*starts[:i], region.start, *starts[i:]],
-                           [*regions[:i], region, *regions[i:]])
+            self._index = ([*starts[:i], region.start, *starts[i:]], [*regions[:i], region, *regions[i:]])
 
     def remove_overlapping(self, start: int, last: int) -> list[Region]:
         """Forget every region that overlaps ``[start, last]`` and return them."""

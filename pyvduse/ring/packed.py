@@ -114,8 +114,9 @@ class PackedQueue:
         if used_idx is None:
             used_idx, used_wrap = last_avail_idx, avail_wrap
         if not (0 <= last_avail_idx < num and 0 <= used_idx < num):
-            raise RingError(f"ring state avail {last_avail_idx} / used {used_idx} is outside "
-                            f"the queue of {num}")
+            raise RingError(
+                f"ring state avail {last_avail_idx} / used {used_idx} is outside the queue of {num}"
+            )
         self.num = num
         self.memory = memory
         self.event_idx = has(features, F_RING_EVENT_IDX)
@@ -202,8 +203,7 @@ class PackedQueue:
                 error = str(e)
         elif flags & _NEXT_OR_INDIRECT == _INDIRECT and self.indirect:  # ... or one table
             try:
-                walk_indirect_packed(memory, indirect_table(memory, addr, length, num),
-                                     readable, writable)
+                walk_indirect_packed(memory, indirect_table(memory, addr, length, num), readable, writable)
             except ChainError as e:
                 error = str(e)
         else:
@@ -213,8 +213,7 @@ class PackedQueue:
                     try:
                         if flags & _INDIRECT:
                             if not self.indirect:
-                                raise ChainError(
-                                    "indirect descriptor without VIRTIO_F_RING_INDIRECT_DESC")
+                                raise ChainError("indirect descriptor without VIRTIO_F_RING_INDIRECT_DESC")
                             if flags & _NEXT:
                                 raise ChainError("indirect descriptor with NEXT set")
                             if count > 1:
@@ -242,8 +241,10 @@ class PackedQueue:
                 addr, length, nbid, flags = _unpack_desc(desc, idx * DESC_SIZE)
                 if flags & F_AVAIL_USED != AVAIL_PATTERN[wrap]:
                     if error is None:
-                        error = (f"descriptor {idx} in the middle of a chain is not available "
-                                 f"(wrap counter {wrap})")
+                        error = (
+                            f"descriptor {idx} in the middle of a chain is not available "
+                            f"(wrap counter {wrap})"
+                        )
                     break  # that slot is not part of this chain: not consumed
                 bid = nbid
                 count += 1
@@ -273,7 +274,8 @@ class PackedQueue:
         off = idx * DESC_SIZE
         _pack_len_id(self.desc, off + 8, written, head)
         self._unpublished.append(
-            (off + 14) >> 1 << 16 | USED_PATTERN[self.used_wrap] | (_WRITE if written else 0))
+            (off + 14) >> 1 << 16 | USED_PATTERN[self.used_wrap] | (_WRITE if written else 0)
+        )
         idx += ndesc
         if idx >= self.num:
             idx -= self.num

@@ -149,8 +149,7 @@ class SplitQueue:
         serve a driver that rewrites it differently from the engine alone."""
         return self.last_avail_idx, self.used_idx, self._signalled_used, self._avail_seen
 
-    def set_position(self, last_avail: int, used: int, signalled: int,
-                     avail_seen: int | None = None) -> None:
+    def set_position(self, last_avail: int, used: int, signalled: int, avail_seen: int | None = None) -> None:
         """Take over where another engine stands (see ``position``); without ``avail_seen``
         (or with one that is no position the ring could have reached) the avail index is
         read again before anything is taken, as after ``resume_at``."""
@@ -195,7 +194,7 @@ class SplitQueue:
             raise RingError(self.broken)
         last = self.last_avail_idx
         if last == self._avail_seen and not self.pending():  # re-read avail->idx only when
-            return None                                       # what we saw is used up
+            return None  # what we saw is used up
         slot = last % self.num
         head = _unpack16(self.avail, 4 + 2 * slot)[0]
         if head >= self.num:

@@ -23,8 +23,10 @@ LITTLE_ENDIAN = sys.byteorder == "little"
 
 def _words(mem: memoryview, fmt: Literal["H", "I", "Q"], size: int) -> memoryview:
     if not LITTLE_ENDIAN:
-        raise RuntimeError("pyvduse's ring engine needs a little-endian host (virtio 1.x "
-                           "memory is little-endian and it stores native words)")
+        raise RuntimeError(
+            "pyvduse's ring engine needs a little-endian host (virtio 1.x "
+            "memory is little-endian and it stores native words)"
+        )
     raw = mem.cast("B") if mem.format != "B" else mem
     return raw[: len(raw) - len(raw) % size].cast(fmt)
 

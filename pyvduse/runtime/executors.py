@@ -106,8 +106,7 @@ class BlockingPool:
 
         self.threads = threads
         self._name = name
-        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Outcome] | None] = (
-            queue.SimpleQueue())
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Outcome] | None] = queue.SimpleQueue()
         self._started: list[threading.Thread] = []
         self._idle = 0  # threads waiting for a call (approximate: only bounds new threads)
         self._lock = threading.Lock()
@@ -121,8 +120,9 @@ class BlockingPool:
         if self._idle <= 0 and len(self._started) < self.threads:
             with self._lock:
                 if len(self._started) < self.threads:
-                    t = threading.Thread(target=self._serve, daemon=True,
-                                         name=f"{self._name}-{len(self._started)}")
+                    t = threading.Thread(
+                        target=self._serve, daemon=True, name=f"{self._name}-{len(self._started)}"
+                    )
                     self._started.append(t)
                     t.start()
 
@@ -159,7 +159,8 @@ def _name_thread() -> None:
 
     with contextlib.suppress(OSError):
         Path(f"/proc/self/task/{threading.get_native_id()}/comm").write_text(
-            threading.current_thread().name[:15])
+            threading.current_thread().name[:15]
+        )
 
 
 def _deliver(future: concurrent.futures.Future[Any], done: Outcome) -> None:

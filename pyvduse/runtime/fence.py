@@ -35,8 +35,14 @@ def _libc_mmap() -> Any:
     if _mmap is None:
         fn = ctypes.CDLL(None, use_errno=True).mmap
         fn.restype = ctypes.c_void_p
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_long]
+        fn.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_long,
+        ]
         _mmap = fn
     return _mmap
 
@@ -69,8 +75,14 @@ def fence(owner: object) -> bool:
     addr = ctypes.addressof(anchor)
     del anchor
     size = len(owner)
-    got = libc_mmap(addr, size, mmap.PROT_READ | mmap.PROT_WRITE,
-                    mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED, -1, 0)
+    got = libc_mmap(
+        addr,
+        size,
+        mmap.PROT_READ | mmap.PROT_WRITE,
+        mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED,
+        -1,
+        0,
+    )
     if got != addr:  # MAP_FAILED or, impossibly with MAP_FIXED, elsewhere
         err = ctypes.get_errno()
         log.error("could not fence a mapping of %d bytes: %s", size, os.strerror(err))

@@ -44,25 +44,40 @@ log = logging.getLogger(__name__)
 
 def stats_of(counters: dict[str, Any]) -> BlkStats:
     """A native engine's request counters as ``BlkStats``."""
-    return BlkStats(by_type={int(t): n for t, n in counters["by_type"].items() if n},
-                    errors=counters["errors"], bytes_read=counters["bytes_read"],
-                    bytes_written=counters["bytes_written"])
+    return BlkStats(
+        by_type={int(t): n for t, n in counters["by_type"].items() if n},
+        errors=counters["errors"],
+        bytes_read=counters["bytes_read"],
+        bytes_written=counters["bytes_written"],
+    )
 
 
 def totals_of(counters: dict[str, Any]) -> Totals:
     """A native engine's latency and depth counters."""
-    return Totals(list(counters["latency"]), int(counters["latency_ns"]),
-                  list(counters["depth_hist"]), int(counters["depth_sum"]))
+    return Totals(
+        list(counters["latency"]),
+        int(counters["latency_ns"]),
+        list(counters["depth_hist"]),
+        int(counters["depth_sum"]),
+    )
 
 
-def run_native(engine: Engine, ring: SplitQueue, inflight: InflightLog | None,
-               memory: RegionMap, kick_fd: int, stop_fd: int, serve_one: Callable[[], bool],
-               stopping: Callable[[], bool],
-               nbd_lost: Callable[[], None] | None = None) -> None:
+def run_native(
+    engine: Engine,
+    ring: SplitQueue,
+    inflight: InflightLog | None,
+    memory: RegionMap,
+    kick_fd: int,
+    stop_fd: int,
+    serve_one: Callable[[], bool],
+    stopping: Callable[[], bool],
+    nbd_lost: Callable[[], None] | None = None,
+) -> None:
     """Alternate the native loop and ``serve_one`` (the Python engine taking the one chain
     the loop left) until the loop returns stopped; raises what ``serve_one`` raises. When
     the loop lost its NBD connection, ``nbd_lost`` reconnects (or fails the requests that
     wait) and the loop goes on."""
+
     def take_position() -> None:
         last_avail, used, signalled, seq, seen = engine.position()
         ring.set_position(last_avail, used, signalled, seen)
@@ -132,20 +147,45 @@ class NativeQueueWorker(QueueWorker):
         # first, as it may refuse (ValueError; OSError: no io_uring) before the worker holds
         # anything else
         try:
-            engine_tuning = EngineTuning(aio, poll_ns=tuning.poll_us * 1000,
-                                         publish_ns=tuning.publish_us * 1000,
-                                         hold_ns=tuning.hold_us * 1000)
-            self.engine = native.build(plan, index, self.ring, memory, self.log, irq, notify,
-                                       self._backend_error, tuning=engine_tuning,
-                                       affinity_fd=self._affinity_fd, follow_cpus=follow_cpus,
-                                       inflight=self.ring.in_flight, nbd=nbd_handle)
+            engine_tuning = EngineTuning(
+                aio,
+                poll_ns=tuning.poll_us * 1000,
+                publish_ns=tuning.publish_us * 1000,
+                hold_ns=tuning.hold_us * 1000,
+            )
+            self.engine = native.build(
+                plan,
+                index,
+                self.ring,
+                memory,
+                self.log,
+                irq,
+                notify,
+                self._backend_error,
+                tuning=engine_tuning,
+                affinity_fd=self._affinity_fd,
+                follow_cpus=follow_cpus,
+                inflight=self.ring.in_flight,
+                nbd=nbd_handle,
+            )
         except BaseException:
             self._close_affinity()
             if self.nbd is not None:
                 self.nbd.give_back(index, reusable=True)
             raise
-        super().__init__(device, index, queue, kick_fd, notify, resubmit, resumed=resumed,
-                         tuning=tuning, cpus=cpus, executors=executors, counters=counters)
+        super().__init__(
+            device,
+            index,
+            queue,
+            kick_fd,
+            notify,
+            resubmit,
+            resumed=resumed,
+            tuning=tuning,
+            cpus=cpus,
+            executors=executors,
+            counters=counters,
+        )
         self.device_stats = plan.stats
         self.memory = memory
         self.deferred = 0  # chains the native loop left to Python
@@ -176,8 +216,7 @@ class NativeQueueWorker(QueueWorker):
         return super().in_flight_count() + native_count
 
     def oldest_started(self) -> int:
-        starts = [t for t in (super().oldest_started(),
-                              self.engine.started if self._engine_live else 0) if t]
+        starts = [t for t in (super().oldest_started(), self.engine.started if self._engine_live else 0) if t]
         return min(starts, default=0)
 
     def extra_latency(self) -> Totals:
@@ -199,8 +238,13 @@ class NativeQueueWorker(QueueWorker):
         return stats_of(self.engine.counters())
 
     def _backend_error(self, rtype: int, sector: int, err: int) -> None:
-        bad_request_log.warning("queue %d: request type %d at sector %d failed: %s", self.index,
-                                rtype, sector, OSError(err, "").strerror or err)
+        bad_request_log.warning(
+            "queue %d: request type %d at sector %d failed: %s",
+            self.index,
+            rtype,
+            sector,
+            OSError(err, "").strerror or err,
+        )
 
     def request_stop(self, grace: float | None = None) -> None:
         self.engine.request_stop()
@@ -258,15 +302,22 @@ class NativeQueueWorker(QueueWorker):
             if self._resumed:
                 self._replay()
             while not self._stopping:
-                run_native(self.engine, self.ring, self.log, self.memory, self.kick_fd,
-                           self._stop_fd, self._serve_one,
-                           lambda: self._stopping or self._pause_wanted, self._nbd_lost)
+                run_native(
+                    self.engine,
+                    self.ring,
+                    self.log,
+                    self.memory,
+                    self.kick_fd,
+                    self._stop_fd,
+                    self._serve_one,
+                    lambda: self._stopping or self._pause_wanted,
+                    self._nbd_lost,
+                )
                 if self._pause_wanted and not self._stopping:
                     self._park_native()
         except RingError as e:
             self._broke(str(e))
-            log.error("queue %d: the ring is corrupt, stopping it until reset: %s",
-                      self.index, e)
+            log.error("queue %d: the ring is corrupt, stopping it until reset: %s", self.index, e)
             self._wait_for_stop()
         except Exception as e:  # never let a ring take the process down
             self._broke(f"{type(e).__name__}: {e}")
@@ -278,8 +329,7 @@ class NativeQueueWorker(QueueWorker):
         thread (the ring waits meanwhile; a stop or pause cuts it short), then resend them
         or fail them."""
         assert self.nbd is not None
-        handle = self.nbd.reconnect_native(self.index,
-                                           lambda: self._stopping or self._pause_wanted)
+        handle = self.nbd.reconnect_native(self.index, lambda: self._stopping or self._pause_wanted)
         if handle is not None:
             self.engine.set_nbd(handle)
         elif not (self._stopping or self._pause_wanted):
@@ -339,9 +389,12 @@ class NativeQueueWorker(QueueWorker):
                 if left:
                     self.engine.abandon()
                     self.abandoned_native += left
-                    log.warning("queue %d: %d request(s) still in flight after %.1f s; "
-                                "their results will be dropped", self.index, left,
-                                self._grace)
+                    log.warning(
+                        "queue %d: %d request(s) still in flight after %.1f s; their results will be dropped",
+                        self.index,
+                        left,
+                        self._grace,
+                    )
         except Exception:
             log.exception("queue %d: stopping the native engine failed", self.index)
         super()._wind_down()
@@ -351,8 +404,7 @@ class NativeQueueWorker(QueueWorker):
         for chain in self._resubmit:
             self._serve_inline(chain)
         if self._resubmit:
-            log.info("queue %d: repeated %d request(s) left in flight", self.index,
-                     len(self._resubmit))
+            log.info("queue %d: repeated %d request(s) left in flight", self.index, len(self._resubmit))
             self._resubmit = []
             self._publish(interrupt=False)
         self._notify(self.index)
@@ -380,12 +432,16 @@ class NativeQueueWorker(QueueWorker):
             written = result
         except CallAbandoned:  # stopping with it at the server: dropped, its memory fenced
             self.abandoned_native += 1
-            log.warning("queue %d: request %d still at the backend while stopping; its "
-                        "result will be dropped", self.index, chain.head)
+            log.warning(
+                "queue %d: request %d still at the backend while stopping; its result will be dropped",
+                self.index,
+                chain.head,
+            )
             return
         except Exception as e:  # the device's bug fails this request, not the queue
-            bad_request_log.warning("queue %d: request %d failed: %s: %s", self.index,
-                                    chain.head, type(e).__name__, e)
+            bad_request_log.warning(
+                "queue %d: request %d failed: %s: %s", self.index, chain.head, type(e).__name__, e
+            )
             written = self.device.write_failure(chain)
         q.push(chain.head, written, chain.ndesc)
         done = time.monotonic_ns()
@@ -407,8 +463,7 @@ class _Graveyard:
         with self._lock:
             self._engines.append((engine, index))
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._reap, name="pyvduse-graveyard",
-                                                daemon=True)
+                self._thread = threading.Thread(target=self._reap, name="pyvduse-graveyard", daemon=True)
                 self._thread.start()
 
     def _reap(self) -> None:

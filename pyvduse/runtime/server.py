@@ -54,15 +54,19 @@ Logged = TypeVar("Logged", LoggedQueue, LoggedPackedQueue)
 def _opener(kind: type[Logged], mode: StartMode) -> Callable[..., Logged]:
     """How a logged queue opens its log: cleared, recovered from, or carried on."""
     openers: dict[str, Callable[..., Logged]] = {
-        "fresh": kind.fresh, "resume": kind.recovered, "continue": kind}
+        "fresh": kind.fresh,
+        "resume": kind.recovered,
+        "continue": kind,
+    }
     return openers[mode]
 
 
 class DeviceServer:
     """Implements ``DeviceEvents`` for one device on one transport."""
 
-    def __init__(self, device: VirtioDevice, state: StateFile | None = None,
-                 tuning: QueueTuning | None = None) -> None:
+    def __init__(
+        self, device: VirtioDevice, state: StateFile | None = None, tuning: QueueTuning | None = None
+    ) -> None:
         self.device = device
         self.state = state  # in-flight logs, for surviving a restart
         self.tuning = tuning or DEFAULT_TUNING  # read at each DRIVER_OK
@@ -105,10 +109,17 @@ class DeviceServer:
                     self._start_worker(q, self._initial_position(q), "resume" if resume else "fresh")
             self.running.set()
             n_native = sum(isinstance(w, NativeQueueWorker) for w in self.workers.values())
-            log.info("driver ready: features 0x%x, %d queue(s) served%s (%s)", features,
-                     len(self.workers), " (resumed)" if resume else "",
-                     "native data path" if n_native == len(self.workers) and n_native else
-                     "Python data path" if not n_native else f"{n_native} native")
+            log.info(
+                "driver ready: features 0x%x, %d queue(s) served%s (%s)",
+                features,
+                len(self.workers),
+                " (resumed)" if resume else "",
+                "native data path"
+                if n_native == len(self.workers) and n_native
+                else "Python data path"
+                if not n_native
+                else f"{n_native} native",
+            )
 
     def queue_ready(self, q: QueueSetup) -> None:
         """A queue the driver enabled after DRIVER_OK (the transport saw its first kick):
@@ -134,8 +145,13 @@ class DeviceServer:
         timeout = self.transport.reply_timeout() if self.transport is not None else None
         return DEFAULT_GRACE_SECONDS if not timeout or timeout < 0 else timeout / 2
 
-    def remap(self, invalidate: Callable[[], None], start: int = 0,
-              last: int = (1 << 64) - 1, going: list[Region] | None = None) -> None:
+    def remap(
+        self,
+        invalidate: Callable[[], None],
+        start: int = 0,
+        last: int = (1 << 64) - 1,
+        going: list[Region] | None = None,
+    ) -> None:
         """The driver's memory map changed (UPDATE_IOTLB of ``[start, last]``; ``going``:
         the regions that really go, when the transport can tell): pause the queues, let the
         requests using that memory finish (or fence them: they will fail), remap, resume in
@@ -151,14 +167,14 @@ class DeviceServer:
             for w in workers:
                 w.resume()
 
-    def _settle_unmapped(self, workers: list[QueueWorker], start: int, last: int,
-                         regions: list[Region] | None = None) -> None:
+    def _settle_unmapped(
+        self, workers: list[QueueWorker], start: int, last: int, regions: list[Region] | None = None
+    ) -> None:
         """Wait (within the grace) for the requests whose buffers are in ``regions`` (those
         in ``[start, last]`` unless given); fence the rest, which then complete as failed."""
         if regions is None:
             memory = self.transport.memory if self.transport is not None else None
-            regions = [r for r in getattr(memory, "regions", [])
-                       if r.start <= last and r.last >= start]
+            regions = [r for r in getattr(memory, "regions", []) if r.start <= last and r.last >= start]
         going = {id(r.mem.obj): r.mem.obj for r in regions}
         if not going:
             return
@@ -166,9 +182,12 @@ class DeviceServer:
         python = [w for w in workers if not isinstance(w, NativeQueueWorker)]
 
         def touching(idle: bool = False) -> list[Request]:
-            return [r for w in python for r in w.in_flight_requests()
-                    if not r.done and r.idle == idle
-                    and any(id(o) in going for o in fence.owners([r.chain]))]
+            return [
+                r
+                for w in python
+                for r in w.in_flight_requests()
+                if not r.done and r.idle == idle and any(id(o) in going for o in fence.owners([r.chain]))
+            ]
 
         waiting = touching()
         while waiting and time.monotonic() < deadline:
@@ -181,13 +200,15 @@ class DeviceServer:
             r.poisoned = True
         fenced = fence.fence_chains([r.chain for r in lost], only=set(going))
         # the native engine cannot say which memory its requests use: all of it waits
-        left = sum(w.settle(deadline - time.monotonic()) for w in workers
-                   if isinstance(w, NativeQueueWorker))
+        left = sum(w.settle(deadline - time.monotonic()) for w in workers if isinstance(w, NativeQueueWorker))
         if left:
             fenced += sum(fence.fence(o) for o in going.values())
         if waiting or left:
-            log.warning("%d request(s) still use memory being unmapped; they will fail "
-                        "(%d mapping(s) fenced)", len(waiting) + left, fenced)
+            log.warning(
+                "%d request(s) still use memory being unmapped; they will fail (%d mapping(s) fenced)",
+                len(waiting) + left,
+                fenced,
+            )
 
     def queue_state(self, index: int) -> tuple[int, ...]:
         w = self.workers.get(index)
@@ -216,12 +237,28 @@ class DeviceServer:
         memory = self.transport.memory
         if self.packed:
             avail_wrap, last_avail, used_wrap, used = position
-            return PackedQueue(memory, q.num, q.desc_addr, q.driver_addr, q.device_addr,
-                               self.features, last_avail_idx=last_avail, used_idx=used,
-                               avail_wrap=avail_wrap, used_wrap=used_wrap)
-        return SplitQueue(memory, q.num, q.desc_addr, q.driver_addr, q.device_addr,
-                          self.features, last_avail_idx=position[0],
-                          used_idx=position[1] if len(position) > 1 else None)
+            return PackedQueue(
+                memory,
+                q.num,
+                q.desc_addr,
+                q.driver_addr,
+                q.device_addr,
+                self.features,
+                last_avail_idx=last_avail,
+                used_idx=used,
+                avail_wrap=avail_wrap,
+                used_wrap=used_wrap,
+            )
+        return SplitQueue(
+            memory,
+            q.num,
+            q.desc_addr,
+            q.driver_addr,
+            q.device_addr,
+            self.features,
+            last_avail_idx=position[0],
+            used_idx=position[1] if len(position) > 1 else None,
+        )
 
     def _start_worker(self, q: QueueSetup, position: tuple[int, ...], mode: StartMode) -> None:
         assert self.transport is not None
@@ -250,9 +287,18 @@ class DeviceServer:
         cpus = self._worker_cpus(q.index)
         counters = self.queue_counters.setdefault(q.index, QueueCounters())
         w = self._native_worker(q.index, queue, resubmit, resumed, cpus, counters) or QueueWorker(
-            self.device, q.index, queue, self.transport.kick_fd(q.index),
-            self.transport.notify, resubmit, resumed=resumed,
-            tuning=self.tuning, cpus=cpus, executors=self.executors, counters=counters)
+            self.device,
+            q.index,
+            queue,
+            self.transport.kick_fd(q.index),
+            self.transport.notify,
+            resubmit,
+            resumed=resumed,
+            tuning=self.tuning,
+            cpus=cpus,
+            executors=self.executors,
+            counters=counters,
+        )
         self.workers[q.index] = w
         w.start()
 
@@ -268,31 +314,53 @@ class DeviceServer:
             return None
         return sorted(irq_cpus & allowed)
 
-    def _native_worker(self, index: int, queue: VirtQueue, resubmit: list[Chain],
-                       resumed: bool, cpus: list[int] | None,
-                       counters: QueueCounters) -> NativeQueueWorker | None:
+    def _native_worker(
+        self,
+        index: int,
+        queue: VirtQueue,
+        resubmit: list[Chain],
+        resumed: bool,
+        cpus: list[int] | None,
+        counters: QueueCounters,
+    ) -> NativeQueueWorker | None:
         """A native worker when the data path allows it and the queue is one it serves."""
         assert self.transport is not None
         memory = self.transport.memory
         plan = native.plan_of(self.device, self.packed)
-        if (self.tuning.data_path is DataPath.PYTHON or isinstance(plan, str)
-                or not isinstance(queue, SplitQueue | LoggedQueue)
-                or not isinstance(memory, RegionMap)
-                or (self.tuning.aio is Aio.THREADS and plan.blocking)):
+        if (
+            self.tuning.data_path is DataPath.PYTHON
+            or isinstance(plan, str)
+            or not isinstance(queue, SplitQueue | LoggedQueue)
+            or not isinstance(memory, RegionMap)
+            or (self.tuning.aio is Aio.THREADS and plan.blocking)
+        ):
             return None
         try:
-            return NativeQueueWorker(self.device, index, queue, self.transport.kick_fd(index),
-                                     self.transport.notify, memory,
-                                     self.transport.irq_ioctl(index), resubmit,
-                                     resumed=resumed, tuning=self.tuning, cpus=cpus,
-                                     irq_follow=self.transport.irq_follow(index),
-                                     executors=self.executors, counters=counters)
+            return NativeQueueWorker(
+                self.device,
+                index,
+                queue,
+                self.transport.kick_fd(index),
+                self.transport.notify,
+                memory,
+                self.transport.irq_ioctl(index),
+                resubmit,
+                resumed=resumed,
+                tuning=self.tuning,
+                cpus=cpus,
+                irq_follow=self.transport.irq_follow(index),
+                executors=self.executors,
+                counters=counters,
+            )
         except ValueError as e:  # e.g. a ring the native loop cannot map as one piece
             log.warning("queue %d: served by the Python engine: %s", index, e)
             return None
         except OSError as e:  # the kernel refuses io_uring (kernel.io_uring_disabled, ...)
-            log.warning("queue %d: io_uring is not available (%s): served by the Python "
-                        "engine with a thread pool", index, e.strerror or e)
+            log.warning(
+                "queue %d: io_uring is not available (%s): served by the Python engine with a thread pool",
+                index,
+                e.strerror or e,
+            )
             return None
 
     def _stop_workers(self, grace: float = 0.0) -> None:

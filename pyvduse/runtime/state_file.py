@@ -37,8 +37,7 @@ class IdentityMismatch(Exception):
 class StateFile:
     """Opens or creates the state file of one device."""
 
-    def __init__(self, path: Path, identity: dict[str, Any], num_queues: int,
-                 queue_size: int) -> None:
+    def __init__(self, path: Path, identity: dict[str, Any], num_queues: int, queue_size: int) -> None:
         self.path = path
         self.identity = identity
         self.num_queues = num_queues
@@ -57,8 +56,9 @@ class StateFile:
         self.mem = memoryview(self._map)
 
     @classmethod
-    def for_device(cls, name: str, state_dir: Path, identity: dict[str, Any], num_queues: int,
-                   queue_size: int) -> StateFile:
+    def for_device(
+        cls, name: str, state_dir: Path, identity: dict[str, Any], num_queues: int, queue_size: int
+    ) -> StateFile:
         return cls(state_dir / name / "state", identity, num_queues, queue_size)
 
     def stored_identity(self) -> dict[str, Any] | None:
@@ -87,7 +87,7 @@ class StateFile:
         raw = json.dumps(self.identity, sort_keys=True).encode()
         if len(MAGIC) + 4 + len(raw) > HEADER_SIZE:
             raise ValueError("identity too large")
-        self.mem[: HEADER_SIZE] = bytes(HEADER_SIZE)
+        self.mem[:HEADER_SIZE] = bytes(HEADER_SIZE)
         self.mem[len(MAGIC) : len(MAGIC) + 4] = len(raw).to_bytes(4, "little")
         self.mem[len(MAGIC) + 4 : len(MAGIC) + 4 + len(raw)] = raw
         self.mem[: len(MAGIC)] = MAGIC
@@ -121,8 +121,9 @@ def _parse_identity(header: bytes) -> dict[str, Any] | None:
     magic = header[: len(MAGIC)]
     if magic != MAGIC:
         if magic.startswith(MAGIC_FAMILY):  # another pyvduse's layout: do not guess
-            raise IdentityMismatch({"state file format": (
-                magic.decode(errors="replace").strip(), MAGIC.decode().strip())})
+            raise IdentityMismatch(
+                {"state file format": (magic.decode(errors="replace").strip(), MAGIC.decode().strip())}
+            )
         return None
     n = int.from_bytes(header[len(MAGIC) : len(MAGIC) + 4], "little")
     raw = header[len(MAGIC) + 4 : len(MAGIC) + 4 + n]

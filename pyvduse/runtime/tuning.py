@@ -18,6 +18,7 @@ class DataPath(enum.Enum):
     NATIVE = "native"  # the native loop or refuse to start
     PYTHON = "python"  # the reference engine only
 
+
 #: A request that took this long (µs) is published at once, with those finished before it,
 #: not at the end of its round: a round of long requests (128 KiB reads: ~400 µs each under
 #: emulation) would otherwise leave the driver idle until the last one, then the device idle

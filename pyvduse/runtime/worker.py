@@ -116,10 +116,12 @@ class QueueCounters:
         if live is None:
             return Totals(list(self.hist), self.sum_ns, list(self.depth), self.depth_sum)
         t = live.extra_latency()
-        return Totals([a + b for a, b in zip(self.hist, t.hist, strict=True)],
-                      self.sum_ns + t.sum_ns,
-                      [a + b for a, b in zip(self.depth, t.depth, strict=True)],
-                      self.depth_sum + t.depth_sum)
+        return Totals(
+            [a + b for a, b in zip(self.hist, t.hist, strict=True)],
+            self.sum_ns + t.sum_ns,
+            [a + b for a, b in zip(self.depth, t.depth, strict=True)],
+            self.depth_sum + t.depth_sum,
+        )
 
     def latency_totals(self) -> tuple[list[int], int]:
         t = self.totals()
@@ -149,8 +151,6 @@ class QueueCounters:
             self.depth[b] += n
         self.sum_ns += t.sum_ns
         self.depth_sum += t.depth_sum
-
-
 
 
 _NO_LATENCY = Totals([0] * LATENCY_BUCKETS, 0, [0] * LATENCY_BUCKETS, 0)
@@ -310,8 +310,7 @@ class QueueWorker:
         waited for, so a busy queue cannot keep this waiting forever."""
         return self.wait_done(self.drain_mark(), timeout, abort)
 
-    def wait_done(self, mark: int, timeout: float,
-                  abort: threading.Event | None = None) -> bool:
+    def wait_done(self, mark: int, timeout: float, abort: threading.Event | None = None) -> bool:
         """Wait until every request taken at or before ``mark`` has completed, or the worker
         has ended."""
         deadline = time.monotonic() + timeout
@@ -353,19 +352,20 @@ class QueueWorker:
     def fail(self, request: Request, why: BaseException | str | None) -> None:
         if why is not None:
             if isinstance(why, BaseException):
-                failure_log.warning("queue %d: request %d failed: %s: %s", self.index,
-                                    request.head, type(why).__name__, why)
+                failure_log.warning(
+                    "queue %d: request %d failed: %s: %s", self.index, request.head, type(why).__name__, why
+                )
             else:
-                failure_log.warning("queue %d: request %d failed: %s", self.index,
-                                    request.head, why)
+                failure_log.warning("queue %d: request %d failed: %s", self.index, request.head, why)
         self.finish(request, self._failed_length(request))
 
     def _failed_length(self, request: Request) -> int:
         try:
             written = self.device.write_failure(request.chain)
         except Exception as e:
-            failure_log.warning("queue %d: failing request %d raised %s: %s", self.index,
-                                request.head, type(e).__name__, e)
+            failure_log.warning(
+                "queue %d: failing request %d raised %s: %s", self.index, request.head, type(e).__name__, e
+            )
             return 0
         return written if isinstance(written, int) and 0 <= written <= MAX_WRITTEN else 0
 
@@ -397,8 +397,7 @@ class QueueWorker:
     def _main(self) -> None:
         self._ident = threading.get_ident()
         with contextlib.suppress(OSError):  # the thread's name in top -H, ps -L and /proc
-            Path(f"/proc/self/task/{threading.get_native_id()}/comm").write_text(
-                self._thread.name)
+            Path(f"/proc/self/task/{threading.get_native_id()}/comm").write_text(self._thread.name)
         if self.cpus:
             try:
                 os.sched_setaffinity(0, self.cpus)  # 0: this thread
@@ -500,9 +499,12 @@ class QueueWorker:
             # stopped whatever fills them before the queues stopped (quiesce)
             self.abandoned = [r for r in self._in_flight.values() if not r.idle]
             if self.abandoned:
-                log.warning("queue %d: %d request(s) still in flight after %.1f s; their "
-                            "results will be dropped", self.index, len(self.abandoned),
-                            self._grace)
+                log.warning(
+                    "queue %d: %d request(s) still in flight after %.1f s; their results will be dropped",
+                    self.index,
+                    len(self.abandoned),
+                    self._grace,
+                )
 
     def _working(self) -> bool:
         """Requests in flight that are being worked on (not idle)."""
@@ -517,8 +519,7 @@ class QueueWorker:
         if self._resubmit:
             for chain in self._resubmit:
                 self._take(chain)
-            log.info("queue %d: repeated %d request(s) left in flight", self.index,
-                     len(self._resubmit))
+            log.info("queue %d: repeated %d request(s) left in flight", self.index, len(self._resubmit))
             self._resubmit = []
             self._reap()
             self._publish(interrupt=False)
@@ -538,8 +539,13 @@ class QueueWorker:
             self.device.submit(req)
         except Exception as e:  # the device's bug fails this request, not the queue
             if req.done:
-                failure_log.warning("queue %d: submit raised after completing request %d: "
-                                    "%s: %s", self.index, chain.head, type(e).__name__, e)
+                failure_log.warning(
+                    "queue %d: submit raised after completing request %d: %s: %s",
+                    self.index,
+                    chain.head,
+                    type(e).__name__,
+                    e,
+                )
             else:
                 req.fail(e)
         return req
@@ -549,8 +555,9 @@ class QueueWorker:
         head = req.chain.head
         if self._in_flight.get(head) is not req:
             if not self._dropping:
-                log.warning("queue %d: ignored a completion of request %d, which is not in "
-                            "flight", self.index, head)
+                log.warning(
+                    "queue %d: ignored a completion of request %d, which is not in flight", self.index, head
+                )
             return
         del self._in_flight[head]
         if self._dropping:  # a broken ring or an abandoned request: the result goes nowhere
@@ -622,5 +629,4 @@ class QueueWorker:
                     return
         except RingError as e:
             self._broke(str(e))
-            log.error("queue %d: the ring is corrupt, stopping it until reset: %s",
-                      self.index, e)
+            log.error("queue %d: the ring is corrupt, stopping it until reset: %s", self.index, e)

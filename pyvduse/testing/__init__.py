@@ -18,5 +18,4 @@ from pyvduse.model.vhost_vdpa import VhostVdpa
 from pyvduse.model.virtio_driver import ProbeError, VirtioDriver
 from pyvduse.testing.rig import ModelRig
 
-__all__ = ["BlkDriver", "BlkIOError", "ModelRig", "NetDriver", "ProbeError", "VhostVdpa",
-           "VirtioDriver"]
+__all__ = ["BlkDriver", "BlkIOError", "ModelRig", "NetDriver", "ProbeError", "VhostVdpa", "VirtioDriver"]

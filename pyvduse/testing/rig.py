@@ -14,9 +14,15 @@ from pyvduse.transport.model.transport import ModelTransport
 class ModelRig:
     """A device served on the model, ready for a model driver to probe."""
 
-    def __init__(self, device: VirtioDevice, *, msg_timeout: float = 5.0,
-                 bounce_size: int = 16 << 20, data_path: DataPath = DataPath.AUTO,
-                 tuning: QueueTuning | None = None) -> None:
+    def __init__(
+        self,
+        device: VirtioDevice,
+        *,
+        msg_timeout: float = 5.0,
+        bounce_size: int = 16 << 20,
+        data_path: DataPath = DataPath.AUTO,
+        tuning: QueueTuning | None = None,
+    ) -> None:
         self.device = device
         self.kernel = ModelKernel(device.spec(), msg_timeout=msg_timeout, bounce_size=bounce_size)
         # data_path alone is the common case; a whole tuning wins when given
@@ -28,6 +34,7 @@ class ModelRig:
         self.transport.start()
         return self
 
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.transport.close()

@@ -79,8 +79,14 @@ class ModelTarget(DriverTarget):
 
 def daemon_args(image: Path, options: BlkOptions) -> list[str]:
     """``pyvduse blk`` options serving ``image`` as ``options`` say."""
-    args = ["--file", str(image), "--queues", str(options.num_queues),
-            "--block-size", str(options.block_size)]
+    args = [
+        "--file",
+        str(image),
+        "--queues",
+        str(options.num_queues),
+        "--block-size",
+        str(options.block_size),
+    ]
     if options.serial:
         args += ["--serial", options.serial]
     if options.readonly:

@@ -22,13 +22,16 @@ from tests.scenarios.targets import TargetFactory
 MiB = 1 << 20
 
 
-@pytest.fixture(params=[
-    "model-split", "model-packed",
-    pytest.param("kernel-split", marks=pytest.mark.vm),
-    pytest.param("kernel-packed", marks=pytest.mark.vm),
-    pytest.param("vhost-split", marks=pytest.mark.vm),
-    pytest.param("vhost-packed", marks=pytest.mark.vm),
-])
+@pytest.fixture(
+    params=[
+        "model-split",
+        "model-packed",
+        pytest.param("kernel-split", marks=pytest.mark.vm),
+        pytest.param("kernel-packed", marks=pytest.mark.vm),
+        pytest.param("vhost-split", marks=pytest.mark.vm),
+        pytest.param("vhost-packed", marks=pytest.mark.vm),
+    ]
+)
 def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TargetFactory]:
     kind, ring = request.param.split("-")
     with TargetFactory(kind, tmp_path, packed=ring == "packed") as factory:
@@ -95,6 +98,7 @@ def test_two_queues_concurrent_writers(target: TargetFactory) -> None:
                 assert t.read(off, 65536, queue=q) == data
         except BaseException as e:
             errors.append(e)
+
     threads = [threading.Thread(target=writer, args=(q,)) for q in range(2)]
     for th in threads:
         th.start()

@@ -9,9 +9,14 @@ from pathlib import Path
 def c_values(tmp: Path, header: str, exprs: list[str], optional: list[str]) -> dict[str, int]:
     """Compile and run a program printing each expression (``optional`` ones only where
     ``#ifdef`` finds them) under ``#include <header>``."""
-    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <sys/ioctl.h>",
-             f"#include <{header}>", '#define P(x) printf("%s|%lld\\n", #x, (long long)(x));',
-             "int main(void) {"]
+    lines = [
+        "#include <stdio.h>",
+        "#include <stddef.h>",
+        "#include <sys/ioctl.h>",
+        f"#include <{header}>",
+        '#define P(x) printf("%s|%lld\\n", #x, (long long)(x));',
+        "int main(void) {",
+    ]
     lines += [f"P({e})" for e in exprs]
     for name in optional:
         lines += [f"#ifdef {name}", f"P({name})", "#endif"]

@@ -367,9 +367,7 @@ def _c_values(tmp: Path, names: list[str], tag: str) -> dict[str, int] | None:
     return {k: int(val) for k, val in (ln.split("|") for ln in out.splitlines())}
 
 
-@pytest.mark.skipif(
-    shutil.which("gcc") is None or not HEADER.exists(), reason="needs gcc and linux/vdpa.h"
-)
+@pytest.mark.skipif(shutil.which("gcc") is None or not HEADER.exists(), reason="needs gcc and linux/vdpa.h")
 def test_against_c_header(tmp_path: Path) -> None:
     text = HEADER.read_text()
     assert f'#define VDPA_GENL_NAME "{vdpa.GENL_NAME}"' in text

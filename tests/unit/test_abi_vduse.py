@@ -440,9 +440,7 @@ C_OPTIONAL: dict[str, int] = {
 }
 
 
-@pytest.mark.skipif(
-    shutil.which("gcc") is None or not HEADER.exists(), reason="needs gcc and linux/vduse.h"
-)
+@pytest.mark.skipif(shutil.which("gcc") is None or not HEADER.exists(), reason="needs gcc and linux/vduse.h")
 def test_against_c_header(tmp_path: Path) -> None:
     got = c_values(tmp_path, "linux/vduse.h", list(C_EXPRS), list(C_OPTIONAL))
     expected = {**C_EXPRS, **{k: val for k, val in C_OPTIONAL.items() if k in got}}

@@ -57,8 +57,17 @@ REQUESTS_6X = {
     "VHOST_VDPA_GET_VRING_SIZE": 0xC008AF82,
 }
 
-SIZES = {"VRING_STATE": 8, "VRING_FILE": 8, "VRING_ADDR": 40, "IOTLB_MSG": 32, "MSG_V1": 72,
-         "MSG_V2": 72, "VDPA_CONFIG_HEADER": 8, "VDPA_IOVA_RANGE": 16, "MEMORY_HEADER": 8}
+SIZES = {
+    "VRING_STATE": 8,
+    "VRING_FILE": 8,
+    "VRING_ADDR": 40,
+    "IOTLB_MSG": 32,
+    "MSG_V1": 72,
+    "MSG_V2": 72,
+    "VDPA_CONFIG_HEADER": 8,
+    "VDPA_IOVA_RANGE": 16,
+    "MEMORY_HEADER": 8,
+}
 
 
 @pytest.mark.parametrize("name", sorted(REQUESTS | REQUESTS_6X))
@@ -78,23 +87,40 @@ def test_constants() -> None:
     assert (h.VHOST_IOTLB_MSG, h.VHOST_IOTLB_MSG_V2) == (1, 2)
     assert h.MSG_SIZE == 72
     assert [(t.name, t.value) for t in h.IotlbType] == [
-        ("MISS", 1), ("UPDATE", 2), ("INVALIDATE", 3), ("ACCESS_FAIL", 4),
-        ("BATCH_BEGIN", 5), ("BATCH_END", 6)]
+        ("MISS", 1),
+        ("UPDATE", 2),
+        ("INVALIDATE", 3),
+        ("ACCESS_FAIL", 4),
+        ("BATCH_BEGIN", 5),
+        ("BATCH_END", 6),
+    ]
     assert [(f.name, f.value) for f in h.BackendFeature] == [
-        ("IOTLB_MSG_V2", 1), ("IOTLB_BATCH", 2), ("IOTLB_ASID", 3), ("SUSPEND", 4),
-        ("RESUME", 5), ("ENABLE_AFTER_DRIVER_OK", 6), ("DESC_ASID", 7), ("IOTLB_PERSIST", 8)]
+        ("IOTLB_MSG_V2", 1),
+        ("IOTLB_BATCH", 2),
+        ("IOTLB_ASID", 3),
+        ("SUSPEND", 4),
+        ("RESUME", 5),
+        ("ENABLE_AFTER_DRIVER_OK", 6),
+        ("DESC_ASID", 7),
+        ("IOTLB_PERSIST", 8),
+    ]
 
 
 def test_vring_addr_puts_used_before_avail() -> None:
     raw = h.VringAddr(3, desc=0x1000, avail=0x2000, used=0x3000).pack()
-    assert raw == (b"\x03\0\0\0" + bytes(4) + (0x1000).to_bytes(8, "little")
-                   + (0x3000).to_bytes(8, "little") + (0x2000).to_bytes(8, "little") + bytes(8))
+    assert raw == (
+        b"\x03\0\0\0"
+        + bytes(4)
+        + (0x1000).to_bytes(8, "little")
+        + (0x3000).to_bytes(8, "little")
+        + (0x2000).to_bytes(8, "little")
+        + bytes(8)
+    )
     assert h.VringAddr.unpack(raw) == h.VringAddr(3, 0x1000, 0x2000, 0x3000)
 
 
 def test_iotlb_messages_v1_and_v2() -> None:
-    m = h.IotlbMsg(h.IotlbType.UPDATE, iova=1 << 33, size=4096, uaddr=0x7F0000001000,
-                   perm=h.VHOST_ACCESS_RW)
+    m = h.IotlbMsg(h.IotlbType.UPDATE, iova=1 << 33, size=4096, uaddr=0x7F0000001000, perm=h.VHOST_ACCESS_RW)
     v2 = m.message(v2=True)
     assert len(v2) == 72 and v2[:8] == b"\x02\0\0\0\0\0\0\0"
     assert v2[8:16] == (1 << 33).to_bytes(8, "little")
@@ -159,19 +185,16 @@ C_EXPRS: dict[str, int] = {
     "VHOST_IOTLB_MSG": h.VHOST_IOTLB_MSG,
     "VHOST_IOTLB_MSG_V2": h.VHOST_IOTLB_MSG_V2,
     **{f"VHOST_IOTLB_{t.name}": t.value for t in h.IotlbType},
-    **{f"VHOST_BACKEND_F_{f.name}": f.value for f in h.BackendFeature
-       if f <= h.BackendFeature.SUSPEND},
+    **{f"VHOST_BACKEND_F_{f.name}": f.value for f in h.BackendFeature if f <= h.BackendFeature.SUSPEND},
 }
 # Newer than some installed headers: checked when the header has them.
 C_OPTIONAL: dict[str, int] = {
     **{name: getattr(h, name) for name in REQUESTS_6X},
-    **{f"VHOST_BACKEND_F_{f.name}": f.value for f in h.BackendFeature
-       if f > h.BackendFeature.SUSPEND},
+    **{f"VHOST_BACKEND_F_{f.name}": f.value for f in h.BackendFeature if f > h.BackendFeature.SUSPEND},
 }
 
 
-@pytest.mark.skipif(shutil.which("gcc") is None or not HEADER.exists(),
-                    reason="needs gcc and linux/vhost.h")
+@pytest.mark.skipif(shutil.which("gcc") is None or not HEADER.exists(), reason="needs gcc and linux/vhost.h")
 def test_against_c_header(tmp_path: Path) -> None:
     got = c_values(tmp_path, "linux/vhost.h", list(C_EXPRS), list(C_OPTIONAL))
     expected = {**C_EXPRS, **{k: val for k, val in C_OPTIONAL.items() if k in got}}

@@ -487,7 +487,5 @@ def test_against_c_headers(tmp_path: Path) -> None:
     compared = {checks[i][1] for i in got}
     assert {"VIRTIO_NET_F_CSUM", "VIRTIO_BLK_F_SECURE_ERASE", "VIRTIO_F_VERSION_1"} <= compared
     assert "sizeof(struct virtio_blk_config)" in compared
-    mismatches = {
-        checks[i][1]: (value, checks[i][2]) for i, value in got.items() if value != checks[i][2]
-    }
+    mismatches = {checks[i][1]: (value, checks[i][2]) for i, value in got.items() if value != checks[i][2]}
     assert not mismatches, f"C value vs Python value: {mismatches}"

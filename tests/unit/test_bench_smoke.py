@@ -35,19 +35,34 @@ def host(runner: ModuleType) -> ModuleType:
         sys.path.remove(str(BENCH))
 
 
-def fio_output(read: dict[str, Any] | None = None, write: dict[str, Any] | None = None,
-               jobs: int = 1) -> str:
+def fio_output(read: dict[str, Any] | None = None, write: dict[str, Any] | None = None, jobs: int = 1) -> str:
     """A trimmed fio 3.x --output-format=json document."""
-    empty = {"total_ios": 0, "iops": 0.0, "bw_bytes": 0, "runtime": 0,
-             "lat_ns": {"mean": 0.0}, "clat_ns": {"mean": 0.0}}
-    job = {"jobname": "x", "error": 0, "read": {**empty, **(read or {})},
-           "write": {**empty, **(write or {})}, "trim": dict(empty)}
+    empty = {
+        "total_ios": 0,
+        "iops": 0.0,
+        "bw_bytes": 0,
+        "runtime": 0,
+        "lat_ns": {"mean": 0.0},
+        "clat_ns": {"mean": 0.0},
+    }
+    job = {
+        "jobname": "x",
+        "error": 0,
+        "read": {**empty, **(read or {})},
+        "write": {**empty, **(write or {})},
+        "trim": dict(empty),
+    }
     return json.dumps({"fio version": "fio-3.33", "jobs": [job] * jobs})
 
 
-READ = {"total_ios": 26310, "iops": 2631.05, "bw_bytes": 10776780, "runtime": 10000,
-        "lat_ns": {"mean": 6035933.8}, "clat_ns": {"mean": 6000000.0,
-                                                    "percentile": {"99.000000": 9109504}}}
+READ = {
+    "total_ios": 26310,
+    "iops": 2631.05,
+    "bw_bytes": 10776780,
+    "runtime": 10000,
+    "lat_ns": {"mean": 6035933.8},
+    "clat_ns": {"mean": 6000000.0, "percentile": {"99.000000": 9109504}},
+}
 
 
 def test_parse_fio_json_read(runner: ModuleType) -> None:
@@ -62,10 +77,8 @@ def test_parse_fio_json_read(runner: ModuleType) -> None:
 
 
 def test_parse_fio_json_mixed_weights_latency_and_skips_warnings(runner: ModuleType) -> None:
-    write = {"total_ios": 100, "iops": 10.0, "bw_bytes": 40960, "runtime": 10000,
-             "lat_ns": {"mean": 2000.0}}
-    read = {"total_ios": 300, "iops": 30.0, "bw_bytes": 122880, "runtime": 10000,
-            "lat_ns": {"mean": 1000.0}}
+    write = {"total_ios": 100, "iops": 10.0, "bw_bytes": 40960, "runtime": 10000, "lat_ns": {"mean": 2000.0}}
+    read = {"total_ios": 300, "iops": 30.0, "bw_bytes": 122880, "runtime": 10000, "lat_ns": {"mean": 1000.0}}
     text = "fio: some warning before the JSON\n" + fio_output(read=read, write=write)
     r = runner.parse_fio_json(text)
     assert r.iops == 40.0
@@ -90,16 +103,14 @@ def test_parse_fio_json_rejects_garbage(runner: ModuleType, text: str) -> None:
 
 
 def test_proc_stat_and_diskstats(runner: ModuleType) -> None:
-    stat = ("172 (qemu storage) da) S 166 0 0 0 -1 4194560 870 0 94 0 9 284 0 0 20 0 2 0 3001 "
-            "1437077504 1483")
+    stat = "172 (qemu storage) da) S 166 0 0 0 -1 4194560 870 0 94 0 9 284 0 0 20 0 2 0 3001 1437077504 1483"
     assert runner.parse_proc_stat_cpu(stat) == 9 + 284
     disk = "    5270        0    42160     1000        7        0       56       10        0  "
     assert runner.parse_diskstats_ios(disk + "1000 1010 0 0 0 0 0 0") == 5277
 
 
 def test_system_stat(runner: ModuleType) -> None:
-    stat = ("cpu  100 5 50 1000 20 3 2 0 0 0\ncpu0 50 2 25 500 10 1 1 0 0 0\n"
-            "intr 123 0\nctxt 4567\nbtime 1\n")
+    stat = "cpu  100 5 50 1000 20 3 2 0 0 0\ncpu0 50 2 25 500 10 1 1 0 0 0\nintr 123 0\nctxt 4567\nbtime 1\n"
     assert runner.parse_system_stat(stat) == (100 + 5 + 50 + 3 + 2, 4567)  # no idle, iowait
 
 
@@ -107,9 +118,20 @@ def test_fio_args(runner: ModuleType) -> None:
     w = runner.WORKLOAD_BY_NAME["randread-4k-2q-qd16x2"]
     args = w.fio_args("/dev/vdb", 10, 0.5)
     assert args[0] == "fio"
-    for a in ("--filename=/dev/vdb", "--ioengine=libaio", "--direct=1", "--rw=randread",
-              "--bs=4k", "--iodepth=16", "--numjobs=2", "--group_reporting", "--time_based",
-              "--runtime=10", "--ramp_time=500ms", "--output-format=json"):
+    for a in (
+        "--filename=/dev/vdb",
+        "--ioengine=libaio",
+        "--direct=1",
+        "--rw=randread",
+        "--bs=4k",
+        "--iodepth=16",
+        "--numjobs=2",
+        "--group_reporting",
+        "--time_based",
+        "--runtime=10",
+        "--ramp_time=500ms",
+        "--output-format=json",
+    ):
         assert a in args
     assert w.queues == 2
     seq = runner.WORKLOAD_BY_NAME["write-128k-qd8"]
@@ -122,15 +144,29 @@ def test_daemon_command_lines_match(runner: ModuleType) -> None:
     assert ours[ours.index("--queues") + 1] == "2" and ours[ours.index("--queue-size") + 1] == "256"
     peer = runner.qsd_argv("null", "qsd-null-2q", 2, "/tmp/x.img")
     export = peer[peer.index("--export") + 1]
-    for opt in ("type=vduse-blk", "name=qsd-null-2q", "num-queues=2", "queue-size=256",
-                "writable=on", "logical-block-size=512"):
+    for opt in (
+        "type=vduse-blk",
+        "name=qsd-null-2q",
+        "num-queues=2",
+        "queue-size=256",
+        "writable=on",
+        "logical-block-size=512",
+    ):
         assert opt in export.split(",")
     assert "driver=null-co" in peer[peer.index("--blockdev") + 1]
 
 
 def cell(impl: str, backend: str, workload: str, iops: float, **kw: Any) -> dict[str, Any]:
-    return {"impl": impl, "backend": backend, "workload": workload, "iops": iops,
-            "mb_s": iops * 0.128, "lat_mean_us": 1e6 / iops, "cpu_us_per_io": 100.0, **kw}
+    return {
+        "impl": impl,
+        "backend": backend,
+        "workload": workload,
+        "iops": iops,
+        "mb_s": iops * 0.128,
+        "lat_mean_us": 1e6 / iops,
+        "cpu_us_per_io": 100.0,
+        **kw,
+    }
 
 
 def test_rows_ratios_and_table(host: ModuleType) -> None:
@@ -146,8 +182,11 @@ def test_rows_ratios_and_table(host: ModuleType) -> None:
     ]
     rows = host.build_rows(cells)
     assert [(r["backend"], r["workload"]) for r in rows] == [
-        ("null", "randread-4k-qd1"), ("null", "randread-4k-qd32"),
-        ("null", "randread-4k-2q-qd16x2"), ("file", "write-128k-qd8")]
+        ("null", "randread-4k-qd1"),
+        ("null", "randread-4k-qd32"),
+        ("null", "randread-4k-2q-qd16x2"),
+        ("file", "write-128k-qd8"),
+    ]
     assert rows[0]["ratio"] == pytest.approx(0.5)
     assert rows[3]["unit"] == "MB/s" and rows[3]["ours"] == pytest.approx(51.2)
     (two,) = host.two_queue_ratios(rows)
@@ -165,9 +204,12 @@ def test_rows_ratios_and_table(host: ModuleType) -> None:
 
 
 def test_failed_cell_shows_dash(host: ModuleType) -> None:
-    rows = host.build_rows([cell("pyvduse", "null", "randread-4k-qd16", 100),
-                            {"impl": "qsd", "backend": "null", "workload": "randread-4k-qd16",
-                             "error": "fio exited 1"}])
+    rows = host.build_rows(
+        [
+            cell("pyvduse", "null", "randread-4k-qd16", 100),
+            {"impl": "qsd", "backend": "null", "workload": "randread-4k-qd16", "error": "fio exited 1"},
+        ]
+    )
     assert rows[0]["peer"] is None and rows[0]["ratio"] is None
     assert rows[0]["errors"] == ["fio exited 1"]
     assert " - " in host.format_table(rows).splitlines()[2]
@@ -178,9 +220,12 @@ def test_repeated_rounds_give_medians_and_a_paired_ratio(host: ModuleType) -> No
     slow round slows both), and the table shows the range of the rounds' ratios."""
     w = "randread-4k-qd16"
     cells = [
-        cell("pyvduse", "null", w, 1200, round=0), cell("qsd", "null", w, 1000, round=0),
-        cell("pyvduse", "null", w, 600, round=1), cell("qsd", "null", w, 400, round=1),
-        cell("pyvduse", "null", w, 1400, round=2), cell("qsd", "null", w, 1300, round=2),
+        cell("pyvduse", "null", w, 1200, round=0),
+        cell("qsd", "null", w, 1000, round=0),
+        cell("pyvduse", "null", w, 600, round=1),
+        cell("qsd", "null", w, 400, round=1),
+        cell("pyvduse", "null", w, 1400, round=2),
+        cell("qsd", "null", w, 1300, round=2),
     ]
     (row,) = host.build_rows(cells)
     assert row["ours"] == 1200 and row["peer"] == 1000
@@ -193,8 +238,12 @@ def test_repeated_rounds_give_medians_and_a_paired_ratio(host: ModuleType) -> No
 def test_a_failed_round_is_left_out_of_the_medians(host: ModuleType) -> None:
     w = "randwrite-4k-qd16"
     failed = {"impl": "qsd", "backend": "file", "workload": w, "error": "fio exited 1", "round": 1}
-    cells = [cell("pyvduse", "file", w, 2000, round=0), cell("qsd", "file", w, 1000, round=0),
-             cell("pyvduse", "file", w, 3000, round=1), failed]
+    cells = [
+        cell("pyvduse", "file", w, 2000, round=0),
+        cell("qsd", "file", w, 1000, round=0),
+        cell("pyvduse", "file", w, 3000, round=1),
+        failed,
+    ]
     (row,) = host.build_rows(cells)
     assert row["peer"] == 1000 and row["ours"] == 2500
     assert row["ratio"] == pytest.approx(2.0)  # round 1 has no pair
@@ -216,12 +265,27 @@ def test_steal_share(host: ModuleType) -> None:
 def test_bench_quick_run(tmp_path: Path, host: ModuleType) -> None:
     """Both implementations, both backends, 1 s cells: every figure there and positive."""
     out = tmp_path / "bench.json"
-    workloads = ["randread-4k-qd1", "randwrite-4k-qd16", "read-128k-qd8", "randread-4k-qd32",
-                 "randread-4k-2q-qd16x2"]
+    workloads = [
+        "randread-4k-qd1",
+        "randwrite-4k-qd16",
+        "read-128k-qd8",
+        "randread-4k-qd32",
+        "randread-4k-2q-qd16x2",
+    ]
     proc = subprocess.run(
-        [sys.executable, str(BENCH / "fio_vs_qsd.py"), "--quick", "--workloads", ",".join(workloads),
-         "--json", str(out)],
-        capture_output=True, text=True, timeout=1200, check=False,
+        [
+            sys.executable,
+            str(BENCH / "fio_vs_qsd.py"),
+            "--quick",
+            "--workloads",
+            ",".join(workloads),
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -251,21 +315,27 @@ def test_ring_engine_bench_runs(tmp_path: Path) -> None:
     from pyvduse.fastpath import engine as native
 
     out = tmp_path / "ring.json"
-    proc = subprocess.run([sys.executable, str(BENCH / "ring_engine.py"), "--seconds", "0.05",
-                           "--json", str(out)], capture_output=True, text=True, timeout=300,
-                          check=False, cwd=BENCH.parent)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "ring_engine.py"), "--seconds", "0.05", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=BENCH.parent,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads(out.read_text())
     rows = report["batches"]
     assert [(r["requests"], r["batch"]) for r in rows] == [
-        (k, b) for k in ("null", "4k-copy") for b in (1, 32, 256)]
+        (k, b) for k in ("null", "4k-copy") for b in (1, 32, 256)
+    ]
     engines = ["python"] + (["native"] if native.available() else [])
     assert all(r[f"{e}_req_per_s"] > 0 for r in rows for e in engines)
     parallel = report["parallel"]
     assert [(r["requests"], r["engine"]) for r in parallel] == [
-        (k, e) for k in ("null", "4k-copy") for e in engines]
-    assert all(r["queues"] >= 2 and r["req_per_s"] > 0 and r["one_queue_req_per_s"] > 0
-               for r in parallel)
+        (k, e) for k in ("null", "4k-copy") for e in engines
+    ]
+    assert all(r["queues"] >= 2 and r["req_per_s"] > 0 and r["one_queue_req_per_s"] > 0 for r in parallel)
 
 
 # --------------------------------------------------------------------------- bench/slow_disk.py
@@ -288,20 +358,33 @@ def slow_guest(slow: ModuleType) -> ModuleType:
 def slow_cell(mode: str, workload: str, iops: float, round: int = 0, **kw: Any) -> dict[str, Any]:
     impl = "raw" if mode == "raw" else ("qsd" if mode.startswith("qsd") else "pyvduse")
     rw, _, qd = workload.split("-")
-    cell = {"impl": impl, "mode": mode, "workload": workload, "rw": rw,
-            "iodepth": int(qd[2:]), "iops": iops, "lat_mean_us": 1e6 / iops * int(qd[2:]),
-            "guest_cpu_us_per_io": 80.0, "round": round,
-            "cpu_us_per_io": None if impl == "raw" else 40.0,
-            "depth_mean": float(qd[2:]) if impl == "pyvduse" else None}
+    cell = {
+        "impl": impl,
+        "mode": mode,
+        "workload": workload,
+        "rw": rw,
+        "iodepth": int(qd[2:]),
+        "iops": iops,
+        "lat_mean_us": 1e6 / iops * int(qd[2:]),
+        "guest_cpu_us_per_io": 80.0,
+        "round": round,
+        "cpu_us_per_io": None if impl == "raw" else 40.0,
+        "depth_mean": float(qd[2:]) if impl == "pyvduse" else None,
+    }
     cell.update(kw)
     return cell
 
 
 def failed_cell(mode: str, workload: str, round: int = 0) -> dict[str, Any]:
-    c = {k: v for k, v in slow_cell(mode, workload, 1, round).items()
-         if k in ("impl", "mode", "workload", "rw", "iodepth", "round")}
-    c["error"] = ("fio exited 1: fio: io_u error on file /dev/vdg: Input/output error: "
-                  "read offset=15393607680, buflen=4096")
+    c = {
+        k: v
+        for k, v in slow_cell(mode, workload, 1, round).items()
+        if k in ("impl", "mode", "workload", "rw", "iodepth", "round")
+    }
+    c["error"] = (
+        "fio exited 1: fio: io_u error on file /dev/vdg: Input/output error: "
+        "read offset=15393607680, buflen=4096"
+    )
     return c
 
 
@@ -333,7 +416,7 @@ def test_slow_disk_rows_summary_and_targets(slow: ModuleType) -> None:
     rows = report["rows"]
     measured = [m.name for m in slow.MODES if any(c["mode"] == m.name for c in cells)]
     assert len(rows) == 6 * len(measured)  # every workload x mode, failed ones included
-    assert [r["mode"] for r in rows[:len(measured)]] == measured
+    assert [r["mode"] for r in rows[: len(measured)]] == measured
     by = {(r["workload"], r["mode"]): r for r in rows}
     r = by[("randread-4k-qd16", "py-io_uring")]
     assert r["vs_raw"] == pytest.approx(24000 / 26000)
@@ -381,11 +464,14 @@ def test_slow_disk_rows_summary_and_targets(slow: ModuleType) -> None:
 
 
 def test_slow_disk_unexpected_failure_and_missing_cells(slow: ModuleType) -> None:
-    cells = [slow_cell("raw", "randread-4k-qd1", 4000), slow_cell("raw", "randread-4k-qd16", 26000),
-             slow_cell("py-io_uring", "randread-4k-qd1", 3000),
-             failed_cell("py-io_uring", "randread-4k-qd16"),
-             slow_cell("py-threads", "randread-4k-qd16", 9000),
-             slow_cell("qsd-threads", "randread-4k-qd16", 1000)]
+    cells = [
+        slow_cell("raw", "randread-4k-qd1", 4000),
+        slow_cell("raw", "randread-4k-qd16", 26000),
+        slow_cell("py-io_uring", "randread-4k-qd1", 3000),
+        failed_cell("py-io_uring", "randread-4k-qd16"),
+        slow_cell("py-threads", "randread-4k-qd16", 9000),
+        slow_cell("qsd-threads", "randread-4k-qd16", 1000),
+    ]
     report = slow.build_report({"cells": cells}, {})
     (bad,) = slow.unexpected_failures(report["rows"])
     assert (bad["workload"], bad["mode"]) == ("randread-4k-qd16", "py-io_uring")
@@ -402,9 +488,14 @@ def test_slow_disk_unexpected_failure_and_missing_cells(slow: ModuleType) -> Non
 
 def test_slow_disk_rounds_pair_with_the_raw_device(slow: ModuleType) -> None:
     w = "randread-4k-qd16"
-    cells = [slow_cell("raw", w, 20000, 0), slow_cell("py-io_uring", w, 18000, 0),
-             slow_cell("raw", w, 10000, 1), slow_cell("py-io_uring", w, 9000, 1),
-             slow_cell("raw", w, 30000, 2), failed_cell("py-io_uring", w, 2)]
+    cells = [
+        slow_cell("raw", w, 20000, 0),
+        slow_cell("py-io_uring", w, 18000, 0),
+        slow_cell("raw", w, 10000, 1),
+        slow_cell("py-io_uring", w, 9000, 1),
+        slow_cell("raw", w, 30000, 2),
+        failed_cell("py-io_uring", w, 2),
+    ]
     (raw, ours) = slow.mode_rows(cells)
     assert raw["iops"] == 20000 and ours["iops"] == pytest.approx(13500)
     assert ours["vs_raw"] == pytest.approx(0.9)  # both paired rounds: 0.9; medians: 0.675
@@ -413,10 +504,16 @@ def test_slow_disk_rounds_pair_with_the_raw_device(slow: ModuleType) -> None:
 
 
 def test_slow_disk_short_error(slow: ModuleType) -> None:
-    assert slow.short_error("fio exited 1: fio: io_u error on file /dev/vdb: Bad address: "
-                            "write offset=0, buflen=4096") == "fio: Bad address"
-    assert slow.short_error("did not start: timed out after 60 s waiting\nmore") == \
-        "did not start: timed out after 60 s waiting"
+    assert (
+        slow.short_error(
+            "fio exited 1: fio: io_u error on file /dev/vdb: Bad address: write offset=0, buflen=4096"
+        )
+        == "fio: Bad address"
+    )
+    assert (
+        slow.short_error("did not start: timed out after 60 s waiting\nmore")
+        == "did not start: timed out after 60 s waiting"
+    )
 
 
 def test_slow_disk_guest_commands_and_stats(slow_guest: ModuleType) -> None:
@@ -427,12 +524,16 @@ def test_slow_disk_guest_commands_and_stats(slow_guest: ModuleType) -> None:
     assert "power" not in attrs and "irqmode" not in slow_guest.nullb_attrs(64, 0)
     peer = slow_guest.qsd_argv(modes["qsd-native-direct"], "/dev/nullb0", "sd3")
     node = peer[peer.index("--blockdev") + 1].split(",")
-    for opt in ("driver=host_device", "filename=/dev/nullb0", "aio=native", "cache.direct=on",
-                "locking=off"):
+    for opt in ("driver=host_device", "filename=/dev/nullb0", "aio=native", "cache.direct=on", "locking=off"):
         assert opt in node
     export = peer[peer.index("--export") + 1].split(",")
-    for opt in ("type=vduse-blk", "name=sd-qsd-native-direct", "num-queues=1", "queue-size=256",
-                "writable=on"):
+    for opt in (
+        "type=vduse-blk",
+        "name=sd-qsd-native-direct",
+        "num-queues=1",
+        "queue-size=256",
+        "writable=on",
+    ):
         assert opt in export
     ours = slow_guest.our_argv(modes["py-io_uring-direct"], "/dev/nullb0", "sd5")
     assert ours[1:4] == ["-m", "pyvduse", "blk"]
@@ -444,11 +545,16 @@ def test_slow_disk_guest_commands_and_stats(slow_guest: ModuleType) -> None:
     assert not any(modes[m].expect_failure for m in slow_guest.QUICK_MODES)
 
     def stats(count: int, total: int, hist: list[list[int]], lat_n: int, lat_us: float) -> Any:
-        return {"total": {"depth": {"count": count, "sum": total, "buckets": hist},
-                          "latency": {"count": lat_n, "sum_us": lat_us}}}
+        return {
+            "total": {
+                "depth": {"count": count, "sum": total, "buckets": hist},
+                "latency": {"count": lat_n, "sum_us": lat_us},
+            }
+        }
 
-    delta = slow_guest.stats_delta(stats(10, 10, [[2, 10]], 10, 3000.0),
-                                   stats(110, 1610, [[2, 10], [16, 40], [32, 60]], 110, 53000.0))
+    delta = slow_guest.stats_delta(
+        stats(10, 10, [[2, 10]], 10, 3000.0), stats(110, 1610, [[2, 10], [16, 40], [32, 60]], 110, 53000.0)
+    )
     assert delta["depth_mean"] == pytest.approx(16.0)
     assert delta["depth_hist"] == {"16": 40, "32": 60}
     assert delta["daemon_lat_us"] == pytest.approx(500.0)
@@ -463,11 +569,14 @@ def test_slow_disk_host_watch(slow: ModuleType) -> None:
     assert h["others_cpu_share"] == pytest.approx((1000 - 400) / 2000)
     assert "Another VM ran on the host in 33% of the samples" in slow._others_note(h)
     quiet = slow.summarize_host([(0, 0, 100, 0), (0, 50, 200, 45)])
-    assert slow._others_note(quiet) == ("No other VM ran on the host during the run; 5% of the "
-                                        "host's CPU time went to processes other than this run's VM.")
+    assert slow._others_note(quiet) == (
+        "No other VM ran on the host during the run; 5% of the "
+        "host's CPU time went to processes other than this run's VM."
+    )
     assert slow.summarize_host([])["share_with_others"] is None
     qemus, busy, total, ours = slow.host_sample()
     assert total >= busy > 0 and qemus >= 0 and ours >= 0
+
 
 @pytest.mark.boots_vm
 @pytest.mark.skipif(os.environ.get("PYVDUSE_IN_VM") == "1", reason="boots a VM from the host")
@@ -476,8 +585,13 @@ def test_slow_disk_quick_run(tmp_path: Path, slow: ModuleType, slow_guest: Modul
     """The slow-disk benchmark's smoke form: every quick cell there, with positive figures,
     and each of our daemons running the engine and aio its mode asks for."""
     out = tmp_path / "slow.json"
-    proc = subprocess.run([sys.executable, str(BENCH / "slow_disk.py"), "--quick", "--json", str(out)],
-                          capture_output=True, text=True, timeout=1200, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "slow_disk.py"), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = {(r["workload"], r["mode"]): r for r in report["rows"]}
@@ -499,8 +613,7 @@ def test_slow_disk_quick_run(tmp_path: Path, slow: ModuleType, slow_guest: Modul
     assert s16["ours_vs_raw"] > 0 and s16["ours_vs_peer"] > 0 and s16["ours_vs_qd1"] > 0
     targets = [t for t in report["targets"] if t["rw"] == "randread"]
     assert len(targets) == 3 and all(t["met"] in (True, False) for t in targets)
-    engines = {d["mode"]: d["status"]["queues"] for d in report["info"]["devices"]
-               if d["impl"] == "pyvduse"}
+    engines = {d["mode"]: d["status"]["queues"] for d in report["info"]["devices"] if d["impl"] == "pyvduse"}
     assert engines["py-io_uring"] == [{"engine": "native", "aio": "io_uring"}]
     assert engines["py-threads"] == [{"engine": "python", "aio": "threads"}]
     info = report["info"]
@@ -529,10 +642,20 @@ def nbd_bench(slow: ModuleType) -> ModuleType:
 
 def nbd_cell(impl: str, server: str, workload: str, figure: float, **kw: Any) -> dict[str, Any]:
     rw, bs, qd = workload.split("-")
-    cell = {"impl": impl, "server": server, "workload": workload, "rw": rw, "bs": bs,
-            "iodepth": int(qd[2:]), "iops": figure, "mb_s": figure * 4096 / 1e6,
-            "lat_mean_us": 1e6 / figure * int(qd[2:]), "cpu_us_per_io": 50.0,
-            "server_cpu_us_per_io": 30.0, "round": 0}
+    cell = {
+        "impl": impl,
+        "server": server,
+        "workload": workload,
+        "rw": rw,
+        "bs": bs,
+        "iodepth": int(qd[2:]),
+        "iops": figure,
+        "mb_s": figure * 4096 / 1e6,
+        "lat_mean_us": 1e6 / figure * int(qd[2:]),
+        "cpu_us_per_io": 50.0,
+        "server_cpu_us_per_io": 30.0,
+        "round": 0,
+    }
     if impl == "pyvduse":
         cell["depth_mean"] = float(qd[2:])
     cell.update(kw)
@@ -542,8 +665,11 @@ def nbd_cell(impl: str, server: str, workload: str, figure: float, **kw: Any) ->
 def test_nbd_rows_limits_and_targets(nbd_bench: ModuleType) -> None:
     cells = []
     for server in ("plain", "delay-1ms"):
-        for w, ours, peer in (("randread-4k-qd1", 900, 600), ("randread-4k-qd16", 13000, 7000),
-                              ("randwrite-4k-qd16", 9000, 10000)):
+        for w, ours, peer in (
+            ("randread-4k-qd1", 900, 600),
+            ("randread-4k-qd16", 13000, 7000),
+            ("randwrite-4k-qd16", 9000, 10000),
+        ):
             if server == "plain":
                 ours, peer = ours * 2, peer * 2
             cells += [nbd_cell("pyvduse", server, w, ours), nbd_cell("qsd", server, w, peer)]
@@ -555,14 +681,14 @@ def test_nbd_rows_limits_and_targets(nbd_bench: ModuleType) -> None:
     assert r["ratio"] == pytest.approx(13000 / 7000) and by[("plain", "randread-4k-qd1")]["limit"] is None
     targets = {t["target"]: t for t in nbd_bench.evaluate_targets(rows)}
     assert targets["vs_peer"]["met"] is False
-    assert targets["vs_peer"]["below"] == ["plain randwrite-4k-qd16 0.90x",
-                                           "delay-1ms randwrite-4k-qd16 0.90x"]
+    assert targets["vs_peer"]["below"] == [
+        "plain randwrite-4k-qd16 0.90x",
+        "delay-1ms randwrite-4k-qd16 0.90x",
+    ]
     assert targets["limit_randread"]["met"] is True and targets["limit_randwrite"]["met"] is False
-    text = nbd_bench.report_text({"rows": rows, "targets": list(targets.values()),
-                                  "info": {"guest": {}}})
+    text = nbd_bench.report_text({"rows": rows, "targets": list(targets.values()), "info": {"guest": {}}})
     assert "16,000 IOPS" in text and "1.86x" in text and "not met" in text
-    failed = nbd_bench.build_rows([nbd_cell("pyvduse", "plain", "randread-4k-qd1", 1,
-                                            error="fio exited 1")])
+    failed = nbd_bench.build_rows([nbd_cell("pyvduse", "plain", "randread-4k-qd1", 1, error="fio exited 1")])
     assert failed[0]["ours"] is None and failed[0]["errors"] == ["fio exited 1"]
 
 
@@ -573,8 +699,13 @@ def test_nbd_bench_quick_run(tmp_path: Path, nbd_bench: ModuleType) -> None:
     """The NBD benchmark's smoke form: both daemons on both servers, every figure there, and
     our queues on the native loop."""
     out = tmp_path / "nbd.json"
-    proc = subprocess.run([sys.executable, str(BENCH / "nbd.py"), "--quick", "--json", str(out)],
-                          capture_output=True, text=True, timeout=1200, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "nbd.py"), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = {(r["server"], r["workload"]): r for r in report["rows"]}

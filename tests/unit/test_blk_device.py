@@ -29,11 +29,24 @@ class Rig:
         self.dev = dev
         self.arena = Arena(4 * MiB)
         self.drv = DriverSplitRing(self.arena, 64)
-        self.q = SplitQueue(self.arena.memory, 64, self.drv.desc_addr, self.drv.avail_addr,
-                            self.drv.used_addr, bit(F_RING_EVENT_IDX) | bit(F_RING_INDIRECT_DESC))
+        self.q = SplitQueue(
+            self.arena.memory,
+            64,
+            self.drv.desc_addr,
+            self.drv.avail_addr,
+            self.drv.used_addr,
+            bit(F_RING_EVENT_IDX) | bit(F_RING_INDIRECT_DESC),
+        )
 
-    def request(self, rtype: int, sector: int = 0, out: bytes = b"", in_len: int = 0,
-                split: int = 1, indirect: bool = False) -> tuple[int, bytes, int]:
+    def request(
+        self,
+        rtype: int,
+        sector: int = 0,
+        out: bytes = b"",
+        in_len: int = 0,
+        split: int = 1,
+        indirect: bool = False,
+    ) -> tuple[int, bytes, int]:
         """Returns (status, data read, used length)."""
         hdr = vb.OUTHDR.pack(rtype, 0, sector)
         readable = [hdr] + ([out] if out else [])
@@ -139,6 +152,7 @@ def test_request_without_status_byte_completes_with_zero(rig: Rig) -> None:
 def test_backend_error_is_ioerr(rig: Rig) -> None:
     def boom(offset: int, bufs: list[memoryview]) -> None:
         raise OSError(5, "Input/output error")
+
     rig.dev.backend.readv = boom  # type: ignore[method-assign]
     assert rig.request(T.IN, 0, in_len=512)[0] == S.IOERR
 
@@ -150,8 +164,7 @@ def test_null_backend_reads_zeroes() -> None:
 
 
 def test_config_space() -> None:
-    dev = BlkDevice(MemoryBackend(MiB), BlkOptions(block_size=4096, num_queues=2,
-                                                   queue_size=128))
+    dev = BlkDevice(MemoryBackend(MiB), BlkOptions(block_size=4096, num_queues=2, queue_size=128))
     cfg = vb.BlkConfig.unpack(dev.spec().config)
     assert cfg.capacity == MiB // 512
     assert cfg.blk_size == 4096 and cfg.num_queues == 2 and cfg.seg_max == 126
@@ -159,13 +172,16 @@ def test_config_space() -> None:
     assert f & bit(vb.F_MQ) and f & bit(vb.F_BLK_SIZE) and not f & bit(vb.F_CONFIG_WCE)
 
 
-@pytest.mark.parametrize("size,opts", [
-    (1000, BlkOptions()),
-    (MiB + 512, BlkOptions(block_size=4096)),
-    (MiB, BlkOptions(queue_size=100)),
-    (MiB, BlkOptions(num_queues=0)),
-    (MiB, BlkOptions(serial="x" * 21)),
-])
+@pytest.mark.parametrize(
+    "size,opts",
+    [
+        (1000, BlkOptions()),
+        (MiB + 512, BlkOptions(block_size=4096)),
+        (MiB, BlkOptions(queue_size=100)),
+        (MiB, BlkOptions(num_queues=0)),
+        (MiB, BlkOptions(serial="x" * 21)),
+    ],
+)
 def test_bad_options(size: int, opts: BlkOptions) -> None:
     with pytest.raises(BlkConfigError):
         BlkDevice(NullBackend(size), opts)

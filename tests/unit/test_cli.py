@@ -14,8 +14,9 @@ HAS_VDUSE = Path("/dev/vduse/control").exists()
 
 
 def pyvduse(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pyvduse", *args], capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "pyvduse", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def one_line_error(p: subprocess.CompletedProcess[str], *words: str) -> None:
@@ -34,16 +35,19 @@ def test_no_module_says_modprobe() -> None:
 
 
 def test_missing_file(tmp_path: Path) -> None:
-    one_line_error(pyvduse("blk", "--name", "x", "--file", str(tmp_path / "nope.img")),
-                   "does not exist", "truncate")
+    one_line_error(
+        pyvduse("blk", "--name", "x", "--file", str(tmp_path / "nope.img")), "does not exist", "truncate"
+    )
 
 
 def test_size_not_multiple_of_block_size(tmp_path: Path) -> None:
     img = tmp_path / "odd.img"
     img.write_bytes(bytes(1000))
     one_line_error(pyvduse("blk", "--name", "x", "--file", str(img)), "multiple of the block size")
-    one_line_error(pyvduse("blk", "--name", "x", "--null", "1M", "--block-size", "4096",
-                           "--queue-size", "100"), "power of two")
+    one_line_error(
+        pyvduse("blk", "--name", "x", "--null", "1M", "--block-size", "4096", "--queue-size", "100"),
+        "power of two",
+    )
 
 
 def test_bad_size_and_name() -> None:
@@ -52,10 +56,14 @@ def test_bad_size_and_name() -> None:
 
 
 def test_tuning_out_of_range() -> None:
-    one_line_error(pyvduse("blk", "--name", "x", "--null", "1M", "--publish-us", "-5"),
-                   "--publish-us -5 must be 0 to 1000000")
-    one_line_error(pyvduse("blk", "--name", "x", "--null", "1M", "--poll-us", "2000000"),
-                   "--poll-us 2000000 must be 0 to 1000000")
+    one_line_error(
+        pyvduse("blk", "--name", "x", "--null", "1M", "--publish-us", "-5"),
+        "--publish-us -5 must be 0 to 1000000",
+    )
+    one_line_error(
+        pyvduse("blk", "--name", "x", "--null", "1M", "--poll-us", "2000000"),
+        "--poll-us 2000000 must be 0 to 1000000",
+    )
 
 
 def test_sizes() -> None:
@@ -72,7 +80,9 @@ def test_testvm_options_reach_its_own_parser() -> None:
 
     assert split_testvm(["testvm", "--prepare"]) == ([], ["--prepare"])
     assert split_testvm(["--log-level", "info", "testvm", "--mem", "1G", "--", "true"]) == (
-        ["--log-level", "info"], ["--mem", "1G", "--", "true"])
+        ["--log-level", "info"],
+        ["--mem", "1G", "--", "true"],
+    )
     assert split_testvm(["blk", "--name", "testvm"]) is None
     p = pyvduse("testvm", "--help")
     assert p.returncode == 0 and "--prepare" in p.stdout and "--mem" in p.stdout
@@ -88,7 +98,8 @@ def test_missing_module_hint_knows_whether_modprobe_can_work(tmp_path: Path) -> 
     dep.parent.mkdir(parents=True)
     dep.write_text("kernel/drivers/vdpa/vdpa_user/vduse.ko.xz: kernel/drivers/vdpa/vdpa.ko.xz\n")
     assert missing_module_hint(tmp_path) == (
-        "the vduse kernel module is not loaded: run 'modprobe vduse' as root")
+        "the vduse kernel module is not loaded: run 'modprobe vduse' as root"
+    )
 
 
 def test_one_command_parser_parses_like_the_full_one() -> None:
@@ -118,12 +129,18 @@ def test_daemon_start_imports_only_what_it_needs() -> None:
         "import pyvduse.transport.kernel.vdpa_netlink\n"
         "print(' '.join(sorted(sys.modules)))\n"
     )
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                       check=True)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     daemon, attach = (set(line.split()) for line in p.stdout.splitlines())
     # other commands' modules, --metrics only, ctypes (fallocate binds it on first use)
-    for name in ("pyvduse.cli.ctl", "pyvduse.cli.manage", "pyvduse.ops.client",
-                 "pyvduse.ops.metrics", "ctypes", "subprocess", "pyroute2"):
+    for name in (
+        "pyvduse.cli.ctl",
+        "pyvduse.cli.manage",
+        "pyvduse.ops.client",
+        "pyvduse.ops.metrics",
+        "ctypes",
+        "subprocess",
+        "pyroute2",
+    ):
         assert name not in daemon, name
     # attaching needs pyroute2's netlink client, not all of pyroute2/__init__.py imports
     assert "pyroute2.netlink.generic" in attach
@@ -147,8 +164,11 @@ def test_pyroute2_package_still_whole_when_asked() -> None:
 
 
 def test_daemon_bounce_memory_is_not_for_vhost() -> None:
-    one_line_error(pyvduse("blk", "--name", "x", "--null", "1M", "--bind", "vhost",
-                           "--bounce-memory", "daemon"), "--bounce-memory", "leave it out")
+    one_line_error(
+        pyvduse("blk", "--name", "x", "--null", "1M", "--bind", "vhost", "--bounce-memory", "daemon"),
+        "--bounce-memory",
+        "leave it out",
+    )
 
 
 def test_memory_larger_than_the_machine_is_one_line() -> None:
@@ -160,21 +180,22 @@ def test_memory_larger_than_the_machine_is_one_line() -> None:
 @pytest.mark.skipif(HAS_VDUSE, reason="this host has the vduse module")
 def test_every_block_size_the_device_supports_is_taken() -> None:
     for bs in ("1024", "2048"):  # accepted: the next error is the missing module
-        one_line_error(pyvduse("blk", "--name", "x", "--null", "1M", "--block-size", bs),
-                       "modprobe vduse")
+        one_line_error(pyvduse("blk", "--name", "x", "--null", "1M", "--block-size", bs), "modprobe vduse")
 
 
 def test_msg_timeout_and_bounce_size_are_checked_here() -> None:
-    one_line_error(pyvduse("blk", "--name", "x", "--null", "1M", "--msg-timeout", "1.5"),
-                   "whole seconds", "use 2")
-    one_line_error(pyvduse("blk", "--name", "x", "--null", "1M", "--msg-timeout", "-1"),
-                   "must be 0 (forever) to 86400")
-    one_line_error(pyvduse("blk", "--name", "x", "--null", "1M", "--msg-timeout", "soon"),
-                   "not a number")
-    one_line_error(pyvduse("blk", "--name", "x", "--null", "1M", "--bounce-size", "512K"),
-                   "--bounce-size 512K must be 1M to 1G")
-    one_line_error(pyvduse("blk", "--name", "x", "--null", "1M", "--bounce-size", "2G"),
-                   "must be 1M to 1G")
+    one_line_error(
+        pyvduse("blk", "--name", "x", "--null", "1M", "--msg-timeout", "1.5"), "whole seconds", "use 2"
+    )
+    one_line_error(
+        pyvduse("blk", "--name", "x", "--null", "1M", "--msg-timeout", "-1"), "must be 0 (forever) to 86400"
+    )
+    one_line_error(pyvduse("blk", "--name", "x", "--null", "1M", "--msg-timeout", "soon"), "not a number")
+    one_line_error(
+        pyvduse("blk", "--name", "x", "--null", "1M", "--bounce-size", "512K"),
+        "--bounce-size 512K must be 1M to 1G",
+    )
+    one_line_error(pyvduse("blk", "--name", "x", "--null", "1M", "--bounce-size", "2G"), "must be 1M to 1G")
 
 
 def test_msg_timeout_parses_whole_seconds() -> None:
@@ -186,7 +207,8 @@ def test_msg_timeout_parses_whole_seconds() -> None:
 
 
 def test_unreadable_image_with_readonly_does_not_say_use_readonly(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import argparse
 
     from pyvduse.cli import blk
@@ -199,8 +221,9 @@ def test_unreadable_image_with_readonly_does_not_say_use_readonly(
     img = tmp_path / "locked.img"
     img.write_bytes(bytes(1 << 20))
     for readonly, says in ((True, "no permission to read"), (False, "or use --readonly")):
-        args = argparse.Namespace(file=str(img), readonly=readonly, cache="writeback",
-                                  backend=None, backend_arg=None)
+        args = argparse.Namespace(
+            file=str(img), readonly=readonly, cache="writeback", backend=None, backend_arg=None
+        )
         with pytest.raises(UserError, match=says) as e:
             blk.make_backend(args)
         assert ("use --readonly" in str(e.value)) is not readonly

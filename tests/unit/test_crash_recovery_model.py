@@ -22,8 +22,7 @@ from pyvduse.ring.split import SplitQueue
 
 NUM = 8
 FEATURES = bit(F_RING_EVENT_IDX) | bit(F_RING_INDIRECT_DESC)
-STEPS = ("taken", "backend done", "used written", "used index published", "log cleared",
-         "interrupt")
+STEPS = ("taken", "backend done", "used written", "used index published", "log cleared", "interrupt")
 
 
 class Crash(Exception):
@@ -33,10 +32,16 @@ class Crash(Exception):
 class Daemon:
     """One daemon incarnation: the request path as the worker runs it, with a kill switch."""
 
-    def __init__(self, arena: Arena, drv: DriverSplitRing, log_mem: memoryview,
-                 device: BlkDevice, fresh: bool, crash_at: int | None) -> None:
-        ring = SplitQueue(arena.memory, NUM, drv.desc_addr, drv.avail_addr, drv.used_addr,
-                          FEATURES)
+    def __init__(
+        self,
+        arena: Arena,
+        drv: DriverSplitRing,
+        log_mem: memoryview,
+        device: BlkDevice,
+        fresh: bool,
+        crash_at: int | None,
+    ) -> None:
+        ring = SplitQueue(arena.memory, NUM, drv.desc_addr, drv.avail_addr, drv.used_addr, FEATURES)
         log = InflightLog(log_mem, NUM)
         self.q = LoggedQueue.fresh(ring, log) if fresh else LoggedQueue.recovered(ring, log)
         self.device = device
@@ -187,13 +192,18 @@ def test_restart_takes_nothing_the_driver_has_not_published() -> None:
 class PackedDaemon:
     """The packed request path as the worker runs it, with a kill switch between steps."""
 
-    def __init__(self, arena: Arena, drv: DriverPackedRing, log_mem: memoryview,
-                 device: BlkDevice, fresh: bool, crash_at: int | None) -> None:
-        ring = PackedQueue(arena.memory, NUM, drv.desc_addr, drv.driver_addr, drv.device_addr,
-                           FEATURES)
+    def __init__(
+        self,
+        arena: Arena,
+        drv: DriverPackedRing,
+        log_mem: memoryview,
+        device: BlkDevice,
+        fresh: bool,
+        crash_at: int | None,
+    ) -> None:
+        ring = PackedQueue(arena.memory, NUM, drv.desc_addr, drv.driver_addr, drv.device_addr, FEATURES)
         log = PackedInflightLog(log_mem, NUM)
-        self.q = (LoggedPackedQueue.fresh(ring, log) if fresh
-                  else LoggedPackedQueue.recovered(ring, log))
+        self.q = LoggedPackedQueue.fresh(ring, log) if fresh else LoggedPackedQueue.recovered(ring, log)
         self.device = device
         self.crash_at = crash_at
         self.step = 0
@@ -246,8 +256,9 @@ def packed_scenario(crash_at: int | None, requests: int = 5) -> tuple[int, int]:
     for k in range(requests):
         data = bytes([k + 1]) * 512
         payload[k] = data
-        drv.add([vb.OUTHDR.pack(vb.ReqType.OUT, 0, k), data], [1], indirect=k != 1,
-                token=k)  # the direct chain takes three slots, indirect ones one
+        drv.add(
+            [vb.OUTHDR.pack(vb.ReqType.OUT, 0, k), data], [1], indirect=k != 1, token=k
+        )  # the direct chain takes three slots, indirect ones one
     first = PackedDaemon(arena, drv, log_mem, device, fresh=True, crash_at=crash_at)
     crashed = False
     try:
@@ -280,15 +291,12 @@ def test_packed_restart_then_new_requests_across_wraps() -> None:
     fresh = True
     for rnd in range(12):
         for k in range(3):
-            drv.add([vb.OUTHDR.pack(vb.ReqType.FLUSH, 0, 0)], [1], indirect=k == 0,
-                    token=(rnd, k))
-        d = PackedDaemon(arena, drv, log_mem, device, fresh=fresh, crash_at=None if rnd % 3
-                         else 4)
+            drv.add([vb.OUTHDR.pack(vb.ReqType.FLUSH, 0, 0)], [1], indirect=k == 0, token=(rnd, k))
+        d = PackedDaemon(arena, drv, log_mem, device, fresh=fresh, crash_at=None if rnd % 3 else 4)
         fresh = False
         try:
             d.run()
         except Crash:
             PackedDaemon(arena, drv, log_mem, device, fresh=False, crash_at=None).run()
-        assert sorted(cast(tuple[int, int], c.token) for c in drv.collect()) == [
-            (rnd, k) for k in range(3)]
+        assert sorted(cast(tuple[int, int], c.token) for c in drv.collect()) == [(rnd, k) for k in range(3)]
     assert device.stats.bad_chains == 0

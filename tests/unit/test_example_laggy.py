@@ -22,8 +22,9 @@ def test_slow_reads_of_one_queue_wait_together() -> None:
     backend.writev(0, [memoryview(data)])
     with ModelRig(BlkDevice(backend)) as rig:
         q = BlkDriver(rig.kernel).virtio.queues[0]
-        tickets = [q.submit([vb.OUTHDR.pack(vb.ReqType.IN, 0, s)], [512, 1], indirect=True)
-                   for s in range(32)]
+        tickets = [
+            q.submit([vb.OUTHDR.pack(vb.ReqType.IN, 0, s)], [512, 1], indirect=True) for s in range(32)
+        ]
         for s, t in enumerate(tickets):
             c = q.wait(t, 10)
             assert c.data == data[s * 512 : (s + 1) * 512] + bytes([vb.ReqStatus.OK])

@@ -20,8 +20,21 @@ OUR_MAC = bytes.fromhex("525400000001")
 def ping_frame(seq: int) -> bytes:
     icmp = bytearray(struct.pack("!BBHHH", 8, 0, 0, 0x1234, seq) + b"pyvduse!" * 4)
     icmp[2:4] = struct.pack("!H", checksum(bytes(icmp)))
-    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), seq, 0, 64, 1, 0,
-                               bytes([10, 9, 0, 1]), bytes([10, 9, 0, 2])))
+    ip = bytearray(
+        struct.pack(
+            "!BBHHHBBH4s4s",
+            0x45,
+            0,
+            20 + len(icmp),
+            seq,
+            0,
+            64,
+            1,
+            0,
+            bytes([10, 9, 0, 1]),
+            bytes([10, 9, 0, 2]),
+        )
+    )
     ip[10:12] = struct.pack("!H", checksum(bytes(ip)))
     return ETH.pack(RESPONDER_MAC, OUR_MAC, 0x0800) + bytes(ip) + bytes(icmp)
 
@@ -34,7 +47,7 @@ def test_it_answers_ping() -> None:
             nic.send(ping_frame(seq))
             _, reply = nic.receive(5)
             dst, src, _ = ETH.unpack_from(reply)
-            ip = reply[ETH.size:]
+            ip = reply[ETH.size :]
             assert (dst, src) == (OUR_MAC, RESPONDER_MAC)
             assert ip[12:16] == bytes([10, 9, 0, 2]) and ip[16:20] == bytes([10, 9, 0, 1])
             assert checksum(ip[:20]) == 0 and checksum(ip[20:]) == 0  # valid checksums
@@ -45,8 +58,18 @@ def test_it_answers_arp_and_ignores_the_rest() -> None:
     device = NetDevice(Responder())
     with ModelRig(device) as rig:
         nic = NetDriver(rig.kernel)
-        arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, OUR_MAC, bytes([10, 9, 0, 1]),
-                          bytes(6), bytes([10, 9, 0, 7]))
+        arp = struct.pack(
+            "!HHBBH6s4s6s4s",
+            1,
+            0x0800,
+            6,
+            4,
+            1,
+            OUR_MAC,
+            bytes([10, 9, 0, 1]),
+            bytes(6),
+            bytes([10, 9, 0, 7]),
+        )
         nic.send(ETH.pack(b"\xff" * 6, OUR_MAC, 0x0806) + arp)
         nic.send(ETH.pack(b"\xff" * 6, OUR_MAC, 0x86DD) + bytes(40))  # IPv6: no answer
         _, reply = nic.receive(5)

@@ -86,8 +86,7 @@ def test_an_unaligned_request_goes_through_the_page_cache(image: Path) -> None:
         b.close()
 
 
-def test_efault_switches_to_our_buffers_for_good(image: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_efault_switches_to_our_buffers_for_good(image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """VDUSE's bounce pages cannot be pinned: direct I/O into them fails with EFAULT (seen
     in the test VM). Simulated here: transfers into the driver's views fault."""
     b = FileBackend(str(image), direct=True)
@@ -103,9 +102,9 @@ def test_efault_switches_to_our_buffers_for_good(image: Path,
         b.close()
 
 
-def test_without_o_direct_support_the_open_fails_with_einval(tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch
-                                                             ) -> None:
+def test_without_o_direct_support_the_open_fails_with_einval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "x.img"
     path.write_bytes(bytes(4096))
     real_open = os.open
@@ -165,8 +164,8 @@ def faulting_transfer(monkeypatch: pytest.MonkeyPatch, b: FileBackend) -> list[i
 
 
 def test_efault_through_the_page_cache_switches_to_our_buffers_for_good(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """--cache writeback on a FUSE file in direct-I/O mode: the buffered descriptor's reads
     and writes fault too; from the first EFAULT on, every request is copied, unaligned ones
     included, and the log says so once."""
@@ -200,7 +199,8 @@ def test_efault_through_the_page_cache_switches_to_our_buffers_for_good(
 
 @pytest.mark.parametrize("aio", ["sync", "uring"])
 def test_a_native_engines_efault_switches_the_whole_backend(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture, aio: str) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, aio: str
+) -> None:
     """An engine that meets the EFAULT (here through its test-only hook) sets the backend's
     shared byte and has the backend log it, once: the backend's own methods (requests the
     engine leaves to Python) then copy too, and so does every other engine."""
@@ -223,9 +223,21 @@ def test_a_native_engines_efault_switches_the_whole_backend(
     q = SplitQueue(arena.memory, 8, drv.desc_addr, drv.avail_addr, drv.used_addr, 0)
     caplog.set_level("INFO", logger="pyvduse.backend.file")
     tuning = EngineTuning(AioMode.URING if aio == "uring" else AioMode.SYNC, nowait=False)
-    engines = [native.build(native.require_plan(dev), 0, q, arena.memory, None, None,
-                            lambda i: None, lambda *a: None, tuning=tuning,
-                            test=TestKnobs(efault=n)) for n in (1, 0)]
+    engines = [
+        native.build(
+            native.require_plan(dev),
+            0,
+            q,
+            arena.memory,
+            None,
+            None,
+            lambda i: None,
+            lambda *a: None,
+            tuning=tuning,
+            test=TestKnobs(efault=n),
+        )
+        for n in (1, 0)
+    ]
     kick, stop = os.eventfd(0), os.eventfd(1)
     try:
         for k, eng in enumerate(engines):

@@ -49,18 +49,27 @@ addresses = st.one_of(
 )
 lengths = st.one_of(st.integers(0, 64), st.sampled_from([1, 16, 32, 512, 4096, 1 << 31, (1 << 32) - 1]))
 # Mostly ids that are valid once reduced modulo the queue size; sometimes not.
-ids = st.one_of(st.integers(0, 255), st.integers(0, 255), st.integers(0, 255), st.integers(0, 255),
-                st.sampled_from([256, 0x7FFF, 0xFFFF]))  # 256: exactly the queue size
+ids = st.one_of(
+    st.integers(0, 255),
+    st.integers(0, 255),
+    st.integers(0, 255),
+    st.integers(0, 255),
+    st.sampled_from([256, 0x7FFF, 0xFFFF]),
+)  # 256: exactly the queue size
 low_flags = st.one_of(st.integers(0, 7), st.sampled_from([0, NEXT, WRITE, NEXT | WRITE, INDIRECT]))
 # How the AVAIL/USED bits are chosen: "ok" gives the pattern that makes the slot available
 # in the lap the device reads it in; anything else is written as is (the wrong lap, used,
 # zero, or arbitrary bits).
-bit_modes = st.one_of(st.just("ok"), st.just("ok"), st.just("ok"),
-                      st.sampled_from([0, 0x80, 0x8000, 0x8080]), st.integers(0, 0xFFFF))
+bit_modes = st.one_of(
+    st.just("ok"),
+    st.just("ok"),
+    st.just("ok"),
+    st.sampled_from([0, 0x80, 0x8000, 0x8080]),
+    st.integers(0, 0xFFFF),
+)
 ring_descs = st.tuples(addresses, lengths, ids, low_flags, bit_modes)
 table_descs = st.tuples(addresses, lengths, st.integers(0, 0xFFFF), low_flags)
-tables = st.lists(st.tuples(st.integers(0, 15), st.lists(table_descs, min_size=1, max_size=6)),
-                  max_size=3)
+tables = st.lists(st.tuples(st.integers(0, 15), st.lists(table_descs, min_size=1, max_size=6)), max_size=3)
 headers = st.tuples(st.sampled_from([0, 1, 4, 8, 11, 13, 99]), st.integers(0, 1 << 20))
 rewrites = st.lists(st.tuples(st.integers(0, MAX_NUM - 1), ring_descs), max_size=MAX_NUM)
 
@@ -102,17 +111,24 @@ def _allow_writes(ok: bytearray, arena: Arena, drv: DriverPackedRing, num: int) 
 
 
 requests = st.lists(
-    st.tuples(st.sampled_from([vb.ReqType.IN, vb.ReqType.OUT, vb.ReqType.FLUSH, vb.ReqType.GET_ID, 99]),
-              st.integers(0, 2100), st.integers(0, 2), st.booleans()),
-    max_size=MAX_NUM)
+    st.tuples(
+        st.sampled_from([vb.ReqType.IN, vb.ReqType.OUT, vb.ReqType.FLUSH, vb.ReqType.GET_ID, 99]),
+        st.integers(0, 2100),
+        st.integers(0, 2),
+        st.booleans(),
+    ),
+    max_size=MAX_NUM,
+)
 
 
-def _valid_ring(arena: Arena, drv: DriverPackedRing, num: int, warmup: int,
-                reqs: list[tuple[int, int, int, bool]]) -> tuple[int, int, int, int]:
+def _valid_ring(
+    arena: Arena, drv: DriverPackedRing, num: int, warmup: int, reqs: list[tuple[int, int, int, bool]]
+) -> tuple[int, int, int, int]:
     """Cycle ``warmup`` one-slot requests through a scratch engine (so the ring starts at any
     position and lap), then queue well-formed blk requests; returns the engine state."""
-    q0 = PackedQueue(arena.memory, num, drv.desc_addr, drv.driver_addr, drv.device_addr,
-                     bit(F_RING_INDIRECT_DESC))
+    q0 = PackedQueue(
+        arena.memory, num, drv.desc_addr, drv.driver_addr, drv.device_addr, bit(F_RING_INDIRECT_DESC)
+    )
     for _ in range(warmup):
         drv.add([b"w"], [])
         c = q0.pop()
@@ -144,20 +160,31 @@ def _valid_ring(arena: Arena, drv: DriverPackedRing, num: int, warmup: int,
     mutations=st.lists(st.tuples(st.integers(0, MAX_NUM - 1), ring_descs), max_size=3),
     indirect=tables,
     later=rewrites,
-    state=st.tuples(st.integers(0, MAX_NUM - 1), st.integers(0, 1), st.integers(0, MAX_NUM - 1),
-                    st.integers(0, 1), st.booleans()),
+    state=st.tuples(
+        st.integers(0, MAX_NUM - 1),
+        st.integers(0, 1),
+        st.integers(0, MAX_NUM - 1),
+        st.integers(0, 1),
+        st.booleans(),
+    ),
     driver_event=st.tuples(st.integers(0, 0xFFFF), st.one_of(st.integers(0, 3), st.integers(0, 0xFFFF))),
     header=headers,
     features=st.tuples(st.booleans(), st.booleans()),
 )
-def test_hostile_packed_ring(num: int, valid: bool, main: list[tuple[int, int, int, int, object]],
-                             warmup: int, reqs: list[tuple[int, int, int, bool]],
-                             mutations: list[tuple[int, tuple[int, int, int, int, object]]],
-                             indirect: list[tuple[int, list[tuple[int, int, int, int]]]],
-                             later: list[tuple[int, tuple[int, int, int, int, object]]],
-                             state: tuple[int, int, int, int, bool],
-                             driver_event: tuple[int, int], header: tuple[int, int],
-                             features: tuple[bool, bool]) -> None:
+def test_hostile_packed_ring(
+    num: int,
+    valid: bool,
+    main: list[tuple[int, int, int, int, object]],
+    warmup: int,
+    reqs: list[tuple[int, int, int, bool]],
+    mutations: list[tuple[int, tuple[int, int, int, int, object]]],
+    indirect: list[tuple[int, list[tuple[int, int, int, int]]]],
+    later: list[tuple[int, tuple[int, int, int, int, object]]],
+    state: tuple[int, int, int, int, bool],
+    driver_event: tuple[int, int],
+    header: tuple[int, int],
+    features: tuple[bool, bool],
+) -> None:
     arena = Arena(ARENA)
     drv = DriverPackedRing(arena, num)
     assert arena.alloc(0, 4096) == DATA
@@ -187,15 +214,25 @@ def test_hostile_packed_ring(num: int, valid: bool, main: list[tuple[int, int, i
         used_idx %= num
         rewrite(list(enumerate(main[:num])), avail_idx, avail_wrap)
     arena.write(drv.driver_addr, VRING_PACKED_DESC_EVENT.pack(*driver_event))
-    feats = ((bit(F_RING_INDIRECT_DESC) if features[0] or valid else 0)
-             | (bit(F_RING_EVENT_IDX) if features[1] else 0))
+    feats = (bit(F_RING_INDIRECT_DESC) if features[0] or valid else 0) | (
+        bit(F_RING_EVENT_IDX) if features[1] else 0
+    )
     ok = bytearray(ARENA)
     _allow_writes(ok, arena, drv, num)
     before = bytes(arena.buf)
 
-    q = PackedQueue(arena.memory, num, drv.desc_addr, drv.driver_addr, drv.device_addr, feats,
-                    last_avail_idx=avail_idx, used_idx=None if fresh else used_idx,
-                    avail_wrap=avail_wrap, used_wrap=used_wrap)
+    q = PackedQueue(
+        arena.memory,
+        num,
+        drv.desc_addr,
+        drv.driver_addr,
+        drv.device_addr,
+        feats,
+        last_avail_idx=avail_idx,
+        used_idx=None if fresh else used_idx,
+        avail_wrap=avail_wrap,
+        used_wrap=used_wrap,
+    )
     dev = BlkDevice(MemoryBackend(1 << 20))
     try:
         for rnd in range(ROUNDS):
@@ -215,7 +252,7 @@ def test_hostile_packed_ring(num: int, valid: bool, main: list[tuple[int, int, i
                 popped += 1
                 # bounded, consistent: one chain is 1..num slots and the position moved by it
                 assert 1 <= chain.ndesc <= num and 0 <= chain.head < num
-                moved = (q.last_avail_idx + (0 if q.avail_wrap == a_wrap else num) - a_idx)
+                moved = q.last_avail_idx + (0 if q.avail_wrap == a_wrap else num) - a_idx
                 assert moved == chain.ndesc
                 q.push(chain.head, dev.handle(0, chain), chain.ndesc)
             q.publish()
@@ -239,8 +276,7 @@ HUGE = 32 << 20  # one buffer, named by 128 descriptors: 2^32 device-writable by
 
 
 @pytest.mark.parametrize("indirect", [False, True])
-def test_a_packed_chain_whose_writable_buffers_total_2_32_bytes_is_refused(
-        indirect: bool) -> None:
+def test_a_packed_chain_whose_writable_buffers_total_2_32_bytes_is_refused(indirect: bool) -> None:
     """Its used length (a u32) would not fit: struct.error used to stop the queue. The chain
     is refused (length 0, status byte untouched, nothing read) and the next one served."""
     arena = Arena(HUGE + (1 << 16))
@@ -263,8 +299,9 @@ def test_a_packed_chain_whose_writable_buffers_total_2_32_bytes_is_refused(
         slots = len(bufs)
     drv.commit(slots, 7)
     drv.add([vb.OUTHDR.pack(vb.ReqType.FLUSH, 0, 0)], [1])
-    q = PackedQueue(arena.memory, 256, drv.desc_addr, drv.driver_addr, drv.device_addr,
-                    bit(F_RING_INDIRECT_DESC))
+    q = PackedQueue(
+        arena.memory, 256, drv.desc_addr, drv.driver_addr, drv.device_addr, bit(F_RING_INDIRECT_DESC)
+    )
     dev = BlkDevice(NullBackend(8 << 30))
     while (chain := q.pop()) is not None:
         q.push(chain.head, dev.handle(0, chain), chain.ndesc)

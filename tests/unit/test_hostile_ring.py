@@ -50,8 +50,7 @@ addresses = st.one_of(
 lengths = st.one_of(st.integers(0, 64), st.sampled_from([16, 32, 512, 4096, 1 << 31, (1 << 32) - 1]))
 flags = st.integers(0, 7)
 descs = st.tuples(addresses, lengths, flags, st.integers(0, NUM + 2))
-tables = st.lists(st.tuples(st.integers(0, 15), st.lists(descs, min_size=1, max_size=6)),
-                  max_size=3)
+tables = st.lists(st.tuples(st.integers(0, 15), st.lists(descs, min_size=1, max_size=6)), max_size=3)
 headers = st.tuples(st.sampled_from([0, 1, 4, 8, 11, 13, 99]), st.integers(0, 1 << 20))
 
 
@@ -65,10 +64,15 @@ headers = st.tuples(st.sampled_from([0, 1, 4, 8, 11, 13, 99]), st.integers(0, 1 
     event_idx=st.booleans(),
     logged=st.booleans(),
 )
-def test_hostile_split_ring(main: list[tuple[int, int, int, int]],
-                            indirect: list[tuple[int, list[tuple[int, int, int, int]]]],
-                            avail: list[int], avail_idx: int, header: tuple[int, int],
-                            event_idx: bool, logged: bool) -> None:
+def test_hostile_split_ring(
+    main: list[tuple[int, int, int, int]],
+    indirect: list[tuple[int, list[tuple[int, int, int, int]]]],
+    avail: list[int],
+    avail_idx: int,
+    header: tuple[int, int],
+    event_idx: bool,
+    logged: bool,
+) -> None:
     def build() -> SplitCase:
         mem = CaseMemory(huge=False)
         drv = DriverSplitRing(mem, NUM)
@@ -132,8 +136,7 @@ def _huge_read_ring(indirect: bool) -> tuple[Arena, DriverSplitRing, int]:
 
 @pytest.mark.parametrize("indirect", [False, True])
 @pytest.mark.parametrize("engine", ["python", "native"])
-def test_a_chain_whose_writable_buffers_total_2_32_bytes_is_refused(
-        engine: str, indirect: bool) -> None:
+def test_a_chain_whose_writable_buffers_total_2_32_bytes_is_refused(engine: str, indirect: bool) -> None:
     """Its used length would wrap to 0 (native) or raise struct.error and stop the queue
     (Python): both refuse the chain instead (used length 0, status byte untouched, nothing
     read), and the next request is served."""
@@ -153,8 +156,9 @@ def test_a_chain_whose_writable_buffers_total_2_32_bytes_is_refused(
         return True
 
     if engine == "native":
-        eng = native.build(native.require_plan(dev), 0, q, arena.memory, None, None,
-                           lambda i: None, lambda *a: None)
+        eng = native.build(
+            native.require_plan(dev), 0, q, arena.memory, None, None, lambda i: None, lambda *a: None
+        )
         kick, stop = os.eventfd(0), os.eventfd(1)
         try:
             run_native(eng, q, None, arena.memory, kick, stop, serve_one, lambda: False)

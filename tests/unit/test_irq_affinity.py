@@ -93,10 +93,16 @@ def masks(dev: Path) -> list[str]:
     return [(dev / f"vq{i}" / "irq_cb_affinity").read_text().strip() for i in range(2)]
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    (FIRST, ["1", "1"]), (FOLLOW, ["1", "1"]), (DRIVER, ["3", "3"]), ("1", ["2", "2"]),
-    ("1,0", ["2", "1"]),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (FIRST, ["1", "1"]),
+        (FOLLOW, ["1", "1"]),
+        (DRIVER, ["3", "3"]),
+        ("1", ["2", "2"]),
+        ("1,0", ["2", "1"]),
+    ],
+)
 def test_driver_ok_places_each_queue(vduse_class: Path, text: str, expected: list[str]) -> None:
     t = transport(IrqPlacement.parse(text, [0, 1]))
     t._check_irq_placement()
@@ -133,11 +139,29 @@ def test_status_reads_the_current_masks(vduse_class: Path) -> None:
 def test_ctl_status_shows_the_interrupt_cpus() -> None:
     from pyvduse.cli.ctl import render_status
 
-    queue = {"index": 0, "size": 256, "served": True, "avail_idx": 3, "last_avail_idx": 3,
-             "used_idx": 3, "in_flight": 0, "in_flight_s": None, "irq_cpus": [0, 1, 3]}
-    reply = {"name": "d0", "state": "serving", "device": "virtio-blk", "node": "/dev/vda",
-             "pid": 1, "uptime_s": 1.0, "status": 15, "status_names": [], "features": "0x1",
-             "queues": [queue, dict(queue, index=1, irq_cpus=None)]}
+    queue = {
+        "index": 0,
+        "size": 256,
+        "served": True,
+        "avail_idx": 3,
+        "last_avail_idx": 3,
+        "used_idx": 3,
+        "in_flight": 0,
+        "in_flight_s": None,
+        "irq_cpus": [0, 1, 3],
+    }
+    reply = {
+        "name": "d0",
+        "state": "serving",
+        "device": "virtio-blk",
+        "node": "/dev/vda",
+        "pid": 1,
+        "uptime_s": 1.0,
+        "status": 15,
+        "status_names": [],
+        "features": "0x1",
+        "queues": [queue, dict(queue, index=1, irq_cpus=None)],
+    }
     lines = render_status(reply).splitlines()
     assert lines[-2].endswith("in flight 0, interrupts on CPU 0-1,3")
     assert lines[-1].endswith("in flight 0")
@@ -156,7 +180,8 @@ def test_a_kernel_without_the_attribute(vduse_class: Path, caplog: pytest.LogCap
 
 
 def test_a_refused_write_leaves_the_queue_and_says_so(
-        vduse_class: Path, caplog: pytest.LogCaptureFixture) -> None:
+    vduse_class: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     (vduse_class / "vq1" / "irq_cb_affinity").write_text("not hex\n")
     t = transport(IrqPlacement())
     t._check_irq_placement()
@@ -166,8 +191,12 @@ def test_a_refused_write_leaves_the_queue_and_says_so(
 
 
 def test_cli_refuses_an_offline_cpu_in_one_line() -> None:
-    p = subprocess.run([sys.executable, "-m", "pyvduse", "blk", "--name", "x", "--null", "1M",
-                        "--irq-cpus", "0,4096"], capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "pyvduse", "blk", "--name", "x", "--null", "1M", "--irq-cpus", "0,4096"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode != 0 and p.stdout == ""
     assert p.stderr.strip().count("\n") == 0 and "Traceback" not in p.stderr
     assert "--irq-cpus 0,4096: CPU 4096 is not online" in p.stderr

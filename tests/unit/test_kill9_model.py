@@ -125,10 +125,10 @@ class Rig:
         self.arena = SharedArena(RING_BYTES + 8 * self.depth * BLOCK)
         packed = self.ring == "packed"
         self.options = BlkOptions(packed=packed, queue_size=NUM)
-        self.features = (bit(F_RING_EVENT_IDX) | bit(F_RING_INDIRECT_DESC)
-                         | (bit(F_RING_PACKED) if packed else 0))
-        self.drv = (DriverPackedRing(self.arena, NUM) if packed
-                    else DriverSplitRing(self.arena, NUM))
+        self.features = (
+            bit(F_RING_EVENT_IDX) | bit(F_RING_INDIRECT_DESC) | (bit(F_RING_PACKED) if packed else 0)
+        )
+        self.drv = DriverPackedRing(self.arena, NUM) if packed else DriverSplitRing(self.arena, NUM)
         self.image = self.tmp / "disk.img"
         self.image.write_bytes(bytes(BLOCK * BLOCKS))
         self.irq = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -177,11 +177,19 @@ class Driver:
             sector = block * BLOCK // 512
             if self.rng.random() < 0.5:
                 data = self.rng.randbytes(BLOCK)
-                self.drv.add([vb.OUTHDR.pack(vb.ReqType.OUT, 0, sector), data], [1],
-                             indirect=True, token=("w", block, data))
+                self.drv.add(
+                    [vb.OUTHDR.pack(vb.ReqType.OUT, 0, sector), data],
+                    [1],
+                    indirect=True,
+                    token=("w", block, data),
+                )
             else:
-                self.drv.add([vb.OUTHDR.pack(vb.ReqType.IN, 0, sector)], [BLOCK, 1],
-                             indirect=self.rng.random() < 0.8, token=("r", block, None))
+                self.drv.add(
+                    [vb.OUTHDR.pack(vb.ReqType.IN, 0, sector)],
+                    [BLOCK, 1],
+                    indirect=self.rng.random() < 0.8,
+                    token=("r", block, None),
+                )
         if self.drv.kick_needed():
             os.eventfd_write(self.kick_fd, 1)
 
@@ -221,8 +229,7 @@ class Driver:
             try:
                 progress = self.reap()
             except (KeyError, RuntimeError) as e:  # the model drivers' "not in flight"
-                raise AssertionError(f"completion of a request not in flight ({e}) {describe}"
-                                     ) from None
+                raise AssertionError(f"completion of a request not in flight ({e}) {describe}") from None
             if progress:
                 last = time.monotonic()
                 self.submit()
@@ -232,10 +239,14 @@ class Driver:
 
 def ring_position(drv: DriverSplitRing | DriverPackedRing) -> str:
     if isinstance(drv, DriverPackedRing):
-        return (f"driver avail {drv.next_avail}/{drv.avail_wrap} used {drv.next_used}/"
-                f"{drv.used_wrap}, {len(drv.pending)} in flight, device event {drv.device_event()}")
-    return (f"driver avail {drv.avail_idx} last used {drv.last_used} used idx {drv.used_idx()}"
-            f", {len(drv.pending)} in flight, avail event {drv.avail_event()}")
+        return (
+            f"driver avail {drv.next_avail}/{drv.avail_wrap} used {drv.next_used}/"
+            f"{drv.used_wrap}, {len(drv.pending)} in flight, device event {drv.device_event()}"
+        )
+    return (
+        f"driver avail {drv.avail_idx} last used {drv.last_used} used idx {drv.used_idx()}"
+        f", {len(drv.pending)} in flight, avail event {drv.avail_event()}"
+    )
 
 
 RINGS = [("split", DataPath.PYTHON), ("packed", DataPath.PYTHON)]
@@ -245,8 +256,9 @@ if native.available():
 
 @pytest.mark.parametrize("depth", DEPTHS)
 @pytest.mark.parametrize(("ring", "data_path"), RINGS, ids=lambda v: getattr(v, "value", v))
-def test_kill9_under_load_loses_and_repeats_nothing(tmp_path: Path, ring: str,
-                                                    data_path: DataPath, depth: int) -> None:
+def test_kill9_under_load_loses_and_repeats_nothing(
+    tmp_path: Path, ring: str, data_path: DataPath, depth: int
+) -> None:
     rig = Rig(ring, data_path, tmp_path, depth)
     rng = random.Random(9)
     d = Driver(rig, rng)
@@ -270,8 +282,9 @@ def test_kill9_under_load_loses_and_repeats_nothing(tmp_path: Path, ring: str,
             assert time.monotonic() < deadline, f"requests left in flight: {ring_position(d.drv)}"
             d.run_until(time.monotonic() + 0.05, "draining")
     except AssertionError as e:
-        raise AssertionError(f"after {kills} kill(s), {d.completed} completed: {e}; "
-                             f"{ring_position(d.drv)}") from None
+        raise AssertionError(
+            f"after {kills} kill(s), {d.completed} completed: {e}; {ring_position(d.drv)}"
+        ) from None
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)

@@ -53,8 +53,11 @@ def imports(path: Path) -> list[tuple[int, str]]:
 
 
 def test_every_part_of_the_package_has_a_layer() -> None:
-    parts = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
-             if (p.suffix == ".py" or (p / "__init__.py").exists())}
+    parts = {
+        p.stem if p.is_file() else p.name
+        for p in PACKAGE.iterdir()
+        if (p.suffix == ".py" or (p / "__init__.py").exists())
+    }
     assert parts <= set(RANK), f"give these a layer: {sorted(parts - set(RANK))}"
 
 
@@ -68,6 +71,5 @@ def test_no_layer_imports_a_higher_one_or_a_sibling() -> None:
             if there == here or there not in RANK:
                 continue  # within one package; or a public name re-exported by __init__
             if RANK[there] >= RANK[here]:
-                wrong.append(f"{path.relative_to(PACKAGE.parent)}:{line} ({here}) imports "
-                             f"{target} ({there})")
+                wrong.append(f"{path.relative_to(PACKAGE.parent)}:{line} ({here}) imports {target} ({there})")
     assert not wrong, "lower layers import higher ones:\n" + "\n".join(wrong)

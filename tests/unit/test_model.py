@@ -77,8 +77,7 @@ def test_refused_features_fail_probe() -> None:
 
 def test_driver_without_event_idx() -> None:
     with ModelRig(blk()) as rig:
-        drv = BlkDriver(rig.kernel, transport_features=DRIVER_TRANSPORT_FEATURES
-                        & ~bit(F_RING_EVENT_IDX))
+        drv = BlkDriver(rig.kernel, transport_features=DRIVER_TRANSPORT_FEATURES & ~bit(F_RING_EVENT_IDX))
         drv.write(0, b"a" * 512)
         assert drv.read(0, 512) == b"a" * 512
 
@@ -97,6 +96,7 @@ def test_multiqueue_concurrent_io() -> None:
                     assert drv.read(off, 4096, queue=q) == payload
             except BaseException as e:
                 errors.append(e)
+
         threads = [threading.Thread(target=worker, args=(q,)) for q in range(4)]
         for t in threads:
             t.start()
@@ -123,6 +123,7 @@ def test_threads_sharing_one_queue_get_their_own_completions() -> None:
                     assert drv.read(off, 4096, queue=0) == payload
             except BaseException as e:
                 errors.append(e)
+
         threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
         for th in threads:
             th.start()
@@ -159,6 +160,7 @@ def test_reset_mid_request_and_reprobe() -> None:
 
 def test_create_validation() -> None:
     from pyvduse.device.base import DeviceSpec
+
     with pytest.raises(ModelError):
         ModelKernel(DeviceSpec(2, 1 << 32, b"", 1, 256))  # no ACCESS_PLATFORM
     with pytest.raises(ModelError):
@@ -200,6 +202,7 @@ def test_status_without_driver_ok_is_not_a_reset() -> None:
 
 def test_packed_ring_end_to_end_on_the_model() -> None:
     from pyvduse.abi.virtio import F_RING_PACKED
+
     with ModelRig(blk(packed=True, num_queues=2)) as rig:
         drv = BlkDriver(rig.kernel)
         assert drv.virtio.features & bit(F_RING_PACKED)

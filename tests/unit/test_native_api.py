@@ -34,8 +34,12 @@ pytestmark = pytest.mark.skipif(not native.available(), reason="native extension
 
 def ring(**over: Any) -> RingLayout:
     """One 64 KiB region holding a ring of 8 at 0x1000."""
-    return replace(RingLayout([(0, 0xFFFF, bytearray(0x10000), True)], 8, 0x1000, 0x1080,
-                              0x2000, event_idx=True, indirect=True), **over)
+    return replace(
+        RingLayout(
+            [(0, 0xFFFF, bytearray(0x10000), True)], 8, 0x1000, 0x1080, 0x2000, event_idx=True, indirect=True
+        ),
+        **over,
+    )
 
 
 def engine_config(**groups: Any) -> EngineConfig:
@@ -61,8 +65,16 @@ def test_a_region_spanning_the_whole_iova_space_is_refused() -> None:
 def test_a_region_at_the_top_of_the_iova_space_is_accepted() -> None:
     E = native.extension().Engine
     top = (1 << 64) - 0x10000
-    eng = E(engine_config(ring=ring(regions=[(top, (1 << 64) - 1, bytearray(0x10000), True)],
-                                    desc=top + 0x1000, avail=top + 0x1080, used=top + 0x2000)))
+    eng = E(
+        engine_config(
+            ring=ring(
+                regions=[(top, (1 << 64) - 1, bytearray(0x10000), True)],
+                desc=top + 0x1000,
+                avail=top + 0x1080,
+                used=top + 0x2000,
+            )
+        )
+    )
     eng.close()
 
 
@@ -97,8 +109,7 @@ def test_an_engine_whose_init_failed_cannot_run() -> None:
         e.close()
         print("refused")
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "refused" in out.stdout, out.stderr[-2000:]
 
 
@@ -114,42 +125,50 @@ def test_the_configuration_is_read_by_attribute_and_mistakes_name_the_field() ->
     device, storage = DeviceConfig(bytearray(8)), StorageConfig()
     wrong: list[tuple[Any, type[Exception], str]] = [
         (SimpleNamespace(ring=ring()), TypeError, "engine config: no attribute 'device'"),
-        (engine_config(ring=SimpleNamespace(num=8)), TypeError,
-         "ring has no attribute 'regions'"),
+        (engine_config(ring=SimpleNamespace(num=8)), TypeError, "ring has no attribute 'regions'"),
         (engine_config(ring=ring(num="8")), TypeError, "ring.num must be an int, not str"),
-        (engine_config(ring=ring(event_idx=None)), TypeError,
-         "ring.event_idx must be a bool, not NoneType"),
+        (engine_config(ring=ring(event_idx=None)), TypeError, "ring.event_idx must be a bool, not NoneType"),
         (engine_config(ring=ring(regions=None)), TypeError, "ring.regions must be given"),
-        (engine_config(ring=ring(last_avail=1 << 16)), ValueError,
-         "ring.last_avail must be 0 to 65535"),
+        (engine_config(ring=ring(last_avail=1 << 16)), ValueError, "ring.last_avail must be 0 to 65535"),
         (engine_config(ring=ring(num=3)), ValueError, "power of two"),
         (engine_config(ring=ring(log=bytearray(16))), ValueError, "log buffer too small"),
-        (engine_config(device=with_(device, serial="x")), TypeError,
-         "device.serial must be bytes, not str"),
+        (engine_config(device=with_(device, serial="x")), TypeError, "device.serial must be bytes, not str"),
         (engine_config(device=with_(device, serial=bytes(21))), ValueError, "longer than 20"),
         (engine_config(device=DeviceConfig(None)), TypeError, "device.capacity must be given"),
         (engine_config(storage=StorageConfig(StorageKind.FD)), ValueError, "without an fd"),
         (engine_config(storage=StorageConfig(fd=-2)), ValueError, "storage.fd must be -1 to"),
-        (engine_config(storage=with_(storage, kind=7)), ValueError,
-         "storage.kind must be 0 to 3"),
+        (engine_config(storage=with_(storage, kind=7)), ValueError, "storage.kind must be 0 to 3"),
         (engine_config(storage=StorageConfig(dio_align=3)), ValueError, "dio_align"),
         (engine_config(storage=StorageConfig(dio_align=2 << 20)), ValueError, "dio_align"),
-        (engine_config(storage=StorageConfig(StorageKind.MEMORY)), ValueError,
-         "storage.memory"),
-        (engine_config(storage=StorageConfig(unpinnable=bytearray(0))), ValueError,
-         "unpinnable buffer too small"),
+        (engine_config(storage=StorageConfig(StorageKind.MEMORY)), ValueError, "storage.memory"),
+        (
+            engine_config(storage=StorageConfig(unpinnable=bytearray(0))),
+            ValueError,
+            "unpinnable buffer too small",
+        ),
         (engine_config(storage=StorageConfig(unpinnable=b"\0")), BufferError, "writable"),
-        (engine_config(storage=with_(storage, on_unpinnable="log")), TypeError,
-         "storage.on_unpinnable must be callable or None, not str"),
-        (engine_config(interrupts=with_(Interrupts(), notify=5)), TypeError,
-         "interrupts.notify must be callable or None, not int"),
+        (
+            engine_config(storage=with_(storage, on_unpinnable="log")),
+            TypeError,
+            "storage.on_unpinnable must be callable or None, not str",
+        ),
+        (
+            engine_config(interrupts=with_(Interrupts(), notify=5)),
+            TypeError,
+            "interrupts.notify must be callable or None, not int",
+        ),
         (engine_config(tuning=EngineTuning(aio=AioMode.NBD)), ValueError, "tuning.aio"),
-        (engine_config(tuning=EngineTuning(poll_ns=-1)), ValueError,
-         f"tuning.poll_ns must be 0 to {(1 << 64) - 1}"),
-        (engine_config(tuning=EngineTuning(publish_ns=1 << 64)), ValueError,
-         "tuning.publish_ns"),
-        (engine_config(test=with_(TestKnobs(), efault=1.5)), TypeError,
-         "test.efault must be an int, not float"),
+        (
+            engine_config(tuning=EngineTuning(poll_ns=-1)),
+            ValueError,
+            f"tuning.poll_ns must be 0 to {(1 << 64) - 1}",
+        ),
+        (engine_config(tuning=EngineTuning(publish_ns=1 << 64)), ValueError, "tuning.publish_ns"),
+        (
+            engine_config(test=with_(TestKnobs(), efault=1.5)),
+            TypeError,
+            "test.efault must be an int, not float",
+        ),
     ]
     for config, error, message in wrong:
         with pytest.raises(error, match=re.escape(message)):
@@ -170,22 +189,40 @@ def test_build_makes_the_config_from_the_plan_and_the_ring(tmp_path: Path) -> No
 
     arena = Arena(1 << 16)
     drv = DriverSplitRing(arena, 8)
-    q = SplitQueue(arena.memory, 8, drv.desc_addr, drv.avail_addr, drv.used_addr, 0,
-                   last_avail_idx=5, used_idx=3)
+    q = SplitQueue(
+        arena.memory, 8, drv.desc_addr, drv.avail_addr, drv.used_addr, 0, last_avail_idx=5, used_idx=3
+    )
     log = InflightLog(memoryview(bytearray(log_size(8))), 8)
     image = tmp_path / "d.img"
     image.write_bytes(bytes(1 << 20))
     file = FileBackend(str(image))
-    for backend, kind in ((NullBackend(1 << 20), StorageKind.NULL),
-                          (MemoryBackend(1 << 20), StorageKind.MEMORY), (file, StorageKind.FD)):
+    for backend, kind in (
+        (NullBackend(1 << 20), StorageKind.NULL),
+        (MemoryBackend(1 << 20), StorageKind.MEMORY),
+        (file, StorageKind.FD),
+    ):
         dev = BlkDevice(backend, BlkOptions(readonly=True, serial="s1"))
         notify, on_error = print, print
-        c = native.config(native.require_plan(dev), 3, q, arena.memory, log, None, notify,
-                          on_error, tuning=EngineTuning(poll_ns=7), affinity_fd=9,
-                          follow_cpus=[0, 2, 70], inflight=bytearray(8),
-                          test=TestKnobs(serial=True))
+        c = native.config(
+            native.require_plan(dev),
+            3,
+            q,
+            arena.memory,
+            log,
+            None,
+            notify,
+            on_error,
+            tuning=EngineTuning(poll_ns=7),
+            affinity_fd=9,
+            follow_cpus=[0, 2, 70],
+            inflight=bytearray(8),
+            test=TestKnobs(serial=True),
+        )
         assert c.ring.num == 8 and (c.ring.desc, c.ring.avail, c.ring.used) == (
-            drv.desc_addr, drv.avail_addr, drv.used_addr)
+            drv.desc_addr,
+            drv.avail_addr,
+            drv.used_addr,
+        )
         assert (c.ring.last_avail, c.ring.used_idx, c.ring.event_idx) == (5, 3, False)
         assert c.ring.log is log.mem and c.ring.regions == native.region_tuples(arena.memory)
         assert c.device.capacity is dev.capacity_cell and c.device.readonly
@@ -193,12 +230,9 @@ def test_build_makes_the_config_from_the_plan_and_the_ring(tmp_path: Path) -> No
         assert c.storage.kind == kind and c.storage.fd == (file.fd if backend is file else -1)
         assert c.interrupts == Interrupts(-1, 0, 3, notify, on_error, 9, 0b101)
         assert c.tuning == EngineTuning(poll_ns=7, budget=4 * 8) and c.test.serial
-        native.build(native.require_plan(dev), 3, q, arena.memory, log, (5, 6), notify,
-                     on_error).close()
-        c = native.config(native.require_plan(dev), 0, q, arena.memory, None, (5, 6), notify,
-                          on_error)
-        assert (c.interrupts.irq_fd, c.interrupts.irq_request, c.interrupts.notify) == (
-            5, 6, None)
+        native.build(native.require_plan(dev), 3, q, arena.memory, log, (5, 6), notify, on_error).close()
+        c = native.config(native.require_plan(dev), 0, q, arena.memory, None, (5, 6), notify, on_error)
+        assert (c.interrupts.irq_fd, c.interrupts.irq_request, c.interrupts.notify) == (5, 6, None)
         backend.close()
 
 
@@ -214,8 +248,10 @@ FASTPATH = Path(native.__file__).parent
 
 def c_defines() -> dict[str, int]:
     text = (FASTPATH / "splitblk.h").read_text()
-    return {name: int(value, 0) for name, value in
-            re.findall(r"#define (\w+) (0x[0-9a-fA-F]+|\d+)(?:u|ull)?\b", text)}
+    return {
+        name: int(value, 0)
+        for name, value in re.findall(r"#define (\w+) (0x[0-9a-fA-F]+|\d+)(?:u|ull)?\b", text)
+    }
 
 
 def test_the_c_constants_match_the_python_definitions() -> None:
@@ -234,7 +270,10 @@ def test_the_c_constants_match_the_python_definitions() -> None:
     assert d["AVAIL_F_NO_INTERRUPT"] == vio.VRING_AVAIL_F_NO_INTERRUPT
     assert d["USED_F_NO_NOTIFY"] == vio.VRING_USED_F_NO_NOTIFY
     assert (d["LOG_FREE"], d["LOG_IN_FLIGHT"], d["LOG_COMPLETED"]) == (
-        inflight.FREE, inflight.IN_FLIGHT, inflight.COMPLETED)
+        inflight.FREE,
+        inflight.IN_FLIGHT,
+        inflight.COMPLETED,
+    )
     assert d["LOG_HEADER"] + d["LOG_ENTRY"] * 8 == inflight.log_size(8)
     # the log's layout, field by field (the header's fields by their word indices)
     assert (d["LOG_HEADER"], d["LOG_ENTRY"]) == (inflight._HEADER.size, inflight._ENTRY.size)
@@ -246,7 +285,11 @@ def test_the_c_constants_match_the_python_definitions() -> None:
     assert d["LOG_ENTRY_STATE"] == 0 and d["LOG_ENTRY_SEQ"] == struct.calcsize("<B7x")
     # virtio-blk requests
     assert (d["T_IN"], d["T_OUT"], d["T_FLUSH"], d["T_GET_ID"]) == (
-        vb.ReqType.IN, vb.ReqType.OUT, vb.ReqType.FLUSH, vb.ReqType.GET_ID)
+        vb.ReqType.IN,
+        vb.ReqType.OUT,
+        vb.ReqType.FLUSH,
+        vb.ReqType.GET_ID,
+    )
     assert d["T_BARRIER"] == vb.T_BARRIER
     assert (d["S_OK"], d["S_IOERR"]) == (vb.ReqStatus.OK, vb.ReqStatus.IOERR)
     assert d["ID_BYTES"] == vb.ID_BYTES and d["OUTHDR_SIZE"] == vb.OUTHDR.size
@@ -256,8 +299,7 @@ def test_the_c_constants_match_the_python_definitions() -> None:
     assert d["BUDGET_SLEEP_MAX_NS"] == budget.BUDGET_SLEEP_MAX_NS
     # the configuration's enums (the C enums, as the module exports them)
     ext = native.extension()
-    assert list(
-        StorageKind) == [ext.BACKEND_NULL, ext.BACKEND_FD, ext.BACKEND_MEMORY, ext.BACKEND_NBD]
+    assert list(StorageKind) == [ext.BACKEND_NULL, ext.BACKEND_FD, ext.BACKEND_MEMORY, ext.BACKEND_NBD]
     assert list(AioMode) == [ext.AIO_SYNC, ext.AIO_URING, ext.AIO_NBD]
 
 

@@ -161,7 +161,8 @@ def test_readonly_and_resize_are_seen_by_the_native_path() -> None:
 
 
 def test_backend_errors_fail_the_request_and_are_logged(
-        caplog: pytest.LogCaptureFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    caplog: pytest.LogCaptureFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import pyvduse.runtime.native_worker as nw
     from pyvduse.ratelimit import RateLimitedLogger
 
@@ -226,11 +227,13 @@ def test_the_log_is_clean_after_native_serving() -> None:
     log = InflightLog(memoryview(bytearray(log_size(8))), 8)
     for n in range(20):
         drv.add([vb.OUTHDR.pack(vb.ReqType.IN if n % 3 else 99, 0, n)], [512, 1])
-        q = SplitQueue(arena.memory, 8, drv.desc_addr, drv.avail_addr, drv.used_addr, 0,
-                       last_avail_idx=n, used_idx=n)
+        q = SplitQueue(
+            arena.memory, 8, drv.desc_addr, drv.avail_addr, drv.used_addr, 0, last_avail_idx=n, used_idx=n
+        )
         lq = LoggedQueue.fresh(q, log) if n == 0 else LoggedQueue(q, log)
-        eng = native.build(native.require_plan(dev),
-                           0, q, arena.memory, log, None, lambda i: None, lambda *a: None)
+        eng = native.build(
+            native.require_plan(dev), 0, q, arena.memory, log, None, lambda i: None, lambda *a: None
+        )
         kick, stop = os.eventfd(0), os.eventfd(1)
 
         def one(lq: LoggedQueue = lq) -> bool:
@@ -279,10 +282,19 @@ def test_a_ring_the_loop_cannot_map_falls_back_to_python() -> None:
     drv = DriverSplitRing(arena, 8)
     q = SplitQueue(arena.memory, 8, drv.desc_addr, drv.avail_addr, drv.used_addr, 0)
     with pytest.raises(ValueError, match="ring not inside"):
-        native.build(native.require_plan(device()), 0, q, type(arena.memory)(), None, None, lambda i: None,
-                     lambda *a: None)
-    eng = native.build(native.require_plan(device()),
-                       0, q, arena.memory, None, None, lambda i: None, lambda *a: None)
+        native.build(
+            native.require_plan(device()),
+            0,
+            q,
+            type(arena.memory)(),
+            None,
+            None,
+            lambda i: None,
+            lambda *a: None,
+        )
+    eng = native.build(
+        native.require_plan(device()), 0, q, arena.memory, None, None, lambda i: None, lambda *a: None
+    )
     with pytest.raises(ValueError, match="ring not inside"):
         eng.set_regions([])  # refused, and the engine keeps its old map
     assert eng.position()[:3] == (0, 0, 0)
@@ -306,8 +318,7 @@ def test_a_refused_native_worker_leaks_nothing(monkeypatch: pytest.MonkeyPatch) 
 
     opened: list[int] = []
     real = os.eventfd
-    monkeypatch.setattr(os, "eventfd",
-                        lambda *a: opened.append(1) or real(*a))  # type: ignore[func-returns-value]
+    monkeypatch.setattr(os, "eventfd", lambda *a: opened.append(1) or real(*a))  # type: ignore[func-returns-value]
     arena = Arena(1 << 16)
     drv = DriverSplitRing(arena, 8)
     q = SplitQueue(arena.memory, 8, drv.desc_addr, drv.avail_addr, drv.used_addr, 0)
@@ -316,14 +327,18 @@ def test_a_refused_native_worker_leaks_nothing(monkeypatch: pytest.MonkeyPatch) 
     assert not opened
 
 
-@pytest.mark.parametrize(("publish_ns", "hold_ns", "interrupts"), [
-    (None, None, 1),  # once per round
-    (0, None, 4),  # every request counts as long
-    (None, 0, 4),  # nothing may be held
-    (10**9, 10**9, 1),  # 4 requests take far less than a second
-])
-def test_native_loop_publishes_by_the_same_rule(publish_ns: int | None, hold_ns: int | None,
-                                                interrupts: int) -> None:
+@pytest.mark.parametrize(
+    ("publish_ns", "hold_ns", "interrupts"),
+    [
+        (None, None, 1),  # once per round
+        (0, None, 4),  # every request counts as long
+        (None, 0, 4),  # nothing may be held
+        (10**9, 10**9, 1),  # 4 requests take far less than a second
+    ],
+)
+def test_native_loop_publishes_by_the_same_rule(
+    publish_ns: int | None, hold_ns: int | None, interrupts: int
+) -> None:
     """The C loop's publish rule is the Python worker's: after a long request, or once the
     oldest completion is held too long (the Python side is timed in test_runtime)."""
     from pyvduse.model.arena import Arena
@@ -337,10 +352,20 @@ def test_native_loop_publishes_by_the_same_rule(publish_ns: int | None, hold_ns:
         drv.add([vb.OUTHDR.pack(vb.ReqType.IN, 0, 8 * k)], [4096, 1])
     notified: list[int] = []
     dev = device(NullBackend(4 * MiB))
-    tuning = EngineTuning(publish_ns=NEVER if publish_ns is None else publish_ns,
-                          hold_ns=NEVER if hold_ns is None else hold_ns)
-    engine = native.build(native.require_plan(dev), 0, q, arena.memory, None, None, notified.append,
-                          lambda *e: None, tuning=tuning)
+    tuning = EngineTuning(
+        publish_ns=NEVER if publish_ns is None else publish_ns, hold_ns=NEVER if hold_ns is None else hold_ns
+    )
+    engine = native.build(
+        native.require_plan(dev),
+        0,
+        q,
+        arena.memory,
+        None,
+        None,
+        notified.append,
+        lambda *e: None,
+        tuning=tuning,
+    )
     kick, stop = os.eventfd(0), os.eventfd(1)  # stopped from the start: run() drains, returns
     try:
         assert engine.run(kick, stop) == native.RUN_STOPPED
@@ -371,9 +396,18 @@ def test_the_loop_points_the_interrupts_at_its_own_cpu(tmp_path: Path) -> None:
     fd = os.open(affinity, os.O_WRONLY)
     cpu = max(os.sched_getaffinity(0))
     before = os.sched_getaffinity(0)
-    engine = native.build(native.require_plan(device(NullBackend(4 * MiB))), 0, q, arena.memory, None, None,
-                          lambda i: None, lambda *e: None, affinity_fd=fd,
-                          follow_cpus=sorted(before))
+    engine = native.build(
+        native.require_plan(device(NullBackend(4 * MiB))),
+        0,
+        q,
+        arena.memory,
+        None,
+        None,
+        lambda i: None,
+        lambda *e: None,
+        affinity_fd=fd,
+        follow_cpus=sorted(before),
+    )
     kick, stop = os.eventfd(0), os.eventfd(1)
     try:
         os.sched_setaffinity(0, {cpu})
@@ -382,10 +416,18 @@ def test_the_loop_points_the_interrupts_at_its_own_cpu(tmp_path: Path) -> None:
         assert affinity.read_text() == format_cpumask([cpu])
         affinity.write_text("")  # a CPU outside the ones given: left alone
         drv.add([vb.OUTHDR.pack(vb.ReqType.IN, 0, 0)], [4096, 1])
-        elsewhere = native.build(native.require_plan(device(NullBackend(4 * MiB))),
-                                 0, q, arena.memory, None, None,
-                                 lambda i: None, lambda *e: None, affinity_fd=fd,
-                                 follow_cpus=[c for c in before if c != cpu])
+        elsewhere = native.build(
+            native.require_plan(device(NullBackend(4 * MiB))),
+            0,
+            q,
+            arena.memory,
+            None,
+            None,
+            lambda i: None,
+            lambda *e: None,
+            affinity_fd=fd,
+            follow_cpus=[c for c in before if c != cpu],
+        )
         q.set_position(*engine.position()[:3])  # hand the ring over where the first left it
         assert elsewhere.run(kick, stop) == native.RUN_STOPPED
         elsewhere.close()

@@ -65,8 +65,7 @@ def rig_for(tmp_path: Path, msg_timeout: float = 5.0) -> tuple[ModelRig, BlkDevi
     path = tmp_path / "disk.img"
     path.write_bytes(image)
     device = BlkDevice(FileBackend(str(path)))
-    rig = ModelRig(device, msg_timeout=msg_timeout,
-                   tuning=QueueTuning(data_path=DataPath.NATIVE))
+    rig = ModelRig(device, msg_timeout=msg_timeout, tuning=QueueTuning(data_path=DataPath.NATIVE))
     return rig, device, image
 
 
@@ -123,8 +122,7 @@ def test_drain_waits_for_the_engines_requests(tmp_path: Path, gate: tuple[int, i
             assert q.wait(t, 5).data[-1] == vb.ReqStatus.OK
 
 
-def test_a_reset_with_hung_requests_is_answered_in_time(tmp_path: Path,
-                                                         gate: tuple[int, int]) -> None:
+def test_a_reset_with_hung_requests_is_answered_in_time(tmp_path: Path, gate: tuple[int, int]) -> None:
     rig, _, _ = rig_for(tmp_path, msg_timeout=1.0)
     with rig:
         _, q = probe(rig)
@@ -168,7 +166,8 @@ def test_a_remap_keeps_the_engines_requests(tmp_path: Path, gate: tuple[int, int
 
 
 def test_an_unmap_under_hung_requests_fails_them_with_nothing_written(
-        tmp_path: Path, gate: tuple[int, int]) -> None:
+    tmp_path: Path, gate: tuple[int, int]
+) -> None:
     """Requests whose buffers, status byte included, are in memory that is unmapped while
     they hang past the grace: they complete with a used length of 0 (their IOERR went to
     fenced pages: a length of 1 would make the driver read a stale status), and nothing

@@ -78,8 +78,15 @@ def gated(block: int) -> bool:
 
 def ring_of(arena: Arena, drv: DriverSplitRing) -> RingLayout:
     """The driver's fresh ring, with event index and indirect descriptors."""
-    return RingLayout(native.region_tuples(arena.memory), drv.num, drv.desc_addr,
-                      drv.avail_addr, drv.used_addr, event_idx=True, indirect=True)
+    return RingLayout(
+        native.region_tuples(arena.memory),
+        drv.num,
+        drv.desc_addr,
+        drv.avail_addr,
+        drv.used_addr,
+        event_idx=True,
+        indirect=True,
+    )
 
 
 def _can_uring() -> str | None:
@@ -87,9 +94,14 @@ def _can_uring() -> str | None:
     try:
         arena = Arena(1 << 16)
         drv = DriverSplitRing(arena, 8)
-        uring.Engine(EngineConfig(ring_of(arena, drv), DeviceConfig(bytearray(8)),
-                                  StorageConfig(StorageKind.FD, fd=fd),
-                                  tuning=EngineTuning(AioMode.URING))).close()
+        uring.Engine(
+            EngineConfig(
+                ring_of(arena, drv),
+                DeviceConfig(bytearray(8)),
+                StorageConfig(StorageKind.FD, fd=fd),
+                tuning=EngineTuning(AioMode.URING),
+            )
+        ).close()
     except OSError as e:
         return f"the kernel refuses io_uring: {e}"
     finally:
@@ -154,17 +166,27 @@ class Rig:
     # -- the driver ---------------------------------------------------------------------
 
     def read(self, block: int, length: int = BLOCK) -> int:
-        return self.drv.add([vb.OUTHDR.pack(vb.ReqType.IN, 0, block * (BLOCK // 512))],
-                            [length, 1], indirect=True, token=("r", block, length),
-                            publish=False)
+        return self.drv.add(
+            [vb.OUTHDR.pack(vb.ReqType.IN, 0, block * (BLOCK // 512))],
+            [length, 1],
+            indirect=True,
+            token=("r", block, length),
+            publish=False,
+        )
 
     def write(self, block: int, data: bytes) -> int:
-        return self.drv.add([vb.OUTHDR.pack(vb.ReqType.OUT, 0, block * (BLOCK // 512)), data],
-                            [1], indirect=True, token=("w", block, data), publish=False)
+        return self.drv.add(
+            [vb.OUTHDR.pack(vb.ReqType.OUT, 0, block * (BLOCK // 512)), data],
+            [1],
+            indirect=True,
+            token=("w", block, data),
+            publish=False,
+        )
 
     def flush(self) -> int:
-        return self.drv.add([vb.OUTHDR.pack(vb.ReqType.FLUSH, 0, 0)], [1], indirect=True,
-                            token=("f", 0, b""), publish=False)
+        return self.drv.add(
+            [vb.OUTHDR.pack(vb.ReqType.FLUSH, 0, 0)], [1], indirect=True, token=("f", 0, b""), publish=False
+        )
 
     def go(self) -> None:
         """Publish what was added and kick."""
@@ -227,12 +249,23 @@ class Rig:
         return int(struct.unpack_from("<Q", self.log.mem, 8)[0])
 
 
-def make_rig(tmp_path: Path, num: int = 64, *, arena: Arena | None = None,
-             space_offset: int | None = None, flags: int = 0, gate: bool = False,
-             aio: int = AioMode.URING, nowait: bool = False, direct: bool = False,
-             bounce: bool = False, dio_align: int = 512, efault: int = 0,
-             unpinnable: bytearray | None = None,
-             on_unpinnable: Callable[[], object] | None = None) -> Rig:
+def make_rig(
+    tmp_path: Path,
+    num: int = 64,
+    *,
+    arena: Arena | None = None,
+    space_offset: int | None = None,
+    flags: int = 0,
+    gate: bool = False,
+    aio: int = AioMode.URING,
+    nowait: bool = False,
+    direct: bool = False,
+    bounce: bool = False,
+    dio_align: int = 512,
+    efault: int = 0,
+    unpinnable: bytearray | None = None,
+    on_unpinnable: Callable[[], object] | None = None,
+) -> Rig:
     """A rig whose engine serves a file of DISK random bytes (opened with ``flags``) on
     ``aio``; ``gate``: requests at GATE sectors wait for the test to release them."""
     arena = arena or Arena(16 << 20)
@@ -247,16 +280,40 @@ def make_rig(tmp_path: Path, num: int = 64, *, arena: Arena | None = None,
     gate_r, gate_w = os.pipe() if gate else (-1, -1)
     interrupts: list[int] = []
     errors: list[tuple[int, int, int]] = []
-    engine = uring.Engine(EngineConfig(
-        replace(ring_of(arena, drv), log=log.mem, inflight=inflight),
-        DeviceConfig(bytearray(struct.pack("<Q", DISK)), serial=b"uring"),
-        StorageConfig(StorageKind.FD, fd=fd, direct=direct, dio_align=dio_align,
-                      unpinnable=unpinnable, on_unpinnable=on_unpinnable),
-        Interrupts(notify=interrupts.append, on_error=lambda *a: errors.append(a)),
-        EngineTuning(AioMode(aio), bounce=bounce, nowait=nowait),
-        TestKnobs(gate_fd=gate_r, gate_mask=GATE if gate else 0, efault=efault)))
-    return Rig(arena, drv, num, path, fd, model, engine, log, inflight, os.eventfd(0),
-               os.eventfd(0), interrupts, errors, gate_r, gate_w)
+    engine = uring.Engine(
+        EngineConfig(
+            replace(ring_of(arena, drv), log=log.mem, inflight=inflight),
+            DeviceConfig(bytearray(struct.pack("<Q", DISK)), serial=b"uring"),
+            StorageConfig(
+                StorageKind.FD,
+                fd=fd,
+                direct=direct,
+                dio_align=dio_align,
+                unpinnable=unpinnable,
+                on_unpinnable=on_unpinnable,
+            ),
+            Interrupts(notify=interrupts.append, on_error=lambda *a: errors.append(a)),
+            EngineTuning(AioMode(aio), bounce=bounce, nowait=nowait),
+            TestKnobs(gate_fd=gate_r, gate_mask=GATE if gate else 0, efault=efault),
+        )
+    )
+    return Rig(
+        arena,
+        drv,
+        num,
+        path,
+        fd,
+        model,
+        engine,
+        log,
+        inflight,
+        os.eventfd(0),
+        os.eventfd(0),
+        interrupts,
+        errors,
+        gate_r,
+        gate_w,
+    )
 
 
 @pytest.fixture
@@ -327,8 +384,7 @@ def test_a_full_ring_in_flight_completes_each_request_once(rig_of: Callable[...,
     assert rig.interrupts, "the driver was never interrupted"
 
 
-def test_reads_and_writes_the_page_cache_can_take_are_served_inline(
-        rig_of: Callable[..., Rig]) -> None:
+def test_reads_and_writes_the_page_cache_can_take_are_served_inline(rig_of: Callable[..., Rig]) -> None:
     """nowait (the default): a read the page cache holds and a write it absorbs are served
     at once (RWF_NOWAIT) with no io_uring submission; the results are the same."""
     rig = rig_of(nowait=True)
@@ -353,8 +409,7 @@ def test_completions_arrive_in_the_order_requests_finish(rig_of: Callable[..., R
     blocks = rnd.sample(range(BLOCKS), 32)
     order: list[int] = []
     for block in blocks:
-        order.append(rig.write(block, rnd.randbytes(BLOCK)) if rnd.random() < 0.5
-                     else rig.read(block))
+        order.append(rig.write(block, rnd.randbytes(BLOCK)) if rnd.random() < 0.5 else rig.read(block))
     slow = [h for h, b in zip(order, blocks, strict=True) if gated(b)]
     assert slow and len(slow) < len(order)
     rig.start()
@@ -378,8 +433,7 @@ def test_completions_arrive_in_the_order_requests_finish(rig_of: Callable[..., R
     assert rig.path.read_bytes() == rig.model
 
 
-def test_publishing_runs_with_out_of_order_completions_and_the_log(
-        rig_of: Callable[..., Rig]) -> None:
+def test_publishing_runs_with_out_of_order_completions_and_the_log(rig_of: Callable[..., Rig]) -> None:
     """Between publishes the log holds COMPLETED heads in any order, IN_FLIGHT ones beside
     them, and base is the used index of the batch: checked while gated requests wait."""
     rig = rig_of(gate=True)
@@ -524,8 +578,7 @@ def test_an_engine_dropped_with_requests_in_flight_leaks_their_memory(tmp_path: 
 # -- a hostile driver -----------------------------------------------------------------------
 
 
-def test_a_head_offered_again_while_in_flight_is_left_to_python(
-        rig_of: Callable[..., Rig]) -> None:
+def test_a_head_offered_again_while_in_flight_is_left_to_python(rig_of: Callable[..., Rig]) -> None:
     rig = rig_of(gate=True)
     head = rig.read(64)
     rig.start()
@@ -551,13 +604,18 @@ def test_a_head_offered_again_while_in_flight_is_left_to_python(
 # -- with the Python engine on the same ring --------------------------------------------------
 
 
-def test_python_serves_a_deferred_chain_while_requests_stay_in_flight(
-        rig_of: Callable[..., Rig]) -> None:
+def test_python_serves_a_deferred_chain_while_requests_stay_in_flight(rig_of: Callable[..., Rig]) -> None:
     """A DISCARD among reads: C defers it, Python serves it on the same ring and log while
     C's gated requests stay in io_uring, then C carries on; each completes once."""
     rig = rig_of(gate=True)
-    q = SplitQueue(rig.arena.memory, rig.num, rig.drv.desc_addr, rig.drv.avail_addr,
-                   rig.drv.used_addr, bit(F_RING_INDIRECT_DESC) | bit(F_RING_EVENT_IDX))
+    q = SplitQueue(
+        rig.arena.memory,
+        rig.num,
+        rig.drv.desc_addr,
+        rig.drv.avail_addr,
+        rig.drv.used_addr,
+        bit(F_RING_INDIRECT_DESC) | bit(F_RING_EVENT_IDX),
+    )
     lq = LoggedQueue(q, rig.log)
     dev = BlkDevice(FileBackend(str(rig.path)))
     served: list[int] = []
@@ -573,14 +631,21 @@ def test_python_serves_a_deferred_chain_while_requests_stay_in_flight(
 
     slow = [rig.read(b) for b in (64, 65)]
     seg = vb.DISCARD_SEGMENT.pack(8, 8, 0)  # block 1
-    discard = rig.drv.add([vb.OUTHDR.pack(vb.ReqType.DISCARD, 0, 0), seg], [1], indirect=True,
-                          token=("d", 1, b""), publish=False)
+    discard = rig.drv.add(
+        [vb.OUTHDR.pack(vb.ReqType.DISCARD, 0, 0), seg],
+        [1],
+        indirect=True,
+        token=("d", 1, b""),
+        publish=False,
+    )
     after = rig.read(2)
     rig.drv.publish()
     stopping = threading.Event()
-    worker = threading.Thread(target=run_native, args=(
-        rig.engine, q, rig.log, rig.arena.memory, rig.kick, rig.stop, serve_one,
-        stopping.is_set), daemon=True)
+    worker = threading.Thread(
+        target=run_native,
+        args=(rig.engine, q, rig.log, rig.arena.memory, rig.kick, rig.stop, serve_one, stopping.is_set),
+        daemon=True,
+    )
     worker.start()
     got = rig.collect(2)
     assert [c.head for c in got] == [discard, after]
@@ -621,17 +686,28 @@ def mmap_arena(size: int) -> Arena:
 
 
 @pytest.mark.parametrize("aio", ["sync", "uring"])
-@pytest.mark.parametrize(("offset", "bounce", "copied"), [
-    (0, False, False),  # aligned buffers: straight into driver memory
-    (8, False, True),  # not aligned: through the engine's buffers
-    (0, True, True),  # bounce=True: copied from the start
-])
-def test_direct_io(tmp_path: Path, rigs: list[Rig], aio: str, offset: int, bounce: bool,
-                   copied: bool) -> None:
+@pytest.mark.parametrize(
+    ("offset", "bounce", "copied"),
+    [
+        (0, False, False),  # aligned buffers: straight into driver memory
+        (8, False, True),  # not aligned: through the engine's buffers
+        (0, True, True),  # bounce=True: copied from the start
+    ],
+)
+def test_direct_io(
+    tmp_path: Path, rigs: list[Rig], aio: str, offset: int, bounce: bool, copied: bool
+) -> None:
     flags = _direct_flags(tmp_path)
-    rig = make_rig(tmp_path, 32, arena=mmap_arena(4 << 20), space_offset=offset, flags=flags,
-                   direct=True, bounce=bounce,
-                   aio=uring.AIO_URING if aio == "uring" else uring.AIO_SYNC)
+    rig = make_rig(
+        tmp_path,
+        32,
+        arena=mmap_arena(4 << 20),
+        space_offset=offset,
+        flags=flags,
+        direct=True,
+        bounce=bounce,
+        aio=uring.AIO_URING if aio == "uring" else uring.AIO_SYNC,
+    )
     rigs.append(rig)
     rnd = random.Random(offset)
     rig.start()
@@ -649,10 +725,16 @@ def test_direct_io(tmp_path: Path, rigs: list[Rig], aio: str, offset: int, bounc
     assert rig.path.read_bytes() == rig.model
 
 
-def test_direct_io_at_an_unaligned_offset_is_left_to_python(tmp_path: Path,
-                                                            rigs: list[Rig]) -> None:
-    rig = make_rig(tmp_path, 8, arena=mmap_arena(1 << 20), space_offset=0,
-                   flags=_direct_flags(tmp_path), direct=True, dio_align=4096)
+def test_direct_io_at_an_unaligned_offset_is_left_to_python(tmp_path: Path, rigs: list[Rig]) -> None:
+    rig = make_rig(
+        tmp_path,
+        8,
+        arena=mmap_arena(1 << 20),
+        space_offset=0,
+        flags=_direct_flags(tmp_path),
+        direct=True,
+        dio_align=4096,
+    )
     rigs.append(rig)
     rig.drv.add([vb.OUTHDR.pack(vb.ReqType.IN, 0, 1)], [4096, 1], indirect=True)  # sector 1
     rig.drv.publish()
@@ -662,13 +744,19 @@ def test_direct_io_at_an_unaligned_offset_is_left_to_python(tmp_path: Path,
     os.eventfd_read(rig.stop)
 
 
-@pytest.mark.parametrize(("aio", "cache"), [
-    ("sync", "none"), ("uring", "none"),  # O_DIRECT: VDUSE's bounce pages
-    ("sync", "writeback"), ("uring", "writeback"),  # a FUSE file in direct-I/O mode
-    ("uring-nowait", "writeback"),  # ... whose inline attempt (RWF_NOWAIT) faults
-])
-def test_efault_makes_the_engine_copy_from_then_on(tmp_path: Path, rigs: list[Rig], aio: str,
-                                                   cache: str) -> None:
+@pytest.mark.parametrize(
+    ("aio", "cache"),
+    [
+        ("sync", "none"),
+        ("uring", "none"),  # O_DIRECT: VDUSE's bounce pages
+        ("sync", "writeback"),
+        ("uring", "writeback"),  # a FUSE file in direct-I/O mode
+        ("uring-nowait", "writeback"),  # ... whose inline attempt (RWF_NOWAIT) faults
+    ],
+)
+def test_efault_makes_the_engine_copy_from_then_on(
+    tmp_path: Path, rigs: list[Rig], aio: str, cache: str
+) -> None:
     """Through the test-only hook: the first transfers between the file and driver memory
     'fail' with EFAULT as they do where the kernel cannot pin VDUSE's bounce pages (O_DIRECT,
     or any I/O on a virtiofs file with cache=none); they are redone through the engine's
@@ -679,9 +767,19 @@ def test_efault_makes_the_engine_copy_from_then_on(tmp_path: Path, rigs: list[Ri
     flags = _direct_flags(tmp_path) if direct else 0
     shared, told = bytearray(1), []
     mode = uring.AIO_SYNC if aio == "sync" else uring.AIO_URING
-    rig = make_rig(tmp_path, 16, arena=mmap_arena(2 << 20), space_offset=0, flags=flags,
-                   direct=direct, aio=mode, nowait=aio == "uring-nowait", efault=2,
-                   unpinnable=shared, on_unpinnable=lambda: told.append(1))
+    rig = make_rig(
+        tmp_path,
+        16,
+        arena=mmap_arena(2 << 20),
+        space_offset=0,
+        flags=flags,
+        direct=direct,
+        aio=mode,
+        nowait=aio == "uring-nowait",
+        efault=2,
+        unpinnable=shared,
+        on_unpinnable=lambda: told.append(1),
+    )
     rigs.append(rig)
     rnd = random.Random(5)
     rig.start()
@@ -697,9 +795,17 @@ def test_efault_makes_the_engine_copy_from_then_on(tmp_path: Path, rigs: list[Ri
     assert c["inline"] == 0 or aio == "uring-nowait"
     assert not rig.errors and rig.path.read_bytes() == rig.model
 
-    again = make_rig(tmp_path, 16, arena=mmap_arena(2 << 20), space_offset=0, flags=flags,
-                     direct=direct, aio=mode, unpinnable=shared,
-                     on_unpinnable=lambda: told.append(2))
+    again = make_rig(
+        tmp_path,
+        16,
+        arena=mmap_arena(2 << 20),
+        space_offset=0,
+        flags=flags,
+        direct=direct,
+        aio=mode,
+        unpinnable=shared,
+        on_unpinnable=lambda: told.append(2),
+    )
     rigs.append(again)
     again.start()
     random_batch(again, rnd, 16)
@@ -729,11 +835,17 @@ def _secret_arena(size: int) -> Arena:
 
 
 @pytest.mark.parametrize("aio", ["sync", "uring"])
-def test_efault_from_memory_the_kernel_cannot_pin(tmp_path: Path, rigs: list[Rig],
-                                                  aio: str) -> None:
+def test_efault_from_memory_the_kernel_cannot_pin(tmp_path: Path, rigs: list[Rig], aio: str) -> None:
     flags = _direct_flags(tmp_path)
-    rig = make_rig(tmp_path, 16, arena=_secret_arena(1 << 20), space_offset=0, flags=flags,
-                   direct=True, aio=uring.AIO_URING if aio == "uring" else uring.AIO_SYNC)
+    rig = make_rig(
+        tmp_path,
+        16,
+        arena=_secret_arena(1 << 20),
+        space_offset=0,
+        flags=flags,
+        direct=True,
+        aio=uring.AIO_URING if aio == "uring" else uring.AIO_SYNC,
+    )
     rigs.append(rig)
     rnd = random.Random(7)
     rig.start()
@@ -827,14 +939,24 @@ def test_build_passes_the_new_arguments_and_defaults_to_sync(tmp_path: Path) -> 
     drv = DriverSplitRing(arena, 8)
     q = SplitQueue(arena.memory, 8, drv.desc_addr, drv.avail_addr, drv.used_addr, 0)
     assert native.uring_built()
-    sync = native.build(native.require_plan(dev),
-                        0, q, arena.memory, None, None, lambda i: None, lambda *a: None)
+    sync = native.build(
+        native.require_plan(dev), 0, q, arena.memory, None, None, lambda i: None, lambda *a: None
+    )
     assert sync.aio == native.AIO_SYNC
     sync.close()
     shared = bytearray(8)
-    eng = native.build(native.require_plan(dev),
-                       0, q, arena.memory, None, None, lambda i: None, lambda *a: None,
-                       tuning=EngineTuning(AioMode.URING), inflight=shared)
+    eng = native.build(
+        native.require_plan(dev),
+        0,
+        q,
+        arena.memory,
+        None,
+        None,
+        lambda i: None,
+        lambda *a: None,
+        tuning=EngineTuning(AioMode.URING),
+        inflight=shared,
+    )
     assert eng.aio == native.AIO_URING and eng.in_flight() == 0
     drv.add([vb.OUTHDR.pack(vb.ReqType.IN, 0, 0)], [512, 1])
     kick, stop = os.eventfd(0), os.eventfd(1)
@@ -847,18 +969,28 @@ def test_build_passes_the_new_arguments_and_defaults_to_sync(tmp_path: Path) -> 
         os.close(kick)
         os.close(stop)
     with pytest.raises(ValueError, match="inflight"):
-        native.build(native.require_plan(dev),
-                     0, q, arena.memory, None, None, lambda i: None, lambda *a: None,
-                     inflight=bytearray(4))
+        native.build(
+            native.require_plan(dev),
+            0,
+            q,
+            arena.memory,
+            None,
+            None,
+            lambda i: None,
+            lambda *a: None,
+            inflight=bytearray(4),
+        )
     dev.backend.close()
 
 
 def test_engine_py_falls_back_to_the_build_without_liburing() -> None:
-    code = ("import sys; sys.modules['pyvduse.fastpath._splitblk_uring'] = None\n"
-            "sys.modules['pyvduse.fastpath._splitblk_full'] = None\n"
-            "from pyvduse.fastpath import engine\n"
-            "assert engine.available() and not engine.uring_built()\n"
-            "assert engine._splitblk.__name__ == 'pyvduse.fastpath._splitblk'\n")
+    code = (
+        "import sys; sys.modules['pyvduse.fastpath._splitblk_uring'] = None\n"
+        "sys.modules['pyvduse.fastpath._splitblk_full'] = None\n"
+        "from pyvduse.fastpath import engine\n"
+        "assert engine.available() and not engine.uring_built()\n"
+        "assert engine._splitblk.__name__ == 'pyvduse.fastpath._splitblk'\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYVDUSE_NO_NATIVE"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
 
@@ -872,6 +1004,11 @@ def test_the_build_without_liburing_refuses_uring() -> None:
     arena = Arena(1 << 16)
     drv = DriverSplitRing(arena, 8)
     with pytest.raises(ValueError, match="io_uring"):
-        plain.Engine(EngineConfig(ring_of(arena, drv), DeviceConfig(bytearray(8)),
-                                  StorageConfig(StorageKind.FD, fd=0),
-                                  tuning=EngineTuning(AioMode.URING)))
+        plain.Engine(
+            EngineConfig(
+                ring_of(arena, drv),
+                DeviceConfig(bytearray(8)),
+                StorageConfig(StorageKind.FD, fd=0),
+                tuning=EngineTuning(AioMode.URING),
+            )
+        )

@@ -41,9 +41,10 @@ def blk_of(rig: ModelRig) -> BlkDevice:
     return rig.device
 
 
-needs_nbd = pytest.mark.skipif(shutil.which("nbdkit") is None or not nbd_binding.available(),
-                               reason="needs nbdkit and libnbd's Python binding "
-                               "(apt install nbdkit python3-libnbd)")
+needs_nbd = pytest.mark.skipif(
+    shutil.which("nbdkit") is None or not nbd_binding.available(),
+    reason="needs nbdkit and libnbd's Python binding (apt install nbdkit python3-libnbd)",
+)
 sock_dir = pytest.fixture(name="sock_dir")(short_dir)
 MiB = 1 << 20
 
@@ -69,8 +70,9 @@ class Nbdkit:
             self.args = list(args)
         self.sock.unlink(missing_ok=True)
         where = ["-i", "127.0.0.1", "-p", str(self.port)] if self.port else ["-U", str(self.sock)]
-        self.proc = subprocess.Popen(["nbdkit", "-f", "--exit-with-parent", *where, *self.args],
-                                     stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            ["nbdkit", "-f", "--exit-with-parent", *where, *self.args], stderr=subprocess.PIPE
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if _accepts(self.port, self.sock):
@@ -92,7 +94,7 @@ class Nbdkit:
 
 def _accepts(port: int, sock: Path | str) -> bool:
     """Whether the server listens (its socket file appears before it does)."""
-    with (socket.socket() if port else socket.socket(socket.AF_UNIX)) as s:
+    with socket.socket() if port else socket.socket(socket.AF_UNIX) as s:
         return s.connect_ex(("127.0.0.1", port) if port else str(sock)) == 0
 
 
@@ -113,19 +115,20 @@ def nbdkit(sock_dir: Path) -> Iterator[list[Nbdkit]]:
 ENGINES = [DataPath.NATIVE, DataPath.PYTHON]
 
 
-def serve(backend: NbdBackend, queues: int = 1, data_path: DataPath = DataPath.AUTO,
-          **options: object) -> ModelRig:
+def serve(
+    backend: NbdBackend, queues: int = 1, data_path: DataPath = DataPath.AUTO, **options: object
+) -> ModelRig:
     opts = nbd_options(backend, BlkOptions(num_queues=queues, **options))  # type: ignore[arg-type]
     return ModelRig(BlkDevice(backend, opts), data_path=data_path)
 
 
 def engines(rig: ModelRig) -> set[str]:
     assert rig.server.running.wait(2)
-    return {"native" if isinstance(w, NativeQueueWorker) else "python"
-            for w in rig.server.workers.values()}
+    return {"native" if isinstance(w, NativeQueueWorker) else "python" for w in rig.server.workers.values()}
 
 
 # -- without a server ----------------------------------------------------------------------
+
 
 def test_the_native_nbd_path_is_built_where_ci_requires_it() -> None:
     if os.environ.get("PYVDUSE_REQUIRE_NATIVE") == "1" and Path("/usr/include/libnbd.h").exists():
@@ -133,39 +136,53 @@ def test_the_native_nbd_path_is_built_where_ci_requires_it() -> None:
 
 
 def test_uris_are_checked_and_shown_without_credentials() -> None:
-    assert nbd_uri.redact("nbds://alice@disk.example:10810/vol?tls-psk-file=/k.psk") == \
-        "nbds://disk.example:10810/vol"
-    assert nbd_uri.redact("nbds+unix://bob@/e?socket=/run/s.sock&tls-certificates=/c") == \
-        "nbds+unix:///e?socket=/run/s.sock"
+    assert (
+        nbd_uri.redact("nbds://alice@disk.example:10810/vol?tls-psk-file=/k.psk")
+        == "nbds://disk.example:10810/vol"
+    )
+    assert (
+        nbd_uri.redact("nbds+unix://bob@/e?socket=/run/s.sock&tls-certificates=/c")
+        == "nbds+unix:///e?socket=/run/s.sock"
+    )
     assert nbd_uri.redact("nbd://[::1]/x") == "nbd://[::1]/x"
-    for bad, word in (("http://h/", "not an NBD URI"), ("nbd+unix:///e", "socket"),
-                      ("nbd:///e", "no server")):
+    for bad, word in (
+        ("http://h/", "not an NBD URI"),
+        ("nbd+unix:///e", "socket"),
+        ("nbd:///e", "no server"),
+    ):
         with pytest.raises(ValueError, match=word):
             nbd_uri.check(bad)
 
 
 def test_without_libnbd_nbd_says_what_to_install_and_nothing_else_needs_it() -> None:
-    code = ("import sys\n"
-            "import pyvduse.backend.nbd_binding as b\n"
-            "b.SYSTEM_DIRS = ()\n"
-            "sys.modules['nbd'] = None\n"  # as if no binding were installed anywhere
-            "from pyvduse.cli.main import main\n"
-            "sys.exit(main(sys.argv[1:]))\n")
-    p = subprocess.run([sys.executable, "-c", code, "blk", "--name", "x", "--nbd",
-                        "nbd://127.0.0.1/"], capture_output=True, text=True, timeout=60)
+    code = (
+        "import sys\n"
+        "import pyvduse.backend.nbd_binding as b\n"
+        "b.SYSTEM_DIRS = ()\n"
+        "sys.modules['nbd'] = None\n"  # as if no binding were installed anywhere
+        "from pyvduse.cli.main import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code, "blk", "--name", "x", "--nbd", "nbd://127.0.0.1/"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     one_line_error(p, "apt install python3-libnbd")
     p = pyvduse("blk", "--name", "x", "--null", "1M")  # no VDUSE here: past the backend
     assert "libnbd" not in p.stderr
 
 
 def test_a_null_daemon_does_not_load_libnbd() -> None:
-    code = ("import sys\n"
-            "from pyvduse.cli.main import build_parser\n"
-            "build_parser('blk').parse_args(['blk', '--name', 'x', '--null', '1M'])\n"
-            "import pyvduse.cli.blk\n"
-            "print('nbd' in sys.modules, 'libnbdmod' in sys.modules)\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=60, check=True)
+    code = (
+        "import sys\n"
+        "from pyvduse.cli.main import build_parser\n"
+        "build_parser('blk').parse_args(['blk', '--name', 'x', '--null', '1M'])\n"
+        "import pyvduse.cli.blk\n"
+        "print('nbd' in sys.modules, 'libnbdmod' in sys.modules)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert p.stdout.split() == ["False", "False"]
 
 
@@ -179,10 +196,12 @@ def test_no_server_is_one_line_that_names_the_uri(sock_dir: Path) -> None:
 
 # -- serving -------------------------------------------------------------------------------
 
+
 @needs_nbd
 @pytest.mark.parametrize("data_path", ENGINES, ids=["native", "python"])
 def test_many_requests_in_flight_on_two_queues_over_two_connections(
-        sock_dir: Path, nbdkit: list[Nbdkit], data_path: DataPath) -> None:
+    sock_dir: Path, nbdkit: list[Nbdkit], data_path: DataPath
+) -> None:
     """Writes then reads of random data, 32 in flight per queue, completed out of order."""
     if data_path is DataPath.NATIVE and not native.nbd_built():
         pytest.skip("the native data path was built without libnbd")
@@ -205,16 +224,16 @@ def test_many_requests_in_flight_on_two_queues_over_two_connections(
                 pending[t] = off
             for t in pending:
                 assert writer.wait(t, 10).data[-1] == vb.ReqStatus.OK
-            pending = {reader.submit([vb.OUTHDR.pack(vb.ReqType.IN, 0, off // 512)],
-                                     [4096, 1]): off
-                       for off in random.sample(range(0, len(image), 4096), 32)}
+            pending = {
+                reader.submit([vb.OUTHDR.pack(vb.ReqType.IN, 0, off // 512)], [4096, 1]): off
+                for off in random.sample(range(0, len(image), 4096), 32)
+            }
             for t, off in pending.items():
                 c = reader.wait(t, 10)
                 assert c.data[-1] == vb.ReqStatus.OK, burst
                 assert c.data[:-1] == image[off : off + 4096]
         # one request in several pieces: one NBD command through our buffer
-        t = reader.submit([vb.OUTHDR.pack(vb.ReqType.IN, 0, 0)],
-                                        [512, 1536, 2048, 1])
+        t = reader.submit([vb.OUTHDR.pack(vb.ReqType.IN, 0, 0)], [512, 1536, 2048, 1])
         assert bytes(reader.wait(t, 10).data[:-1]) == image[:4096]
         depth = rig.server.queue_counters[1].depth_hist
         assert sum(depth[5:]) > 0  # requests taken with 16 or more in flight
@@ -226,8 +245,7 @@ def test_many_requests_in_flight_on_two_queues_over_two_connections(
 
 
 @needs_nbd
-def test_the_export_decides_what_the_device_offers(sock_dir: Path,
-                                                   nbdkit: list[Nbdkit]) -> None:
+def test_the_export_decides_what_the_device_offers(sock_dir: Path, nbdkit: list[Nbdkit]) -> None:
     server = Nbdkit(sock_dir, "memory", "4M")
     nbdkit.append(server)
     b = NbdBackend(server.uri)
@@ -239,9 +257,18 @@ def test_the_export_decides_what_the_device_offers(sock_dir: Path,
     b.close()
 
     server.kill()
-    server.start("-r", "--filter=nozero", "--filter=multi-conn", "--filter=blocksize-policy",
-                 "memory", "4M", "zeromode=none", "multi-conn-mode=disable",
-                 "blocksize-minimum=4096", "blocksize-preferred=65536")
+    server.start(
+        "-r",
+        "--filter=nozero",
+        "--filter=multi-conn",
+        "--filter=blocksize-policy",
+        "memory",
+        "4M",
+        "zeromode=none",
+        "multi-conn-mode=disable",
+        "blocksize-minimum=4096",
+        "blocksize-preferred=65536",
+    )
     b = NbdBackend(server.uri, connections=4)
     assert len(b.connections) == 1  # no multi-conn: one connection for every queue
     device = BlkDevice(b, nbd_options(b, BlkOptions(num_queues=4)))
@@ -259,11 +286,17 @@ def test_the_export_decides_what_the_device_offers(sock_dir: Path,
 
 
 @needs_nbd
-def test_a_failing_server_fails_exactly_those_requests(sock_dir: Path,
-                                                       nbdkit: list[Nbdkit]) -> None:
+def test_a_failing_server_fails_exactly_those_requests(sock_dir: Path, nbdkit: list[Nbdkit]) -> None:
     trigger = sock_dir / "fail"
-    server = Nbdkit(sock_dir, "--filter=error", "memory", "4M", "error=EIO", "error-pread-rate=100%",
-                    f"error-pread-file={trigger}")
+    server = Nbdkit(
+        sock_dir,
+        "--filter=error",
+        "memory",
+        "4M",
+        "error=EIO",
+        "error-pread-rate=100%",
+        f"error-pread-file={trigger}",
+    )
     nbdkit.append(server)
     b = NbdBackend(server.uri)
     with serve(b) as rig:
@@ -281,11 +314,14 @@ def test_a_failing_server_fails_exactly_those_requests(sock_dir: Path,
 
 
 @needs_nbd
-@pytest.mark.parametrize(("tcp", "data_path"), [(False, DataPath.AUTO), (True, DataPath.AUTO),
-                                                (False, DataPath.PYTHON)],
-                         ids=["unix", "tcp", "unix-python"])
+@pytest.mark.parametrize(
+    ("tcp", "data_path"),
+    [(False, DataPath.AUTO), (True, DataPath.AUTO), (False, DataPath.PYTHON)],
+    ids=["unix", "tcp", "unix-python"],
+)
 def test_a_server_that_comes_back_within_the_window_loses_nothing(
-        sock_dir: Path, nbdkit: list[Nbdkit], tcp: bool, data_path: DataPath) -> None:
+    sock_dir: Path, nbdkit: list[Nbdkit], tcp: bool, data_path: DataPath
+) -> None:
     img = sock_dir / "disk.img"
     img.write_bytes(bytes(4 * MiB))
     server = Nbdkit(sock_dir, "file", str(img), tcp=tcp)
@@ -295,8 +331,7 @@ def test_a_server_that_comes_back_within_the_window_loses_nothing(
         q = BlkDriver(rig.kernel).virtio.queues[0]
         data = {i: os.urandom(4096) for i in range(64)}
         server.kill()
-        tickets = [q.submit([vb.OUTHDR.pack(vb.ReqType.OUT, 0, i * 8), d], [1])
-                   for i, d in data.items()]
+        tickets = [q.submit([vb.OUTHDR.pack(vb.ReqType.OUT, 0, i * 8), d], [1]) for i, d in data.items()]
         time.sleep(0.5)
         assert b.connections[0].state == "reconnecting"
         server.start()
@@ -313,7 +348,8 @@ def test_a_server_that_comes_back_within_the_window_loses_nothing(
 @needs_nbd
 @pytest.mark.parametrize("data_path", [DataPath.AUTO, DataPath.PYTHON], ids=["auto", "python"])
 def test_past_the_window_requests_fail_and_later_ones_reconnect(
-        sock_dir: Path, nbdkit: list[Nbdkit], data_path: DataPath) -> None:
+    sock_dir: Path, nbdkit: list[Nbdkit], data_path: DataPath
+) -> None:
     img = sock_dir / "disk.img"
     img.write_bytes(b"d" * MiB)
     server = Nbdkit(sock_dir, "file", str(img))
@@ -339,8 +375,9 @@ def test_past_the_window_requests_fail_and_later_ones_reconnect(
 
 
 @needs_nbd
-def test_tls_with_a_psk_and_no_credentials_anywhere(sock_dir: Path, nbdkit: list[Nbdkit],
-                                                    caplog: pytest.LogCaptureFixture) -> None:
+def test_tls_with_a_psk_and_no_credentials_anywhere(
+    sock_dir: Path, nbdkit: list[Nbdkit], caplog: pytest.LogCaptureFixture
+) -> None:
     psk = sock_dir / "keys.psk"
     psk.write_text(f"alice:{os.urandom(16).hex()}\n")
     server = Nbdkit(sock_dir, "--tls=require", f"--tls-psk={psk}", "memory", "1M")
@@ -392,8 +429,7 @@ def test_resize_with_no_size_rereads_the_export(sock_dir: Path, nbdkit: list[Nbd
 
 
 @needs_nbd
-def test_close_with_the_server_gone_does_not_wait(sock_dir: Path,
-                                                  nbdkit: list[Nbdkit]) -> None:
+def test_close_with_the_server_gone_does_not_wait(sock_dir: Path, nbdkit: list[Nbdkit]) -> None:
     server = Nbdkit(sock_dir, "memory", "1M")
     nbdkit.append(server)
     b = NbdBackend(server.uri, reconnect_seconds=60)
@@ -408,7 +444,8 @@ def test_close_with_the_server_gone_does_not_wait(sock_dir: Path,
 
 @needs_nbd
 def test_a_reset_with_commands_at_a_hung_server_abandons_them_and_serves_on(
-        sock_dir: Path, nbdkit: list[Nbdkit]) -> None:
+    sock_dir: Path, nbdkit: list[Nbdkit]
+) -> None:
     """The driver resets the device while the server holds reads for 3 s: the queue gives
     them the grace period (also the one Python serves inline), drops them (their memory
     fenced), answers in time, and the backend serves on."""

@@ -39,8 +39,9 @@ def frame(n: int, seed: int = 0) -> bytes:
     return (MAC + body)[:n]
 
 
-def served(backend: PacketQueueBackend | None = None, **options: object) -> tuple[
-        NetDevice, PacketQueueBackend, ModelRig]:
+def served(
+    backend: PacketQueueBackend | None = None, **options: object
+) -> tuple[NetDevice, PacketQueueBackend, ModelRig]:
     be = backend or PacketQueueBackend(offloads=OFFLOAD_FEATURES)
     dev = NetDevice(be, NetOptions(mac=MAC, **options))  # type: ignore[arg-type]
     return dev, be, ModelRig(dev)
@@ -55,7 +56,7 @@ def test_frames_both_ways(packed: bool, mrg: bool) -> None:
         assert has(nic.features, vn.F_MRG_RXBUF) == mrg
         sent = [frame(n, n) for n in (60, 1514, 9014)]
         nic.send_many(sent)
-        assert [be.sent.get(timeout=5)[vn.NET_HDR_V1_SIZE:] for _ in sent] == sent
+        assert [be.sent.get(timeout=5)[vn.NET_HDR_V1_SIZE :] for _ in sent] == sent
         sizes = (60, 1500, 1536 - 12, 1536 - 11, 4000, 20000, 65000)
         for n in sizes:
             be.inject(header() + frame(n, n))
@@ -129,8 +130,7 @@ def test_link_down_and_up() -> None:
         status = inspect.status(target)
         assert status["link"] == "up" and status["mac"] == "52:54:00:12:34:56"
         assert "MRG_RXBUF" not in status["feature_names"]  # off unless asked for
-        assert answer(target, {"cmd": "link", "state": "sideways"})["error"]["code"] == \
-            "invalid-argument"
+        assert answer(target, {"cmd": "link", "state": "sideways"})["error"]["code"] == "invalid-argument"
 
 
 def test_checksum_flags_only_for_a_driver_that_took_them() -> None:
@@ -222,11 +222,16 @@ def test_metrics_count_frames() -> None:
         be.inject(header() + frame(200))
         nic.receive(5)
         families = {f.name: f for f in DeviceCollector(Target("n0", rig.server)).collect()}
-        samples = {(s.name, s.labels["queue"]): s.value
-                   for f in ("pyvduse_net_packets", "pyvduse_net_bytes")
-                   for s in families[f].samples if s.name.endswith("_total")}
-        assert samples == {("pyvduse_net_packets_total", "0"): 1,
-                           ("pyvduse_net_packets_total", "1"): 1,
-                           ("pyvduse_net_bytes_total", "0"): 200,
-                           ("pyvduse_net_bytes_total", "1"): 100}
+        samples = {
+            (s.name, s.labels["queue"]): s.value
+            for f in ("pyvduse_net_packets", "pyvduse_net_bytes")
+            for s in families[f].samples
+            if s.name.endswith("_total")
+        }
+        assert samples == {
+            ("pyvduse_net_packets_total", "0"): 1,
+            ("pyvduse_net_packets_total", "1"): 1,
+            ("pyvduse_net_bytes_total", "0"): 200,
+            ("pyvduse_net_bytes_total", "1"): 100,
+        }
         assert dev.queue_stats[0].packets == 1

@@ -21,8 +21,9 @@ MiB = 1 << 20
 
 
 def pyvduse(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pyvduse", *args], capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "pyvduse", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def run_ctl(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -47,8 +48,9 @@ def test_status_and_stats_text(sock_dir: Path, capsys: pytest.CaptureFixture[str
         code, out, err = run_ctl(capsys, "t0", "stats", "--control", ops.control_path)
         assert code == 0 and err == ""
         lines = out.splitlines()
-        assert lines[0].startswith("queue 0: 4 requests (write 4); 0 B read, 16 KiB written; "
-                                   "0 errors, 0 bad; 0 in flight")
+        assert lines[0].startswith(
+            "queue 0: 4 requests (write 4); 0 B read, 16 KiB written; 0 errors, 0 bad; 0 in flight"
+        )
         assert "latency: mean" in lines[1] and "p99 <=" in lines[1]
         assert any(line.startswith("total: 5 requests") for line in lines)
         assert "latency histogram (all queues):" in lines
@@ -76,11 +78,9 @@ def test_resize_text_and_error_reply(sock_dir: Path, capsys: pytest.CaptureFixtu
         code, out, err = run_ctl(capsys, "t0", "resize", "1M", "--control", ops.control_path)
         assert code == 1 and out == ""
         assert len(err.splitlines()) == 1 and "--shrink" in err and "(invalid-argument)" in err
-        code, out, err = run_ctl(capsys, "t0", "resize", "1M", "--json", "--control",
-                                 ops.control_path)
+        code, out, err = run_ctl(capsys, "t0", "resize", "1M", "--json", "--control", ops.control_path)
         assert code == 1 and json.loads(out)["error"]["code"] == "invalid-argument"
-        code, out, err = run_ctl(capsys, "t0", "resize", "2M", "--shrink", "--control",
-                                 ops.control_path)
+        code, out, err = run_ctl(capsys, "t0", "resize", "2M", "--shrink", "--control", ops.control_path)
         assert code == 0 and "-> 2 MiB" in out
     device.backend.close()
 
@@ -103,7 +103,8 @@ def test_no_daemon_is_one_line_and_nonzero(sock_dir: Path) -> None:
     p = pyvduse("ctl", "nobody", "status", "--control", str(path))
     assert p.returncode != 0 and p.stdout == ""
     assert p.stderr.strip().splitlines() == [
-        f"pyvduse: error: no daemon serves nobody: is it running? (socket {path})"]
+        f"pyvduse: error: no daemon serves nobody: is it running? (socket {path})"
+    ]
     p = pyvduse("ctl", "nobody", "stats", "--json")  # the default path
     assert p.returncode != 0
     assert "(socket /run/pyvduse/nobody.sock)" in p.stderr and "Traceback" not in p.stderr

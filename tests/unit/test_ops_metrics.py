@@ -48,35 +48,50 @@ def test_scrape_matches_stats(sock_dir: Path) -> None:
         stats = request(ops.control_path, {"cmd": "stats"})["result"]
         fams = scrape(address)
         q0, q1 = stats["queues"]
-        assert value(fams, "pyvduse_requests", "pyvduse_requests_total", device="t0", queue="0",
-                     type="write") == q0["requests"]["write"] == 6
-        assert value(fams, "pyvduse_written_bytes", "pyvduse_written_bytes_total",
-                     queue="0") == q0["bytes_written"] == 6 * 4096
-        assert value(fams, "pyvduse_read_bytes", "pyvduse_read_bytes_total",
-                     queue="1") == q1["bytes_read"] == 16384
-        assert value(fams, "pyvduse_request_errors", "pyvduse_request_errors_total",
-                     queue="1") == q1["errors"] == 1
-        assert value(fams, "pyvduse_requests_in_flight", "pyvduse_requests_in_flight",
-                     queue="0") == 0
+        assert (
+            value(fams, "pyvduse_requests", "pyvduse_requests_total", device="t0", queue="0", type="write")
+            == q0["requests"]["write"]
+            == 6
+        )
+        assert (
+            value(fams, "pyvduse_written_bytes", "pyvduse_written_bytes_total", queue="0")
+            == q0["bytes_written"]
+            == 6 * 4096
+        )
+        assert (
+            value(fams, "pyvduse_read_bytes", "pyvduse_read_bytes_total", queue="1")
+            == q1["bytes_read"]
+            == 16384
+        )
+        assert (
+            value(fams, "pyvduse_request_errors", "pyvduse_request_errors_total", queue="1")
+            == q1["errors"]
+            == 1
+        )
+        assert value(fams, "pyvduse_requests_in_flight", "pyvduse_requests_in_flight", queue="0") == 0
         assert value(fams, "pyvduse_capacity_bytes", "pyvduse_capacity_bytes") == 8 << 20
         hist = "pyvduse_request_duration_seconds"
         assert value(fams, hist, hist + "_count", queue="0") == q0["latency"]["count"] == 6
         assert value(fams, hist, hist + "_bucket", queue="0", le="+Inf") == 6
-        assert value(fams, hist, hist + "_sum", queue="0") == pytest.approx(
-            q0["latency"]["sum_us"] / 1e6)
-        bounds = [s.labels["le"] for s in fams[hist].samples
-                  if s.name == hist + "_bucket" and s.labels["queue"] == "0"]
+        assert value(fams, hist, hist + "_sum", queue="0") == pytest.approx(q0["latency"]["sum_us"] / 1e6)
+        bounds = [
+            s.labels["le"]
+            for s in fams[hist].samples
+            if s.name == hist + "_bucket" and s.labels["queue"] == "0"
+        ]
         assert bounds[0] == "1e-06" and bounds[-1] == "+Inf"
-        counts = [s.value for s in fams[hist].samples
-                  if s.name == hist + "_bucket" and s.labels["queue"] == "0"]
+        counts = [
+            s.value for s in fams[hist].samples if s.name == hist + "_bucket" and s.labels["queue"] == "0"
+        ]
         assert counts == sorted(counts)  # cumulative
         depth = "pyvduse_queue_depth"  # sequential requests: each taken alone
         assert value(fams, depth, depth + "_bucket", queue="0", le="1") == 6
         assert value(fams, depth, depth + "_count", queue="0") == q0["depth"]["count"] == 6
         assert value(fams, depth, depth + "_bucket", queue="0", le="+Inf") == 6
         drv.write(0, b"n" * 512, queue=0)  # read at scrape time: the next scrape sees it
-        assert value(scrape(address), "pyvduse_requests", "pyvduse_requests_total", queue="0",
-                     type="write") == 7
+        assert (
+            value(scrape(address), "pyvduse_requests", "pyvduse_requests_total", queue="0", type="write") == 7
+        )
     with pytest.raises(OSError):
         scrape(address)  # closed with the daemon
 
@@ -87,8 +102,10 @@ def test_port_in_use_is_one_line(sock_dir: Path) -> None:
         assert taken is not None
         sub = sock_dir / "other"
         sub.mkdir()
-        with pytest.raises(ConfigError, match=r"cannot serve metrics on 127\.0\.0\.1"), \
-                served(sub, metrics=taken):
+        with (
+            pytest.raises(ConfigError, match=r"cannot serve metrics on 127\.0\.0\.1"),
+            served(sub, metrics=taken),
+        ):
             pass
         assert not (sub / "t0.sock").exists()  # nothing left behind
 
@@ -117,20 +134,30 @@ def test_missing_prometheus_client_is_one_line(monkeypatch: pytest.MonkeyPatch) 
 
 def test_blk_checks_ops_options_before_anything() -> None:
     def one_line(*args: str) -> str:
-        p = subprocess.run([sys.executable, "-m", "pyvduse", "blk", "--name", "x", "--null",
-                            "1M", *args], capture_output=True, text=True, timeout=60)
+        p = subprocess.run(
+            [sys.executable, "-m", "pyvduse", "blk", "--name", "x", "--null", "1M", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
         return lines[0]
 
     assert "ADDR:PORT" in one_line("--metrics", "9100")
     assert "--drain-timeout" in one_line("--drain-timeout", "-1")
-    p = subprocess.run([sys.executable, "-c",
-                        "import sys; sys.modules['prometheus_client'] = None\n"
-                        "from pyvduse.cli.main import main\n"
-                        "sys.exit(main(['blk', '--name', 'x', '--null', '1M', "
-                        "'--metrics', '127.0.0.1:9100']))"],
-                       capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.modules['prometheus_client'] = None\n"
+            "from pyvduse.cli.main import main\n"
+            "sys.exit(main(['blk', '--name', 'x', '--null', '1M', "
+            "'--metrics', '127.0.0.1:9100']))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 2
-    assert p.stderr.strip().splitlines() == [
-        "pyvduse: error: --metrics: " + metrics.MISSING]
+    assert p.stderr.strip().splitlines() == ["pyvduse: error: --metrics: " + metrics.MISSING]

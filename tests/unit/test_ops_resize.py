@@ -148,8 +148,7 @@ def test_resize_keeps_the_crash_recovery_identity(sock_dir: Path) -> None:
     img = image(sock_dir / "g.img", 4 * MiB)
     device = BlkDevice(FileBackend(str(img)))
     control = str(sock_dir / "t0.sock")
-    with Daemon(device, "t0", model=True, state_dir=sock_dir / "state",
-                ops=OpsOptions(control=control)):
+    with Daemon(device, "t0", model=True, state_dir=sock_dir / "state", ops=OpsOptions(control=control)):
         assert "result" in call(control, size="8M")
         # a restart after a crash opens the grown file: its identity matches the state file
         again = BlkDevice(FileBackend(str(img)))

@@ -45,14 +45,16 @@ def test_no_socket_no_message() -> None:
     assert not sdnotify.notify("READY=1", {"NOTIFY_SOCKET": "vsock:2:1234"})
 
 
-def test_unreachable_socket_is_a_warning_not_an_error(sock_dir: Path,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_unreachable_socket_is_a_warning_not_an_error(
+    sock_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     assert not sdnotify.notify("READY=1", {"NOTIFY_SOCKET": str(sock_dir / "gone")})
     assert "cannot notify" in caplog.text
 
 
-def test_daemon_lifecycle_notifies(sock_dir: Path, listener: socket.socket,
-                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_daemon_lifecycle_notifies(
+    sock_dir: Path, listener: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = str(sock_dir / "notify")
     listener.bind(path)
     monkeypatch.setenv("NOTIFY_SOCKET", path)
@@ -68,8 +70,7 @@ UNIT = Path(__file__).resolve().parents[2] / "contrib" / "systemd" / "pyvduse-bl
 
 def test_systemd_unit_template(sock_dir: Path) -> None:
     text = UNIT.read_text()
-    for line in ("Type=notify", "EnvironmentFile=/etc/pyvduse/%i.conf",
-                 "RuntimeDirectoryPreserve=yes"):
+    for line in ("Type=notify", "EnvironmentFile=/etc/pyvduse/%i.conf", "RuntimeDirectoryPreserve=yes"):
         assert line in text.splitlines(), line
     assert "blk --name %i" in text and "--drain-timeout ${DRAIN_TIMEOUT}" in text
     analyze = shutil.which("systemd-analyze")
@@ -77,7 +78,6 @@ def test_systemd_unit_template(sock_dir: Path) -> None:
         pytest.skip("no systemd-analyze here")
     unit = sock_dir / "pyvduse-blk@disk0.service"
     unit.write_text(text)
-    p = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True,
-                       timeout=60)
+    p = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
     complaints = [line for line in (p.stdout + p.stderr).splitlines() if unit.name in line]
     assert not complaints, complaints

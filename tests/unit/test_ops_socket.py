@@ -40,17 +40,21 @@ sock_dir = pytest.fixture(name="sock_dir")(short_dir)
 
 
 @contextmanager
-def served(sock_dir: Path, device: BlkDevice | None = None, *, probe: bool = True,
-           **options: object) -> Iterator[tuple[ModelRig, BlkDriver | None, Operations,
-                                                 threading.Event]]:
+def served(
+    sock_dir: Path, device: BlkDevice | None = None, *, probe: bool = True, **options: object
+) -> Iterator[tuple[ModelRig, BlkDriver | None, Operations, threading.Event]]:
     device = device or BlkDevice(MemoryBackend(8 * MiB), BlkOptions(num_queues=2))
     quit_event = threading.Event()
     with ModelRig(device) as rig:
         drv = BlkDriver(rig.kernel) if probe else None
         assert not probe or rig.server.running.wait(2)  # queues start just after DRIVER_OK
-        ops = Operations("t0", rig.server, rig.transport,
-                         OpsOptions(control=str(sock_dir / "t0.sock"), **options),  # type: ignore[arg-type]
-                         on_quit=quit_event.set)
+        ops = Operations(
+            "t0",
+            rig.server,
+            rig.transport,
+            OpsOptions(control=str(sock_dir / "t0.sock"), **options),  # type: ignore[arg-type]
+            on_quit=quit_event.set,
+        )
         ops.start()
         try:
             yield rig, drv, ops, quit_event
@@ -196,8 +200,12 @@ def test_overlong_line_is_refused_and_the_client_dropped(sock_dir: Path) -> None
 def test_pipelined_requests_get_replies_in_order(sock_dir: Path) -> None:
     with served(sock_dir) as (_rig, _drv, ops, _):
         c = Conn(ops.control_path)
-        reqs = [{"cmd": "stats", "id": 1}, {"cmd": "resize", "size": 1, "id": 2},
-                {"cmd": "status", "id": 3}, {"cmd": "nope", "id": 4}]
+        reqs = [
+            {"cmd": "stats", "id": 1},
+            {"cmd": "resize", "size": 1, "id": 2},
+            {"cmd": "status", "id": 3},
+            {"cmd": "nope", "id": 4},
+        ]
         c.send(b"".join(protocol.encode(r) for r in reqs))
         assert [c.line()["id"] for _ in reqs] == [1, 2, 3, 4]
         c.close()
@@ -291,8 +299,9 @@ def test_socket_replaced_by_someone_else_is_not_removed(sock_dir: Path) -> None:
 
 def test_socket_directory_is_created(sock_dir: Path) -> None:
     with ModelRig(BlkDevice(MemoryBackend(MiB))) as rig:
-        ops = Operations("t1", rig.server, rig.transport,
-                         OpsOptions(control=str(sock_dir / "run" / "t1.sock")))
+        ops = Operations(
+            "t1", rig.server, rig.transport, OpsOptions(control=str(sock_dir / "run" / "t1.sock"))
+        )
         ops.start()
         try:
             assert "result" in request(ops.control_path, {"cmd": "status"})
@@ -314,5 +323,4 @@ def test_protocol_helpers() -> None:
     with pytest.raises(protocol.OpsError) as e:
         protocol.decode_request(b"\xff\xfe")
     assert e.value.code == "bad-request"
-    assert protocol.error_reply("failed", "x", 3) == {"error": {"code": "failed",
-                                                               "message": "x"}, "id": 3}
+    assert protocol.error_reply("failed", "x", 3) == {"error": {"code": "failed", "message": "x"}, "id": 3}

@@ -66,8 +66,7 @@ def test_socket_and_control_messages_answer_during_a_stall(sock_dir: Path) -> No
             reply, took = timed(request, ops.control_path, {"cmd": "stats"}, timeout=1.0)
             assert took < 1.0 and reply["result"]["total"]["in_flight"] == 1  # type: ignore[index]
             # a config change goes through while the queue is stuck
-            reply, took = timed(request, ops.control_path, {"cmd": "resize", "size": "8M"},
-                                timeout=2.0)
+            reply, took = timed(request, ops.control_path, {"cmd": "resize", "size": "8M"}, timeout=2.0)
             assert reply["result"]["changed"] and took < 2.0  # type: ignore[index]
             assert drv.capacity == 8 * MiB and drv.virtio.config_changes == 1
             # the kernel's control messages

@@ -36,8 +36,9 @@ ALL = bit(F_RING_EVENT_IDX) | bit(F_RING_INDIRECT_DESC)
 NEXT, WRITE, INDIRECT = VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_DESC_F_INDIRECT
 
 
-def make(num: int = 8, features: int = ALL, arena_size: int = 1 << 20
-         ) -> tuple[Arena, DriverPackedRing, PackedQueue]:
+def make(
+    num: int = 8, features: int = ALL, arena_size: int = 1 << 20
+) -> tuple[Arena, DriverPackedRing, PackedQueue]:
     arena = Arena(arena_size)
     drv = DriverPackedRing(arena, num, event_idx=bool(features & bit(F_RING_EVENT_IDX)))
     dev = PackedQueue(arena.memory, num, drv.desc_addr, drv.driver_addr, drv.device_addr, features)
@@ -107,9 +108,12 @@ def test_indirect_table_is_sequential_and_ignores_next_and_id() -> None:
     bufs = [arena.alloc(4) for _ in range(3)]
     arena.write(bufs[0], b"abcd")
     # Entry 0 carries NEXT and a junk id: both reserved in a packed table and ignored.
-    arena.write(table, VRING_PACKED_DESC.pack(bufs[0], 4, 0xFFFF, NEXT)
-                + VRING_PACKED_DESC.pack(bufs[1], 4, 7, WRITE)
-                + VRING_PACKED_DESC.pack(bufs[2], 4, 9, WRITE))
+    arena.write(
+        table,
+        VRING_PACKED_DESC.pack(bufs[0], 4, 0xFFFF, NEXT)
+        + VRING_PACKED_DESC.pack(bufs[1], 4, 7, WRITE)
+        + VRING_PACKED_DESC.pack(bufs[2], 4, 9, WRITE),
+    )
     drv.write_desc(0, table, 48, 0, INDIRECT | WRITE | drv.avail_bits())
     chain = dev.pop()
     assert chain is not None and chain.error is None and chain.ndesc == 1
@@ -132,9 +136,8 @@ def test_wrap_around_many_times_with_chains_of_varying_length(num: int) -> None:
             if not indirect and drv.next_avail + n > num:
                 wrapped_mid_chain += 1
             payload = os.urandom(rng.randint(1, 8))
-            readable = [payload[: len(payload) // 2], payload[len(payload) // 2:]][: max(n - 1, 1)]
-            buf_id = drv.add(readable, [len(payload)] * (n - len(readable)), indirect=indirect,
-                             token=payload)
+            readable = [payload[: len(payload) // 2], payload[len(payload) // 2 :]][: max(n - 1, 1)]
+            buf_id = drv.add(readable, [len(payload)] * (n - len(readable)), indirect=indirect, token=payload)
             added[buf_id] = payload
         chains = []
         while (c := dev.pop()) is not None:
@@ -196,8 +199,18 @@ def test_state_and_resume() -> None:
     st = dev.state()
     assert st == (1, 2, 0, 4)  # slots 4, 0 and 1 taken; completions still at slot 4
     # A new engine resumes from the saved state and completes them.
-    dev2 = PackedQueue(arena.memory, 5, drv.desc_addr, drv.driver_addr, drv.device_addr, ALL,
-                       last_avail_idx=st[1], used_idx=st[3], avail_wrap=st[0], used_wrap=st[2])
+    dev2 = PackedQueue(
+        arena.memory,
+        5,
+        drv.desc_addr,
+        drv.driver_addr,
+        drv.device_addr,
+        ALL,
+        last_avail_idx=st[1],
+        used_idx=st[3],
+        avail_wrap=st[0],
+        used_wrap=st[2],
+    )
     assert dev2.pop() is None
     dev2.push(b.head, 1, b.ndesc)
     dev2.push(a.head, 1, a.ndesc)
@@ -348,9 +361,15 @@ def raw_chain(drv: DriverPackedRing, descs: list[tuple[int, int, int, int]]) -> 
         drv.write_desc(drv.slot(k), addr, length, buf_id, flags | drv.avail_bits(k))
 
 
-def bad_chain(descs: list[tuple[int, int, int, int]] | Callable[[Arena, DriverPackedRing], None],
-              ndesc: int, *, features: int = ALL, num: int = 8, head_slot: int = 0,
-              buf_id: int = 3) -> str:
+def bad_chain(
+    descs: list[tuple[int, int, int, int]] | Callable[[Arena, DriverPackedRing], None],
+    ndesc: int,
+    *,
+    features: int = ALL,
+    num: int = 8,
+    head_slot: int = 0,
+    buf_id: int = 3,
+) -> str:
     """Pop a malformed chain; check its id and slot count, complete it, then check that a
     good request still round-trips (the ring stayed in step)."""
     arena, drv, dev = make(num, features)
@@ -455,8 +474,9 @@ def test_indirect_table_outside_memory() -> None:
 def test_nested_indirect() -> None:
     def setup(arena: Arena, drv: DriverPackedRing) -> None:
         table = arena.alloc(32)
-        arena.write(table, VRING_PACKED_DESC.pack(0x100, 4, 0, 0)
-                    + VRING_PACKED_DESC.pack(table, 16, 0, INDIRECT))
+        arena.write(
+            table, VRING_PACKED_DESC.pack(0x100, 4, 0, 0) + VRING_PACKED_DESC.pack(table, 16, 0, INDIRECT)
+        )
         raw_chain(drv, [(table, 32, 3, INDIRECT)])
 
     assert "nested" in bad_chain(setup, 1)
@@ -470,8 +490,9 @@ def test_readable_after_writable() -> None:
 def test_readable_after_writable_in_indirect_table() -> None:
     def setup(arena: Arena, drv: DriverPackedRing) -> None:
         table = arena.alloc(32)
-        arena.write(table, VRING_PACKED_DESC.pack(0x100, 4, 0, WRITE)
-                    + VRING_PACKED_DESC.pack(0x200, 4, 0, 0))
+        arena.write(
+            table, VRING_PACKED_DESC.pack(0x100, 4, 0, WRITE) + VRING_PACKED_DESC.pack(0x200, 4, 0, 0)
+        )
         raw_chain(drv, [(table, 32, 3, INDIRECT)])
 
     assert "after a device-writable" in bad_chain(setup, 1)
@@ -548,8 +569,7 @@ def test_blk_write_then_read_back(indirect: bool) -> None:
     blk = BlkDevice(MemoryBackend(4 << 20))
     T, S = vb.ReqType, vb.ReqStatus
 
-    def request(rtype: int, sector: int, out: bytes = b"", in_len: int = 0
-                ) -> tuple[int, bytes, int]:
+    def request(rtype: int, sector: int, out: bytes = b"", in_len: int = 0) -> tuple[int, bytes, int]:
         readable = [vb.OUTHDR.pack(rtype, 0, sector)] + ([out[:1000], out[1000:]] if out else [])
         writable = ([in_len // 3, in_len - in_len // 3] if in_len else []) + [1]
         buf_id = drv.add(readable, writable, indirect=indirect)

@@ -17,8 +17,7 @@ FLAKY = f"{ROOT}/examples/flaky_blk.py:FlakyBlk"
 
 def test_a_backend_from_a_file_is_built_from_its_arguments() -> None:
     cls = plugins.load_class(SPARSE, "--backend")
-    b = plugins.construct(cls, plugins.parse_args(["size=1M", "block=512"], "--backend-arg"),
-                          "--backend")
+    b = plugins.construct(cls, plugins.parse_args(["size=1M", "block=512"], "--backend-arg"), "--backend")
     assert (b.size, b.block) == (1 << 20, 512)  # "1M" became an int by its annotation
 
 
@@ -33,35 +32,42 @@ def test_a_device_gets_its_options_when_it_takes_them() -> None:
 
 def test_conversions_by_annotation(tmp_path: Path) -> None:
     mod = tmp_path / "typed.py"
-    mod.write_text("from pathlib import Path\n"
-                   "class T:\n"
-                   "    def __init__(self, a: int, b: float, c: bool, d: Path, e: str, "
-                   "f: int | None = None, g=1):\n"
-                   "        self.v = (a, b, c, d, e, f, g)\n")
+    mod.write_text(
+        "from pathlib import Path\n"
+        "class T:\n"
+        "    def __init__(self, a: int, b: float, c: bool, d: Path, e: str, "
+        "f: int | None = None, g=1):\n"
+        "        self.v = (a, b, c, d, e, f, g)\n"
+    )
     cls = plugins.load_class(f"{mod}:T", "--backend")
-    t = plugins.construct(cls, {"a": "0x10", "b": "2.5", "c": "yes", "d": "/x", "e": "5",
-                                "f": "4K", "g": "text"}, "--backend")
+    t = plugins.construct(
+        cls, {"a": "0x10", "b": "2.5", "c": "yes", "d": "/x", "e": "5", "f": "4K", "g": "text"}, "--backend"
+    )
     assert t.v == (16, 2.5, True, Path("/x"), "5", 4096, "text")
     with pytest.raises(UserError, match="--backend-arg c=maybe: T wants bool there"):
-        plugins.construct(cls, {"a": "1", "b": "1", "c": "maybe", "d": "/", "e": ""},
-                          "--backend")
+        plugins.construct(cls, {"a": "1", "b": "1", "c": "maybe", "d": "/", "e": ""}, "--backend")
 
 
-@pytest.mark.parametrize(("args", "words"), [
-    (["--backend", f"{ROOT}/examples/sparse_ram.py:Nope"], ["has no 'Nope'"]),
-    (["--backend", FLAKY], ["is not a backend"]),
-    (["--device", SPARSE], ["is not a device"]),
-    (["--backend", SPARSE], ["SparseRam refuses these arguments", "missing", "size"]),
-    (["--backend", SPARSE, "--backend-arg", "size=1M", "--backend-arg", "colour=red"],
-     ["refuses these arguments", "colour", "it takes: size, block"]),
-    (["--backend", SPARSE, "--backend-arg", "size=3"], ["SparseRam(...) failed: ValueError"]),
-    (["--backend", SPARSE, "--backend-arg", "size"], ["give KEY=VALUE"]),
-    (["--backend", "no_such_module_anywhere:X"], ["cannot import no_such_module_anywhere"]),
-    (["--backend", "/nonexistent/x.py:X"], ["there is no file /nonexistent/x.py"]),
-    (["--backend", "justamodule"], ["give MODULE:CLASS"]),
-    (["--device-arg", "a=1", "--null", "1M"], ["--device-arg is for --device"]),
-    ([], ["say what to serve"]),
-])
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--backend", f"{ROOT}/examples/sparse_ram.py:Nope"], ["has no 'Nope'"]),
+        (["--backend", FLAKY], ["is not a backend"]),
+        (["--device", SPARSE], ["is not a device"]),
+        (["--backend", SPARSE], ["SparseRam refuses these arguments", "missing", "size"]),
+        (
+            ["--backend", SPARSE, "--backend-arg", "size=1M", "--backend-arg", "colour=red"],
+            ["refuses these arguments", "colour", "it takes: size, block"],
+        ),
+        (["--backend", SPARSE, "--backend-arg", "size=3"], ["SparseRam(...) failed: ValueError"]),
+        (["--backend", SPARSE, "--backend-arg", "size"], ["give KEY=VALUE"]),
+        (["--backend", "no_such_module_anywhere:X"], ["cannot import no_such_module_anywhere"]),
+        (["--backend", "/nonexistent/x.py:X"], ["there is no file /nonexistent/x.py"]),
+        (["--backend", "justamodule"], ["give MODULE:CLASS"]),
+        (["--device-arg", "a=1", "--null", "1M"], ["--device-arg is for --device"]),
+        ([], ["say what to serve"]),
+    ],
+)
 def test_every_plugin_mistake_is_one_line(args: list[str], words: list[str]) -> None:
     one_line_error(pyvduse("blk", "--name", "x", *args), *words)
 
@@ -69,5 +75,6 @@ def test_every_plugin_mistake_is_one_line(args: list[str], words: list[str]) -> 
 def test_a_plugin_that_fails_to_import_says_why(tmp_path: Path) -> None:
     bad = tmp_path / "broken.py"
     bad.write_text("raise RuntimeError('half written')\n")
-    one_line_error(pyvduse("blk", "--name", "x", "--backend", f"{bad}:X"),
-                   "loading", "RuntimeError: half written")
+    one_line_error(
+        pyvduse("blk", "--name", "x", "--backend", f"{bad}:X"), "loading", "RuntimeError: half written"
+    )

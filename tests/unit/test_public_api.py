@@ -42,8 +42,7 @@ def test_every_public_name_resolves_and_nothing_else_is_exported() -> None:
 def test_import_pyvduse_stays_cheap() -> None:
     """The command line imports the package: the names load on first use."""
     code = "import sys, pyvduse; print(sorted(m for m in sys.modules if m.startswith('pyvduse')))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['pyvduse']"
 
 
@@ -77,8 +76,7 @@ class Shouting(Backend):
 
 
 def test_a_users_backend_on_an_embedded_daemon_started_and_stopped_off_the_main_thread() -> None:
-    daemon = Daemon(BlkDevice(Shouting(4 * MiB, bad_offset=MiB)), "api0", model=True,
-                    state_dir=None)
+    daemon = Daemon(BlkDevice(Shouting(4 * MiB, bad_offset=MiB)), "api0", model=True, state_dir=None)
     started = threading.Thread(target=daemon.start)
     started.start()
     started.join(10)
@@ -102,8 +100,13 @@ class Echo(VirtioDevice):
 
     def spec(self) -> DeviceSpec:
         version_1, access_platform = 1 << 32, 1 << 33  # what VDUSE requires of a device
-        return DeviceSpec(device_id=DeviceId.BLOCK, features=version_1 | access_platform, config=b"",
-                          num_queues=1, queue_size=64)
+        return DeviceSpec(
+            device_id=DeviceId.BLOCK,
+            features=version_1 | access_platform,
+            config=b"",
+            num_queues=1,
+            queue_size=64,
+        )
 
     def submit(self, request: Request) -> None:
         chain: Chain = request.chain

@@ -45,10 +45,8 @@ def _quiet() -> Iterator[None]:
     logging.disable(logging.NOTSET)
 
 
-def python_rig(device: VirtioDevice, aio: Aio = Aio.THREADS,
-               msg_timeout: float = 5.0) -> ModelRig:
-    return ModelRig(device, tuning=QueueTuning(data_path=DataPath.PYTHON, aio=aio),
-                    msg_timeout=msg_timeout)
+def python_rig(device: VirtioDevice, aio: Aio = Aio.THREADS, msg_timeout: float = 5.0) -> ModelRig:
+    return ModelRig(device, tuning=QueueTuning(data_path=DataPath.PYTHON, aio=aio), msg_timeout=msg_timeout)
 
 
 def read_request(q: DriverQueue, sector: int, length: int = 512) -> int:

@@ -68,8 +68,7 @@ class Holding(VirtioDevice):
 
     def spec(self) -> DeviceSpec:
         f = REQUIRED_FEATURES | bit(F_RING_EVENT_IDX) | bit(F_RING_INDIRECT_DESC)
-        return DeviceSpec(DeviceId.BLOCK, f | (bit(F_RING_PACKED) if self.packed else 0),
-                          bytes(64), 1, NUM)
+        return DeviceSpec(DeviceId.BLOCK, f | (bit(F_RING_PACKED) if self.packed else 0), bytes(64), 1, NUM)
 
     def submit(self, request: Request) -> None:
         self.held.append(request)
@@ -140,12 +139,12 @@ class World:
                 ring.arena = saved
         pending: dict[int, Any] = ring.pending
         writable = next(p[1] for p in pending.values() if p[2][0] == ticket)
-        self.sent.append(Sent(ticket, tag, writable, self.generation,
-                              self.coherent.base if coherent else None))
+        self.sent.append(
+            Sent(ticket, tag, writable, self.generation, self.coherent.base if coherent else None)
+        )
         deadline = time.monotonic() + 5  # the device has it: each step starts from a known state
         while True:
-            got = [r for r in list(self.device.held)
-                   if b"".join(bytes(b) for b in r.chain.readable) == tag]
+            got = [r for r in list(self.device.held) if b"".join(bytes(b) for b in r.chain.readable) == tag]
             if got:
                 self.by_request[id(got[0])] = self.sent[-1]
                 return
@@ -169,8 +168,9 @@ class World:
             before = self.frozen_now(s) if gone else b""
             written = Holding.serve(r)
             if gone:
-                assert self.frozen_now(s) == before, "a request wrote into driver memory " \
-                    "after the reset or unmap was answered"
+                assert self.frozen_now(s) == before, (
+                    "a request wrote into driver memory after the reset or unmap was answered"
+                )
             r.complete(written)
         if s.generation == self.generation and s.fate != "dropped":
             self.seen(s)
@@ -232,28 +232,36 @@ def finish(w: World) -> None:
             assert data == pattern(s.tag, len(data))
 
 
-ops = st.lists(st.one_of(
-    st.tuples(st.just("submit"), st.integers(1, 300), st.booleans()),
-    st.tuples(st.just("complete"), st.integers(0, 64), st.booleans()),
-    st.tuples(st.just("collect"), st.just(0), st.just(False)),
-    st.tuples(st.just("reset"), st.just(0), st.just(False)),
-    st.tuples(st.just("unmap"), st.just(0), st.just(False)),
-), max_size=40)
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("submit"), st.integers(1, 300), st.booleans()),
+        st.tuples(st.just("complete"), st.integers(0, 64), st.booleans()),
+        st.tuples(st.just("collect"), st.just(0), st.just(False)),
+        st.tuples(st.just("reset"), st.just(0), st.just(False)),
+        st.tuples(st.just("unmap"), st.just(0), st.just(False)),
+    ),
+    max_size=40,
+)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
-@settings(max_examples=60, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(steps=ops)
 def test_completions_in_any_order_across_resets_and_unmaps(
-        packed: bool, steps: list[tuple[str, int, bool]]) -> None:
+    packed: bool, steps: list[tuple[str, int, bool]]
+) -> None:
     resets = sum(op == "reset" for op, _, _ in steps)
     unmaps = sum(op == "unmap" for op, _, _ in steps)
     if resets + unmaps > 3:  # each waits out the grace: keep an example short
         steps = [s for s in steps if s[0] not in ("reset", "unmap")]
     device = Holding(packed)
-    rig = ModelRig(device, msg_timeout=0.2, bounce_size=1 << 20,
-                   tuning=QueueTuning(data_path=DataPath.PYTHON))
+    rig = ModelRig(
+        device, msg_timeout=0.2, bounce_size=1 << 20, tuning=QueueTuning(data_path=DataPath.PYTHON)
+    )
     with rig:
         w = World(rig, device)
         for op, a, b in steps:

@@ -31,9 +31,12 @@ NUM = 8
 
 def null_engine(num: int, desc: int, avail: int, used: int, event_idx: bool) -> EngineConfig:
     """A native engine's configuration for a ring of ``num`` at these IOVAs in MEM bytes."""
-    return EngineConfig(RingLayout([(0, MEM - 1, bytearray(MEM), True)], num, desc, avail, used,
-                                   event_idx=event_idx, indirect=True),
-                        DeviceConfig(bytearray(8)))
+    return EngineConfig(
+        RingLayout(
+            [(0, MEM - 1, bytearray(MEM), True)], num, desc, avail, used, event_idx=event_idx, indirect=True
+        ),
+        DeviceConfig(bytearray(8)),
+    )
 
 
 def memory() -> RegionMap:
@@ -81,15 +84,18 @@ def test_the_event_fields_count_only_when_negotiated() -> None:
         SplitQueue(memory(), NUM, 0x1000, 0x1080, 0x1080 + 20, bit(F_RING_EVENT_IDX))
 
 
-@pytest.mark.parametrize(("desc", "driver", "device", "refused"), [
-    (0x1000, 0x1080, 0x1084, None),
-    (0x1000, 0x1080, 0x1080, "overlap"),
-    (0x1000, 0x1040, 0x1084, "overlap"),  # the driver area inside the descriptor ring
-    (0x1000, 0x1080, 0x107C, "overlap"),
-    (0x1004, 0x1080, 0x1084, "aligned"),
-    (0x1000, 0x1082, 0x1088, "aligned"),
-    (0x1000, 0x1080, 0x1086, "aligned"),
-])
+@pytest.mark.parametrize(
+    ("desc", "driver", "device", "refused"),
+    [
+        (0x1000, 0x1080, 0x1084, None),
+        (0x1000, 0x1080, 0x1080, "overlap"),
+        (0x1000, 0x1040, 0x1084, "overlap"),  # the driver area inside the descriptor ring
+        (0x1000, 0x1080, 0x107C, "overlap"),
+        (0x1004, 0x1080, 0x1084, "aligned"),
+        (0x1000, 0x1082, 0x1088, "aligned"),
+        (0x1000, 0x1080, 0x1086, "aligned"),
+    ],
+)
 def test_packed_ring_areas(desc: int, driver: int, device: int, refused: str | None) -> None:
     if refused is None:
         PackedQueue(memory(), NUM, desc, driver, device, 0)
@@ -109,10 +115,16 @@ def test_areas_at_the_top_of_the_iova_space() -> None:
 
 @pytest.mark.skipif(not native.available(), reason="native extension not built")
 @settings(max_examples=300, deadline=None)
-@given(desc=st.integers(0, 0x400), avail=st.integers(0, 0x400), used=st.integers(0, 0x400),
-       num=st.sampled_from([1, 2, 8, 16]), event_idx=st.booleans())
-def test_both_engines_refuse_the_same_layouts(desc: int, avail: int, used: int, num: int,
-                                               event_idx: bool) -> None:
+@given(
+    desc=st.integers(0, 0x400),
+    avail=st.integers(0, 0x400),
+    used=st.integers(0, 0x400),
+    num=st.sampled_from([1, 2, 8, 16]),
+    event_idx=st.booleans(),
+)
+def test_both_engines_refuse_the_same_layouts(
+    desc: int, avail: int, used: int, num: int, event_idx: bool
+) -> None:
     try:
         check_areas(split_areas(num, desc, avail, used, event_idx))
         python_ok = True
@@ -129,7 +141,8 @@ def test_both_engines_refuse_the_same_layouts(desc: int, avail: int, used: int, 
 @pytest.mark.parametrize("path", [DataPath.NATIVE, DataPath.PYTHON])
 @pytest.mark.parametrize("packed", [False, True])
 def test_the_model_driver_placing_the_used_ring_on_the_avail_ring(
-        path: DataPath, packed: bool, caplog: pytest.LogCaptureFixture) -> None:
+    path: DataPath, packed: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     """Queue 0 is not served (one log line, and `ctl status` says why); queue 1 is."""
     if path is DataPath.NATIVE and not native.available():
         pytest.skip("native extension not built")

@@ -52,10 +52,12 @@ def self_feeding_ring(event_idx: bool) -> tuple[RegionMap, SplitQueue, bytearray
     for head in range(NUM):
         table, hdr, status = 0x4000 + 0x100 * head, 0x8000 + 0x100 * head, 0x8080 + 0x100 * head
         buf[hdr : hdr + 16] = vb.OUTHDR.pack(vb.ReqType.FLUSH, 0, 0)
-        buf[table : table + 32] = (VRING_DESC.pack(hdr, 16, VRING_DESC_F_NEXT, 1)
-                                   + VRING_DESC.pack(status, 1, VRING_DESC_F_WRITE, 0))
+        buf[table : table + 32] = VRING_DESC.pack(hdr, 16, VRING_DESC_F_NEXT, 1) + VRING_DESC.pack(
+            status, 1, VRING_DESC_F_WRITE, 0
+        )
         buf[DESC + DESC_SIZE * head : DESC + DESC_SIZE * (head + 1)] = VRING_DESC.pack(
-            table, 32, VRING_DESC_F_INDIRECT, 0)
+            table, 32, VRING_DESC_F_INDIRECT, 0
+        )
     buf[AVAIL + 2 : AVAIL + 4] = (1).to_bytes(2, "little")  # one request: head 0
     features = bit(F_RING_INDIRECT_DESC) | (bit(F_RING_EVENT_IDX) if event_idx else 0)
     q = SplitQueue(mem, NUM, DESC, AVAIL, ALIAS + AVAIL, features)
@@ -101,16 +103,23 @@ def test_a_ring_that_feeds_itself_lets_the_worker_sleep(engine: str, event_idx: 
     assert 2 * size <= served <= 16 * size, served
     assert later <= 3 * size, later
     assert cpu_later < 0.1, f"the worker used {cpu_later:.2f} s of CPU in 1 s"
-    sleeps = (int(w.engine.counters()["budget_sleeps"]) if isinstance(w, NativeQueueWorker)
-              else w.budget.sleeps)
+    sleeps = (
+        int(w.engine.counters()["budget_sleeps"]) if isinstance(w, NativeQueueWorker) else w.budget.sleeps
+    )
     assert sleeps >= 2
 
 
 def _flush_ring(event_idx: bool, n: int) -> tuple[Arena, DriverSplitRing, SplitQueue]:
     arena = Arena(1 << 16)
     drv = DriverSplitRing(arena, 16, event_idx=event_idx)
-    q = SplitQueue(arena.memory, 16, drv.desc_addr, drv.avail_addr, drv.used_addr,
-                   bit(F_RING_EVENT_IDX) if event_idx else 0)
+    q = SplitQueue(
+        arena.memory,
+        16,
+        drv.desc_addr,
+        drv.avail_addr,
+        drv.used_addr,
+        bit(F_RING_EVENT_IDX) if event_idx else 0,
+    )
     for _ in range(n):
         drv.add([vb.OUTHDR.pack(vb.ReqType.FLUSH, 0, 0)], [1])
     drv.kick_needed()  # the driver's kick for these (the device asked for one at the start)
@@ -119,8 +128,7 @@ def _flush_ring(event_idx: bool, n: int) -> tuple[Arena, DriverSplitRing, SplitQ
 
 @pytest.mark.parametrize("event_idx", [True, False])
 @pytest.mark.parametrize("engine", ["python", "native"])
-def test_a_spent_budget_asks_the_driver_to_kick_at_its_next_request(
-        engine: str, event_idx: bool) -> None:
+def test_a_spent_budget_asks_the_driver_to_kick_at_its_next_request(engine: str, event_idx: bool) -> None:
     """With requests still pending, a driver's next addition kicks (event index: set to the
     driver's avail index as read; without: NO_NOTIFY cleared), whichever engine spent it."""
     if engine == "native" and not native.available():
@@ -128,10 +136,20 @@ def test_a_spent_budget_asks_the_driver_to_kick_at_its_next_request(
     arena, drv, q = _flush_ring(event_idx, 6)
     dev = BlkDevice(NullBackend(1 << 20))
     if engine == "native":
-        eng = native.extension().Engine(EngineConfig(
-            RingLayout(native.region_tuples(arena.memory), 16, drv.desc_addr, drv.avail_addr,
-                       drv.used_addr, event_idx=event_idx),
-            DeviceConfig(dev.capacity_cell), tuning=EngineTuning(budget=4)))
+        eng = native.extension().Engine(
+            EngineConfig(
+                RingLayout(
+                    native.region_tuples(arena.memory),
+                    16,
+                    drv.desc_addr,
+                    drv.avail_addr,
+                    drv.used_addr,
+                    event_idx=event_idx,
+                ),
+                DeviceConfig(dev.capacity_cell),
+                tuning=EngineTuning(budget=4),
+            )
+        )
         kick, stop = os.eventfd(0), os.eventfd(1)
         try:
             assert eng.run(kick, stop) == native.RUN_STOPPED
@@ -158,7 +176,8 @@ def test_a_spent_budget_asks_the_driver_to_kick_at_its_next_request(
 @pytest.mark.parametrize("event_idx", [True, False])
 @pytest.mark.parametrize("engine", ["python", "native"])
 def test_a_driver_that_keeps_adding_is_served_without_waiting(
-        engine: str, event_idx: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine: str, event_idx: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A driver thread keeps a queue of 4 busy and kicks only when the device asks; with a
     budget of one request, every request spends it: 1000 requests, each needing the kick the
     device asked for, and none waits for a backoff."""
@@ -168,12 +187,21 @@ def test_a_driver_that_keeps_adding_is_served_without_waiting(
     monkeypatch.setattr(native, "wakeup_budget", lambda num: 1)
     arena = Arena(1 << 20)  # a bump allocator: room for every request's buffers
     drv = DriverSplitRing(arena, NUM, event_idx=event_idx)
-    q = SplitQueue(arena.memory, NUM, drv.desc_addr, drv.avail_addr, drv.used_addr,
-                   bit(F_RING_INDIRECT_DESC) | (bit(F_RING_EVENT_IDX) if event_idx else 0))
+    q = SplitQueue(
+        arena.memory,
+        NUM,
+        drv.desc_addr,
+        drv.avail_addr,
+        drv.used_addr,
+        bit(F_RING_INDIRECT_DESC) | (bit(F_RING_EVENT_IDX) if event_idx else 0),
+    )
     dev = BlkDevice(NullBackend(1 << 20))
     kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-    w: QueueWorker = (NativeQueueWorker(dev, 0, q, kick, lambda i: None, arena.memory, None)
-                      if engine == "native" else QueueWorker(dev, 0, q, kick, lambda i: None))
+    w: QueueWorker = (
+        NativeQueueWorker(dev, 0, q, kick, lambda i: None, arena.memory, None)
+        if engine == "native"
+        else QueueWorker(dev, 0, q, kick, lambda i: None)
+    )
     hdr = vb.OUTHDR.pack(vb.ReqType.FLUSH, 0, 0)
     total, submitted, done, worst = 1000, 0, 0, 0.0
     w.start()
@@ -191,8 +219,9 @@ def test_a_driver_that_keeps_adding_is_served_without_waiting(
             if drv.kick_needed():
                 os.eventfd_write(kick, 1)
             assert now - t0 < 30, f"{done} of {total} served"
-        sleeps = (int(w.engine.counters()["budget_sleeps"]) if isinstance(w, NativeQueueWorker)
-                  else w.budget.sleeps)
+        sleeps = (
+            int(w.engine.counters()["budget_sleeps"]) if isinstance(w, NativeQueueWorker) else w.budget.sleeps
+        )
     finally:
         w.stop()
         os.close(kick)

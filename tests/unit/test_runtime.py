@@ -58,18 +58,21 @@ class LoopbackTransport(Transport):
         os.eventfd_write(self.kicks[index], 1)
 
 
-def setup(queues: int = 2, transport: type[LoopbackTransport] = LoopbackTransport,
-          tuning: QueueTuning | None = None,
-          ) -> tuple[DeviceServer, LoopbackTransport, list[DriverSplitRing]]:
+def setup(
+    queues: int = 2,
+    transport: type[LoopbackTransport] = LoopbackTransport,
+    tuning: QueueTuning | None = None,
+) -> tuple[DeviceServer, LoopbackTransport, list[DriverSplitRing]]:
     arena = Arena(8 << 20)
     rings = [DriverSplitRing(arena, 32) for _ in range(queues)]
     t = transport(arena, queues)
-    server = DeviceServer(BlkDevice(MemoryBackend(4 << 20), BlkOptions(num_queues=queues)),
-                          tuning=tuning)
+    server = DeviceServer(BlkDevice(MemoryBackend(4 << 20), BlkOptions(num_queues=queues)), tuning=tuning)
     server.bind(t)
     assert server.features_ok(FEATURES)
-    server.driver_ok(FEATURES, [QueueSetup(i, 32, r.desc_addr, r.avail_addr, r.used_addr, True)
-                                for i, r in enumerate(rings)])
+    server.driver_ok(
+        FEATURES,
+        [QueueSetup(i, 32, r.desc_addr, r.avail_addr, r.used_addr, True) for i, r in enumerate(rings)],
+    )
     return server, t, rings
 
 
@@ -85,8 +88,11 @@ def test_requests_on_two_queues_are_served_and_interrupt() -> None:
     try:
         for q, ring in enumerate(rings):
             for k in range(20):
-                ring.add([vb.OUTHDR.pack(vb.ReqType.OUT, 0, 8 * (q * 20 + k)), bytes([k]) * 4096],
-                         [1], indirect=True)
+                ring.add(
+                    [vb.OUTHDR.pack(vb.ReqType.OUT, 0, 8 * (q * 20 + k)), bytes([k]) * 4096],
+                    [1],
+                    indirect=True,
+                )
             t.kick(q)
         done: dict[int, int] = {0: 0, 1: 0}
 
@@ -96,6 +102,7 @@ def test_requests_on_two_queues_are_served_and_interrupt() -> None:
                     assert ring.read_writable(c) == b"\0"  # status OK
                     done[q] += 1
             return done == {0: 20, 1: 20}
+
         wait_for(collected)
         # the interrupt follows the publish the driver saw, a moment later
         wait_for(lambda: t.irqs[0] >= 1 and t.irqs[1] >= 1)
@@ -145,10 +152,12 @@ def test_capacity_change_goes_through_the_transport() -> None:
         server.reset()
 
 
-@pytest.mark.parametrize("packed, data_path", [
-    (False, DataPath.PYTHON), (False, DataPath.NATIVE), (True, DataPath.PYTHON)])
+@pytest.mark.parametrize(
+    "packed, data_path", [(False, DataPath.PYTHON), (False, DataPath.NATIVE), (True, DataPath.PYTHON)]
+)
 def test_a_restarted_daemon_interrupts_even_with_nothing_to_repeat(
-        tmp_path: Path, packed: bool, data_path: DataPath) -> None:
+    tmp_path: Path, packed: bool, data_path: DataPath
+) -> None:
     """A daemon killed between publishing completions and interrupting left the driver
     waiting: with nothing else in flight (fio at its queue depth) no later interrupt would
     come. The restarted daemon interrupts once on every queue it takes over."""
@@ -212,8 +221,7 @@ def first_published(request_s: float, publish_us: int) -> int:
     try:
         for k in range(4):
             ring.add([vb.OUTHDR.pack(vb.ReqType.OUT, 0, 8 * k), bytes(4096)], [1])
-        server.driver_ok(FEATURES, [QueueSetup(0, 32, ring.desc_addr, ring.avail_addr,
-                                               ring.used_addr, True)])
+        server.driver_ok(FEATURES, [QueueSetup(0, 32, ring.desc_addr, ring.avail_addr, ring.used_addr, True)])
         wait_for(lambda: ring.used_idx() >= 1)
         first = ring.used_idx()
         wait_for(lambda: ring.used_idx() == 4)
@@ -230,12 +238,16 @@ def test_long_requests_are_published_before_their_round_ends(publish_us: int) ->
     assert first == 4 if publish_us == MAX_US else first < 4
 
 
-@pytest.mark.parametrize(("request_s", "publish_us", "held_for_the_round"), [
-    (0.002, 200_000, True),  # short requests (2 ms < 200 ms), a round well under the hold
-    (0.020, 30_000, False),  # short (20 ms < 30 ms), but the round outlasts the hold (30 ms)
-])
+@pytest.mark.parametrize(
+    ("request_s", "publish_us", "held_for_the_round"),
+    [
+        (0.002, 200_000, True),  # short requests (2 ms < 200 ms), a round well under the hold
+        (0.020, 30_000, False),  # short (20 ms < 30 ms), but the round outlasts the hold (30 ms)
+    ],
+)
 def test_short_requests_are_held_for_their_round_but_not_past_the_hold(
-        request_s: float, publish_us: int, held_for_the_round: bool) -> None:
+    request_s: float, publish_us: int, held_for_the_round: bool
+) -> None:
     assert QueueTuning(publish_us=publish_us).hold_us == publish_us
     assert (first_published(request_s, publish_us) == 4) is held_for_the_round
 
@@ -269,8 +281,9 @@ def test_workers_run_on_their_interrupt_cpus(data_path: DataPath, on_irq_cpus: b
     """Each worker thread is pinned to its queue's interrupt CPUs with workers_on_irq_cpus,
     or left to the scheduler without it (the default); serving is the same either way. Its
     OS thread name is vqN (for top -H and ps -L)."""
-    server, t, rings = setup(2, PlacedIrqTransport,
-                             QueueTuning(data_path=data_path, workers_on_irq_cpus=on_irq_cpus))
+    server, t, rings = setup(
+        2, PlacedIrqTransport, QueueTuning(data_path=data_path, workers_on_irq_cpus=on_irq_cpus)
+    )
     try:
         for i, r in enumerate(rings):
             r.add([vb.OUTHDR.pack(vb.ReqType.IN, 0, 0)], [512, 1])

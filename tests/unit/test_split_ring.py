@@ -112,8 +112,7 @@ def test_resume_from_saved_avail_index() -> None:
     drv = DriverSplitRing(arena, 8)
     for _ in range(3):
         drv.add([b"a"], [1])
-    dev = SplitQueue(arena.memory, 8, drv.desc_addr, drv.avail_addr, drv.used_addr, ALL,
-                     last_avail_idx=2)
+    dev = SplitQueue(arena.memory, 8, drv.desc_addr, drv.avail_addr, drv.used_addr, ALL, last_avail_idx=2)
     assert dev.pending() == 1
 
 
@@ -133,8 +132,12 @@ def bad_chain(setup: object, features: int = ALL) -> str:
 
 
 def test_loop_is_detected() -> None:
-    err = bad_chain(lambda d: (d.write_desc(0, 0x100, 4, VRING_DESC_F_NEXT, 1),
-                               d.write_desc(1, 0x100, 4, VRING_DESC_F_NEXT, 0)))
+    err = bad_chain(
+        lambda d: (
+            d.write_desc(0, 0x100, 4, VRING_DESC_F_NEXT, 1),
+            d.write_desc(1, 0x100, 4, VRING_DESC_F_NEXT, 0),
+        )
+    )
     assert "longer than the queue" in err
 
 
@@ -151,14 +154,19 @@ def test_length_running_past_memory_end() -> None:
 
 
 def test_readable_after_writable() -> None:
-    err = bad_chain(lambda d: (d.write_desc(0, 0x100, 4, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1),
-                               d.write_desc(1, 0x200, 4, 0, 0)))
+    err = bad_chain(
+        lambda d: (
+            d.write_desc(0, 0x100, 4, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1),
+            d.write_desc(1, 0x200, 4, 0, 0),
+        )
+    )
     assert "after a device-writable" in err
 
 
 def test_indirect_not_negotiated() -> None:
-    err = bad_chain(lambda d: d.write_desc(0, 0x100, 16, VRING_DESC_F_INDIRECT, 0),
-                    features=bit(F_RING_EVENT_IDX))
+    err = bad_chain(
+        lambda d: d.write_desc(0, 0x100, 16, VRING_DESC_F_INDIRECT, 0), features=bit(F_RING_EVENT_IDX)
+    )
     assert "without" in err
 
 
@@ -176,8 +184,10 @@ def test_nested_indirect() -> None:
     def setup(d: DriverSplitRing) -> None:
         table = d.arena.alloc(32)
         from pyvduse.abi.virtio import VRING_DESC
+
         d.arena.write(table, VRING_DESC.pack(table, 16, VRING_DESC_F_INDIRECT, 0))
         d.write_desc(0, table, 16, VRING_DESC_F_INDIRECT, 0)
+
     assert "nested" in bad_chain(setup)
 
 
@@ -185,9 +195,13 @@ def test_indirect_loop() -> None:
     def setup(d: DriverSplitRing) -> None:
         table = d.arena.alloc(32)
         from pyvduse.abi.virtio import VRING_DESC
-        d.arena.write(table, VRING_DESC.pack(0x100, 4, VRING_DESC_F_NEXT, 1)
-                      + VRING_DESC.pack(0x100, 4, VRING_DESC_F_NEXT, 0))
+
+        d.arena.write(
+            table,
+            VRING_DESC.pack(0x100, 4, VRING_DESC_F_NEXT, 1) + VRING_DESC.pack(0x100, 4, VRING_DESC_F_NEXT, 0),
+        )
         d.write_desc(0, table, 32, VRING_DESC_F_INDIRECT, 0)
+
     assert "longer than the queue" in bad_chain(setup)
 
 

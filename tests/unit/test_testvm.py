@@ -291,7 +291,9 @@ def test_virtiofsd_argv_knows_both_flavours(tmp_path: Path) -> None:
     ]  # fmt: skip
     # the second share: a directory of the run's, uncached (FUSE direct-I/O mode)
     assert testvm.virtiofsd_argv(str(rust), sock, "/r/nocache", "none")[2:4] == [
-        "--shared-dir=/r/nocache", "--cache=never"]
+        "--shared-dir=/r/nocache",
+        "--cache=never",
+    ]
     assert testvm.virtiofsd_argv(str(c), sock, "/r/nocache", "none")[-6:] == [
         "-o", "source=/r/nocache", "-o", "cache=none", "-o", "sandbox=chroot",
     ]  # fmt: skip
@@ -299,8 +301,9 @@ def test_virtiofsd_argv_knows_both_flavours(tmp_path: Path) -> None:
 
 def test_the_guest_gets_a_cache_none_share(tmp_path: Path) -> None:
     image = testvm.GuestImage(tmp_path / "vmlinuz", tmp_path / "initrd", "6.12", "pkg")
-    argv = testvm.qemu_argv("qemu", image, tmp_path / "a.sock", tmp_path, mem="1G", smp=1,
-                            nocache_socket=tmp_path / "b.sock")
+    argv = testvm.qemu_argv(
+        "qemu", image, tmp_path / "a.sock", tmp_path, mem="1G", smp=1, nocache_socket=tmp_path / "b.sock"
+    )
     assert f"vhost-user-fs-pci,chardev=vfs2,tag={testvm.NOCACHE_TAG}" in argv
     assert f"socket,id=vfs2,path={tmp_path / 'b.sock'}" in argv
     assert f"mount -t virtiofs {testvm.NOCACHE_TAG} /host{testvm.NOCACHE_MOUNT}" in INIT_SCRIPT
@@ -491,10 +494,8 @@ def test_run_prepared_stops_a_boot_that_hangs(fake_qemu: tuple[Path, Path]) -> N
     script, rundir = fake_qemu
     argv = [sys.executable, str(script), str(rundir), "boot-hang"]
     sink = io.StringIO()
-    r = testvm._run_prepared(argv, rundir, timeout=60, console=sink, will_retry=True,
-                             boot_timeout=1.0)
-    assert (r.exit_code, r.timed_out, r.boot_hung, sink.getvalue()) == (EXIT_NO_STATUS, False,
-                                                                        True, "")
+    r = testvm._run_prepared(argv, rundir, timeout=60, console=sink, will_retry=True, boot_timeout=1.0)
+    assert (r.exit_code, r.timed_out, r.boot_hung, sink.getvalue()) == (EXIT_NO_STATUS, False, True, "")
     assert r.duration < 15 and _pid_gone(int((rundir / "pid").read_text()))
 
 
@@ -507,8 +508,7 @@ def test_run_boots_again_after_a_boot_hang(
     r = testvm.run("true", cwd="/", console=sink)
     assert (r.exit_code, r.boots, r.boot_hung) == (3, 2, False)
     assert sink.getvalue() == "hello-from-fake\n"  # the hung boot is not in the output
-    assert "did not reach the command in 1 s of booting; booting again (2 of 3)" in \
-        capsys.readouterr().err
+    assert "did not reach the command in 1 s of booting; booting again (2 of 3)" in capsys.readouterr().err
 
 
 def test_run_does_not_retry_a_command_that_began(fake_vm: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -104,8 +104,7 @@ def vhost_daemon(monkeypatch: pytest.MonkeyPatch, bind: str = "vhost") -> Daemon
 
 def test_stop_waits_for_the_vm_to_close_the_node(monkeypatch: pytest.MonkeyPatch) -> None:
     holders = [[], [7], [7], []]
-    monkeypatch.setattr(sysfs, "node_holders",
-                        lambda node: holders.pop(0) if holders else [])
+    monkeypatch.setattr(sysfs, "node_holders", lambda node: holders.pop(0) if holders else [])
     d = vhost_daemon(monkeypatch)
     d.node = "/dev/vhost-vdpa-0"
     hurry = threading.Event()
@@ -117,8 +116,7 @@ def test_stop_waits_for_the_vm_to_close_the_node(monkeypatch: pytest.MonkeyPatch
     assert d._wait_for_release(hurry)  # stopped again: leave it attached
 
 
-def test_kernel_check_and_resume_name_the_driver(monkeypatch: pytest.MonkeyPatch,
-                                                 tmp_path: Path) -> None:
+def test_kernel_check_and_resume_name_the_driver(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from pyvduse.daemon import check_kernel
     from pyvduse.errors import ConfigError, KernelMissing
     from pyvduse.transport.kernel import device_fd

@@ -140,9 +140,7 @@ def device_checks() -> None:
 
         config = vb.BlkConfig(capacity=2048).pack()
         features = vio.bit(vio.F_VERSION_1) | vio.bit(vio.F_ACCESS_PLATFORM)
-        bad = v.DevConfig(
-            name, 0, vio.DeviceId.BLOCK, features | vio.bit(vb.F_CONFIG_WCE), 1, 4096, config
-        )
+        bad = v.DevConfig(name, 0, vio.DeviceId.BLOCK, features | vio.bit(vb.F_CONFIG_WCE), 1, 4096, config)
         _, err = ioctl_errno(ctl, v.VDUSE_CREATE_DEV, bytearray(bad.pack()))
         check(
             "VDUSE_CREATE_DEV refuses CONFIG_WCE with EINVAL",
@@ -282,9 +280,7 @@ def per_fd_checks(ctl: int, fd: int, name: str) -> None:
     umem = v.IovaUmem(0, 0, 64 << 20).pack()
     expect_errno(fd, "VDUSE_IOTLB_REG_UMEM", v.VDUSE_IOTLB_REG_UMEM, bytearray(umem), errno.EINVAL)
     # Nothing registered: the kernel answers ENOENT here.
-    expect_errno(
-        fd, "VDUSE_IOTLB_DEREG_UMEM", v.VDUSE_IOTLB_DEREG_UMEM, bytearray(umem), errno.ENOENT
-    )
+    expect_errno(fd, "VDUSE_IOTLB_DEREG_UMEM", v.VDUSE_IOTLB_DEREG_UMEM, bytearray(umem), errno.ENOENT)
     _, err = ioctl_errno(fd, v.VDUSE_IOTLB_GET_FD2, bytearray(v.IotlbEntryV2(0, 0, 0, 0, 0).pack()))
     check(
         "VDUSE_IOTLB_GET_FD2 on API 0 gives ENOTTY",

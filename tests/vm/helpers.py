@@ -27,14 +27,11 @@ class Daemon:
     """``pyvduse blk`` (or ``net``) as a child process, started and waited for like a user
     would."""
 
-    def __init__(self, *args: str, name: str, ready_timeout: float = 120,
-                 command: str = "blk") -> None:
+    def __init__(self, *args: str, name: str, ready_timeout: float = 120, command: str = "blk") -> None:
         self.name = name
-        self.argv = [sys.executable, "-m", "pyvduse", "--log-level", "info", command, "--name",
-                     name, *args]
+        self.argv = [sys.executable, "-m", "pyvduse", "--log-level", "info", command, "--name", name, *args]
         self.log = Path(f"/tmp/pyvduse-{name}.log")
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=self.log.open("w"),
-                                     text=True)
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=self.log.open("w"), text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # blocks until READY or exit
         if not line.startswith("READY "):
@@ -63,8 +60,9 @@ class Daemon:
         pid = self.proc.pid
         self.proc.send_signal(signal.SIGUSR1)
         time.sleep(3)
-        kernel = sh(f"for t in /proc/{pid}/task/*; do echo $t; cat $t/stack; done; "
-                    "dmesg | tail -20", check=False).stdout
+        kernel = sh(
+            f"for t in /proc/{pid}/task/*; do echo $t; cat $t/stack; done; dmesg | tail -20", check=False
+        ).stdout
         self.proc.kill()
         self.proc.wait()
         return f"daemon log:\n{self.stderr()[-6000:]}\nkernel:\n{kernel[-4000:]}"
@@ -95,8 +93,12 @@ def make_image(path: Path, size: int) -> Path:
 
 def ctl(name: str, *args: str, control: str | None = None) -> subprocess.CompletedProcess[str]:
     extra = ["--control", control] if control else []
-    return subprocess.run([sys.executable, "-m", "pyvduse", "ctl", name, *args, *extra],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "pyvduse", "ctl", name, *args, *extra],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def ctl_json(name: str, *args: str, control: str | None = None) -> dict[str, object]:
@@ -114,15 +116,25 @@ class NullBlk:
 
     ROOT = Path("/sys/kernel/config/nullb")
 
-    def __init__(self, name: str, size_mb: int = 256, latency_us: int = 250,
-                 memory_backed: bool = True, queue_depth: int = 256) -> None:
+    def __init__(
+        self,
+        name: str,
+        size_mb: int = 256,
+        latency_us: int = 250,
+        memory_backed: bool = True,
+        queue_depth: int = 256,
+    ) -> None:
         self.dir = self.ROOT / name
         if self.dir.exists():  # left by a test that failed half-way
             self.close()
         self.dir.mkdir()
         try:
-            attrs = {"size": size_mb, "blocksize": 512, "memory_backed": int(memory_backed),
-                     "hw_queue_depth": queue_depth}
+            attrs = {
+                "size": size_mb,
+                "blocksize": 512,
+                "memory_backed": int(memory_backed),
+                "hw_queue_depth": queue_depth,
+            }
             if latency_us:
                 attrs.update(irqmode=2, completion_nsec=latency_us * 1000)
             for attr, value in attrs.items():

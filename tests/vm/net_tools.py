@@ -24,8 +24,7 @@ CHUNK = 1 << 20
 def sh(cmd: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     p = subprocess.run(cmd, shell=True, text=True, capture_output=True, timeout=timeout)
     if check and p.returncode != 0:
-        raise AssertionError(f"`{cmd}` exited {p.returncode}\n{p.stdout[-3000:]}\n"
-                             f"{p.stderr[-3000:]}")
+        raise AssertionError(f"`{cmd}` exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
 
 
@@ -53,8 +52,9 @@ def address_here(ifname: str, address: str, mtu: int | None = None) -> None:
     sh(f"ip link set {ifname} up")
 
 
-def ping(target: str, ns: str | None = None, count: int = 3, size: int | None = None,
-         timeout: int = 3) -> bool:
+def ping(
+    target: str, ns: str | None = None, count: int = 3, size: int | None = None, timeout: int = 3
+) -> bool:
     opts = f"-c {count} -W {timeout} -i 0.3"
     if size is not None:
         opts += f" -M do -s {size}"
@@ -72,16 +72,20 @@ def wait_ping(target: str, ns: str | None = None, seconds: float = 30) -> bool:
 class Transfer:
     """One TCP transfer of ``size`` bytes from here to ``address`` in namespace ``ns``."""
 
-    def __init__(self, address: str, size: int, ns: str, port: int = 5099,
-                 seed: int = 18, rate: int = 0) -> None:
+    def __init__(
+        self, address: str, size: int, ns: str, port: int = 5099, seed: int = 18, rate: int = 0
+    ) -> None:
         py = sys.executable
         self.receiver = subprocess.Popen(
-            in_ns(ns, f"{py} {HERE} receive {port}").split(), stdout=subprocess.PIPE, text=True)
+            in_ns(ns, f"{py} {HERE} receive {port}").split(), stdout=subprocess.PIPE, text=True
+        )
         assert self.receiver.stdout is not None
         assert self.receiver.stdout.readline().strip() == "LISTENING"
         self.sender = subprocess.Popen(
             [py, str(HERE), "send", address, str(port), str(size), str(seed), str(rate)],
-            stdout=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE,
+            text=True,
+        )
 
     def wait(self, timeout: float) -> tuple[str, str, float]:
         """(sent sha256, received sha256, seconds the sender took)."""
@@ -100,8 +104,7 @@ def iperf3(address: str, ns: str, *args: str, seconds: int = 3) -> dict[str, Any
     """One iperf3 run from here to a server started in ``ns`` for it; its JSON."""
     sh(in_ns(ns, "iperf3 -s -D -1"))
     time.sleep(0.5)
-    p = sh(f"iperf3 -c {address} -t {seconds} -J {' '.join(args)}", check=False,
-           timeout=seconds + 60)
+    p = sh(f"iperf3 -c {address} -t {seconds} -J {' '.join(args)}", check=False, timeout=seconds + 60)
     result: dict[str, Any] = json.loads(p.stdout)
     assert "error" not in result, result["error"]
     return result
@@ -145,7 +148,6 @@ def _receive(port: int) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "send":
-        _send(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]),
-              int(sys.argv[6]))
+        _send(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))
     else:
         _receive(int(sys.argv[2]))

@@ -98,9 +98,11 @@ def test_fio_random_write_verify(tmp_path: Path, ring: str) -> None:
     img = make_image(tmp_path / "fio.img", 128 * MiB)
     with Daemon("--file", str(img), *ring_args(ring), name=f"e2e-fio-{ring}") as d:
         assert_ring(d, ring)
-        out = sh(f"{FIO} --name=verify --filename={d.dev} --direct=1 --ioengine=libaio "
-                 "--rw=randwrite --bsrange=4k-64k --iodepth=16 --size=48M "
-                 "--verify=crc32c --verify_fatal=1 --do_verify=1").stdout
+        out = sh(
+            f"{FIO} --name=verify --filename={d.dev} --direct=1 --ioengine=libaio "
+            "--rw=randwrite --bsrange=4k-64k --iodepth=16 --size=48M "
+            "--verify=crc32c --verify_fatal=1 --do_verify=1"
+        ).stdout
         fio_ok(out)
         assert d.stop() == 0
 
@@ -145,15 +147,18 @@ def test_readonly_device_refuses_writes(tmp_path: Path) -> None:
 
 def test_serial_block_size_and_two_queues(tmp_path: Path) -> None:
     img = make_image(tmp_path / "mq.img", 64 * MiB)
-    with Daemon("--file", str(img), "--queues", "2", "--serial", "PYVDUSE-0042",
-                "--block-size", "4096", name="e2e-mq") as d:
+    with Daemon(
+        "--file", str(img), "--queues", "2", "--serial", "PYVDUSE-0042", "--block-size", "4096", name="e2e-mq"
+    ) as d:
         name = blockdev_name(d.dev)
         assert Path(f"/sys/block/{name}/serial").read_text().strip() == "PYVDUSE-0042"
         assert Path(f"/sys/block/{name}/queue/logical_block_size").read_text().strip() == "4096"
         assert len(list(Path(f"/sys/block/{name}/mq").iterdir())) == 2
-        out = sh(f"{FIO} --name=mq --filename={d.dev} --direct=1 --ioengine=libaio "
-                 "--rw=randwrite --bs=4k --iodepth=8 --numjobs=2 --size=8M --offset_increment=16M "
-                 "--verify=crc32c --verify_fatal=1 --do_verify=1").stdout
+        out = sh(
+            f"{FIO} --name=mq --filename={d.dev} --direct=1 --ioengine=libaio "
+            "--rw=randwrite --bs=4k --iodepth=8 --numjobs=2 --size=8M --offset_increment=16M "
+            "--verify=crc32c --verify_fatal=1 --do_verify=1"
+        ).stdout
         fio_ok(out)
         assert d.stop() == 0
 
@@ -168,7 +173,10 @@ def test_sigterm_during_fio_leaves_consistent_fs(tmp_path: Path) -> None:
     fio = subprocess.Popen(
         f"fio --name=load --directory={mnt} --rw=randwrite --bs=4k --size=32M --numjobs=2 "
         "--ioengine=libaio --iodepth=16 --direct=1 --time_based --runtime=120",
-        shell=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        shell=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(8)
     assert fio.poll() is None, "fio should still be running"
     assert d.stop(signal.SIGTERM) == 0, d.stderr()

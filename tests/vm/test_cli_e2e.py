@@ -16,8 +16,9 @@ pytestmark = pytest.mark.vm
 
 
 def pyvduse(*args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*prefix, sys.executable, "-m", "pyvduse", *args],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "pyvduse", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def one_line_error(p: subprocess.CompletedProcess[str], *words: str) -> None:
@@ -30,8 +31,7 @@ def one_line_error(p: subprocess.CompletedProcess[str], *words: str) -> None:
 
 def test_name_taken_leaves_the_first_device_alone(tmp_path: Path) -> None:
     with Daemon("--memory", "16M", name="cli-taken") as d:
-        one_line_error(pyvduse("blk", "--name", "cli-taken", "--memory", "1M"),
-                       "already exists")
+        one_line_error(pyvduse("blk", "--name", "cli-taken", "--memory", "1M"), "already exists")
         sh(f"dd if={d.dev} of=/dev/null bs=1M count=1 iflag=direct status=none")
         assert d.stop() == 0
     assert wait_gone("/dev/vduse/cli-taken")
@@ -45,8 +45,14 @@ def test_no_permission_leaves_nothing(tmp_path: Path) -> None:
     os.chmod(control, 0)
     try:
         caps = "-dac_override,-dac_read_search"
-        p = pyvduse("blk", "--name", "cli-perm", "--memory", "1M",
-                    prefix=("setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}"))
+        p = pyvduse(
+            "blk",
+            "--name",
+            "cli-perm",
+            "--memory",
+            "1M",
+            prefix=("setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}"),
+        )
     finally:
         os.chmod(control, mode)
     one_line_error(p, "no permission", control)
@@ -61,8 +67,11 @@ def test_killed_daemon_then_destroy_then_serve_again(tmp_path: Path) -> None:
     listing = pyvduse("list").stdout
     assert "cli-killed\torphaned" in listing, listing
     # restarting it with other options is refused (the same options would resume it)
-    one_line_error(pyvduse("blk", "--name", "cli-killed", "--file", str(img), "--readonly"),
-                   "configuration differs", "pyvduse destroy cli-killed")
+    one_line_error(
+        pyvduse("blk", "--name", "cli-killed", "--file", str(img), "--readonly"),
+        "configuration differs",
+        "pyvduse destroy cli-killed",
+    )
     p = pyvduse("destroy", "cli-killed")
     assert p.returncode == 0, p.stderr
     assert not os.path.exists("/dev/vduse/cli-killed")

@@ -42,7 +42,8 @@ def check_fio(p: subprocess.Popen[bytes], d: Daemon) -> None:
         raise AssertionError(
             f"fio hung; in flight (read write) on {dev}: "
             f"{sh(f'cat /sys/block/{dev}/inflight', check=False).stdout.strip()}\n"
-            f"{d.stuck()}") from None
+            f"{d.stuck()}"
+        ) from None
     text = out.decode()
     assert p.returncode == 0, text[-2000:]
     jobs = [line for line in text.splitlines() if line.startswith("3;")]
@@ -67,8 +68,7 @@ def test_fio_verify_survives_20_kills(tmp_path: Path, ring: str) -> None:
 
 
 def _kills_under_fio(image: str, ring: str, iodepth: int, extra: tuple[str, ...]) -> None:
-    args = ("--file", image, "--queues", "2", *(("--packed",) if ring == "packed" else ()),
-            *extra)
+    args = ("--file", image, "--queues", "2", *(("--packed",) if ring == "packed" else ()), *extra)
     name = f"crash-fio-{ring}"
     rng = random.Random(5)
     before = kernel_log()
@@ -79,7 +79,10 @@ def _kills_under_fio(image: str, ring: str, iodepth: int, extra: tuple[str, ...]
             f"fio --name=crash --filename={d.dev} --direct=1 --ioengine=libaio --rw=randwrite "
             f"--bs=4k --iodepth={iodepth} --size=32M --verify=crc32c --do_verify=1 "
             "--verify_fatal=1 --output-format=terse --terse-version=3",
-            shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            shell=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
 
     fio = start_fio()
     rounds = 1
@@ -91,7 +94,7 @@ def _kills_under_fio(image: str, ring: str, iodepth: int, extra: tuple[str, ...]
         time.sleep(rng.uniform(0.2, 1.5))
         d = restart(d, args, name)
     check_fio(fio, d)
-    new_log = kernel_log()[len(before):]
+    new_log = kernel_log()[len(before) :]
     assert "I/O error" not in new_log and "blk_update_request" not in new_log, new_log[-2000:]
     assert d.stop() == 0
 
@@ -109,7 +112,8 @@ def test_ext4_stays_consistent_through_kills(tmp_path: Path) -> None:
         # about as long as the 8 kill-and-restart rounds below, so they all hit it writing
         f"for i in $(seq 1 240); do head -c $((RANDOM * 4)) /dev/urandom > {mnt}/f$i; "
         f"[ $((i % 30)) = 0 ] && sync; done; sync",
-        shell=True)
+        shell=True,
+    )
     for _ in range(8):
         time.sleep(rng.uniform(0.3, 2.0))
         d = restart(d, args, "crash-ext4")
@@ -125,9 +129,12 @@ def test_restart_with_another_configuration_is_refused(tmp_path: Path) -> None:
     d = Daemon("--file", str(img), name="crash-cfg")
     d.proc.send_signal(signal.SIGKILL)
     d.proc.wait()
-    p = subprocess.run([sys.executable, "-m", "pyvduse", "blk", "--name", "crash-cfg",
-                        "--file", str(img), "--queues", "2"],
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "pyvduse", "blk", "--name", "crash-cfg", "--file", str(img), "--queues", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode != 0
     assert "configuration" in p.stderr and "queues" in p.stderr, p.stderr
     d2 = Daemon("--file", str(img), name="crash-cfg")  # the same configuration resumes

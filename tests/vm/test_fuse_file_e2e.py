@@ -32,14 +32,15 @@ def nocache_dir() -> Path:
     mounts = Path("/proc/mounts").read_text().splitlines()
     options = [m.split()[3] for m in mounts if m.split()[1:3] == [path, "virtiofs"]]
     if not path or not options:
-        pytest.fail(f"no virtiofs share with cache=none at {path!r} (pyvduse/testvm.py "
-                    "mounts one; see the console for why it did not)")
+        pytest.fail(
+            f"no virtiofs share with cache=none at {path!r} (pyvduse/testvm.py "
+            "mounts one; see the console for why it did not)"
+        )
     return Path(path)
 
 
 @pytest.mark.parametrize("engine", ["native", "python"])
-def test_ext4_and_fio_verify_on_an_image_on_a_cache_none_share(tmp_path: Path,
-                                                               engine: str) -> None:
+def test_ext4_and_fio_verify_on_an_image_on_a_cache_none_share(tmp_path: Path, engine: str) -> None:
     img = make_image(nocache_dir() / f"fuse-{engine}.img", 64 * MiB)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
@@ -49,9 +50,11 @@ def test_ext4_and_fio_verify_on_an_image_on_a_cache_none_share(tmp_path: Path,
         with Daemon("--file", str(img), *args, name=name) as d:
             sh(f"mkfs.ext4 -q -F {d.dev}")
             sh(f"mount {d.dev} {mnt}")
-            sh(f"fio --name=verify --filename={mnt}/f --size=12M --direct=1 --ioengine=libaio "
-               "--rw=randwrite --bsrange=4k-64k --iodepth=8 --verify=crc32c --verify_fatal=1 "
-               "--do_verify=1 --output-format=terse")
+            sh(
+                f"fio --name=verify --filename={mnt}/f --size=12M --direct=1 --ioengine=libaio "
+                "--rw=randwrite --bsrange=4k-64k --iodepth=8 --verify=crc32c --verify_fatal=1 "
+                "--do_verify=1 --output-format=terse"
+            )
             sh(f"umount {mnt}")
             sh(f"e2fsck -fn {d.dev}")
             assert d.stop() == 0

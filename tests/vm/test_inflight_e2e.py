@@ -21,9 +21,13 @@ from tests.vm.helpers import Daemon, Hangable, NullBlk, ctl_result, sh
 
 pytestmark = pytest.mark.vm
 
-MODES = [("--aio", "io_uring"), ("--aio", "io_uring", "--cache", "none"),
-         ("--aio", "io_uring", "--cache", "none", "--bounce-memory", "daemon"),
-         ("--aio", "threads"), ("--aio", "threads", "--packed")]
+MODES = [
+    ("--aio", "io_uring"),
+    ("--aio", "io_uring", "--cache", "none"),
+    ("--aio", "io_uring", "--cache", "none", "--bounce-memory", "daemon"),
+    ("--aio", "threads"),
+    ("--aio", "threads", "--packed"),
+]
 MODE_IDS = ["io_uring", "io_uring-direct", "io_uring-direct-umem", "threads", "threads-packed"]
 
 
@@ -31,22 +35,25 @@ def deepest(name: str) -> int:
     """The most requests in flight at once on any queue, from the daemon's depth histogram
     (bucket bounds are powers of two: the bound of the last non-empty one, halved)."""
     queues = ctl_result(name, "stats")["queues"]
-    return max(int(q["depth"]["buckets"][-1][0]) // 2 for q in queues
-               if q["depth"]["buckets"])
+    return max(int(q["depth"]["buckets"][-1][0]) // 2 for q in queues if q["depth"]["buckets"])
 
 
 def fio_verify(dev: str, iodepth: int = 32, size: str = "48M", jobs: int = 2) -> str:
-    return sh(f"fio --name=deep --filename={dev} --direct=1 --ioengine=libaio --rw=randwrite "
-              f"--bs=4k --iodepth={iodepth} --numjobs={jobs} --offset_increment=64M "
-              f"--size={size} --verify=crc32c --do_verify=1 --verify_fatal=1 "
-              "--group_reporting --output-format=terse --terse-version=3",
-              timeout=900).stdout
+    return sh(
+        f"fio --name=deep --filename={dev} --direct=1 --ioengine=libaio --rw=randwrite "
+        f"--bs=4k --iodepth={iodepth} --numjobs={jobs} --offset_increment=64M "
+        f"--size={size} --verify=crc32c --do_verify=1 --verify_fatal=1 "
+        "--group_reporting --output-format=terse --terse-version=3",
+        timeout=900,
+    ).stdout
 
 
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 def test_fio_verify_at_depth_on_a_slow_disk(mode: tuple[str, ...]) -> None:
-    with NullBlk("deep-fio") as disk, Daemon("--file", disk.dev, "--queues", "2", *mode,
-                                             name="deep-fio") as d:
+    with (
+        NullBlk("deep-fio") as disk,
+        Daemon("--file", disk.dev, "--queues", "2", *mode, name="deep-fio") as d,
+    ):
         out = fio_verify(d.dev)
         line = next(ln for ln in out.splitlines() if ln.startswith("3;"))
         assert line.split(";")[4] == "0", out[-2000:]  # no fio error
@@ -61,9 +68,12 @@ def test_fio_verify_at_depth_on_a_slow_disk(mode: tuple[str, ...]) -> None:
             # completes a write the cache takes, and a read it holds, inline): reads that
             # miss it show the depth.
             sh("sync; echo 3 > /proc/sys/vm/drop_caches")
-            sh(f"fio --name=miss --filename={d.dev} --direct=1 --ioengine=libaio "
-               "--rw=randread --bs=4k --iodepth=32 --time_based --runtime=2 "
-               "--output-format=terse", timeout=300)
+            sh(
+                f"fio --name=miss --filename={d.dev} --direct=1 --ioengine=libaio "
+                "--rw=randread --bs=4k --iodepth=32 --time_based --runtime=2 "
+                "--output-format=terse",
+                timeout=300,
+            )
         assert deepest("deep-fio") >= 16, ctl_result("deep-fio", "stats")
         assert d.stop() == 0
 
@@ -73,14 +83,16 @@ def test_ext4_on_a_slow_disk() -> None:
     slow disk and the driver's queue fills (through the page cache, writes the daemon's page
     cache takes at once are completed inline, and the queue stays shallow)."""
     with NullBlk("deep-ext4", size_mb=512) as disk:
-        with Daemon("--file", disk.dev, "--queues", "2", "--cache", "none",
-                    name="deep-ext4") as d:
+        with Daemon("--file", disk.dev, "--queues", "2", "--cache", "none", name="deep-ext4") as d:
             mnt = Path("/tmp/deep-ext4")
             mnt.mkdir(exist_ok=True)
             sh(f"mkfs.ext4 -q -F {d.dev}")
             sh(f"mount {d.dev} {mnt}")
-            sh(f"for i in $(seq 1 400); do head -c $((RANDOM * 8)) /dev/urandom > {mnt}/f$i; "
-               f"done; sync; (cd {mnt} && sha256sum f* > /tmp/deep-ext4.sums)", timeout=900)
+            sh(
+                f"for i in $(seq 1 400); do head -c $((RANDOM * 8)) /dev/urandom > {mnt}/f$i; "
+                f"done; sync; (cd {mnt} && sha256sum f* > /tmp/deep-ext4.sums)",
+                timeout=900,
+            )
             sh(f"umount {mnt}")
             sh(f"e2fsck -fn {d.dev}")
             sh(f"mount {d.dev} {mnt}")
@@ -101,13 +113,15 @@ def test_detach_through_a_backend_that_hangs_longer_than_msg_timeout() -> None:
         fio = subprocess.Popen(
             f"fio --name=hang --filename={d.dev} --direct=1 --ioengine=libaio --rw=randread "
             "--bs=4k --iodepth=16 --time_based --runtime=60 --output-format=terse",
-            shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            shell=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         try:
             time.sleep(2)
             dm.suspend()
             time.sleep(1)
-            detach = threading.Thread(target=sh, args=("vdpa dev del hang0",),
-                                      kwargs={"timeout": 120})
+            detach = threading.Thread(target=sh, args=("vdpa dev del hang0",), kwargs={"timeout": 120})
             detach.start()  # waits in virtio_blk's remove for the requests that hang
             t = time.monotonic()
             while time.monotonic() - t < 6:  # twice msg_timeout

@@ -17,8 +17,7 @@ VIRTIO_VDPA = Path("/sys/bus/vdpa/drivers/virtio_vdpa")
 
 
 def masks(name: str, queues: int) -> list[str]:
-    return [Path(f"/sys/class/vduse/{name}/vq{i}/irq_cb_affinity").read_text().strip()
-            for i in range(queues)]
+    return [Path(f"/sys/class/vduse/{name}/vq{i}/irq_cb_affinity").read_text().strip() for i in range(queues)]
 
 
 def worker_cpus(pid: int) -> dict[str, str]:
@@ -28,14 +27,19 @@ def worker_cpus(pid: int) -> dict[str, str]:
         comm = (task / "comm").read_text().strip()
         if comm.startswith("vq"):
             status = (task / "status").read_text()
-            out[comm] = next(line.split(":", 1)[1].strip() for line in status.splitlines()
-                             if line.startswith("Cpus_allowed_list:"))
+            out[comm] = next(
+                line.split(":", 1)[1].strip()
+                for line in status.splitlines()
+                if line.startswith("Cpus_allowed_list:")
+            )
     return out
 
 
 def io(dev: str) -> None:
-    sh(f"dd if=/dev/zero of={dev} bs=4k count=256 oflag=direct status=none && "
-       f"dd if={dev} of=/dev/null bs=4k count=256 iflag=direct status=none")
+    sh(
+        f"dd if=/dev/zero of={dev} bs=4k count=256 oflag=direct status=none && "
+        f"dd if={dev} of=/dev/null bs=4k count=256 iflag=direct status=none"
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -76,18 +80,17 @@ def test_driver_keeps_the_drivers_mask() -> None:
 
 
 def test_worker_cpus_irq_runs_each_worker_where_its_interrupts_are() -> None:
-    with Daemon("--null", "8M", "--irq-cpus", "first", "--worker-cpus", "irq",
-                name="irq-pin") as d:
+    with Daemon("--null", "8M", "--irq-cpus", "first", "--worker-cpus", "irq", name="irq-pin") as d:
         assert masks("irq-pin", 1) == ["1"]
         io(d.dev)
         assert worker_cpus(d.proc.pid) == {"vq0": "0"}
         assert d.stop() == 0
-    with Daemon("--null", "8M", "--queues", "2", "--worker-cpus", "irq",
-                name="irq-pin2") as d:  # the driver's spread: follow leaves it
+    with Daemon(
+        "--null", "8M", "--queues", "2", "--worker-cpus", "irq", name="irq-pin2"
+    ) as d:  # the driver's spread: follow leaves it
         one_each = masks("irq-pin2", 2)
         io(d.dev)
-        assert worker_cpus(d.proc.pid) == {f"vq{i}": {"1": "0", "2": "1"}[m]
-                                           for i, m in enumerate(one_each)}
+        assert worker_cpus(d.proc.pid) == {f"vq{i}": {"1": "0", "2": "1"}[m] for i, m in enumerate(one_each)}
         assert d.stop() == 0
 
 
@@ -112,8 +115,9 @@ def test_a_cpu_list_applies_again_when_the_driver_probes_again() -> None:
 
 
 def worker_tid(pid: int, name: str) -> int:
-    return next(int(t.name) for t in Path(f"/proc/{pid}/task").iterdir()
-                if (t / "comm").read_text().strip() == name)
+    return next(
+        int(t.name) for t in Path(f"/proc/{pid}/task").iterdir() if (t / "comm").read_text().strip() == name
+    )
 
 
 def test_follow_moves_the_interrupts_to_the_workers_cpu() -> None:

@@ -46,8 +46,9 @@ class Server:
         if not self.port:
             Path(SOCK).unlink(missing_ok=True)
         self.log = Path(f"/tmp/nbd-server-{time.monotonic_ns()}.log")
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL,
-                                     stderr=self.log.open("w"), text=True)
+        self.proc = subprocess.Popen(
+            self.argv, stdout=subprocess.DEVNULL, stderr=self.log.open("w"), text=True
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log.read_text()
@@ -64,7 +65,7 @@ class Server:
 
 def accepts(port: int, sock: str) -> bool:
     """Whether the server listens (its socket file appears before it does)."""
-    with (socket.socket() if port else socket.socket(socket.AF_UNIX)) as s:
+    with socket.socket() if port else socket.socket(socket.AF_UNIX) as s:
         return s.connect_ex(("127.0.0.1", port) if port else sock) == 0
 
 
@@ -84,14 +85,22 @@ def nbdkit(*args: str, tcp: bool = False) -> tuple[list[str], int]:
 
 
 def fio(dev: str, *extra: str, size: str = "12M", iodepth: int = 32) -> str:
-    return (f"fio --name=nbd --filename={dev} --direct=1 --ioengine=libaio --bs=4k "
-            f"--iodepth={iodepth} --numjobs=2 --offset_increment=32M --size={size} "
-            f"--group_reporting {' '.join(extra)}")
+    return (
+        f"fio --name=nbd --filename={dev} --direct=1 --ioengine=libaio --bs=4k "
+        f"--iodepth={iodepth} --numjobs=2 --offset_increment=32M --size={size} "
+        f"--group_reporting {' '.join(extra)}"
+    )
 
 
 def fio_verify(dev: str) -> None:
-    out = sh(fio(dev, "--rw=randwrite --verify=crc32c --do_verify=1 --verify_fatal=1 "
-                 "--output-format=terse --terse-version=3"), timeout=600).stdout
+    out = sh(
+        fio(
+            dev,
+            "--rw=randwrite --verify=crc32c --do_verify=1 --verify_fatal=1 "
+            "--output-format=terse --terse-version=3",
+        ),
+        timeout=600,
+    ).stdout
     line = next(ln for ln in out.splitlines() if ln.startswith("3;"))
     assert line.split(";")[4] == "0", out[-2000:]
 
@@ -100,8 +109,11 @@ def ext4_round_trip(dev: str, mnt: Path) -> None:
     mnt.mkdir(exist_ok=True)
     sh(f"mkfs.ext4 -q -F {dev}")
     sh(f"mount {dev} {mnt}")
-    sh(f"for i in $(seq 1 60); do head -c $((RANDOM * 4)) /dev/urandom > {mnt}/f$i; done; "
-       f"sync; (cd {mnt} && sha256sum f* > /tmp/nbd-ext4.sums)", timeout=600)
+    sh(
+        f"for i in $(seq 1 60); do head -c $((RANDOM * 4)) /dev/urandom > {mnt}/f$i; done; "
+        f"sync; (cd {mnt} && sha256sum f* > /tmp/nbd-ext4.sums)",
+        timeout=600,
+    )
     sh(f"umount {mnt}")
     sh(f"e2fsck -fn {dev}")
     sh(f"mount {dev} {mnt}")
@@ -116,11 +128,25 @@ def test_ext4_and_fio_verify_32_deep_on_two_queues(tmp_path: Path, server: str) 
     else:
         image = tmp_path / "disk.qcow2"
         sh(f"qemu-img create -q -f qcow2 {image} 128M")
-        argv, port = ["qemu-nbd", "-t", "-e", "4", "-f", "qcow2", "--cache=writeback",
-                      "-b", "127.0.0.1", "-p", "10810", str(image)], 10810
+        argv, port = (
+            [
+                "qemu-nbd",
+                "-t",
+                "-e",
+                "4",
+                "-f",
+                "qcow2",
+                "--cache=writeback",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                "10810",
+                str(image),
+            ],
+            10810,
+        )
     name = f"nbd-{server[:8]}"
-    with nbd_server(argv, port) as srv, Daemon("--nbd", srv.uri, "--queues", "2",
-                                               name=name) as d:
+    with nbd_server(argv, port) as srv, Daemon("--nbd", srv.uri, "--queues", "2", name=name) as d:
         fio_verify(d.dev)
         assert deepest(name) >= 16, ctl_result(name, "stats")
         status = ctl_result(name, "status")
@@ -139,17 +165,26 @@ def test_ext4_and_fio_verify_32_deep_on_two_queues(tmp_path: Path, server: str) 
 def test_injected_errors_fail_exactly_those_requests() -> None:
     """nbdkit's error filter fails 3% of reads with EIO: fio sees exactly as many failed
     reads as the server injected and the device counted, and every other read verifies."""
-    argv, _ = nbdkit("--filter=error", "memory", "64M", "error=EIO",
-                     "error-pread-rate=3%", "error-pread-file=/tmp/nbd-fail")
+    argv, _ = nbdkit(
+        "--filter=error",
+        "memory",
+        "64M",
+        "error=EIO",
+        "error-pread-rate=3%",
+        "error-pread-file=/tmp/nbd-fail",
+    )
     Path("/tmp/nbd-fail").unlink(missing_ok=True)
-    with nbd_server(argv) as srv, Daemon("--nbd", srv.uri, "--queues", "2",
-                                         name="nbd-errors") as d:
+    with nbd_server(argv) as srv, Daemon("--nbd", srv.uri, "--queues", "2", name="nbd-errors") as d:
         sh(fio(d.dev, "--rw=write --verify=crc32c --do_verify=0"))  # no errors on writes
         Path("/tmp/nbd-fail").touch()
-        p = sh(fio(d.dev, "--rw=write --verify=crc32c --verify_only --continue_on_error=io "
-                   "--output-format=json"), check=False)
+        p = sh(
+            fio(
+                d.dev, "--rw=write --verify=crc32c --verify_only --continue_on_error=io --output-format=json"
+            ),
+            check=False,
+        )
         Path("/tmp/nbd-fail").unlink()
-        report = json.loads(p.stdout[p.stdout.index("{"):])
+        report = json.loads(p.stdout[p.stdout.index("{") :])
         fio_errors = sum(job["total_err"] for job in report["jobs"])
         stats = ctl_result("nbd-errors", "stats")
         srv.kill()
@@ -164,12 +199,22 @@ def test_the_server_killed_and_restarted_during_fio_verify() -> None:
     argv, _ = nbdkit("file", str(image))
     before = sh("dmesg").stdout
     try:
-        with nbd_server(argv) as srv, Daemon("--nbd", srv.uri, "--queues", "2",
-                                             "--nbd-reconnect", "20", name="nbd-restart") as d:
-            p = subprocess.Popen(fio(d.dev, "--rw=randwrite --verify=crc32c --do_verify=1 "
-                                     "--verify_fatal=1 --output-format=terse "
-                                     "--terse-version=3", size="24M"),
-                                 shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        with (
+            nbd_server(argv) as srv,
+            Daemon("--nbd", srv.uri, "--queues", "2", "--nbd-reconnect", "20", name="nbd-restart") as d,
+        ):
+            p = subprocess.Popen(
+                fio(
+                    d.dev,
+                    "--rw=randwrite --verify=crc32c --do_verify=1 "
+                    "--verify_fatal=1 --output-format=terse "
+                    "--terse-version=3",
+                    size="24M",
+                ),
+                shell=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
             for _ in range(2):
                 time.sleep(2.0)
                 srv.kill()
@@ -182,23 +227,31 @@ def test_the_server_killed_and_restarted_during_fio_verify() -> None:
             assert d.stop() == 0
     finally:
         image.unlink()
-    new = sh("dmesg").stdout[len(before):]
+    new = sh("dmesg").stdout[len(before) :]
     assert "I/O error" not in new, new[-2000:]
 
 
 def test_kill9_of_pyvduse_while_the_server_is_slow() -> None:
     image = make_image(Path("/dev/shm/nbd-kill.img"), 96 * MiB)
-    argv, _ = nbdkit("--filter=delay", "file", str(image), "delay-read=5ms",
-                     "delay-write=5ms")
+    argv, _ = nbdkit("--filter=delay", "file", str(image), "delay-read=5ms", "delay-write=5ms")
     args = ("--queues", "2")
     try:
         with nbd_server(argv) as srv:
             full = ("--nbd", srv.uri, *args)
             d = Daemon(*full, name="nbd-kill")
-            p = subprocess.Popen(fio(d.dev, "--rw=randwrite --verify=crc32c --do_verify=1 "
-                                     "--verify_fatal=1 --output-format=terse "
-                                     "--terse-version=3", size="8M", iodepth=16),
-                                 shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            p = subprocess.Popen(
+                fio(
+                    d.dev,
+                    "--rw=randwrite --verify=crc32c --do_verify=1 "
+                    "--verify_fatal=1 --output-format=terse "
+                    "--terse-version=3",
+                    size="8M",
+                    iodepth=16,
+                ),
+                shell=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
             for _ in range(3):
                 time.sleep(2.0)
                 d = restart(d, full, "nbd-kill")
@@ -225,4 +278,3 @@ def test_resize_with_no_size_reads_the_servers_new_size(tmp_path: Path) -> None:
             time.sleep(0.1)
         sh(f"dd if=/dev/urandom of={d.dev} bs=1M seek=47 count=1 oflag=direct")
         assert d.stop() == 0
-

@@ -78,8 +78,7 @@ def test_tcp_transfer_sha256(net: list[Daemon]) -> None:
     sent, got, seconds = Transfer(THERE, TRANSFER, NS).wait(timeout=1800)
     assert sent == got
     # on the host's pytest output via the guest's JUnit (a message on success is not kept)
-    print(f"{TRANSFER / MiB:.0f} MiB in {seconds:.1f} s "
-          f"({TRANSFER * 8 / seconds / 1e6:.0f} Mbit/s)")
+    print(f"{TRANSFER / MiB:.0f} MiB in {seconds:.1f} s ({TRANSFER * 8 / seconds / 1e6:.0f} Mbit/s)")
 
 
 def test_iperf3_tcp_and_udp(net: list[Daemon]) -> None:
@@ -144,8 +143,7 @@ def test_tcp_transfer_survives_kill9(net: list[Daemon]) -> None:
 
 
 def test_packed_ring_and_mergeable_buffers() -> None:
-    with Daemon("--tap", "tap19", "--packed", "--mrg-rxbuf", name="net1",
-                command="net") as d:
+    with Daemon("--tap", "tap19", "--packed", "--mrg-rxbuf", name="net1", command="net") as d:
         move_to_namespace(d.ifname, "nsB", "10.19.0.2/24")
         address_here("tap19", "10.19.0.1/24")
         try:
@@ -174,9 +172,14 @@ def test_python_device_answers_ping() -> None:
     """examples/ping_responder.py: a network device written in Python, on the real driver."""
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root)}  # this checkout's pyvduse
-    p = subprocess.Popen([sys.executable, str(root / "examples" / "ping_responder.py"),
-                          "--name", "pong0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, cwd=root, env=env)
+    p = subprocess.Popen(
+        [sys.executable, str(root / "examples" / "ping_responder.py"), "--name", "pong0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=root,
+        env=env,
+    )
     try:
         assert p.stdout is not None
         line = p.stdout.readline()

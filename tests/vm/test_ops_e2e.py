@@ -41,8 +41,7 @@ def sectors(dev: str) -> int:
     return int(Path(f"/sys/block/{os.path.basename(dev)}/size").read_text())
 
 
-def test_resize_stats_metrics_notify_and_quit(tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resize_stats_metrics_notify_and_quit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """One daemon's life (Python starts slowly in the emulated guest: few processes)."""
     name = "ops-e2e"
     control = f"/run/pyvduse/{name}.sock"  # the default place
@@ -53,8 +52,7 @@ def test_resize_stats_metrics_notify_and_quit(tmp_path: Path,
     notify.bind(str(tmp_path / "notify"))
     notify.settimeout(60)
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))  # as Type=notify does
-    with Daemon("--file", str(img), "--queues", "2", "--metrics", "127.0.0.1:9731",
-                name=name) as d:
+    with Daemon("--file", str(img), "--queues", "2", "--metrics", "127.0.0.1:9731", name=name) as d:
         assert notify.recv(4096) == f"READY=1\nSTATUS=serving {name} on {d.dev}".encode()
         assert Path(control).is_socket() and Path(control).stat().st_mode & 0o777 == 0o600
         assert sectors(d.dev) == 64 * MiB // 512
@@ -77,16 +75,20 @@ def test_resize_stats_metrics_notify_and_quit(tmp_path: Path,
         # grown by someone else, then 'resize' with no size
         os.truncate(img, 160 * MiB)
         assert request(control, {"cmd": "resize"}, timeout=60)["result"] == {
-            "old_size": 128 * MiB, "size": 160 * MiB, "changed": True}
+            "old_size": 128 * MiB,
+            "size": 160 * MiB,
+            "changed": True,
+        }
         wait_for("the re-read size in sysfs", lambda: sectors(d.dev) == 160 * MiB // 512)
-        for req, code in (({"size": "64M"}, "invalid-argument"),  # a shrink without "shrink"
-                          ({"size": 100000}, "invalid-argument")):  # not a block multiple
+        for req, code in (
+            ({"size": "64M"}, "invalid-argument"),  # a shrink without "shrink"
+            ({"size": 100000}, "invalid-argument"),
+        ):  # not a block multiple
             assert request(control, {"cmd": "resize", **req}, timeout=60)["error"]["code"] == code
         assert sectors(d.dev) == 160 * MiB // 512
         # the data, read back from the device rather than the page cache
         sh("echo 3 > /proc/sys/vm/drop_caches")
-        assert hashlib.sha256((mnt / "before").read_bytes()).digest() == \
-            hashlib.sha256(data).digest()
+        assert hashlib.sha256((mnt / "before").read_bytes()).digest() == hashlib.sha256(data).digest()
         assert (mnt / "after").read_bytes() == data[::-1]
         sh(f"umount {mnt}")
         sh(f"e2fsck -fn {d.dev}")
@@ -147,8 +149,7 @@ daemon.run(signals=True)
 """
 
 
-def test_stalled_backend_stalls_only_its_request(tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_stalled_backend_stalls_only_its_request(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     name = "ops-stall"
     img = tmp_path / "stall.img"
     img.write_bytes(os.urandom(4 * MiB))
@@ -160,8 +161,13 @@ def test_stalled_backend_stalls_only_its_request(tmp_path: Path,
     script.write_text(STALL_SCRIPT)
     log = short / "daemon.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, str(script), name, str(img), str(trigger), control],
-                            stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), name, str(img), str(trigger), control],
+        stdout=subprocess.PIPE,
+        stderr=log.open("w"),
+        text=True,
+        env=env,
+    )
     dd: subprocess.Popen[bytes] | None = None
     try:
         assert proc.stdout is not None
@@ -169,8 +175,18 @@ def test_stalled_backend_stalls_only_its_request(tmp_path: Path,
         assert line.startswith("READY "), (line, log.read_text())
         dev = line.split("dev=")[1].strip()
         trigger.touch()
-        dd = subprocess.Popen(["dd", f"if={dev}", f"of={out}", "bs=4k", "count=1",
-                               f"skip={STALL_OFFSET // 4096}", "iflag=direct", "status=none"])
+        dd = subprocess.Popen(
+            [
+                "dd",
+                f"if={dev}",
+                f"of={out}",
+                "bs=4k",
+                "count=1",
+                f"skip={STALL_OFFSET // 4096}",
+                "iflag=direct",
+                "status=none",
+            ]
+        )
 
         def in_flight() -> bool:
             total = request(control, {"cmd": "stats"}, timeout=10)["result"]["total"]

@@ -39,8 +39,9 @@ SECTOR = vb.SECTOR_SIZE
 
 
 @contextlib.contextmanager
-def driven(dev: str, rings_at: int = MiB, size: int = 8 * MiB,
-           **driver_args: Any) -> Iterator[tuple[VhostVdpa, BlkDriver, Mapping]]:
+def driven(
+    dev: str, rings_at: int = MiB, size: int = 8 * MiB, **driver_args: Any
+) -> Iterator[tuple[VhostVdpa, BlkDriver, Mapping]]:
     """Our driver on ``dev``: one region of memory for the rings (and buffers, unless a
     test places them elsewhere), probed; closed at the end (before the daemon stops:
     detaching waits for whoever holds the node)."""
@@ -64,11 +65,24 @@ def test_iotlb_changes_with_requests_in_flight(tmp_path: Path) -> None:
     removing B fails B's requests (nothing reaches B's memory after the unmap) and leaves
     A's, which complete with the right data when the backend wakes. Requests into B after
     the unmap fail at once; C, above 4 GiB, serves."""
-    with NullBlk("vh-iotlb", size_mb=16, latency_us=0) as disk, \
-            Hangable("vh-iotlb-dm", disk.dev) as dm, \
-            Daemon("--file", dm.dev, "--bind", "vhost", "--aio", "threads", "--cache", "none",
-                   "--msg-timeout", "6", name="vh-iotlb") as d, \
-            driven(d.dev) as (v, drv, a):
+    with (
+        NullBlk("vh-iotlb", size_mb=16, latency_us=0) as disk,
+        Hangable("vh-iotlb-dm", disk.dev) as dm,
+        Daemon(
+            "--file",
+            dm.dev,
+            "--bind",
+            "vhost",
+            "--aio",
+            "threads",
+            "--cache",
+            "none",
+            "--msg-timeout",
+            "6",
+            name="vh-iotlb",
+        ) as d,
+        driven(d.dev) as (v, drv, a),
+    ):
         b = v.iova.map(64 * MiB, MiB)
         pattern = {k: os.urandom(4096) for k in range(8)}
         for k, data in pattern.items():
@@ -78,8 +92,7 @@ def test_iotlb_changes_with_requests_in_flight(tmp_path: Path) -> None:
             with v.iova.placed(a):
                 in_a = [(k, drv.submit(vb.ReqType.IN, k * 8, in_len=4096)) for k in range(4)]
             with v.iova.placed(b):
-                in_b = [(k, drv.submit(vb.ReqType.IN, k * 8, in_len=4096))
-                        for k in range(4, 8)]
+                in_b = [(k, drv.submit(vb.ReqType.IN, k * 8, in_len=4096)) for k in range(4, 8)]
             wait_in_flight("vh-iotlb", 8)
             t = time.monotonic()
             c = v.iova.map(5 * GiB, MiB)
@@ -236,13 +249,27 @@ def test_driver_killed_with_requests_in_flight(tmp_path: Path) -> None:
     """A VMM dies (kill -9) with 32 requests hanging in the backend: the kernel resets the
     device on its behalf; the daemon abandons them after half the message timeout, the
     device is not broken and the next opener negotiates and serves."""
-    with NullBlk("vh-kill", size_mb=16, latency_us=0) as disk, \
-            Hangable("vh-kill-dm", disk.dev) as dm, \
-            Daemon("--file", dm.dev, "--bind", "vhost", "--aio", "threads", "--cache", "none",
-                   "--msg-timeout", "4", name="vh-kill") as d:
+    with (
+        NullBlk("vh-kill", size_mb=16, latency_us=0) as disk,
+        Hangable("vh-kill-dm", disk.dev) as dm,
+        Daemon(
+            "--file",
+            dm.dev,
+            "--bind",
+            "vhost",
+            "--aio",
+            "threads",
+            "--cache",
+            "none",
+            "--msg-timeout",
+            "4",
+            name="vh-kill",
+        ) as d,
+    ):
         dm.suspend()
-        child = subprocess.Popen([sys.executable, "-c", DRIVER_SCRIPT, d.dev],
-                                 stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+        child = subprocess.Popen(
+            [sys.executable, "-c", DRIVER_SCRIPT, d.dev], stdout=subprocess.PIPE, text=True, cwd=os.getcwd()
+        )
         try:
             assert child.stdout is not None
             assert child.stdout.readline().strip() == "submitted"
@@ -325,8 +352,12 @@ class Keeper:
                     self.completed += 1
                     if kind == "write":
                         self.written[off] = data
-                        pending[slot] = ("read", off, data, self.drv.submit(
-                            vb.ReqType.IN, off // SECTOR, in_len=self.block))
+                        pending[slot] = (
+                            "read",
+                            off,
+                            data,
+                            self.drv.submit(vb.ReqType.IN, off // SECTOR, in_len=self.block),
+                        )
                     else:
                         assert got == data, f"block at {off} read back wrong"
                         pending[slot] = self._write(slot)
@@ -348,8 +379,7 @@ def test_kill9_with_32_verified_requests_in_flight(ring: str) -> None:
     a disk with an SSD's latency, restart, three times: every request completes once, with
     the right data, and the driver never noticed more than a pause."""
     with NullBlk("vh-crash", size_mb=32) as disk:
-        args = ("--file", disk.dev, "--bind", "vhost", *(("--packed",) if ring == "packed"
-                                                         else ()))
+        args = ("--file", disk.dev, "--bind", "vhost", *(("--packed",) if ring == "packed" else ()))
         d = Daemon(*args, name="vh-crash")
         try:
             with driven(d.dev, size=16 * MiB) as (_v, drv, _m):

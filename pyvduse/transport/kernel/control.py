@@ -25,9 +25,11 @@ def kernel_has_vduse_module(modules_root: Path = Path("/lib/modules")) -> bool:
 def missing_module_hint(modules_root: Path = Path("/lib/modules")) -> str:
     if kernel_has_vduse_module(modules_root):
         return "the vduse kernel module is not loaded: run 'modprobe vduse' as root"
-    return ("the vduse kernel module is not loaded and this kernel does not ship it: run "
-            "'modprobe vduse' on Linux 5.15+ built with CONFIG_VDPA_USER, or try pyvduse in "
-            "the test VM: 'pyvduse testvm -- bash examples/quickstart.sh'")
+    return (
+        "the vduse kernel module is not loaded and this kernel does not ship it: run "
+        "'modprobe vduse' on Linux 5.15+ built with CONFIG_VDPA_USER, or try pyvduse in "
+        "the test VM: 'pyvduse testvm -- bash examples/quickstart.sh'"
+    )
 
 
 class Control:
@@ -41,12 +43,10 @@ class Control:
             raise KernelMissing(missing_module_hint()) from None
         except PermissionError:
             raise AccessDenied(
-                f"no permission to open {path}: run as root, or give your user access to it "
-                "with a udev rule"
+                f"no permission to open {path}: run as root, or give your user access to it with a udev rule"
             ) from None
         try:
-            fcntl.ioctl(self.fd, v.VDUSE_SET_API_VERSION,
-                        bytearray(struct.pack("<Q", v.VDUSE_API_VERSION)))
+            fcntl.ioctl(self.fd, v.VDUSE_SET_API_VERSION, bytearray(struct.pack("<Q", v.VDUSE_API_VERSION)))
         except OSError:
             os.close(self.fd)
             raise
@@ -67,9 +67,12 @@ class Control:
             fcntl.ioctl(self.fd, v.VDUSE_CREATE_DEV, bytearray(config.pack()))
         except OSError as e:
             if e.errno == errno.EEXIST:
-                raise NameTaken(config.name, f"a VDUSE device named '{config.name}' already "
-                                "exists: choose another name, or destroy the old one",
-                                option="name") from None
+                raise NameTaken(
+                    config.name,
+                    f"a VDUSE device named '{config.name}' already "
+                    "exists: choose another name, or destroy the old one",
+                    option="name",
+                ) from None
             if e.errno == errno.EPERM:
                 raise AccessDenied(
                     f"the kernel refused to create '{config.name}' (EPERM): network devices "
@@ -77,9 +80,11 @@ class Control:
                 ) from None
             if e.errno == errno.EINVAL:
                 raise KernelRefused(
-                    config.name, f"the kernel refused the configuration of '{config.name}' "
+                    config.name,
+                    f"the kernel refused the configuration of '{config.name}' "
                     "(EINVAL): check the device type, features and queue count this kernel "
-                    "supports") from None
+                    "supports",
+                ) from None
             raise
 
     def destroy(self, name: str) -> None:

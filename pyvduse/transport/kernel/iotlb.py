@@ -137,9 +137,11 @@ class IotlbMapper:
                 finally:
                     del anchor
             except (OSError, ValueError) as e:  # ValueError: RLIMIT_MEMLOCK not raised
-                log.warning("the bounce buffer stays the kernel's (--bounce-memory kernel): "
-                            "registering our memory failed: %s",
-                            getattr(e, "strerror", None) or e)
+                log.warning(
+                    "the bounce buffer stays the kernel's (--bounce-memory kernel): "
+                    "registering our memory failed: %s",
+                    getattr(e, "strerror", None) or e,
+                )
                 self.user_bounce = False
                 return None
             mem.mapper = self

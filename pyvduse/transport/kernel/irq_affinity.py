@@ -81,12 +81,12 @@ class IrqPlacement:
         try:
             cpus = parse_cpu_list(text)
         except ValueError as e:
-            raise ValueError(f"{e}; give '{FIRST}', '{FOLLOW}', '{DRIVER}' or a CPU list "
-                             "like 0,2-3") from None
+            raise ValueError(
+                f"{e}; give '{FIRST}', '{FOLLOW}', '{DRIVER}' or a CPU list like 0,2-3"
+            ) from None
         offline = [c for c in cpus if c not in online]
         if offline:
-            raise ValueError(f"CPU {offline[0]} is not online (online: "
-                             f"{format_cpu_list(online)})")
+            raise ValueError(f"CPU {offline[0]} is not online (online: {format_cpu_list(online)})")
         return cls("cpus", tuple(cpus))
 
     @property

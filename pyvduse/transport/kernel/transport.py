@@ -76,8 +76,11 @@ class KernelTransport(Transport):
         self._place_irqs = False  # the kernel has vqN/irq_cb_affinity and we may change it
         self._driver_masks: dict[int, list[int]] = {}  # each queue's, as the driver set it
         self.status_machine = StatusMachine(
-            events, read_features=self._get_features, start_queues=self._start_queues,
-            forget=self._forget_driver_state)
+            events,
+            read_features=self._get_features,
+            start_queues=self._start_queues,
+            forget=self._forget_driver_state,
+        )
         self.negotiated = 0
         self.broken: str | None = None
         self.on_broken: Callable[[str], None] | None = None
@@ -147,8 +150,9 @@ class KernelTransport(Transport):
     def create(self) -> None:
         """Create the device, open it, set up queues and start answering the kernel."""
         spec = self.spec
-        config = v.DevConfig(self.name, spec.vendor_id, spec.device_id, spec.features,
-                             spec.num_queues, VQ_ALIGN, spec.config)
+        config = v.DevConfig(
+            self.name, spec.vendor_id, spec.device_id, spec.features, spec.num_queues, VQ_ALIGN, spec.config
+        )
         with Control() as ctl:
             ctl.create(config)
         self._created = True
@@ -162,8 +166,7 @@ class KernelTransport(Transport):
                 sysfs.write_attr(sysfs.vduse_attr(self.name, "bounce_size"), str(self.bounce_size))
             self._check_irq_placement()
             self._iotlb = IotlbMapper(self._dev, self.user_bounce)
-            self._thread = threading.Thread(target=self._control_loop, name="vduse-control",
-                                            daemon=True)
+            self._thread = threading.Thread(target=self._control_loop, name="vduse-control", daemon=True)
             self._thread.start()
         except BaseException:
             self.close()
@@ -180,16 +183,17 @@ class KernelTransport(Transport):
         try:
             self._dev = DeviceFd.open(path)
         except FileNotFoundError:
-            raise NoSuchDevice(self.name, f"there is no device '{self.name}' to resume",
-                               option="name") from None
+            raise NoSuchDevice(
+                self.name, f"there is no device '{self.name}' to resume", option="name"
+            ) from None
         except OSError as e:
             if e.errno == errno.EBUSY:
-                raise DeviceBusy(self.name, f"'{self.name}' is already served by a running "
-                                 "daemon", option="name") from None
+                raise DeviceBusy(
+                    self.name, f"'{self.name}' is already served by a running daemon", option="name"
+                ) from None
             raise
         self._created = True
-        self._attached = sysfs.bound_driver(self.name) is not None or bool(
-            sysfs.block_devices(self.name))
+        self._attached = sysfs.bound_driver(self.name) is not None or bool(sysfs.block_devices(self.name))
         try:
             if self.msg_timeout is not None:
                 sysfs.write_attr(sysfs.vduse_attr(self.name, "msg_timeout"), str(self.msg_timeout))
@@ -200,16 +204,16 @@ class KernelTransport(Transport):
                 infos = [self._dev.vq_get_info(i) for i in range(self.spec.num_queues)]
             except PermissionError:
                 raise DeviceBroken(
-                    self.name, f"device '{self.name}' is broken: the kernel timed out waiting "
-                    "for a daemon (msg_timeout); destroy it and create it again") from None
+                    self.name,
+                    f"device '{self.name}' is broken: the kernel timed out waiting "
+                    "for a daemon (msg_timeout); destroy it and create it again",
+                ) from None
             if features and any(i.ready for i in infos):
                 sm = self.status_machine
                 sm.features = features
-                sm.status = (Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK
-                             | Status.DRIVER_OK)
+                sm.status = Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK
                 self._start_queues(resume=True)
-            self._thread = threading.Thread(target=self._control_loop, name="vduse-control",
-                                            daemon=True)
+            self._thread = threading.Thread(target=self._control_loop, name="vduse-control", daemon=True)
             self._thread.start()
         except BaseException:
             # Leave the device as we found it: neither detach nor destroy it on failure.
@@ -243,19 +247,21 @@ class KernelTransport(Transport):
             if e.errno == errno.ENOENT:
                 raise KernelMissing(str(e)) from None
             if e.errno == errno.EPERM:
-                raise AccessDenied("attaching a vdpa device needs CAP_NET_ADMIN: run as "
-                                   "root") from None
+                raise AccessDenied("attaching a vdpa device needs CAP_NET_ADMIN: run as root") from None
             raise
         except vdpa_bind.BindError as e:
             raise KernelRefused(self.name, f"{e.strerror}; see 'dmesg'") from None
         other = vdpa_bind.wrong_driver(self.name, self.driver)
         if other is not None:  # a kernel without drivers_autoprobe: the first driver won
-            raise KernelRefused(self.name, f"device '{self.name}' was taken by {other}, not "
-                                f"{self.driver}: unload {other} ('modprobe -r {other}') or "
-                                f"bind the device to {other}", option="bind")
+            raise KernelRefused(
+                self.name,
+                f"device '{self.name}' was taken by {other}, not "
+                f"{self.driver}: unload {other} ('modprobe -r {other}') or "
+                f"bind the device to {other}",
+                option="bind",
+            )
         if self.broken:
-            raise DeviceBroken(self.name, f"the kernel marked device '{self.name}' broken: "
-                               f"{self.broken}")
+            raise DeviceBroken(self.name, f"the kernel marked device '{self.name}' broken: {self.broken}")
 
     def detach(self) -> None:
         if not self._attached:
@@ -297,8 +303,9 @@ class KernelTransport(Transport):
     def __enter__(self) -> KernelTransport:
         return self
 
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     # -- the control thread -------------------------------------------------------------
@@ -353,17 +360,18 @@ class KernelTransport(Transport):
             state = self.events.queue_state(req.vq_index)
             if len(state) == 4:
                 packed = v.VqStatePacked(*state)
-                dev.write_response(v.pack_response(req.request_id, ok, packed=packed,
-                                                   vq_index=req.vq_index))
+                dev.write_response(v.pack_response(req.request_id, ok, packed=packed, vq_index=req.vq_index))
             else:
-                dev.write_response(v.pack_response(req.request_id, ok, avail_index=state[0],
-                                                   vq_index=req.vq_index))
+                dev.write_response(
+                    v.pack_response(req.request_id, ok, avail_index=state[0], vq_index=req.vq_index)
+                )
         elif req.type == v.MsgType.UPDATE_IOTLB:
             assert self._iotlb is not None
             iotlb = self._iotlb
             stale = iotlb.stale(req.iova_start, req.iova_last)  # the rest did not change
-            log.debug("UPDATE_IOTLB [0x%x, 0x%x]: %d region(s) to drop", req.iova_start,
-                      req.iova_last, len(stale))
+            log.debug(
+                "UPDATE_IOTLB [0x%x, 0x%x]: %d region(s) to drop", req.iova_start, req.iova_last, len(stale)
+            )
             remap = getattr(self.events, "remap", None)
             if stale and remap is not None:
                 remap(lambda: iotlb.drop(stale), req.iova_start, req.iova_last, going=stale)
@@ -387,9 +395,12 @@ class KernelTransport(Transport):
         self._place_irqs = attr.exists()
         if not self._place_irqs:
             if self.irq_placement.explicit:
-                raise KernelMissing(f"this kernel has no {attr.parent.parent}/vqN/"
-                                    "irq_cb_affinity, so a placement of the queues' interrupts "
-                                    "cannot apply: leave it out", option="irq_placement")
+                raise KernelMissing(
+                    f"this kernel has no {attr.parent.parent}/vqN/"
+                    "irq_cb_affinity, so a placement of the queues' interrupts "
+                    "cannot apply: leave it out",
+                    option="irq_placement",
+                )
             log.info("this kernel cannot place VDUSE interrupts (no vqN/irq_cb_affinity)")
 
     def _place_interrupts(self) -> None:
@@ -403,8 +414,12 @@ class KernelTransport(Transport):
                 mask = self.irq_placement.choose(i, current)
                 if mask is not None and mask != current:
                     sysfs.write_attr(path, format_cpumask(mask))
-                    log.info("queue %d: interrupts on CPU %s (the driver gave %s)", i,
-                             format_cpu_list(mask), format_cpu_list(current))
+                    log.info(
+                        "queue %d: interrupts on CPU %s (the driver gave %s)",
+                        i,
+                        format_cpu_list(mask),
+                        format_cpu_list(current),
+                    )
             except (OSError, ValueError) as e:
                 log.warning("queue %d: interrupt CPUs left as the driver set them: %s", i, e)
 
@@ -463,7 +478,12 @@ def _setup(index: int, info: v.VqInfo) -> QueueSetup:
     """A queue as VDUSE_VQ_GET_INFO describes it."""
     p = info.packed
     return QueueSetup(
-        index=index, num=info.num, desc_addr=info.desc_addr, driver_addr=info.driver_addr,
-        device_addr=info.device_addr, ready=info.ready, avail_index=info.avail_index,
-        packed_state=(p.last_avail_counter, p.last_avail_idx, p.last_used_counter,
-                      p.last_used_idx))
+        index=index,
+        num=info.num,
+        desc_addr=info.desc_addr,
+        driver_addr=info.driver_addr,
+        device_addr=info.device_addr,
+        ready=info.ready,
+        avail_index=info.avail_index,
+        packed_state=(p.last_avail_counter, p.last_avail_idx, p.last_used_counter, p.last_used_idx),
+    )

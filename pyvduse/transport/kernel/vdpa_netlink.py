@@ -254,9 +254,7 @@ class VdpaNetlink:
         flags = NLM_F_REQUEST | (NLM_F_DUMP if dump else NLM_F_ACK)
         prid = self._sock.prid
         try:
-            replies: Sequence[Any] = tuple(
-                self._sock.nlm_request(msg, msg_type=prid, msg_flags=flags)
-            )
+            replies: Sequence[Any] = tuple(self._sock.nlm_request(msg, msg_type=prid, msg_flags=flags))
         except NetlinkError as exc:
             raise VdpaError(int(exc.code), _describe(cmd, exc, what)) from exc
         return [m for m in replies if m["header"]["type"] == prid]

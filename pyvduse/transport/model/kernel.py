@@ -240,8 +240,12 @@ class ModelKernel:
         packed = has(self.driver_features, F_RING_PACKED)
         st = vq.state
         return QueueSetup(
-            index=index, num=vq.num, desc_addr=vq.desc_addr, driver_addr=vq.driver_addr,
-            device_addr=vq.device_addr, ready=vq.ready,
+            index=index,
+            num=vq.num,
+            desc_addr=vq.desc_addr,
+            driver_addr=vq.driver_addr,
+            device_addr=vq.device_addr,
+            ready=vq.ready,
             avail_index=st[0] if not packed else 0,
             packed_state=(st[0], st[1], st[2], st[3]) if packed and len(st) == 4 else (1, 0, 1, 0),
         )

@@ -36,8 +36,11 @@ class ModelTransport(Transport):
         self.events = events
         self.regions = RegionMap(kernel.iotlb_lookup)
         self.status_machine = StatusMachine(
-            events, read_features=kernel.dev_get_features, start_queues=self._start_queues,
-            forget=self._forget)
+            events,
+            read_features=kernel.dev_get_features,
+            start_queues=self._start_queues,
+            forget=self._forget,
+        )
         self._kick_fds: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -70,8 +73,7 @@ class ModelTransport(Transport):
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._control_loop, name="model-control",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._control_loop, name="model-control", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
