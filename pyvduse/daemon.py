@@ -300,6 +300,7 @@ class Daemon:
             opts["irq_placement"] = IrqPlacement.parse("follow", [])
         transport = KernelTransport(self.name, self.device.spec(), self.server, **opts)
         transport.on_broken = self._on_broken
+        transport.irq_mask_store = self._state
         self.transport = transport
         self.server.bind(transport)
         if exists:

@@ -13,6 +13,7 @@ import contextlib
 import json
 import mmap
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -103,9 +104,44 @@ class StateFile:
         """The split-ring in-flight log of ``queue``."""
         return InflightLog(self.region(queue, num), num)
 
+    @property
+    def irq_masks_path(self) -> Path:
+        return self.path.with_name("irq-masks.json")
+
+    def load_irq_masks(self) -> dict[int, list[int]]:
+        """Each queue's interrupt CPUs as the driver set them, kept by an earlier daemon of
+        the device ({}: none, or not readable as such)."""
+        try:
+            raw = json.loads(self.irq_masks_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(raw, dict):
+            return {}
+        masks: dict[int, list[int]] = {}
+        for key, cpus in raw.items():
+            if (
+                isinstance(key, str)
+                and key.isdigit()
+                and isinstance(cpus, list)
+                and cpus
+                and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in cpus)
+            ):
+                masks[int(key)] = sorted(set(cpus))
+        return masks
+
+    def save_irq_masks(self, masks: Mapping[int, list[int]]) -> None:
+        """Keep the driver's masks for a daemon that resumes the device (written whole, then
+        renamed, so a kill leaves the old file or the new one)."""
+        tmp = self.irq_masks_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({str(q): sorted(cpus) for q, cpus in masks.items()}))
+        os.replace(tmp, self.irq_masks_path)
+
     def remove(self) -> None:
         """The device is gone for good (clean shutdown): nothing to recover."""
         self.close()
+        for extra in (self.irq_masks_path, self.irq_masks_path.with_suffix(".tmp")):
+            with contextlib.suppress(OSError):
+                extra.unlink()
         with contextlib.suppress(OSError):
             self.path.unlink()
             self.path.parent.rmdir()

@@ -17,12 +17,14 @@ from pyvduse.cli.messages import terminal_message
 from pyvduse.device.blk import BlkDevice, BlkOptions
 from pyvduse.errors import KernelMissing
 from pyvduse.runtime.server import DeviceServer
+from pyvduse.runtime.state_file import StateFile
 from pyvduse.transport.kernel import sysfs
 from pyvduse.transport.kernel.irq_affinity import (
     DRIVER,
     FIRST,
     FOLLOW,
     IrqPlacement,
+    drivers_mask,
     format_cpu_list,
     format_cpumask,
     parse_cpu_list,
@@ -125,6 +127,65 @@ def test_follow_hands_the_data_path_the_file_and_the_drivers_cpus(vduse_class: P
     first._check_irq_placement()
     first._place_interrupts()
     assert first.irq_follow(0) is None
+
+
+def test_drivers_mask_tells_our_narrowing_from_a_new_probe() -> None:
+    assert drivers_mask([1], [0, 1]) == [0, 1]  # one CPU of the known mask: ours
+    assert drivers_mask([0, 1], [0, 1]) == [0, 1]
+    assert drivers_mask([0, 1, 2, 3], [0, 1]) == [0, 1, 2, 3]  # the driver probed again
+    assert drivers_mask([2], [0, 1]) == [2]  # outside it: the driver's
+    assert drivers_mask([1], [1]) == [1]  # the driver gave one CPU: nothing to follow
+    assert drivers_mask([1], None) == [1]
+
+
+def test_follow_keeps_the_drivers_cpus_at_the_next_driver_ok(vduse_class: Path) -> None:
+    """After a placement the kernel shows our one CPU (or the one the worker moved to);
+    the next DRIVER_OK without a new probe (a VM's reset through vhost-vdpa) must not take
+    that for the driver's mask, or follow would stop following."""
+    t = transport(IrqPlacement.parse(FOLLOW, [0, 1]))
+    t._check_irq_placement()
+    t._place_interrupts()
+    (vduse_class / "vq0" / "irq_cb_affinity").write_text("2\n")  # the worker moved to CPU 1
+    t._place_interrupts()
+    assert t.irq_follow(0) == (str(vduse_class / "vq0" / "irq_cb_affinity"), [0, 1])
+    assert masks(vduse_class) == ["1", "1"]
+    for i in range(2):  # the driver probes again, with another spread
+        (vduse_class / f"vq{i}" / "irq_cb_affinity").write_text("c\n")
+    t._place_interrupts()
+    assert t.irq_follow(0) == (str(vduse_class / "vq0" / "irq_cb_affinity"), [2, 3])
+
+
+def test_a_resumed_daemon_follows_within_the_drivers_cpus(vduse_class: Path, tmp_path: Path) -> None:
+    """The driver's masks go into the device's state directory; a daemon resuming the
+    device after a kill reads them instead of the one CPU the kernel now shows."""
+    state = StateFile(tmp_path / "state-dir" / "d0" / "state", {}, 2, 8)
+    first = transport(IrqPlacement.parse(FOLLOW, [0, 1]))
+    first.irq_mask_store = state
+    first._check_irq_placement()
+    first._place_interrupts()
+    assert state.load_irq_masks() == {0: [0, 1], 1: [0, 1]}
+    (vduse_class / "vq1" / "irq_cb_affinity").write_text("2\n")  # where the dead one left it
+    resumed = transport(IrqPlacement.parse(FOLLOW, [0, 1]))
+    resumed.irq_mask_store = state
+    resumed._check_irq_placement()
+    resumed._place_interrupts()
+    assert resumed.irq_follow(1) == (str(vduse_class / "vq1" / "irq_cb_affinity"), [0, 1])
+    without = transport(IrqPlacement.parse(FOLLOW, [0, 1]))  # no store: as before
+    without._check_irq_placement()
+    without._place_interrupts()
+    assert without.irq_follow(1) is None
+    state.remove()
+    assert not (tmp_path / "state-dir" / "d0").exists()
+
+
+def test_kept_masks_that_are_not_masks_are_ignored(tmp_path: Path) -> None:
+    state = StateFile(tmp_path / "d0" / "state", {}, 1, 8)
+    for text in ("", "[1]", '{"0": []}', '{"x": [1]}', '{"0": [-1]}', '{"0": [true]}', "{"):
+        state.irq_masks_path.write_text(text)
+        assert state.load_irq_masks() == {}
+    state.irq_masks_path.write_text('{"0": [3, 1, 1], "1": "2"}')
+    assert state.load_irq_masks() == {0: [1, 3]}
+    state.close()
 
 
 def test_status_reads_the_current_masks(vduse_class: Path) -> None:

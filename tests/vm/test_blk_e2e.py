@@ -101,7 +101,7 @@ def test_fio_random_write_verify(tmp_path: Path, ring: str) -> None:
         out = sh(
             f"{FIO} --name=verify --filename={d.dev} --direct=1 --ioengine=libaio "
             "--rw=randwrite --bsrange=4k-64k --iodepth=16 --size=48M "
-            "--verify=crc32c --verify_fatal=1 --do_verify=1"
+            "--verify=crc32c --verify_fatal=1 --verify_state_save=0 --do_verify=1"
         ).stdout
         fio_ok(out)
         assert d.stop() == 0
@@ -157,7 +157,7 @@ def test_serial_block_size_and_two_queues(tmp_path: Path) -> None:
         out = sh(
             f"{FIO} --name=mq --filename={d.dev} --direct=1 --ioengine=libaio "
             "--rw=randwrite --bs=4k --iodepth=8 --numjobs=2 --size=8M --offset_increment=16M "
-            "--verify=crc32c --verify_fatal=1 --do_verify=1"
+            "--verify=crc32c --verify_fatal=1 --verify_state_save=0 --do_verify=1"
         ).stdout
         fio_ok(out)
         assert d.stop() == 0

@@ -78,7 +78,7 @@ def _kills_under_fio(image: str, ring: str, iodepth: int, extra: tuple[str, ...]
         return subprocess.Popen(
             f"fio --name=crash --filename={d.dev} --direct=1 --ioengine=libaio --rw=randwrite "
             f"--bs=4k --iodepth={iodepth} --size=32M --verify=crc32c --do_verify=1 "
-            "--verify_fatal=1 --output-format=terse --terse-version=3",
+            "--verify_fatal=1 --verify_state_save=0 --output-format=terse --terse-version=3",
             shell=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -42,7 +42,7 @@ def fio_verify(dev: str, iodepth: int = 32, size: str = "48M", jobs: int = 2) ->
     return sh(
         f"fio --name=deep --filename={dev} --direct=1 --ioengine=libaio --rw=randwrite "
         f"--bs=4k --iodepth={iodepth} --numjobs={jobs} --offset_increment=64M "
-        f"--size={size} --verify=crc32c --do_verify=1 --verify_fatal=1 "
+        f"--size={size} --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 "
         "--group_reporting --output-format=terse --terse-version=3",
         timeout=900,
     ).stdout

@@ -96,7 +96,7 @@ def fio_verify(dev: str) -> None:
     out = sh(
         fio(
             dev,
-            "--rw=randwrite --verify=crc32c --do_verify=1 --verify_fatal=1 "
+            "--rw=randwrite --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 "
             "--output-format=terse --terse-version=3",
         ),
         timeout=600,
@@ -207,7 +207,7 @@ def test_the_server_killed_and_restarted_during_fio_verify() -> None:
                 fio(
                     d.dev,
                     "--rw=randwrite --verify=crc32c --do_verify=1 "
-                    "--verify_fatal=1 --output-format=terse "
+                    "--verify_fatal=1 --verify_state_save=0 --output-format=terse "
                     "--terse-version=3",
                     size="24M",
                 ),
@@ -243,7 +243,7 @@ def test_kill9_of_pyvduse_while_the_server_is_slow() -> None:
                 fio(
                     d.dev,
                     "--rw=randwrite --verify=crc32c --do_verify=1 "
-                    "--verify_fatal=1 --output-format=terse "
+                    "--verify_fatal=1 --verify_state_save=0 --output-format=terse "
                     "--terse-version=3",
                     size="8M",
                     iodepth=16,

@@ -19,7 +19,8 @@ Plain objects and text in, text out; the sysfs reads and writes are the transpor
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Protocol
 
 FIRST = "first"  # each queue: the first CPU of the driver's mask
 DRIVER = "driver"  # leave the driver's mask alone: the kernel rotates over it
@@ -103,6 +104,25 @@ class IrqPlacement:
 
     def __str__(self) -> str:
         return format_cpu_list(self.cpus) if self.explicit else self.mode
+
+
+def drivers_mask(current: list[int], known: list[int] | None) -> list[int]:
+    """The CPUs the driver gave a queue, from the mask the kernel shows now and the one
+    known from before (an earlier DRIVER_OK, or a daemon before this one). Every placement
+    narrows a mask to one CPU of the driver's, and ``follow`` then moves it within them, so
+    one CPU of a known mask of several is ours; anything else the driver set afresh (it
+    probed again)."""
+    if known and len(known) > 1 and len(current) == 1 and current[0] in known:
+        return list(known)
+    return current
+
+
+class IrqMaskStore(Protocol):
+    """Keeps the driver's masks for the next daemon of the device (the state file)."""
+
+    def load_irq_masks(self) -> dict[int, list[int]]: ...
+
+    def save_irq_masks(self, masks: Mapping[int, list[int]]) -> None: ...
 
 
 def format_cpu_list(cpus: Iterable[int]) -> str:

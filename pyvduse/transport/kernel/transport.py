@@ -38,7 +38,9 @@ from pyvduse.transport.kernel.iotlb import IotlbMapper
 from pyvduse.transport.kernel.irq_affinity import (
     DRIVER,
     FOLLOW,
+    IrqMaskStore,
     IrqPlacement,
+    drivers_mask,
     format_cpu_list,
     format_cpumask,
     parse_cpumask,
@@ -75,6 +77,9 @@ class KernelTransport(Transport):
         self.irq_placement = irq_placement or IrqPlacement()
         self._place_irqs = False  # the kernel has vqN/irq_cb_affinity and we may change it
         self._driver_masks: dict[int, list[int]] = {}  # each queue's, as the driver set it
+        #: Where the driver's masks outlive this daemon (the state file), so a daemon that
+        #: resumes the device knows them: by then the kernel shows the CPU we narrowed to.
+        self.irq_mask_store: IrqMaskStore | None = None
         self.status_machine = StatusMachine(
             events,
             read_features=self._get_features,
@@ -406,22 +411,30 @@ class KernelTransport(Transport):
     def _place_interrupts(self) -> None:
         """Set each queue's interrupt CPUs (see irq_affinity). virtio_vdpa sets the masks
         when the driver probes, before DRIVER_OK, so this runs at every DRIVER_OK."""
+        if not self._driver_masks and self.irq_mask_store is not None:
+            self._driver_masks = self.irq_mask_store.load_irq_masks()  # a resumed device
         for i in range(self.spec.num_queues):
             path = sysfs.vq_attr(self.name, i, "irq_cb_affinity")
             try:
                 current = parse_cpumask(path.read_text())
-                self._driver_masks[i] = current
-                mask = self.irq_placement.choose(i, current)
+                driver = drivers_mask(current, self._driver_masks.get(i))
+                self._driver_masks[i] = driver
+                mask = self.irq_placement.choose(i, driver)
                 if mask is not None and mask != current:
                     sysfs.write_attr(path, format_cpumask(mask))
                     log.info(
                         "queue %d: interrupts on CPU %s (the driver gave %s)",
                         i,
                         format_cpu_list(mask),
-                        format_cpu_list(current),
+                        format_cpu_list(driver),
                     )
             except (OSError, ValueError) as e:
                 log.warning("queue %d: interrupt CPUs left as the driver set them: %s", i, e)
+        if self.irq_mask_store is not None:
+            try:
+                self.irq_mask_store.save_irq_masks(self._driver_masks)
+            except OSError as e:
+                log.warning("the queues' interrupt CPUs cannot be kept for a restart: %s", e)
 
     def _start_queues(self, resume: bool = False) -> None:
         assert self._dev is not None
