@@ -134,3 +134,29 @@ def test_follow_moves_the_interrupts_to_the_workers_cpu() -> None:
                 assert time.monotonic() < deadline, (cpu, masks("irq-follow", 1))
                 io(d.dev)
         assert d.stop() == 0
+
+
+def test_follow_goes_on_after_a_restart() -> None:
+    """kill -9 leaves the queue's mask at the one CPU the dead daemon's worker ran on; the
+    daemon that resumes the device reads the driver's CPUs from the state directory and
+    follows within them again."""
+    args = ("--null", "8M", "--irq-cpus", "follow")
+    dead = Daemon(*args, name="irq-restart")
+    try:
+        io(dead.dev)
+    finally:
+        dead.proc.kill()
+        dead.proc.wait()
+    assert Path("/run/pyvduse/irq-restart/irq-masks.json").exists()
+    with Daemon(*args, name="irq-restart") as d:
+        assert "resumed" in d.stderr(), d.stderr()
+        tid = worker_tid(d.proc.pid, "vq0")
+        for cpu in (1, 0, 1):
+            os.sched_setaffinity(tid, {cpu})
+            want = [f"{1 << cpu:x}"]
+            deadline = time.monotonic() + 30
+            while masks("irq-restart", 1) != want:
+                assert time.monotonic() < deadline, (cpu, masks("irq-restart", 1), d.stderr()[-2000:])
+                io(d.dev)
+        assert d.stop() == 0
+    assert not Path("/run/pyvduse/irq-restart").exists()  # a clean stop removes the state
