@@ -39,7 +39,9 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <linux/magic.h>
 #include <stdlib.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #if defined(SB_NBD)
@@ -52,6 +54,14 @@
 #define SB_MODULE "_splitblk"
 #define SB_INIT PyInit__splitblk
 #endif
+
+/* The file's data is in memory (tmpfs, ramfs): a read of it never waits for a device. */
+static int fd_in_memory(int fd)
+{
+    struct statfs st;
+    return fd >= 0 && fstatfs(fd, &st) == 0 &&
+           (st.f_type == TMPFS_MAGIC || st.f_type == RAMFS_MAGIC);
+}
 
 static int get_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t min_len, const char *what)
 {
@@ -388,6 +398,7 @@ static int engine_setup(Engine *e, const Config *c)
     e->aio = aio;
     e->direct = c->direct && backend == BACKEND_FD;
     e->bounce_all = c->bounce && backend == BACKEND_FD;
+    e->resident = backend == BACKEND_FD && fd_in_memory(c->fd);
     if (c->unpinnable != Py_None) {
         if (get_buffer(c->unpinnable, &e->unpin_view, 1, "unpinnable") < 0)
             return -1;

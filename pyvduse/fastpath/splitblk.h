@@ -255,6 +255,10 @@ typedef struct Engine {
     uint64_t inline_done; /* io_uring reads/writes served inline with RWF_NOWAIT instead */
     int nowait;           /* try io_uring's reads and writes inline first (RWF_NOWAIT) */
     int nowait_writes;    /* -1: RWF_NOWAIT writes refused (a block device): inline; 0: untried */
+    /* reads: -1 RWF_NOWAIT refused by a file whose data is in memory (tmpfs): inline;
+     * -2 refused by another (NFS, FUSE): straight to io_uring; 0 untried or accepted */
+    int nowait_reads;
+    int resident;         /* the fd is on tmpfs or ramfs: a read never waits for a device */
     /* scratch of the chain being taken */
     struct iovec rd[MAX_SEGS], wr[MAX_SEGS], tmp[MAX_SEGS];
     int nrd, nwr;
