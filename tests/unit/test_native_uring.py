@@ -388,26 +388,30 @@ def test_a_full_ring_in_flight_completes_each_request_once(rig_of: Callable[...,
     assert rig.interrupts, "the driver was never interrupted"
 
 
-def test_reads_and_writes_the_page_cache_can_take_are_served_inline(rig_of: Callable[..., Rig]) -> None:
-    """nowait (the default): a read the page cache holds and a write it absorbs are served
-    at once (RWF_NOWAIT) with no io_uring submission; the results are the same."""
-    rig = rig_of(nowait=True)
-    rnd = random.Random(3)
+def serve_random_batches(rig: Rig, seed: int, rounds: int = 4, size: int = 32) -> dict[str, Any]:
+    """Random reads and writes, a batch at a time, each verified; the engine's counters."""
+    rnd = random.Random(seed)
     rig.start()
-    for _ in range(4):
-        random_batch(rig, rnd, 32)
+    for _ in range(rounds):
+        random_batch(rig, rnd, size)
         rig.go()
-        rig.verify(rig.collect(32))
+        rig.verify(rig.collect(size))
     assert rig.join() == native.RUN_STOPPED
     assert rig.path.read_bytes() == rig.model
     c = rig.engine.counters()
-    assert c["inline"] > 0 and c["completed"] == 4 * 32 and c["errors"] == 0
+    assert c["completed"] == rounds * size and c["errors"] == 0
     assert rig.log_clean() and not any(rig.inflight)
+    return c
 
 
-def test_a_file_in_memory_is_served_inline_though_it_refuses_nowait(
-    rig_of: Callable[..., Rig], tmp_path: Path
-) -> None:
+def test_reads_and_writes_the_page_cache_can_take_are_served_inline(rig_of: Callable[..., Rig]) -> None:
+    """nowait (the default): a read the page cache holds and a write it absorbs are served
+    at once (RWF_NOWAIT) with no io_uring submission; the results are the same."""
+    c = serve_random_batches(rig_of(nowait=True), seed=3)
+    assert c["inline"] > 0
+
+
+def test_a_file_in_memory_is_served_inline_though_it_refuses_nowait(rig_of: Callable[..., Rig]) -> None:
     """tmpfs refuses RWF_NOWAIT (EOPNOTSUPP, Linux 6.12 to 6.18 at least), so io_uring
     could only hand each read to an io-wq thread (2.2 times slower in the test VM): reads
     and writes of a file in memory are served inline, blocking, which cannot wait for a
@@ -417,17 +421,8 @@ def test_a_file_in_memory_is_served_inline_though_it_refuses_nowait(
         pytest.skip("no /dev/shm with room")
     folder = Path(tempfile.mkdtemp(dir=shm))
     try:
-        rig = rig_of(nowait=True, folder=folder)
-        rnd = random.Random(5)
-        rig.start()
-        for _ in range(4):
-            random_batch(rig, rnd, 32)
-            rig.go()
-            rig.verify(rig.collect(32))
-        assert rig.join() == native.RUN_STOPPED
-        assert rig.path.read_bytes() == rig.model
-        c = rig.engine.counters()
-        assert c["inline"] == c["completed"] == 4 * 32 and c["errors"] == 0
+        c = serve_random_batches(rig_of(nowait=True, folder=folder), seed=5)
+        assert c["inline"] == c["completed"]
         assert sum(c["depth_hist"][2:]) == 0, "a request went to io_uring"
     finally:
         shutil.rmtree(folder, ignore_errors=True)
