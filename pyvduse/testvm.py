@@ -24,6 +24,8 @@ import dataclasses
 import fcntl
 import gzip
 import hashlib
+import importlib
+import importlib.util
 import io
 import json
 import lzma
@@ -90,6 +92,10 @@ TEST_PACKAGES = {
     "qemu-nbd": "qemu-utils",
     "nbdsh": "python3-libnbd",
 }
+# What building the native data path takes (pyproject.toml): a C compiler, the Python
+# headers, and liburing and libnbd for its io_uring and NBD paths.
+BUILD_PACKAGES = ("gcc", "libc6-dev", "python3-dev", "liburing-dev", "libnbd-dev")
+NATIVE_FULL_MODULE = "pyvduse.fastpath._splitblk_full"
 VIRTIOFSD_CANDIDATES = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd")
 SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 STANDARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -357,6 +363,32 @@ def ensure_test_tools() -> None:
     _note(f"installing what the tests run: {' '.join(missing)}")
     _apt("update", "-qq")
     _apt("install", "-y", "-qq", "--no-install-recommends", *missing)
+
+
+def native_built() -> bool:
+    """Whether the native data path's full build (io_uring and NBD) is installed."""
+    importlib.invalidate_caches()
+    return importlib.util.find_spec(NATIVE_FULL_MODULE) is not None
+
+
+def ensure_native_build(checkout: Path) -> None:
+    """Build the native data path for the tests when ``pip install`` could not (a fresh
+    machine has no C compiler): as root, install what it takes with apt and reinstall the
+    checkout in place, so the suite tests the engine users run. Without root, say how; the
+    native path's tests then fail, saying it is not built."""
+    if native_built() or os.environ.get("PYVDUSE_NO_NATIVE") == "1":
+        return
+    how = f"apt-get install -y {' '.join(BUILD_PACKAGES)} && pip install -e {checkout}"
+    if not _is_root():
+        _note(f"the native data path is not built, and its tests will fail; as root run: {how}")
+        return
+    _note(f"building the native data path for the tests: installing {' '.join(BUILD_PACKAGES)}")
+    _apt("update", "-qq")
+    _apt("install", "-y", "-qq", "--no-install-recommends", *BUILD_PACKAGES)
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-e", str(checkout)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0 or not native_built():
+        raise TestVMError(f"{shlex.join(cmd)} did not build the native data path:\n{proc.stderr[-3000:]}")
 
 
 # --------------------------------------------------------------------------- guest image

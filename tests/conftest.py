@@ -26,6 +26,19 @@ RESULTS = ROOT / ".vm-results"
 VM_TIMEOUT = float(os.environ.get("PYVDUSE_VM_TIMEOUT", "3600"))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Before collection: the native data path, built for the tests when the install could
+    not build it (a fresh machine has no C compiler; see testvm.ensure_native_build)."""
+    if IN_VM:
+        return  # the guest sees the host's checkout, built or not
+    from pyvduse import testvm
+
+    try:
+        testvm.ensure_native_build(ROOT)
+    except testvm.TestVMError as e:
+        sys.stderr.write(f"\n[native] {e}\n")
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--no-vm",

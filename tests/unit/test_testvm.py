@@ -589,3 +589,51 @@ def test_vm_slots_bound_the_vms_running_at_once(tmp_path: Path, monkeypatch: pyt
         t.join()
     assert most == 2
     assert notes and "waiting" in notes[0]
+
+
+def test_the_native_build_is_made_for_the_tests_when_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh machine's ``pip install`` has no C compiler: as root, the harness installs
+    what the build takes and reinstalls the checkout in place; without root it says how."""
+    calls: list[tuple[str, ...]] = []
+    runs: list[list[str]] = []
+    built = [False, False, True, True]
+    notes: list[str] = []
+    monkeypatch.delenv("PYVDUSE_NO_NATIVE", raising=False)
+    monkeypatch.setattr(testvm, "native_built", lambda: built.pop(0))
+    monkeypatch.setattr(testvm, "_apt", lambda *args: calls.append(args))
+    monkeypatch.setattr(testvm, "_note", notes.append)
+
+    def run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+        runs.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    monkeypatch.setattr(testvm, "_is_root", lambda: False)
+    testvm.ensure_native_build(Path("/src/pyvduse"))
+    assert not calls and not runs
+    assert notes[-1].endswith(
+        "apt-get install -y gcc libc6-dev python3-dev liburing-dev libnbd-dev && pip install -e /src/pyvduse"
+    )
+    monkeypatch.setattr(testvm, "_is_root", lambda: True)
+    testvm.ensure_native_build(Path("/src/pyvduse"))
+    assert calls[0][0] == "update" and set(testvm.BUILD_PACKAGES) <= set(calls[1])
+    assert runs == [[sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-e", "/src/pyvduse"]]
+    testvm.ensure_native_build(Path("/src/pyvduse"))  # built now: nothing more
+    assert len(runs) == 1
+
+
+def test_a_native_build_that_fails_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PYVDUSE_NO_NATIVE", raising=False)
+    monkeypatch.setattr(testvm, "native_built", lambda: False)
+    monkeypatch.setattr(testvm, "_is_root", lambda: True)
+    monkeypatch.setattr(testvm, "_apt", lambda *args: None)
+    monkeypatch.setattr(testvm, "_note", lambda message: None)
+    monkeypatch.setattr(
+        subprocess,
+        "run",
+        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "error: command 'gcc' failed"),
+    )
+    with pytest.raises(testvm.TestVMError, match=r"did not build the native data path:\n.*gcc' failed"):
+        testvm.ensure_native_build(Path("/src/pyvduse"))
+    monkeypatch.setenv("PYVDUSE_NO_NATIVE", "1")  # asked not to use it: nothing to build
+    testvm.ensure_native_build(Path("/src/pyvduse"))
