@@ -27,16 +27,19 @@ VM_TIMEOUT = float(os.environ.get("PYVDUSE_VM_TIMEOUT", "3600"))
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Before collection: the native data path, built for the tests when the install could
-    not build it (a fresh machine has no C compiler; see testvm.ensure_native_build)."""
+    """Before collection, what the tests need that a fresh machine lacks (it has Python and
+    nothing else): the commands they run (fio, nbdkit, ...; the unit tests run some too),
+    and the native data path, built when the install could not (no C compiler); see
+    testvm.ensure_test_tools and ensure_native_build."""
     if IN_VM:
-        return  # the guest sees the host's checkout, built or not
+        return  # the guest sees the host's filesystem and checkout
     from pyvduse import testvm
 
-    try:
-        testvm.ensure_native_build(ROOT)
-    except testvm.TestVMError as e:
-        sys.stderr.write(f"\n[native] {e}\n")
+    for ensure in (testvm.ensure_test_tools, lambda: testvm.ensure_native_build(ROOT)):
+        try:
+            ensure()
+        except testvm.TestVMError as e:
+            sys.stderr.write(f"\n[tests] {e}\n")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -75,7 +78,7 @@ class VmSession:
         live = RESULTS / f"console-{os.getpid()}.log"  # tail -f it while the VM runs
         sys.stderr.write(f"\n[vm] running {len(self.nodeids)} test(s) in the test VM; console: {live}\n")
         try:
-            testvm.ensure_test_tools()  # fio, e2fsprogs, ...: a fresh machine has none
+            testvm.ensure_test_tools()  # fio, e2fsprogs, ... (pytest_configure tried already)
             with live.open("w") as console:
                 result = testvm.run(command, cwd=str(ROOT), timeout=VM_TIMEOUT, console=console)
         except Exception as e:  # no root, no qemu, no kernel package...
