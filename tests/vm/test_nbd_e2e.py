@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.vm.helpers import Daemon, MiB, ctl_result, make_image, sh
-from tests.vm.test_crash_e2e import check_fio, restart
+from tests.vm.test_crash_e2e import check_fio
 from tests.vm.test_inflight_e2e import deepest
 
 pytestmark = pytest.mark.vm
@@ -56,6 +56,18 @@ class Server:
                 return
             time.sleep(0.05)
         raise AssertionError(f"{self.argv[0]} did not start")
+
+    def revive(self) -> str | None:
+        """Start the server again if it died; what it last said, if so. (nbdkit 1.32 can
+        die of an assertion, ``raw_send_socket: Assertion `sock >= 0' failed``, when a
+        client vanishes while its delay filter holds that client's requests: seen once in
+        six kills in the test VM.)"""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            return None
+        said = self.log.read_text()[-500:]
+        self.start()
+        return said
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -254,7 +266,12 @@ def test_kill9_of_pyvduse_while_the_server_is_slow() -> None:
             )
             for _ in range(3):
                 time.sleep(2.0)
-                d = restart(d, full, "nbd-kill")
+                d.proc.kill()
+                d.proc.wait()
+                time.sleep(0.5)  # the server sees the connections go (and may die of it)
+                srv.revive()  # as its user would: the server's death is not ours to test
+                d = Daemon(*full, name="nbd-kill")  # resumes: /dev/vduse/nbd-kill is still there
+                assert "resumed" in d.stderr(), d.stderr()
             state = Path("/run/pyvduse/nbd-kill/state").read_bytes()
             assert srv.uri.encode() in state
             check_fio(p, d)
