@@ -269,7 +269,9 @@ def test_kill9_of_pyvduse_while_the_server_is_slow() -> None:
                 d.proc.kill()
                 d.proc.wait()
                 time.sleep(0.5)  # the server sees the connections go (and may die of it)
-                srv.revive()  # as its user would: the server's death is not ours to test
+                said = srv.revive()  # as its user would: the server's death is not ours to test
+                if said is not None:
+                    print(f"the NBD server died as the daemon's connections went; started again:\n{said}")
                 d = Daemon(*full, name="nbd-kill")  # resumes: /dev/vduse/nbd-kill is still there
                 assert "resumed" in d.stderr(), d.stderr()
             state = Path("/run/pyvduse/nbd-kill/state").read_bytes()
