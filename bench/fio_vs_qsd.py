@@ -369,40 +369,53 @@ def print_profile(path: str, top: int) -> None:
     print(buf.getvalue())
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_run_options(
+    p: argparse.ArgumentParser,
+    *,
+    default_seconds: float,
+    default_json: Path,
+    quick: str,
+    repeat: str,
+    our_args: str,
+    markdown: str = "print the tables as Markdown",
+) -> None:
+    """The options every VM benchmark of bench/ takes (fio's timing, the smoke mode, the
+    workloads, the rounds, our daemon's extra options, the JSON, the guest's size); each
+    benchmark words what its smoke mode, rounds and daemons are."""
     p.add_argument(
         "--seconds",
         type=float,
         default=None,
-        help=f"fio runtime per cell (default {DEFAULT_SECONDS:g}, 1 with --quick)",
+        help=f"fio runtime per cell (default {default_seconds:g}, 1 with --quick)",
     )
     p.add_argument(
         "--ramp", type=float, default=None, help="fio ramp_time per cell (default 1, 0 with --quick)"
     )
-    p.add_argument("--quick", action="store_true", help="smoke mode: 1 s cells, a subset of the workloads")
+    p.add_argument("--quick", action="store_true", help=f"smoke mode: 1 s cells, {quick}")
     p.add_argument("--workloads", help="comma-separated subset (default: all, or the quick set)")
-    p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated (default null,file)")
+    p.add_argument("--repeat", type=int, default=1, metavar="N", help=repeat)
+    p.add_argument("--our-args", default="", metavar="ARGS", help=our_args)
     p.add_argument(
-        "--json", type=Path, default=DEFAULT_JSON, help=f"default {DEFAULT_JSON.relative_to(ROOT)}"
+        "--json", type=Path, default=default_json, help=f"default {default_json.relative_to(ROOT)}"
     )
-    p.add_argument(
-        "--our-args",
-        default="",
-        metavar="ARGS",
-        help="extra 'pyvduse blk' options for our daemon, e.g. '--poll-us 50'",
-    )
-    p.add_argument(
-        "--repeat",
-        type=int,
-        default=1,
-        metavar="N",
-        help="run every cell N times, back to back with the peer's: the table shows "
-        "medians and the median per-round ratio with its range (default 1)",
-    )
-    p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument("--markdown", action="store_true", help=markdown)
     p.add_argument("--mem", default=os.environ.get("TESTVM_MEM", "3G"), help="guest memory (default 3G)")
     p.add_argument("--smp", type=int, default=2, help="guest vCPUs (default 2)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_options(
+        p,
+        default_seconds=DEFAULT_SECONDS,
+        default_json=DEFAULT_JSON,
+        quick="a subset of the workloads",
+        repeat="run every cell N times, back to back with the peer's: the table shows "
+        "medians and the median per-round ratio with its range (default 1)",
+        our_args="extra 'pyvduse blk' options for our daemon, e.g. '--poll-us 50'",
+        markdown="print the table as Markdown",
+    )
+    p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated (default null,file)")
     p.add_argument(
         "--profile",
         metavar="PSTATS",

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from fio_vs_qsd import (
+    add_run_options,
     format_grid,
     git_commit,
     host_cpu_model,
@@ -235,28 +236,15 @@ def build_report(guest: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    p.add_argument(
-        "--seconds",
-        type=float,
-        default=None,
-        help=f"fio runtime per cell (default {DEFAULT_SECONDS:g}, 1 with --quick)",
+    add_run_options(
+        p,
+        default_seconds=DEFAULT_SECONDS,
+        default_json=DEFAULT_JSON,
+        quick="workloads " + ",".join(QUICK_WORKLOADS),
+        repeat="rounds of every cell: medians, ratios paired by round (default 1)",
+        our_args="extra 'pyvduse blk' options for our daemons",
     )
-    p.add_argument(
-        "--ramp", type=float, default=None, help="fio ramp_time per cell (default 1, 0 with --quick)"
-    )
-    p.add_argument(
-        "--quick", action="store_true", help="smoke mode: 1 s cells, workloads " + ",".join(QUICK_WORKLOADS)
-    )
-    p.add_argument("--workloads", help="comma-separated subset (default: all, or the quick set)")
     p.add_argument("--servers", default=",".join(SERVERS), help="plain, delay-1ms or both")
-    p.add_argument("--repeat", type=int, default=1, metavar="N")
-    p.add_argument(
-        "--our-args", default="", metavar="ARGS", help="extra 'pyvduse blk' options for our daemons"
-    )
-    p.add_argument("--json", type=Path, default=DEFAULT_JSON)
-    p.add_argument("--markdown", action="store_true")
-    p.add_argument("--mem", default=os.environ.get("TESTVM_MEM", "3G"))
-    p.add_argument("--smp", type=int, default=2)
     return p
 
 

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from fio_vs_qsd import (
+    add_run_options,
     format_grid,
     git_commit,
     host_cpu_model,
@@ -499,21 +500,14 @@ def vm_timeout(cells: int, seconds: float, ramp: float) -> float:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    p.add_argument(
-        "--seconds",
-        type=float,
-        default=None,
-        help=f"fio runtime per cell (default {DEFAULT_SECONDS:g}, 1 with --quick)",
+    add_run_options(
+        p,
+        default_seconds=DEFAULT_SECONDS,
+        default_json=DEFAULT_JSON,
+        quick="randread at iodepth 1 and 16, modes " + ",".join(QUICK_MODES),
+        repeat="rounds of every cell: medians, ratios paired by round (default 1)",
+        our_args="extra 'pyvduse blk' options for every pyvduse mode, e.g. '--poll-us 50'",
     )
-    p.add_argument(
-        "--ramp", type=float, default=None, help="fio ramp_time per cell (default 1, 0 with --quick)"
-    )
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="smoke mode: 1 s cells, randread at iodepth 1 and 16, modes " + ",".join(QUICK_MODES),
-    )
-    p.add_argument("--workloads", help="comma-separated subset (default: all, or the quick set)")
     p.add_argument("--modes", help="comma-separated subset (default: all, or the quick set)")
     p.add_argument(
         "--latency-us",
@@ -524,25 +518,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--size-mb", type=int, default=DEFAULT_SIZE_MB, help=f"null_blk's size (default {DEFAULT_SIZE_MB})"
     )
-    p.add_argument(
-        "--repeat",
-        type=int,
-        default=1,
-        metavar="N",
-        help="rounds of every cell: medians, ratios paired by round (default 1)",
-    )
-    p.add_argument(
-        "--our-args",
-        default="",
-        metavar="ARGS",
-        help="extra 'pyvduse blk' options for every pyvduse mode, e.g. '--poll-us 50'",
-    )
-    p.add_argument(
-        "--json", type=Path, default=DEFAULT_JSON, help=f"default {DEFAULT_JSON.relative_to(ROOT)}"
-    )
-    p.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
-    p.add_argument("--mem", default=os.environ.get("TESTVM_MEM", "3G"), help="guest memory (default 3G)")
-    p.add_argument("--smp", type=int, default=2, help="guest vCPUs (default 2)")
     return p
 
 
