@@ -104,15 +104,15 @@ def fio(dev: str, *extra: str, size: str = "12M", iodepth: int = 32) -> str:
     )
 
 
+#: fio's options for random writes read back and checked, reported in terse form.
+VERIFY = (
+    "--rw=randwrite --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 "
+    "--output-format=terse --terse-version=3"
+)
+
+
 def fio_verify(dev: str) -> None:
-    out = sh(
-        fio(
-            dev,
-            "--rw=randwrite --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 "
-            "--output-format=terse --terse-version=3",
-        ),
-        timeout=600,
-    ).stdout
+    out = sh(fio(dev, VERIFY), timeout=600).stdout
     line = next(ln for ln in out.splitlines() if ln.startswith("3;"))
     assert line.split(";")[4] == "0", out[-2000:]
 
@@ -218,9 +218,7 @@ def test_the_server_killed_and_restarted_during_fio_verify() -> None:
             p = subprocess.Popen(
                 fio(
                     d.dev,
-                    "--rw=randwrite --verify=crc32c --do_verify=1 "
-                    "--verify_fatal=1 --verify_state_save=0 --output-format=terse "
-                    "--terse-version=3",
+                    VERIFY,
                     size="24M",
                 ),
                 shell=True,
@@ -254,9 +252,7 @@ def test_kill9_of_pyvduse_while_the_server_is_slow() -> None:
             p = subprocess.Popen(
                 fio(
                     d.dev,
-                    "--rw=randwrite --verify=crc32c --do_verify=1 "
-                    "--verify_fatal=1 --verify_state_save=0 --output-format=terse "
-                    "--terse-version=3",
+                    VERIFY,
                     size="8M",
                     iodepth=16,
                 ),
