@@ -345,6 +345,28 @@ static int req_iov(Req *r, int n)
     return 0;
 }
 
+/* A read or write try_inline served, with err (0 or an errno): its status, used length and
+ * counters. 1. */
+static int served_inline(Engine *e, uint32_t rtype, uint64_t sector, uint64_t len, int err,
+                         uint8_t *st, uint32_t *written)
+{
+    int write = rtype == T_OUT;
+    *st = err ? S_IOERR : S_OK;
+    *written = write || err ? 0 : (uint32_t)len;
+    if (err)
+        sb_report_error(e, rtype, sector, err);
+    else if (write)
+        e->bytes_written += len;
+    else
+        e->bytes_read += len;
+    if (write)
+        e->n_out++;
+    else
+        e->n_in++;
+    e->inline_done++;
+    return 1;
+}
+
 /* With --aio io_uring and the page cache (not direct): try a read or write inline first,
  * without blocking (RWF_NOWAIT). A read the page cache holds, or a write it absorbs, is then
  * done with no io_uring submission, no io-wq thread and no wake-up: in the test VM an
@@ -380,20 +402,7 @@ static int try_inline(Engine *e, uint32_t rtype, uint64_t sector, uint8_t *st, u
             sb_unpinnable(e);
             return 0;
         }
-        *st = err ? S_IOERR : S_OK;
-        if (err)
-            sb_report_error(e, rtype, sector, err);
-        else if (write)
-            e->bytes_written += len;
-        else
-            e->bytes_read += len;
-        if (write)
-            e->n_out++;
-        else
-            e->n_in++;
-        *written = write || err ? 0 : (uint32_t)len;
-        e->inline_done++;
-        return 1;
+        return served_inline(e, rtype, sector, len, err, st, written);
     }
     do {
         r = write ? pwritev2(e->fd, e->tmp, n, (off_t)(sector << 9), RWF_NOWAIT)
@@ -412,18 +421,7 @@ static int try_inline(Engine *e, uint32_t rtype, uint64_t sector, uint8_t *st, u
     }
     if (r < 0 || (uint64_t)r != len)
         return 0; /* EAGAIN, short (or an error: io_uring will meet and report it) */
-    *st = S_OK;
-    if (write) {
-        e->n_out++;
-        e->bytes_written += len;
-        *written = 0;
-    } else {
-        e->n_in++;
-        e->bytes_read += len;
-        *written = (uint32_t)len;
-    }
-    e->inline_done++;
-    return 1;
+    return served_inline(e, rtype, sector, len, 0, st, written);
 }
 
 /* Serve or submit the chain sb_take just took (it is in e->rd / e->wr), taken at now;
