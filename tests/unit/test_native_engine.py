@@ -396,18 +396,19 @@ def test_the_loop_points_the_interrupts_at_its_own_cpu(tmp_path: Path) -> None:
     fd = os.open(affinity, os.O_WRONLY)
     cpu = max(os.sched_getaffinity(0))
     before = os.sched_getaffinity(0)
-    engine = native.build(
-        native.require_plan(device(NullBackend(4 * MiB))),
-        0,
-        q,
-        arena.memory,
-        None,
-        None,
-        lambda i: None,
-        lambda *e: None,
-        affinity_fd=fd,
-        follow_cpus=sorted(before),
-    )
+
+    def following(cpus: list[int]) -> native.Engine:
+        """An engine of a null device on the ring that may point its interrupts at ``cpus``."""
+
+        def nothing(*args: object) -> None:
+            return None
+
+        plan = native.require_plan(device(NullBackend(4 * MiB)))
+        return native.build(
+            plan, 0, q, arena.memory, None, None, nothing, nothing, affinity_fd=fd, follow_cpus=cpus
+        )
+
+    engine = following(sorted(before))
     kick, stop = os.eventfd(0), os.eventfd(1)
     try:
         os.sched_setaffinity(0, {cpu})
@@ -416,18 +417,7 @@ def test_the_loop_points_the_interrupts_at_its_own_cpu(tmp_path: Path) -> None:
         assert affinity.read_text() == format_cpumask([cpu])
         affinity.write_text("")  # a CPU outside the ones given: left alone
         drv.add([vb.OUTHDR.pack(vb.ReqType.IN, 0, 0)], [4096, 1])
-        elsewhere = native.build(
-            native.require_plan(device(NullBackend(4 * MiB))),
-            0,
-            q,
-            arena.memory,
-            None,
-            None,
-            lambda i: None,
-            lambda *e: None,
-            affinity_fd=fd,
-            follow_cpus=[c for c in before if c != cpu],
-        )
+        elsewhere = following([c for c in before if c != cpu])
         q.set_position(*engine.position()[:3])  # hand the ring over where the first left it
         assert elsewhere.run(kick, stop) == native.RUN_STOPPED
         elsewhere.close()
