@@ -78,6 +78,13 @@ class NetBackend(ABC):
     def send(self, packet: list[memoryview]) -> None:
         """Transmit one frame (header + frame, in segments); raise OSError to drop it."""
 
+    def native_tap(self) -> int | None:
+        """The fd of a TAP opened with IFF_VNET_HDR and a 12-byte header (non-blocking) that
+        a native data path may read frames from and write frames to itself, instead of
+        calling ``send`` and waiting for ``start``'s port to be fed; None (the default):
+        frames go through this object."""
+        return None
+
     def set_carrier(self, up: bool) -> None:
         """The device's link went up or down (``ctl link``): the backend may show it too."""
 

@@ -117,14 +117,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "block device /dev/vdX on this host; the default) or 'vhost' "
         "(vhost_vdpa: /dev/vhost-vdpa-N, for a VM)",
     )
-    p.add_argument(
-        "--data-path",
-        choices=[d.value for d in DataPath],
-        default="auto",
-        help="who serves the queues: 'native' (the C loop of pyvduse.fastpath), "
-        "'python' (the reference engine) or 'auto' (native where it can; "
-        "the default)",
-    )
+    add_data_path_argument(p)
     p.add_argument(
         "--poll-us",
         type=int,
@@ -413,6 +406,27 @@ def build_device(args: argparse.Namespace, backend: Backend | None) -> VirtioDev
         raise UserError(str(e)) from None
 
 
+def add_data_path_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data-path",
+        choices=[d.value for d in DataPath],
+        default="auto",
+        help="who serves the queues: 'native' (the C loop of pyvduse.fastpath), "
+        "'python' (the reference engine) or 'auto' (native where it can; "
+        "the default)",
+    )
+
+
+def check_data_path(data_path: DataPath, device: VirtioDevice, packed: bool) -> None:
+    """--data-path native for a device the native loop cannot serve is a user error; with
+    auto, say (in the log) why the Python engine serves it."""
+    why_not = native.why_not(device, packed)
+    if data_path is DataPath.NATIVE and why_not is not None:
+        raise UserError(f"--data-path native: {why_not}; or use --data-path python")
+    if data_path is DataPath.AUTO and why_not is not None:
+        log.info("queues served by the Python engine: %s", why_not)
+
+
 def run(args: argparse.Namespace) -> int:
     check_name(args.name)
     bounce = parse_bounce_size(args.bounce_size)
@@ -437,12 +451,8 @@ def run(args: argparse.Namespace) -> int:
     backend = make_backend(args)
     try:
         device = build_device(args, backend)
-        why_not = native.why_not(device, args.packed)
-        if data_path is DataPath.NATIVE and why_not is not None:
-            raise UserError(f"--data-path native: {why_not}; or use --data-path python")
+        check_data_path(data_path, device, args.packed)
         check_kernel(args.bind)
-        if data_path is DataPath.AUTO and why_not is not None:
-            log.info("queues served by the Python engine: %s", why_not)
         daemon = Daemon(
             device,
             args.name,

@@ -7,6 +7,10 @@ them (a TAP's ``readv``), across as many buffers as it needs with mergeable rece
 (their count in the header's ``num_buffers``), and the buffers of one frame are completed
 together so the driver never sees half a frame.
 
+A ``NetBackend`` that offers a TAP's fd (``native_tap``) lets the native data path serve
+both queues in C (``native_plan``; pyvduse/fastpath/splitblk_net.c), the same steps without
+Python per frame; mergeable receive buffers keep the Python engine.
+
 VDUSE refuses the control queue (CTRL_VQ) and with it multiqueue and every feature that
 needs it (``virtio_net.VDUSE_REFUSED_FEATURES``): asking for one is an error at creation,
 on the model as on the kernel. Checksum and segmentation offloads are offered as far as the
@@ -22,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from pyvduse.abi import virtio_net as vn
 from pyvduse.abi.virtio import (
@@ -90,6 +95,29 @@ def random_mac() -> bytes:
     raw = bytearray(os.urandom(vn.MAC_LEN))
     raw[0] = (raw[0] & 0xFC) | 0x02
     return bytes(raw)
+
+
+@dataclass(frozen=True)
+class NativeNet:
+    """What a native loop needs to serve a network device's two queues without calling
+    Python for each frame (``NetDevice.native_plan``)."""
+
+    tap_fd: int  # a TAP opened with IFF_VNET_HDR and a 12-byte header, non-blocking
+    link: bytearray  # one byte, nonzero while the link is up: the loop reads it per frame
+    guest_csum: bool  # GUEST_CSUM was negotiated (received frames keep the TAP's flags)
+    stats: NetEngineStats  # where the engines' per-queue counters go
+
+
+class NetEngineStats(Protocol):
+    """Where a native engine's counters of a network queue are read from."""
+
+    def attach_engine(self, queue: int, source: Callable[[], NetStats]) -> None:
+        """An engine serves ``queue`` now; ``source()`` reads its counters."""
+        ...
+
+    def retire_engine(self, queue: int, final: NetStats) -> None:
+        """The engine of ``queue`` stopped with these counters: keep them."""
+        ...
 
 
 @dataclass
@@ -235,8 +263,7 @@ class ReceiveQueue:
             if not taken:
                 return Received.NO_BUFFERS
             iov = [seg for r, _ in taken for seg in r.chain.writable]
-            if cap < MAX_PACKET:
-                iov.append(self._scratch)
+            iov.append(self._scratch)  # a longer frame is then seen whole (and dropped)
             try:
                 n = read(iov)
             except BlockingIOError:
@@ -359,6 +386,10 @@ class NetDevice(VirtioDevice):
         if len(self.mac) != vn.MAC_LEN or self.mac[0] & 1:
             raise NetConfigError("the MAC address must be 6 bytes, unicast")
         self.link_up = opts.link_up
+        #: The link state as a byte a native engine reads (set_link keeps it in step).
+        self.link_cell = bytearray([int(opts.link_up)])
+        #: Per queue: the counters of a native engine serving it (``native_plan``).
+        self.stats_sources: dict[int, Callable[[], NetStats]] = {}
         #: Per queue (RX_QUEUE, TX_QUEUE): receive counted by the backend's thread, transmit
         #: by the transmit queue's worker.
         self.queue_stats = [NetStats(), NetStats()]
@@ -435,14 +466,44 @@ class NetDevice(VirtioDevice):
         }
 
     def queue_counts(self, queue: int) -> dict[str, object]:
-        st = self.queue_stats[queue]
+        st = self.queue_snapshot(queue)
         return {"direction": "rx" if queue == vn.RX_QUEUE else "tx", **_counts(st)}
 
     def total_counts(self) -> dict[str, object]:
         both = NetStats()
-        for st in self.queue_stats:
-            both.add(st)
+        for q in range(vn.NUM_QUEUES):
+            both.add(self.queue_snapshot(q))
         return _counts(both)
+
+    def queue_snapshot(self, queue: int) -> NetStats:
+        """The counters of one queue, including those of a native engine serving it."""
+        out = NetStats()
+        out.add(self.queue_stats[queue])
+        source = self.stats_sources.get(queue)
+        if source is not None:
+            out.add(source())
+        return out
+
+    # -- the native data path --------------------------------------------------------------
+
+    def native_plan(self) -> NativeNet | str:
+        """How a native data path can serve this device, or why it cannot: a subclass that
+        handles frames itself, a backend that is not a TAP, or mergeable receive buffers."""
+        if any(getattr(type(self), m) is not getattr(NetDevice, m) for m in ("submit", "handle", "transmit")):
+            return f"{type(self).__name__} handles its frames itself"
+        fd = self.backend.native_tap()
+        if fd is None:
+            return f"the native data path has no {self.backend.kind} network backend"
+        if self.options.mrg_rxbuf:
+            return "mergeable receive buffers (--mrg-rxbuf) are served by the Python engine"
+        return NativeNet(fd, self.link_cell, has(self.features, vn.F_GUEST_CSUM), self)
+
+    def attach_engine(self, queue: int, source: Callable[[], NetStats]) -> None:
+        self.stats_sources[queue] = source
+
+    def retire_engine(self, queue: int, final: NetStats) -> None:
+        self.queue_stats[queue].add(final)
+        self.stats_sources.pop(queue, None)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -463,6 +524,7 @@ class NetDevice(VirtioDevice):
         carrier follows; while down, nothing is sent or received (counted as drops)."""
         with self._link_lock:
             self.link_up = up
+            self.link_cell[0] = int(up)
             status = vn.S_LINK_UP if up else 0
             self.update_config(vn.STATUS_OFFSET, status.to_bytes(2, "little"))
             self.backend.set_carrier(up)
@@ -478,7 +540,17 @@ class NetDevice(VirtioDevice):
             request.complete(self.transmit(request.queue, request.chain))
 
     def handle(self, queue: int, chain: Chain) -> int:
-        """Transmit one frame (receive buffers are held by ``submit``)."""
+        """Transmit one frame. A receive buffer is held by ``submit``; one handed here (by
+        a native worker: a chain its loop cannot use, or one in flight when the last
+        daemon died) goes back to the driver empty, which counts a length error."""
+        if queue == vn.RX_QUEUE:
+            self.queue_stats[vn.RX_QUEUE].bad += 1
+            bad_request_log.warning(
+                "receive buffer %d returned unused: %s",
+                chain.head,
+                chain.error or "the native data path cannot fill it",
+            )
+            return 0
         return self.transmit(queue, chain)
 
     def transmit(self, queue: int, chain: Chain) -> int:

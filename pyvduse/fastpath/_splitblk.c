@@ -1,6 +1,7 @@
 /*
- * The optional native data path: one virtio-blk split virtqueue served in C. This file is
- * the Python object and the module; the engine's other parts are named in splitblk.h.
+ * The optional native data path: one virtio-blk split virtqueue served in C, or one of
+ * virtio-net's two over a TAP (splitblk_net.c). This file is the Python object and the
+ * module; the engine's other parts are named in splitblk.h.
  *
  * Why: under emulation the Python queue worker costs ~750 us of CPU per request, most of it
  * spread thinly over the interpreter (see README, Performance). This loop does the same
@@ -89,8 +90,9 @@ typedef struct {
     uint64_t num, desc, avail, used, last_avail, used_idx, signalled;
     int event_idx, indirect;
     /* device */
-    PyObject *capacity;
-    int readonly;
+    uint64_t dev_kind;
+    PyObject *capacity, *link;
+    int readonly, guest_csum;
     uint8_t serial[ID_BYTES];
     Py_ssize_t serial_len;
     /* storage */
@@ -115,6 +117,7 @@ static void config_clear(Config *c)
     Py_CLEAR(c->log);
     Py_CLEAR(c->inflight);
     Py_CLEAR(c->capacity);
+    Py_CLEAR(c->link);
     Py_CLEAR(c->memory);
     Py_CLEAR(c->nbd);
     Py_CLEAR(c->unpinnable);
@@ -247,7 +250,10 @@ static int read_ring(PyObject *g, Config *c)
 static int read_device(PyObject *g, Config *c)
 {
     PyObject *serial;
-    if (cfg_object(g, "device", "capacity", 0, &c->capacity) < 0 ||
+    if (cfg_int(g, "device", "kind", DEV_BLK, DEV_NET_TX, &c->dev_kind) < 0 ||
+        cfg_object(g, "device", "capacity", 1, &c->capacity) < 0 ||
+        cfg_object(g, "device", "link", 1, &c->link) < 0 ||
+        cfg_bool(g, "device", "guest_csum", &c->guest_csum) < 0 ||
         cfg_bool(g, "device", "readonly", &c->readonly) < 0 ||
         cfg_object(g, "device", "serial", 0, &serial) < 0)
         return -1;
@@ -268,7 +274,7 @@ static int read_device(PyObject *g, Config *c)
 static int read_storage(PyObject *g, Config *c)
 {
     const char *s = "storage";
-    return cfg_int(g, s, "kind", BACKEND_NULL, BACKEND_NBD, &c->backend) < 0 ||
+    return cfg_int(g, s, "kind", BACKEND_NULL, BACKEND_TAP, &c->backend) < 0 ||
            cfg_fd(g, s, "fd", &c->fd) < 0 ||
            cfg_bool(g, s, "direct", &c->direct) < 0 ||
            cfg_int(g, s, "dio_align", 1, BOUNCE_CHUNK, &c->dio_align) < 0 ||
@@ -370,8 +376,18 @@ static int engine_setup(Engine *e, const Config *c)
         PyErr_SetString(PyExc_ValueError, "dio_align must be a power of two up to 1 MiB");
         return -1;
     }
-    if (backend == BACKEND_FD && c->fd < 0) {
-        PyErr_SetString(PyExc_ValueError, "fd backend without an fd");
+    if ((backend == BACKEND_FD || backend == BACKEND_TAP) && c->fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "fd or TAP backend without an fd");
+        return -1;
+    }
+    if ((backend == BACKEND_TAP) != (c->dev_kind != DEV_BLK) ||
+        (backend == BACKEND_TAP && aio != AIO_SYNC)) {
+        PyErr_SetString(PyExc_ValueError, "a virtio-net queue (device.kind) needs storage.kind "
+                        "BACKEND_TAP with tuning.aio AIO_SYNC, and a TAP a virtio-net queue");
+        return -1;
+    }
+    if (c->dev_kind == DEV_BLK && c->capacity == Py_None) {
+        PyErr_SetString(PyExc_ValueError, "a virtio-blk queue needs device.capacity");
         return -1;
     }
     if ((e->mem_cur = sb_load_regions(c->regions)) == NULL)
@@ -387,9 +403,22 @@ static int engine_setup(Engine *e, const Config *c)
     e->last_avail = e->avail_seen = (uint16_t)c->last_avail;
     e->used_idx = (uint16_t)c->used_idx;
     e->signalled = (uint16_t)c->signalled;
-    if (get_buffer(c->capacity, &e->cap_view, 8, "capacity") < 0)
+    e->dev_kind = (int)c->dev_kind;
+    if (c->capacity != Py_None) {
+        if (get_buffer(c->capacity, &e->cap_view, 8, "capacity") < 0)
+            return -1;
+        e->capacity = (volatile uint64_t *)e->cap_view.buf;
+    }
+    if (c->link != Py_None) {
+        if (get_buffer(c->link, &e->link_view, 1, "link") < 0)
+            return -1;
+        e->link = e->link_view.buf;
+    }
+    e->guest_csum = c->guest_csum;
+    if (e->dev_kind == DEV_NET_RX && (e->rx_scratch = malloc(NET_MAX_PACKET)) == NULL) {
+        PyErr_NoMemory();
         return -1;
-    e->capacity = (volatile uint64_t *)e->cap_view.buf;
+    }
     e->readonly = c->readonly;
     memset(e->serial, 0, ID_BYTES);
     memcpy(e->serial, c->serial, (size_t)c->serial_len);
@@ -526,6 +555,11 @@ static void release_all(Engine *e)
     e->mem_cur = NULL;
     if (e->cap_view.obj)
         PyBuffer_Release(&e->cap_view);
+    if (e->link_view.obj)
+        PyBuffer_Release(&e->link_view);
+    e->link = NULL;
+    free(e->rx_scratch);
+    e->rx_scratch = NULL;
     if (e->mem_view.obj)
         PyBuffer_Release(&e->mem_view);
     if (e->log_view.obj)
@@ -805,7 +839,8 @@ static PyObject *Engine_counters(Engine *e, PyObject *unused)
         return NULL;
     }
     return Py_BuildValue(
-        "{s:K,s:K,s:K,s:N,s:{s:K,s:K,s:K,s:K},s:K,s:K,s:K,s:K,s:N,s:K,s:K,s:K,s:K,s:K,s:i,s:K,s:K}",
+        "{s:K,s:K,s:K,s:N,s:{s:K,s:K,s:K,s:K},s:K,s:K,s:K,s:K,s:N,s:K,s:K,s:K,s:K,s:K,s:i,s:K,s:K,"
+        "s:{s:K,s:K,s:K,s:K}}",
         "started", (unsigned long long)e->started, "completed",
         (unsigned long long)e->completed, "latency_ns", (unsigned long long)e->latency_ns,
         "latency", hist, "by_type", "0", (unsigned long long)e->n_in, "1",
@@ -818,7 +853,9 @@ static PyObject *Engine_counters(Engine *e, PyObject *unused)
         (unsigned long long)e->oldest_taken, "bounced", (unsigned long long)e->bounced,
         "efaults", (unsigned long long)e->efaults, "bounce_all", sb_copying(e), "inline",
         (unsigned long long)e->inline_done, "budget_sleeps",
-        (unsigned long long)e->budget_sleeps);
+        (unsigned long long)e->budget_sleeps, "net", "packets",
+        (unsigned long long)e->net_packets, "bytes", (unsigned long long)e->net_bytes, "drops",
+        (unsigned long long)e->net_drops, "errors", (unsigned long long)e->net_errors);
 }
 
 static PyObject *Engine_get_started(Engine *e, void *closure)
@@ -880,7 +917,7 @@ static PyTypeObject EngineType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "pyvduse.fastpath." SB_MODULE ".Engine",
     .tp_basicsize = sizeof(Engine),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "One virtio-blk split virtqueue served in C (see pyvduse.fastpath).",
+    .tp_doc = "One virtio-blk or virtio-net split virtqueue served in C (see pyvduse.fastpath).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Engine_init,
     .tp_dealloc = (destructor)Engine_dealloc,
@@ -914,6 +951,10 @@ PyMODINIT_FUNC SB_INIT(void)
     PyModule_AddIntConstant(m, "BACKEND_NULL", BACKEND_NULL);
     PyModule_AddIntConstant(m, "BACKEND_FD", BACKEND_FD);
     PyModule_AddIntConstant(m, "BACKEND_MEMORY", BACKEND_MEMORY);
+    PyModule_AddIntConstant(m, "BACKEND_TAP", BACKEND_TAP);
+    PyModule_AddIntConstant(m, "DEV_BLK", DEV_BLK);
+    PyModule_AddIntConstant(m, "DEV_NET_RX", DEV_NET_RX);
+    PyModule_AddIntConstant(m, "DEV_NET_TX", DEV_NET_TX);
     PyModule_AddIntConstant(m, "AIO_SYNC", AIO_SYNC);
     PyModule_AddIntConstant(m, "AIO_URING", AIO_URING);
 #ifdef SB_URING

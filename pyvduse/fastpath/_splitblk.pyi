@@ -13,6 +13,10 @@ BACKEND_NULL: int
 BACKEND_FD: int
 BACKEND_MEMORY: int
 BACKEND_NBD: int
+BACKEND_TAP: int
+DEV_BLK: int
+DEV_NET_RX: int
+DEV_NET_TX: int
 AIO_SYNC: int
 AIO_URING: int
 AIO_NBD: int
@@ -43,6 +47,10 @@ class Engine:
     # bounce_all). The in-flight map (ring.inflight): byte [head] is 1 while head is taken
     # and not completed (set at take, cleared at push); a head offered while its byte is 1
     # is left to Python.
+    #
+    # A virtio-net queue (device.kind DEV_NET_RX or DEV_NET_TX, storage.kind BACKEND_TAP):
+    # see splitblk_net.c. Frames are served inline; a receive buffer is taken only when a
+    # frame fills it, so none is ever in flight between two calls.
     def __init__(self, config: EngineConfig, /) -> None: ...
     # Serves until stopped (RUN_STOPPED), the next chain is for Python (RUN_DEFER) or the NBD
     # connection was lost with requests parked on it (RUN_NBD_LOST); any may leave requests
@@ -73,7 +81,9 @@ class Engine:
     # request in flight; 0: none), bounced (requests copied through the engine's buffers),
     # efaults (direct transfers redone through a buffer after EFAULT), bounce_all (1: every
     # request is copied now), inline (io_uring requests served inline with RWF_NOWAIT),
-    # budget_sleeps (times the budget was spent and the loop waited for a kick).
+    # budget_sleeps (times the budget was spent and the loop waited for a kick), net (a
+    # virtio-net queue's frames: packets and bytes of frame data moved, drops, errors of
+    # the TAP's reads and writes).
     def counters(self) -> dict[str, Any]: ...
     # Requests taken and not yet completed.
     def in_flight(self) -> int: ...

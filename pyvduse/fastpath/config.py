@@ -19,6 +19,7 @@ __all__ = [
     "NEVER",
     "AioMode",
     "DeviceConfig",
+    "DeviceKind",
     "EngineConfig",
     "EngineTuning",
     "Interrupts",
@@ -41,6 +42,15 @@ class StorageKind(enum.IntEnum):
     FD = 1  # a file descriptor: preadv/pwritev, or io_uring
     MEMORY = 2  # a writable buffer holding the disk
     NBD = 3  # an NBD connection driven through libnbd (the build with libnbd)
+    TAP = 4  # a TAP opened with IFF_VNET_HDR (a virtio-net queue: DeviceConfig.kind)
+
+
+class DeviceKind(enum.IntEnum):
+    """What the queue is (the C enum DEV_*)."""
+
+    BLK = 0  # a virtio-blk queue
+    NET_RX = 1  # virtio-net's receive queue: frames read from the TAP into its buffers
+    NET_TX = 2  # virtio-net's transmit queue: each chain a frame written to the TAP
 
 
 class AioMode(enum.IntEnum):
@@ -75,12 +85,22 @@ class RingLayout:
 
 @dataclass(frozen=True)
 class DeviceConfig:
-    """What the virtio-blk device answers."""
+    """What the device is and answers."""
 
-    #: The capacity in bytes: a writable 8-byte cell the engine reads as it changes.
-    capacity: Any
+    #: virtio-blk: the capacity in bytes, a writable 8-byte cell the engine reads as it
+    #: changes (required); None for a virtio-net queue.
+    capacity: Any = None
     readonly: bool = False
     serial: bytes = b""  # GET_ID's answer, up to 20 bytes (padded with zeroes)
+    #: A virtio-net queue (NET_RX, NET_TX) needs ``StorageKind.TAP`` with its fd, and
+    #: ``AioMode.SYNC``: frames are served as they come.
+    kind: DeviceKind = DeviceKind.BLK
+    #: virtio-net: a writable byte, nonzero while the link is up (None: always up); while
+    #: it is down, frames sent are dropped and frames the TAP has are read and dropped.
+    link: Any = None
+    #: virtio-net receive: GUEST_CSUM was negotiated (without it the header's flags are
+    #: cleared, as the driver expects neither DATA_VALID nor NEEDS_CSUM).
+    guest_csum: bool = False
 
 
 @dataclass(frozen=True)

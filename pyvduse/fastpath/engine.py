@@ -3,9 +3,10 @@
 The native loop serves a queue only in the configuration it implements exactly: a split ring
 of a device that says how (``native_plan()``: a ``BlkDevice`` that handles requests as
 ``BlkDevice`` does, over a backend whose ``native_storage()`` is null, memory, a file
-descriptor, or NBD with a connection per queue in the build with libnbd), over driver memory
-that is a ``RegionMap``. It never looks at concrete device or backend classes. Everything else
-keeps the Python worker. Choosing is the runtime's job (``DataPath``); this module only
+descriptor, or NBD with a connection per queue in the build with libnbd; or a ``NetDevice``
+over a TAP without mergeable receive buffers), over driver memory that is a ``RegionMap``.
+It never looks at concrete device or backend classes. Everything else keeps the Python
+worker. Choosing is the runtime's job (``DataPath``); this module only
 answers "can it?" and "build it".
 """
 
@@ -16,12 +17,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from pyvduse.abi import virtio_net as vn
 from pyvduse.backend.base import NativeStorage
 from pyvduse.device.base import VirtioDevice
 from pyvduse.device.blk import NativeBlk
+from pyvduse.device.net import NativeNet
 from pyvduse.fastpath.config import (
     AioMode,
     DeviceConfig,
+    DeviceKind,
     EngineConfig,
     EngineTuning,
     Interrupts,
@@ -83,12 +87,16 @@ def nbd_built() -> bool:
 
 @runtime_checkable
 class NativeServable(Protocol):
-    """A device that can say how a native loop serves it (``BlkDevice``)."""
+    """A device that can say how a native loop serves it (``BlkDevice``, ``NetDevice``)."""
 
-    def native_plan(self) -> NativeBlk | str: ...
+    def native_plan(self) -> NativeBlk | NativeNet | str: ...
 
 
-def plan_of(device: VirtioDevice, packed: bool) -> NativeBlk | str:
+#: What the native loop serves a device by: a virtio-blk device's storage, or a TAP.
+Plan = NativeBlk | NativeNet
+
+
+def plan_of(device: VirtioDevice, packed: bool) -> Plan | str:
     """How the native loop would serve ``device``, or why it cannot."""
     if not available():
         return (
@@ -98,9 +106,9 @@ def plan_of(device: VirtioDevice, packed: bool) -> NativeBlk | str:
     if packed:
         return "the native data path serves split rings only"
     if not isinstance(device, NativeServable):
-        return f"the native data path serves virtio-blk devices, not {type(device).__name__}"
+        return f"the native data path serves virtio-blk and virtio-net devices, not {type(device).__name__}"
     plan = device.native_plan()
-    if isinstance(plan, str):
+    if isinstance(plan, str | NativeNet):
         return plan
     storage = plan.storage
     if storage.kind == "nbd":
@@ -114,7 +122,7 @@ def plan_of(device: VirtioDevice, packed: bool) -> NativeBlk | str:
     return plan
 
 
-def require_plan(device: VirtioDevice) -> NativeBlk:
+def require_plan(device: VirtioDevice) -> Plan:
     """``device``'s native plan on a split ring; ValueError saying why there is none."""
     plan = plan_of(device, packed=False)
     if isinstance(plan, str):
@@ -184,7 +192,7 @@ def ring_layout(
 
 
 def config(
-    plan: NativeBlk,
+    plan: Plan,
     index: int,
     ring: SplitQueue,
     memory: GuestMemory,
@@ -218,10 +226,18 @@ def config(
     irq_fd, irq_request = irq if irq is not None else (-1, 0)
     if not tuning.budget:
         tuning = replace(tuning, budget=wakeup_budget(ring.num))
+    if isinstance(plan, NativeNet):  # frames are served as they come: no io_uring
+        kind = DeviceKind.NET_RX if index == vn.RX_QUEUE else DeviceKind.NET_TX
+        device = DeviceConfig(kind=kind, link=plan.link, guest_csum=plan.guest_csum)
+        storage = StorageConfig(StorageKind.TAP, fd=plan.tap_fd)
+        tuning = replace(tuning, aio=AioMode.SYNC)
+    else:
+        device = DeviceConfig(plan.capacity, plan.readonly, plan.serial)
+        storage = storage_config(plan.storage, nbd)
     return EngineConfig(
         ring=ring_layout(ring, memory, log, inflight),
-        device=DeviceConfig(plan.capacity, plan.readonly, plan.serial),
-        storage=storage_config(plan.storage, nbd),
+        device=device,
+        storage=storage,
         interrupts=Interrupts(
             irq_fd,
             irq_request,
@@ -237,7 +253,7 @@ def config(
 
 
 def build(
-    plan: NativeBlk,
+    plan: Plan,
     index: int,
     ring: SplitQueue,
     memory: GuestMemory,

@@ -2,14 +2,16 @@
  * The native data path's shared definitions: constants, the Engine object and its parts,
  * the little load/store helpers, and what each file of the engine offers the others.
  *
- * The engine is one virtio-blk split virtqueue served in C (see _splitblk.c for the design).
- * Its sources, each with one concern:
+ * The engine is one split virtqueue served in C (see _splitblk.c for the design): a
+ * virtio-blk queue, or one of virtio-net's two queues over a TAP. Its sources, each with one
+ * concern:
  *   splitblk_ring.c   driver memory (regions, generations), chain walking, the avail/used
  *                     rings, the in-flight log, the in-flight table and map, interrupts;
  *   splitblk_blk.c    virtio-blk requests: which ones this path takes, serving them inline
  *                     (null, memory, GET_ID, the synchronous file path), completing them;
  *   splitblk_uring.c  the asynchronous file path on io_uring (built with SB_URING only);
  *   splitblk_nbd.c    the NBD client path on libnbd's asynchronous API (SB_NBD only);
+ *   splitblk_net.c    virtio-net's receive and transmit queues over a TAP;
  *   splitblk_loop.c   the serving loop: rounds of takes, publishing, sleeping, waiting idle;
  *   _splitblk.c       the Python object and the module.
  * The same sources are compiled three times (pyproject.toml): pyvduse.fastpath._splitblk
@@ -87,7 +89,17 @@
 enum { RUN_STOPPED = 0, RUN_DEFER = 1, RUN_NBD_LOST = 3 };
 #define DRAIN_SLEEP 2  /* drain(): the ring is empty with kicks enabled */
 #define DRAIN_BUDGET 4 /* drain(): the budget is spent; wait for a kick (or the backoff) */
-enum { BACKEND_NULL = 0, BACKEND_FD = 1, BACKEND_MEMORY = 2, BACKEND_NBD = 3 };
+enum { BACKEND_NULL = 0, BACKEND_FD = 1, BACKEND_MEMORY = 2, BACKEND_NBD = 3, BACKEND_TAP = 4 };
+/* What the queue is (DeviceConfig.kind): a virtio-blk queue, or virtio-net's receive or
+ * transmit queue (BACKEND_TAP only). */
+enum { DEV_BLK = 0, DEV_NET_RX = 1, DEV_NET_TX = 2 };
+/* virtio-net: the v1 header every frame starts with (12 bytes with VERSION_1), where its
+ * num_buffers field is, and the largest frame a TAP hands over (header, a 64 KiB GSO
+ * packet, its Ethernet and VLAN headers: pyvduse/device/net.py MAX_PACKET). */
+#define NET_HDR 12
+#define NET_NUM_BUFFERS 10
+#define NET_MAX_PACKET 65566 /* NET_HDR + 65536 + 18 */
+#define NET_IOV_MAX 1024 /* readv/writev take at most this many segments (UIO_MAXIOV) */
 enum { AIO_SYNC = 0, AIO_URING = 1, AIO_NBD = 2 };
 /* Where a request of the NBD path stands (Req.nbd_state). */
 enum { NBD_IDLE = 0, NBD_SENT, NBD_READY, NBD_PARKED };
@@ -181,6 +193,7 @@ typedef struct Engine {
     uint64_t poison_mark; /* requests taken up to this number complete with IOERR */
     int abandoned;     /* never write driver memory, the log or the map, never interrupt */
     /* the device */
+    int dev_kind;          /* DEV_BLK, DEV_NET_RX, DEV_NET_TX */
     int backend, fd, readonly, aio, direct;
     int bounce_all;        /* copy every request (tuning.bounce, or after our own EFAULT) */
     /* the storage's byte saying driver memory cannot be pinned for transfers with it (an
@@ -259,6 +272,13 @@ typedef struct Engine {
      * -2 refused by another (NFS, FUSE): straight to io_uring; 0 untried or accepted */
     int nowait_reads;
     int resident;         /* the fd is on tmpfs or ramfs: a read never waits for a device */
+    /* virtio-net (splitblk_net.c) */
+    Py_buffer link_view;
+    volatile uint8_t *link; /* 1 while the link is up (ctl link): a byte Python writes */
+    int guest_csum;      /* GUEST_CSUM negotiated: received frames keep the TAP's flags */
+    int rx_idle;         /* receive: buffers are there and the TAP has no frame: poll it */
+    uint8_t *rx_scratch; /* NET_MAX_PACKET bytes: a frame's tail beyond the buffers */
+    uint64_t net_packets, net_bytes, net_drops, net_errors;
     /* scratch of the chain being taken */
     struct iovec rd[MAX_SEGS], wr[MAX_SEGS], tmp[MAX_SEGS];
     int nrd, nwr;
@@ -384,6 +404,7 @@ int sb_take(Engine *e, uint16_t *head, uint32_t *rtype, uint64_t *sector, uint8_
 int sb_start(Engine *e, uint16_t head, uint32_t rtype, uint64_t sector, uint8_t *status,
              uint64_t now); /* 1: completed inline (at e->clock) */
 void sb_finish(Engine *e, Req *r, uint8_t st, uint32_t written);
+void sb_complete(Engine *e, Req *r, uint32_t used); /* its latency, then its used element */
 void sb_report_error(Engine *e, uint32_t rtype, uint64_t sector, int err);
 void sb_unpinnable(Engine *e); /* a transfer with driver memory failed with EFAULT */
 int sb_fake_efault(Engine *e); /* test-only: 1 if this transfer is to fail with EFAULT */
@@ -415,6 +436,10 @@ void sb_nbd_notify(Engine *e, short revents); /* tell libnbd what the socket is 
 void sb_nbd_pump(Engine *e);                  /* read what has arrived, without blocking */
 void sb_nbd_fail_parked(Engine *e, int drop); /* IOERR (or dropped) for every parked one */
 void sb_nbd_resend(Engine *e);                /* after set_nbd(): send the parked ones */
+
+/* -- splitblk_net.c -------------------------------------------------------------------- */
+
+int sb_net_serve(Engine *e, uint64_t now); /* 1 served (at e->clock), 0 idle, -1 Python's */
 
 /* -- splitblk_loop.c ------------------------------------------------------------------- */
 

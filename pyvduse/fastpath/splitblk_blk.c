@@ -489,8 +489,6 @@ int sb_start(Engine *e, uint16_t head, uint32_t rtype, uint64_t sector, uint8_t 
  * (the driver would read a stale one); on an abandoned engine they are only dropped. */
 void sb_finish(Engine *e, Req *r, uint8_t st, uint32_t written)
 {
-    uint64_t lat;
-    uint16_t head = r->head;
     uint32_t used;
     if (r->state == REQ_ASYNC)
         e->nasync--;
@@ -507,6 +505,15 @@ void sb_finish(Engine *e, Req *r, uint8_t st, uint32_t written)
     if (st != S_OK)
         e->errors++;
     *r->status = st;
+    sb_complete(e, r, used);
+}
+
+/* Any request's end (virtio-blk's and virtio-net's): its latency, out of the table, its
+ * used element (pushed, not published). */
+void sb_complete(Engine *e, Req *r, uint32_t used)
+{
+    uint16_t head = r->head;
+    uint64_t lat;
     e->clock = now_ns();
     lat = e->clock - r->t_take;
     e->hist[bit_length(lat / 1000) & (HIST_BUCKETS - 1)]++;

@@ -12,7 +12,8 @@
  * that reaped them, so none waits for more than the next wake-up. With NBD the socket is
  * polled beside the kick and stop fds (for writing too while libnbd has bytes it could not
  * send), and read once per round without waiting; a lost connection with requests parked
- * returns RUN_NBD_LOST.
+ * returns RUN_NBD_LOST. A virtio-net receive queue whose buffers wait for a frame sleeps on
+ * its TAP instead of a kick (splitblk_net.c).
  *
  * The budget (splitblk.h, BUDGET_PER_SLOT): every chain taken, or left to Python, spends one
  * credit; a kick restores them. Spent, the loop publishes, asks the driver for a kick and
@@ -98,7 +99,8 @@ static int drain(Engine *e)
                 r = DRAIN_BUDGET;
                 break;
             }
-            k = sb_take(e, &head, &rtype, &sector, &status);
+            k = e->dev_kind == DEV_BLK ? sb_take(e, &head, &rtype, &sector, &status)
+                                       : sb_net_serve(e, t);
             if (k < 0) { /* Python takes it, in this round and on this budget */
                 r = RUN_DEFER;
                 e->credit--;
@@ -109,8 +111,11 @@ static int drain(Engine *e)
             if (k == 0)
                 break;
             e->credit--;
-            /* taken when the one before ended: one clock read per request */
-            done = sb_start(e, head, rtype, sector, status, t) ? e->clock : now_ns();
+            /* taken when the one before ended: one clock read per request (virtio-net's
+             * are served at once) */
+            done = e->dev_kind != DEV_BLK || sb_start(e, head, rtype, sector, status, t)
+                       ? e->clock
+                       : now_ns();
             n++;
             if (done - t >= e->publish_ns || done - published >= e->hold_ns) {
                 sb_publish(e);
@@ -126,6 +131,8 @@ static int drain(Engine *e)
             return RUN_NBD_LOST; /* Python reconnects, then set_nbd() sends them again */
         if (n < e->num) {
             int p;
+            if (e->rx_idle) /* buffers wait for a frame: the TAP wakes us, kicks stay off */
+                return DRAIN_SLEEP;
             if (e->poll_ns && poll_for_work(e))
                 continue;
             p = sb_enable_kicks(e);
@@ -202,6 +209,10 @@ int sb_run(Engine *e, int kick_fd, int stop_fd)
         if (e->backend == BACKEND_NBD) { /* the socket, for what libnbd waits for now */
             fds[2].fd = sb_nbd_poll_fd(e, &fds[2].events);
             nfds = fds[2].fd >= 0 ? 3 : 2;
+        } else if (e->dev_kind == DEV_NET_RX) { /* the TAP, while buffers wait for a frame */
+            fds[2].fd = e->fd;
+            fds[2].events = POLLIN;
+            nfds = e->rx_idle ? 3 : 2;
         }
         for (nfds_t k = 0; k < nfds; k++)
             fds[k].revents = 0;
@@ -224,7 +235,7 @@ int sb_run(Engine *e, int kick_fd, int stop_fd)
         if (e->backend == BACKEND_NBD) {
             if (nfds == 3 && fds[2].revents)
                 sb_nbd_notify(e, fds[2].revents);
-        } else if (nfds == 3 && (fds[2].revents & POLLIN)) {
+        } else if (use_uring(e) && nfds == 3 && (fds[2].revents & POLLIN)) {
             (void)!read(e->efd, &junk, sizeof junk); /* before reaping: none is missed */
         }
         sb_follow_cpu(e);

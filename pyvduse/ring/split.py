@@ -206,6 +206,16 @@ class SplitQueue:
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         return self._chain(head)
 
+    def peek(self) -> Chain | None:
+        """Walk the next available chain without taking it (its memory gets mapped), or
+        None when the ring is empty or the head is out of range (``pop`` says why)."""
+        if self.broken:
+            raise RingError(self.broken)
+        if self.last_avail_idx == self._avail_seen and not self.pending():
+            return None
+        head = self.head_at(self.last_avail_idx)
+        return None if head >= self.num else self._chain(head)
+
     def _walk(self, head: int, readable: list[memoryview], writable: list[memoryview]) -> None:
         memory, desc, num = self.memory, self.desc, self.num
         i = head

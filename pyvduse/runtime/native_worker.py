@@ -1,4 +1,5 @@
-"""A queue worker whose hot loop is the native engine (``pyvduse.fastpath``).
+"""A queue worker whose hot loop is the native engine (``pyvduse.fastpath``): a virtio-blk
+queue, or one of virtio-net's two over a TAP.
 
 The thread calls ``Engine.run``, which serves the queue with the GIL released until a stop
 or until the next chain is one it leaves to Python (a malformed or unusual request, memory
@@ -12,6 +13,12 @@ while it runs, while Python takes a chain, and across a pause (a remap): the eng
 them and completes them in any order. Stopping waits for them up to the grace period; what
 is left then is abandoned (dropped; the server fences the memory) and the engine is kept
 until the kernel has finished with it.
+
+A virtio-net receive queue is the exception to "the worker takes exactly that chain": the
+engine takes a receive buffer only when a frame fills it, so when it leaves one to Python
+the worker first only walks it (mapping memory the engine did not know) and lets the engine
+try again; a buffer the engine leaves twice, or a malformed one, is taken and given back
+empty (``NetDevice.handle``).
 """
 
 from __future__ import annotations
@@ -24,9 +31,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pyvduse.abi import virtio_net as vn
 from pyvduse.backend.base import CallAbandoned
 from pyvduse.device.base import VirtioDevice
 from pyvduse.device.blk import BlkStats, bad_request_log
+from pyvduse.device.net import NativeNet, NetStats
 from pyvduse.fastpath import engine as native
 from pyvduse.fastpath.config import EngineTuning
 from pyvduse.fastpath.engine import Engine
@@ -50,6 +59,12 @@ def stats_of(counters: dict[str, Any]) -> BlkStats:
         bytes_read=counters["bytes_read"],
         bytes_written=counters["bytes_written"],
     )
+
+
+def net_stats_of(counters: dict[str, Any]) -> NetStats:
+    """A native engine's frame counters as ``NetStats`` (bad chains are Python's)."""
+    net = counters["net"]
+    return NetStats(packets=net["packets"], bytes=net["bytes"], drops=net["drops"])
 
 
 def totals_of(counters: dict[str, Any]) -> Totals:
@@ -101,7 +116,8 @@ def run_native(
 
 
 class NativeQueueWorker(QueueWorker):
-    """Serves one split virtio-blk queue with the native engine, Python for the rest."""
+    """Serves one split virtio-blk or virtio-net queue with the native engine, Python for
+    the rest."""
 
     def __init__(
         self,
@@ -131,10 +147,11 @@ class NativeQueueWorker(QueueWorker):
         if isinstance(plan, str):
             self._close_affinity()
             raise ValueError(plan)
-        storage = plan.storage
-        uring = tuning.aio is Aio.IO_URING and storage.kind == "fd"
+        is_net = isinstance(plan, NativeNet)
+        storage = None if isinstance(plan, NativeNet) else plan.storage
+        uring = storage is not None and tuning.aio is Aio.IO_URING and storage.kind == "fd"
         #: The backend whose connection for this queue the engine drives (NBD).
-        self.nbd = storage.connections
+        self.nbd = None if storage is None else storage.connections
         nbd_handle = None
         aio = native.AIO_URING if uring else native.AIO_SYNC
         if self.nbd is not None:
@@ -187,6 +204,11 @@ class NativeQueueWorker(QueueWorker):
             counters=counters,
         )
         self.device_stats = plan.stats
+        #: The engine's counters as the device keeps them.
+        self._stats_of: Callable[[dict[str, Any]], Any] = net_stats_of if is_net else stats_of
+        #: A receive queue of virtio-net: buffers left to Python are walked first.
+        self._receive = is_net and index == vn.RX_QUEUE
+        self._walked: tuple[int, int] | None = None  # (avail index, head) last walked
         self.memory = memory
         self.deferred = 0  # chains the native loop left to Python
         self.abandoned_native = 0  # the engine's requests dropped at a stop
@@ -234,8 +256,8 @@ class NativeQueueWorker(QueueWorker):
         oldest = int(self.engine.counters()["oldest_taken"])
         return oldest == 0 or oldest > mark
 
-    def _engine_stats(self) -> BlkStats:
-        return stats_of(self.engine.counters())
+    def _engine_stats(self) -> Any:
+        return self._stats_of(self.engine.counters())
 
     def _backend_error(self, rtype: int, sector: int, err: int) -> None:
         bad_request_log.warning(
@@ -291,7 +313,7 @@ class NativeQueueWorker(QueueWorker):
         self.counters.absorb(totals_of(c))
         self._completed += c["completed"]
         self._engine_live = False
-        self.device_stats.retire_engine(self.index, stats_of(c))
+        self.device_stats.retire_engine(self.index, self._stats_of(c))
         if self.engine.in_flight():  # abandoned, the kernel still has some of its requests
             _graveyard.keep(self.engine, self.index)
         else:
@@ -412,12 +434,29 @@ class NativeQueueWorker(QueueWorker):
     def _serve_one(self) -> bool:
         """The chain the native loop left: take it with the Python engine, inline (the
         native loop's requests wait meanwhile: such chains are rare)."""
+        if self._receive and self._walk_only():
+            return True
         chain = self.queue.pop()
         if chain is None:
             return False
         self.deferred += 1
         self._serve_inline(chain)
         self._publish()
+        return True
+
+    def _walk_only(self) -> bool:
+        """A receive buffer the engine left: walk it without taking it (the walk maps
+        memory the engine had not been given) so that the engine tries it again; False
+        when it is malformed or was walked already (the engine still cannot use it), so
+        that it is taken and given back empty."""
+        chain = self.ring.peek()
+        if chain is None:
+            return False
+        key = (self.ring.last_avail_idx, chain.head)
+        if chain.error is not None or key == self._walked:
+            self._walked = None
+            return False
+        self._walked = key
         return True
 
     def _serve_inline(self, chain: Chain) -> None:

@@ -24,6 +24,7 @@ from typing import Literal, TypeVar
 
 from pyvduse.abi.virtio import F_RING_PACKED, has
 from pyvduse.device.base import VirtioDevice
+from pyvduse.device.blk import NativeBlk
 from pyvduse.device.request import Request
 from pyvduse.fastpath import engine as native
 from pyvduse.ring.chain import Chain
@@ -332,7 +333,7 @@ class DeviceServer:
             or isinstance(plan, str)
             or not isinstance(queue, SplitQueue | LoggedQueue)
             or not isinstance(memory, RegionMap)
-            or (self.tuning.aio is Aio.THREADS and plan.blocking)
+            or (self.tuning.aio is Aio.THREADS and isinstance(plan, NativeBlk) and plan.blocking)
         ):
             return None
         try:

@@ -3,8 +3,10 @@
 ``ModelRig`` serves a device on the in-process model of VDUSE's kernel half (no root, no
 kernel module, milliseconds); ``BlkDriver`` is a small virtio-blk driver for it, whose
 ``read``/``write``/``flush``/``discard``/``write_zeroes``/``get_id`` read like using a disk,
-``NetDriver`` a virtio-net one (``send``, ``receive`` frames), and ``VirtioDriver`` the
-generic driver under them (feature negotiation, queues) for devices of other types. The block
+``NetDriver`` a virtio-net one (``send``, ``receive`` frames), ``FramePipe`` a network
+backend the test holds the other end of (served by the native data path as a TAP is), and
+``VirtioDriver`` the generic driver under them (feature negotiation, queues) for devices of
+other types. The block
 drivers also drive a real device bound to vhost_vdpa through ``VhostVdpa``
 (``/dev/vhost-vdpa-N`` from this process, with memory of its own, as a VMM would). This
 package sits above the runtime: nothing in pyvduse itself imports it.
@@ -16,6 +18,16 @@ from pyvduse.model.blk_driver import BlkDriver, BlkIOError
 from pyvduse.model.net_driver import NetDriver
 from pyvduse.model.vhost_vdpa import VhostVdpa
 from pyvduse.model.virtio_driver import ProbeError, VirtioDriver
+from pyvduse.testing.frame_pipe import FramePipe
 from pyvduse.testing.rig import ModelRig
 
-__all__ = ["BlkDriver", "BlkIOError", "ModelRig", "NetDriver", "ProbeError", "VhostVdpa", "VirtioDriver"]
+__all__ = [
+    "BlkDriver",
+    "BlkIOError",
+    "FramePipe",
+    "ModelRig",
+    "NetDriver",
+    "ProbeError",
+    "VhostVdpa",
+    "VirtioDriver",
+]

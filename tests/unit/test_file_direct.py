@@ -125,7 +125,7 @@ def test_the_native_engine_gets_the_o_direct_descriptor(image: Path) -> None:
     buffered descriptor, io_uring pushed every write to a kernel worker thread)."""
     import fcntl
 
-    from pyvduse.device.blk import BlkDevice
+    from pyvduse.device.blk import BlkDevice, NativeBlk
     from pyvduse.fastpath import engine
 
     if not engine.available():
@@ -133,7 +133,9 @@ def test_the_native_engine_gets_the_o_direct_descriptor(image: Path) -> None:
     for direct in (True, False):
         b = FileBackend(str(image), direct=direct)
         try:
-            fd = engine.require_plan(BlkDevice(b)).storage.fd
+            plan = engine.require_plan(BlkDevice(b))
+            assert isinstance(plan, NativeBlk)
+            fd = plan.storage.fd
             assert bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT) is direct
         finally:
             b.close()

@@ -20,6 +20,7 @@ from pyvduse.fastpath import engine as native
 from pyvduse.fastpath.config import (
     AioMode,
     DeviceConfig,
+    DeviceKind,
     EngineConfig,
     EngineTuning,
     Interrupts,
@@ -134,10 +135,14 @@ def test_the_configuration_is_read_by_attribute_and_mistakes_name_the_field() ->
         (engine_config(ring=ring(log=bytearray(16))), ValueError, "log buffer too small"),
         (engine_config(device=with_(device, serial="x")), TypeError, "device.serial must be bytes, not str"),
         (engine_config(device=with_(device, serial=bytes(21))), ValueError, "longer than 20"),
-        (engine_config(device=DeviceConfig(None)), TypeError, "device.capacity must be given"),
+        (engine_config(device=DeviceConfig(None)), ValueError, "a virtio-blk queue needs device.capacity"),
+        (engine_config(device=DeviceConfig(kind=DeviceKind.NET_RX)), ValueError, "needs storage.kind"),
+        (engine_config(storage=StorageConfig(StorageKind.TAP, fd=0)), ValueError, "needs storage.kind"),
+        (engine_config(device=with_(device, kind=3)), ValueError, "device.kind must be 0 to 2"),
+        (engine_config(device=with_(device, link=b"\1")), BufferError, "writable"),
         (engine_config(storage=StorageConfig(StorageKind.FD)), ValueError, "without an fd"),
         (engine_config(storage=StorageConfig(fd=-2)), ValueError, "storage.fd must be -1 to"),
-        (engine_config(storage=with_(storage, kind=7)), ValueError, "storage.kind must be 0 to 3"),
+        (engine_config(storage=with_(storage, kind=7)), ValueError, "storage.kind must be 0 to 4"),
         (engine_config(storage=StorageConfig(dio_align=3)), ValueError, "dio_align"),
         (engine_config(storage=StorageConfig(dio_align=2 << 20)), ValueError, "dio_align"),
         (engine_config(storage=StorageConfig(StorageKind.MEMORY)), ValueError, "storage.memory"),
@@ -257,6 +262,8 @@ def c_defines() -> dict[str, int]:
 def test_the_c_constants_match_the_python_definitions() -> None:
     from pyvduse.abi import virtio as vio
     from pyvduse.abi import virtio_blk as vb
+    from pyvduse.abi import virtio_net as vn
+    from pyvduse.device import net
     from pyvduse.ring import budget, inflight
     from pyvduse.ring.areas import SPLIT_ALIGN
     from pyvduse.ring.descriptors import MAX_WRITABLE
@@ -293,13 +300,24 @@ def test_the_c_constants_match_the_python_definitions() -> None:
     assert d["T_BARRIER"] == vb.T_BARRIER
     assert (d["S_OK"], d["S_IOERR"]) == (vb.ReqStatus.OK, vb.ReqStatus.IOERR)
     assert d["ID_BYTES"] == vb.ID_BYTES and d["OUTHDR_SIZE"] == vb.OUTHDR.size
+    # virtio-net frames: the v1 header, where num_buffers is in it, the largest frame
+    assert d["NET_HDR"] == vn.NET_HDR_V1_SIZE
+    assert d["NET_NUM_BUFFERS"] == struct.calcsize("<BBHHHH")
+    assert d["NET_MAX_PACKET"] == net.MAX_PACKET
     # the per-wakeup budget
     assert d["BUDGET_PER_SLOT"] == budget.BUDGET_PER_SLOT
     assert d["BUDGET_SLEEP_MIN_NS"] == budget.BUDGET_SLEEP_MIN_NS
     assert d["BUDGET_SLEEP_MAX_NS"] == budget.BUDGET_SLEEP_MAX_NS
     # the configuration's enums (the C enums, as the module exports them)
     ext = native.extension()
-    assert list(StorageKind) == [ext.BACKEND_NULL, ext.BACKEND_FD, ext.BACKEND_MEMORY, ext.BACKEND_NBD]
+    assert list(StorageKind) == [
+        ext.BACKEND_NULL,
+        ext.BACKEND_FD,
+        ext.BACKEND_MEMORY,
+        ext.BACKEND_NBD,
+        ext.BACKEND_TAP,
+    ]
+    assert list(DeviceKind) == [ext.DEV_BLK, ext.DEV_NET_RX, ext.DEV_NET_TX]
     assert list(AioMode) == [ext.AIO_SYNC, ext.AIO_URING, ext.AIO_NBD]
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from pyvduse.fastpath import engine as native
 from tests.vm.helpers import Daemon, MiB, ctl, ctl_result
 from tests.vm.net_tools import (
     Transfer,
@@ -121,6 +122,8 @@ def test_status(net: list[Daemon]) -> None:
     s = ctl_result("net0", "status")
     assert {"STATUS", "MAC", "MTU", "GUEST_TSO4", "HOST_TSO4"} <= set(s["feature_names"])
     assert "MRG_RXBUF" not in s["feature_names"]  # --mrg-rxbuf offers it
+    if native.available():  # both queues on the native loop (splitblk_net.c)
+        assert [q["engine"] for q in s["queues"]] == ["native", "native"]
 
 
 def test_tcp_transfer_survives_kill9(net: list[Daemon]) -> None:
