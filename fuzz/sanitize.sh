@@ -63,7 +63,8 @@ python3 -m pytest -p no:cacheprovider -q --no-vm -x --hypothesis-seed="$SEED" \
   tests/unit/test_native_api.py tests/unit/test_native_engine.py \
   tests/unit/test_hostile_ring.py tests/unit/test_ring_areas.py \
   tests/unit/test_ring_budget.py tests/unit/test_native_uring.py \
-  tests/unit/test_native_inflight.py tests/unit/test_nbd.py || status=$?
+  tests/unit/test_native_inflight.py tests/unit/test_nbd.py \
+  tests/unit/test_native_net.py tests/unit/test_hostile_net.py || status=$?
 if [ "$status" = 0 ]; then
   echo "sanitize: differential fuzzing, $CASES cases (seed $SEED)"
   python3 fuzz/fuzz_rings.py --cases "$CASES" --seed "$SEED" || status=$?

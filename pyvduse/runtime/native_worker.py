@@ -16,9 +16,9 @@ until the kernel has finished with it.
 
 A virtio-net receive queue is the exception to "the worker takes exactly that chain": the
 engine takes a receive buffer only when a frame fills it, so when it leaves one to Python
-the worker first only walks it (mapping memory the engine did not know) and lets the engine
-try again; a buffer the engine leaves twice, or a malformed one, is taken and given back
-empty (``NetDevice.handle``).
+the worker first only walks it (``LeftReceiveBuffers``) and lets the engine try again; a
+buffer the engine leaves twice, or a malformed one, is taken and given back empty
+(``NetDevice.handle``).
 """
 
 from __future__ import annotations
@@ -207,8 +207,7 @@ class NativeQueueWorker(QueueWorker):
         #: The engine's counters as the device keeps them.
         self._stats_of: Callable[[dict[str, Any]], Any] = net_stats_of if is_net else stats_of
         #: A receive queue of virtio-net: buffers left to Python are walked first.
-        self._receive = is_net and index == vn.RX_QUEUE
-        self._walked: tuple[int, int] | None = None  # (avail index, head) last walked
+        self._receive = LeftReceiveBuffers(self.ring) if is_net and index == vn.RX_QUEUE else None
         self.memory = memory
         self.deferred = 0  # chains the native loop left to Python
         self.abandoned_native = 0  # the engine's requests dropped at a stop
@@ -434,7 +433,7 @@ class NativeQueueWorker(QueueWorker):
     def _serve_one(self) -> bool:
         """The chain the native loop left: take it with the Python engine, inline (the
         native loop's requests wait meanwhile: such chains are rare)."""
-        if self._receive and self._walk_only():
+        if self._receive is not None and self._receive.walk_only():
             return True
         chain = self.queue.pop()
         if chain is None:
@@ -442,21 +441,6 @@ class NativeQueueWorker(QueueWorker):
         self.deferred += 1
         self._serve_inline(chain)
         self._publish()
-        return True
-
-    def _walk_only(self) -> bool:
-        """A receive buffer the engine left: walk it without taking it (the walk maps
-        memory the engine had not been given) so that the engine tries it again; False
-        when it is malformed or was walked already (the engine still cannot use it), so
-        that it is taken and given back empty."""
-        chain = self.ring.peek()
-        if chain is None:
-            return False
-        key = (self.ring.last_avail_idx, chain.head)
-        if chain.error is not None or key == self._walked:
-            self._walked = None
-            return False
-        self._walked = key
         return True
 
     def _serve_inline(self, chain: Chain) -> None:
@@ -487,6 +471,30 @@ class NativeQueueWorker(QueueWorker):
         c.hist[((done - t) // 1000).bit_length()] += 1
         c.sum_ns += done - t
         self._completed += 1
+
+
+class LeftReceiveBuffers:
+    """The receive buffers a virtio-net receive queue's engine leaves to Python. The engine
+    takes a buffer only once a frame fills it, so Python must not take one it could still
+    use: ``walk_only`` walks the next one without taking it (the walk maps memory the engine
+    had not been given) so that the engine tries it again, and says False when it is
+    malformed or was walked already (the engine still cannot use it): then it is taken and
+    given back empty."""
+
+    def __init__(self, ring: SplitQueue) -> None:
+        self.ring = ring
+        self._walked: tuple[int, int] | None = None  # (avail index, head) last walked
+
+    def walk_only(self) -> bool:
+        chain = self.ring.peek()
+        if chain is None:
+            return False
+        key = (self.ring.last_avail_idx, chain.head)
+        if chain.error is not None or key == self._walked:
+            self._walked = None
+            return False
+        self._walked = key
+        return True
 
 
 class _Graveyard:
