@@ -5,8 +5,9 @@ with a TAP (offloads on, split ring), puts the VDUSE interface in one network na
 leaves the TAP in the daemon's, makes a veth pair laid out the same way (the limit: Linux
 moving frames between two namespaces with no device in between), and runs iperf3 over each
 in turn: TCP with one and four streams both ways, and UDP with 64-byte datagrams (packets
-per second received). Prints one table (ours, veth, ours/veth, our daemon's CPU) and writes
-it as JSON with the VM's details.
+per second received). Prints one table (ours, veth, ours/veth, our daemon's CPU, the whole
+guest's CPU in each run: 200% is both vCPUs busy) and writes it as JSON with the VM's
+details.
 
     python3 bench/net.py [--seconds 5] [--json PATH] [--our-args=--packed]
     python3 bench/net.py --profile bench/results/net-prof.out    # the daemon under cProfile
@@ -61,6 +62,13 @@ def _log(msg: str) -> None:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """The guest's CPU time so far, all CPUs: (busy, total) in ticks (/proc/stat)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = values[3] + values[4]  # idle, iowait
+    return sum(values) - idle, sum(values)
 
 
 def iperf3(server: str, ns: str, options: str, seconds: float) -> dict[str, Any]:
@@ -119,13 +127,15 @@ def guest(args: argparse.Namespace) -> int:
             for impl, (_, server, where) in (("pyvduse", OURS), ("veth", PEER)):
                 if args.profile and impl == "veth":
                     continue
-                cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
+                cpu0, t0, (busy0, all0) = cpu_seconds(proc.pid), time.monotonic(), cpu_ticks()
                 try:
                     value: float | None = figure(iperf3(server, where, options, args.seconds), kind)
                     error = None
                 except (RuntimeError, ValueError, subprocess.TimeoutExpired) as e:
                     value, error = None, str(e)[:300]
                 busy = (cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - t0)
+                busy1, all1 = cpu_ticks()
+                guest_cpu = (os.cpu_count() or 1) * (busy1 - busy0) / max(all1 - all0, 1)
                 cells.append(
                     {
                         "test": name,
@@ -134,6 +144,7 @@ def guest(args: argparse.Namespace) -> int:
                         "value": value,
                         "error": error,
                         "daemon_cpu": busy if impl == "pyvduse" else None,
+                        "guest_cpu": guest_cpu,
                     }
                 )
                 _log(f"{name:24} {impl:8} {value} {error or ''}")
@@ -167,7 +178,10 @@ def human(value: float | None, kind: str) -> str:
 
 
 def table(cells: list[dict[str, Any]]) -> str:
-    rows = ["| test | pyvduse | veth | ratio | daemon CPU |", "|---|---:|---:|---:|---:|"]
+    rows = [
+        "| test | pyvduse | veth | ratio | daemon CPU | guest CPU, ours / veth |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for name, _, kind in TESTS:
         ours = next((c for c in cells if c["test"] == name and c["impl"] == "pyvduse"), None)
         peer = next((c for c in cells if c["test"] == name and c["impl"] == "veth"), None)
@@ -176,7 +190,10 @@ def table(cells: list[dict[str, Any]]) -> str:
         o, p = ours["value"], peer["value"] if peer else None
         ratio = f"{o / p:.2f}" if o and p else "-"
         cpu = f"{ours['daemon_cpu']:.0%}" if ours.get("daemon_cpu") is not None else "-"
-        rows.append(f"| {name} | {human(o, kind)} | {human(p, kind)} | {ratio} | {cpu} |")
+        guest = " / ".join(
+            f"{c['guest_cpu']:.0%}" if c and c.get("guest_cpu") is not None else "-" for c in (ours, peer)
+        )
+        rows.append(f"| {name} | {human(o, kind)} | {human(p, kind)} | {ratio} | {cpu} | {guest} |")
     return "\n".join(rows)
 
 

@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from pyvduse.abi.vduse import MAX_BOUNCE_SIZE, MIN_BOUNCE_SIZE
 from pyvduse.backend.base import Backend
@@ -118,27 +119,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "(vhost_vdpa: /dev/vhost-vdpa-N, for a VM)",
     )
     add_data_path_argument(p)
-    p.add_argument(
-        "--poll-us",
-        type=int,
-        default=0,
-        metavar="US",
-        help="native data path: when a queue runs empty, keep watching it this "
-        "many microseconds with notifications off before sleeping (fewer kicks "
-        "and wake-ups under load, at the price of CPU; default 0)",
-    )
-    p.add_argument(
-        "--publish-us",
-        type=int,
-        default=PUBLISH_AFTER_US,
-        metavar="US",
-        help="while a queue serves a run of requests, hand the finished ones to "
-        "the driver (and interrupt it) as soon as one took this many "
-        "microseconds, instead of at the end of the run (default "
-        f"{PUBLISH_AFTER_US}; short requests are held at most "
-        f"{HOLD_MAX_US} us or this, whichever is more; larger: fewer interrupts, "
-        "later completions)",
-    )
     p.add_argument(
         "--irq-cpus",
         default=FOLLOW,
@@ -407,6 +387,7 @@ def build_device(args: argparse.Namespace, backend: Backend | None) -> VirtioDev
 
 
 def add_data_path_argument(p: argparse.ArgumentParser) -> None:
+    """--data-path and the native loop's --poll-us and --publish-us (``loop_tuning``)."""
     p.add_argument(
         "--data-path",
         choices=[d.value for d in DataPath],
@@ -414,6 +395,41 @@ def add_data_path_argument(p: argparse.ArgumentParser) -> None:
         help="who serves the queues: 'native' (the C loop of pyvduse.fastpath), "
         "'python' (the reference engine) or 'auto' (native where it can; "
         "the default)",
+    )
+    p.add_argument(
+        "--poll-us",
+        type=int,
+        default=0,
+        metavar="US",
+        help="native data path: when a queue runs empty, keep watching it this "
+        "many microseconds with notifications off before sleeping (fewer kicks "
+        "and wake-ups under load, at the price of CPU; default 0)",
+    )
+    p.add_argument(
+        "--publish-us",
+        type=int,
+        default=PUBLISH_AFTER_US,
+        metavar="US",
+        help="while a queue serves a run of requests, hand the finished ones to "
+        "the driver (and interrupt it) as soon as one took this many "
+        "microseconds, instead of at the end of the run (default "
+        f"{PUBLISH_AFTER_US}; short requests are held at most "
+        f"{HOLD_MAX_US} us or this, whichever is more; larger: fewer interrupts, "
+        "later completions)",
+    )
+
+
+def loop_tuning(args: argparse.Namespace, **more: Any) -> QueueTuning:
+    """The queue workers' tuning from --data-path, --poll-us and --publish-us (and ``more``
+    of QueueTuning's fields); a value out of range is a user error."""
+    for option, value in (("--poll-us", args.poll_us), ("--publish-us", args.publish_us)):
+        if not 0 <= value <= MAX_US:
+            raise UserError(f"{option} {value} must be 0 to {MAX_US}")
+    return QueueTuning(
+        data_path=DataPath(args.data_path),
+        poll_us=args.poll_us,
+        publish_us=args.publish_us,
+        **more,
     )
 
 
@@ -432,26 +448,17 @@ def run(args: argparse.Namespace) -> int:
     bounce = parse_bounce_size(args.bounce_size)
     msg_timeout = parse_msg_timeout(args.msg_timeout)
     ops = ops_options(args)
-    data_path = DataPath(args.data_path)
-    for option, value in (("--poll-us", args.poll_us), ("--publish-us", args.publish_us)):
-        if not 0 <= value <= MAX_US:
-            raise UserError(f"{option} {value} must be 0 to {MAX_US}")
     if not 1 <= args.io_threads <= 1024:
         raise UserError(f"--io-threads {args.io_threads} must be 1 to 1024")
-    tuning = QueueTuning(
-        data_path=data_path,
-        poll_us=args.poll_us,
-        publish_us=args.publish_us,
-        workers_on_irq_cpus=args.worker_cpus == "irq",
-        aio=Aio(args.aio),
-        io_threads=args.io_threads,
+    tuning = loop_tuning(
+        args, workers_on_irq_cpus=args.worker_cpus == "irq", aio=Aio(args.aio), io_threads=args.io_threads
     )
     irq_placement = parse_irq_cpus(args.irq_cpus)
     check_bind(args.bind, args.bounce_memory == "daemon")
     backend = make_backend(args)
     try:
         device = build_device(args, backend)
-        check_data_path(data_path, device, args.packed)
+        check_data_path(tuning.data_path, device, args.packed)
         check_kernel(args.bind)
         daemon = Daemon(
             device,

@@ -16,6 +16,7 @@ from pyvduse.cli.blk import (
     add_device_arguments,
     add_ops_arguments,
     check_data_path,
+    loop_tuning,
     ops_options,
     parse_bounce_size,
     parse_msg_timeout,
@@ -24,7 +25,6 @@ from pyvduse.daemon import Daemon, check_kernel, check_name
 from pyvduse.device.net import NetConfigError, NetDevice, NetOptions, format_mac, parse_mac
 from pyvduse.errors import UserError
 from pyvduse.runtime.state_file import StateFile
-from pyvduse.runtime.tuning import DataPath, QueueTuning
 from pyvduse.transport.kernel import sysfs
 
 log = logging.getLogger("pyvduse")
@@ -208,8 +208,8 @@ def run(args: argparse.Namespace) -> int:
             device = NetDevice(backend, options)
         except NetConfigError as e:
             raise UserError(str(e)) from None
-        data_path = DataPath(args.data_path)
-        check_data_path(data_path, device, args.packed)
+        tuning = loop_tuning(args)
+        check_data_path(tuning.data_path, device, args.packed)
         device.on_link_change = lambda up: net_state.save(link=up)
         log.info(
             "MAC %s, TAP %s%s", format_mac(device.mac), args.tap, " (created)" if backend.created else ""
@@ -220,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
             net_state,
             state_dir=args.state_dir,
             resume=True if args.reconnect else None,
-            tuning=QueueTuning(data_path=data_path),
+            tuning=tuning,
             ops=ops,
             msg_timeout=msg_timeout,
             bounce_size=bounce,

@@ -29,13 +29,14 @@ def test_figures(net: ModuleType) -> None:
 
 
 def test_table(net: ModuleType) -> None:
+    tcp = "TCP, 1 stream, into"
     cells = [
-        {"test": "TCP, 1 stream, into", "impl": "pyvduse", "value": 2.39e8, "daemon_cpu": 0.84},
-        {"test": "TCP, 1 stream, into", "impl": "veth", "value": 6.78e8, "daemon_cpu": None},
+        {"test": tcp, "impl": "pyvduse", "value": 2.39e8, "daemon_cpu": 0.84, "guest_cpu": 1.9},
+        {"test": tcp, "impl": "veth", "value": 6.78e8, "daemon_cpu": None, "guest_cpu": 1.25},
         {"test": "UDP 64 B, into", "impl": "pyvduse", "value": None, "daemon_cpu": 0.5},
         {"test": "UDP 64 B, into", "impl": "veth", "value": 34828.0, "daemon_cpu": None},
     ]
     lines = net.table(cells).splitlines()
-    assert lines[2] == "| TCP, 1 stream, into | 239 Mbit/s | 678 Mbit/s | 0.35 | 84% |"
-    assert lines[3] == "| UDP 64 B, into | - | 34,828 pps | - | 50% |"  # a failed cell
+    assert lines[2] == "| TCP, 1 stream, into | 239 Mbit/s | 678 Mbit/s | 0.35 | 84% | 190% / 125% |"
+    assert lines[3] == "| UDP 64 B, into | - | 34,828 pps | - | 50% | - / - |"  # a failed cell
     assert len(lines) == 4  # tests that did not run are left out
