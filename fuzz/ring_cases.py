@@ -256,10 +256,39 @@ def _setup(r: Reader, num: int, huge: bool = False) -> tuple[CaseMemory, DriverS
     feats = (bit(F_RING_INDIRECT_DESC) if flags & 1 else 0) | (bit(F_RING_EVENT_IDX) if flags & 2 else 0)
     mem = CaseMemory(huge)
     drv = DriverSplitRing(mem, num)
+    return mem, drv, feats, guarded(mem)
+
+
+def guarded(mem: CaseMemory) -> int:
+    """Fill data memory (after the ring) with guard bytes; where it starts."""
     data_start = mem.alloc(0, 4096)
     mem.fill(data_start, ARENA, GUARD)
     mem.fill(TOP, TOP + TOP_SIZE, GUARD)
-    return mem, drv, feats, data_start
+    return data_start
+
+
+def write_ring(
+    mem: CaseMemory,
+    drv: DriverSplitRing,
+    data_start: int,
+    main: list[tuple[int, int, int, int]],
+    indirect: list[tuple[int, list[tuple[int, int, int, int]]]],
+    avail: list[int],
+    avail_idx: int,
+) -> None:
+    """The descriptor table ``main``, the indirect tables ``indirect`` ((slot, descriptors):
+    at 0x800 + 0x80 * slot into data memory, when they fit), the avail ring's entries and
+    its index."""
+    for i, d in enumerate(main):
+        drv.write_desc(i, *d)
+    for slot, table in indirect:
+        table_addr = data_start + 0x800 + slot * 0x80
+        if table_addr + DESC_SIZE * len(table) <= ARENA:
+            for k, d in enumerate(table):
+                mem.write(table_addr + DESC_SIZE * k, VRING_DESC.pack(*d))
+    for slot, head in enumerate(avail):
+        drv.set_avail_entry(slot, head)
+    drv.set_avail_idx(avail_idx)
 
 
 def _misplace(r: Reader, drv: DriverSplitRing, num: int) -> bool:

@@ -95,13 +95,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--readonly", action="store_true", help="offer the device read-only")
     p.add_argument("--queues", type=int, default=1, metavar="N", help="virtqueues (default 1)")
     p.add_argument(
-        "--queue-size",
-        type=int,
-        default=256,
-        metavar="N",
-        help="descriptors per virtqueue, a power of two (default 256)",
-    )
-    p.add_argument(
         "--block-size",
         type=int,
         default=512,
@@ -190,6 +183,13 @@ def add_device_arguments(p: argparse.ArgumentParser) -> None:
         "--bounce-size",
         metavar="SIZE",
         help="kernel bounce buffer size, 1M to 1G (sysfs bounce_size; 64M unless set)",
+    )
+    p.add_argument(
+        "--queue-size",
+        type=int,
+        default=256,
+        metavar="N",
+        help="descriptors per virtqueue, a power of two (default 256)",
     )
     p.add_argument(
         "--packed", action="store_true", help="offer the packed virtqueue layout (VIRTIO_F_RING_PACKED)"
@@ -386,8 +386,9 @@ def build_device(args: argparse.Namespace, backend: Backend | None) -> VirtioDev
         raise UserError(str(e)) from None
 
 
-def add_data_path_argument(p: argparse.ArgumentParser) -> None:
-    """--data-path and the native loop's --poll-us and --publish-us (``loop_tuning``)."""
+def add_data_path_argument(p: argparse.ArgumentParser, publish_us: int = PUBLISH_AFTER_US) -> None:
+    """--data-path and the native loop's --poll-us and --publish-us (``loop_tuning``), the
+    latter's default ``publish_us``."""
     p.add_argument(
         "--data-path",
         choices=[d.value for d in DataPath],
@@ -408,14 +409,14 @@ def add_data_path_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--publish-us",
         type=int,
-        default=PUBLISH_AFTER_US,
+        default=publish_us,
         metavar="US",
         help="while a queue serves a run of requests, hand the finished ones to "
         "the driver (and interrupt it) as soon as one took this many "
         "microseconds, instead of at the end of the run (default "
-        f"{PUBLISH_AFTER_US}; short requests are held at most "
+        f"{publish_us}; short requests are held at most "
         f"{HOLD_MAX_US} us or this, whichever is more; larger: fewer interrupts, "
-        "later completions)",
+        f"later completions; {MAX_US}: at the end of each run)",
     )
 
 

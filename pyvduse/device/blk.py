@@ -14,7 +14,6 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from pyvduse.abi import virtio_blk as vb
 from pyvduse.abi.virtio import (
@@ -26,6 +25,7 @@ from pyvduse.abi.virtio import (
 )
 from pyvduse.backend.base import Backend, CallAbandoned, LaterBackend, NativeStorage
 from pyvduse.device.base import REQUIRED_FEATURES, DeviceSpec, VirtioDevice
+from pyvduse.device.engine_stats import PerQueueStats
 from pyvduse.device.request import Request
 from pyvduse.ratelimit import RateLimitedLogger
 from pyvduse.ring.chain import Chain
@@ -59,19 +59,7 @@ class NativeBlk:
     num_queues: int
     storage: NativeStorage
     blocking: bool  # the backend's own calls may block (a file)
-    stats: EngineStats  # where the engine's per-queue counters go
-
-
-class EngineStats(Protocol):
-    """Where a native engine's per-queue counters are counted in."""
-
-    def attach_engine(self, queue: int, source: Callable[[], BlkStats]) -> None:
-        """An engine serves ``queue`` now; ``source()`` reads its counters."""
-        ...
-
-    def retire_engine(self, queue: int, final: BlkStats) -> None:
-        """The engine of ``queue`` stopped with these counters: keep them."""
-        ...
+    stats: PerQueueStats[BlkStats]  # where the engine's per-queue counters go
 
 
 @dataclass
@@ -156,8 +144,8 @@ class BlkDevice(VirtioDevice):
         self.capacity_cell = array.array("Q", [backend.size])
         #: One ``BlkStats`` per queue, written only by that queue's worker (no lock).
         self.queue_stats = [BlkStats() for _ in range(opts.num_queues)]
-        #: Per queue, the counters of an engine serving it outside Python (see fastpath).
-        self.stats_sources: dict[int, Callable[[], BlkStats]] = {}
+        #: ... and with those of an engine serving a queue outside Python (see fastpath).
+        self.per_queue = PerQueueStats(self.queue_stats, BlkStats)
         self._stats_lock = threading.Lock()  # for outcomes counted off a queue's thread
         self._own_handle = type(self).handle is not BlkDevice.handle
         #: The backend's calls are coroutines: requests run on the runtime's event loop.
@@ -182,15 +170,8 @@ class BlkDevice(VirtioDevice):
             self.options.num_queues,
             storage,
             self.backend.blocking,
-            self,
+            self.per_queue,
         )
-
-    def attach_engine(self, queue: int, source: Callable[[], BlkStats]) -> None:
-        self.stats_sources[queue] = source
-
-    def retire_engine(self, queue: int, final: BlkStats) -> None:
-        self.queue_stats[queue].add(final)
-        self.stats_sources.pop(queue, None)
 
     @property
     def capacity_bytes(self) -> int:
@@ -232,20 +213,12 @@ class BlkDevice(VirtioDevice):
 
     def queue_snapshot(self, queue: int) -> BlkStats:
         """The counters of one queue, including those of a native engine serving it."""
-        out = BlkStats()
-        out.add(self.queue_stats[queue])
-        source = self.stats_sources.get(queue)
-        if source is not None:
-            out.add(source())
-        return out
+        return self.per_queue.snapshot(queue)
 
     @property
     def stats(self) -> BlkStats:
         """All queues' counters added up (a snapshot)."""
-        out = BlkStats()
-        for i in range(len(self.queue_stats)):
-            out.add(self.queue_snapshot(i))
-        return out
+        return self.per_queue.total()
 
     # -- identity -----------------------------------------------------------------------
 

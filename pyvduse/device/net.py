@@ -26,7 +26,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 from pyvduse.abi import virtio_net as vn
 from pyvduse.abi.virtio import (
@@ -39,6 +38,7 @@ from pyvduse.abi.virtio import (
 )
 from pyvduse.backend.net_base import NetBackend, ReadPacket, Received
 from pyvduse.device.base import REQUIRED_FEATURES, DeviceSpec, VirtioDevice
+from pyvduse.device.engine_stats import PerQueueStats
 from pyvduse.device.request import Request, complete_together
 from pyvduse.ratelimit import RateLimitedLogger
 from pyvduse.ring.chain import Chain
@@ -105,19 +105,7 @@ class NativeNet:
     tap_fd: int  # a TAP opened with IFF_VNET_HDR and a 12-byte header, non-blocking
     link: bytearray  # one byte, nonzero while the link is up: the loop reads it per frame
     guest_csum: bool  # GUEST_CSUM was negotiated (received frames keep the TAP's flags)
-    stats: NetEngineStats  # where the engines' per-queue counters go
-
-
-class NetEngineStats(Protocol):
-    """Where a native engine's counters of a network queue are read from."""
-
-    def attach_engine(self, queue: int, source: Callable[[], NetStats]) -> None:
-        """An engine serves ``queue`` now; ``source()`` reads its counters."""
-        ...
-
-    def retire_engine(self, queue: int, final: NetStats) -> None:
-        """The engine of ``queue`` stopped with these counters: keep them."""
-        ...
+    stats: PerQueueStats[NetStats]  # where the engines' per-queue counters go
 
 
 @dataclass
@@ -388,11 +376,11 @@ class NetDevice(VirtioDevice):
         self.link_up = opts.link_up
         #: The link state as a byte a native engine reads (set_link keeps it in step).
         self.link_cell = bytearray([int(opts.link_up)])
-        #: Per queue: the counters of a native engine serving it (``native_plan``).
-        self.stats_sources: dict[int, Callable[[], NetStats]] = {}
         #: Per queue (RX_QUEUE, TX_QUEUE): receive counted by the backend's thread, transmit
         #: by the transmit queue's worker.
         self.queue_stats = [NetStats(), NetStats()]
+        #: ... and with those of a native engine serving a queue (``native_plan``).
+        self.per_queue = PerQueueStats(self.queue_stats, NetStats)
         self.rx = ReceiveQueue(
             self.queue_stats[vn.RX_QUEUE],
             mergeable=lambda: has(self.features, vn.F_MRG_RXBUF),
@@ -466,23 +454,11 @@ class NetDevice(VirtioDevice):
         }
 
     def queue_counts(self, queue: int) -> dict[str, object]:
-        st = self.queue_snapshot(queue)
+        st = self.per_queue.snapshot(queue)
         return {"direction": "rx" if queue == vn.RX_QUEUE else "tx", **_counts(st)}
 
     def total_counts(self) -> dict[str, object]:
-        both = NetStats()
-        for q in range(vn.NUM_QUEUES):
-            both.add(self.queue_snapshot(q))
-        return _counts(both)
-
-    def queue_snapshot(self, queue: int) -> NetStats:
-        """The counters of one queue, including those of a native engine serving it."""
-        out = NetStats()
-        out.add(self.queue_stats[queue])
-        source = self.stats_sources.get(queue)
-        if source is not None:
-            out.add(source())
-        return out
+        return _counts(self.per_queue.total())
 
     # -- the native data path --------------------------------------------------------------
 
@@ -496,14 +472,7 @@ class NetDevice(VirtioDevice):
             return f"the native data path has no {self.backend.kind} network backend"
         if self.options.mrg_rxbuf:
             return "mergeable receive buffers (--mrg-rxbuf) are served by the Python engine"
-        return NativeNet(fd, self.link_cell, has(self.features, vn.F_GUEST_CSUM), self)
-
-    def attach_engine(self, queue: int, source: Callable[[], NetStats]) -> None:
-        self.stats_sources[queue] = source
-
-    def retire_engine(self, queue: int, final: NetStats) -> None:
-        self.queue_stats[queue].add(final)
-        self.stats_sources.pop(queue, None)
+        return NativeNet(fd, self.link_cell, has(self.features, vn.F_GUEST_CSUM), self.per_queue)
 
     # -- lifecycle ----------------------------------------------------------------------
 

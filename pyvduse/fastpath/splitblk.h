@@ -390,6 +390,7 @@ void sb_push(Engine *e, uint16_t head, uint32_t written);
 void sb_publish(Engine *e);
 void sb_follow_cpu(Engine *e);
 int sb_pending(Engine *e);
+int sb_next_head(Engine *e, uint16_t *head);
 void sb_disable_kicks(Engine *e);
 int sb_enable_kicks(Engine *e);
 void sb_ask_kick(Engine *e);

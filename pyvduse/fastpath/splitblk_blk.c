@@ -102,13 +102,10 @@ int sb_take(Engine *e, uint16_t *head, uint32_t *rtype, uint64_t *sector, uint8_
     uint32_t t;
     uint16_t h;
     uint64_t s;
-    if (e->last_avail == e->avail_seen) {
-        int p = sb_pending(e);
-        if (p <= 0)
-            return p;
-    }
-    h = drv_ld16(e->avail + 4 + 2 * (e->last_avail % e->num));
-    if (h >= e->num || e->map[h] || sb_walk(e, h) < 0 || e->nwr == 0 || e->nrd == 0 ||
+    int k = sb_next_head(e, &h);
+    if (k <= 0)
+        return k;
+    if (sb_walk(e, h) < 0 || e->nwr == 0 || e->nrd == 0 ||
         sb_iov_total(e->rd, e->nrd) < OUTHDR_SIZE)
         return -1;
     sb_gather_header(e->rd, e->nrd, hdr);

@@ -27,21 +27,11 @@
 #include <unistd.h>
 
 /* The next avail chain, walked into e->rd / e->wr and not taken: 1 (*head set), 0 the
- * ring is empty, -1 leave it to Python (sb_take's rules: a head out of range or in flight,
- * a chain sb_walk refuses). */
+ * ring is empty, -1 leave it to Python (sb_next_head's rules, or a chain sb_walk refuses). */
 static int peek(Engine *e, uint16_t *head)
 {
-    uint16_t h;
-    if (e->last_avail == e->avail_seen) {
-        int p = sb_pending(e);
-        if (p <= 0)
-            return p;
-    }
-    h = drv_ld16(e->avail + 4 + 2 * (e->last_avail % e->num));
-    if (h >= e->num || e->map[h] || sb_walk(e, h) < 0)
-        return -1;
-    *head = h;
-    return 1;
+    int k = sb_next_head(e, head);
+    return k <= 0 ? k : sb_walk(e, *head) < 0 ? -1 : 1;
 }
 
 /* Take the chain peek() found, served at once with `used` bytes written. */

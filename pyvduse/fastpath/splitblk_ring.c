@@ -604,6 +604,24 @@ void sb_publish(Engine *e)
         interrupt(e);
 }
 
+/* The head of the next chain made available, not taken: 1 (*head set), 0 the ring is
+ * empty, -1 leave it to Python: the index ran away, the head is out of range or still in
+ * flight (a driver offering it again: Python's ring breaks the queue with the message). */
+int sb_next_head(Engine *e, uint16_t *head)
+{
+    uint16_t h;
+    if (e->last_avail == e->avail_seen) {
+        int p = sb_pending(e);
+        if (p <= 0)
+            return p;
+    }
+    h = drv_ld16(e->avail + 4 + 2 * (e->last_avail % e->num));
+    if (h >= e->num || e->map[h])
+        return -1;
+    *head = h;
+    return 1;
+}
+
 /* Chains made available and not taken; -1 when the index ran away (the Python path breaks
  * the queue with the message). */
 int sb_pending(Engine *e)

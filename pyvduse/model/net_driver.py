@@ -95,6 +95,15 @@ class NetDriver:
         if kick:
             q.kernel.kick(q.index)
 
+    def post_receive(self, readable: list[bytes], sizes: list[int]) -> None:
+        """Offer the device one receive chain as given (readable buffers, then writable ones
+        of these sizes: tests offer malformed ones) and kick."""
+        q = self.rxq
+        with q.lock:
+            q.ring.add(readable, sizes, token=(0, None))
+            q.ring.kick_needed()
+        q.kernel.kick(q.index)
+
     def send(self, frame: bytes, hdr: bytes | None = None, *, timeout: float = 10.0) -> None:
         """Transmit ``frame`` (after ``hdr``, a zero header by default) and wait until the
         device has taken it."""

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from fuzz.ring_cases import ARENA, GUARD, TOP, TOP_SIZE, CaseMemory, SplitCase, check_writes, mark_allowed
+from fuzz.ring_cases import ARENA, TOP, CaseMemory, SplitCase, check_writes, guarded, mark_allowed, write_ring
 from pyvduse.abi import virtio_net as vn
-from pyvduse.abi.virtio import DESC_SIZE, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, VRING_DESC, bit
+from pyvduse.abi.virtio import F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, bit
 from pyvduse.device.net import OFFLOAD_FEATURES, NetDevice, NetOptions
 from pyvduse.fastpath import engine as native
 from pyvduse.model.split_driver import DriverSplitRing
@@ -64,19 +64,7 @@ def build(
 ) -> SplitCase:
     mem = CaseMemory(huge=False)
     drv = DriverSplitRing(mem, NUM)
-    data_start = mem.alloc(0, 4096)
-    mem.fill(data_start, ARENA, GUARD)
-    mem.fill(TOP, TOP + TOP_SIZE, GUARD)
-    for i, d in enumerate(main):
-        drv.write_desc(i, *d)
-    for slot, table in indirect:
-        table_addr = data_start + 0x800 + slot * 0x80
-        if table_addr + DESC_SIZE * len(table) <= ARENA:
-            for k, d in enumerate(table):
-                mem.write(table_addr + DESC_SIZE * k, VRING_DESC.pack(*d))
-    for slot, head in enumerate(avail):
-        drv.set_avail_entry(slot, head)
-    drv.set_avail_idx(avail_idx)
+    write_ring(mem, drv, guarded(mem), main, indirect, avail, avail_idx)
     features = bit(F_RING_INDIRECT_DESC) | (bit(F_RING_EVENT_IDX) if event_idx else 0)
     return SplitCase(mem, drv, NUM, features, mem.flat())
 

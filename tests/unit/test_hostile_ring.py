@@ -12,7 +12,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fuzz.ring_cases import ONE_BYTE, READ_ONLY, TOP, TOP_SIZE, CaseMemory, SplitCase, compare
+from fuzz.ring_cases import (
+    ONE_BYTE,
+    READ_ONLY,
+    TOP,
+    TOP_SIZE,
+    CaseMemory,
+    SplitCase,
+    compare,
+    guarded,
+    write_ring,
+)
 from pyvduse.abi import virtio_blk as vb
 from pyvduse.abi.virtio import (
     DESC_SIZE,
@@ -76,23 +86,12 @@ def test_hostile_split_ring(
     def build() -> SplitCase:
         mem = CaseMemory(huge=False)
         drv = DriverSplitRing(mem, NUM)
-        data_start = mem.alloc(0, 4096)
-        mem.fill(data_start, ARENA, GUARD)
-        mem.fill(TOP, TOP + TOP_SIZE, GUARD)
+        data_start = guarded(mem)
         # A plausible request header at a few addresses the generated descriptors may use.
         hdr = vb.OUTHDR.pack(header[0], 0, header[1])
         for a in (*range(data_start, ARENA - 16, 1024), TOP):
             mem.write(a, hdr)
-        for i, (addr, length, f, nxt) in enumerate(main):
-            drv.write_desc(i, addr, length, f, nxt)
-        for slot, table in indirect:
-            table_addr = data_start + 0x800 + slot * 0x80
-            if table_addr + DESC_SIZE * len(table) <= ARENA:
-                for k, d in enumerate(table):
-                    mem.write(table_addr + DESC_SIZE * k, VRING_DESC.pack(*d))
-        for slot, head in enumerate(avail):
-            drv.set_avail_entry(slot, head)
-        drv.set_avail_idx(avail_idx)
+        write_ring(mem, drv, data_start, main, indirect, avail, avail_idx)
         features = bit(F_RING_INDIRECT_DESC) | (bit(F_RING_EVENT_IDX) if event_idx else 0)
         return SplitCase(mem, drv, NUM, features, mem.flat(), logged=logged)
 

@@ -154,11 +154,7 @@ def test_chains_the_loop_leaves_to_python_cost_one_request() -> None:
     dev, pipe, rig = served()
     with pipe, rig:
         nic = NetDriver(rig.kernel, rx_buffers=4)
-        q = nic.rxq
-        with q.lock:
-            q.ring.add([b"readable!"], [64], token=(0, None))
-            q.ring.kick_needed()
-        rig.kernel.kick(0)
+        nic.post_receive([b"readable!"], [64])
         t = nic.txq.submit([b"short"], [])
         nic.txq.wait(t, 5)
         for n in range(6):  # four buffers, the bad one, then buffers posted since
