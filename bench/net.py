@@ -122,7 +122,8 @@ def guest(args: argparse.Namespace) -> int:
         move_to_namespace("bveth1", v_ns, f"{v_there}/24")
         address_here("bveth0", f"{v_here}/24")
         assert wait_ping(there) and wait_ping(v_there), "no ping"
-        tests = [t for t in TESTS if t[0] == args.profile_test] if args.profile else TESTS
+        wanted = [args.profile_test] if args.profile else args.only
+        tests = [t for t in TESTS if t[0] in wanted] if wanted else TESTS
         for name, options, kind in tests:
             for impl, (_, server, where) in (("pyvduse", OURS), ("veth", PEER)):
                 if args.profile and impl == "veth":
@@ -216,6 +217,7 @@ def host(args: argparse.Namespace) -> int:
     ]
     if args.profile:
         cmd += ["--profile", str(Path(args.profile).resolve()), f"--profile-test={args.profile_test}"]
+    cmd += [f"--only={name}" for name in args.only]
     started = time.monotonic()
     code = testvm.main(["--smp", "2", "--mem", "3G", "--cwd", str(ROOT), "--", shlex.join(cmd)])
     if code != 0 or not guest_json.exists():
@@ -251,6 +253,14 @@ def main(argv: list[str] | None = None) -> int:
         default=TESTS[0][0],
         metavar="TEST",
         help=f"the test profiled (default '{TESTS[0][0]}')",
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        choices=[t[0] for t in TESTS],
+        metavar="TEST",
+        help="run this test only (repeatable; default: all of them)",
     )
     p.add_argument("--guest", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)

@@ -25,7 +25,6 @@ from pyvduse.daemon import Daemon, check_kernel, check_name
 from pyvduse.device.net import NetConfigError, NetDevice, NetOptions, format_mac, parse_mac
 from pyvduse.errors import UserError
 from pyvduse.runtime.state_file import StateFile
-from pyvduse.runtime.tuning import MAX_US
 from pyvduse.transport.kernel import sysfs
 
 log = logging.getLogger("pyvduse")
@@ -76,9 +75,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default="up",
         help="the link state at start (default up; 'pyvduse ctl NAME link' changes it)",
     )
-    # frames are handed over once per run of them: in bench/net.py that received 0.58-0.61x
-    # veth's TCP throughput against 0.45-0.54x when each 64 KiB frame went out on its own
-    add_data_path_argument(p, publish_us=MAX_US)
+    add_data_path_argument(p)
     add_device_arguments(p)
     add_ops_arguments(p)
     p.set_defaults(func=run)

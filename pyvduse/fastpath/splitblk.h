@@ -277,6 +277,7 @@ typedef struct Engine {
     volatile uint8_t *link; /* 1 while the link is up (ctl link): a byte Python writes */
     int guest_csum;      /* GUEST_CSUM negotiated: received frames keep the TAP's flags */
     int rx_idle;         /* receive: buffers are there and the TAP has no frame: poll it */
+    int rx_failed;       /* receive: the TAP's read failed: wait as on a spent budget */
     uint8_t *rx_scratch; /* NET_MAX_PACKET bytes: a frame's tail beyond the buffers */
     uint64_t net_packets, net_bytes, net_drops, net_errors;
     /* scratch of the chain being taken */

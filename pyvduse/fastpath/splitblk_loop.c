@@ -133,6 +133,11 @@ static int drain(Engine *e)
             int p;
             if (e->rx_idle) /* buffers wait for a frame: the TAP wakes us, kicks stay off */
                 return DRAIN_SLEEP;
+            if (e->rx_failed) { /* the TAP failed: try again at a kick or after the backoff */
+                e->rx_failed = 0;
+                e->credit = 0;
+                return DRAIN_BUDGET;
+            }
             if (e->poll_ns && poll_for_work(e))
                 continue;
             p = sb_enable_kicks(e);

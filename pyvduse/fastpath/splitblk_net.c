@@ -73,17 +73,24 @@ static int transmit(Engine *e, uint64_t now)
     return 1;
 }
 
-/* One frame from the TAP into iov; its length, or -1 when there is none (or the TAP
- * failed: counted, and the loop waits for it to be readable again). */
+/* One frame from the TAP into iov: its length, or -1 when there is none (the loop sleeps
+ * until the TAP is readable: rx_idle) or the TAP failed or is closed (a socket standing in
+ * for one: end of file). That is counted, and the loop waits as on a spent budget (until a
+ * kick, or a backoff that doubles up to a second: rx_failed) instead of polling the TAP,
+ * which would spin on its error. */
 static ssize_t read_frame(Engine *e, const struct iovec *iov, int n)
 {
     ssize_t r;
     do
         r = readv(e->fd, iov, n);
     while (r < 0 && errno == EINTR);
-    if (r < 0 && errno != EAGAIN)
+    if (r > 0)
+        return r;
+    e->rx_idle = r < 0 && errno == EAGAIN;
+    e->rx_failed = !e->rx_idle;
+    if (e->rx_failed)
         e->net_errors++;
-    return r;
+    return -1;
 }
 
 static int receive(Engine *e, uint64_t now)
@@ -96,10 +103,8 @@ static int receive(Engine *e, uint64_t now)
     e->rx_idle = 0;
     if (!link_up(e)) { /* read and drop, buffers or not */
         struct iovec all = {e->rx_scratch, NET_MAX_PACKET};
-        if (read_frame(e, &all, 1) < 0) {
-            e->rx_idle = 1;
+        if (read_frame(e, &all, 1) < 0)
             return 0;
-        }
         e->net_drops++;
         e->clock = now_ns();
         return 1;
@@ -116,10 +121,8 @@ static int receive(Engine *e, uint64_t now)
     iov[n].iov_base = e->rx_scratch; /* so that a longer frame is seen (then dropped) */
     iov[n++].iov_len = NET_MAX_PACKET;
     r = read_frame(e, iov, n);
-    if (r < 0) {
-        e->rx_idle = 1;
+    if (r < 0)
         return 0;
-    }
     e->clock = now_ns();
     if ((uint64_t)r < NET_HDR || (uint64_t)r > e->wr_bytes) { /* consumed, not delivered */
         e->net_drops++;

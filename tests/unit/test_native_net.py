@@ -184,3 +184,20 @@ def test_a_reset_with_buffers_waiting_is_immediate() -> None:
         pipe.inject(header() + frame(100))
         assert nic.receive(5)[1] == frame(100)
         assert dev.queue_counts(0)["packets"] == 1
+
+
+def test_a_tap_that_fails_is_not_polled_in_a_loop() -> None:
+    """Reads that fail (here: the other end closed, end of file) are counted and tried
+    again at the driver's next kick or after a backoff that doubles from 1 ms (about nine
+    times in 0.3 s), not in a loop on the TAP's error (hundreds of thousands)."""
+    _dev, pipe, rig = served()
+    with pipe, rig:
+        nic = NetDriver(rig.kernel, rx_buffers=8)
+        pipe.inject(header() + frame(100))
+        assert nic.receive(5)[1] == frame(100)
+        pipe.peer.close()
+        time.sleep(0.3)
+        rx = rig.server.workers[vn.RX_QUEUE]
+        assert isinstance(rx, NativeQueueWorker)
+        assert 1 <= rx.engine.counters()["net"]["errors"] <= 16
+        nic.send(frame(60))  # the other queue goes on
