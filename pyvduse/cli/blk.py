@@ -386,9 +386,8 @@ def build_device(args: argparse.Namespace, backend: Backend | None) -> VirtioDev
         raise UserError(str(e)) from None
 
 
-def add_data_path_argument(p: argparse.ArgumentParser, publish_us: int = PUBLISH_AFTER_US) -> None:
-    """--data-path and the native loop's --poll-us and --publish-us (``loop_tuning``), the
-    latter's default ``publish_us``."""
+def add_data_path_argument(p: argparse.ArgumentParser) -> None:
+    """--data-path and the native loop's --poll-us and --publish-us (``loop_tuning``)."""
     p.add_argument(
         "--data-path",
         choices=[d.value for d in DataPath],
@@ -409,12 +408,12 @@ def add_data_path_argument(p: argparse.ArgumentParser, publish_us: int = PUBLISH
     p.add_argument(
         "--publish-us",
         type=int,
-        default=publish_us,
+        default=PUBLISH_AFTER_US,
         metavar="US",
         help="while a queue serves a run of requests, hand the finished ones to "
         "the driver (and interrupt it) as soon as one took this many "
         "microseconds, instead of at the end of the run (default "
-        f"{publish_us}; short requests are held at most "
+        f"{PUBLISH_AFTER_US}; short requests are held at most "
         f"{HOLD_MAX_US} us or this, whichever is more; larger: fewer interrupts, "
         f"later completions; {MAX_US}: at the end of each run)",
     )

@@ -510,15 +510,14 @@ class NetDevice(VirtioDevice):
 
     def handle(self, queue: int, chain: Chain) -> int:
         """Transmit one frame. A receive buffer is held by ``submit``; one handed here (by
-        a native worker: a chain its loop cannot use, or one in flight when the last
-        daemon died) goes back to the driver empty, which counts a length error."""
+        a native worker: a chain its loop cannot use, or one the last daemon held when it
+        died) goes back to the driver empty, which counts a length error."""
         if queue == vn.RX_QUEUE:
-            self.queue_stats[vn.RX_QUEUE].bad += 1
-            bad_request_log.warning(
-                "receive buffer %d returned unused: %s",
-                chain.head,
-                chain.error or "the native data path cannot fill it",
-            )
+            malformed = chain.error is not None or chain.readable or total(chain.writable) < HDR
+            if malformed:
+                self.queue_stats[vn.RX_QUEUE].bad += 1
+            why = "malformed" if malformed else "the native loop cannot fill it, or the last daemon held it"
+            bad_request_log.warning("receive buffer %d given back empty: %s", chain.head, chain.error or why)
             return 0
         return self.transmit(queue, chain)
 
