@@ -168,6 +168,9 @@ def test_user_errors() -> None:
     assert p.returncode == 2 and "not a TAP" in p.stderr, p
     p = sh(f"{py} --tap tap20 --mac 01:00:5e:00:00:01", check=False)
     assert p.returncode == 2 and "multicast" in p.stderr, p
+    p = sh(f"{py} --tap tap20 --mrg-rxbuf --data-path native", check=False)
+    why = "mergeable" if native.available() else "not built"
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and why in p.stderr, p
     assert not os.path.exists("/dev/vduse/bad0") and not os.path.exists("/sys/class/net/tap20")
 
 
