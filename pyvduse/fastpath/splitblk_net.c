@@ -12,14 +12,16 @@
  * too (counted): a network device loses frames, it does not fail requests.
  *
  * Receive: the next receive buffer is walked but not taken, and the TAP read into it (with
- * a scratch buffer after it, so that a frame longer than the buffer is seen whole). Only when a frame
- * came and fits is the buffer taken, its header's num_buffers set to 1 (and its flags
- * cleared without GUEST_CSUM) and completed with the frame's length, all at once: a buffer
- * is never held taken and empty, so a stop, a remap or a crash finds none in flight. No
- * frame (EAGAIN): the buffer stays on the ring and the loop sleeps on the TAP (rx_idle)
- * with kicks off; no buffer: it sleeps on a kick. A frame longer than the buffer is dropped,
- * as is every frame while the link is down. A chain this path does not take (malformed,
- * memory not mapped, more segments than it handles) is left to Python (-1).
+ * a scratch buffer after it, so that a frame longer than the buffer is seen whole). Only
+ * when a frame came and fits is the buffer taken, its header's num_buffers set to 1 (and
+ * its flags cleared without GUEST_CSUM) and completed with the frame's length, all at once:
+ * a buffer is never held taken and empty, so a stop, a remap or a crash finds none in
+ * flight. No frame (EAGAIN): the buffer stays on the ring and the loop sleeps on the TAP
+ * (rx_idle) with kicks off; no buffer: it sleeps on a kick. A frame longer than the buffer
+ * is dropped, as is every frame while the link is down. A chain this path does not take
+ * (malformed, memory not mapped, more segments than it handles) is left to Python (-1).
+ * Received frames are handed over once per round (engine.py sets publish_ns so), which
+ * --poll-us stretches by waiting for the next frame (wait_for_more).
  */
 #include "splitblk.h"
 
