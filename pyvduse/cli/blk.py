@@ -403,9 +403,7 @@ def add_data_path_argument(p: argparse.ArgumentParser) -> None:
         metavar="US",
         help="native data path: when a queue runs empty, keep watching it this "
         "many microseconds with notifications off before sleeping (fewer kicks "
-        "and wake-ups under load, at the price of CPU; a virtio-net receive "
-        "queue waits that long for the TAP's next frame before handing over "
-        "those it read, without spinning; default 0)",
+        "and wake-ups under load, at the price of CPU; default 0)",
     )
     p.add_argument(
         "--publish-us",

@@ -26,7 +26,6 @@
 #include "splitblk.h"
 
 #include <errno.h>
-#include <poll.h>
 #include <unistd.h>
 
 /* The next avail chain, walked into e->rd / e->wr and not taken: 1 (*head set), 0 the
@@ -96,17 +95,6 @@ static ssize_t read_frame(Engine *e, const struct iovec *iov, int n)
     return -1;
 }
 
-/* --poll-us on a receive queue: frames were received and not yet handed over (they are,
- * once the round ends): wait up to poll_ns for the next one first, so that a stream of small
- * frames reaches the driver in runs, one interrupt each, instead of one at a time. Waits in
- * ppoll, not spinning. 1: the TAP has a frame. */
-static int wait_for_more(Engine *e)
-{
-    struct pollfd p = {.fd = e->fd, .events = POLLIN};
-    struct timespec ts = {(time_t)(e->poll_ns / 1000000000u), (long)(e->poll_ns % 1000000000u)};
-    return e->poll_ns && e->nbatch && ppoll(&p, 1, &ts, NULL) > 0 && (p.revents & POLLIN);
-}
-
 static int receive(Engine *e, uint64_t now)
 {
     struct iovec *iov = e->tmp;
@@ -135,8 +123,6 @@ static int receive(Engine *e, uint64_t now)
     iov[n].iov_base = e->rx_scratch; /* so that a longer frame is seen (then dropped) */
     iov[n++].iov_len = NET_MAX_PACKET;
     r = read_frame(e, iov, n);
-    if (r < 0 && e->rx_idle && wait_for_more(e))
-        r = read_frame(e, iov, n);
     if (r < 0)
         return 0;
     e->clock = now_ns();

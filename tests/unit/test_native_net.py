@@ -18,7 +18,7 @@ from pyvduse.ops.server import answer
 from pyvduse.ops.target import Target
 from pyvduse.ring.chain import Chain
 from pyvduse.runtime.native_worker import NativeQueueWorker
-from pyvduse.runtime.tuning import DataPath, QueueTuning
+from pyvduse.runtime.tuning import DataPath
 from pyvduse.testing import FramePipe, ModelRig
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="the native data path is not built")
@@ -201,21 +201,3 @@ def test_a_tap_that_fails_is_not_polled_in_a_loop() -> None:
         assert isinstance(rx, NativeQueueWorker)
         assert 1 <= rx.engine.counters()["net"]["errors"] <= 16
         nic.send(frame(60))  # the other queue goes on
-
-
-def test_poll_us_hands_received_frames_over_in_runs() -> None:
-    """With --poll-us, frames received are held while the TAP is watched that long for the
-    next one (within the hold limit, --publish-us or 1 ms), so that a stream of small frames
-    costs the driver one interrupt per run."""
-    pipe = FramePipe(OFFLOAD_FEATURES)
-    dev = NetDevice(pipe, NetOptions(mac=MAC))
-    tuning = QueueTuning(data_path=DataPath.NATIVE, poll_us=300_000, publish_us=1_000_000)
-    with pipe, ModelRig(dev, tuning=tuning) as rig:
-        nic = NetDriver(rig.kernel, rx_buffers=8)
-        t = time.monotonic()
-        pipe.inject(header() + frame(100, 1))
-        with pytest.raises(TimeoutError):  # read, held while the TAP is watched
-            nic.receive(0.1)
-        pipe.inject(header() + frame(100, 2))
-        assert [nic.receive(5)[1] for _ in range(2)] == [frame(100, 1), frame(100, 2)]
-        assert time.monotonic() - t >= 0.3  # handed over together, once no third came
