@@ -20,8 +20,10 @@
  * (rx_idle) with kicks off; no buffer: it sleeps on a kick. A frame longer than the buffer
  * is dropped, as is every frame while the link is down. A chain this path does not take
  * (malformed, memory not mapped, more segments than it handles) is left to Python (-1).
- * Received frames are handed over once per round (engine.py sets publish_ns so), which
- * --poll-us stretches by waiting for the next frame (wait_for_more).
+ * Received frames are handed over once per round (engine.py sets publish_ns so). A
+ * --poll-us that waited for the TAP's next frame before handing them over was measured and
+ * dropped: 64-byte UDP into the interface fell from 0.20x veth to 0.13-0.14x with 100 and
+ * 500 us, TCP moved within the runs' noise.
  */
 #include "splitblk.h"
 
