@@ -109,10 +109,22 @@ def start_ours(extra: list[str], profile: str | None) -> tuple[subprocess.Popen[
     return proc, fields["ifname"]
 
 
+def perf_report(data: str) -> str:
+    """What ``perf record -a`` saw: the share of the guest's CPU time per task and kernel or
+    user symbol (the software clock: TCG has no PMU), the top lines."""
+    p = sh(
+        f"perf report -i {data} --stdio --no-children --sort comm,sym --percent-limit 1 2>/dev/null",
+        check=False,
+        timeout=300,
+    )
+    return "\n".join(line for line in p.stdout.splitlines() if line.strip() and not line.startswith("#"))
+
+
 def guest(args: argparse.Namespace) -> int:
     here, there, ns = OURS
     proc, ifname = start_ours(shlex.split(args.our_args), args.profile)
     cells: list[dict[str, Any]] = []
+    profiles: dict[str, str] = {}
     try:
         move_to_namespace(ifname, ns, f"{there}/24")
         address_here("btap0", f"{here}/24")
@@ -128,6 +140,15 @@ def guest(args: argparse.Namespace) -> int:
             for impl, (_, server, where) in (("pyvduse", OURS), ("veth", PEER)):
                 if args.profile and impl == "veth":
                     continue
+                perf = None
+                if name in args.perf:  # the whole guest, sampled while iperf3 runs
+                    data = f"/tmp/bench-net-{impl}.perf"
+                    record = ["perf", "record", "-a", "-e", "cpu-clock", "-F", "499", "-o", data]
+                    perf = subprocess.Popen(
+                        [*record, "--", "sleep", str(args.seconds)],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
                 cpu0, t0, (busy0, all0) = cpu_seconds(proc.pid), time.monotonic(), cpu_ticks()
                 try:
                     value: float | None = figure(iperf3(server, where, options, args.seconds), kind)
@@ -137,6 +158,9 @@ def guest(args: argparse.Namespace) -> int:
                 busy = (cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - t0)
                 busy1, all1 = cpu_ticks()
                 guest_cpu = (os.cpu_count() or 1) * (busy1 - busy0) / max(all1 - all0, 1)
+                if perf is not None:
+                    perf.wait(60)
+                    profiles[f"{name}, {impl}"] = perf_report(data)
                 cells.append(
                     {
                         "test": name,
@@ -158,6 +182,7 @@ def guest(args: argparse.Namespace) -> int:
         sh("ip link del bveth0", check=False)
     out = {
         "cells": cells,
+        "perf": profiles,
         "stats": json.loads(stats) if stats else None,
         "kernel": os.uname().release,
         "cpus": os.cpu_count(),
@@ -218,6 +243,7 @@ def host(args: argparse.Namespace) -> int:
     if args.profile:
         cmd += ["--profile", str(Path(args.profile).resolve()), f"--profile-test={args.profile_test}"]
     cmd += [f"--only={name}" for name in args.only]
+    cmd += [f"--perf={name}" for name in args.perf]
     started = time.monotonic()
     code = testvm.main(["--smp", "2", "--mem", "3G", "--cwd", str(ROOT), "--", shlex.join(cmd)])
     if code != 0 or not guest_json.exists():
@@ -229,6 +255,8 @@ def host(args: argparse.Namespace) -> int:
         pstats.Stats(args.profile + ".workers", stream=s).sort_stats("cumulative").print_stats(30)
         print(s.getvalue())
     text = table(data["cells"])
+    for what, report in data.get("perf", {}).items():
+        print(f"perf, {what}:\n{report}\n")
     print(text)
     data.update(
         date=datetime.datetime.now().isoformat(timespec="seconds"),
@@ -261,6 +289,15 @@ def main(argv: list[str] | None = None) -> int:
         choices=[t[0] for t in TESTS],
         metavar="TEST",
         help="run this test only (repeatable; default: all of them)",
+    )
+    p.add_argument(
+        "--perf",
+        action="append",
+        default=[],
+        choices=[t[0] for t in TESTS],
+        metavar="TEST",
+        help="sample the whole guest with perf (cpu-clock) during this test, ours and veth's, "
+        "and print where its CPU time went (repeatable)",
     )
     p.add_argument("--guest", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
