@@ -25,6 +25,7 @@ import json
 import os
 import pstats
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -225,6 +226,10 @@ def table(cells: list[dict[str, Any]]) -> str:
 
 def host(args: argparse.Namespace) -> int:
     from pyvduse import testvm
+
+    if args.perf and shutil.which("perf") is None:  # the guest runs this machine's programs
+        print("--perf needs perf: apt install linux-perf", file=sys.stderr)
+        return 2
 
     results = HERE / "results"
     results.mkdir(exist_ok=True)
