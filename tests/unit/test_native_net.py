@@ -20,16 +20,12 @@ from pyvduse.ring.chain import Chain
 from pyvduse.runtime.native_worker import NativeQueueWorker
 from pyvduse.runtime.tuning import DataPath
 from pyvduse.testing import FramePipe, ModelRig
+from tests.unit.test_net_device import MAC, frame
+from tests.unit.test_runtime import wait_for
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="the native data path is not built")
 
-MAC = bytes.fromhex("525400abcdef")
 HDR = vn.NET_HDR_V1_SIZE
-
-
-def frame(n: int, seed: int = 0) -> bytes:
-    body = bytes((seed + i) % 251 for i in range(max(n - 6, 0)))
-    return (MAC + body)[:n]
 
 
 def served(
@@ -44,13 +40,6 @@ def counts(dev: NetDevice) -> list[tuple[object, ...]]:
     return [
         tuple(dev.queue_counts(q)[k] for k in ("packets", "bytes", "drops", "bad_requests")) for q in (0, 1)
     ]
-
-
-def wait_for(check: object, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check() and time.monotonic() < deadline:  # type: ignore[operator]
-        time.sleep(0.01)
-    assert check()  # type: ignore[operator]
 
 
 @pytest.mark.parametrize("data_path", [DataPath.NATIVE, DataPath.PYTHON], ids=["native", "python"])
