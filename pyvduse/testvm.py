@@ -1,8 +1,10 @@
-"""Run one shell command in a throwaway Linux 6.12 guest that has the real VDUSE module.
+"""Run one shell command in a throwaway Linux guest (6.12 or 7.3) that has the real VDUSE module.
 
 Why: VDUSE needs a kernel module that CI and developer machines do not have, and loading
-kernel modules on the host is neither possible nor wise. So we boot Debian's 6.12 cloud
-kernel under QEMU (TCG, no KVM needed) with a tiny busybox initramfs that loads the
+kernel modules on the host is neither possible nor wise. So we boot a Debian cloud kernel
+(6.12 from the machine's own apt sources by default; 7.3, whose VDUSE speaks API version 1,
+from trixie-backports through a private apt configuration: see KERNELS) under QEMU (TCG,
+no KVM needed) with a tiny busybox initramfs that loads the
 vduse/vdpa/virtio_vdpa/vhost_vdpa/virtio_blk/virtio_net modules, mounts this machine's
 whole filesystem at / through virtiofs (so the same Python, packages and checkout are
 there), gives the guest its own /dev, /proc, /sys and a private tmpfs at /tmp, runs the
@@ -12,7 +14,8 @@ Several VMs may run at once: each run gets its own directory under /run/pyvduse-
 (named on the kernel command line) holding the command script, the exit status and the
 kernel log, so nothing is scraped from the console except the command's own output.
 
-    python -m pyvduse.testvm [--mem 2G] [--smp 2] [--timeout 900] [--cwd DIR] -- COMMAND...
+    python -m pyvduse.testvm [--kernel 6.12|7.3] [--mem 2G] [--smp 2] [--timeout 900]
+                             [--cwd DIR] -- COMMAND...
 """
 
 from __future__ import annotations
@@ -47,10 +50,13 @@ from pathlib import Path
 from typing import IO, TextIO
 
 __all__ = [
+    "DEFAULT_KERNEL",
     "EXIT_NO_STATUS",
     "EXIT_TIMEOUT",
+    "KERNELS",
     "GuestImage",
     "HostTools",
+    "KernelSpec",
     "RunResult",
     "TestVMError",
     "default_cache",
@@ -100,9 +106,50 @@ VIRTIOFSD_CANDIDATES = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd")
 SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 STANDARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-# Debian's cloud kernel: small, boots fast under TCG, ships VDUSE as a module.
-KERNEL_PACKAGE_RE = re.compile(r"^linux-image-6\.12\.(\d+)\+deb(\d+)-cloud-amd64-unsigned$")
-KERNEL_PACKAGE_APT_RE = r"^linux-image-6\.12\.[0-9]+\+deb[0-9]+-cloud-amd64-unsigned$"
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """Where one test kernel comes from: Debian's cloud kernel (small, boots fast under TCG,
+    ships VDUSE as a module), the newest of its series."""
+
+    version: str
+    #: The package that names the kernel (group 1: the stable release N, group 2: debM).
+    package_re: re.Pattern[str]
+    #: Every package of one kernel, made from the name package_re matched (7.3 is split in
+    #: two: linux-binary-... holds the image, linux-modules-... the modules).
+    companions: tuple[tuple[str, str], ...] = ()
+    #: A Debian suite fetched through a private apt configuration (its own sources list,
+    #: lists and cache under the kernel's cache directory): the machine's sources stay as
+    #: they are. None: the machine's own apt sources.
+    suite: str | None = None
+
+    @property
+    def apt_pattern(self) -> str:
+        """package_re for ``apt-cache search`` (POSIX ERE: no \\d)."""
+        return self.package_re.pattern.replace("\\d", "[0-9]")
+
+    def packages(self, name: str) -> list[str]:
+        """All the packages of the kernel whose naming package is ``name``."""
+        return [name, *(name.replace(old, new, 1) for old, new in self.companions)]
+
+
+KERNELS = {
+    # Debian 12's own (bookworm-security): VDUSE API version 0.
+    "6.12": KernelSpec("6.12", re.compile(r"^linux-image-6\.12\.(\d+)\+deb(\d+)-cloud-amd64-unsigned$")),
+    # trixie-backports': VDUSE API version 1 (virtqueue groups, address spaces) and the
+    # control features QUEUE_READY and SUSPEND.
+    "7.3": KernelSpec(
+        "7.3",
+        re.compile(r"^linux-modules-7\.3\.(\d+)\+deb(\d+)-cloud-amd64$"),
+        companions=(("linux-modules-", "linux-binary-"),),
+        suite="trixie-backports",
+    ),
+}
+#: The kernel the tests and ``pyvduse testvm`` boot unless told otherwise (--kernel, or
+#: $PYVDUSE_TESTVM_KERNEL, which ``pytest --kernel`` sets for the tests that boot one).
+DEFAULT_KERNEL = "6.12"
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 # What the tests need; their dependencies (vdpa, vhost_iotlb, vhost, irqbypass, failover,
 # net_failover) are found from each module's modinfo and loaded first.
 GUEST_MODULES = (
@@ -395,9 +442,22 @@ def ensure_native_build(checkout: Path) -> None:
 
 
 def default_cache() -> Path:
-    """$PYVDUSE_TESTVM_CACHE, else ~/.cache/pyvduse/testvm."""
+    """$PYVDUSE_TESTVM_CACHE, else ~/.cache/pyvduse/testvm (one directory per kernel in it)."""
     env = os.environ.get("PYVDUSE_TESTVM_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "pyvduse" / "testvm"
+
+
+def default_kernel() -> str:
+    """$PYVDUSE_TESTVM_KERNEL, else DEFAULT_KERNEL."""
+    return os.environ.get("PYVDUSE_TESTVM_KERNEL") or DEFAULT_KERNEL
+
+
+def kernel_spec(version: str) -> KernelSpec:
+    """The KernelSpec of ``version``; ValueError naming the choices otherwise."""
+    try:
+        return KERNELS[version]
+    except KeyError:
+        raise ValueError(f"no test kernel {version!r}: choose one of {', '.join(KERNELS)}") from None
 
 
 def recipe_key() -> str:
@@ -407,12 +467,12 @@ def recipe_key() -> str:
     return h.hexdigest()[:12]
 
 
-def pick_kernel_package(names: Iterable[str]) -> str | None:
-    """The newest linux-image-6.12.N+debM-cloud-amd64-unsigned among names."""
+def pick_kernel_package(names: Iterable[str], kernel: KernelSpec = KERNELS[DEFAULT_KERNEL]) -> str | None:
+    """The newest package among names that names a kernel of ``kernel``'s series."""
     best: tuple[int, int] | None = None
     best_name = None
     for name in names:
-        m = KERNEL_PACKAGE_RE.match(name.strip())
+        m = kernel.package_re.match(name.strip())
         if m:
             key = (int(m.group(1)), int(m.group(2)))
             if best is None or key > best:
@@ -420,18 +480,39 @@ def pick_kernel_package(names: Iterable[str]) -> str | None:
     return best_name
 
 
-def _search_kernel_package() -> str | None:
-    """Ask apt (no download) which 6.12 cloud kernels it knows."""
+def apt_options(kernel: KernelSpec, cache: Path) -> list[str]:
+    """apt's options for ``kernel``: none for the machine's sources; for a suite of its own,
+    a private configuration under ``cache/apt`` (sources list, package lists, downloads), so
+    the machine's apt sources and lists stay exactly as they are."""
+    if kernel.suite is None:
+        return []
+    d = cache / "apt"
+    for sub in ("lists/partial", "cache/archives/partial"):
+        (d / sub).mkdir(parents=True, exist_ok=True)
+    sources = d / "sources.list"
+    line = f"deb [signed-by={DEBIAN_KEYRING}] {DEBIAN_MIRROR} {kernel.suite} main\n"
+    if not sources.exists() or sources.read_text() != line:
+        sources.write_text(line)
+    return [
+        "-o", f"Dir::Etc::SourceList={sources}",
+        "-o", "Dir::Etc::SourceParts=/dev/null",
+        "-o", f"Dir::State::Lists={d / 'lists'}",
+        "-o", f"Dir::Cache={d / 'cache'}",
+    ]  # fmt: skip
+
+
+def _search_kernel_package(kernel: KernelSpec, apt_opts: Sequence[str] = ()) -> str | None:
+    """Ask apt (no download) which kernels of ``kernel``'s series it knows."""
     proc = subprocess.run(
-        ["apt-cache", "search", "--names-only", KERNEL_PACKAGE_APT_RE],
+        ["apt-cache", *apt_opts, "search", "--names-only", kernel.apt_pattern],
         capture_output=True,
         text=True,
         check=False,
     )
-    return pick_kernel_package(line.split(" ", 1)[0] for line in proc.stdout.splitlines())
+    return pick_kernel_package((line.split(" ", 1)[0] for line in proc.stdout.splitlines()), kernel)
 
 
-def _download_deb(package: str, debs: Path) -> Path:
+def _download_deb(package: str, debs: Path, apt_opts: Sequence[str] = ()) -> Path:
     """apt-get download into debs/ (kept, so a recipe change does not download again)."""
     debs.mkdir(parents=True, exist_ok=True)
     existing = sorted(debs.glob(f"{package}_*.deb"))
@@ -441,22 +522,27 @@ def _download_deb(package: str, debs: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=debs, prefix=".dl-") as tmp:
 
         def download() -> subprocess.CompletedProcess[str]:
-            argv = ["apt-get", "download", package]
+            argv = ["apt-get", *apt_opts, "download", package]
             return subprocess.run(argv, cwd=tmp, capture_output=True, text=True, check=False)
 
         proc = download()
         if proc.returncode != 0 and _is_root():
-            _apt("update", "-qq")  # stale package lists may name a file the mirror dropped
+            _apt(*apt_opts, "update", "-qq")  # stale package lists may name a file the mirror dropped
             proc = download()
         if proc.returncode != 0:
             raise TestVMError(f"apt-get download {package} failed: {proc.stderr[-3000:]}")
         (downloaded,) = Path(tmp).glob("*.deb")
         target = debs / downloaded.name
         downloaded.rename(target)
-    for old in debs.glob("*.deb"):
-        if old != target:
-            old.unlink()
     return target
+
+
+def _keep_only(debs: Path, wanted: Iterable[Path]) -> None:
+    """Remove the packages of earlier kernels from debs/."""
+    keep = set(wanted)
+    for old in debs.glob("*.deb"):
+        if old not in keep:
+            old.unlink()
 
 
 _MODULE_RE = re.compile(r"^(?:usr/)?lib/modules/([^/]+)/kernel/.*/([^/]+)\.ko(\.xz|\.gz)?$")
@@ -499,40 +585,46 @@ def _module_name(stem: str) -> str:
     return stem.replace("-", "_")
 
 
-def _read_kernel_deb(deb: Path) -> _KernelPackage:
-    """Stream the .deb's data tarball and keep only the kernel image and the modules."""
-    proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
-    assert proc.stdout is not None
+_VMLINUZ_RE = re.compile(r"^(?:boot/vmlinuz-([^/]+)|(?:usr/)?lib/modules/([^/]+)/vmlinuz)$")
+
+
+def _read_kernel_debs(debs: Sequence[Path]) -> _KernelPackage:
+    """Stream the .debs' data tarballs and keep only the kernel image and the modules (the
+    image is boot/vmlinuz-RELEASE, or usr/lib/modules/RELEASE/vmlinuz in a split kernel)."""
     vmlinuz: dict[str, bytes] = {}
     compressed: dict[str, tuple[str, bytes]] = {}
     builtin: set[str] = set()
     release = None
-    with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            name = member.name.removeprefix("./")
-            m = _MODULE_RE.match(name)
-            if m is None and not name.startswith("boot/vmlinuz-") and not _BUILTIN_RE.match(name):
-                continue
-            f = tar.extractfile(member)
-            assert f is not None
-            data = f.read()
-            if name.startswith("boot/vmlinuz-"):
-                vmlinuz[name.removeprefix("boot/vmlinuz-")] = data
-            elif m is not None:
-                release = m.group(1)
-                compressed[_module_name(m.group(2))] = (m.group(3) or "", data)
-            else:
-                builtin |= {
-                    _module_name(Path(line).name.split(".ko")[0])
-                    for line in data.decode().splitlines()
-                    if line
-                }
-    if proc.wait() != 0:
-        raise TestVMError(f"dpkg-deb --fsys-tarfile {deb} failed")
+    for deb in debs:
+        proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
+        assert proc.stdout is not None
+        with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name = member.name.removeprefix("./")
+                m = _MODULE_RE.match(name)
+                image = _VMLINUZ_RE.match(name)
+                if m is None and image is None and not _BUILTIN_RE.match(name):
+                    continue
+                f = tar.extractfile(member)
+                assert f is not None
+                data = f.read()
+                if image is not None:
+                    vmlinuz[image.group(1) or image.group(2)] = data
+                elif m is not None:
+                    release = m.group(1)
+                    compressed[_module_name(m.group(2))] = (m.group(3) or "", data)
+                else:
+                    builtin |= {
+                        _module_name(Path(line).name.split(".ko")[0])
+                        for line in data.decode().splitlines()
+                        if line
+                    }
+        if proc.wait() != 0:
+            raise TestVMError(f"dpkg-deb --fsys-tarfile {deb} failed")
     if release is None or release not in vmlinuz:
-        raise TestVMError(f"{deb} has no boot/vmlinuz-* matching its modules")
+        raise TestVMError(f"{', '.join(map(str, debs))}: no kernel image matching the modules")
     return _KernelPackage(
         release=release, vmlinuz=vmlinuz[release], modules=_Modules(compressed), builtin=builtin
     )
@@ -676,9 +768,16 @@ def _load_image(directory: Path) -> GuestImage | None:
     )
 
 
-def ensure_guest(cache: Path | None = None) -> GuestImage:
-    """The cached kernel + initramfs for the current recipe, downloading/building if needed."""
-    cache = default_cache() if cache is None else cache
+def kernel_cache(cache: Path, kernel: str) -> Path:
+    """The cache directory of one kernel: its packages, apt files and guest images."""
+    return cache / f"linux-{kernel}"
+
+
+def ensure_guest(cache: Path | None = None, kernel: str | None = None) -> GuestImage:
+    """The cached kernel + initramfs of ``kernel`` (default_kernel()) for the current
+    recipe, downloading/building if needed; each kernel has its own cache directory."""
+    spec = kernel_spec(default_kernel() if kernel is None else kernel)
+    cache = kernel_cache(default_cache() if cache is None else cache, spec.version)
     final = cache / f"guest-{recipe_key()}"
     image = _load_image(final)
     if image is not None:
@@ -692,25 +791,27 @@ def ensure_guest(cache: Path | None = None) -> GuestImage:
         busybox = _find_busybox()
         if busybox is None:
             raise TestVMError("no static busybox: apt-get install busybox-static")
-        package = _search_kernel_package()
+        opts = apt_options(spec, cache)
+        package = _search_kernel_package(spec, opts)
         if package is None and _is_root():
-            _apt("update", "-qq")
-            package = _search_kernel_package()
+            _apt(*opts, "update", "-qq")
+            package = _search_kernel_package(spec, opts)
         if package is None:
-            raise TestVMError(
-                "apt knows no linux-image-6.12.*+deb*-cloud-amd64-unsigned package "
-                "(run apt-get update as root?)"
-            )
-        deb = _download_deb(package, cache / "debs")
-        _note(f"building the guest initramfs from {deb.name}")
-        kernel = _read_kernel_deb(deb)
-        order = module_load_order(GUEST_MODULES, kernel.modules, kernel.builtin)
-        initrd = build_initrd(Path(busybox).read_bytes(), [(name, kernel.modules[name]) for name in order])
+            where = f"Debian's {spec.suite}" if spec.suite else "apt (run apt-get update as root?)"
+            raise TestVMError(f"{where} has no package matching {spec.apt_pattern}: no Linux {spec.version}")
+        debs = [_download_deb(name, cache / "debs", opts) for name in spec.packages(package)]
+        _keep_only(cache / "debs", debs)
+        _note(f"building the guest initramfs from {', '.join(deb.name for deb in debs)}")
+        kernel_package = _read_kernel_debs(debs)
+        mods = kernel_package.modules
+        order = module_load_order(GUEST_MODULES, mods, kernel_package.builtin)
+        initrd = build_initrd(Path(busybox).read_bytes(), [(name, mods[name]) for name in order])
         build = Path(tempfile.mkdtemp(dir=cache, prefix=".build-"))
-        (build / "vmlinuz").write_bytes(kernel.vmlinuz)
+        (build / "vmlinuz").write_bytes(kernel_package.vmlinuz)
         (build / "initrd.gz").write_bytes(initrd)
         info = {
-            "kernel_release": kernel.release,
+            "kernel": spec.version,
+            "kernel_release": kernel_package.release,
             "package": package,
             "modules": order,
             "recipe": RECIPE,
@@ -1108,19 +1209,25 @@ def run(
     timeout: float = 900,
     env: dict[str, str] | None = None,
     console: TextIO | None = None,
+    kernel: str | None = None,
 ) -> RunResult:
-    """Run `command` (bash) as root in a fresh test VM, cwd defaulting to the current one.
+    """Run `command` (bash) as root in a fresh test VM, cwd defaulting to the current one,
+    booting ``kernel`` (one of KERNELS; default_kernel() if None). The command's
+    environment has PYVDUSE_VM_KERNEL set to it.
 
     The console output from 'guest ready' on is streamed to `console` (if given) and
     returned in `output`; exit_code is the command's status, EXIT_TIMEOUT (timed_out set)
     when `timeout` seconds passed first, or EXIT_NO_STATUS when the guest never reported.
     """
     workdir = _check_cwd(os.getcwd() if cwd is None else cwd)
-    script = command_script(command, cwd=workdir, env=guest_env(env))
+    version = kernel_spec(default_kernel() if kernel is None else kernel).version
+    script = command_script(
+        command, cwd=workdir, env=guest_env({"PYVDUSE_VM_KERNEL": version, **(env or {})})
+    )
     if not _is_root():
         raise TestVMError("the test VM needs root (virtiofsd shares / and runs as root)")
     tools = ensure_tools()
-    image = ensure_guest()
+    image = ensure_guest(kernel=version)
     with _vm_slot():
         return _run_in_slot(script, tools, image, mem=mem, smp=smp, timeout=timeout, console=console)
 
@@ -1195,9 +1302,15 @@ def _panic_line(boot: str) -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pyvduse testvm",
-        description="Run a shell command as root in a Linux 6.12 VM with the VDUSE module; "
+        description="Run a shell command as root in a Linux VM with the VDUSE module; "
         "the host's / is the guest's /, except a private /tmp. Exits with the command's "
         f"status ({EXIT_TIMEOUT} on timeout, {EXIT_NO_STATUS} if the guest gave none).",
+    )
+    p.add_argument(
+        "--kernel",
+        choices=list(KERNELS),
+        default=default_kernel(),
+        help=f"the guest's Linux (default {default_kernel()}; 7.3 comes from Debian's trixie-backports)",
     )
     p.add_argument("--mem", default="2G", help="guest memory (default 2G)")
     p.add_argument("--smp", type=int, default=2, help="guest CPUs (default 2)")
@@ -1228,7 +1341,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.prepare:
             ensure_tools()
-            image = ensure_guest()
+            image = ensure_guest(kernel=args.kernel)
             print(f"guest image: {image.package} in {image.vmlinuz.parent}")
             return 0
         if not args.command:
@@ -1240,6 +1353,7 @@ def main(argv: list[str] | None = None) -> int:
             smp=args.smp,
             timeout=args.timeout,
             console=sys.stdout,
+            kernel=args.kernel,
         )
     except (TestVMError, ValueError) as e:
         print(f"pyvduse testvm: {e}", file=sys.stderr)

@@ -35,6 +35,10 @@ def pytest_configure(config: pytest.Config) -> None:
         return  # the guest sees the host's filesystem and checkout
     from pyvduse import testvm
 
+    kernel = config.getoption("--kernel")
+    if kernel is not None:  # also for the tests that boot a VM of their own (boots_vm)
+        os.environ["PYVDUSE_TESTVM_KERNEL"] = kernel
+
     for ensure in (testvm.ensure_test_tools, lambda: testvm.ensure_native_build(ROOT)):
         try:
             ensure()
@@ -43,10 +47,19 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    from pyvduse.testvm import DEFAULT_KERNEL, KERNELS
+
     parser.addoption(
         "--no-vm",
         action="store_true",
         help="skip every test that needs the test VM (real kernel, or a VM it boots itself)",
+    )
+    parser.addoption(
+        "--kernel",
+        choices=list(KERNELS),
+        default=None,
+        help=f"the test VM's Linux (default {DEFAULT_KERNEL}, or $PYVDUSE_TESTVM_KERNEL); "
+        "7.3 speaks VDUSE API version 1",
     )
 
 
@@ -76,7 +89,10 @@ class VmSession:
         args = " ".join(f"'{n}'" for n in self.nodeids)
         command = f"{sys.executable} -m pytest -p no:cacheprovider -v -rfEs --junitxml={junit} {args}"
         live = RESULTS / f"console-{os.getpid()}.log"  # tail -f it while the VM runs
-        sys.stderr.write(f"\n[vm] running {len(self.nodeids)} test(s) in the test VM; console: {live}\n")
+        kernel = testvm.default_kernel()
+        sys.stderr.write(
+            f"\n[vm] running {len(self.nodeids)} test(s) in the Linux {kernel} test VM; console: {live}\n"
+        )
         try:
             testvm.ensure_test_tools()  # fio, e2fsprogs, ... (pytest_configure tried already)
             with live.open("w") as console:

@@ -95,6 +95,43 @@ def test_pick_kernel_package_takes_the_newest_6_12_cloud_image() -> None:
     assert testvm.pick_kernel_package(["linux-image-amd64"]) is None
 
 
+def test_pick_kernel_package_for_7_3_takes_the_newest_cloud_modules_package() -> None:
+    k7 = testvm.KERNELS["7.3"]
+    names = [
+        "linux-modules-7.3.4+deb13-amd64",
+        "linux-modules-7.3.4+deb13-cloud-amd64",
+        "linux-modules-7.3.12+deb13-cloud-amd64",
+        "linux-binary-7.3.20+deb13-cloud-amd64",
+        "linux-modules-7.2.12+deb13-cloud-amd64",
+    ]
+    assert testvm.pick_kernel_package(names, k7) == "linux-modules-7.3.12+deb13-cloud-amd64"
+    assert k7.packages("linux-modules-7.3.12+deb13-cloud-amd64") == [
+        "linux-modules-7.3.12+deb13-cloud-amd64",
+        "linux-binary-7.3.12+deb13-cloud-amd64",
+    ]
+    assert k7.apt_pattern == r"^linux-modules-7\.3\.([0-9]+)\+deb([0-9]+)-cloud-amd64$"
+    assert testvm.KERNELS[testvm.DEFAULT_KERNEL].packages("x") == ["x"]
+
+
+def test_a_kernel_of_its_own_suite_gets_a_private_apt_configuration(tmp_path: Path) -> None:
+    assert testvm.apt_options(testvm.KERNELS["6.12"], tmp_path) == []  # the machine's sources
+    opts = testvm.apt_options(testvm.KERNELS["7.3"], tmp_path)
+    settings = dict(o.split("=", 1) for o in opts if o != "-o")
+    apt = tmp_path / "apt"
+    assert settings == {
+        "Dir::Etc::SourceList": str(apt / "sources.list"),
+        "Dir::Etc::SourceParts": "/dev/null",
+        "Dir::State::Lists": str(apt / "lists"),
+        "Dir::Cache": str(apt / "cache"),
+    }
+    assert (apt / "sources.list").read_text() == (
+        f"deb [signed-by={testvm.DEBIAN_KEYRING}] {testvm.DEBIAN_MIRROR} trixie-backports main\n"
+    )
+    assert (apt / "lists" / "partial").is_dir() and (apt / "cache" / "archives" / "partial").is_dir()
+    with pytest.raises(ValueError, match=r"choose one of 6\.12, 7\.3"):
+        testvm.kernel_spec("5.10")
+
+
 def _fake_ko(depends: str) -> bytes:
     return b"\x7fELF junk\x00license=GPL\x00depends=" + depends.encode() + b"\x00name=x\x00"
 
@@ -171,19 +208,33 @@ def test_recipe_key_follows_the_init_script(monkeypatch: pytest.MonkeyPatch) -> 
     assert testvm.recipe_key() != before
 
 
-def _fake_kernel_deb(tmp_path: Path) -> Path:
-    """A tiny .deb laid out like Debian's kernel package (xz modules, modules.builtin)."""
-    import lzma
-
-    kv = "6.12.99+deb12-cloud-amd64"
-    root = tmp_path / "pkg"
-    (root / "DEBIAN").mkdir(parents=True)
+def _build_deb(root: Path, deb: Path) -> Path:
+    (root / "DEBIAN").mkdir(parents=True, exist_ok=True)
     (root / "DEBIAN" / "control").write_text(
         "Package: fake-kernel\nVersion: 1\nArchitecture: all\nMaintainer: t <t@t>\nDescription: fake\n"
     )
-    (root / "boot").mkdir()
-    (root / "boot" / f"vmlinuz-{kv}").write_bytes(b"KERNEL")
-    mods = root / "lib" / "modules" / kv / "kernel"
+    subprocess.run(["dpkg-deb", "--build", str(root), str(deb)], capture_output=True, check=True)
+    return deb
+
+
+def _fake_kernel_deb(
+    tmp_path: Path, kv: str = "6.12.99+deb12-cloud-amd64", split: bool = False
+) -> list[Path]:
+    """Tiny .debs laid out like Debian's kernel package (xz modules, modules.builtin), or
+    with ``split`` like 7.3's two: the image under usr/lib/modules/RELEASE/, the modules
+    (and no modules.builtin) in the other."""
+    import lzma
+
+    root = tmp_path / f"pkg-{kv}"
+    image_root = tmp_path / f"img-{kv}" if split else root
+    if split:
+        (image_root / "usr" / "lib" / "modules" / kv).mkdir(parents=True)
+        (image_root / "usr" / "lib" / "modules" / kv / "vmlinuz").write_bytes(b"KERNEL")
+        mods = root / "usr" / "lib" / "modules" / kv / "kernel"
+    else:
+        (root / "boot").mkdir(parents=True)
+        (root / "boot" / f"vmlinuz-{kv}").write_bytes(b"KERNEL")
+        mods = root / "lib" / "modules" / kv / "kernel"
     for rel, deps in {
         "drivers/vdpa/vdpa_user/vduse": "vhost_iotlb,vdpa",
         "drivers/vdpa/vdpa": "",
@@ -192,25 +243,25 @@ def _fake_kernel_deb(tmp_path: Path) -> Path:
     }.items():
         (mods / rel).parent.mkdir(parents=True, exist_ok=True)
         (mods / f"{rel}.ko.xz").write_bytes(lzma.compress(_fake_ko(deps)))
-    (root / "lib" / "modules" / kv / "modules.builtin").write_text("kernel/fs/fuse/virtiofs.ko\n")
-    deb = tmp_path / "fake.deb"
-    subprocess.run(["dpkg-deb", "--build", str(root), str(deb)], capture_output=True, check=True)
-    return deb
+    if not split:
+        (root / "lib" / "modules" / kv / "modules.builtin").write_text("kernel/fs/fuse/virtiofs.ko\n")
+        return [_build_deb(root, tmp_path / f"fake-{kv}.deb")]
+    return [_build_deb(root, tmp_path / f"mods-{kv}.deb"), _build_deb(image_root, tmp_path / f"img-{kv}.deb")]
 
 
 @pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
 def test_ensure_guest_builds_once_and_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
 
-    deb = _fake_kernel_deb(tmp_path)
+    (deb,) = _fake_kernel_deb(tmp_path)
     downloads: list[str] = []
 
-    def fake_download(package: str, debs: Path) -> Path:
+    def fake_download(package: str, debs: Path, apt_opts: object = ()) -> Path:
         downloads.append(package)
         return deb
 
     monkeypatch.setattr(testvm, "GUEST_MODULES", ("vduse",))
-    monkeypatch.setattr(testvm, "_search_kernel_package", lambda: "linux-image-fake")
+    monkeypatch.setattr(testvm, "_search_kernel_package", lambda kernel, opts: "linux-image-fake")
     monkeypatch.setattr(testvm, "_download_deb", fake_download)
     monkeypatch.setattr(testvm, "_find_busybox", lambda: sys.executable)
     monkeypatch.setattr(testvm, "_note", lambda message: None)
@@ -226,7 +277,7 @@ def test_ensure_guest_builds_once_and_caches(tmp_path: Path, monkeypatch: pytest
     image = images[0]
     assert image.kernel_release == "6.12.99+deb12-cloud-amd64"
     assert image.vmlinuz.read_bytes() == b"KERNEL"
-    assert image.vmlinuz.parent.name == f"guest-{testvm.recipe_key()}"
+    assert image.vmlinuz.parent == cache / "linux-6.12" / f"guest-{testvm.recipe_key()}"
     files = _read_newc(gzip.decompress(image.initrd.read_bytes()))
     assert files["mods/order"][1] == b"vhost_iotlb\nvdpa\nvduse\n"
     assert files["mods/vduse.ko"][1] == _fake_ko("vhost_iotlb,vdpa")
@@ -236,6 +287,46 @@ def test_ensure_guest_builds_once_and_caches(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(testvm, "INIT_SCRIPT", INIT_SCRIPT + "# v2\n")
     assert testvm.ensure_guest(cache).vmlinuz.parent != image.vmlinuz.parent
     assert len(downloads) == 2
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
+def test_ensure_guest_7_3_uses_both_packages_through_its_own_apt_in_its_own_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kv = "7.3.4+deb13-cloud-amd64"
+    mods_deb, image_deb = _fake_kernel_deb(tmp_path, kv, split=True)
+    searched: list[tuple[str, list[str]]] = []
+    downloads: list[tuple[str, Path]] = []
+
+    def fake_search(kernel: testvm.KernelSpec, opts: list[str]) -> str:
+        searched.append((kernel.version, opts))
+        return f"linux-modules-{kv}"
+
+    def fake_download(package: str, debs: Path, apt_opts: object = ()) -> Path:
+        downloads.append((package, debs))
+        return mods_deb if package.startswith("linux-modules-") else image_deb
+
+    monkeypatch.setattr(testvm, "GUEST_MODULES", ("vduse",))
+    monkeypatch.setattr(testvm, "_search_kernel_package", fake_search)
+    monkeypatch.setattr(testvm, "_download_deb", fake_download)
+    monkeypatch.setattr(testvm, "_keep_only", lambda debs, wanted: None)
+    monkeypatch.setattr(testvm, "_find_busybox", lambda: sys.executable)
+    monkeypatch.setattr(testvm, "_note", lambda message: None)
+    cache = tmp_path / "cache"
+    image = testvm.ensure_guest(cache, kernel="7.3")
+    assert (image.kernel_release, image.vmlinuz.read_bytes()) == (kv, b"KERNEL")
+    assert image.vmlinuz.parent.parent == cache / "linux-7.3"
+    assert (
+        searched[0][0] == "7.3"
+        and f"Dir::State::Lists={cache / 'linux-7.3' / 'apt' / 'lists'}" in searched[0][1]
+    )
+    assert downloads == [
+        (f"linux-modules-{kv}", cache / "linux-7.3" / "debs"),
+        (f"linux-binary-{kv}", cache / "linux-7.3" / "debs"),
+    ]
+    files = _read_newc(gzip.decompress(image.initrd.read_bytes()))
+    assert files["mods/order"][1] == b"vhost_iotlb\nvdpa\nvduse\n"
+    assert testvm.ensure_guest(cache, kernel="7.3") == image and len(downloads) == 2
 
 
 def test_ensure_tools_tells_a_non_root_user_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -461,7 +552,7 @@ def fake_vm(fake_qemu: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(testvm, "_is_root", lambda: True)
     monkeypatch.setattr(testvm, "ensure_tools", lambda: testvm.HostTools("qemu", "virtiofsd", "busybox"))
     image = testvm.GuestImage(tmp_path / "vmlinuz", tmp_path / "initrd", "6.12", "pkg")
-    monkeypatch.setattr(testvm, "ensure_guest", lambda: image)
+    monkeypatch.setattr(testvm, "ensure_guest", lambda kernel: image)
     monkeypatch.setattr(testvm, "_virtiofsd", lambda *a: contextlib.nullcontext())
     monkeypatch.setattr(
         testvm, "qemu_argv",
@@ -533,8 +624,22 @@ def test_main_passes_options_and_returns_the_guest_status(monkeypatch: pytest.Mo
     assert seen["command"] == "echo 'a b'"
     assert (seen["mem"], seen["smp"], seen["timeout"], seen["cwd"]) == ("1G", 1, 30.0, "/")
     assert seen["console"] is sys.stdout
-    assert testvm.main(["--", "uname -r; ls"]) == 7
+    assert seen["kernel"] == testvm.DEFAULT_KERNEL
+    assert testvm.main(["--kernel", "7.3", "--", "uname -r; ls"]) == 7
     assert seen.get("command") == "uname -r; ls"  # one word: shell code as is
+    assert seen["kernel"] == "7.3"
+
+
+def test_run_tells_the_command_its_kernel(fake_vm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    scripts: list[str] = []
+    monkeypatch.setattr(testvm, "_run_in_slot", lambda script, *a, **kw: scripts.append(script))
+    testvm.run("true", cwd="/", kernel="7.3")
+    monkeypatch.setenv("PYVDUSE_TESTVM_KERNEL", "7.3")
+    testvm.run("true", cwd="/")
+    monkeypatch.delenv("PYVDUSE_TESTVM_KERNEL")
+    testvm.run("true", cwd="/")
+    kernels = [line for script in scripts for line in script.splitlines() if "PYVDUSE_VM_KERNEL" in line]
+    assert kernels == ["export PYVDUSE_VM_KERNEL=7.3"] * 2 + ["export PYVDUSE_VM_KERNEL=6.12"]
 
 
 def test_main_without_command_is_a_usage_error() -> None:
