@@ -1,8 +1,12 @@
 """VDUSE user-space ABI (``<linux/vduse.h>``): ioctl numbers, structs and messages.
 
-API version 0 is what every kernel from 5.15 to 6.1x speaks and what this library uses.
-The API-version-1 additions of the newest kernels (VQ groups, ASIDs, IOTLB_GET_FD2) are
-defined so the layouts are on record, but nothing else in the package uses them.
+API version 0 is what every kernel from 5.15 to 6.1x speaks; Linux 7.x adds API version 1
+(virtqueue groups and address spaces: ``ngroups``/``nas`` in the device config, a ``group``
+per queue, ASID-tagged IOTLB messages and VDUSE_IOTLB_GET_FD2, SET_VQ_GROUP_ASID) and
+VDUSE's own control features on the control fd (VDUSE_GET_FEATURES/SET_FEATURES:
+QUEUE_READY, SUSPEND, each with its message). The layouts here are those of Debian's
+``linux-libc-dev`` 7.3.4 (trixie-backports) ``<linux/vduse.h>``; on API 0 the new fields
+sit in what was reserved (and must be zero), so one layout serves both versions.
 
 All layouts are x86_64 little-endian with the C padding spelled out as ``x`` bytes, so each
 ``struct.Struct`` below has exactly the size ``sizeof`` reports; the unit tests pin them and
@@ -21,7 +25,16 @@ from enum import IntEnum
 
 VDUSE_BASE = 0x81
 VDUSE_API_VERSION = 0
-VDUSE_API_VERSION_1 = 1  # newest kernels only; SET_API_VERSION(1) fails with EINVAL on 6.1x
+VDUSE_API_VERSION_1 = 1  # Linux 7.x; SET_API_VERSION(1) fails with EINVAL on 6.1x
+#: The newest API version this library speaks (Control chooses min(kernel's, this)).
+API_VERSION_MAX = VDUSE_API_VERSION_1
+
+# VDUSE control features (bit numbers in VDUSE_GET_FEATURES/SET_FEATURES, Linux 7.x): the
+# device expects a message for each (SET_VQ_READY, SUSPEND) once set before CREATE_DEV.
+VDUSE_F_QUEUE_READY = 0
+VDUSE_F_SUSPEND = 1
+#: Their names as ``ctl status`` shows them.
+VDUSE_FEATURE_NAMES = {VDUSE_F_QUEUE_READY: "queue_ready", VDUSE_F_SUSPEND: "suspend"}
 VDUSE_NAME_MAX = 256
 
 VDUSE_ACCESS_RO = 1
@@ -50,6 +63,17 @@ class MsgType(IntEnum):
     SET_STATUS = 1
     UPDATE_IOTLB = 2
     SET_VQ_GROUP_ASID = 3  # API version 1 only
+    SET_VQ_READY = 4  # only with VDUSE_F_QUEUE_READY set
+    SUSPEND = 5  # only with VDUSE_F_SUSPEND set
+
+
+def vduse_feature_names(features: int) -> list[str]:
+    """The names of the VDUSE control features in ``features``, unknown bits as ``bitN``."""
+    return [
+        VDUSE_FEATURE_NAMES.get(bit, f"bit{bit}")
+        for bit in range(features.bit_length())
+        if features >> bit & 1
+    ]
 
 
 # --------------------------------------------------------------------------------------
@@ -119,8 +143,10 @@ DEV_CONFIG_V1 = struct.Struct("<256sIIQIIII11II")
 
 # struct vduse_iotlb_entry {u64 offset, start, last; u8 perm; 7 bytes padding}
 IOTLB_ENTRY = struct.Struct("<QQQB7x")
-# struct vduse_iotlb_entry_v2 {vduse_iotlb_entry v1; u32 asid; u32 reserved[12]; 4 pad}
-IOTLB_ENTRY_V2 = struct.Struct("<QQQB7xI12I4x")
+# struct vduse_iotlb_entry_v2 (7.3) {u64 offset, start, last; u8 perm; u8 padding[7];
+# u32 asid; u32 reserved[11];} -- 80 bytes (a draft nested vduse_iotlb_entry and had
+# reserved[12], 88 bytes: not what shipped)
+IOTLB_ENTRY_V2 = struct.Struct("<QQQB7xI11I")
 
 # struct vduse_config_data {u32 offset; u32 length; u8 buffer[];}
 CONFIG_DATA_HEADER = struct.Struct("<II")
@@ -152,8 +178,9 @@ IOVA_INFO_V1 = struct.Struct("<QQQI5I")  # API 1: u32 asid, u32 reserved[5]
 # Message-body structs (the union inside requests and responses).
 DEV_STATUS = struct.Struct("<B")
 IOVA_RANGE = struct.Struct("<QQ")
-IOVA_RANGE_V2 = struct.Struct("<QQI4x")  # API 1
+IOVA_RANGE_V2 = struct.Struct("<QQI4x")  # API 1: {u64 start, last; u32 asid; u32 padding;}
 VQ_GROUP_ASID = struct.Struct("<II")  # API 1
+VQ_READY = struct.Struct("<II")  # VDUSE_F_QUEUE_READY: {u32 num; u32 ready;}
 
 # struct vduse_dev_request {u32 type; u32 request_id; u32 reserved[4]; union (128 bytes)}
 DEV_REQUEST = struct.Struct("<II4I128s")
@@ -173,6 +200,8 @@ VDUSE_GET_API_VERSION = ior(VDUSE_BASE, 0x00, U64.size)
 VDUSE_SET_API_VERSION = iow(VDUSE_BASE, 0x01, U64.size)
 VDUSE_CREATE_DEV = iow(VDUSE_BASE, 0x02, DEV_CONFIG.size)
 VDUSE_DESTROY_DEV = iow(VDUSE_BASE, 0x03, VDUSE_NAME_MAX)
+VDUSE_GET_FEATURES = ior(VDUSE_BASE, 0x04, U64.size)  # 7.x: the VDUSE features it offers
+VDUSE_SET_FEATURES = iow(VDUSE_BASE, 0x05, U64.size)  # 7.x: those the next CREATE_DEV gets
 
 # /dev/vduse/<name>
 VDUSE_IOTLB_GET_FD = iowr(VDUSE_BASE, 0x10, IOTLB_ENTRY.size)
@@ -230,6 +259,10 @@ class DevConfig:
     vq_num: int
     vq_align: int
     config: bytes = b""
+    #: API 1: the virtqueue groups and address spaces the device declares (each 1..0xffff;
+    #: the kernel refuses 0 with EINVAL). API 0: both 0 (the kernel refuses anything else).
+    ngroups: int = 0
+    nas: int = 0
 
     def __post_init__(self) -> None:
         encode_name(self.name)
@@ -240,14 +273,16 @@ class DevConfig:
         Pass the result as a ``bytearray`` to ``fcntl.ioctl``: an immutable argument is
         limited to 1024 bytes.
         """
-        header = DEV_CONFIG.pack(
+        header = DEV_CONFIG_V1.pack(
             encode_name(self.name),
             self.vendor_id,
             self.device_id,
             self.features,
             self.vq_num,
             self.vq_align,
-            *([0] * 13),
+            self.ngroups,
+            self.nas,
+            *([0] * 11),
             len(self.config),
         )
         return header + bytes(self.config)
@@ -255,7 +290,7 @@ class DevConfig:
     @classmethod
     def unpack(cls, buf: bytes) -> DevConfig:
         """Decode a header and the ``config_size`` config bytes that follow it."""
-        fields = DEV_CONFIG.unpack_from(buf)
+        fields = DEV_CONFIG_V1.unpack_from(buf)
         config_size = fields[-1]
         config = bytes(buf[DEV_CONFIG.size : DEV_CONFIG.size + config_size])
         if len(config) != config_size:
@@ -268,6 +303,8 @@ class DevConfig:
             vq_num=fields[4],
             vq_align=fields[5],
             config=config,
+            ngroups=fields[6],
+            nas=fields[7],
         )
 
 
@@ -290,7 +327,8 @@ class IotlbEntry:
 
 @dataclass(frozen=True)
 class IotlbEntryV2:
-    """``struct vduse_iotlb_entry_v2`` (API 1, VDUSE_IOTLB_GET_FD2); reserved stays zero."""
+    """``struct vduse_iotlb_entry_v2`` (API 1, VDUSE_IOTLB_GET_FD2); reserved stays zero
+    (the kernel refuses anything else with EINVAL)."""
 
     offset: int
     start: int
@@ -299,26 +337,34 @@ class IotlbEntryV2:
     asid: int
 
     def pack(self) -> bytes:
-        return IOTLB_ENTRY_V2.pack(self.offset, self.start, self.last, self.perm, self.asid, *([0] * 12))
+        return IOTLB_ENTRY_V2.pack(self.offset, self.start, self.last, self.perm, self.asid, *([0] * 11))
 
     @classmethod
     def unpack(cls, buf: bytes) -> IotlbEntryV2:
         return cls(*IOTLB_ENTRY_V2.unpack_from(buf)[:5])
 
+    @property
+    def entry(self) -> IotlbEntry:
+        """The same region as VDUSE_IOTLB_GET_FD describes it."""
+        return IotlbEntry(self.offset, self.start, self.last, self.perm)
+
 
 @dataclass(frozen=True)
 class VqConfig:
-    """``struct vduse_vq_config`` (API-0 layout; every reserved field zero, as required)."""
+    """``struct vduse_vq_config``: every reserved field zero, as required; ``group`` (API
+    1: below the device's ngroups, set before DRIVER_OK) must be 0 on API 0."""
 
     index: int
     max_size: int
+    group: int = 0
 
     def pack(self) -> bytes:
-        return VQ_CONFIG.pack(self.index, self.max_size, *([0] * 13))
+        return VQ_CONFIG_V1.pack(self.index, self.max_size, 0, self.group, *([0] * 10))
 
     @classmethod
     def unpack(cls, buf: bytes) -> VqConfig:
-        return cls(*VQ_CONFIG.unpack_from(buf)[:2])
+        index, max_size, _, group = VQ_CONFIG_V1.unpack_from(buf)[:4]
+        return cls(index, max_size, group)
 
 
 @dataclass(frozen=True)
@@ -435,34 +481,37 @@ def config_data(offset: int, data: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class IovaUmem:
-    """``struct vduse_iova_umem`` for VDUSE_IOTLB_REG_UMEM / DEREG_UMEM."""
+    """``struct vduse_iova_umem`` for VDUSE_IOTLB_REG_UMEM / DEREG_UMEM (``asid``: API 1,
+    0 on API 0)."""
 
     uaddr: int
     iova: int
     size: int
+    asid: int = 0
 
     def pack(self) -> bytes:
-        return IOVA_UMEM.pack(self.uaddr, self.iova, self.size, 0, 0, 0)
+        return IOVA_UMEM_V1.pack(self.uaddr, self.iova, self.size, self.asid, 0, 0, 0, 0, 0)
 
     @classmethod
     def unpack(cls, buf: bytes) -> IovaUmem:
-        return cls(*IOVA_UMEM.unpack_from(buf)[:3])
+        return cls(*IOVA_UMEM_V1.unpack_from(buf)[:4])
 
 
 @dataclass(frozen=True)
 class IovaInfo:
-    """``struct vduse_iova_info`` for VDUSE_IOTLB_GET_INFO."""
+    """``struct vduse_iova_info`` for VDUSE_IOTLB_GET_INFO (``asid``: API 1, 0 on API 0)."""
 
     start: int
     last: int
     capability: int
+    asid: int = 0
 
     def pack(self) -> bytes:
-        return IOVA_INFO.pack(self.start, self.last, self.capability, 0, 0, 0)
+        return IOVA_INFO_V1.pack(self.start, self.last, self.capability, self.asid, 0, 0, 0, 0, 0)
 
     @classmethod
     def unpack(cls, buf: bytes) -> IovaInfo:
-        return cls(*IOVA_INFO.unpack_from(buf)[:3])
+        return cls(*IOVA_INFO_V1.unpack_from(buf)[:4])
 
     @property
     def umem_capable(self) -> bool:
@@ -487,6 +536,7 @@ class Request:
     iova_last: int = 0  # UPDATE_IOTLB
     asid: int = 0  # UPDATE_IOTLB (API 1) and SET_VQ_GROUP_ASID
     group: int = 0  # SET_VQ_GROUP_ASID
+    ready: bool = False  # SET_VQ_READY (its queue in vq_index)
 
     @classmethod
     def unpack(cls, buf: bytes) -> Request:
@@ -505,6 +555,11 @@ class Request:
         if type_ == MsgType.SET_VQ_GROUP_ASID:
             group, asid = VQ_GROUP_ASID.unpack_from(buf, off)
             return cls(MsgType.SET_VQ_GROUP_ASID, request_id, group=group, asid=asid)
+        if type_ == MsgType.SET_VQ_READY:
+            num, ready = VQ_READY.unpack_from(buf, off)
+            return cls(MsgType.SET_VQ_READY, request_id, vq_index=num, ready=bool(ready))
+        if type_ == MsgType.SUSPEND:
+            return cls(MsgType.SUSPEND, request_id)
         return cls(type_, request_id)
 
     def pack(self) -> bytes:
@@ -517,6 +572,8 @@ class Request:
             body = IOVA_RANGE_V2.pack(self.iova_start, self.iova_last, self.asid)
         elif self.type == MsgType.SET_VQ_GROUP_ASID:
             body = VQ_GROUP_ASID.pack(self.group, self.asid)
+        elif self.type == MsgType.SET_VQ_READY:
+            body = VQ_READY.pack(self.vq_index, int(self.ready))
         else:
             body = b""
         return DEV_REQUEST.pack(self.type, self.request_id, 0, 0, 0, 0, body)

@@ -166,6 +166,9 @@ def render_status(r: Json) -> str:
     names = "|".join(r.get("status_names") or []) or "-"
     lines.append("  status    " + ("unknown" if status is None else f"0x{status:02x} {names}"))
     lines.append(f"  features  {r['features']} {' '.join(r.get('feature_names') or [])}".rstrip())
+    if r.get("vduse_api") is not None:
+        offered = " ".join(r.get("vduse_features") or []) or "none"
+        lines.append(f"  VDUSE     API version {r['vduse_api']}, kernel features: {offered}")
     for q in r["queues"]:
         if not q["served"]:
             why = f"  BROKEN: {q['broken']}" if q.get("broken") else ""

@@ -13,6 +13,7 @@ from typing import Any
 from pyvduse.abi import virtio as vio
 from pyvduse.abi import virtio_blk as vb
 from pyvduse.abi import virtio_net as vn
+from pyvduse.abi.vduse import vduse_feature_names
 from pyvduse.ops.protocol import Json
 from pyvduse.ops.target import Target
 from pyvduse.runtime.native_worker import NativeQueueWorker
@@ -146,6 +147,11 @@ def status(target: Target) -> Json:
     out["aio"] = server.tuning.aio.value
     out["bounce_memory"] = getattr(target.transport, "bounce_memory", None)
     transport = target.transport
+    # The VDUSE API version the device speaks (1 on Linux 7.x, 0 before) and the VDUSE
+    # control features the kernel offers (VDUSE_GET_FEATURES; none before 7.x); None and
+    # [] off the kernel (the in-process model).
+    out["vduse_api"] = getattr(transport, "vduse_api", None)
+    out["vduse_features"] = vduse_feature_names(getattr(transport, "vduse_features", 0))
     refused = dict(server.refused)
     out["queues"] = [
         queue_status(

@@ -1,11 +1,15 @@
 """Pin the VDUSE uAPI (pyvduse.abi.vduse) to the checked reference and to the C header.
 
-The literal numbers below are copied from shared/reference/vduse-uapi.md (sections 1 and 2),
-not computed, so a mistake in the encoder cannot hide behind itself.
+The literal numbers below are copied from shared/reference/vduse-uapi.md (sections 1 and 2)
+and, for what Linux 7.x added or changed (VDUSE_GET/SET_FEATURES, VDUSE_IOTLB_GET_FD2 and its
+80-byte struct, SET_VQ_READY, SUSPEND, ngroups/nas, a queue's group), printed by gcc from
+Debian's linux-libc-dev 7.3.4 (trixie-backports) <linux/vduse.h>; not computed, so a mistake
+in the encoder cannot hide behind itself.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -24,6 +28,8 @@ REQUESTS = {
     "VDUSE_SET_API_VERSION": 0x40088101,
     "VDUSE_CREATE_DEV": 0x41508102,
     "VDUSE_DESTROY_DEV": 0x41008103,
+    "VDUSE_GET_FEATURES": 0x80088104,
+    "VDUSE_SET_FEATURES": 0x40088105,
     "VDUSE_IOTLB_GET_FD": 0xC0208110,
     "VDUSE_DEV_GET_FEATURES": 0x80088111,
     "VDUSE_DEV_SET_CONFIG": 0x40088112,
@@ -35,7 +41,7 @@ REQUESTS = {
     "VDUSE_IOTLB_REG_UMEM": 0x40308118,
     "VDUSE_IOTLB_DEREG_UMEM": 0x40308119,
     "VDUSE_IOTLB_GET_INFO": 0xC030811A,
-    "VDUSE_IOTLB_GET_FD2": 0xC058811B,
+    "VDUSE_IOTLB_GET_FD2": 0xC050811B,
 }
 
 REQUESTS_DEC = {
@@ -43,6 +49,8 @@ REQUESTS_DEC = {
     "VDUSE_SET_API_VERSION": 1074299137,
     "VDUSE_CREATE_DEV": 1095794946,
     "VDUSE_DESTROY_DEV": 1090552067,
+    "VDUSE_GET_FEATURES": 2148040964,
+    "VDUSE_SET_FEATURES": 1074299141,
     "VDUSE_IOTLB_GET_FD": 3223355664,
     "VDUSE_DEV_GET_FEATURES": 2148040977,
     "VDUSE_DEV_SET_CONFIG": 1074299154,
@@ -54,14 +62,14 @@ REQUESTS_DEC = {
     "VDUSE_IOTLB_REG_UMEM": 1076920600,
     "VDUSE_IOTLB_DEREG_UMEM": 1076920601,
     "VDUSE_IOTLB_GET_INFO": 3224404250,
-    "VDUSE_IOTLB_GET_FD2": 3227025691,
+    "VDUSE_IOTLB_GET_FD2": 3226501403,
 }
 
 SIZES = {
     "DEV_CONFIG": 336,
     "DEV_CONFIG_V1": 336,
     "IOTLB_ENTRY": 32,
-    "IOTLB_ENTRY_V2": 88,
+    "IOTLB_ENTRY_V2": 80,
     "CONFIG_DATA_HEADER": 8,
     "VQ_CONFIG": 32,
     "VQ_CONFIG_V1": 32,
@@ -78,6 +86,7 @@ SIZES = {
     "IOVA_RANGE": 16,
     "IOVA_RANGE_V2": 24,
     "VQ_GROUP_ASID": 8,
+    "VQ_READY": 8,
     "DEV_REQUEST": 152,
     "REQUEST_HEADER": 24,
     "DEV_RESPONSE": 152,
@@ -110,7 +119,17 @@ def test_constants() -> None:
         ("SET_STATUS", 1),
         ("UPDATE_IOTLB", 2),
         ("SET_VQ_GROUP_ASID", 3),
+        ("SET_VQ_READY", 4),
+        ("SUSPEND", 5),
     ]
+    assert (v.VDUSE_F_QUEUE_READY, v.VDUSE_F_SUSPEND) == (0, 1)
+    assert v.API_VERSION_MAX == 1
+
+
+def test_vduse_feature_names() -> None:
+    assert v.vduse_feature_names(0) == []
+    assert v.vduse_feature_names(0x3) == ["queue_ready", "suspend"]  # what 7.3 offers
+    assert v.vduse_feature_names(0x6) == ["suspend", "bit2"]
 
 
 # --------------------------------------------------------------------------------------
@@ -153,6 +172,15 @@ def test_dev_config_layout_and_roundtrip() -> None:
     assert struct.unpack_from("<I", raw, 332)[0] == 96  # config_size
     assert raw[336:] == cfg
     assert v.DevConfig.unpack(raw) == dc
+
+
+def test_dev_config_api_1_groups_and_address_spaces() -> None:
+    dc = v.DevConfig("blk0", 0, 2, 0, 1, 4096, b"", ngroups=1, nas=1)
+    raw = dc.pack()
+    assert struct.unpack_from("<II", raw, 280) == (1, 1)  # offsetof ngroups, nas (7.3)
+    assert raw[288:332] == bytes(44)  # reserved[11]
+    assert v.DevConfig.unpack(raw) == dc
+    assert v.DevConfig.unpack(v.DevConfig("b", 0, 2, 0, 1, 4096, ngroups=2, nas=3).pack()).nas == 3
 
 
 def test_dev_config_without_config() -> None:
@@ -202,17 +230,21 @@ def test_iotlb_entry() -> None:
 def test_iotlb_entry_v2() -> None:
     e = v.IotlbEntryV2(1, 2, 3, v.VDUSE_ACCESS_RO, 7)
     raw = e.pack()
-    assert len(raw) == 88
+    assert len(raw) == 80  # sizeof(struct vduse_iotlb_entry_v2) in 7.3
     assert raw[:32] == v.IotlbEntry(1, 2, 3, 1).pack()
-    assert struct.unpack_from("<I", raw, 32)[0] == 7
-    assert raw[36:] == bytes(52)
+    assert struct.unpack_from("<I", raw, 32)[0] == 7  # offsetof asid
+    assert raw[36:] == bytes(44)  # reserved[11]
     assert v.IotlbEntryV2.unpack(raw) == e
+    assert e.entry == v.IotlbEntry(1, 2, 3, v.VDUSE_ACCESS_RO)
 
 
 def test_vq_config() -> None:
     raw = v.VqConfig(3, 256).pack()
     assert raw == struct.pack("<IH", 3, 256) + bytes(26)
     assert v.VqConfig.unpack(raw) == v.VqConfig(3, 256)
+    raw = v.VqConfig(3, 256, group=2).pack()  # API 1: offsetof group is 8
+    assert raw == struct.pack("<IHHI", 3, 256, 0, 2) + bytes(20)
+    assert v.VqConfig.unpack(raw) == v.VqConfig(3, 256, 2)
 
 
 def test_vq_state_packed() -> None:
@@ -280,6 +312,9 @@ def test_iova_umem_and_info() -> None:
     assert raw == struct.pack("<QQQ", 0, (64 << 20) - 1, 1) + bytes(24)
     assert v.IovaInfo.unpack(raw) == i
     assert i.umem_capable and not v.IovaInfo(0, 0, 0).umem_capable
+    # API 1: the address space in the first u32 of what was reserved (offsetof asid 24)
+    assert v.IovaUmem(1, 0, 2, asid=3).pack()[24:] == struct.pack("<I", 3) + bytes(20)
+    assert v.IovaInfo.unpack(v.IovaInfo(0, 1, 0, asid=2).pack()).asid == 2
 
 
 # --------------------------------------------------------------------------------------
@@ -315,6 +350,14 @@ def test_request_set_vq_group_asid() -> None:
     assert r == v.Request(v.MsgType.SET_VQ_GROUP_ASID, 10, 0, 0, 0, 0, 1, 2)
 
 
+def test_request_set_vq_ready_and_suspend() -> None:
+    # struct vduse_vq_ready {u32 num; u32 ready;} at the body (offsetof ready: 28)
+    r = v.Request.unpack(_request(4, 12, struct.pack("<II", 1, 1)))
+    assert r == v.Request(v.MsgType.SET_VQ_READY, 12, vq_index=1, ready=True)
+    assert not v.Request.unpack(_request(4, 12, struct.pack("<II", 0, 0))).ready
+    assert v.Request.unpack(_request(5, 13, b"")) == v.Request(v.MsgType.SUSPEND, 13)
+
+
 def test_request_unknown_type_does_not_raise() -> None:
     r = v.Request.unpack(_request(99, 11, b"\xff" * 128))
     assert r == v.Request(99, 11, 0, 0, 0, 0, 0, 0)
@@ -333,6 +376,8 @@ def test_request_short_buffer() -> None:
         v.Request(v.MsgType.GET_VQ_STATE, 2, vq_index=1),
         v.Request(v.MsgType.UPDATE_IOTLB, 3, iova_start=5, iova_last=9),
         v.Request(v.MsgType.SET_VQ_GROUP_ASID, 4, group=1, asid=1),
+        v.Request(v.MsgType.SET_VQ_READY, 6, vq_index=2, ready=True),
+        v.Request(v.MsgType.SUSPEND, 7),
         v.Request(77, 5),
     ],
 )
@@ -387,6 +432,7 @@ def test_response_unpack_rejects_reserved() -> None:
 # --------------------------------------------------------------------------------------
 
 HEADER = Path("/usr/include/linux/vduse.h")
+C_OPTIONAL_REQUESTS = ("VDUSE_IOTLB_GET_FD2", "VDUSE_GET_FEATURES", "VDUSE_SET_FEATURES")
 
 # expression -> expected Python value
 C_EXPRS: dict[str, int] = {
@@ -394,7 +440,6 @@ C_EXPRS: dict[str, int] = {
     "offsetof(struct vduse_dev_config, vendor_id)": 256,
     "offsetof(struct vduse_dev_config, features)": 264,
     "offsetof(struct vduse_dev_config, vq_num)": 272,
-    "offsetof(struct vduse_dev_config, reserved)": 280,
     "offsetof(struct vduse_dev_config, config_size)": 332,
     "offsetof(struct vduse_dev_config, config)": v.DEV_CONFIG_HEADER_SIZE,
     "sizeof(struct vduse_iotlb_entry)": v.IOTLB_ENTRY.size,
@@ -431,18 +476,74 @@ C_EXPRS: dict[str, int] = {
     "VDUSE_GET_VQ_STATE": v.MsgType.GET_VQ_STATE,
     "VDUSE_SET_STATUS": v.MsgType.SET_STATUS,
     "VDUSE_UPDATE_IOTLB": v.MsgType.UPDATE_IOTLB,
-    **{name: getattr(v, name) for name in REQUESTS if name != "VDUSE_IOTLB_GET_FD2"},
+    **{name: getattr(v, name) for name in REQUESTS if name not in C_OPTIONAL_REQUESTS},
 }
-# Only in API-1 headers; guarded with #ifdef.
+# Only in 7.x headers; guarded with #ifdef.
 C_OPTIONAL: dict[str, int] = {
-    "VDUSE_IOTLB_GET_FD2": v.VDUSE_IOTLB_GET_FD2,
+    **{name: getattr(v, name) for name in C_OPTIONAL_REQUESTS},
     "VDUSE_API_VERSION_1": v.VDUSE_API_VERSION_1,
+    "VDUSE_F_QUEUE_READY": v.VDUSE_F_QUEUE_READY,
+    "VDUSE_F_SUSPEND": v.VDUSE_F_SUSPEND,
 }
+
+
+# Where the header speaks API 0 only, what follows vq_align is reserved[13]; API 1 (7.x)
+# put ngroups and nas there, and the asid fields; VDUSE_F_* came with their messages.
+V0_ONLY = "!defined(VDUSE_API_VERSION_1)"
+V1 = "defined(VDUSE_API_VERSION_1)"
+F = "defined(VDUSE_F_QUEUE_READY)"
+C_GUARDED: dict[str, dict[str, int]] = {
+    V0_ONLY: {"offsetof(struct vduse_dev_config, reserved[0])": 280},
+    V1: {
+        "offsetof(struct vduse_dev_config, ngroups)": 280,
+        "offsetof(struct vduse_dev_config, nas)": 284,
+        "offsetof(struct vduse_dev_config, reserved)": 288,
+        "offsetof(struct vduse_vq_config, group)": 8,
+        "sizeof(struct vduse_iotlb_entry_v2)": v.IOTLB_ENTRY_V2.size,
+        "offsetof(struct vduse_iotlb_entry_v2, asid)": 32,
+        "offsetof(struct vduse_iova_umem, asid)": 24,
+        "offsetof(struct vduse_iova_info, asid)": 24,
+        "sizeof(struct vduse_iova_range_v2)": v.IOVA_RANGE_V2.size,
+        "offsetof(struct vduse_dev_request, iova_v2.asid)": 40,
+        "offsetof(struct vduse_dev_request, vq_group_asid.asid)": 28,
+        "VDUSE_SET_VQ_GROUP_ASID": v.MsgType.SET_VQ_GROUP_ASID,
+    },
+    F: {
+        "sizeof(struct vduse_vq_ready)": v.VQ_READY.size,
+        "offsetof(struct vduse_dev_request, vq_ready.ready)": 28,
+        "VDUSE_SET_VQ_READY": v.MsgType.SET_VQ_READY,
+        "VDUSE_SUSPEND": v.MsgType.SUSPEND,
+    },
+}
+
+
+def _check_header(tmp_path: Path, include: Path | None = None) -> dict[str, int]:
+    guarded = {cond: list(exprs) for cond, exprs in C_GUARDED.items()}
+    got = c_values(tmp_path, "linux/vduse.h", list(C_EXPRS), list(C_OPTIONAL), guarded, include)
+    expected = {**C_EXPRS, **{k: val for k, val in C_OPTIONAL.items() if k in got}}
+    for exprs in C_GUARDED.values():
+        expected.update({k: val for k, val in exprs.items() if k in got})
+    mismatches = {k: (got[k], val) for k, val in expected.items() if got[k] != val}
+    assert not mismatches, f"C value vs Python value: {mismatches}"
+    return got
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None or not HEADER.exists(), reason="needs gcc and linux/vduse.h")
 def test_against_c_header(tmp_path: Path) -> None:
-    got = c_values(tmp_path, "linux/vduse.h", list(C_EXPRS), list(C_OPTIONAL))
-    expected = {**C_EXPRS, **{k: val for k, val in C_OPTIONAL.items() if k in got}}
-    mismatches = {k: (got[k], val) for k, val in expected.items() if got[k] != val}
-    assert not mismatches, f"C value vs Python value: {mismatches}"
+    _check_header(tmp_path)
+
+
+UAPI_7 = os.environ.get("PYVDUSE_UAPI_7_INCLUDE")
+
+
+@pytest.mark.skipif(
+    shutil.which("gcc") is None or not UAPI_7,
+    reason="set PYVDUSE_UAPI_7_INCLUDE to the usr/include of Debian's linux-libc-dev 7.3",
+)
+def test_against_a_linux_7_header(tmp_path: Path) -> None:
+    """The API-1 layouts against a 7.x header (checked with trixie-backports' 7.3.4)."""
+    assert UAPI_7
+    got = _check_header(tmp_path, Path(UAPI_7))
+    for cond in (V1, F):
+        assert set(C_GUARDED[cond]) <= set(got), f"{UAPI_7}/linux/vduse.h lacks what {cond} guards"
+    assert set(C_OPTIONAL) <= set(got)

@@ -14,6 +14,23 @@ from typing import Any
 
 MiB = 1 << 20
 
+#: What ``ctl status`` says of VDUSE on each test kernel: the API version the device speaks
+#: and the VDUSE control features the kernel offers (measured: 7.3 reports API 1, 0x3).
+KERNEL_VDUSE: dict[str, tuple[int, list[str]]] = {
+    "6.12": (0, []),
+    "7.3": (1, ["queue_ready", "suspend"]),
+}
+
+
+def kernel_series() -> str:
+    """The running kernel's MAJOR.MINOR (the test VM's: 6.12 or 7.3)."""
+    return ".".join(os.uname().release.split(".")[:2])
+
+
+def expected_vduse() -> tuple[int, list[str]]:
+    """``(vduse_api, vduse_features)`` that ``ctl status`` reports on this kernel."""
+    return KERNEL_VDUSE[kernel_series()]
+
 
 def sh(cmd: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """Run a shell command, returning its output; raise with the output on failure."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.helpers import Daemon, MiB, NullBlk, make_image, sh
+from tests.vm.helpers import Daemon, MiB, NullBlk, ctl_result, expected_vduse, make_image, sh
 
 pytestmark = pytest.mark.vm
 
@@ -138,4 +138,6 @@ def test_restart_with_another_configuration_is_refused(tmp_path: Path) -> None:
     assert p.returncode != 0
     assert "configuration" in p.stderr and "queues" in p.stderr, p.stderr
     d2 = Daemon("--file", str(img), name="crash-cfg")  # the same configuration resumes
+    # the daemon that took the device over asked the kernel which API version it speaks
+    assert ctl_result("crash-cfg", "status")["vduse_api"] == expected_vduse()[0]
     assert d2.stop() == 0

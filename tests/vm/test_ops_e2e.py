@@ -1,7 +1,7 @@
 """Operations against the real kernel: live resize, ctl status/stats/quit, metrics, systemd
 notifications, and a stalled backend that stalls nothing but its own request.
 
-These run inside the test VM (Linux 6.12 with vduse); on the host they are proxied into it.
+These run inside the test VM (Linux 6.12 or 7.3 with vduse); on the host they are proxied into it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pytest
 
 from pyvduse.cli.main import main
 from pyvduse.ops.client import NoDaemon, request
-from tests.vm.helpers import Daemon, MiB, ctl, ctl_json, make_image, sh, wait_gone
+from tests.vm.helpers import Daemon, MiB, ctl, ctl_json, expected_vduse, make_image, sh, wait_gone
 
 pytestmark = pytest.mark.vm
 
@@ -106,6 +106,11 @@ def test_resize_stats_metrics_notify_and_quit(tmp_path: Path, monkeypatch: pytes
         assert status["state"] == "serving" and status["backend"] == f"file {img}"
         assert {"VERSION_1", "ACCESS_PLATFORM", "MQ", "FLUSH"} <= set(status["feature_names"])
         assert all(q["served"] and q["in_flight"] == 0 for q in status["queues"])
+        # VDUSE API version 1 and the kernel's control features on 7.3; 0 and none on 6.12
+        api, offered = expected_vduse()
+        assert (status["vduse_api"], status["vduse_features"]) == (api, offered), status
+        text = ctl(name, "status").stdout
+        assert f"VDUSE     API version {api}, kernel features: {' '.join(offered) or 'none'}\n" in text
         with urllib.request.urlopen("http://127.0.0.1:9731/metrics", timeout=60) as r:
             text = r.read().decode()
         assert f'pyvduse_capacity_bytes{{device="{name}"}} 1.6777216e+08' in text, text[-2000:]

@@ -12,6 +12,8 @@ from pyvduse.abi import vduse as v
 from pyvduse.errors import AccessDenied, KernelMissing, KernelRefused, NameTaken
 from pyvduse.transport.kernel import sysfs
 
+_U64 = struct.Struct("<Q")
+
 
 def kernel_has_vduse_module(modules_root: Path = Path("/lib/modules")) -> bool:
     """Whether ``modprobe vduse`` can work: the running kernel ships the module."""
@@ -33,9 +35,18 @@ def missing_module_hint(modules_root: Path = Path("/lib/modules")) -> str:
 
 
 class Control:
-    """An open control fd, set to API version 0 (portable from 5.15 to the newest kernel)."""
+    """An open control fd, set to the newest API version both the kernel and this library
+    speak (``api_version``: 1 on Linux 7.x, 0 before), with the VDUSE control features the
+    kernel offers (``vduse_features``, VDUSE_GET_FEATURES: 0 before 7.x).
 
-    def __init__(self) -> None:
+    On 5.15-6.1x VDUSE_GET_API_VERSION reports the fd's version, which starts at 0; on 7.x
+    it reports the kernel's newest (and sets the fd to it). Either way the answer, capped at
+    what we speak, is set explicitly: a device created on this fd gets that version.
+    """
+
+    def __init__(self, api_version: int | None = None) -> None:
+        """``api_version``: insist on that version (EINVAL from the kernel if it has not
+        got it) instead of choosing."""
         path = str(sysfs.CONTROL)
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -46,9 +57,28 @@ class Control:
                 f"no permission to open {path}: run as root, or give your user access to it with a udev rule"
             ) from None
         try:
-            fcntl.ioctl(self.fd, v.VDUSE_SET_API_VERSION, bytearray(struct.pack("<Q", v.VDUSE_API_VERSION)))
+            if api_version is None:
+                api_version = min(self._ioctl_u64(v.VDUSE_GET_API_VERSION), v.API_VERSION_MAX)
+            fcntl.ioctl(self.fd, v.VDUSE_SET_API_VERSION, bytearray(_U64.pack(api_version)))
+            self.api_version = api_version
+            self.vduse_features = self._kernel_features()
         except OSError:
             os.close(self.fd)
+            raise
+
+    def _ioctl_u64(self, request: int) -> int:
+        buf = bytearray(_U64.size)
+        fcntl.ioctl(self.fd, request, buf)
+        return int(_U64.unpack(buf)[0])
+
+    def _kernel_features(self) -> int:
+        """VDUSE_GET_FEATURES; 0 on kernels without it (they answer an unknown control
+        ioctl with EINVAL)."""
+        try:
+            return self._ioctl_u64(v.VDUSE_GET_FEATURES)
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.ENOTTY):
+                return 0
             raise
 
     def close(self) -> None:

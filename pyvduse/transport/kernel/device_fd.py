@@ -28,15 +28,31 @@ def device_in_use(path: str) -> bool:
 
 
 class DeviceFd:
-    """An open ``/dev/vduse/NAME``."""
+    """An open ``/dev/vduse/NAME`` of a device created with VDUSE API ``api_version``
+    (the kernel keeps it per device: API 1 takes the ASID-tagged IOTLB calls)."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, api_version: int = v.VDUSE_API_VERSION) -> None:
         self.fd = fd
+        self.api_version = api_version
         self._irq_args: dict[int, bytearray] = {}
 
     @classmethod
-    def open(cls, path: str) -> DeviceFd:
-        return cls(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+    def open(cls, path: str, api_version: int = v.VDUSE_API_VERSION) -> DeviceFd:
+        return cls(os.open(path, os.O_RDWR | os.O_CLOEXEC), api_version)
+
+    def probe_api_version(self) -> int:
+        """The API version the device was created with, asked of the kernel (for a daemon
+        taking over a device it did not create): VDUSE_IOTLB_GET_FD2 with an empty range is
+        EINVAL on an API-1 device, ENOTTY on an API-0 one (and on kernels before 7.x)."""
+        try:
+            fcntl.ioctl(self.fd, v.VDUSE_IOTLB_GET_FD2, bytearray(v.IotlbEntryV2(0, 1, 0, 0, 0).pack()))
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                return v.VDUSE_API_VERSION_1
+            if e.errno == errno.ENOTTY:
+                return v.VDUSE_API_VERSION
+            raise
+        raise OSError(errno.EPROTO, "VDUSE_IOTLB_GET_FD2 accepted an empty range")
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -45,8 +61,8 @@ class DeviceFd:
 
     # -- ioctls -------------------------------------------------------------------------
 
-    def vq_setup(self, index: int, max_size: int) -> None:
-        fcntl.ioctl(self.fd, v.VDUSE_VQ_SETUP, bytearray(v.VqConfig(index, max_size).pack()))
+    def vq_setup(self, index: int, max_size: int, group: int = 0) -> None:
+        fcntl.ioctl(self.fd, v.VDUSE_VQ_SETUP, bytearray(v.VqConfig(index, max_size, group).pack()))
 
     def vq_get_info(self, index: int) -> v.VqInfo:
         buf = bytearray(v.VqInfo.query(index))
@@ -73,8 +89,15 @@ class DeviceFd:
     def inject_config_irq(self) -> None:
         fcntl.ioctl(self.fd, v.VDUSE_DEV_INJECT_CONFIG_IRQ, 0)
 
-    def iotlb_get_fd(self, start: int, last: int) -> tuple[v.IotlbEntry, int]:
-        """The IOTLB region overlapping ``[start, last]`` and a new fd for its memory."""
+    def iotlb_get_fd(self, start: int, last: int, asid: int = 0) -> tuple[v.IotlbEntry, int]:
+        """The IOTLB region overlapping ``[start, last]`` in address space ``asid`` and a new
+        fd for its memory (API 1: VDUSE_IOTLB_GET_FD2; API 0: GET_FD, one space only)."""
+        if self.api_version >= v.VDUSE_API_VERSION_1:
+            buf = bytearray(v.IotlbEntryV2(0, start, last, 0, asid).pack())
+            fd = fcntl.ioctl(self.fd, v.VDUSE_IOTLB_GET_FD2, buf)
+            return v.IotlbEntryV2.unpack(bytes(buf)).entry, fd
+        if asid:
+            raise ValueError(f"address space {asid} on an API-0 device (it has only 0)")
         buf = bytearray(v.IotlbEntry(0, start, last, 0).pack())
         fd = fcntl.ioctl(self.fd, v.VDUSE_IOTLB_GET_FD, buf)
         return v.IotlbEntry.unpack(bytes(buf)), fd

@@ -87,6 +87,10 @@ class KernelTransport(Transport):
             forget=self._forget_driver_state,
         )
         self.negotiated = 0
+        #: The VDUSE API version the device speaks (chosen at create(), asked of the kernel
+        #: at reconnect()) and the VDUSE control features the kernel offers (none set yet).
+        self.vduse_api = v.VDUSE_API_VERSION
+        self.vduse_features = 0
         self.broken: str | None = None
         self.on_broken: Callable[[str], None] | None = None
         self._created = False
@@ -155,14 +159,31 @@ class KernelTransport(Transport):
     def create(self) -> None:
         """Create the device, open it, set up queues and start answering the kernel."""
         spec = self.spec
-        config = v.DevConfig(
-            self.name, spec.vendor_id, spec.device_id, spec.features, spec.num_queues, VQ_ALIGN, spec.config
-        )
         with Control() as ctl:
+            # API 1: one virtqueue group (every queue in group 0) in one address space.
+            groups = 1 if ctl.api_version >= v.VDUSE_API_VERSION_1 else 0
+            config = v.DevConfig(
+                self.name,
+                spec.vendor_id,
+                spec.device_id,
+                spec.features,
+                spec.num_queues,
+                VQ_ALIGN,
+                spec.config,
+                ngroups=groups,
+                nas=groups,
+            )
             ctl.create(config)
+            self.vduse_api, self.vduse_features = ctl.api_version, ctl.vduse_features
         self._created = True
+        log.info(
+            "VDUSE API version %d, kernel features 0x%x %s",
+            self.vduse_api,
+            self.vduse_features,
+            " ".join(v.vduse_feature_names(self.vduse_features)),
+        )
         try:
-            self._dev = DeviceFd.open(str(sysfs.device_node(self.name)))
+            self._dev = DeviceFd.open(str(sysfs.device_node(self.name)), self.vduse_api)
             for i in range(spec.num_queues):
                 self._dev.vq_setup(i, spec.queue_size)
             if self.msg_timeout is not None:
@@ -200,6 +221,10 @@ class KernelTransport(Transport):
         self._created = True
         self._attached = sysfs.bound_driver(self.name) is not None or bool(sysfs.block_devices(self.name))
         try:
+            with contextlib.suppress(PermissionError):  # broken: said below
+                self._dev.api_version = self.vduse_api = self._dev.probe_api_version()
+            with Control() as ctl:
+                self.vduse_features = ctl.vduse_features
             if self.msg_timeout is not None:
                 sysfs.write_attr(sysfs.vduse_attr(self.name, "msg_timeout"), str(self.msg_timeout))
             self._check_irq_placement()
