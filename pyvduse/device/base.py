@@ -110,6 +110,8 @@ class VirtioDevice(ABC):
             request.complete(result)
         elif inspect.iscoroutine(result):
             request.run(result)
+        elif inspect.isawaitable(result):  # a Future, a Task, an object with __await__
+            request.run(_awaited(result))
         else:
             request.fail(f"handle() returned {type(result).__name__}, not a byte count")
 
@@ -146,3 +148,7 @@ class VirtioDevice(ABC):
         if self._config_writer is None:
             raise RuntimeError("device is not attached to a transport")
         self._config_writer(offset, data)
+
+
+async def _awaited(awaitable: Awaitable[int]) -> int:
+    return await awaitable

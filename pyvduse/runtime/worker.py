@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import inspect
 import logging
 import os
 import select
@@ -372,7 +373,7 @@ class QueueWorker:
     def run(self, request: Request, coroutine: Coroutine[Any, Any, int]) -> None:
         self.executors.loop.submit(coroutine, lambda r, e: self._outcome(request, r, e))
 
-    def run_blocking(self, request: Request, fn: Callable[[], int]) -> None:
+    def run_blocking(self, request: Request, fn: Callable[[], int | Coroutine[Any, Any, int]]) -> None:
         if self.executors.inline_blocking:
             try:
                 result = fn()
@@ -384,6 +385,9 @@ class QueueWorker:
         self.executors.pool.submit(fn, lambda r, e: self._outcome(request, r, e))
 
     def _outcome(self, request: Request, result: object, error: BaseException | None) -> None:
+        if error is None and inspect.iscoroutine(result):  # blocking work that goes on async
+            self.run(request, result)
+            return
         try:
             if error is not None:
                 request.fail(error)
