@@ -29,12 +29,10 @@ from pyvduse.backend.base import IO_METHODS, Backend, CallAbandoned, LaterBacken
 from pyvduse.device.base import REQUIRED_FEATURES, DeviceSpec, VirtioDevice
 from pyvduse.device.engine_stats import PerQueueStats
 from pyvduse.device.request import Request
-from pyvduse.ratelimit import RateLimitedLogger
 from pyvduse.ring.chain import Chain
 from pyvduse.ring.iovec import gather, slice_segments, total
 
 log = logging.getLogger(__name__)
-bad_request_log = RateLimitedLogger(log)
 
 _OUTHDR = vb.OUTHDR
 _SEG = vb.DISCARD_SEGMENT
@@ -321,7 +319,7 @@ class BlkDevice(VirtioDevice):
         return await self._perform_async(planned)
 
     def _cannot_wait(self, planned: _Planned) -> int:
-        bad_request_log.warning(
+        self.request_log.warning(
             "queue %d: %s at sector %d failed: %s.handle() cannot wait for the async "
             "calls of its backend: serve it with `request.run(self.handle_async(queue, chain))`",
             planned.queue,
@@ -358,6 +356,13 @@ class BlkDevice(VirtioDevice):
             else:  # a call returned an awaitable: the rest runs on the event loop
                 request.run(done)
 
+    def describe_request(self, chain: Chain) -> str:
+        """``read at sector 8``, from the request's header (its descriptor id if it has none)."""
+        if chain.error is None and chain.readable and total(chain.readable) >= _OUTHDR.size:
+            rtype, _prio, sector = _OUTHDR.unpack(gather(chain.readable, 0, _OUTHDR.size))
+            return f"{vb.request_type_name(rtype & ~vb.T_BARRIER)} at sector {sector}"
+        return f"request {chain.head} (no header)"
+
     def write_failure(self, chain: Chain) -> int:
         """IOERR in the status byte, when the chain has one."""
         if chain.error is None and chain.writable:
@@ -375,7 +380,9 @@ class BlkDevice(VirtioDevice):
         readable = chain.readable
         if chain.error is not None:
             st.bad_chains += 1
-            bad_request_log.warning("queue %d: bad request %d: %s", queue, chain.head, chain.error)
+            self.request_log.warning(
+                "queue %d: bad request (descriptor %d): %s", queue, chain.head, chain.error
+            )
             return 0
         if (
             not writable
@@ -383,12 +390,16 @@ class BlkDevice(VirtioDevice):
             or (len(readable[0]) < _OUTHDR.size and total(readable) < _OUTHDR.size)
         ):
             st.bad_chains += 1
-            bad_request_log.warning("queue %d: request %d has no header or no status byte", queue, chain.head)
+            self.request_log.warning(
+                "queue %d: a request (descriptor %d) has no header or no status byte", queue, chain.head
+            )
             return 0
         last = writable[-1]
         if not len(last):
             st.bad_chains += 1
-            bad_request_log.warning("queue %d: request %d has no status byte", queue, chain.head)
+            self.request_log.warning(
+                "queue %d: a request (descriptor %d) has no status byte", queue, chain.head
+            )
             return 0
         in_len = (len(last) - 1) if len(writable) == 1 else total(writable) - 1
         rtype, _prio, sector = _OUTHDR.unpack(gather(readable, 0, _OUTHDR.size))
@@ -477,17 +488,18 @@ class BlkDevice(VirtioDevice):
                 done(e)
 
     def _failure(self, planned: _Planned, e: Exception) -> int:
+        what = vb.request_type_name(planned.rtype)
         if isinstance(e, OSError):
-            bad_request_log.warning(
-                "queue %d: request type %d at sector %d failed: %s",
-                planned.queue,
-                planned.rtype,
-                planned.sector,
-                e,
+            self.request_log.warning(
+                "queue %d: %s at sector %d failed: %s", planned.queue, what, planned.sector, e
             )
         else:  # a bug must fail one request, not the queue
-            log.error(
-                "queue %d: request type %d failed unexpectedly", planned.queue, planned.rtype, exc_info=e
+            self.request_log.failure(
+                "queue %d: %s at sector %d failed in the backend",
+                planned.queue,
+                what,
+                planned.sector,
+                error=e,
             )
         return IOERR
 
