@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -238,9 +239,10 @@ def ops_options(args: argparse.Namespace) -> OpsOptions:
     return ops
 
 
-def make_backend(args: argparse.Namespace) -> Backend | None:
+def make_backend(args: argparse.Namespace, before: Callable[[], None] | None = None) -> Backend | None:
     """The backend the arguments ask for; UserError on a missing file or bad size. None: a
-    --device plugin given no backend."""
+    --device plugin given no backend. ``before``: run before a plugin's constructor (the
+    kernel checks, so that a plugin creates nothing a machine without VDUSE cannot serve)."""
     if args.backend is not None:
         cls = plugins.load_class(args.backend, "--backend")
         if not issubclass(cls, Backend):
@@ -248,7 +250,7 @@ def make_backend(args: argparse.Namespace) -> Backend | None:
                 f"--backend {args.backend}: {cls.__name__} is not a backend (a subclass of pyvduse.Backend)"
             )
         backend: Backend = plugins.construct(
-            cls, plugins.parse_args(args.backend_arg, "--backend-arg"), "--backend"
+            cls, plugins.parse_args(args.backend_arg, "--backend-arg"), "--backend", before=before
         )
         return backend
     if args.backend_arg:
@@ -353,7 +355,9 @@ def nbd_options(backend: NbdBackend, options: BlkOptions) -> BlkOptions:
     )
 
 
-def build_device(args: argparse.Namespace, backend: Backend | None) -> VirtioDevice:
+def build_device(
+    args: argparse.Namespace, backend: Backend | None, before: Callable[[], None] | None = None
+) -> VirtioDevice:
     options = BlkOptions(
         readonly=args.readonly,
         block_size=args.block_size,
@@ -374,7 +378,7 @@ def build_device(args: argparse.Namespace, backend: Backend | None) -> VirtioDev
         if backend is not None:
             extra["backend"] = backend
         device: VirtioDevice = plugins.construct(
-            cls, plugins.parse_args(args.device_arg, "--device-arg"), "--device", extra
+            cls, plugins.parse_args(args.device_arg, "--device-arg"), "--device", extra, before
         )
         return device
     if args.device_arg:
@@ -455,9 +459,13 @@ def run(args: argparse.Namespace) -> int:
     )
     irq_placement = parse_irq_cpus(args.irq_cpus)
     check_bind(args.bind, args.bounce_memory == "daemon")
-    backend = make_backend(args)
+
+    def kernel_ready() -> None:
+        check_kernel(args.bind)
+
+    backend = make_backend(args, kernel_ready)
     try:
-        device = build_device(args, backend)
+        device = build_device(args, backend, kernel_ready)
         check_data_path(tuning.data_path, device, args.packed)
         check_kernel(args.bind)
         daemon = Daemon(

@@ -20,12 +20,14 @@ virtio-blk, IOERR in the status byte) and is logged, rate-limited; the queue car
 from __future__ import annotations
 
 import inspect
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from pyvduse.abi.virtio import F_ACCESS_PLATFORM, F_VERSION_1, bit
 from pyvduse.device.request import Request
+from pyvduse.ratelimit import RateLimitedLogger
 from pyvduse.ring.chain import Chain
 
 #: Transport features every pyvduse device requires (VDUSE refuses devices without
@@ -57,6 +59,9 @@ class VirtioDevice(ABC):
             raise TypeError(f"{cls.__name__} must implement handle() or submit()")
         self.features = 0
         self._config_writer: ConfigWriter | None = None
+        #: This device's failed and malformed requests are logged through this, rate-limited
+        #: per device (a flood on one device does not silence another's first message).
+        self.request_log = RateLimitedLogger(logging.getLogger(cls.__module__))
 
     @abstractmethod
     def spec(self) -> DeviceSpec:
@@ -110,8 +115,15 @@ class VirtioDevice(ABC):
             request.complete(result)
         elif inspect.iscoroutine(result):
             request.run(result)
+        elif inspect.isawaitable(result):  # a Future, a Task, an object with __await__
+            request.run(_awaited(result))
         else:
             request.fail(f"handle() returned {type(result).__name__}, not a byte count")
+
+    def describe_request(self, chain: Chain) -> str:
+        """What the log calls a request (virtio-blk: its type and sector); the default:
+        the id the driver knows it by."""
+        return f"request {chain.head}"
 
     def write_failure(self, chain: Chain) -> int:
         """Complete a request that failed (an exception, a lost mapping): write what the
@@ -146,3 +158,7 @@ class VirtioDevice(ABC):
         if self._config_writer is None:
             raise RuntimeError("device is not attached to a transport")
         self._config_writer(offset, data)
+
+
+async def _awaited(awaitable: Awaitable[int]) -> int:
+    return await awaitable

@@ -9,11 +9,13 @@ capacity before the backend is touched.
 from __future__ import annotations
 
 import array
+import functools
 import inspect
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from pyvduse.abi import virtio_blk as vb
 from pyvduse.abi.virtio import (
@@ -23,16 +25,14 @@ from pyvduse.abi.virtio import (
     DeviceId,
     bit,
 )
-from pyvduse.backend.base import Backend, CallAbandoned, LaterBackend, NativeStorage
+from pyvduse.backend.base import IO_METHODS, Backend, CallAbandoned, LaterBackend, NativeStorage
 from pyvduse.device.base import REQUIRED_FEATURES, DeviceSpec, VirtioDevice
 from pyvduse.device.engine_stats import PerQueueStats
 from pyvduse.device.request import Request
-from pyvduse.ratelimit import RateLimitedLogger
 from pyvduse.ring.chain import Chain
 from pyvduse.ring.iovec import gather, slice_segments, total
 
 log = logging.getLogger(__name__)
-bad_request_log = RateLimitedLogger(log)
 
 _OUTHDR = vb.OUTHDR
 _SEG = vb.DISCARD_SEGMENT
@@ -148,10 +148,10 @@ class BlkDevice(VirtioDevice):
         self.per_queue = PerQueueStats(self.queue_stats, BlkStats)
         self._stats_lock = threading.Lock()  # for outcomes counted off a queue's thread
         self._own_handle = type(self).handle is not BlkDevice.handle
-        #: The backend's calls are coroutines: requests run on the runtime's event loop.
-        self._async_backend = any(
-            inspect.iscoroutinefunction(getattr(backend, name, None)) for name in ("readv", "writev", "flush")
-        )
+        #: Some of the backend's calls are coroutine functions: requests run on the runtime's
+        #: event loop. (A call that returns an awaitable anyway, through a decorator that hides
+        #: what it wraps, is awaited there too: see ``_perform``.)
+        self._async_backend = any(_is_async(getattr(backend, name, None)) for name in IO_METHODS)
         #: The backend's calls return at once and complete later (a network client).
         self._later_backend = isinstance(backend, LaterBackend)
 
@@ -296,11 +296,38 @@ class BlkDevice(VirtioDevice):
     # -- requests -----------------------------------------------------------------------
 
     def handle(self, queue: int, chain: Chain) -> int:
-        """Serve one request inline (the backend's calls block this thread)."""
+        """Serve one request inline (the backend's calls block this thread).
+
+        An async backend cannot be waited for here: the request then fails (IOERR, logged)
+        rather than complete without its work; a subclass over such a backend overrides
+        ``submit`` with ``request.run(self.handle_async(request.queue, request.chain))``."""
         planned = self._plan(queue, chain)
         if isinstance(planned, int):
             return planned
-        return self._perform(planned)
+        if self._async_backend:
+            return self._cannot_wait(planned)
+        done = self._perform(planned, defer=False)
+        assert isinstance(done, int)  # defer=False: never a coroutine
+        return done
+
+    async def handle_async(self, queue: int, chain: Chain) -> int:
+        """Serve one request, awaiting whatever the backend's calls return (any backend:
+        the calls of a synchronous one are made inline)."""
+        planned = self._plan(queue, chain)
+        if isinstance(planned, int):
+            return planned
+        return await self._perform_async(planned)
+
+    def _cannot_wait(self, planned: _Planned) -> int:
+        self.request_log.warning(
+            "queue %d: %s at sector %d failed: %s.handle() cannot wait for the async "
+            "calls of its backend: serve it with `request.run(self.handle_async(queue, chain))`",
+            planned.queue,
+            vb.request_type_name(planned.rtype),
+            planned.sector,
+            type(self).__name__,
+        )
+        return self._finish(planned, IOERR, locked=True)
 
     def submit(self, request: Request) -> None:
         """Take a request: parsed and checked now; the backend's work inline when it cannot
@@ -323,7 +350,18 @@ class BlkDevice(VirtioDevice):
         elif self.backend.blocking:
             request.run_blocking(lambda: self._perform(planned))
         else:
-            request.complete(self._perform(planned))
+            done = self._perform(planned)
+            if isinstance(done, int):
+                request.complete(done)
+            else:  # a call returned an awaitable: the rest runs on the event loop
+                request.run(done)
+
+    def describe_request(self, chain: Chain) -> str:
+        """``read at sector 8``, from the request's header (its descriptor id if it has none)."""
+        if chain.error is None and chain.readable and total(chain.readable) >= _OUTHDR.size:
+            rtype, _prio, sector = _OUTHDR.unpack(gather(chain.readable, 0, _OUTHDR.size))
+            return f"{vb.request_type_name(rtype & ~vb.T_BARRIER)} at sector {sector}"
+        return f"request {chain.head} (no header)"
 
     def write_failure(self, chain: Chain) -> int:
         """IOERR in the status byte, when the chain has one."""
@@ -342,7 +380,9 @@ class BlkDevice(VirtioDevice):
         readable = chain.readable
         if chain.error is not None:
             st.bad_chains += 1
-            bad_request_log.warning("queue %d: bad request %d: %s", queue, chain.head, chain.error)
+            self.request_log.warning(
+                "queue %d: bad request (descriptor %d): %s", queue, chain.head, chain.error
+            )
             return 0
         if (
             not writable
@@ -350,12 +390,16 @@ class BlkDevice(VirtioDevice):
             or (len(readable[0]) < _OUTHDR.size and total(readable) < _OUTHDR.size)
         ):
             st.bad_chains += 1
-            bad_request_log.warning("queue %d: request %d has no header or no status byte", queue, chain.head)
+            self.request_log.warning(
+                "queue %d: a request (descriptor %d) has no header or no status byte", queue, chain.head
+            )
             return 0
         last = writable[-1]
         if not len(last):
             st.bad_chains += 1
-            bad_request_log.warning("queue %d: request %d has no status byte", queue, chain.head)
+            self.request_log.warning(
+                "queue %d: a request (descriptor %d) has no status byte", queue, chain.head
+            )
             return 0
         in_len = (len(last) - 1) if len(writable) == 1 else total(writable) - 1
         rtype, _prio, sector = _OUTHDR.unpack(gather(readable, 0, _OUTHDR.size))
@@ -369,25 +413,40 @@ class BlkDevice(VirtioDevice):
         planned.written = written
         return planned
 
-    def _perform(self, planned: _Planned) -> int:
-        """Make the backend calls (this thread may block); returns the used length."""
+    def _perform(self, planned: _Planned, defer: bool = True) -> int | Coroutine[Any, Any, int]:
+        """Make the backend calls (this thread may block); returns the used length, or,
+        when a call returned an awaitable (an async method the backend's class did not show
+        as one), a coroutine that awaits it and makes the remaining calls: the request is
+        complete only once that has run. ``defer=False``: such a request fails instead."""
         backend = self.backend
         try:
-            for fn, args in planned.calls:
+            for i, (fn, args) in enumerate(planned.calls):
                 if isinstance(backend, LaterBackend):  # started, then waited for
                     backend.call_and_wait(planned.queue, fn.__name__, args)
-                else:
-                    fn(*args)
+                    continue
+                result = fn(*args)
+                if inspect.isawaitable(result):
+                    if defer:
+                        return self._perform_async(planned, i + 1, result)
+                    if inspect.iscoroutine(result):
+                        result.close()  # never run: nothing of it was done
+                    return self._cannot_wait(planned)
         except CallAbandoned:
             raise  # the queue is stopping: the runtime drops the request
         except Exception as e:
             return self._finish(planned, self._failure(planned, e), locked=True)
         return self._finish(planned, OK, planned.written, locked=True)
 
-    async def _perform_async(self, planned: _Planned) -> int:
-        """The same with an asyncio backend, on the runtime's event loop."""
+    async def _perform_async(
+        self, planned: _Planned, start: int = 0, pending: Awaitable[object] | None = None
+    ) -> int:
+        """The same with an asyncio backend, on the runtime's event loop: whatever a call
+        returns that is awaitable is awaited (``pending``: that of the call before
+        ``start``)."""
         try:
-            for fn, args in planned.calls:
+            if pending is not None:
+                await pending
+            for fn, args in planned.calls[start:]:
                 result = fn(*args)
                 if inspect.isawaitable(result):
                     await result
@@ -429,17 +488,18 @@ class BlkDevice(VirtioDevice):
                 done(e)
 
     def _failure(self, planned: _Planned, e: Exception) -> int:
+        what = vb.request_type_name(planned.rtype)
         if isinstance(e, OSError):
-            bad_request_log.warning(
-                "queue %d: request type %d at sector %d failed: %s",
-                planned.queue,
-                planned.rtype,
-                planned.sector,
-                e,
+            self.request_log.warning(
+                "queue %d: %s at sector %d failed: %s", planned.queue, what, planned.sector, e
             )
         else:  # a bug must fail one request, not the queue
-            log.error(
-                "queue %d: request type %d failed unexpectedly", planned.queue, planned.rtype, exc_info=e
+            self.request_log.failure(
+                "queue %d: %s at sector %d failed in the backend",
+                planned.queue,
+                what,
+                planned.sector,
+                error=e,
             )
         return IOERR
 
@@ -540,6 +600,19 @@ class BlkDevice(VirtioDevice):
                     (self.backend.write_zeroes, (offset, length, bool(flags & vb.WRITE_ZEROES_FLAG_UNMAP)))
                 )
         return OK
+
+
+def _is_async(method: object) -> bool:
+    """Whether ``method`` is a coroutine function, seen through ``functools.wraps``
+    decorators and partials."""
+    while isinstance(method, functools.partial):
+        method = method.func
+    if inspect.iscoroutinefunction(method):
+        return True
+    try:
+        return inspect.iscoroutinefunction(inspect.unwrap(method))  # type: ignore[arg-type]
+    except ValueError:  # a cycle of __wrapped__
+        return False
 
 
 class _Planned:

@@ -45,7 +45,6 @@ from pyvduse.ring.chain import Chain
 from pyvduse.ring.iovec import scatter, slice_segments, total
 
 log = logging.getLogger(__name__)
-bad_request_log = RateLimitedLogger(log)
 
 HDR = vn.NET_HDR_V1_SIZE  # 12: with VERSION_1 every frame has the v1 header
 #: The largest frame (header included) a backend may hand over: a 64 KiB GSO packet plus
@@ -157,8 +156,10 @@ class ReceiveQueue:
         mergeable: Callable[[], bool],
         guest_csum: Callable[[], bool],
         link_up: Callable[[], bool],
+        request_log: RateLimitedLogger | None = None,
     ) -> None:
         self.stats = stats
+        self.request_log = request_log or RateLimitedLogger(log)
         self._mergeable = mergeable
         self._guest_csum = guest_csum
         self._link_up = link_up
@@ -183,7 +184,7 @@ class ReceiveQueue:
         chain = request.chain
         if chain.error is not None or chain.readable or total(chain.writable) < HDR:
             self.stats.bad += 1
-            bad_request_log.warning(
+            self.request_log.warning(
                 "receive buffer %d is malformed: %s",
                 chain.head,
                 chain.error or "readable buffers or shorter than a header",
@@ -386,6 +387,7 @@ class NetDevice(VirtioDevice):
             mergeable=lambda: has(self.features, vn.F_MRG_RXBUF),
             guest_csum=lambda: has(self.features, vn.F_GUEST_CSUM),
             link_up=lambda: self.link_up,
+            request_log=self.request_log,
         )
         self._started = False
         self._link_lock = threading.Lock()
@@ -517,7 +519,7 @@ class NetDevice(VirtioDevice):
             if malformed:
                 self.queue_stats[vn.RX_QUEUE].bad += 1
             why = "malformed" if malformed else "the native loop cannot fill it, or the last daemon held it"
-            bad_request_log.warning("receive buffer %d given back empty: %s", chain.head, chain.error or why)
+            self.request_log.warning("receive buffer %d given back empty: %s", chain.head, chain.error or why)
             return 0
         return self.transmit(queue, chain)
 
@@ -527,7 +529,7 @@ class NetDevice(VirtioDevice):
         n = total(readable)
         if chain.error is not None or n < HDR or chain.writable:
             st.bad += 1
-            bad_request_log.warning(
+            self.request_log.warning(
                 "queue %d: bad frame %d: %s",
                 queue,
                 chain.head,
@@ -541,7 +543,7 @@ class NetDevice(VirtioDevice):
             self.backend.send(readable)
         except OSError as e:
             st.drops += 1
-            bad_request_log.warning(
+            self.request_log.warning(
                 "queue %d: frame of %d bytes not sent: %s", queue, n - HDR, e.strerror or e
             )
             return 0

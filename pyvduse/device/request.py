@@ -10,7 +10,7 @@ any thread, in any order relative to the queue's other requests:
   result (the bytes written) completes the request, an exception fails it;
 - ``run_blocking(fn)``: the work may block (a ``preadv`` on a slow disk); the runtime runs
   it on its thread pool, or inline when the user chose synchronous I/O, and ``fn()``'s
-  result completes the request.
+  result completes the request (a coroutine as its result: the work goes on on the loop).
 
 ``complete_together`` completes several requests of one queue so that the driver sees all
 of them or none (a packet spread over several receive buffers). A request that waits for
@@ -53,8 +53,9 @@ class RequestSink(Protocol):
         """Run ``coroutine`` on the runtime's event loop; its result completes ``request``."""
         ...
 
-    def run_blocking(self, request: Request, fn: Callable[[], int]) -> None:
-        """Run ``fn`` where blocking is allowed; its result completes ``request``."""
+    def run_blocking(self, request: Request, fn: Callable[[], int | Coroutine[Any, Any, int]]) -> None:
+        """Run ``fn`` where blocking is allowed; its result completes ``request`` (a
+        coroutine: run on the event loop, its result completes it)."""
         ...
 
 
@@ -114,8 +115,10 @@ class Request:
         """Complete the request with what ``coroutine`` returns, on the runtime's loop."""
         self._sink.run(self, coroutine)
 
-    def run_blocking(self, fn: Callable[[], int]) -> None:
-        """Complete the request with what ``fn()`` returns; ``fn`` may block."""
+    def run_blocking(self, fn: Callable[[], int | Coroutine[Any, Any, int]]) -> None:
+        """Complete the request with what ``fn()`` returns; ``fn`` may block. When it
+        returns a coroutine, that runs on the runtime's event loop and its result completes
+        the request."""
         self._sink.run_blocking(self, fn)
 
     def __repr__(self) -> str:

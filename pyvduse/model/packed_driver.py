@@ -153,6 +153,11 @@ class DriverPackedRing:
         else:
             self.suppress_interrupts(False)
 
+    def arm_interrupt(self) -> None:
+        """Before waiting: the driver event area already asks for every completion (ENABLE,
+        or DESC at the next used slot once ``enable_interrupts`` wrote it), unless a test
+        chose otherwise: nothing to write."""
+
     def device_event(self) -> tuple[int, int, int]:
         """(offset, wrap counter, flags) of the device event suppression area."""
         ow, flags = VRING_PACKED_DESC_EVENT.unpack(self.arena.read(self.device_addr, EVENT_AREA_SIZE))

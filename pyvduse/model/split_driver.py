@@ -90,6 +90,14 @@ class DriverSplitRing:
     def suppress_interrupts(self, on: bool = True) -> None:
         self.set_avail_flags(VRING_AVAIL_F_NO_INTERRUPT if on else 0)
 
+    def arm_interrupt(self) -> None:
+        """Before waiting: ask for an interrupt at the next completion, as Linux's
+        ``virtqueue_get_buf`` does with EVENT_IDX (used_event = the next used index we
+        have not seen); without EVENT_IDX the flags already ask for every one."""
+        if self.event_idx:
+            self.set_used_event(self.last_used)
+            full_fence()  # the write before the re-check of the used index
+
     def used_idx(self) -> int:
         return int(LE16.unpack(self.arena.read(self.used_addr + 2, 2))[0])
 

@@ -67,6 +67,10 @@ class ProbeError(RuntimeError):
     """The device refused the driver (FEATURES_OK not accepted, or broken)."""
 
 
+#: How long ``DriverQueue.wait`` sleeps for an interrupt before it looks at the ring anyway.
+POLL_SECONDS = 0.05
+
+
 class DriverQueue:
     """One virtqueue as the driver uses it."""
 
@@ -77,6 +81,8 @@ class DriverQueue:
         self.lock = threading.Lock()
         self.irq = threading.Event()
         self.interrupts = 0
+        #: Waits that ended by timing out rather than by an interrupt (the polling fallback).
+        self.polls = 0
         # Completions by ticket, not by head: a head is reused as soon as it is collected,
         # while the thread that submitted it may not have picked its completion up yet.
         self.done: dict[int, Completion] = {}
@@ -105,17 +111,25 @@ class DriverQueue:
         deadline = time.monotonic() + timeout
         while True:
             with self.lock:
-                for c in self.ring.collect():
-                    t, c.token = cast(tuple[int, object], c.token)
-                    self.done[t] = c
+                self._collect()
                 c2 = self.done.pop(ticket, None)
+                if c2 is None:  # ask for the interrupt we wait for, then look once more
+                    self.ring.arm_interrupt()
+                    self._collect()
+                    c2 = self.done.pop(ticket, None)
             if c2 is not None:
                 return c2
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"queue {self.index}: request {ticket} not completed")
-            self.irq.wait(min(left, 0.05))
+            if not self.irq.wait(min(left, POLL_SECONDS)):
+                self.polls += 1
             self.irq.clear()
+
+    def _collect(self) -> None:
+        for c in self.ring.collect():
+            t, c.token = cast(tuple[int, object], c.token)
+            self.done[t] = c
 
 
 #: Where a driver tells the device a queue's ring areas are, given the queue index and where

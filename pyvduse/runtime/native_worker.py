@@ -31,10 +31,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pyvduse.abi import virtio_blk as vb
 from pyvduse.abi import virtio_net as vn
 from pyvduse.backend.base import CallAbandoned
 from pyvduse.device.base import VirtioDevice
-from pyvduse.device.blk import BlkStats, bad_request_log
+from pyvduse.device.blk import BlkStats
 from pyvduse.device.net import NativeNet, NetStats
 from pyvduse.fastpath import engine as native
 from pyvduse.fastpath.config import EngineTuning
@@ -259,10 +260,10 @@ class NativeQueueWorker(QueueWorker):
         return self._stats_of(self.engine.counters())
 
     def _backend_error(self, rtype: int, sector: int, err: int) -> None:
-        bad_request_log.warning(
-            "queue %d: request type %d at sector %d failed: %s",
+        self.device.request_log.warning(
+            "queue %d: %s at sector %d failed: %s",
             self.index,
-            rtype,
+            vb.request_type_name(rtype),
             sector,
             OSError(err, "").strerror or err,
         )
@@ -462,8 +463,8 @@ class NativeQueueWorker(QueueWorker):
             )
             return
         except Exception as e:  # the device's bug fails this request, not the queue
-            bad_request_log.warning(
-                "queue %d: request %d failed: %s: %s", self.index, chain.head, type(e).__name__, e
+            self.device.request_log.failure(
+                "queue %d: %s failed", self.index, self.device.describe_request(chain), error=e
             )
             written = self.device.write_failure(chain)
         q.push(chain.head, written, chain.ndesc)

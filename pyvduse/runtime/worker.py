@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import inspect
 import logging
 import os
 import select
@@ -39,7 +40,6 @@ from typing import Any, NamedTuple, Protocol
 
 from pyvduse.device.base import VirtioDevice
 from pyvduse.device.request import MAX_WRITTEN, Request, RequestError
-from pyvduse.ratelimit import RateLimitedLogger
 from pyvduse.ring.budget import Budget
 from pyvduse.ring.chain import Chain
 from pyvduse.ring.errors import RingError
@@ -49,7 +49,6 @@ from pyvduse.runtime.executors import Executors
 from pyvduse.runtime.tuning import DEFAULT_TUNING, QueueTuning
 
 log = logging.getLogger(__name__)
-failure_log = RateLimitedLogger(log)
 
 #: Latency buckets: bucket b counts requests that took less than 2**b µs and at least
 #: 2**(b-1) µs (bucket 0: under 1 µs). 64 covers any duration a clock can measure.
@@ -351,20 +350,19 @@ class QueueWorker:
 
     def fail(self, request: Request, why: BaseException | str | None) -> None:
         if why is not None:
-            if isinstance(why, BaseException):
-                failure_log.warning(
-                    "queue %d: request %d failed: %s: %s", self.index, request.head, type(why).__name__, why
-                )
+            rl, what = self.device.request_log, self._describe(request)
+            if isinstance(why, BaseException):  # the device's bug: its traceback, once
+                rl.failure("queue %d: %s failed", self.index, what, error=why)
             else:
-                failure_log.warning("queue %d: request %d failed: %s", self.index, request.head, why)
+                rl.warning("queue %d: %s failed: %s", self.index, what, why)
         self.finish(request, self._failed_length(request))
 
     def _failed_length(self, request: Request) -> int:
         try:
             written = self.device.write_failure(request.chain)
         except Exception as e:
-            failure_log.warning(
-                "queue %d: failing request %d raised %s: %s", self.index, request.head, type(e).__name__, e
+            self.device.request_log.failure(
+                "queue %d: failing %s raised", self.index, self._describe(request), error=e
             )
             return 0
         return written if isinstance(written, int) and 0 <= written <= MAX_WRITTEN else 0
@@ -372,7 +370,7 @@ class QueueWorker:
     def run(self, request: Request, coroutine: Coroutine[Any, Any, int]) -> None:
         self.executors.loop.submit(coroutine, lambda r, e: self._outcome(request, r, e))
 
-    def run_blocking(self, request: Request, fn: Callable[[], int]) -> None:
+    def run_blocking(self, request: Request, fn: Callable[[], int | Coroutine[Any, Any, int]]) -> None:
         if self.executors.inline_blocking:
             try:
                 result = fn()
@@ -383,14 +381,23 @@ class QueueWorker:
             return
         self.executors.pool.submit(fn, lambda r, e: self._outcome(request, r, e))
 
+    def _describe(self, request: Request) -> str:
+        try:
+            return self.device.describe_request(request.chain)
+        except Exception:  # the device's bug must not lose the message
+            return f"request {request.head}"
+
     def _outcome(self, request: Request, result: object, error: BaseException | None) -> None:
+        if error is None and inspect.iscoroutine(result):  # blocking work that goes on async
+            self.run(request, result)
+            return
         try:
             if error is not None:
                 request.fail(error)
             else:
                 request.complete(result)  # type: ignore[arg-type]  # checked there
         except RequestError as e:  # the device completed it itself, then returned too
-            failure_log.warning("queue %d: %s", self.index, e)
+            self.device.request_log.warning("queue %d: %s", self.index, e)
 
     # -- the worker thread ------------------------------------------------------------------
 
@@ -539,12 +546,8 @@ class QueueWorker:
             self.device.submit(req)
         except Exception as e:  # the device's bug fails this request, not the queue
             if req.done:
-                failure_log.warning(
-                    "queue %d: submit raised after completing request %d: %s: %s",
-                    self.index,
-                    chain.head,
-                    type(e).__name__,
-                    e,
+                self.device.request_log.failure(
+                    "queue %d: submit raised after completing %s", self.index, self._describe(req), error=e
                 )
             else:
                 req.fail(e)

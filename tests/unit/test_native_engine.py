@@ -163,10 +163,6 @@ def test_readonly_and_resize_are_seen_by_the_native_path() -> None:
 def test_backend_errors_fail_the_request_and_are_logged(
     caplog: pytest.LogCaptureFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import pyvduse.runtime.native_worker as nw
-    from pyvduse.ratelimit import RateLimitedLogger
-
-    monkeypatch.setattr(nw, "bad_request_log", RateLimitedLogger(logging.getLogger("t")))
     img = tmp_path / "short.img"
     img.write_bytes(bytes(MiB))
     backend = FileBackend(str(img))
