@@ -70,8 +70,9 @@ class LendsConnections(Protocol):
 
     def give_back(self, queue: int, reusable: bool) -> None: ...
 
-    def reconnect_native(self, queue: int, should_stop: Callable[[], bool]) -> Any:
-        """A new handle for ``queue`` after the engine lost its own (None: not in time)."""
+    def reconnect_native(self, queue: int, should_stop: Callable[[], bool], progressed: bool = True) -> Any:
+        """A new handle for ``queue`` after the engine lost its own (None: not in time);
+        ``progressed`` False: nothing succeeded on the lost one (the same window goes on)."""
         ...
 
 

@@ -36,6 +36,7 @@ import errno
 import logging
 import os
 import select
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -46,6 +47,7 @@ from typing import Any
 from pyvduse.backend import nbd_binding, nbd_uri
 from pyvduse.backend.base import CallAbandoned, Done, LaterBackend, NativeStorage
 from pyvduse.errors import ResizeError
+from pyvduse.ratelimit import RateLimitedLogger
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,11 @@ BACKOFF_MAX = 2.0
 #: The largest read or write sent as one command (libnbd refuses writes over 64 MiB; servers
 #: commonly take 32 MiB); larger ones, and ones over the server's maximum, are split.
 MAX_COMMAND = 32 << 20
+#: The most a request allocates (a bounce buffer joining its pieces into one command):
+#: requests in pieces larger than this together go a command per piece, straight into and
+#: out of driver memory, so what the daemon allocates does not follow what the driver's
+#: descriptors say (at most queue size x this per queue; the native engine's BOUNCE_CHUNK).
+BOUNCE_LIMIT = 1 << 20
 #: Errors that mean the connection, not the request, failed: the request waits and is resent.
 CONNECTION_ERRNOS = frozenset(
     {
@@ -171,6 +178,21 @@ def _sleep_unless(seconds: float, should_stop: Callable[[], bool]) -> None:
         time.sleep(min(left, 0.05))
 
 
+def _alive(handle: Any) -> bool:
+    return not (handle.aio_is_dead() or handle.aio_is_closed())
+
+
+def _kill(handle: Any) -> None:
+    """Shut ``handle``'s socket down: whoever drives it next finds it dead, and libnbd then
+    retires every command it had (none of them can complete, or write into its buffer,
+    later). Any thread: it only shuts the socket, the handle's driver notices."""
+    with contextlib.suppress(Exception):
+        fd = handle.aio_get_fd()
+        if fd >= 0:
+            with socket.socket(fileno=os.dup(fd)) as s:
+                s.shutdown(socket.SHUT_RDWR)
+
+
 def _describe(e: Any) -> str:
     text = str(getattr(e, "string", None) or e)
     return text.rstrip(".")
@@ -251,6 +273,15 @@ class _Connection:
         #: Commands waiting for a connection (in the order they came).
         self._waiting: collections.deque[_Command] = collections.deque()
         self._down_since: float | None = None  # the reconnect window began; None: not in one
+        #: The window of a server that keeps ending connections: it began here, and it ends
+        #: only when a command succeeds (or the window is over), however often we reconnect.
+        self._episode_since: float | None = None
+        self._backoff = BACKOFF_FIRST  # before the next reconnect of the same window
+        self._given: Any = None  # the handle the engine has (lend, reconnect_now)
+        self._kill_wanted = False  # a reply said the connection ended: _serve shuts it down
+        #: A server that keeps ending connections must not fill the log: the first loss of a
+        #: window is logged, and at most a few messages a minute.
+        self._log = RateLimitedLogger(log, burst=5, period=60.0)
         self._closed = False
         self._paused = False  # renew(): new commands wait while the old handle drains
         #: Lent to a native engine (``lend``): its thread alone polls the socket; ours sleeps.
@@ -263,6 +294,7 @@ class _Connection:
         self.reconnects = 0
         self.refused = 0  # reconnects refused because the export changed
         self.failed_waiting = 0  # requests failed because no server came back in time
+        self.reconnects_in_window = 0  # reconnects since the window began (backoff, logging)
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._thread = threading.Thread(target=self._run, name=f"nbd{index}", daemon=True)
 
@@ -349,7 +381,13 @@ class _Connection:
             lost = err in CONNECTION_ERRNOS and not self._native
             if lost:
                 self._waiting.appendleft(cmd)
+                self._kill_wanted = True  # by the thread, outside libnbd's callback
+            elif not err and self._episode_since is not None and self._handle is not None:
+                self._end_window()  # the server serves: a later loss is a new window
         if lost:
+            # The server says the connection ended, maybe while it stays open with other
+            # commands unanswered: the thread shuts it down (libnbd retires them) before any
+            # is resent (in _serve: libnbd's calls are not for its callbacks).
             self._wake()
             return
         cmd.call.part_done(err)  # an error is the device's to report, with the request
@@ -373,14 +411,18 @@ class _Connection:
                 return
             self._generation += 1
             self._handle = None
+            self._kill_wanted = False  # that handle is gone already
             self._waiting.extendleft(reversed(list(self._flight)))
             self._flight.clear()
+            new_window = self._episode_since is None
+            if new_window:
+                self._episode_since = time.monotonic()
             if self._down_since is None:
-                self._down_since = time.monotonic()
+                self._down_since = self._episode_since
             waiting = len(self._waiting)
             closed = self._closed
-        if not closed:
-            log.warning(
+        if not closed and new_window:
+            self._log.warning(
                 "%s: connection %d lost (%s); %d request(s) wait while it reconnects (up to %g s)",
                 self.backend.safe_uri,
                 self.index,
@@ -445,6 +487,11 @@ class _Connection:
             with self._lock:
                 if self._closed or self._native or generation != self._generation:
                     return
+                kill, self._kill_wanted = self._kill_wanted, False
+            if kill:
+                _kill(handle)
+                with contextlib.suppress(self.nbd.Error):
+                    handle.aio_notify_read()  # it sees the end: dead, its commands retired
             if handle.aio_is_dead() or handle.aio_is_closed():
                 self._lost(generation, "the server closed the connection")
                 return
@@ -468,6 +515,17 @@ class _Connection:
             if since is None:  # down, nothing waits: sleep until a request comes
                 self._sleep(3600.0)
                 continue
+            if self.reconnects_in_window:  # the server ended the last one again: back off
+                if time.monotonic() + self._backoff >= since + backend.reconnect_seconds:
+                    self._fail_waiting(
+                        f"the server kept ending the connection for {backend.reconnect_seconds:g} s "
+                        f"({self.reconnects_in_window} reconnect(s))"
+                    )
+                    return
+                self._sleep_backoff(lambda: self._native or self._closed, self._sleep)
+                with self._lock:
+                    if self._closed or self._native:
+                        return
             handle = self._connect_within(
                 since + backend.reconnect_seconds, lambda: self._native or self._closed, self._sleep
             )
@@ -488,14 +546,17 @@ class _Connection:
                 self._down_since = None
                 for cmd in resend:
                     self._flight[cmd] = None
+                first = not self.reconnects_in_window
+                self.reconnects_in_window += 1
             self.reconnects += 1
-            log.warning(
-                "%s: connection %d back after %.1f s; %d request(s) resent",
-                backend.safe_uri,
-                self.index,
-                down,
-                len(resend),
-            )
+            if first:
+                self._log.warning(
+                    "%s: connection %d back after %.1f s; %d request(s) resent",
+                    backend.safe_uri,
+                    self.index,
+                    down,
+                    len(resend),
+                )
             for cmd in resend:
                 self._issue(handle, generation, cmd)
             return
@@ -519,6 +580,7 @@ class _Connection:
             self.give_back(reusable=True)
             raise NbdError(f"connection {self.index} did not become free in time")
         with self._lock:
+            self._given = self._handle
             return self._handle
 
     def give_back(self, reusable: bool) -> None:
@@ -529,47 +591,78 @@ class _Connection:
             self.switch = None
             self.stopping = None
             self._generation += 1
+            self._given = None
+            self._end_window()
             if not reusable:
-                self._handle = None
-                self._down_since = None  # down and idle: the next request reconnects
+                self._handle = None  # down and idle: the next request reconnects
         self._wake()
 
-    def reconnect_now(self, should_stop: Callable[[], bool]) -> Any:
-        """For the engine, on its thread: reconnect within the window, as ``_reconnect``
-        does for ours; the new handle, or None (window over, export changed, stopped)."""
+    def reconnect_now(
+        self, should_stop: Callable[[], bool], progressed: bool = True, for_engine: bool = True
+    ) -> Any:
+        """For the engine, on its thread: its handle is lost (dead, or alive but a reply
+        said the connection ended); reconnect within the window, as ``_reconnect`` does for
+        ours. The new handle -- never the one the engine lost, which is shut down first, so
+        nothing sent on it can complete after its requests are sent again -- or None
+        (window over, export changed, stopped). ``progressed`` False: no command succeeded
+        on the lost handle, so this is the same window as the last loss (it backs off, and
+        the window keeps its start). ``for_engine`` False: for call_and_wait, whose commands
+        go on the new handle while the engine keeps its own until its next loss."""
         backend = self.backend
-        started = time.monotonic()
-        deadline = started + backend.reconnect_seconds
+        now = time.monotonic()
         with self._lock:
             current = self._handle
-            if current is not None and not (current.aio_is_dead() or current.aio_is_closed()):
+            if current is not None and _alive(current) and current is not self._given:
+                self._given = current
                 return current  # reconnected already (by call_and_wait)
+            if current is not None and _alive(current):
+                _kill(current)  # the engine's, and it said the connection ended
             self._handle = None
-            self._down_since = started
-        log.warning(
-            "%s: connection %d lost; requests wait while it reconnects (up to %g s)",
-            backend.safe_uri,
-            self.index,
-            backend.reconnect_seconds,
-        )
-        handle = self._connect_within(
-            deadline, should_stop, lambda seconds: _sleep_unless(seconds, should_stop)
-        )
+            if progressed or self._episode_since is None:
+                self._end_window()
+                self._episode_since = now
+            since = self._episode_since
+            self._down_since = since
+            again = self.reconnects_in_window
+        deadline = since + backend.reconnect_seconds
+        handle: Any
+        if again and time.monotonic() + self._backoff >= deadline:
+            handle = (
+                f"the server kept ending the connection for {backend.reconnect_seconds:g} s "
+                f"({again} reconnect(s))"
+            )
+        else:
+            if again:  # the server ended the last one again: back off
+                self._sleep_backoff(should_stop, lambda seconds: _sleep_unless(seconds, should_stop))
+            else:
+                self._log.warning(
+                    "%s: connection %d lost; requests wait while it reconnects (up to %g s)",
+                    backend.safe_uri,
+                    self.index,
+                    backend.reconnect_seconds,
+                )
+            handle = self._connect_within(
+                deadline, should_stop, lambda seconds: _sleep_unless(seconds, should_stop)
+            )
         if not isinstance(handle, str) and handle is not None:
             with self._lock:
                 self._handle = handle
+                if for_engine:
+                    self._given = handle
                 self._generation += 1
                 self._down_since = None
+                self.reconnects_in_window += 1
             self.reconnects += 1
-            log.warning(
-                "%s: connection %d back after %.1f s",
-                backend.safe_uri,
-                self.index,
-                time.monotonic() - started,
-            )
+            if not again:
+                self._log.warning(
+                    "%s: connection %d back after %.1f s",
+                    backend.safe_uri,
+                    self.index,
+                    time.monotonic() - since,
+                )
             return handle
         with self._lock:
-            self._down_since = None
+            self._end_window()
         if isinstance(handle, str):
             self.failed_waiting += 1
             log.error(
@@ -638,6 +731,7 @@ class _Connection:
                 return False
             with self._lock:
                 old_handle, self._handle = self._handle, handle
+                self._given = handle
                 self._generation += 1
             if old_handle is not None:
                 with contextlib.suppress(self.nbd.Error):
@@ -675,11 +769,26 @@ class _Connection:
                 old.aio_disconnect(0)
         return swap
 
+    def _sleep_backoff(self, should_stop: Callable[[], bool], sleep: Callable[[float], None]) -> None:
+        """Wait before reconnecting again in the same window (doubling, up to BACKOFF_MAX)."""
+        with self._lock:
+            backoff = self._backoff
+            self._backoff = min(backoff * 2, BACKOFF_MAX)
+        if not should_stop():
+            sleep(backoff)
+
+    def _end_window(self) -> None:
+        """With ``_lock`` held: the window is over (the next loss starts a new one)."""
+        self._down_since = None
+        self._episode_since = None
+        self._backoff = BACKOFF_FIRST
+        self.reconnects_in_window = 0
+
     def _fail_waiting(self, why: str) -> None:
         with self._lock:
             failed = list(self._waiting)
             self._waiting.clear()
-            self._down_since = None
+            self._end_window()
         self.failed_waiting += len(failed)
         if failed:
             log.error(
@@ -850,9 +959,10 @@ class NbdBackend(LaterBackend):
     def give_back(self, queue: int, reusable: bool) -> None:
         self.connections[queue].give_back(reusable)
 
-    def reconnect_native(self, queue: int, should_stop: Callable[[], bool]) -> Any:
-        """The engine of ``queue`` lost its connection: a new handle, or None."""
-        return self.connections[queue].reconnect_now(should_stop)
+    def reconnect_native(self, queue: int, should_stop: Callable[[], bool], progressed: bool = True) -> Any:
+        """The engine of ``queue`` lost its connection: a new handle, or None;
+        ``progressed``: a command succeeded on the lost one (see reconnect_now)."""
+        return self.connections[queue].reconnect_now(should_stop, progressed)
 
     def call_and_wait(self, queue: int, call: str, args: tuple[object, ...]) -> None:
         """As LaterBackend's; on a lent connection this thread drives the socket itself (the
@@ -867,7 +977,7 @@ class NbdBackend(LaterBackend):
                 raise CallAbandoned(f"{call} left running: the queue is stopping")
             if attempt == 0 and isinstance(error, OSError) and error.errno in CONNECTION_ERRNOS:
                 # the engine is not running: reconnect here (it takes the new handle)
-                if conn.reconnect_now(lambda: False) is None:
+                if conn.reconnect_now(lambda: False, for_engine=False) is None:
                     raise OSError(errno.EIO, "no NBD server within the reconnect window")
                 continue
             if error is not None:
@@ -905,10 +1015,13 @@ class NbdBackend(LaterBackend):
             offset, bufs = args
             write = call == "writev"
             bounce: bytearray | None = None
+            total = sum(map(len, bufs))
+            if len(bufs) > 1 and total > BOUNCE_LIMIT:
+                return self._piecewise(done, offset, bufs, write)
             if len(bufs) == 1:
                 data = bufs[0]
             else:  # one command, not one per piece
-                bounce = bytearray(b"".join(bufs)) if write else bytearray(sum(map(len, bufs)))
+                bounce = bytearray(b"".join(bufs)) if write else bytearray(total)
                 data = memoryview(bounce)
             length = len(data)
             step = self.max_command
@@ -939,6 +1052,22 @@ class NbdBackend(LaterBackend):
             flags = 0 if unmap else nbd.CMD_FLAG_NO_HOLE
             return [_Command(_Call(done, 1), _ZERO, offset, length, flags=flags)]
         raise ValueError(f"NBD backend has no call {call!r}")
+
+    def _piecewise(self, done: Done, offset: int, bufs: list[memoryview], write: bool) -> list[_Command]:
+        """A read or write in pieces larger than BOUNCE_LIMIT together: a command per piece
+        (split at max_command), straight from or into driver memory, nothing allocated."""
+        nbd = self.nbd
+        kind = _WRITE if write else _READ
+        flags = nbd.CMD_FLAG_FUA if write and self.fua_writes else 0
+        step = self.max_command
+        spans = []
+        pos = offset
+        for b in bufs:
+            for k in range(0, len(b), step):
+                spans.append((pos + k, b[k : k + step]))
+            pos += len(b)
+        c = _Call(done, len(spans))
+        return [_Command(c, kind, at, len(v), nbd.Buffer.from_buffer(v), flags) for at, v in spans]
 
     def close(self) -> None:
         for c in self.connections:

@@ -579,12 +579,13 @@ static void release_all(Engine *e)
     sb_nbd_release(e);
     PyMem_Free(e->nbd_ready);
     e->nbd_ready = NULL;
-    if (e->reqs != NULL)
+    if (e->reqs != NULL && e->nbd_holds == 0) {
         for (uint32_t k = 0; k < e->num; k++) {
             free(e->reqs[k].iov);
             free(e->reqs[k].buf);
         }
-    PyMem_Free(e->reqs);
+        PyMem_Free(e->reqs);
+    } /* else libnbd still holds commands that write into them: leaked on purpose */
     e->reqs = NULL;
     PyMem_Free(e->batch);
     e->batch = NULL;
@@ -840,7 +841,7 @@ static PyObject *Engine_counters(Engine *e, PyObject *unused)
     }
     return Py_BuildValue(
         "{s:K,s:K,s:K,s:N,s:{s:K,s:K,s:K,s:K},s:K,s:K,s:K,s:K,s:N,s:K,s:K,s:K,s:K,s:K,s:i,s:K,s:K,"
-        "s:{s:K,s:K,s:K,s:K}}",
+        "s:{s:K,s:K,s:K,s:K},s:K,s:K,s:K,s:K}",
         "started", (unsigned long long)e->started, "completed",
         (unsigned long long)e->completed, "latency_ns", (unsigned long long)e->latency_ns,
         "latency", hist, "by_type", "0", (unsigned long long)e->n_in, "1",
@@ -855,7 +856,10 @@ static PyObject *Engine_counters(Engine *e, PyObject *unused)
         (unsigned long long)e->inline_done, "budget_sleeps",
         (unsigned long long)e->budget_sleeps, "net", "packets",
         (unsigned long long)e->net_packets, "bytes", (unsigned long long)e->net_bytes, "drops",
-        (unsigned long long)e->net_drops, "errors", (unsigned long long)e->net_errors);
+        (unsigned long long)e->net_drops, "errors", (unsigned long long)e->net_errors,
+        "bounce_peak", (unsigned long long)e->bounce_peak, "nbd_holds",
+        (unsigned long long)e->nbd_holds, "nbd_ok", (unsigned long long)e->nbd_ok, "nbd_kills",
+        (unsigned long long)e->nbd_kills);
 }
 
 static PyObject *Engine_get_started(Engine *e, void *closure)

@@ -80,10 +80,26 @@
  * buffer at most BOUNCE_CHUNK bytes per step; a buffer larger than BOUNCE_KEEP is freed when
  * its request completes, and no more than BOUNCE_RETAIN bytes stay allocated between
  * requests. So what is allocated is bounded by the requests in flight (num * BOUNCE_CHUNK at
- * the very worst, as much as the data in flight itself) and, idle, by BOUNCE_RETAIN. */
+ * the very worst, whatever length the driver's descriptors add up to: the NBD path moves a
+ * request that needs a buffer one chunk per command too) and, idle, by BOUNCE_RETAIN. */
 #define BOUNCE_CHUNK (1u << 20)
 #define BOUNCE_KEEP (256u << 10)
 #define BOUNCE_RETAIN (32u << 20)
+
+/* SB_CHECK(cond): an invariant, checked (abort with the message) in builds with SB_DEBUG
+ * (fuzz/sanitize.sh), free otherwise. */
+#ifdef SB_DEBUG
+#include <stdio.h>
+#define SB_CHECK(cond)                                                                    \
+    do {                                                                                  \
+        if (!(cond)) {                                                                    \
+            fprintf(stderr, "%s:%d: invariant broken: %s\n", __FILE__, __LINE__, #cond);   \
+            abort();                                                                      \
+        }                                                                                 \
+    } while (0)
+#else
+#define SB_CHECK(cond) ((void)0)
+#endif
 
 /* RUN_NBD_LOST: the NBD connection is gone; its requests are parked until set_nbd(). */
 enum { RUN_STOPPED = 0, RUN_DEFER = 1, RUN_NBD_LOST = 3 };
@@ -163,6 +179,8 @@ typedef struct {
     int nbd_state;       /* NBD_IDLE, _SENT (libnbd has it), _READY (its reply came), _PARKED */
     int nbd_err;         /* the reply's errno (NBD_READY) */
     uint64_t nbd_gen;    /* the connection it was sent on */
+    int nbd_holds;       /* commands of it libnbd still holds (0 or 1): until their free
+                          * callback, libnbd may write into its memory */
 } Req;
 
 typedef struct Engine {
@@ -211,6 +229,7 @@ typedef struct Engine {
     uint8_t serial[ID_BYTES];
     uint8_t *sync_buf;     /* the synchronous path's aligned buffer (direct I/O) */
     size_t bounce_retained; /* bytes of request buffers kept between requests */
+    size_t bounce_peak;     /* the most bounce_retained has been (the memory bound's check) */
 #ifdef SB_URING
     struct io_uring ring;
 #endif
@@ -225,6 +244,9 @@ typedef struct Engine {
     uint16_t *nbd_ready; /* heads whose reply came, for the loop to complete (num) */
     uint32_t nready;
     uint64_t nparked;   /* requests waiting for a connection */
+    uint32_t nbd_holds; /* commands libnbd holds, over all requests (see Req.nbd_holds) */
+    uint64_t nbd_ok;    /* replies without error on the current handle (Python's backoff) */
+    uint64_t nbd_kills; /* live handles shut down because a reply said the connection ended */
     int efd;            /* eventfd registered with it: readable when completions arrive */
     /* test-only knobs (see _splitblk.pyi) */
     int gate_fd;

@@ -489,6 +489,7 @@ void sb_finish(Engine *e, Req *r, uint8_t st, uint32_t written)
     uint32_t used;
     if (r->state == REQ_ASYNC)
         e->nasync--;
+    SB_CHECK(r->nbd_holds == 0 || e->abandoned); /* libnbd is done with its memory */
     sb_buffer_done(e, r);
     if (e->abandoned) {
         sb_untrack(e, r);
@@ -542,6 +543,8 @@ int sb_buffer(Engine *e, Req *r, size_t size)
     r->buf = p;
     r->buf_cap = cap;
     e->bounce_retained += cap;
+    if (e->bounce_retained > e->bounce_peak)
+        e->bounce_peak = e->bounce_retained;
     return 0;
 }
 
@@ -549,6 +552,8 @@ int sb_buffer(Engine *e, Req *r, size_t size)
  * large or the engine keeps enough already. */
 void sb_buffer_done(Engine *e, Req *r)
 {
+    if (r->nbd_holds) /* libnbd may still write into it (an abandoned engine's request) */
+        return;
     if (r->buf != NULL && (r->buf_cap > BOUNCE_KEEP || e->bounce_retained > BOUNCE_RETAIN)) {
         free(r->buf);
         e->bounce_retained -= r->buf_cap;

@@ -23,11 +23,26 @@
  * the parked requests again (an NBD read or write may be repeated: it moves the same bytes
  * to the same place), or fails them (fail_parked). Completions of a handle given up are
  * recognised by their generation and ignored.
+ *
+ * Nothing is sent again while its original may still complete: a server may say ESHUTDOWN
+ * for one command and keep the connection open, with others still to be answered. So a
+ * connection error on a live handle shuts its socket down first (kill_handle): libnbd then
+ * retires every command of the handle, calling each one's free callback, after which it
+ * never touches their memory. Each request counts the commands libnbd holds for it
+ * (Req.nbd_holds, raised when one is sent, lowered by its free callback): a request is sent
+ * again only at 0, so its reply is that of the one command in flight for it, and its
+ * memory -- driver memory or its buffer -- is never completed, reused or freed before
+ * (SB_CHECK in debug builds; a buffer libnbd holds is leaked rather than freed).
+ *
+ * A request whose data is not one piece goes through its buffer BOUNCE_CHUNK bytes per
+ * command, one command after the other: the memory allocated for it is bounded whatever
+ * lengths its descriptors name (as on the io_uring path).
  */
 #include "splitblk.h"
 
 #include <errno.h>
 #include <poll.h>
+#include <sys/socket.h>
 
 #ifdef SB_NBD
 
@@ -55,6 +70,7 @@ int sb_nbd_set(Engine *e, PyObject *handle)
         Py_INCREF(handle);
     }
     sb_nbd_release(e);
+    e->nbd_ok = 0;
     e->nbd = h;
     e->nbd_owner = h != NULL ? handle : NULL;
     e->nbd_gen++;
@@ -62,9 +78,15 @@ int sb_nbd_set(Engine *e, PyObject *handle)
     return 0;
 }
 
+static void kill_handle(Engine *e);
+
 void sb_nbd_release(Engine *e)
 {
     PyObject *owner = e->nbd_owner;
+    if (e->nbd_holds && e->nbd != NULL) {
+        e->nbd_gen++; /* their completions are not ours to count */
+        kill_handle(e); /* libnbd retires them: their memory may be freed or reused */
+    }
     e->nbd = NULL;
     e->nbd_owner = NULL;
     Py_XDECREF(owner);
@@ -83,6 +105,34 @@ static int completed(void *user_data, int *error)
     return 1;
 }
 
+/* libnbd's free callback of one command: it is done with the command's memory. */
+static void released(void *user_data)
+{
+    Req *r = user_data;
+    SB_CHECK(r->nbd_holds > 0 && r->eng->nbd_holds > 0);
+    r->nbd_holds--;
+    r->eng->nbd_holds--;
+}
+
+/* Shut the handle's socket down and let libnbd see it: the handle dies, and libnbd retires
+ * every command it had (their completions and free callbacks run, here). */
+static void kill_handle(Engine *e)
+{
+    struct nbd_handle *h = e->nbd;
+    int fd;
+    if (h == NULL || nbd_aio_is_dead(h) || nbd_aio_is_closed(h))
+        return;
+    e->nbd_kills++;
+    fd = nbd_aio_get_fd(h);
+    if (fd >= 0)
+        (void)shutdown(fd, SHUT_RDWR);
+    for (int k = 0; k < 16 && !nbd_aio_is_dead(h) && !nbd_aio_is_closed(h); k++) {
+        (void)nbd_aio_notify_read(h);
+        if (!nbd_aio_is_dead(h) && !nbd_aio_is_closed(h))
+            (void)nbd_aio_notify_write(h);
+    }
+}
+
 static void park(Engine *e, Req *r)
 {
     r->nbd_state = NBD_PARKED;
@@ -96,6 +146,7 @@ static void lost(Engine *e)
         return;
     e->nbd_dead = 1;
     e->nbd_gen++; /* late completions of the old handle are ignored */
+    kill_handle(e); /* a live one that said ESHUTDOWN: nothing may complete on it later */
     for (int32_t h = e->oldest; h >= 0; h = e->reqs[h].next) {
         Req *r = &e->reqs[h];
         if (r->state == REQ_ASYNC && r->nbd_state == NBD_SENT)
@@ -129,23 +180,34 @@ static int contiguous(const struct iovec *iov, int n)
     return 1;
 }
 
-/* Send r's command; 0, or the errno of a command libnbd refused. */
+/* Send r's command (for a request through its buffer: its next chunk); 0, or the errno of a
+ * command libnbd refused. */
 static int send_command(Engine *e, Req *r)
 {
-    nbd_completion_callback cb = {.callback = completed, .user_data = r};
+    nbd_completion_callback cb = {.callback = completed, .user_data = r, .free = released};
     void *buf;
+    size_t len;
     int64_t cookie;
+    SB_CHECK(r->nbd_holds == 0); /* never two commands of one request at once */
     r->eng = e;
     r->nbd_gen = e->nbd_gen;
     r->nbd_state = NBD_SENT;
+    r->nbd_holds++; /* released() lowers it, even when libnbd refuses the command */
+    e->nbd_holds++;
     if (r->rtype == T_FLUSH) {
         cookie = nbd_aio_flush(e->nbd, cb, 0);
     } else {
         if (!r->bounced && contiguous(r->iov, r->niov)) {
             buf = r->iov[0].iov_base; /* one piece (or pieces end to end in our memory) */
-        } else { /* one command for the whole request, through its buffer */
-            if (sb_buffer(e, r, (size_t)r->len) != 0) {
+            len = (size_t)r->len;
+            r->chunk = len;
+        } else { /* through its buffer, one chunk per command */
+            uint64_t rest = r->len - r->done;
+            len = rest < BOUNCE_CHUNK ? (size_t)rest : BOUNCE_CHUNK;
+            if (sb_buffer(e, r, len) != 0) {
                 r->nbd_state = NBD_IDLE;
+                r->nbd_holds--;
+                e->nbd_holds--;
                 return ENOMEM;
             }
             if (!r->bounced) {
@@ -153,12 +215,13 @@ static int send_command(Engine *e, Req *r)
                 e->bounced++;
             }
             buf = r->buf;
+            r->chunk = len;
             if (r->write)
-                sb_gather(r->iov, r->niov, 0, buf, r->len);
+                sb_gather(r->iov, r->niov, r->done, buf, len);
         }
-        cookie = r->write ? nbd_aio_pwrite(e->nbd, buf, (size_t)r->len, r->off, cb,
+        cookie = r->write ? nbd_aio_pwrite(e->nbd, buf, len, r->off + r->done, cb,
                                            e->nbd_fua ? LIBNBD_CMD_FLAG_FUA : 0)
-                          : nbd_aio_pread(e->nbd, buf, (size_t)r->len, r->off, cb, 0);
+                          : nbd_aio_pread(e->nbd, buf, len, r->off + r->done, cb, 0);
     }
     if (cookie < 0) {
         int err = nbd_get_errno();
@@ -192,6 +255,8 @@ void sb_nbd_start(Engine *e, Req *r)
 {
     r->eng = e;
     r->nbd_state = NBD_IDLE;
+    r->done = 0;
+    r->chunk = 0;
     start_or_park(e, r);
 }
 
@@ -223,14 +288,24 @@ uint32_t sb_nbd_reap(Engine *e)
                 fail(e, r, err);
                 continue;
             }
+            e->nbd_ok++;
             if (r->rtype == T_FLUSH) {
                 sb_finish(e, r, S_OK, 0);
-            } else if (r->write) {
+                continue;
+            }
+            if (r->bounced) {
+                if (!r->write)
+                    sb_scatter(r->iov, r->niov, r->done, r->buf, r->chunk);
+                r->done += r->chunk;
+                if (r->done < r->len) { /* the next chunk */
+                    start_or_park(e, r);
+                    continue;
+                }
+            }
+            if (r->write) {
                 e->bytes_written += r->len;
                 sb_finish(e, r, S_OK, 0);
             } else {
-                if (r->bounced)
-                    sb_scatter(r->iov, r->niov, 0, r->buf, r->len);
                 e->bytes_read += r->len;
                 sb_finish(e, r, S_OK, (uint32_t)r->len);
             }
@@ -300,6 +375,9 @@ void sb_nbd_resend(Engine *e)
         Req *r = &e->reqs[h];
         next = r->next;
         if (r->state == REQ_ASYNC && r->nbd_state == NBD_PARKED) {
+            SB_CHECK(r->nbd_holds == 0); /* the old handle retired its command */
+            if (r->nbd_holds)
+                continue; /* its original may still complete: it waits (never in practice) */
             e->nparked--;
             r->nbd_state = NBD_IDLE;
             start_or_park(e, r);

@@ -351,7 +351,10 @@ class NativeQueueWorker(QueueWorker):
         thread (the ring waits meanwhile; a stop or pause cuts it short), then resend them
         or fail them."""
         assert self.nbd is not None
-        handle = self.nbd.reconnect_native(self.index, lambda: self._stopping or self._pause_wanted)
+        progressed = bool(self.engine.counters().get("nbd_ok", 1))
+        handle = self.nbd.reconnect_native(
+            self.index, lambda: self._stopping or self._pause_wanted, progressed
+        )
         if handle is not None:
             self.engine.set_nbd(handle)
         elif not (self._stopping or self._pause_wanted):
