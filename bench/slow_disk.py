@@ -78,13 +78,20 @@ class Target:
     key: str
     text: str
     threshold: float
+    iodepth: int = TARGET_DEPTH
 
 
 TARGETS = (
     Target("vs_raw", f"iodepth {TARGET_DEPTH}: pyvduse's best >= 0.8x the raw device", 0.8),
     Target("vs_peer", f"iodepth {TARGET_DEPTH}: pyvduse's best >= 1.0x the peer's best", 1.0),
     Target("scaling", f"pyvduse iodepth {TARGET_DEPTH} >= 8x its own iodepth 1 (same mode)", 8.0),
+    # issue 30: what a user gets with no options
+    Target("defaults_vs_raw", "iodepth 1: pyvduse with no options >= 0.6x the raw device", 0.6, 1),
+    Target(
+        "defaults_vs_raw", f"iodepth {TARGET_DEPTH}: pyvduse with no options >= 0.55x the raw device", 0.55
+    ),
 )
+DEFAULTS_MODE = "py-defaults"
 
 
 # --------------------------------------------------------------------------- rows
@@ -167,6 +174,7 @@ def summary_rows(rows: Sequence[dict[str, Any]], cells: Sequence[dict[str, Any]]
             continue
         ours, peer = _best(mine, "pyvduse"), _best(mine, "qsd")
         raw = next((r for r in mine if r["impl"] == "raw"), None)
+        defaults = next((r for r in mine if r["mode"] == DEFAULTS_MODE), None)
 
         def cells_of(row: dict[str, Any] | None, workload: str = w.name) -> list[dict[str, Any]]:
             return runs.get((workload, row["mode"]), []) if row else []
@@ -177,6 +185,8 @@ def summary_rows(rows: Sequence[dict[str, Any]], cells: Sequence[dict[str, Any]]
             "peer": peer["iops"] if peer else None, "peer_mode": peer["mode"] if peer else None,
             "raw": raw["iops"] if raw else None,
             "ours_vs_raw": ours["vs_raw"] if ours else None,
+            "defaults": defaults["iops"] if defaults else None,
+            "defaults_vs_raw": defaults["vs_raw"] if defaults else None,
             "ours_vs_peer": paired_ratio(cells_of(ours), cells_of(peer), False) if peer else None,
             "peer_vs_raw": peer["vs_raw"] if peer else None,
             "ours_vs_qd1": ours["vs_qd1"] if ours else None,
@@ -191,28 +201,32 @@ def summary_rows(rows: Sequence[dict[str, Any]], cells: Sequence[dict[str, Any]]
 
 
 def evaluate_targets(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Issue 16's targets at iodepth 16, for randread and randwrite apart: the measured
-    figure and whether it met the line (None when the cell was not measured)."""
-    by_rw = {s["rw"]: s for s in summary if s["iodepth"] == TARGET_DEPTH}
+    """Issue 16's targets at iodepth 16 and issue 30's for the defaults, for randread and
+    randwrite apart: the measured figure and whether it met the line (None when the cell was
+    not measured)."""
+    by_rw = {(s["rw"], s["iodepth"]): s for s in summary}
     out = []
     for t in TARGETS:
         for rw in ("randread", "randwrite"):
-            s = by_rw.get(rw)
+            s = by_rw.get((rw, t.iodepth))
             value = None
             if s is not None:
                 value = {
                     "vs_raw": s["ours_vs_raw"],
                     "vs_peer": s["ours_vs_peer"],
                     "scaling": s["ours_vs_qd1"],
+                    "defaults_vs_raw": s["defaults_vs_raw"],
                 }[t.key]
+            mode = DEFAULTS_MODE if t.key == "defaults_vs_raw" else (s["our_mode"] if s else None)
             out.append(
                 {
                     "target": t.key,
+                    "iodepth": t.iodepth,
                     "text": t.text,
                     "rw": rw,
                     "threshold": t.threshold,
                     "value": value,
-                    "mode": s["our_mode"] if s else None,
+                    "mode": mode,
                     "met": None if value is None else value >= t.threshold,
                 }
             )
@@ -284,6 +298,8 @@ def format_cells(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
 
 SUMMARY_COLUMNS = (
     "workload",
+    "pyvduse defaults",
+    "defaults/raw",
     "pyvduse best",
     "peer best",
     "raw (limit)",
@@ -308,6 +324,8 @@ def format_summary(summary: Sequence[dict[str, Any]], markdown: bool = False) ->
         body.append(
             [
                 s["workload"],
+                _num(s.get("defaults")),
+                _x(s.get("defaults_vs_raw")),
                 ours,
                 peer,
                 _num(s["raw"]),
@@ -332,7 +350,11 @@ def format_targets(targets: Sequence[dict[str, Any]], markdown: bool = False) ->
     for t in TARGETS:
         line = [t.text]
         for rw in ("randread", "randwrite"):
-            e = next(x for x in targets if x["target"] == t.key and x["rw"] == rw)
+            e = next(
+                x
+                for x in targets
+                if x["target"] == t.key and x["rw"] == rw and x.get("iodepth", TARGET_DEPTH) == t.iodepth
+            )
             figure = "-" if e["value"] is None else f"{e['value']:.2f}x ({e['mode']})"
             line.append(f"{figure} {_verdict(e['met'])}")
         body.append(line)

@@ -96,7 +96,7 @@ class Mode:
             return "fio on the device"
         if self.impl == "qsd":
             return ",".join(self.options)
-        return " ".join(self.options)
+        return " ".join(self.options) or "(no options)"
 
 
 MODES: tuple[Mode, ...] = (
@@ -104,6 +104,7 @@ MODES: tuple[Mode, ...] = (
     Mode("qsd-threads", "qsd", ("aio=threads",)),
     Mode("qsd-io_uring", "qsd", ("aio=io_uring",)),
     Mode("qsd-native-direct", "qsd", ("aio=native", "cache.direct=on"), expect_failure=EFAULT_NOTE),
+    Mode("py-defaults", "pyvduse"),  # what a user gets: pyvduse blk --file /dev/nullb0
     Mode("py-io_uring", "pyvduse", ("--aio", "io_uring", "--cache", "writeback")),
     Mode("py-io_uring-direct", "pyvduse", ("--aio", "io_uring", "--cache", "none")),
     # Direct I/O straight into the bounce buffer, registered as the daemon's own memory
@@ -127,7 +128,7 @@ WORKLOADS: tuple[Workload, ...] = tuple(
 WORKLOAD_BY_NAME = {w.name: w for w in WORKLOADS}
 
 QUICK_WORKLOADS = ("randread-4k-qd1", "randread-4k-qd16")
-QUICK_MODES = ("raw", "qsd-threads", "qsd-io_uring", "py-io_uring", "py-threads")
+QUICK_MODES = ("raw", "qsd-threads", "qsd-io_uring", "py-defaults", "py-io_uring", "py-threads")
 
 
 def device_name(mode: Mode) -> str:

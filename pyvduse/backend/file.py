@@ -6,10 +6,13 @@ uses ``FALLOC_FL_ZERO_RANGE`` (or a hole when unmapping is allowed), falling bac
 zeroes where the filesystem cannot.
 
 ``direct=True`` (``--cache none``) bypasses the page cache with a second descriptor opened
-``O_DIRECT``. Direct I/O has a limit the driver's buffers may not meet: alignment (the
-kernel refuses with EINVAL): such requests are copied through an aligned buffer of our own,
-and a request whose offset or length the device cannot take directly even then goes
-through the page cache.
+``O_DIRECT``; ``direct=None`` (``--cache auto``, the default) does so where the file's
+filesystem takes ``O_DIRECT`` (block devices, ext4, xfs …) and uses the page cache where it
+does not (tmpfs, some FUSE filesystems), because a block device's reads that miss the host's
+page cache cost a readahead and a copy, and the driver above caches already. Direct I/O has a
+limit the driver's buffers may not meet: alignment (the kernel refuses with EINVAL): such
+requests are copied through an aligned buffer of our own, and a request whose offset or length
+the device cannot take directly even then goes through the page cache.
 
 Pinning: the pages VDUSE maps for its bounce buffer cannot be pinned, so a transfer that
 makes the kernel pin the driver's buffer fails with EFAULT: direct I/O, and every read and
@@ -122,15 +125,36 @@ class AlignedBuffers:
         buf.close()
 
 
+def _open_direct_if_supported(path: str, flags: int) -> int:
+    """``--cache auto``: an O_DIRECT descriptor of *path*, or -1 (logged once) where its
+    filesystem refuses O_DIRECT (EINVAL: tmpfs, FUSE without direct-I/O support)."""
+    try:
+        fd = os.open(path, flags | os.O_DIRECT)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        log.info(
+            "%s: its filesystem does not take O_DIRECT: serving it through the page cache (--cache auto)",
+            path,
+        )
+        return -1
+    log.info(
+        "%s: serving it with direct I/O, no page cache (--cache auto; --cache writeback to change)", path
+    )
+    return fd
+
+
 class FileBackend(Backend):
     """Serves a raw image file or block device by path."""
 
     kind = "file"
     blocking = True
 
-    def __init__(self, path: str, readonly: bool = False, direct: bool = False) -> None:
+    def __init__(self, path: str, readonly: bool = False, direct: bool | None = None) -> None:
         self.path = path
         self.readonly = readonly
+        #: What the caller asked for: "auto" (``direct=None``), "none" or "writeback".
+        self.cache_choice = "auto" if direct is None else ("none" if direct else "writeback")
         flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
         self.fd = os.open(path, flags)
         #: The O_DIRECT descriptor (``direct``), -1 without.
@@ -143,6 +167,8 @@ class FileBackend(Backend):
             self._size = os.lseek(self.fd, 0, os.SEEK_END)
             if direct:
                 self.direct_fd = os.open(path, flags | os.O_DIRECT)
+            elif direct is None:
+                self.direct_fd = _open_direct_if_supported(path, flags)
         except BaseException:
             os.close(self.fd)
             raise

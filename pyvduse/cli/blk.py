@@ -34,6 +34,9 @@ from pyvduse.transport.kernel import sysfs
 from pyvduse.transport.kernel.irq_affinity import FOLLOW, IrqPlacement, parse_cpu_list
 from pyvduse.transport.kernel.vdpa_bind import DRIVERS as BIND_DRIVERS
 
+#: --cache → FileBackend's ``direct``: None lets it choose (O_DIRECT where the filesystem takes it).
+CACHE_DIRECT: dict[str, bool | None] = {"auto": None, "none": True, "writeback": False}
+
 log = logging.getLogger("pyvduse")
 
 #: The longest --msg-timeout taken (a day): longer is a mistake, 0 waits forever.
@@ -135,11 +138,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument(
         "--cache",
-        choices=("writeback", "none"),
-        default="writeback",
-        help="'writeback' (the default: through the host's page cache) or 'none' "
-        "(O_DIRECT: no page cache; requests the device cannot take directly are "
-        "copied through aligned buffers)",
+        choices=("auto", "writeback", "none"),
+        default="auto",
+        help="'auto' (the default: direct I/O where the file's filesystem takes "
+        "O_DIRECT, as block devices, ext4 and xfs do, the host's page cache where it "
+        "does not, as on tmpfs), 'none' (always O_DIRECT: no page cache; requests the "
+        "device cannot take directly are copied through aligned buffers) or "
+        "'writeback' (always through the host's page cache)",
     )
     p.add_argument(
         "--bounce-memory",
@@ -269,7 +274,7 @@ def make_backend(args: argparse.Namespace, before: Callable[[], None] | None = N
                 f"image file {path} does not exist: create it first, for example 'truncate -s 1G {path}'"
             )
         try:
-            return FileBackend(path, readonly=args.readonly, direct=args.cache == "none")
+            return FileBackend(path, readonly=args.readonly, direct=CACHE_DIRECT[args.cache])
         except PermissionError:
             if args.readonly:
                 raise UserError(

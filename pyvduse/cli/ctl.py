@@ -141,8 +141,9 @@ def render_status(r: Json) -> str:
             f"  capacity  {r['capacity']} bytes ({human_bytes(r['capacity'])}), "
             f"block size {r['block_size']}{ro}"
         )
+        chosen = f" ({r['cache_choice']})" if r.get("cache_choice") == "auto" else ""
         lines.append(
-            f"  I/O       aio {r.get('aio', '-')}, cache {r.get('cache', '-')}, "
+            f"  I/O       aio {r.get('aio', '-')}, cache {r.get('cache', '-')}{chosen}, "
             f"bounce buffer {r.get('bounce_memory') or '-'}"
         )
     if "mac" in r:

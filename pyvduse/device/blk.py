@@ -200,6 +200,9 @@ class BlkDevice(VirtioDevice):
             "serial": o.serial,
             "cache": "none" if getattr(b, "direct", False) else "writeback",
         }
+        choice = getattr(b, "cache_choice", None)
+        if choice is not None:  # a file: what was asked for ("auto" chose the above)
+            out["cache_choice"] = choice
         backend_status = getattr(b, "status", None)
         if callable(backend_status):  # a network client: its server and connections
             out[b.kind] = backend_status()

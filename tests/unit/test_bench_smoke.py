@@ -395,6 +395,7 @@ def slow_matrix() -> list[dict[str, Any]]:
         "raw": ((4000, 26000, 27000), (4000, 26000, 27000)),
         "qsd-threads": ((1800, 1300, 1500), (1700, 1200, 1400)),
         "qsd-io_uring": ((2000, 2600, 2800), (1900, 2500, 2700)),
+        "py-defaults": ((2600, 15600, 16000), (2500, 15000, 15500)),
         "py-io_uring": ((3000, 24000, 25000), (3000, 18000, 20000)),
         "py-io_uring-direct": ((2800, 20000, 22000), (2900, 19000, 21000)),
         "py-threads": ((1500, 9000, 9500), (1400, 8000, 9000)),
@@ -443,6 +444,14 @@ def test_slow_disk_rows_summary_and_targets(slow: ModuleType) -> None:
     assert targets[("vs_peer", "randwrite")]["met"] is True
     assert targets[("scaling", "randread")]["met"] is True  # exactly 8x is met
     assert targets[("scaling", "randwrite")]["met"] is False  # 6.55x
+    # issue 30's targets for the row of no options, at iodepth 1 and 16
+    defaults = {(t["rw"], t["iodepth"]): t for t in report["targets"] if t["target"] == "defaults_vs_raw"}
+    assert defaults[("randread", 1)]["value"] == pytest.approx(2600 / 4000)
+    assert defaults[("randread", 1)]["met"] is True and defaults[("randread", 1)]["mode"] == "py-defaults"
+    assert defaults[("randread", 16)]["value"] == pytest.approx(0.6) and defaults[("randread", 16)]["met"]
+    assert defaults[("randwrite", 1)]["met"] is True  # 0.625x
+    assert defaults[("randwrite", 16)]["met"] is True  # 15,000/26,000 = 0.58x
+    assert s["defaults"] == 15600 and s["defaults_vs_raw"] == pytest.approx(0.6)
 
     text = slow.report_text(report)
     cells_table, summary_table, targets_table = text.split("\n\n")[:3]
@@ -459,6 +468,9 @@ def test_slow_disk_rows_summary_and_targets(slow: ModuleType) -> None:
     t = targets_table.splitlines()
     assert "0.92x (py-io_uring) met" in t[2] and "0.73x (py-io_uring-direct) not met" in t[2]
     assert "8.00x (py-io_uring) met" in t[4]
+    assert "0.65x (py-defaults) met" in t[5] and "0.60x (py-defaults) met" in t[6]
+    qd16 = next(x for x in summary_table.splitlines() if x.startswith("randread-4k-qd16 "))
+    assert qd16.split()[1:3] == ["15,600", "0.60x"]  # the defaults' columns come first
     md = slow.report_text(report, markdown=True).split("\n\n")
     assert all(part.startswith("| ") for part in md[:3])
 

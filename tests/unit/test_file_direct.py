@@ -173,7 +173,7 @@ def test_efault_through_the_page_cache_switches_to_our_buffers_for_good(
     included, and the log says so once."""
     path = tmp_path / "disk.img"
     path.write_bytes(os.urandom(MiB))
-    b = FileBackend(str(path))
+    b = FileBackend(str(path), direct=False)
     faults = faulting_transfer(monkeypatch, b)
     caplog.set_level("INFO", logger="pyvduse.backend.file")
     try:
@@ -218,7 +218,7 @@ def test_a_native_engines_efault_switches_the_whole_backend(
         pytest.skip("no native data path (with io_uring)")
     path = tmp_path / "disk.img"
     path.write_bytes(os.urandom(MiB))
-    b = FileBackend(str(path))
+    b = FileBackend(str(path), direct=False)
     dev = BlkDevice(b)
     arena = Arena(1 << 20)
     drv = DriverSplitRing(arena, 8)

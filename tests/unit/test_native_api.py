@@ -200,7 +200,7 @@ def test_build_makes_the_config_from_the_plan_and_the_ring(tmp_path: Path) -> No
     log = InflightLog(memoryview(bytearray(log_size(8))), 8)
     image = tmp_path / "d.img"
     image.write_bytes(bytes(1 << 20))
-    file = FileBackend(str(image))
+    file = FileBackend(str(image), direct=False)
     for backend, kind in (
         (NullBackend(1 << 20), StorageKind.NULL),
         (MemoryBackend(1 << 20), StorageKind.MEMORY),

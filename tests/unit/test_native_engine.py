@@ -165,7 +165,7 @@ def test_backend_errors_fail_the_request_and_are_logged(
 ) -> None:
     img = tmp_path / "short.img"
     img.write_bytes(bytes(MiB))
-    backend = FileBackend(str(img))
+    backend = FileBackend(str(img), direct=False)  # closes its one descriptor below
     dev = device(backend)
     with ModelRig(dev, data_path=DataPath.NATIVE) as rig:
         drv = BlkDriver(rig.kernel)

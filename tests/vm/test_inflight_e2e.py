@@ -23,12 +23,20 @@ pytestmark = pytest.mark.vm
 
 MODES = [
     ("--aio", "io_uring"),
+    ("--aio", "io_uring", "--cache", "writeback"),
     ("--aio", "io_uring", "--cache", "none"),
     ("--aio", "io_uring", "--cache", "none", "--bounce-memory", "daemon"),
     ("--aio", "threads"),
     ("--aio", "threads", "--packed"),
 ]
-MODE_IDS = ["io_uring", "io_uring-direct", "io_uring-direct-umem", "threads", "threads-packed"]
+MODE_IDS = [
+    "io_uring",
+    "io_uring-writeback",
+    "io_uring-direct",
+    "io_uring-direct-umem",
+    "threads",
+    "threads-packed",
+]
 
 
 def deepest(name: str) -> int:
@@ -61,9 +69,12 @@ def test_fio_verify_at_depth_on_a_slow_disk(mode: tuple[str, ...]) -> None:
         queues = status["queues"]
         engine = "python" if "--packed" in mode or "threads" in mode else "native"
         assert all(q["engine"] == engine and q["aio"] == mode[1] for q in queues), queues
-        assert status["cache"] == ("none" if "none" in mode else "writeback")
+        # --cache auto (no --cache) on a block device: direct I/O
+        cached = "writeback" in mode
+        assert status["cache"] == ("writeback" if cached else "none")
+        assert status["cache_choice"] == (mode[mode.index("--cache") + 1] if "--cache" in mode else "auto")
         assert status["bounce_memory"] == ("daemon" if "daemon" in mode else "kernel")
-        if "none" not in mode:
+        if cached:
             # Through the page cache the verify run may never wait for the disk (io_uring
             # completes a write the cache takes, and a read it holds, inline): reads that
             # miss it show the depth.
