@@ -24,6 +24,12 @@ RESULTS = ROOT / ".vm-results"
 # All VM tests share one guest: about 23 minutes on an idle 2-core machine, so leave room
 # for a loaded one (the whole run is still bounded, and CI has 90 minutes).
 VM_TIMEOUT = float(os.environ.get("PYVDUSE_VM_TIMEOUT", "3600"))
+# pytest-timeout's limits beyond the default of pyproject.toml (600 s, for the host tests):
+# a VM test inside the guest (TCG is slow: the longest take minutes), and on the host the
+# first VM proxy, which runs the whole guest session (bounded by VM_TIMEOUT itself, plus
+# building the guest image and booting), and the tests that boot a VM of their own.
+VM_TEST_TIMEOUT = float(os.environ.get("PYVDUSE_VM_TEST_TIMEOUT", "1800"))
+VM_SESSION_TIMEOUT = VM_TIMEOUT + 1800
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -171,6 +177,11 @@ def pytest_collection_modifyitems(
     session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
 ) -> None:
     vm_items = [i for i in items if i.get_closest_marker("vm") is not None]
+    for i in items:
+        if i.get_closest_marker("timeout") is None and i.get_closest_marker("boots_vm") is not None:
+            i.add_marker(pytest.mark.timeout(VM_SESSION_TIMEOUT))
+        elif i.get_closest_marker("timeout") is None and i.get_closest_marker("vm") is not None:
+            i.add_marker(pytest.mark.timeout(VM_TEST_TIMEOUT if IN_VM else VM_SESSION_TIMEOUT))
     if config.getoption("--no-vm"):
         skip = pytest.mark.skip(reason="--no-vm given")
         for i in items:

@@ -39,6 +39,7 @@
 #include "splitblk.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <linux/magic.h>
 #include <stdlib.h>
@@ -424,6 +425,17 @@ static int engine_setup(Engine *e, const Config *c)
     memcpy(e->serial, c->serial, (size_t)c->serial_len);
     e->backend = backend;
     e->fd = c->fd;
+    if (backend == BACKEND_FD) {
+        /* The engine's own fd of the file (the same open file, another number): the caller
+         * closing its number, or a stray close of it, cannot hand the engine's I/O to
+         * whatever takes that number next (an eventfd or a pipe, where an io_uring read
+         * waits for good: issue 34). */
+        if ((e->fd = fcntl(c->fd, F_DUPFD_CLOEXEC, 0)) < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        e->own_fd = 1;
+    }
     e->aio = aio;
     e->direct = c->direct && backend == BACKEND_FD;
     e->bounce_all = c->bounce && backend == BACKEND_FD;
@@ -576,6 +588,11 @@ static void release_all(Engine *e)
     e->capacity = NULL;
     e->mem = e->log = NULL;
     sb_uring_close(e);
+    if (e->own_fd) {
+        close(e->fd);
+        e->own_fd = 0;
+        e->fd = -1;
+    }
     sb_nbd_release(e);
     PyMem_Free(e->nbd_ready);
     e->nbd_ready = NULL;
@@ -628,6 +645,19 @@ static int usable(Engine *e, int abandoned_ok)
     return 1;
 }
 
+/* run() or wait_idle() was cut short by a signal handler that raised (sb_signalled): raise
+ * that exception now, as any blocking call does (1); the requests in flight stay, as after
+ * a stop. */
+static int raise_interrupted(Engine *e)
+{
+    if (!e->interrupted)
+        return 0;
+    e->interrupted = 0;
+    PyErr_Restore(e->exc_type, e->exc_value, e->exc_tb);
+    e->exc_type = e->exc_value = e->exc_tb = NULL;
+    return 1;
+}
+
 static PyObject *Engine_run(Engine *e, PyObject *args)
 {
     int kick_fd, stop_fd, r;
@@ -646,6 +676,8 @@ static PyObject *Engine_run(Engine *e, PyObject *args)
     e->running = 0;
     e->deferred = r == RUN_DEFER;
     sb_collect_sets(e);
+    if (raise_interrupted(e))
+        return NULL;
     return PyLong_FromLong(r);
 }
 
@@ -666,6 +698,8 @@ static PyObject *Engine_wait_idle(Engine *e, PyObject *arg)
     e->ts = NULL;
     e->running = 0;
     sb_collect_sets(e);
+    if (raise_interrupted(e))
+        return NULL;
     return PyLong_FromUnsignedLongLong(left);
 }
 

@@ -108,7 +108,9 @@ class StorageConfig:
     """Where requests' data goes."""
 
     kind: StorageKind = StorageKind.NULL
-    fd: int = -1  # StorageKind.FD: the file or block device
+    #: StorageKind.FD: the file or block device; the engine serves its own duplicate of it
+    #: (closed with the engine), so the caller may close this one whenever it likes
+    fd: int = -1
     #: ``fd`` was opened with O_DIRECT: buffers not aligned to ``dio_align`` are copied
     #: through the engine's own; requests at an offset or of a length not aligned go to
     #: Python.

@@ -213,6 +213,7 @@ typedef struct Engine {
     /* the device */
     int dev_kind;          /* DEV_BLK, DEV_NET_RX, DEV_NET_TX */
     int backend, fd, readonly, aio, direct;
+    int own_fd;            /* fd is the engine's dup of the file's (BACKEND_FD): closed with it */
     int bounce_all;        /* copy every request (tuning.bounce, or after our own EFAULT) */
     /* the storage's byte saying driver memory cannot be pinned for transfers with it (an
      * EFAULT was seen, by any engine or the Python path): every engine of it copies then */
@@ -234,6 +235,9 @@ typedef struct Engine {
     struct io_uring ring;
 #endif
     int ring_ok;        /* the io_uring above exists */
+    /* SQEs taken from the ring whose CQE is not reaped yet: what it holds, queued or in the
+     * kernel. A wait for a completion with none is a wait for nothing (SB_CHECK). */
+    uint64_t uring_out;
     /* the NBD path (splitblk_nbd.c) */
     void *nbd;          /* struct nbd_handle *, NULL while there is no connection */
     PyObject *nbd_owner; /* the binding's NBD object, which keeps the handle open */
@@ -269,6 +273,10 @@ typedef struct Engine {
     uint64_t hold_ns;    /* ... or once the oldest is this old */
     volatile int stop;
     volatile int pause; /* request_pause(): run() returns as for a stop, until resume() */
+    /* a Python signal handler raised while run() or wait_idle() waited (the main thread's:
+     * Ctrl-C, a test's timeout): they return as for a stop, raising it (held here) */
+    int interrupted;
+    PyObject *exc_type, *exc_value, *exc_tb;
     int running, closed;
     /* the budget (see BUDGET_PER_SLOT) */
     uint32_t budget, credit; /* requests per kick; left until the next kick */
@@ -309,6 +317,24 @@ typedef struct Engine {
 } Engine;
 
 /* -- little helpers ------------------------------------------------------------------- */
+
+/* A state the engine must never be in (a wait with nothing in flight that could end it, a
+ * counter that went wrong): with SB_DEBUG (fuzz/sanitize.sh builds with it) it aborts with
+ * the message, so the fuzzer and the tests see it at once; a release build goes on, and the
+ * caller does what keeps it from blocking (returns instead of waiting). */
+#ifdef SB_DEBUG
+#include <stdio.h>
+#include <stdlib.h>
+#define SB_CHECK(cond, what)                                                               \
+    do {                                                                                   \
+        if (!(cond)) {                                                                     \
+            fprintf(stderr, "pyvduse native engine: %s (%s:%d)\n", what, __FILE__, __LINE__); \
+            abort();                                                                       \
+        }                                                                                  \
+    } while (0)
+#else
+#define SB_CHECK(cond, what) ((void)0)
+#endif
 
 /* Our own memory (the in-flight log, local copies): little-endian fields at any alignment. */
 static inline uint16_t ld16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return le16toh(v); }
@@ -447,6 +473,7 @@ int sb_uring_ready(Engine *e);     /* completions waiting to be reaped */
 int sb_uring_pending(Engine *e);   /* SQEs prepared that the kernel has not taken */
 void sb_uring_cancel_all(Engine *e);
 void sb_uring_wait(Engine *e, Req *r); /* test_serial: until r has completed */
+uint64_t sb_uring_out(Engine *e);      /* SQEs whose CQE is to come (queued or in the kernel) */
 
 /* -- splitblk_nbd.c (stubs without SB_NBD) ------------------------------------------------ */
 
@@ -470,5 +497,6 @@ int sb_net_serve(Engine *e, uint64_t now); /* 1 served (at e->clock), 0 idle, -1
 void sb_run_start(Engine *e, int fresh);               /* before sb_run */
 int sb_run(Engine *e, int kick_fd, int stop_fd);       /* without the GIL */
 uint64_t sb_wait_idle(Engine *e, uint64_t timeout_ns); /* without the GIL */
+int sb_signalled(Engine *e); /* after EINTR: Python's handlers ran; 1 if one raised */
 
 #endif

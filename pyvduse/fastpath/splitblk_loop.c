@@ -36,7 +36,7 @@ static int poll_for_work(Engine *e)
         if (drv_ld16_acquire(e->avail + 2) != e->last_avail || sb_uring_ready(e) ||
             sb_nbd_ready(e))
             return 1;
-        if (e->stop || e->pause)
+        if (e->stop || e->pause || e->interrupted)
             return 0;
         if ((spins & 63) == 63 && now_ns() >= deadline)
             return 0;
@@ -91,7 +91,7 @@ static int drain(Engine *e)
             uint64_t sector, done;
             uint8_t *status;
             int k;
-            if (e->stop || e->pause) {
+            if (e->stop || e->pause || e->interrupted) {
                 r = RUN_STOPPED;
                 break;
             }
@@ -207,7 +207,7 @@ int sb_run(Engine *e, int kick_fd, int stop_fd)
             e->wake_at = now_ns() + e->backoff_ns;
             e->budget_sleeps++;
         }
-        if (e->stop || e->pause) {
+        if (e->stop || e->pause || e->interrupted) {
             r = RUN_STOPPED;
             break;
         }
@@ -222,9 +222,9 @@ int sb_run(Engine *e, int kick_fd, int stop_fd)
         for (nfds_t k = 0; k < nfds; k++)
             fds[k].revents = 0;
         if (poll(fds, nfds, sleep_ms(e)) < 0) {
-            if (errno == EINTR)
+            if (errno == EINTR && !sb_signalled(e))
                 continue;
-            r = RUN_STOPPED; /* cannot happen with valid fds */
+            r = RUN_STOPPED; /* a handler raised (run() raises it), or invalid fds */
             break;
         }
         if (fds[1].revents) {
@@ -257,11 +257,18 @@ uint64_t sb_wait_idle(Engine *e, uint64_t timeout_ns)
         struct pollfd p;
         struct timespec ts;
         uint64_t t, wait;
+        int n;
         settle(e);
         if (e->nbatch)
             sb_publish(e);
         /* parked NBD requests wait for a connection, which only Python can bring */
-        if (e->nasync <= e->nparked || (t = now_ns()) >= deadline)
+        if (e->nasync <= e->nparked || e->interrupted || (t = now_ns()) >= deadline)
+            break;
+        /* io_uring requests end only in a CQE: with no SQE whose CQE is to come, nothing
+         * would end this wait (a bug), so it does not wait */
+        SB_CHECK(e->backend == BACKEND_NBD || sb_uring_out(e) > 0,
+                 "wait_idle: requests in flight, nothing in the ring");
+        if (e->backend != BACKEND_NBD && sb_uring_out(e) == 0)
             break;
         wait = deadline - t;
         if (sb_uring_pending(e) && wait > 1000000)
@@ -273,13 +280,34 @@ uint64_t sb_wait_idle(Engine *e, uint64_t timeout_ns)
         if (e->backend == BACKEND_NBD)
             p.fd = sb_nbd_poll_fd(e, &p.events);
         p.revents = 0;
-        if (ppoll(&p, 1, &ts, NULL) > 0) {
+        n = ppoll(&p, 1, &ts, NULL);
+        if (n > 0) {
             uint64_t junk;
             if (e->backend == BACKEND_NBD)
                 sb_nbd_notify(e, p.revents);
             else
                 (void)!read(e->efd, &junk, sizeof junk);
+        } else if (n < 0 && errno == EINTR && sb_signalled(e)) {
+            break;
         }
     }
     return e->ninflight;
+}
+
+/* A signal cut a wait short: run Python's signal handlers now, as Python's own blocking
+ * calls do (they run on the main thread only: Ctrl-C, a test's timeout; elsewhere this is
+ * a no-op). 1 when one raised: the exception is held for run() or wait_idle() to raise, and
+ * the loop returns as for a stop. Needs the GIL released by run() or wait_idle(). */
+int sb_signalled(Engine *e)
+{
+    int was;
+    if (e->interrupted || e->ts == NULL)
+        return e->interrupted;
+    was = sb_gil_enter(e);
+    if (PyErr_CheckSignals() < 0) {
+        PyErr_Fetch(&e->exc_type, &e->exc_value, &e->exc_tb);
+        e->interrupted = 1;
+    }
+    sb_gil_leave(e, was);
+    return e->interrupted;
 }

@@ -67,6 +67,7 @@ int sb_uring_open(Engine *e)
         return err;
     }
     e->ring_ok = 1;
+    e->uring_out = 0;
     return 0;
 }
 
@@ -80,15 +81,18 @@ void sb_uring_close(Engine *e)
     e->efd = -1;
 }
 
+/* Submit what is queued; with completions the kernel holds back because the completion
+ * ring was full (IORING_SQ_CQ_OVERFLOW), enter it even with nothing queued: only a call
+ * that enters the kernel moves them into the ring, where reaping sees them. */
 void sb_uring_submit(Engine *e)
 {
-    if (e->ring_ok && io_uring_sq_ready(&e->ring))
+    if (e->ring_ok && (io_uring_sq_ready(&e->ring) || io_uring_cq_has_overflow(&e->ring)))
         (void)io_uring_submit(&e->ring); /* EINTR, EAGAIN, EBUSY: they stay queued */
 }
 
 int sb_uring_ready(Engine *e)
 {
-    return e->ring_ok && io_uring_cq_ready(&e->ring) > 0;
+    return e->ring_ok && (io_uring_cq_ready(&e->ring) > 0 || io_uring_cq_has_overflow(&e->ring));
 }
 
 int sb_uring_pending(Engine *e)
@@ -96,13 +100,23 @@ int sb_uring_pending(Engine *e)
     return e->ring_ok && io_uring_sq_ready(&e->ring) > 0;
 }
 
+/* An SQE, counted in uring_out (each one the kernel takes ends in exactly one CQE: no
+ * IOSQE_CQE_SKIP_SUCCESS here), or NULL when the submission ring is full. */
+static struct io_uring_sqe *take_sqe(Engine *e)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&e->ring);
+    if (sqe != NULL)
+        e->uring_out++;
+    return sqe;
+}
+
 /* An SQE; when the submission ring is full, what it holds is submitted first. */
 static struct io_uring_sqe *get_sqe(Engine *e)
 {
-    struct io_uring_sqe *sqe = io_uring_get_sqe(&e->ring);
+    struct io_uring_sqe *sqe = take_sqe(e);
     if (sqe == NULL) {
         (void)io_uring_submit(&e->ring);
-        sqe = io_uring_get_sqe(&e->ring);
+        sqe = take_sqe(e);
     }
     return sqe;
 }
@@ -169,7 +183,7 @@ void sb_uring_start(Engine *e, Req *r)
     if (e->gate_fd >= 0 && (r->sector & e->gate_mask) && r->gates++ < 8) { /* test-only */
         if (io_uring_sq_space_left(&e->ring) < 2)
             (void)io_uring_submit(&e->ring);
-        if ((gate = io_uring_get_sqe(&e->ring)) != NULL) {
+        if ((gate = take_sqe(e)) != NULL) {
             io_uring_prep_read(gate, e->gate_fd, e->gate_buf + r->head % 64, 1, (uint64_t)-1);
             gate->flags |= IOSQE_IO_LINK;
             io_uring_sqe_set_data64(gate, TAG_GATE);
@@ -257,6 +271,8 @@ uint32_t sb_uring_reap(Engine *e)
     uint32_t done = 0;
     if (!e->ring_ok)
         return 0;
+    if (io_uring_cq_has_overflow(&e->ring))
+        (void)io_uring_get_events(&e->ring); /* what the full ring held back, into it */
     io_uring_for_each_cqe(&e->ring, head, cqe) {
         uint64_t tag = io_uring_cqe_get_data64(cqe);
         seen++;
@@ -266,21 +282,38 @@ uint32_t sb_uring_reap(Engine *e)
         done++;
     }
     io_uring_cq_advance(&e->ring, seen);
+    SB_CHECK(seen <= e->uring_out, "more completions than SQEs");
+    e->uring_out -= seen <= e->uring_out ? seen : e->uring_out;
     return done;
 }
 
 /* test_serial (differential tests): complete r before anything else happens, so requests
- * complete in the order they were taken, as on the Python engine. */
+ * complete in the order they were taken, as on the Python engine. It waits only while the
+ * ring holds an SQE whose completion is to come (uring_out): with none, nothing the kernel
+ * has would ever end the wait, and it returns (a bug: SB_CHECK). */
 void sb_uring_wait(Engine *e, Req *r)
 {
     while (r->state == REQ_ASYNC) {
         struct io_uring_cqe *cqe;
-        int err = io_uring_submit_and_wait(&e->ring, 1);
+        int err;
+        SB_CHECK(e->uring_out > 0, "sb_uring_wait: a request in flight, nothing in the ring");
+        if (!e->ring_ok || e->uring_out == 0)
+            return;
+        /* submitting and waiting apart: a submit_and_wait interrupted by a signal returns
+         * the count it submitted, not -EINTR, and the handler would never run */
+        sb_uring_submit(e);
+        err = io_uring_wait_cqe(&e->ring, &cqe);
+        if (err == -EINTR && sb_signalled(e))
+            return; /* run() returns as for a stop and raises what the handler raised */
         if (err < 0 && err != -EINTR && err != -EAGAIN && err != -EBUSY)
             return; /* cannot happen with a valid ring: the loop reaps it later */
-        if (io_uring_peek_cqe(&e->ring, &cqe) == 0)
-            sb_uring_reap(e);
+        sb_uring_reap(e);
     }
+}
+
+uint64_t sb_uring_out(Engine *e)
+{
+    return e->ring_ok ? e->uring_out : 0;
 }
 
 /* abandon(): ask the kernel to cancel everything in flight (best effort: a transfer already
@@ -306,5 +339,6 @@ int sb_uring_ready(Engine *e) { return 0; }
 int sb_uring_pending(Engine *e) { return 0; }
 void sb_uring_cancel_all(Engine *e) {}
 void sb_uring_wait(Engine *e, Req *r) {}
+uint64_t sb_uring_out(Engine *e) { return 0; }
 
 #endif

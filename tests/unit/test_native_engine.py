@@ -170,11 +170,17 @@ def test_backend_errors_fail_the_request_and_are_logged(
     with ModelRig(dev, data_path=DataPath.NATIVE) as rig:
         drv = BlkDriver(rig.kernel)
         drv.read(0, 512)
-        os.close(backend.fd)  # every further I/O fails with EBADF
+        # The engines' own fds of the file (each serves a duplicate) now refuse reads
+        path = os.path.realpath(img)
+        own = [n for n in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{n}") == path]
+        writeonly = os.open(img, os.O_WRONLY)
+        for n in own:
+            if n != str(backend.fd):
+                os.dup2(writeonly, int(n))
+        os.close(writeonly)
         with pytest.raises(BlkIOError), caplog.at_level(logging.WARNING):
             drv.read(0, 512)
         assert "failed" in caplog.text
-        backend.fd = os.open(img, os.O_RDWR)
 
 
 class CustomBlk(BlkDevice):

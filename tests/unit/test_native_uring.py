@@ -21,6 +21,7 @@ import mmap
 import os
 import random
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -268,10 +269,11 @@ def make_rig(
     unpinnable: bytearray | None = None,
     on_unpinnable: Callable[[], object] | None = None,
     folder: Path | None = None,
+    serial: bool = False,
 ) -> Rig:
     """A rig whose engine serves a file of DISK random bytes (opened with ``flags``, in
     ``folder``, default ``tmp_path``) on ``aio``; ``gate``: requests at GATE sectors wait
-    for the test to release them."""
+    for the test to release them; ``serial``: each request is waited for once submitted."""
     arena = arena or Arena(16 << 20)
     drv = DriverSplitRing(Space(arena, space_offset), num)
     path = (folder or tmp_path) / "disk.img"
@@ -298,7 +300,7 @@ def make_rig(
             ),
             Interrupts(notify=interrupts.append, on_error=lambda *a: errors.append(a)),
             EngineTuning(AioMode(aio), bounce=bounce, nowait=nowait),
-            TestKnobs(gate_fd=gate_r, gate_mask=GATE if gate else 0, efault=efault),
+            TestKnobs(gate_fd=gate_r, gate_mask=GATE if gate else 0, efault=efault, serial=serial),
         )
     )
     return Rig(
@@ -938,6 +940,19 @@ def test_a_sync_engine_has_nothing_in_flight_once_run_returns(rig_of: Callable[.
         rig.engine.run(rig.kick, rig.stop)
 
 
+def engine_fds(path: Path, besides: int) -> list[int]:
+    """The fds of ``path`` in this process but ``besides``: the engines' own."""
+    fds = [int(n) for n in os.listdir("/proc/self/fd") if n != str(besides)]
+    return [fd for fd in fds if _names(fd, path)]
+
+
+def _names(fd: int, path: Path) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == os.path.realpath(path)
+    except OSError:  # the fd listdir itself used, gone now
+        return False
+
+
 def test_backend_errors_fail_the_request_and_are_reported(rig_of: Callable[..., Rig]) -> None:
     rig = rig_of()
     rig.errors_expected = True
@@ -946,8 +961,9 @@ def test_backend_errors_fail_the_request_and_are_reported(rig_of: Callable[..., 
     rig.go()
     rig.verify(rig.collect(1))
     rig.join()
+    (own,) = engine_fds(rig.path, besides=rig.fd)
     readonly = os.open(rig.path, os.O_RDONLY)
-    os.dup2(readonly, rig.fd)  # the engine's fd number now names a read-only file
+    os.dup2(readonly, own)  # the engine's own fd now names a read-only file
     os.close(readonly)
     w = rig.drv.add([vb.OUTHDR.pack(vb.ReqType.OUT, 0, 0), bytes(BLOCK)], [1], indirect=True)
     rig.start()
@@ -956,6 +972,95 @@ def test_backend_errors_fail_the_request_and_are_reported(rig_of: Callable[..., 
     assert c.head == w and c.data[-1] == IOERR
     assert rig.errors and rig.errors[0][0] == vb.ReqType.OUT
     assert rig.errors[0][2] in (errno.EBADF, errno.EINVAL)
+
+
+def test_the_engine_serves_its_own_fd_of_the_file_whatever_takes_the_callers_number(
+    rig_of: Callable[..., Rig],
+) -> None:
+    """Issue 34: the README's test command hung for good in the differential fuzzer, the
+    engine waiting in sb_uring_wait (test_serial) with no io-wq worker in the process. One
+    state that gives exactly that: the number of the engine's fd closed under it (the
+    caller's close, a stray close of a stale number) and taken by a pipe or an eventfd,
+    which an io_uring read then waits on for good. The engine serves its own duplicate of
+    the file's fd, so what happens to the caller's number changes nothing."""
+    rig = rig_of(serial=True)
+    r, w = os.pipe()
+    os.dup2(r, rig.fd)  # the caller's number now names a pipe nobody writes to
+    os.close(r)
+    try:
+        for block in (3, 7):
+            rig.read(block)
+        rig.write(5, bytes(range(256)) * (BLOCK // 256))
+        rig.start()
+        rig.go()
+        try:
+            done = rig.collect(3)
+        except AssertionError:
+            os.write(w, bytes(3 * BLOCK))  # let the reads of the pipe end, for the teardown
+            rig.errors_expected = True  # the write to the pipe's read end fails
+            raise
+        rig.verify(done)
+        assert rig.join() == native.RUN_STOPPED
+        assert rig.engine.wait_idle(0) == 0
+    finally:
+        os.close(w)
+    with open(rig.path, "rb") as f:
+        assert f.read() == rig.model
+
+
+class Alarm(Exception):
+    pass
+
+
+def _raise_alarm(signum: int, frame: object) -> None:
+    raise Alarm
+
+
+@pytest.mark.parametrize("where", ["run, idle", "run, serial", "wait_idle"])
+def test_a_signal_handler_that_raises_ends_the_engines_waits(rig_of: Callable[..., Rig], where: str) -> None:
+    """A hang in the engine fails its own test with its stack, and Ctrl-C ends it: a signal
+    handler that raises (pytest-timeout's SIGALRM) runs while run() or wait_idle() waits on
+    the main thread -- in poll(2) with nothing to do, for a request under test_serial
+    (where issue 34's run waited), for the requests in flight -- and the call raises what
+    it raised. Requests in flight stay (as after a stop); ``safety`` ends the wait if the
+    signal does not."""
+    rig = rig_of(gate=True, serial=where == "run, serial")
+    block = next(b for b in range(BLOCKS) if gated(b))
+    if where != "run, idle":
+        rig.read(block)
+    rig.drv.publish()
+    if where == "wait_idle":  # submitted, then run() returns at once
+        os.eventfd_write(rig.stop, 1)
+        assert rig.engine.run(rig.kick, rig.stop) == native.RUN_STOPPED
+        os.eventfd_read(rig.stop)
+    fired: list[bool] = []
+
+    def safety() -> None:
+        fired.append(True)
+        rig.release(1)
+        os.eventfd_write(rig.stop, 1)
+
+    timer = threading.Timer(10, safety)
+    old = signal.signal(signal.SIGALRM, _raise_alarm)
+    timer.start()
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(Alarm):
+            if where == "wait_idle":
+                rig.engine.wait_idle(60 * 10**9)
+            else:
+                rig.engine.run(rig.kick, rig.stop)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        timer.cancel()
+        timer.join()
+    assert not fired, "the signal handler ran only once the wait had ended by itself"
+    assert rig.engine.in_flight() == (0 if where == "run, idle" else 1)
+    rig.release(1)
+    assert rig.engine.wait_idle(5 * 10**9) == 0
+    if where != "run, idle":
+        rig.verify(rig.collect(1))
 
 
 def test_build_passes_the_new_arguments_and_defaults_to_sync(tmp_path: Path) -> None:
