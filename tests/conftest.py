@@ -36,8 +36,10 @@ def pytest_configure(config: pytest.Config) -> None:
     """Before collection, what the tests need that a fresh machine lacks (it has Python and
     nothing else): the commands they run (fio, nbdkit, ...; the unit tests run some too),
     and the native data path, built when the install could not (no C compiler); see
-    testvm.ensure_test_tools and ensure_native_build."""
-    if IN_VM:
+    testvm.ensure_test_tools and ensure_native_build. PYVDUSE_NO_INSTALL=1: none of that
+    (fuzz/sanitize.sh installs first, then runs the suite under the sanitizer's preload,
+    where apt and pip must not run)."""
+    if IN_VM or os.environ.get("PYVDUSE_NO_INSTALL") == "1":
         return  # the guest sees the host's filesystem and checkout
     from pyvduse import testvm
 

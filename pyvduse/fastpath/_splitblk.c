@@ -875,7 +875,7 @@ static PyObject *Engine_counters(Engine *e, PyObject *unused)
     }
     return Py_BuildValue(
         "{s:K,s:K,s:K,s:N,s:{s:K,s:K,s:K,s:K},s:K,s:K,s:K,s:K,s:N,s:K,s:K,s:K,s:K,s:K,s:i,s:K,s:K,"
-        "s:{s:K,s:K,s:K,s:K},s:K,s:K,s:K,s:K}",
+        "s:{s:K,s:K,s:K,s:K},s:K,s:K,s:K,s:K,s:K}",
         "started", (unsigned long long)e->started, "completed",
         (unsigned long long)e->completed, "latency_ns", (unsigned long long)e->latency_ns,
         "latency", hist, "by_type", "0", (unsigned long long)e->n_in, "1",
@@ -893,7 +893,8 @@ static PyObject *Engine_counters(Engine *e, PyObject *unused)
         (unsigned long long)e->net_drops, "errors", (unsigned long long)e->net_errors,
         "bounce_peak", (unsigned long long)e->bounce_peak, "nbd_holds",
         (unsigned long long)e->nbd_holds, "nbd_ok", (unsigned long long)e->nbd_ok, "nbd_kills",
-        (unsigned long long)e->nbd_kills);
+        (unsigned long long)e->nbd_kills, "budget_backoff_max_ns",
+        (unsigned long long)e->backoff_max_ns);
 }
 
 static PyObject *Engine_get_started(Engine *e, void *closure)

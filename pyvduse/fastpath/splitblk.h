@@ -283,6 +283,7 @@ typedef struct Engine {
     uint64_t backoff_ns;     /* the next sleep on a spent budget */
     uint64_t wake_at;        /* while the budget is spent: when it is restored anyway; 0 */
     uint64_t budget_sleeps;  /* times it was spent */
+    uint64_t backoff_max_ns; /* the longest backoff_ns has grown (no kick came) */
     uint32_t round_n;        /* chains of the round taken so far, when in_round */
     int in_round;            /* run() returned RUN_DEFER mid-round: the next run() goes on */
     int deferred;            /* run() last returned RUN_DEFER */

@@ -159,6 +159,8 @@ static void restore_credit(Engine *e, int kicked)
         e->backoff_ns = BUDGET_SLEEP_MIN_NS;
     else if ((e->backoff_ns *= 2) > BUDGET_SLEEP_MAX_NS)
         e->backoff_ns = BUDGET_SLEEP_MAX_NS;
+    if (e->backoff_ns > e->backoff_max_ns)
+        e->backoff_max_ns = e->backoff_ns;
 }
 
 /* poll(2)'s timeout: until the budget comes back (-1: none pending), at most 1 ms while SQEs

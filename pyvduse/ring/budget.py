@@ -28,7 +28,7 @@ def wakeup_budget(num: int) -> int:
 class Budget:
     """One queue's credit between kicks, and the backoff while it is spent."""
 
-    __slots__ = ("backoff_ns", "credit", "size", "sleeps", "wake_at")
+    __slots__ = ("backoff_max_ns", "backoff_ns", "credit", "size", "sleeps", "wake_at")
 
     def __init__(self, num: int) -> None:
         self.size = wakeup_budget(num)
@@ -36,6 +36,7 @@ class Budget:
         self.backoff_ns = BUDGET_SLEEP_MIN_NS
         self.wake_at = 0  # while spent and asleep: when the credit comes back anyway
         self.sleeps = 0  # times it was spent
+        self.backoff_max_ns = BUDGET_SLEEP_MIN_NS  # the longest the backoff grew (no kick came)
 
     def sleep(self, now: int) -> bool:
         """The credit is spent: start the backoff. True the first time for this sleep (the
@@ -64,3 +65,4 @@ class Budget:
             self.credit = self.size
             self.wake_at = 0
             self.backoff_ns = min(2 * self.backoff_ns, BUDGET_SLEEP_MAX_NS)
+            self.backoff_max_ns = max(self.backoff_max_ns, self.backoff_ns)

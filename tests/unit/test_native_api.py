@@ -308,6 +308,11 @@ def test_the_c_constants_match_the_python_definitions() -> None:
     assert d["BUDGET_PER_SLOT"] == budget.BUDGET_PER_SLOT
     assert d["BUDGET_SLEEP_MIN_NS"] == budget.BUDGET_SLEEP_MIN_NS
     assert d["BUDGET_SLEEP_MAX_NS"] == budget.BUDGET_SLEEP_MAX_NS
+    # the most a request in flight allocates (the README's bound: queue size x this)
+    from pyvduse.backend import nbd
+
+    chunk = re.search(r"#define BOUNCE_CHUNK \((\d+)u << (\d+)\)", (FASTPATH / "splitblk.h").read_text())
+    assert chunk is not None and int(chunk[1]) << int(chunk[2]) == nbd.BOUNCE_LIMIT
     # the configuration's enums (the C enums, as the module exports them)
     ext = native.extension()
     assert list(StorageKind) == [

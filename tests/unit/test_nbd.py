@@ -6,6 +6,7 @@ The same backend on the real kernel, with qemu-nbd too: tests/vm/test_nbd_e2e.py
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -13,7 +14,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -361,7 +361,7 @@ def test_past_the_window_requests_fail_and_later_ones_reconnect(
         started = time.monotonic()
         with pytest.raises(BlkIOError):
             drv.read(0, 512)
-        assert 0.4 < time.monotonic() - started < 5
+        assert time.monotonic() - started > 0.4  # it waited for the window
         server.start()
         assert drv.read(0, 512) == b"d" * 512
         # the server comes back with another disk: refused, the device fails I/O
@@ -434,12 +434,13 @@ def test_close_with_the_server_gone_does_not_wait(sock_dir: Path, nbdkit: list[N
     nbdkit.append(server)
     b = NbdBackend(server.uri, reconnect_seconds=60)
     server.kill()
-    failed = threading.Event()
-    b.start(0, "readv", (0, [memoryview(bytearray(512))]), lambda e: failed.set())
+    errors: list[BaseException | None] = []
+    b.start(0, "readv", (0, [memoryview(bytearray(512))]), errors.append)
     time.sleep(0.2)
-    started = time.monotonic()
     b.close()
-    assert failed.wait(1) and time.monotonic() - started < 2
+    # failed by close itself (ESHUTDOWN), not by the end of the 60 s window (EIO)
+    assert len(errors) == 1 and isinstance(errors[0], OSError) and errors[0].errno == errno.ESHUTDOWN
+    assert b.connections[0].state == "closed"
 
 
 @needs_nbd
@@ -458,10 +459,8 @@ def test_a_reset_with_commands_at_a_hung_server_abandons_them_and_serves_on(
         for i in range(8):
             q.submit([vb.OUTHDR.pack(vb.ReqType.IN, 0, i * 8)], [4096, 1])
         time.sleep(0.3)
-        started = time.monotonic()
         rig.kernel.set_status(0)  # the driver resets the device
-        assert 0.9 < time.monotonic() - started < 1.9  # the grace (half msg_timeout), not 3 s
-        assert not rig.kernel.broken
+        assert not rig.kernel.broken  # answered within msg_timeout (2 s), not after 3 s
     m = memoryview(bytearray(512))
     b.readv(0, [m])  # the backend serves on, on a connection of its own
     b.close()

@@ -29,7 +29,7 @@ from pyvduse.fastpath.config import DeviceConfig, EngineConfig, EngineTuning, Ri
 from pyvduse.model.arena import Arena
 from pyvduse.model.split_driver import DriverSplitRing
 from pyvduse.ring import budget as ring_budget
-from pyvduse.ring.budget import Budget, wakeup_budget
+from pyvduse.ring.budget import BUDGET_SLEEP_MIN_NS, Budget, wakeup_budget
 from pyvduse.ring.memory import Region, RegionMap, buffer_region
 from pyvduse.ring.split import SplitQueue
 from pyvduse.runtime.native_worker import NativeQueueWorker
@@ -203,31 +203,32 @@ def test_a_driver_that_keeps_adding_is_served_without_waiting(
         else QueueWorker(dev, 0, q, kick, lambda i: None)
     )
     hdr = vb.OUTHDR.pack(vb.ReqType.FLUSH, 0, 0)
-    total, submitted, done, worst = 1000, 0, 0, 0.0
+    total, submitted, done = 1000, 0, 0
     w.start()
     try:
-        t0 = last = time.monotonic()
+        t0 = time.monotonic()
         while done < total:
-            got = len(drv.collect())
+            done += len(drv.collect())
             now = time.monotonic()
-            if got:
-                done += got
-                worst, last = max(worst, now - last), now
             while drv.free and submitted < total:
                 drv.add([hdr], [1], indirect=True)
                 submitted += 1
             if drv.kick_needed():
                 os.eventfd_write(kick, 1)
             assert now - t0 < 30, f"{done} of {total} served"
-        sleeps = (
-            int(w.engine.counters()["budget_sleeps"]) if isinstance(w, NativeQueueWorker) else w.budget.sleeps
-        )
+        if isinstance(w, NativeQueueWorker):
+            counters = w.engine.counters()
+            sleeps, backoff_max = int(counters["budget_sleeps"]), int(counters["budget_backoff_max_ns"])
+        else:
+            sleeps, backoff_max = w.budget.sleeps, w.budget.backoff_max_ns
     finally:
         w.stop()
         os.close(kick)
     assert sleeps >= total // 2  # the budget was spent (asked for a kick) again and again
-    # a backoff that grew without kicks would stall for up to a second
-    assert worst < 0.25, f"the driver waited {worst:.3f} s for a completion"
+    # each spent budget ended with the kick it asked for: the backoff, which doubles only
+    # when no kick comes (a loaded machine may miss one or two), never grew towards the
+    # second it could reach (a count, not a timing: no test asserts a wall-clock bound)
+    assert backoff_max <= 16 * BUDGET_SLEEP_MIN_NS, f"the backoff grew to {backoff_max / 1e6:g} ms"
 
 
 def test_the_budget_backs_off_until_a_kick() -> None:
