@@ -45,6 +45,7 @@ def test_status_and_stats_text(sock_dir: Path, capsys: pytest.CaptureFixture[str
         assert "backend   memory" in out and "capacity  8388608 bytes (8 MiB)" in out
         assert "status    0x0f ACKNOWLEDGE|DRIVER|DRIVER_OK|FEATURES_OK" in out
         assert "queue 0   size 256, avail 4, taken 4, used 4, in flight 0" in out
+        assert "VDUSE" not in out  # the model: no VDUSE API to show
         code, out, err = run_ctl(capsys, "t0", "stats", "--control", ops.control_path)
         assert code == 0 and err == ""
         lines = out.splitlines()
@@ -126,3 +127,22 @@ def test_human_formatting() -> None:
     assert ctl.human_us(512) == "512 µs"
     assert ctl.human_us(4096) == "4.096 ms"
     assert ctl.human_us(2_097_152) == "2.09715 s"
+
+
+def test_status_text_shows_the_vduse_api_and_the_kernels_features() -> None:
+    from pyvduse.cli.ctl import render_status
+
+    reply = {
+        "name": "d0",
+        "state": "serving",
+        "device": "virtio-blk",
+        "pid": 1,
+        "uptime_s": 1.0,
+        "status": 15,
+        "features": "0x1",
+        "queues": [],
+    }
+    on_7_3 = render_status({**reply, "vduse_api": 1, "vduse_features": ["queue_ready", "suspend"]})
+    assert "  VDUSE     API version 1, kernel features: queue_ready suspend\n" in on_7_3
+    on_6_12 = render_status({**reply, "vduse_api": 0, "vduse_features": []})
+    assert "  VDUSE     API version 0, kernel features: none\n" in on_6_12

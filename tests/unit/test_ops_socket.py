@@ -120,6 +120,7 @@ def test_status_reports_features_status_queues_and_backend(sock_dir: Path) -> No
         assert q0["avail_idx"] == q0["last_avail_idx"] == q0["used_idx"] == 1
         assert q0["pending"] == 0 and q0["in_flight"] == 0 and q0["broken"] is None
         assert r["control"] == ops.control_path
+        assert (r["vduse_api"], r["vduse_features"]) == (None, [])  # the model is no VDUSE
 
 
 def test_status_before_the_driver_comes(sock_dir: Path) -> None:
