@@ -209,6 +209,14 @@ class Daemon:
     def stopped(self) -> bool:
         return self._stopped.is_set()
 
+    def stats(self) -> dict[str, Any]:
+        """What ``pyvduse ctl NAME stats`` shows, read in-process (no socket needed): each
+        queue's requests, bytes, errors, in flight, latency and depth, and their totals."""
+        from pyvduse.ops.inspect import stats
+        from pyvduse.ops.target import Target
+
+        return stats(Target(self.name, self.server, self.transport))
+
     def run(self, *, signals: bool = False) -> None:
         """Start, serve until stopped, stop. With ``signals`` (main thread only), SIGINT and
         SIGTERM stop it (a second one stops waiting for requests in flight) and SIGUSR1
