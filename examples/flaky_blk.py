@@ -39,8 +39,7 @@ class FlakyBlk(BlkDevice):
 
 
 def main() -> int:
-    from pyvduse import Daemon, PyvduseError, check_kernel
-    from pyvduse.sizes import parse_size
+    from pyvduse import Daemon, PyvduseError, check_kernel, parse_size
 
     ap = argparse.ArgumentParser(description="serve a block device that fails every Nth write")
     ap.add_argument("--name", required=True)

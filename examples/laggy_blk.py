@@ -27,7 +27,7 @@ class LaggyBackend(MemoryBackend):
         self.waiting = 0  # reads waiting right now
         self.most_waiting = 0
 
-    async def readv(self, offset: int, bufs: list[memoryview]) -> None:  # type: ignore[override]
+    async def readv(self, offset: int, bufs: list[memoryview]) -> None:
         self.waiting += 1  # all on the event loop's thread: no lock needed
         self.most_waiting = max(self.most_waiting, self.waiting)
         try:
@@ -38,8 +38,7 @@ class LaggyBackend(MemoryBackend):
 
 
 def main() -> int:
-    from pyvduse import Daemon, PyvduseError, check_kernel
-    from pyvduse.sizes import parse_size
+    from pyvduse import Daemon, PyvduseError, check_kernel, parse_size
 
     ap = argparse.ArgumentParser(description="serve a block device whose reads are slow")
     ap.add_argument("--name", required=True)

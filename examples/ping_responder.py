@@ -16,9 +16,8 @@ import argparse
 import struct
 import sys
 
+from pyvduse import NetDevice, NetOptions, PacketQueueBackend
 from pyvduse.abi import virtio_net as vn
-from pyvduse.backend.packet_queue import PacketQueueBackend
-from pyvduse.device.net import NetDevice, NetOptions
 
 ETH = struct.Struct("!6s6sH")
 ARP = struct.Struct("!HHBBH6s4s6s4s")
@@ -83,15 +82,14 @@ class Responder(PacketQueueBackend):
 
 
 def main() -> int:
-    from pyvduse.cli.net import serve_device
-    from pyvduse.errors import UserError
+    from pyvduse import PyvduseError, serve_device
 
     ap = argparse.ArgumentParser(description="a network device that answers ARP and ping")
     ap.add_argument("--name", required=True)
     args = ap.parse_args()
     try:
         return serve_device(args.name, NetDevice(Responder(), NetOptions()))
-    except UserError as e:
+    except PyvduseError as e:  # no vduse module, no CAP_NET_ADMIN: one line, what to do
         print(f"ping_responder: error: {e}", file=sys.stderr)
         return 2
 

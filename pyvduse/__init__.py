@@ -24,15 +24,25 @@ _EXPORTS = {
     "Chain": "pyvduse.ring.chain",
     "BlkDevice": "pyvduse.device.blk",
     "BlkOptions": "pyvduse.device.blk",
+    "NetDevice": "pyvduse.device.net",
+    "NetOptions": "pyvduse.device.net",
+    # a device from scratch: its id, and the features every device offers
+    "DeviceId": "pyvduse.abi.virtio",
+    "REQUIRED_FEATURES": "pyvduse.device.base",
     # backends
     "Backend": "pyvduse.backend.base",
     "LaterBackend": "pyvduse.backend.base",
     "FileBackend": "pyvduse.backend.file",
     "MemoryBackend": "pyvduse.backend.memory",
     "NullBackend": "pyvduse.backend.null",
+    "NetBackend": "pyvduse.backend.net_base",
+    "PacketQueueBackend": "pyvduse.backend.packet_queue",
     # serving
     "Daemon": "pyvduse.daemon",
     "check_kernel": "pyvduse.daemon",
+    "NetDaemon": "pyvduse.netdaemon",
+    "serve_device": "pyvduse.netdaemon",
+    "parse_size": "pyvduse.sizes",
     "QueueTuning": "pyvduse.runtime.tuning",
     "DataPath": "pyvduse.runtime.tuning",
     "Aio": "pyvduse.runtime.tuning",
@@ -54,12 +64,15 @@ _EXPORTS = {
     "DeviceBroken": "pyvduse.errors",
     "KernelRefused": "pyvduse.errors",
     "StateMismatch": "pyvduse.errors",
+    "UserError": "pyvduse.errors",
+    "NetConfigError": "pyvduse.device.net",
     "BlkConfigError": "pyvduse.device.blk",
     "RequestError": "pyvduse.device.request",
     "RingError": "pyvduse.ring.errors",
 }
 
 __all__ = [
+    "REQUIRED_FEATURES",
     "AccessDenied",
     "Aio",
     "Backend",
@@ -75,6 +88,7 @@ __all__ = [
     "DeviceBroken",
     "DeviceBusy",
     "DeviceError",
+    "DeviceId",
     "DeviceSpec",
     "FileBackend",
     "KernelMissing",
@@ -84,28 +98,41 @@ __all__ = [
     "MissingDependency",
     "ModelRig",
     "NameTaken",
+    "NetBackend",
+    "NetConfigError",
+    "NetDaemon",
+    "NetDevice",
+    "NetOptions",
     "NoSuchDevice",
     "NullBackend",
     "OpsOptions",
+    "PacketQueueBackend",
     "PyvduseError",
     "QueueTuning",
     "Request",
     "RequestError",
     "RingError",
     "StateMismatch",
+    "UserError",
     "VirtioDevice",
     "__version__",
     "check_kernel",
+    "parse_size",
+    "serve_device",
 ]
 
 if TYPE_CHECKING:
+    from pyvduse.abi.virtio import DeviceId
     from pyvduse.backend.base import Backend, LaterBackend
     from pyvduse.backend.file import FileBackend
     from pyvduse.backend.memory import MemoryBackend
+    from pyvduse.backend.net_base import NetBackend
     from pyvduse.backend.null import NullBackend
+    from pyvduse.backend.packet_queue import PacketQueueBackend
     from pyvduse.daemon import Daemon, check_kernel
-    from pyvduse.device.base import DeviceSpec, VirtioDevice
+    from pyvduse.device.base import REQUIRED_FEATURES, DeviceSpec, VirtioDevice
     from pyvduse.device.blk import BlkConfigError, BlkDevice, BlkOptions
+    from pyvduse.device.net import NetConfigError, NetDevice, NetOptions
     from pyvduse.device.request import Request, RequestError
     from pyvduse.errors import (
         AccessDenied,
@@ -120,11 +147,14 @@ if TYPE_CHECKING:
         NoSuchDevice,
         PyvduseError,
         StateMismatch,
+        UserError,
     )
+    from pyvduse.netdaemon import NetDaemon, serve_device
     from pyvduse.ops.service import OpsOptions
     from pyvduse.ring.chain import Chain
     from pyvduse.ring.errors import RingError
     from pyvduse.runtime.tuning import Aio, DataPath, QueueTuning
+    from pyvduse.sizes import parse_size
     from pyvduse.testing import BlkDriver, BlkIOError, ModelRig
 
 

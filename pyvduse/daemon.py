@@ -104,7 +104,8 @@ class Daemon:
     for each answer; None: its default), ``bounce_size`` (bytes), ``irq_placement``
     (``pyvduse.transport.kernel.irq_affinity.IrqPlacement``), ``user_bounce`` (the bounce
     buffer in the daemon's own memory). ``state_dir``: where the crash-recovery state lives
-    (None: no state file, no resuming). ``resume``: None resumes a device a dead daemon left
+    (None: no state file, no resuming; on the model, none unless one is given: a model run
+    needs no root and writes nothing under /run/pyvduse). ``resume``: None resumes a device a dead daemon left
     (its node exists), True insists on one, False refuses to. ``ops``: the management socket
     and metrics (None: neither). ``bind``: the vdpa bus driver the device is given to
     (``virtio``: virtio_vdpa, a local device; ``vhost``: vhost_vdpa, /dev/vhost-vdpa-N for
@@ -135,6 +136,8 @@ class Daemon:
         self.device = device
         self.name = name
         self.model = model
+        if model and state_dir is DEFAULT_STATE_DIR:  # the default: a model keeps no state
+            state_dir = None
         self.state_dir = state_dir
         self.resume = resume
         self.ops_options = ops
@@ -208,6 +211,14 @@ class Daemon:
     @property
     def stopped(self) -> bool:
         return self._stopped.is_set()
+
+    def stats(self) -> dict[str, Any]:
+        """What ``pyvduse ctl NAME stats`` shows, read in-process (no socket needed): each
+        queue's requests, bytes, errors, in flight, latency and depth, and their totals."""
+        from pyvduse.ops.inspect import stats
+        from pyvduse.ops.target import Target
+
+        return stats(Target(self.name, self.server, self.transport))
 
     def run(self, *, signals: bool = False) -> None:
         """Start, serve until stopped, stop. With ``signals`` (main thread only), SIGINT and

@@ -17,6 +17,13 @@ class PyvduseError(Exception):
         self.option = option
 
 
+class UserError(PyvduseError):
+    """A mistake on the command line, already worded for the terminal: printed as one line,
+    no traceback."""
+
+    exit_code = 2
+
+
 class ConfigError(PyvduseError):
     """An argument's value cannot work here (found before anything was created)."""
 
@@ -25,7 +32,7 @@ class MissingDependency(PyvduseError):
     """A package or kernel module pyvduse needs is not there; the message says how to add it."""
 
 
-class KernelMissing(MissingDependency):
+class KernelMissing(MissingDependency, UserError):
     """The running kernel lacks what is asked (the vduse module, a vdpa bus driver, a sysfs
     attribute of a newer kernel)."""
 
@@ -75,10 +82,3 @@ class ResizeError(PyvduseError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
-
-
-class UserError(PyvduseError):
-    """A mistake on the command line, already worded for the terminal: printed as one line,
-    no traceback."""
-
-    exit_code = 2

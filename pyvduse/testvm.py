@@ -418,18 +418,26 @@ def native_built() -> bool:
     return importlib.util.find_spec(NATIVE_FULL_MODULE) is not None
 
 
+def source_checkout() -> Path | None:
+    """The checkout this pyvduse runs from (``pip install -e``, or a clone on the path), or
+    None: an installed copy, built when it was installed."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").exists() and (root / "pyvduse" / "fastpath").is_dir() else None
+
+
 def ensure_native_build(checkout: Path) -> None:
-    """Build the native data path for the tests when ``pip install`` could not (a fresh
-    machine has no C compiler): as root, install what it takes with apt and reinstall the
-    checkout in place, so the suite tests the engine users run. Without root, say how; the
-    native path's tests then fail, saying it is not built."""
+    """Build the native data path when ``pip install`` could not (a fresh machine has no C
+    compiler, no liburing): as root, install what it takes with apt and reinstall the
+    checkout in place, so the tests and the quickstart (``pyvduse testvm``) run the engine
+    users run. Without root, say how; the native path's tests then fail, saying it is not
+    built."""
     if native_built() or os.environ.get("PYVDUSE_NO_NATIVE") == "1":
         return
     how = f"apt-get install -y {' '.join(BUILD_PACKAGES)} && pip install -e {checkout}"
     if not _is_root():
         _note(f"the native data path is not built, and its tests will fail; as root run: {how}")
         return
-    _note(f"building the native data path for the tests: installing {' '.join(BUILD_PACKAGES)}")
+    _note(f"building the native data path: installing {' '.join(BUILD_PACKAGES)}")
     _apt("update", "-qq")
     _apt("install", "-y", "-qq", "--no-install-recommends", *BUILD_PACKAGES)
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-e", str(checkout)]
@@ -1339,6 +1347,9 @@ def main(argv: list[str] | None = None) -> int:
         # A plain SIGTERM would skip the cleanup in run(); make it unwind like Ctrl-C.
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
+        checkout = source_checkout()
+        if checkout is not None:  # the engine users run, in the guest too (it shares ours)
+            ensure_native_build(checkout)
         if args.prepare:
             ensure_tools()
             image = ensure_guest(kernel=args.kernel)

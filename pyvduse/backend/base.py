@@ -11,6 +11,13 @@ run on the runtime's event loop, as many at once as the driver sends. A backend 
 return at once and complete later, from a thread of its own (a network client: ``nbd.py``),
 is a ``LaterBackend``: as many requests in flight as the driver sends, and no thread or
 coroutine each.
+
+What a backend can do it declares, as nbdkit's plugins do: ``can_flush``, ``can_discard``
+and ``can_write_zeroes`` (by default: whether it implements the method). Without
+``write_zeroes`` the device writes zeroes through ``writev``; without ``discard`` (or
+``write_zeroes``) DISCARD is not offered; with ``can_flush = False`` neither is FLUSH (the
+writes are then durable once completed). An async backend that opens a connection on the
+runtime's event loop does it in ``open_async`` and closes it in ``close_async``.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from __future__ import annotations
 import errno
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -98,24 +105,56 @@ class Backend(ABC):
     def description(self) -> str:
         return self.kind
 
+    # The data methods may be written ``def`` (returning None) or ``async def`` (their
+    # coroutine is awaited on the runtime's event loop): ``Awaitable[None] | None`` lets
+    # either override them without a type: ignore.
+
     @abstractmethod
-    def readv(self, offset: int, bufs: list[memoryview]) -> None:
+    def readv(self, offset: int, bufs: list[memoryview]) -> Awaitable[None] | None:
         """Fill ``bufs`` in order with the bytes at ``offset``."""
 
     @abstractmethod
-    def writev(self, offset: int, bufs: list[memoryview]) -> None:
+    def writev(self, offset: int, bufs: list[memoryview]) -> Awaitable[None] | None:
         """Store the concatenation of ``bufs`` at ``offset``."""
 
-    def flush(self) -> None:
+    def flush(self) -> Awaitable[None] | None:
         """Make completed writes durable."""
+        return None
 
-    def discard(self, offset: int, length: int) -> None:
+    def discard(self, offset: int, length: int) -> Awaitable[None] | None:
         """Forget a range; later reads may return anything (we return zeroes)."""
-        self.write_zeroes(offset, length, True)
+        return self.write_zeroes(offset, length, True)
 
-    @abstractmethod
-    def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
-        """Make a range read as zeroes; ``unmap`` allows freeing the space."""
+    def write_zeroes(self, offset: int, length: int, unmap: bool) -> Awaitable[None] | None:
+        """Make a range read as zeroes; ``unmap`` allows freeing the space. Not
+        implemented: the device writes zero buffers through ``writev`` instead."""
+        raise NotImplementedError(f"{type(self).__name__} has no write_zeroes")
+
+    # -- what it can do (nbdkit's can_*): the device offers only these ------------------------
+
+    @property
+    def can_flush(self) -> bool:
+        """FLUSH is offered (False: writes are durable when completed, none is needed)."""
+        return True
+
+    @property
+    def can_write_zeroes(self) -> bool:
+        """It zeroes ranges itself (False: the device writes zero buffers instead)."""
+        return _overrides(self, "write_zeroes")
+
+    @property
+    def can_discard(self) -> bool:
+        """DISCARD is offered: it discards (or zeroes) ranges itself."""
+        return _overrides(self, "discard") or self.can_write_zeroes
+
+    # -- its life -------------------------------------------------------------------------
+
+    async def open_async(self) -> None:
+        """Run on the runtime's event loop before the first request: where an async
+        backend opens what it needs on that loop (a connection)."""
+
+    async def close_async(self) -> None:
+        """Run on the runtime's event loop when the device stops being served."""
 
     def close(self) -> None:
         """Release what the backend holds."""
@@ -152,6 +191,10 @@ class Backend(ABC):
         through its methods, not around them."""
         mine = type(self)
         return all(getattr(mine, m) is getattr(cls, m) for m in IO_METHODS)
+
+
+def _overrides(backend: Backend, method: str) -> bool:
+    return getattr(type(backend), method) is not getattr(Backend, method)
 
 
 class CallAbandoned(Exception):

@@ -30,6 +30,7 @@ import mmap
 import os
 import stat
 import threading
+from collections.abc import Awaitable
 from typing import Any
 
 from pyvduse.backend.base import Backend, NativeStorage
@@ -265,13 +266,15 @@ class FileBackend(Backend):
         finally:
             self.refresh_size()
 
-    def readv(self, offset: int, bufs: list[memoryview]) -> None:
+    def readv(self, offset: int, bufs: list[memoryview]) -> Awaitable[None] | None:
         if self.direct_fd < 0 or not self._direct(offset, bufs, False):
             self._buffered(offset, bufs, False)
+        return None
 
-    def writev(self, offset: int, bufs: list[memoryview]) -> None:
+    def writev(self, offset: int, bufs: list[memoryview]) -> Awaitable[None] | None:
         if self.direct_fd < 0 or not self._direct(offset, bufs, True):
             self._buffered(offset, bufs, True)
+        return None
 
     def _straight(self, fd: int, offset: int, bufs: list[memoryview], write: bool) -> bool:
         """Straight between ``fd`` and the driver's buffers, unless they cannot be pinned
@@ -335,34 +338,36 @@ class FileBackend(Backend):
         finally:
             self._buffers.put(buf)
 
-    def flush(self) -> None:
+    def flush(self) -> Awaitable[None] | None:
         os.fdatasync(self.fd)
+        return None
 
-    def discard(self, offset: int, length: int) -> None:
+    def discard(self, offset: int, length: int) -> Awaitable[None] | None:
         if self._can_punch:
             try:
                 fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-                return
+                return None
             except OSError as e:
                 if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                     raise
                 self._can_punch = False
         # Discard is advisory: where no hole can be punched, zeroing keeps reads defined.
         self._write_zero_bytes(offset, length)
+        return None
 
-    def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+    def write_zeroes(self, offset: int, length: int, unmap: bool) -> Awaitable[None] | None:
         if unmap and self._can_punch:
-            self.discard(offset, length)
-            return
+            return self.discard(offset, length)
         if self._can_zero_range:
             try:
                 fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
-                return
+                return None
             except OSError as e:
                 if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                     raise
                 self._can_zero_range = False
         self._write_zero_bytes(offset, length)
+        return None
 
     def _write_zero_bytes(self, offset: int, length: int) -> None:
         zero = bytes(min(length, _ZERO_CHUNK))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+from collections.abc import Awaitable
 
 from pyvduse.backend.base import Backend, NativeStorage
 from pyvduse.errors import ResizeError
@@ -42,28 +43,31 @@ class MemoryBackend(Backend):
             return None
         return NativeStorage("memory", memory=self._mem)
 
-    def readv(self, offset: int, bufs: list[memoryview]) -> None:
+    def readv(self, offset: int, bufs: list[memoryview]) -> Awaitable[None] | None:
         mem = self._mem
         for b in bufs:
             n = len(b)
             b[:] = mem[offset : offset + n]
             offset += n
+        return None
 
-    def writev(self, offset: int, bufs: list[memoryview]) -> None:
+    def writev(self, offset: int, bufs: list[memoryview]) -> Awaitable[None] | None:
         mem = self._mem
         for b in bufs:
             n = len(b)
             mem[offset : offset + n] = b
             offset += n
+        return None
 
-    def discard(self, offset: int, length: int) -> None:
-        self.write_zeroes(offset, length, True)
+    def discard(self, offset: int, length: int) -> Awaitable[None] | None:
+        return self.write_zeroes(offset, length, True)  # awaited too, if a subclass's is async
 
-    def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+    def write_zeroes(self, offset: int, length: int, unmap: bool) -> Awaitable[None] | None:
         if unmap and offset % mmap.PAGESIZE == 0 and length % mmap.PAGESIZE == 0:
             self._map.madvise(mmap.MADV_DONTNEED, offset, length)  # pages read back as zero
-            return
+            return None
         self._mem[offset : offset + length] = bytes(length)
+        return None
 
     def close(self) -> None:
         self._mem.release()

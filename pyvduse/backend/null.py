@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from pyvduse.backend.base import Backend, NativeStorage
 from pyvduse.errors import ResizeError
 from pyvduse.ring.iovec import fill_zero
@@ -19,14 +21,15 @@ class NullBackend(Backend):
     def size(self) -> int:
         return self._size
 
-    def readv(self, offset: int, bufs: list[memoryview]) -> None:
+    def readv(self, offset: int, bufs: list[memoryview]) -> Awaitable[None] | None:
         fill_zero(bufs)
+        return None
 
-    def writev(self, offset: int, bufs: list[memoryview]) -> None:
-        pass
+    def writev(self, offset: int, bufs: list[memoryview]) -> Awaitable[None] | None:
+        return None
 
-    def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
-        pass
+    def write_zeroes(self, offset: int, length: int, unmap: bool) -> Awaitable[None] | None:
+        return None
 
     def storage_size(self) -> int:
         raise ResizeError(

@@ -78,7 +78,7 @@ def _remove_tap(name: str) -> None:
     """A ``pyvduse net`` daemon that died leaves the TAP it created (persistent, for the next
     daemon): with the device gone, nobody will need it."""
     from pyvduse.backend.tap import SYS_NET, TapBackend, TapError
-    from pyvduse.cli.net import NetState
+    from pyvduse.netdaemon import NetState
     from pyvduse.runtime.state_file import DEFAULT_STATE_DIR
 
     state = NetState(DEFAULT_STATE_DIR / name / "net.json")

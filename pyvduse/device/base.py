@@ -91,6 +91,21 @@ class VirtioDevice(ABC):
         """The driver reset the device: forget negotiated state."""
         self.features = 0
 
+    async def open_async(self) -> None:
+        """Run on the runtime's event loop once, before the first request is served: where
+        a device (or ``BlkDevice``'s backend) opens what lives on that loop."""
+
+    async def close_async(self) -> None:
+        """Run on the runtime's event loop when the device stops being served."""
+
+    def has_loop_hooks(self) -> bool:
+        """Whether ``open_async``/``close_async`` do anything (else the runtime starts no
+        event loop for them)."""
+        cls = type(self)
+        return (
+            cls.open_async is not VirtioDevice.open_async or cls.close_async is not VirtioDevice.close_async
+        )
+
     def quiesce(self) -> None:
         """The queues are about to stop (a reset, shutdown): stop whatever completes requests
         from outside (a packet source filling receive buffers). Once this returns nothing may

@@ -155,6 +155,22 @@ class BlkDevice(VirtioDevice):
         #: The backend's calls return at once and complete later (a network client).
         self._later_backend = isinstance(backend, LaterBackend)
 
+    async def open_async(self) -> None:
+        await self.backend.open_async()
+
+    async def close_async(self) -> None:
+        await self.backend.close_async()
+
+    def has_loop_hooks(self) -> bool:
+        b = type(self.backend)
+        mine = type(self)
+        return (
+            mine.open_async is not BlkDevice.open_async
+            or mine.close_async is not BlkDevice.close_async
+            or b.open_async is not Backend.open_async
+            or b.close_async is not Backend.close_async
+        )
+
     def native_plan(self) -> NativeBlk | str:
         """How a native data path can serve this device, or why it cannot: a subclass that
         handles requests itself, or a backend whose storage only its methods reach."""
@@ -229,7 +245,8 @@ class BlkDevice(VirtioDevice):
         o = self.options
         f = REQUIRED_FEATURES | bit(F_RING_EVENT_IDX) | bit(F_RING_INDIRECT_DESC)
         f |= bit(vb.F_SEG_MAX) | bit(vb.F_BLK_SIZE) | bit(vb.F_TOPOLOGY)
-        if o.flush:
+        b = self.backend
+        if o.flush and b.can_flush:
             f |= bit(vb.F_FLUSH)
         if o.packed:
             f |= bit(F_RING_PACKED)
@@ -238,9 +255,9 @@ class BlkDevice(VirtioDevice):
         if o.readonly:
             f |= bit(vb.F_RO)
         else:
-            if o.discard:
+            if o.discard and b.can_discard:
                 f |= bit(vb.F_DISCARD)
-            if o.write_zeroes:
+            if o.write_zeroes:  # written as zero buffers when the backend has none
                 f |= bit(vb.F_WRITE_ZEROES)
         return f | o.extra_features
 
@@ -598,11 +615,29 @@ class BlkDevice(VirtioDevice):
             offset, length = sector << vb.SECTOR_SHIFT, num << vb.SECTOR_SHIFT
             if rtype == T_DISCARD:
                 planned.calls.append((self.backend.discard, (offset, length)))
-            else:
+            elif self.backend.can_write_zeroes:
                 planned.calls.append(
                     (self.backend.write_zeroes, (offset, length, bool(flags & vb.WRITE_ZEROES_FLAG_UNMAP)))
                 )
+            else:  # a backend without write_zeroes: zero buffers through its writev
+                planned.calls.extend((self.backend.writev, call) for call in _zero_writes(offset, length))
         return OK
+
+
+_ZEROES = memoryview(bytes(1 << 20))
+_ZERO_WRITE = 64 << 20  # the most one emulated write_zeroes call writes
+
+
+def _zero_writes(offset: int, length: int) -> list[tuple[int, list[memoryview]]]:
+    """``writev`` arguments that store ``length`` zero bytes at ``offset``."""
+    out = []
+    end = offset + length
+    while offset < end:
+        n = min(_ZERO_WRITE, end - offset)
+        whole, rest = divmod(n, len(_ZEROES))
+        out.append((offset, [_ZEROES] * whole + ([_ZEROES[:rest]] if rest else [])))
+        offset += n
+    return out
 
 
 def _is_async(method: object) -> bool:

@@ -73,6 +73,12 @@ class EventLoopThread:
         future = asyncio.run_coroutine_threadsafe(coroutine, self._ensure())
         future.add_done_callback(lambda f: _deliver(f, done))
 
+    def run_sync(self, coroutine: Coroutine[Any, Any, Any], timeout: float | None = None) -> Any:
+        """Run ``coroutine`` on the loop and wait for its result (raises its error)."""
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coroutine, self._ensure()).result(timeout)
+
     def close(self) -> None:
         """Stop the loop; coroutines still pending are cancelled."""
         with self._lock:

@@ -116,6 +116,22 @@ def run_native(
         engine.set_regions(native.region_tuples(memory))
 
 
+_no_uring_said = threading.Event()
+
+
+def _say_no_uring_once() -> None:
+    """Once per process: io_uring was asked for (the default) and this build lacks it."""
+    if _no_uring_said.is_set():
+        return
+    _no_uring_said.set()
+    log.warning(
+        "this build of the native engine has no io_uring (liburing-dev was missing when it "
+        "was built): it serves the file with synchronous I/O, as with --aio sync; "
+        "install liburing-dev and reinstall pyvduse for io_uring, or choose --aio threads (the "
+        "Python engine with a thread pool)"
+    )
+
+
 class NativeQueueWorker(QueueWorker):
     """Serves one split virtio-blk or virtio-net queue with the native engine, Python for
     the rest."""
@@ -151,6 +167,9 @@ class NativeQueueWorker(QueueWorker):
         is_net = isinstance(plan, NativeNet)
         storage = None if isinstance(plan, NativeNet) else plan.storage
         uring = storage is not None and tuning.aio is Aio.IO_URING and storage.kind == "fd"
+        if uring and not native.uring_built():  # still the native engine, synchronous I/O
+            _say_no_uring_once()
+            uring = False
         #: The backend whose connection for this queue the engine drives (NBD).
         self.nbd = None if storage is None else storage.connections
         nbd_handle = None

@@ -84,10 +84,30 @@ class DeviceServer:
         #: every worker that serves the queue adds to it, operations read it.
         self.queue_counters: dict[int, QueueCounters] = {}
         self._lock = threading.Lock()
+        self._hooks_open = False
 
     def bind(self, transport: Transport) -> None:
         self.transport = transport
         self.device.bind_config_writer(transport.set_config)
+        self.open_hooks()
+
+    def open_hooks(self) -> None:
+        """The device's ``open_async`` on the event loop its requests will run on, once
+        (its error is the caller's: the device cannot be served)."""
+        if self._hooks_open or not self.device.has_loop_hooks():
+            return
+        self.executors.loop.run_sync(self.device.open_async())
+        self._hooks_open = True
+
+    def close_hooks(self) -> None:
+        """The device's ``close_async`` on that loop, if ``open_hooks`` ran (errors logged)."""
+        if not self._hooks_open:
+            return
+        self._hooks_open = False
+        try:
+            self.executors.loop.run_sync(self.device.close_async(), timeout=self.grace() or None)
+        except Exception as e:
+            log.warning("closing the device on the event loop failed: %s: %s", type(e).__name__, e)
 
     # -- DeviceEvents ---------------------------------------------------------------------
 
@@ -389,4 +409,5 @@ class DeviceServer:
             self.device.quiesce()
             self._stop_workers(self.grace())
             self.running.clear()
+            self.close_hooks()
             self.executors.close()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from types import TracebackType
+from typing import Any
 
 from pyvduse.device.base import VirtioDevice
+from pyvduse.ops.inspect import stats
+from pyvduse.ops.target import Target
 from pyvduse.runtime.server import DeviceServer
 from pyvduse.runtime.tuning import DataPath, QueueTuning
 from pyvduse.transport.model.kernel import ModelKernel
@@ -30,6 +33,10 @@ class ModelRig:
         self.transport = ModelTransport(self.kernel, self.server)
         self.server.bind(self.transport)
 
+    def stats(self) -> dict[str, Any]:
+        """The device's counters as ``pyvduse ctl NAME stats`` shows them."""
+        return stats(Target("model", self.server, self.transport))
+
     def __enter__(self) -> ModelRig:
         self.transport.start()
         return self
@@ -38,3 +45,4 @@ class ModelRig:
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.transport.close()
+        self.server.close_hooks()

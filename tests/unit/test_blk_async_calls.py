@@ -40,11 +40,11 @@ def rig(device: VirtioDevice, aio: Aio = Aio.THREADS) -> ModelRig:
 
 
 class AsyncZeroes(MemoryBackend):
-    async def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:  # type: ignore[override]
+    async def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
         await asyncio.sleep(0)
         MemoryBackend.write_zeroes(self, offset, length, unmap)
 
-    async def discard(self, offset: int, length: int) -> None:  # type: ignore[override]
+    async def discard(self, offset: int, length: int) -> None:
         await asyncio.sleep(0)
         MemoryBackend.write_zeroes(self, offset, length, True)
 

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-
-from ping_responder import ETH, RESPONDER_MAC, Responder, checksum
+import pytest
 
 from pyvduse.device.net import NetDevice
 from pyvduse.model.net_driver import NetDriver
 from pyvduse.testing import ModelRig
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+from ping_responder import ETH, RESPONDER_MAC, Responder, checksum  # noqa: E402
 
 OUR_MAC = bytes.fromhex("525400000001")
 
@@ -76,3 +80,17 @@ def test_it_answers_arp_and_ignores_the_rest() -> None:
         op, sha, spa = struct.unpack_from("!6xH6s4s", reply, ETH.size)
         assert (op, sha, spa) == (2, RESPONDER_MAC, bytes([10, 9, 0, 7]))
         assert device.backend.answered == 1  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(Path("/dev/vduse/control").exists(), reason="this host has the vduse module")
+def test_without_vduse_it_says_so_in_one_line() -> None:
+    p = subprocess.run(
+        [sys.executable, str(EXAMPLES / "ping_responder.py"), "--name", "pong0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert lines[0].startswith("ping_responder: error:") and "modprobe" in lines[0]

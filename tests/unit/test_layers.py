@@ -25,6 +25,7 @@ LAYERS: list[set[str]] = [
     {"runtime", "model"},
     {"ops"},
     {"daemon"},
+    {"netdaemon"},  # a Daemon for network interfaces
     {"testing", "testvm"},
     {"cli"},
     {"__init__", "__main__"},  # the public names; ``python -m pyvduse``

@@ -1144,3 +1144,34 @@ def test_the_build_without_liburing_refuses_uring() -> None:
                 tuning=EngineTuning(AioMode.URING),
             )
         )
+
+
+def test_without_io_uring_in_the_build_files_stay_on_the_native_engine(tmp_path: Path) -> None:
+    """The default --aio io_uring on a build without liburing: the native engine serves the
+    file with synchronous I/O (not the Python engine), and says so once for all queues."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    code = (
+        "import sys, logging, io\n"
+        "sys.modules['pyvduse.fastpath._splitblk_uring'] = None\n"
+        "sys.modules['pyvduse.fastpath._splitblk_full'] = None\n"
+        "out = io.StringIO(); logging.basicConfig(stream=out, level=logging.INFO)\n"
+        "from pyvduse import BlkDevice, BlkDriver, BlkOptions, FileBackend, ModelRig\n"
+        "from pyvduse.fastpath import engine\n"
+        "from pyvduse.runtime.native_worker import NativeQueueWorker\n"
+        "assert engine.available() and not engine.uring_built()\n"
+        f"dev = BlkDevice(FileBackend({str(image)!r}), BlkOptions(num_queues=2))\n"
+        "with ModelRig(dev) as rig:\n"
+        "    disk = BlkDriver(rig.kernel)\n"
+        "    disk.write(0, b'n' * 4096)\n"
+        "    assert disk.read(0, 4096) == b'n' * 4096\n"
+        "    workers = list(rig.server.workers.values())\n"
+        "    assert len(workers) == 2 and all(isinstance(w, NativeQueueWorker) for w in workers)\n"
+        "    assert {w.aio for w in workers} == {'sync'}\n"
+        "text = out.getvalue()\n"
+        "assert text.count('has no io_uring') == 1, text\n"
+        "assert 'served by the Python engine' not in text and '(native data path)' in text, text\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYVDUSE_NO_NATIVE"}
+    p = subprocess.run([sys.executable, "-c", code], env=env, timeout=60, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]

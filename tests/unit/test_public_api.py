@@ -156,5 +156,5 @@ def test_the_api_reference_documents_every_public_name() -> None:
     index = (Path(__file__).resolve().parents[2] / "docs" / "api" / "index.rst").read_text()
     import re
 
-    documented = set(re.findall(r"^\.\. auto(?:class|function):: pyvduse\.(\w+)$", index, re.M))
+    documented = set(re.findall(r"^\.\. auto(?:class|function|data):: pyvduse\.(\w+)$", index, re.M))
     assert documented == set(pyvduse.__all__) - {"__version__"}

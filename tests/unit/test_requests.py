@@ -108,7 +108,7 @@ class AsyncBackend(MemoryBackend):
         super().__init__(size)
         self.inside = Concurrency()
 
-    async def readv(self, offset: int, bufs: list[memoryview]) -> None:  # type: ignore[override]
+    async def readv(self, offset: int, bufs: list[memoryview]) -> None:
         with self.inside:
             await asyncio.sleep(0.02 * random.random())
             MemoryBackend.readv(self, offset, bufs)

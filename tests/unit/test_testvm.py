@@ -742,3 +742,20 @@ def test_a_native_build_that_fails_says_why(monkeypatch: pytest.MonkeyPatch) -> 
         testvm.ensure_native_build(Path("/src/pyvduse"))
     monkeypatch.setenv("PYVDUSE_NO_NATIVE", "1")  # asked not to use it: nothing to build
     testvm.ensure_native_build(Path("/src/pyvduse"))
+
+
+def test_the_quickstart_path_builds_the_native_engine_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pyvduse testvm -- bash examples/quickstart.sh``, the README's first command, on a
+    machine whose ``pip install`` built no native engine: it is built before the guest
+    boots (the guest runs our checkout), as the test command does."""
+    order: list[str] = []
+    monkeypatch.setattr(testvm, "ensure_native_build", lambda checkout: order.append(f"build {checkout}"))
+
+    def run(command: str, **kw: object) -> object:
+        order.append(f"run {command}")
+        raise testvm.TestVMError("stop here")
+
+    monkeypatch.setattr(testvm, "run", run)
+    assert testvm.main(["--", "bash", "examples/quickstart.sh"]) == 2
+    assert order == [f"build {testvm.source_checkout()}", "run bash examples/quickstart.sh"]
+    assert testvm.source_checkout() == Path(testvm.__file__).resolve().parents[1]

@@ -25,3 +25,5 @@ def test_quickstart_serves_an_image_and_leaves_it_clean(tmp_path: Path) -> None:
     assert "READY name=demo0 dev=/dev/vd" in p.stdout, p.stdout
     assert "daemon exited cleanly" in p.stdout and f"image {img}: ext4 clean" in p.stdout, p.stdout
     assert not Path("/dev/vduse/demo0").exists()
+    # the engine users run: the native one, whatever the build lacks (io_uring: sync I/O)
+    assert "(native data path)" in p.stderr and "served by the Python engine" not in p.stderr, p.stderr
