@@ -41,8 +41,10 @@ from pyvduse.errors import (
     NoSuchDevice,
     StateMismatch,
 )
+from pyvduse.ops.follow_size import SizeFollower
 from pyvduse.ops.service import Operations, OpsOptions
 from pyvduse.ops.stop_signals import StopSignals
+from pyvduse.ops.target import Target
 from pyvduse.runtime.server import DeviceServer
 from pyvduse.runtime.state_file import DEFAULT_STATE_DIR, IdentityMismatch, StateFile
 from pyvduse.runtime.tuning import QueueTuning
@@ -163,6 +165,8 @@ class Daemon:
         #: Why the kernel gave up on the device, once it did (the daemon then stops).
         self.broken: str | None = None
         self._operations: Operations | None = None
+        #: Follows a backend's storage that someone else resizes (an RBD image).
+        self.size_follower: SizeFollower | None = None
         self._state: StateFile | None = None
         self._stopped = threading.Event()
         self._stop_requested = threading.Event()  # a start still waiting gives up
@@ -338,7 +342,18 @@ class Daemon:
         )
         self._operations.start()
 
+    def _follow_storage_size(self) -> None:
+        assert self.transport is not None
+        if self._operations is not None:
+            target = self._operations.target
+        else:
+            target = Target(self.name, self.server, self.transport, on_resize=self._on_resize)
+        follower = SizeFollower(target)
+        if follower.start():
+            self.size_follower = follower
+
     def _ready(self, node: str | None) -> None:
+        self._follow_storage_size()
         self.node = node
         if self._operations is not None:
             self._operations.ready(node or f"model:{self.name}")
@@ -462,6 +477,9 @@ class Daemon:
 
     def _teardown(self, *, drain: bool, abort: threading.Event | None = None, leave: bool = False) -> None:
         with self._stop_lock:
+            if self.size_follower is not None:
+                self.size_follower.stop()
+                self.size_follower = None
             try:
                 if self._operations is not None:
                     self._operations.shutdown(drain_requests=drain and self.broken is None, abort=abort)

@@ -97,6 +97,10 @@ TEST_PACKAGES = {
     "nbdkit": "nbdkit",
     "qemu-nbd": "qemu-utils",
     "nbdsh": "python3-libnbd",
+    # the Ceph cluster of the RBD tests (pyvduse.testing.ceph); ceph-common brings librbd1
+    "ceph-mon": "ceph-mon",
+    "ceph-osd": "ceph-osd",
+    "rbd": "ceph-common",
 }
 # What building the native data path takes (pyproject.toml): a C compiler, the Python
 # headers, and liburing and libnbd for its io_uring and NBD paths.

@@ -185,6 +185,12 @@ class Backend(ABC):
         ResizeError when that fails."""
         raise ResizeError("unsupported", self.size_settable() or "cannot resize")
 
+    def watch_storage_size(self, changed: Callable[[], None]) -> bool:
+        """Call ``changed()`` (from any thread, without waiting in it) whenever the
+        storage's size may have changed under us; False: this backend cannot tell (the
+        default). The daemon then resizes the device as ``ctl resize`` with no size does."""
+        return False
+
     def io_as_in(self, cls: type[Backend]) -> bool:
         """Whether this backend moves data exactly as ``cls`` does: a subclass that
         overrides a data method (an async ``readv``, a fault injector) must be served

@@ -19,6 +19,7 @@ from pyvduse.backend.memory import MemoryBackend
 from pyvduse.backend.nbd import DEFAULT_RECONNECT_SECONDS, NbdBackend, NbdError
 from pyvduse.backend.nbd_binding import NbdUnavailable
 from pyvduse.backend.null import NullBackend
+from pyvduse.backend.rbd_spec import DEFAULT_OPTIONS as RBD_DEFAULT_OPTIONS
 from pyvduse.cli import plugins
 from pyvduse.daemon import Daemon, check_bind, check_kernel, check_name
 from pyvduse.device.base import VirtioDevice
@@ -62,6 +63,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "nbds://... (TLS), nbd+unix:///EXPORT?socket=PATH",
     )
     src.add_argument(
+        "--rbd",
+        metavar="POOL/IMAGE[@SNAP]",
+        help="serve a Ceph RBD image through librbd (a snapshot is served read-only; "
+        "'rbd resize' while served resizes the device)",
+    )
+    src.add_argument(
         "--backend",
         metavar="MODULE:CLASS",
         help="a backend of your own: a pyvduse.Backend subclass in an importable "
@@ -95,6 +102,26 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="--nbd: when the server goes away, requests wait "
         "this long while pyvduse reconnects, then fail (default "
         f"{DEFAULT_RECONNECT_SECONDS:g})",
+    )
+    p.add_argument(
+        "--ceph-conf",
+        metavar="PATH",
+        help="--rbd: the cluster's ceph.conf (default: Ceph's own search, $CEPH_CONF, /etc/ceph/ceph.conf)",
+    )
+    p.add_argument(
+        "--ceph-id",
+        metavar="NAME",
+        help="--rbd: the Ceph client's name without 'client.' (default admin)",
+    )
+    p.add_argument(
+        "--ceph-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="--rbd: a Ceph option, as in ceph.conf (repeat for more): keyring=PATH, "
+        "mon_host=ADDR, rados_osd_op_timeout=SECONDS (how long a request waits for a "
+        "cluster that is gone before it fails; pyvduse's defaults: "
+        + ", ".join(f"{k}={v}" for k, v in RBD_DEFAULT_OPTIONS.items())
+        + ")",
     )
     p.add_argument("--readonly", action="store_true", help="offer the device read-only")
     p.add_argument("--queues", type=int, default=1, metavar="N", help="virtqueues (default 1)")
@@ -260,12 +287,15 @@ def make_backend(args: argparse.Namespace, before: Callable[[], None] | None = N
         return backend
     if args.backend_arg:
         raise UserError("--backend-arg is for --backend")
-    if all(getattr(args, o) is None for o in ("file", "memory", "null", "nbd")):
+    rbd = getattr(args, "rbd", None)
+    if rbd is None and any(getattr(args, o, None) for o in ("ceph_conf", "ceph_id", "ceph_option")):
+        raise UserError("--ceph-conf, --ceph-id and --ceph-option are for --rbd")
+    if all(getattr(args, o, None) is None for o in ("file", "memory", "null", "nbd", "rbd")):
         if args.device is not None:
             return None
         raise UserError(
             "say what to serve: --file PATH, --memory SIZE, --null SIZE, "
-            "--nbd URI, --backend MODULE:CLASS or --device MODULE:CLASS"
+            "--nbd URI, --rbd POOL/IMAGE, --backend MODULE:CLASS or --device MODULE:CLASS"
         )
     if args.file is not None:
         path = args.file
@@ -293,6 +323,8 @@ def make_backend(args: argparse.Namespace, before: Callable[[], None] | None = N
             raise UserError(f"cannot open {path}: {e.strerror}") from None
     if args.nbd is not None:
         return make_nbd_backend(args)
+    if rbd is not None:
+        return make_rbd_backend(args)
     text = args.memory if args.memory is not None else args.null
     try:
         size = parse_size(text)
@@ -324,6 +356,29 @@ def make_nbd_backend(args: argparse.Namespace) -> NbdBackend:
         raise UserError(f"--nbd: {e}") from None
     except NbdError as e:
         raise UserError(f"{e}: is the server running, and is this its address and export name?") from None
+
+
+def make_rbd_backend(args: argparse.Namespace) -> Backend:
+    """Connect to the Ceph cluster and open the image (librbd is loaded only now)."""
+    from pyvduse.backend.rbd import RbdBackend, RbdError
+    from pyvduse.backend.rbd_binding import RbdUnavailable
+
+    options = {}
+    for item in args.ceph_option or ():
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise UserError(f"--ceph-option {item}: give KEY=VALUE, as in ceph.conf")
+        options[key.strip()] = value.strip()
+    try:
+        return RbdBackend(
+            args.rbd, conf=args.ceph_conf, client_id=args.ceph_id, options=options, readonly=args.readonly
+        )
+    except RbdUnavailable as e:
+        raise UserError(str(e)) from None
+    except ValueError as e:
+        raise UserError(f"--rbd: {e}") from None
+    except RbdError as e:
+        raise UserError(str(e)) from None
 
 
 def nbd_options(backend: NbdBackend, options: BlkOptions) -> BlkOptions:
@@ -373,6 +428,16 @@ def build_device(
     )
     if isinstance(backend, NbdBackend):
         options = nbd_options(backend, options)
+    if backend is not None and backend.kind == "rbd":
+        readonly = bool(getattr(backend, "readonly", False))
+        if backend.size % options.block_size:
+            raise UserError(
+                f"the RBD image's size {backend.size} is not a multiple of the block size "
+                f"{options.block_size}: resize it ('rbd resize') or give another --block-size"
+            )
+        if readonly and not options.readonly:
+            log.info("%s is read-only: so is the device", backend.description)
+        options = dataclasses.replace(options, readonly=readonly)
     if args.device is not None:
         cls = plugins.load_class(args.device, "--device")
         if not issubclass(cls, VirtioDevice):
