@@ -86,19 +86,24 @@
 #define BOUNCE_KEEP (256u << 10)
 #define BOUNCE_RETAIN (32u << 20)
 
-/* SB_CHECK(cond): an invariant, checked (abort with the message) in builds with SB_DEBUG
- * (fuzz/sanitize.sh), free otherwise. */
+/* SB_CHECK(cond[, "what"]): a state the engine must never be in (a wait with nothing in
+ * flight that could end it, a buffer freed while libnbd holds it, a counter gone wrong). With
+ * SB_DEBUG (fuzz/sanitize.sh builds with it) it aborts with the condition, so the fuzzer and
+ * the tests see it at once; a release build goes on, and the caller does what keeps it from
+ * blocking or writing (returns instead of waiting, leaks instead of freeing). */
 #ifdef SB_DEBUG
 #include <stdio.h>
-#define SB_CHECK(cond)                                                                    \
-    do {                                                                                  \
-        if (!(cond)) {                                                                    \
-            fprintf(stderr, "%s:%d: invariant broken: %s\n", __FILE__, __LINE__, #cond);   \
-            abort();                                                                      \
-        }                                                                                 \
+#include <stdlib.h>
+#define SB_CHECK(cond, ...)                                                                \
+    do {                                                                                   \
+        if (!(cond)) {                                                                     \
+            fprintf(stderr, "pyvduse native engine: invariant broken: %s (%s:%d)\n", #cond, \
+                    __FILE__, __LINE__);                                                   \
+            abort();                                                                       \
+        }                                                                                  \
     } while (0)
 #else
-#define SB_CHECK(cond) ((void)0)
+#define SB_CHECK(cond, ...) ((void)0)
 #endif
 
 /* RUN_NBD_LOST: the NBD connection is gone; its requests are parked until set_nbd(). */
@@ -319,23 +324,6 @@ typedef struct Engine {
 
 /* -- little helpers ------------------------------------------------------------------- */
 
-/* A state the engine must never be in (a wait with nothing in flight that could end it, a
- * counter that went wrong): with SB_DEBUG (fuzz/sanitize.sh builds with it) it aborts with
- * the message, so the fuzzer and the tests see it at once; a release build goes on, and the
- * caller does what keeps it from blocking (returns instead of waiting). */
-#ifdef SB_DEBUG
-#include <stdio.h>
-#include <stdlib.h>
-#define SB_CHECK(cond, what)                                                               \
-    do {                                                                                   \
-        if (!(cond)) {                                                                     \
-            fprintf(stderr, "pyvduse native engine: %s (%s:%d)\n", what, __FILE__, __LINE__); \
-            abort();                                                                       \
-        }                                                                                  \
-    } while (0)
-#else
-#define SB_CHECK(cond, what) ((void)0)
-#endif
 
 /* Our own memory (the in-flight log, local copies): little-endian fields at any alignment. */
 static inline uint16_t ld16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return le16toh(v); }
