@@ -19,7 +19,7 @@ def flag(option: str) -> str:
 
 def terminal_message(e: PyvduseError) -> str:
     """The one line ``pyvduse`` prints for ``e``."""
-    if isinstance(e, UserError):
+    if isinstance(e, UserError) and e.option is None:  # a KernelMissing may name its option
         return str(e)
     if isinstance(e, NameTaken):
         return (
