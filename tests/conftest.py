@@ -1,17 +1,25 @@
 """Test-suite plumbing: tests under tests/vm run inside the test VM against the real kernel.
 
-On a host without VDUSE, every collected VM test is replaced by a proxy. The first proxy to
-run boots the VM once and runs all the selected VM tests there with pytest (the checkout is
-shared into the guest); each proxy then reports its own test's outcome from the guest's
-JUnit XML, so a failure in the guest shows up here under the test's own name, with the
-guest's message. Inside the VM (PYVDUSE_IN_VM=1) the tests simply run.
+On a host without VDUSE, every collected VM test is replaced by one proxy per test kernel
+(Linux 6.12 and 7.3 unless --kernel or $PYVDUSE_TESTVM_KERNEL names one; with several, each
+proxy's name ends in the kernel, like ``test_x[linux7.3]``). When the run starts, one
+background thread per kernel boots that kernel's VM and runs all the selected VM tests there
+with pytest (the checkout is shared into the guest), while the host tests run here: the two
+guests run side by side, which is what keeps both kernels within CI's hour. Each proxy then
+reports its own test's outcome from its guest's JUnit XML, so a failure in the guest shows
+up here under the test's own name, with the guest's message. The tests that boot a VM of
+their own run last, once the guests have given back the machine's two VM slots. Inside the
+VM (PYVDUSE_IN_VM=1) the tests simply run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +29,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 IN_VM = os.environ.get("PYVDUSE_IN_VM") == "1"
 RESULTS = ROOT / ".vm-results"
-# All VM tests share one guest: about 23 minutes on an idle 2-core machine, so leave room
-# for a loaded one (the whole run is still bounded, and CI has 90 minutes).
+# All VM tests of one kernel share one guest: about 25 minutes on an idle 2-core machine,
+# both kernels side by side about 35; leave room for a loaded one (CI has an hour).
 VM_TIMEOUT = float(os.environ.get("PYVDUSE_VM_TIMEOUT", "3600"))
 # pytest-timeout's limits beyond the default of pyproject.toml (600 s, for the host tests):
 # a VM test inside the guest (TCG is slow: the longest take minutes), and on the host the
@@ -66,8 +74,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--kernel",
         choices=list(KERNELS),
         default=None,
-        help=f"the test VM's Linux (default {DEFAULT_KERNEL}, or $PYVDUSE_TESTVM_KERNEL); "
-        "7.3 speaks VDUSE API version 1",
+        help="run the VM tests on this Linux only (default: on every test kernel, "
+        f"{', '.join(KERNELS)}, unless $PYVDUSE_TESTVM_KERNEL names one; the tests that boot "
+        f"a VM of their own boot {DEFAULT_KERNEL}); 7.3 speaks VDUSE API version 1",
     )
 
 
@@ -78,45 +87,69 @@ class GuestOutcome:
 
 
 class VmSession:
-    """One VM run shared by all proxies of a pytest session."""
+    """One kernel's VM run, shared by that kernel's proxies: started in a thread of its own
+    when the run starts (start), waited for by the first proxy (ensure)."""
 
-    def __init__(self, nodeids: list[str]) -> None:
+    def __init__(self, nodeids: list[str], kernel: str) -> None:
         self.nodeids = nodeids
+        self.kernel = kernel
         self.results: dict[str, GuestOutcome] | None = None
         self.error = ""
         self.console = ""
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"vm-{self.kernel}", daemon=True)
+            self._thread.start()
 
     def ensure(self) -> None:
-        if self.results is not None or self.error:
-            return
+        self.start()
+        assert self._thread is not None
+        self._thread.join()
+
+    def _run(self) -> None:
         from pyvduse import testvm
 
         RESULTS.mkdir(exist_ok=True)
-        junit = RESULTS / f"junit-{os.getpid()}.xml"
+        tag = f"{os.getpid()}-{self.kernel}"
+        junit = RESULTS / f"junit-{tag}.xml"
         junit.unlink(missing_ok=True)
         args = " ".join(f"'{n}'" for n in self.nodeids)
-        command = f"{sys.executable} -m pytest -p no:cacheprovider -v -rfEs --junitxml={junit} {args}"
-        live = RESULTS / f"console-{os.getpid()}.log"  # tail -f it while the VM runs
-        kernel = testvm.default_kernel()
+        command = (
+            f"{sys.executable} -m pytest -p no:cacheprovider -v -rfEs --durations=20 "
+            f"--junitxml={junit} {args}"
+        )
+        live = RESULTS / f"console-{tag}.log"  # tail -f it while the VM runs
         sys.stderr.write(
-            f"\n[vm] running {len(self.nodeids)} test(s) in the Linux {kernel} test VM; console: {live}\n"
+            f"\n[vm] running {len(self.nodeids)} test(s) in the Linux {self.kernel} test VM; "
+            f"console: {live}\n"
         )
         try:
-            testvm.ensure_test_tools()  # fio, e2fsprogs, ... (pytest_configure tried already)
             with live.open("w") as console:
-                result = testvm.run(command, cwd=str(ROOT), timeout=VM_TIMEOUT, console=console)
+                result = testvm.run(
+                    command, cwd=str(ROOT), timeout=VM_TIMEOUT, console=console, kernel=self.kernel
+                )
         except Exception as e:  # no root, no qemu, no kernel package...
-            self.error = f"the test VM could not run: {e}"
+            self.error = f"the Linux {self.kernel} test VM could not run: {e}"
             return
         self.console = result.output
-        (RESULTS / f"kernel-{os.getpid()}.log").write_text(result.kernel_log)
+        (RESULTS / f"kernel-{tag}.log").write_text(result.kernel_log)
         if not junit.exists():
             self.error = (
-                f"the guest produced no results (exit {result.exit_code}"
+                f"the Linux {self.kernel} guest produced no results (exit {result.exit_code}"
                 f"{', timed out' if result.timed_out else ''}); console tail:\n" + result.output[-3000:]
             )
             return
         self.results = parse_junit(junit)
+
+
+def vm_kernels() -> list[str]:
+    """The kernels the VM tests run on: --kernel's or $PYVDUSE_TESTVM_KERNEL's, else all."""
+    from pyvduse.testvm import KERNELS
+
+    chosen = os.environ.get("PYVDUSE_TESTVM_KERNEL")
+    return [chosen] if chosen else list(KERNELS)
 
 
 def parse_junit(path: Path) -> dict[str, GuestOutcome]:
@@ -157,7 +190,7 @@ class VmProxyItem(pytest.Item):
         if self.vm.error:
             raise GuestFailure(self.vm.error)
         assert self.vm.results is not None
-        res = self.vm.results.get(self.nodeid)
+        res = self.vm.results.get(self.original.nodeid)
         if res is None:
             raise GuestFailure("did not run in the guest; console tail:\n" + self.vm.console[-2000:])
         if res.outcome == "skipped":
@@ -167,7 +200,7 @@ class VmProxyItem(pytest.Item):
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
         if isinstance(excinfo.value, GuestFailure):
-            return f"[in the test VM] {excinfo.value}"
+            return f"[in the Linux {self.vm.kernel} test VM] {excinfo.value}"
         return str(super().repr_failure(excinfo))
 
     def reportinfo(self) -> tuple[Any, int | None, str]:
@@ -198,8 +231,39 @@ def pytest_collection_modifyitems(
             for i in vm_items:
                 i.add_marker(skip)
         return
-    vm = VmSession([i.nodeid for i in vm_items])
-    for n, item in enumerate(items):
-        if item.get_closest_marker("vm") is not None:
+    kernels = vm_kernels()
+    nodeids = [i.nodeid for i in vm_items]
+    sessions = [VmSession(nodeids, k) for k in kernels]
+    config.stash[VM_SESSIONS] = sessions
+    host: list[pytest.Item] = []
+    own_vm: list[pytest.Item] = []
+    proxies: list[pytest.Item] = []
+    for item in items:
+        if item.get_closest_marker("vm") is None:
+            (own_vm if item.get_closest_marker("boots_vm") else host).append(item)
+    for vm in sessions:  # one kernel's proxies together: its results show as it ends
+        for item in vm_items:
             assert item.parent is not None
-            items[n] = VmProxyItem.from_parent(item.parent, name=item.name, session_ref=vm, original=item)
+            name = item.name
+            if len(sessions) > 1:  # test_x[linux7.3], test_x[native-linux7.3]
+                tag = "linux" + vm.kernel
+                name = name[:-1] + f"-{tag}]" if name.endswith("]") else f"{name}[{tag}]"
+            proxies.append(VmProxyItem.from_parent(item.parent, name=name, session_ref=vm, original=item))
+    # the guests hold both VM slots while they run: a test that boots its own VM goes last
+    items[:] = host + proxies + own_vm
+
+
+VM_SESSIONS = pytest.StashKey[list[VmSession]]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtestloop(session: pytest.Session) -> Iterator[None]:
+    """Boot every kernel's guest as the run starts, so they run beside the host tests."""
+    if not session.config.option.collectonly:
+        from pyvduse import testvm
+
+        with contextlib.suppress(testvm.TestVMError):  # each session reports it
+            testvm.ensure_tools()  # once here, not in two threads at once (apt)
+        for vm in session.config.stash.get(VM_SESSIONS, []):
+            vm.start()
+    yield

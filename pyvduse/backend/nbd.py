@@ -439,8 +439,8 @@ class _Connection:
     # -- the connection's thread -------------------------------------------------------
 
     def _run(self) -> None:
-        try:
-            while True:
+        while True:
+            try:
                 with self._lock:
                     if self._closed:
                         return
@@ -455,12 +455,22 @@ class _Connection:
                     self._reconnect()
                 else:
                     self._serve(handle, generation)
-        except Exception:
-            log.exception("%s: connection %d's thread failed", self.backend.safe_uri, self.index)
+            except Exception:
+                # a bug of ours or libnbd's: say it, and carry on from a new connection
+                # rather than leave the requests of a thread that is gone waiting for good
+                log.exception("%s: connection %d's thread failed", self.backend.safe_uri, self.index)
+                with self._lock:
+                    generation = self._generation
+                self._lost(generation, "the connection's thread failed")
+                self._sleep(BACKOFF_MAX)
 
     def _serve(self, handle: Any, generation: int) -> None:
         """Drive ``handle`` until it dies or the connection closes."""
-        fd = handle.aio_get_fd()
+        try:
+            fd = handle.aio_get_fd()
+        except self.nbd.Error as e:  # died since _run looked (a send on another thread saw it)
+            self._lost(generation, _describe(e))
+            return
         poller = select.poll()
         poller.register(self._wake_fd, select.POLLIN)
         watched = 0

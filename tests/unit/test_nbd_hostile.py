@@ -9,11 +9,13 @@ allocates for a request does not follow what the driver's descriptors say.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,6 +27,7 @@ from pyvduse.abi.virtio import (
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
 )
+from pyvduse.backend import nbd as nbd_module
 from pyvduse.backend import nbd_binding
 from pyvduse.backend.nbd import NbdBackend
 from pyvduse.fastpath import engine as native
@@ -177,4 +180,35 @@ def test_the_bounce_memory_of_a_request_does_not_follow_the_drivers_descriptors(
             assert isinstance(w, NativeQueueWorker)
             peak = w.engine.counters()["bounce_peak"]
         assert peak <= requests * 2 * MiB, peak
+    b.close()
+
+
+def test_a_handle_that_died_before_its_thread_drove_it_is_replaced(
+    server: HostileNbdServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Python engine: a send on the queue's worker finds the connection dead (and says
+    so) while the connection's thread is about to drive that handle. The thread then meets
+    a dead handle; it replaces it and serves on, instead of dying with the requests of the
+    queue left waiting for good (seen in the suite under load: 'connection 0's thread
+    failed', nbd_aio_get_fd on a handle no longer connected)."""
+    original = nbd_module._Connection._serve
+    killed: list[int] = []
+
+    def serve_a_dead_handle_first(conn: Any, handle: Any, generation: int) -> None:
+        if not killed:  # as _issue does on another thread: the socket dead, the loss said
+            killed.append(generation)
+            nbd_module._kill(handle)
+            with contextlib.suppress(Exception):
+                handle.aio_notify_read()
+            assert handle.aio_is_dead() or handle.aio_is_closed()
+            conn._lost(generation, "killed by the test")
+        original(conn, handle, generation)
+
+    monkeypatch.setattr(nbd_module._Connection, "_serve", serve_a_dead_handle_first)
+    b = NbdBackend(server.uri, reconnect_seconds=10)
+    with serve(b, data_path=DataPath.PYTHON) as rig:
+        q = BlkDriver(rig.kernel).virtio.queues[0]
+        c = q.wait(read_ticket(q, 8192), 20)
+        assert c.data[-1] == vb.ReqStatus.OK and bytes(c.data[:-1]) == pattern(8192)
+        assert killed and server.connections >= 2
     b.close()

@@ -77,25 +77,47 @@ class Transfer:
     ) -> None:
         py = sys.executable
         self.receiver = subprocess.Popen(
-            in_ns(ns, f"{py} {HERE} receive {port}").split(), stdout=subprocess.PIPE, text=True
+            in_ns(ns, f"{py} {HERE} receive {port}").split(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         assert self.receiver.stdout is not None
         assert self.receiver.stdout.readline().strip() == "LISTENING"
         self.sender = subprocess.Popen(
             [py, str(HERE), "send", address, str(port), str(size), str(seed), str(rate)],
             stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
+        )
+        # connected before anything else happens to the device (a loaded guest takes seconds
+        # to start Python): the tests mean "in the middle of a transfer"
+        assert self.sender.stdout is not None and self.sender.stderr is not None
+        if self.sender.stdout.readline().strip() != "CONNECTED":
+            self.sender.wait()
+            raise AssertionError(f"the sender did not connect: {self.sender.stderr.read()[-2000:]}")
+
+    def ended(self) -> str | None:
+        """None while the sender runs; else how it ended (its exit code and stderr's tail)."""
+        if self.sender.poll() is None:
+            return None
+        assert self.sender.stderr is not None and self.receiver.stderr is not None
+        receiver = "running" if self.receiver.poll() is None else self.receiver.stderr.read()[-1000:]
+        return (
+            f"sender exited {self.sender.returncode}: {self.sender.stderr.read()[-2000:]}\n"
+            f"receiver: {receiver}"
         )
 
     def wait(self, timeout: float) -> tuple[str, str, float]:
         """(sent sha256, received sha256, seconds the sender took)."""
         try:
-            out, _ = self.sender.communicate(timeout=timeout)
+            out, err = self.sender.communicate(timeout=timeout)
             got, _ = self.receiver.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             self.sender.kill()
             self.receiver.kill()
             raise AssertionError(f"the transfer did not finish in {timeout} s") from None
+        assert self.sender.returncode == 0, f"sender exited {self.sender.returncode}: {err[-2000:]}"
         sent = json.loads(out)
         return sent["sha256"], got.strip(), sent["seconds"]
 
@@ -116,6 +138,7 @@ def _send(address: str, port: int, size: int, seed: int, rate: int) -> None:
     h = hashlib.sha256()
     t = time.monotonic()
     with socket.create_connection((address, port), timeout=600) as s:
+        print("CONNECTED", flush=True)
         left = size
         while left:
             chunk = rng.randbytes(min(CHUNK, left))
