@@ -18,7 +18,7 @@ at iodepth 1, CPU per I/O of the daemons and of the server) and the targets:
 
     python3 bench/nbd.py [--seconds 4] [--ramp 1] [--repeat N] [--quick] [--markdown]
                          [--workloads NAME,...] [--servers plain,delay-1ms]
-                         [--our-args ARGS] [--json PATH]
+                         [--our-args ARGS] [--perf WORKLOAD ...] [--json PATH]
 
 Needs root (the test VM does). Emulated (TCG) figures: compare the columns with each other.
 """
@@ -304,6 +304,14 @@ def _parser() -> argparse.ArgumentParser:
         our_args="extra 'pyvduse blk' options for our daemons",
     )
     p.add_argument("--servers", default=",".join(SERVERS), help="plain, delay-1ms or both")
+    p.add_argument(
+        "--perf",
+        action="append",
+        default=[],
+        metavar="WORKLOAD",
+        help="sample the whole guest with perf (cpu-clock) during this workload's cells, each "
+        "serving side's, and print where the CPU time went (repeatable)",
+    )
     return p
 
 
@@ -318,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         else (list(QUICK_WORKLOADS) if args.quick else [w.name for w in WORKLOADS])
     )
     servers = args.servers.split(",")
-    unknown = [n for n in workloads if n not in WORKLOAD_BY_NAME]
+    unknown = [n for n in [*workloads, *args.perf] if n not in WORKLOAD_BY_NAME]
     unknown += [n for n in servers if n not in SERVERS]
     if unknown:
         parser.error(f"unknown {', '.join(unknown)}")
@@ -340,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--repeat",
                 str(args.repeat),
                 f"--our-args={args.our_args}",
+                *(f"--perf={name}" for name in args.perf),
             ],
             mem=args.mem,
             smp=args.smp,
@@ -363,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     report = build_report(guest, info)
     print(report_text(report, markdown=args.markdown))
+    for c in report["cells"]:
+        if c.get("perf"):
+            what = f"{c['impl']} {c['server']} {c['workload']} round {c.get('round', 0)}"
+            print(f"\nperf, {what}:\n{c['perf']}")
     report["table"] = report_text(report)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")

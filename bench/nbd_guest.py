@@ -5,7 +5,7 @@ them. bench/nbd.py boots the test VM and runs it there:
 
     python bench/nbd_guest.py --out bench/results/.guest.json [--seconds 4] [--ramp 1]
                               [--workloads NAME,...] [--servers NAME,...] [--repeat N]
-                              [--our-args 'BLK OPTIONS']
+                              [--our-args 'BLK OPTIONS'] [--perf WORKLOAD ...]
 
 Two nbdkit servers of the same kind serve a 1 GiB memory disk on Unix sockets: one plain,
 one behind nbdkit's delay filter (every read and write answered 1 ms late; 64 server
@@ -17,7 +17,8 @@ queue of 256) and by the kernel's own NBD client (``nbd-client -unix`` with ``nb
 VDUSE, no daemon in the data path; the limit). The same fio cell then runs against the four
 devices back to back (the order reversed from cell to cell). Per cell: fio's figures, the
 serving daemon's CPU time per I/O (none for the kernel's client), the server's, and for
-pyvduse the queue depth from ``ctl stats``.
+pyvduse the queue depth from ``ctl stats``; with ``--perf WORKLOAD``, that workload's cells
+sample the whole guest with perf (where its CPU time went, per task and symbol).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ from guest_runner import (
     launch_qsd,
     local_fio,
     measure_fio,
+    perf_record,
+    perf_report,
     stop,
     wait_ready,
 )
@@ -79,6 +82,8 @@ SERVER_THREADS = 64
 IMPLS = ("py-defaults", "pyvduse", "qsd", "kernel")
 OURS = ("py-defaults", "pyvduse")
 OUR_EXTRA: list[str] = []
+#: Workloads whose cells are sampled with perf (--perf): the whole guest, every serving side.
+PERF_WORKLOADS: list[str] = []
 NBD_CLIENT_PACKAGE = "nbd-client"
 
 
@@ -214,10 +219,17 @@ def run_one(
         return cell
     before = None
     server0 = cpu_seconds(server_pid)
+    perf = None
+    data = f"/tmp/nbd-bench/perf-{d.impl}-{server}-{w.name}.data"
     try:
         if d.impl in OURS:
             before = ctl(d.name, "stats")
+        if w.name in PERF_WORKLOADS:
+            perf = perf_record(data, ramp + seconds)
         measure_fio(cell, d.dev, None if daemon is None else daemon.pid, w, seconds, ramp, fio)
+        if perf is not None:
+            perf.wait(60)
+            cell["perf"] = perf_report(data)
         if before is not None:
             cell.update(stats_delta(before, ctl(d.name, "stats")))
     except (OSError, subprocess.SubprocessError, BenchError) as e:
@@ -315,8 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--servers", default=",".join(SERVERS))
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--our-args", default="")
+    p.add_argument("--perf", action="append", default=[], metavar="WORKLOAD")
     args = p.parse_args(argv)
     OUR_EXTRA[:] = shlex.split(args.our_args)
+    PERF_WORKLOADS[:] = args.perf
     try:
         workloads = [WORKLOAD_BY_NAME[n] for n in args.workloads.split(",") if n]
         servers = [n for n in args.servers.split(",") if n]
