@@ -513,13 +513,16 @@ def perf_record(data: str, seconds: float) -> subprocess.Popen[bytes]:
 
 
 def perf_report(data: str) -> str:
-    """What ``perf record -a`` saw: the share of the guest's CPU time per task and kernel or
-    user symbol, the top lines (those of 1% or more)."""
-    argv = ["perf", "report", "-i", data, "--stdio", "--no-children", "--sort", "comm,sym"]
-    p = subprocess.run(
-        [*argv, "--percent-limit", "1"], capture_output=True, text=True, timeout=300, check=False
-    )
-    return "\n".join(line for line in p.stdout.splitlines() if line.strip() and not line.startswith("#"))
+    """What ``perf record -a`` saw: the share of the guest's CPU time per task, then per task
+    and kernel or user symbol, the top lines (those of 1% or more) of each."""
+    out = []
+    for sort in ("comm", "comm,sym"):
+        argv = ["perf", "report", "-i", data, "--stdio", "--no-children", "--sort", sort]
+        p = subprocess.run(
+            [*argv, "--percent-limit", "1"], capture_output=True, text=True, timeout=300, check=False
+        )
+        out += [line for line in p.stdout.splitlines() if line.strip() and not line.startswith("#")]
+    return "\n".join(out)
 
 
 def _order(impls: Sequence[str], k: int) -> list[str]:
