@@ -503,6 +503,28 @@ def measure_fio(
     return cell
 
 
+def perf_record(data: str, seconds: float) -> subprocess.Popen[bytes]:
+    """Sample the whole guest with perf (the software clock: TCG has no PMU) for `seconds`,
+    into `data`; wait() for it, then perf_report(data)."""
+    record = ["perf", "record", "-a", "-e", "cpu-clock", "-F", "499", "-o", data]
+    return subprocess.Popen(
+        [*record, "--", "sleep", f"{seconds:g}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
+def perf_report(data: str) -> str:
+    """What ``perf record -a`` saw: the share of the guest's CPU time per task, then per task
+    and kernel or user symbol, the top lines (those of 1% or more) of each."""
+    out = []
+    for sort in ("comm", "comm,sym"):
+        argv = ["perf", "report", "-i", data, "--stdio", "--no-children", "--sort", sort]
+        p = subprocess.run(
+            [*argv, "--percent-limit", "1"], capture_output=True, text=True, timeout=300, check=False
+        )
+        out += [line for line in p.stdout.splitlines() if line.strip() and not line.startswith("#")]
+    return "\n".join(out)
+
+
 def _order(impls: Sequence[str], k: int) -> list[str]:
     """Alternate who goes first from cell to cell."""
     return list(impls) if k % 2 == 0 else list(reversed(impls))

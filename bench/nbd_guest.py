@@ -5,24 +5,30 @@ them. bench/nbd.py boots the test VM and runs it there:
 
     python bench/nbd_guest.py --out bench/results/.guest.json [--seconds 4] [--ramp 1]
                               [--workloads NAME,...] [--servers NAME,...] [--repeat N]
-                              [--our-args 'BLK OPTIONS']
+                              [--our-args 'BLK OPTIONS'] [--perf WORKLOAD ...]
 
 Two nbdkit servers of the same kind serve a 1 GiB memory disk on Unix sockets: one plain,
 one behind nbdkit's delay filter (every read and write answered 1 ms late; 64 server
-threads, so the server is not what limits 64 in flight). Each is exported twice, once by
-pyvduse (``blk --nbd``) and once by qemu-storage-daemon (``--blockdev driver=nbd``,
-``--export type=vduse-blk``), one queue of 256 each; the same fio cell then runs against
-our device and the peer's back to back (who goes first alternating). Per cell: fio's
-figures, the serving daemon's CPU time per I/O, the server's, and for pyvduse the queue depth
-from ``ctl stats``.
+threads, so the server is not what limits 64 in flight). Each is exported four times: by
+pyvduse with no options but ``--nbd URI`` (``py-defaults``: what a user types), by pyvduse
+with the options spelled out and ``--our-args`` (``pyvduse``: ``--queues 1 --queue-size
+256``), by qemu-storage-daemon (``--blockdev driver=nbd``, ``--export type=vduse-blk``, one
+queue of 256) and by the kernel's own NBD client (``nbd-client -unix`` with ``nbd.ko``: no
+VDUSE, no daemon in the data path; the limit). The same fio cell then runs against the four
+devices back to back (the order reversed from cell to cell). Per cell: fio's figures, the
+serving daemon's CPU time per I/O (none for the kernel's client), the server's, and for
+pyvduse the queue depth from ``ctl stats``; with ``--perf WORKLOAD``, that workload's cells
+sample the whole guest with perf (where its CPU time went, per task and symbol).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -31,12 +37,14 @@ from pathlib import Path
 from typing import Any
 
 from guest_runner import (
+    NODE_TIMEOUT,
     QSD,
     QUEUE_SIZE,
     BenchError,
     Device,
     Workload,
     _log,
+    _run,
     _spawn,
     _wait,
     cpu_seconds,
@@ -44,6 +52,8 @@ from guest_runner import (
     launch_qsd,
     local_fio,
     measure_fio,
+    perf_record,
+    perf_report,
     stop,
     wait_ready,
 )
@@ -64,11 +74,32 @@ SERVERS: dict[str, tuple[tuple[str, ...], tuple[str, ...], int]] = {
     "plain": ((), (), 0),
     "delay-1ms": (("--filter=delay",), ("delay-read=1ms", "delay-write=1ms"), 1000),
 }
-QUICK_WORKLOADS = ("randread-4k-qd1", "randwrite-4k-qd16", "read-128k-qd8")
+QUICK_WORKLOADS = ("randread-4k-qd1", "randread-4k-qd16", "randwrite-4k-qd16", "read-128k-qd8")
 DISK_MB = 1024
 SERVER_THREADS = 64
-IMPLS = ("pyvduse", "qsd")
+#: py-defaults: pyvduse with no options but --nbd; pyvduse: with the options spelled out (and
+#: --our-args); qsd: qemu-storage-daemon; kernel: nbd-client with nbd.ko.
+IMPLS = ("py-defaults", "pyvduse", "qsd", "kernel")
+OURS = ("py-defaults", "pyvduse")
 OUR_EXTRA: list[str] = []
+#: Workloads whose cells are sampled with perf (--perf): the whole guest, every serving side.
+PERF_WORKLOADS: list[str] = []
+NBD_CLIENT_PACKAGE = "nbd-client"
+
+
+@dataclasses.dataclass
+class KernelClient:
+    """One /dev/nbdN the kernel's NBD client serves (nbd-client configured it over netlink
+    and exited: the kernel's own threads carry the requests, no process to measure)."""
+
+    server: str
+    dev: str
+    command: str
+    impl: str = "kernel"
+
+    @property
+    def name(self) -> str:
+        return Path(self.dev).name
 
 
 def socket_path(work: Path, server: str) -> Path:
@@ -96,13 +127,43 @@ def nbdkit_argv(work: Path, server: str) -> list[str]:
 
 
 def device_name(impl: str, server: str) -> str:
-    return f"{'py' if impl == 'pyvduse' else 'qsd'}-nbd-{server.replace('-', '')}"
+    prefix = {"py-defaults": "pyd", "pyvduse": "py", "qsd": "qsd"}[impl]
+    return f"{prefix}-nbd-{server.replace('-', '')}"
 
 
-def our_argv(work: Path, server: str) -> list[str]:
-    return [sys.executable, "-m", "pyvduse", "blk", "--name", device_name("pyvduse", server),
-            "--nbd", uri(work, server), "--queues", "1", "--queue-size", str(QUEUE_SIZE),
-            *OUR_EXTRA]  # fmt: skip
+def our_argv(work: Path, server: str, impl: str = "pyvduse") -> list[str]:
+    """``pyvduse blk`` for one of ours: py-defaults with nothing but --name and --nbd (what
+    a user types), pyvduse with the options spelled out and --our-args."""
+    argv = [sys.executable, "-m", "pyvduse", "blk", "--name", device_name(impl, server),
+            "--nbd", uri(work, server)]  # fmt: skip
+    if impl == "pyvduse":
+        argv += ["--queues", "1", "--queue-size", str(QUEUE_SIZE), *OUR_EXTRA]
+    return argv
+
+
+def nbd_client_argv(work: Path, server: str, dev: str) -> list[str]:
+    """The kernel's NBD client on the same server: one connection (one hardware queue, as
+    the daemons have one virtqueue), the same 512-byte logical blocks."""
+    return ["nbd-client", "-unix", str(socket_path(work, server)), dev, "-block-size", "512"]
+
+
+def start_kernel_client(work: Path, server: str, index: int) -> KernelClient:
+    """Connect /dev/nbd<index> to the server with nbd-client; wait for its size."""
+    if shutil.which("nbd-client") is None:
+        raise BenchError(f"nbd-client is not installed: apt-get install {NBD_CLIENT_PACKAGE}")
+    if not Path("/sys/block/nbd0").exists():
+        _run(["modprobe", "nbd"])
+    dev = f"/dev/nbd{index}"
+    argv = nbd_client_argv(work, server, dev)
+    _run(argv, timeout=60)
+    size = Path(f"/sys/block/nbd{index}/size")
+    _wait(f"the size of {dev}", lambda: size.exists() and int(size.read_text() or 0) > 0, NODE_TIMEOUT)
+    return KernelClient(server, dev, shlex.join(argv))
+
+
+def stop_kernel_client(k: KernelClient) -> None:
+    with suppress(BenchError, OSError, subprocess.SubprocessError):
+        _run(["nbd-client", "-d", k.dev], timeout=60)
 
 
 def qsd_argv(work: Path, server: str) -> list[str]:
@@ -139,7 +200,7 @@ def _stop_server(proc: subprocess.Popen[bytes]) -> None:
 
 
 def run_one(
-    d: Device, w: Workload, server: str, server_pid: int, seconds: float, ramp: float, fio: Any
+    d: Device | KernelClient, w: Workload, server: str, server_pid: int, seconds: float, ramp: float, fio: Any
 ) -> dict[str, Any]:
     cell: dict[str, Any] = {
         "impl": d.impl,
@@ -151,16 +212,24 @@ def run_one(
         "dev": d.dev,
         "delay_us": SERVERS[server][2],
     }
-    if d.proc.poll() is not None:
-        cell["error"] = f"the daemon exited ({d.proc.returncode}) before this cell"
-        cell["daemon_log"] = d.log_tail()
+    daemon = d if isinstance(d, Device) else None
+    if daemon is not None and daemon.proc.poll() is not None:
+        cell["error"] = f"the daemon exited ({daemon.proc.returncode}) before this cell"
+        cell["daemon_log"] = daemon.log_tail()
         return cell
     before = None
     server0 = cpu_seconds(server_pid)
+    perf = None
+    data = f"/tmp/nbd-bench/perf-{d.impl}-{server}-{w.name}.data"
     try:
-        if d.impl == "pyvduse":
+        if d.impl in OURS:
             before = ctl(d.name, "stats")
-        measure_fio(cell, d.dev, d.pid, w, seconds, ramp, fio)
+        if w.name in PERF_WORKLOADS:
+            perf = perf_record(data, ramp + seconds)
+        measure_fio(cell, d.dev, None if daemon is None else daemon.pid, w, seconds, ramp, fio)
+        if perf is not None:
+            perf.wait(60)
+            cell["perf"] = perf_report(data)
         if before is not None:
             cell.update(stats_delta(before, ctl(d.name, "stats")))
     except (OSError, subprocess.SubprocessError, BenchError) as e:
@@ -169,8 +238,8 @@ def run_one(
         cell.setdefault("error", f"{type(e).__name__}: {e}")
     ios = cell.get("dev_ios")
     cell["server_cpu_us_per_io"] = (cpu_seconds(server_pid) - server0) / ios * 1e6 if ios else None
-    if "error" in cell:
-        cell["daemon_log"] = d.log_tail()[-1500:]
+    if "error" in cell and daemon is not None:
+        cell["daemon_log"] = daemon.log_tail()[-1500:]
     return cell
 
 
@@ -186,33 +255,38 @@ def run_matrix(
         for s in servers:
             procs[s] = start_server(work, s)
             stack.callback(_stop_server, procs[s])  # after the daemons (LIFO)
-        devices: dict[tuple[str, str], Device] = {}
+        devices: dict[tuple[str, str], Device | KernelClient] = {}
         ours = []
         for s in servers:
-            name = device_name("pyvduse", s)
-            argv = our_argv(work, s)
-            d = Device(
-                "pyvduse",
-                s,
-                1,
-                name,
-                _spawn(argv, work / f"{name}.log", stdout=subprocess.PIPE),
-                work / f"{name}.log",
-                command=shlex.join(argv),
-            )
-            stack.callback(stop, d)
-            ours.append(d)
-            devices[("pyvduse", s)] = d
+            for impl in OURS:
+                name = device_name(impl, s)
+                argv = our_argv(work, s, impl)
+                d = Device(
+                    impl,
+                    s,
+                    1,
+                    name,
+                    _spawn(argv, work / f"{name}.log", stdout=subprocess.PIPE),
+                    work / f"{name}.log",
+                    command=shlex.join(argv),
+                )
+                stack.callback(stop, d)
+                ours.append(d)
+                devices[(impl, s)] = d
         fio = local_fio(work)
         wait_ready(ours)
         for s in servers:
             d = launch_qsd(device_name("qsd", s), qsd_argv(work, s), work, s, 1)
             stack.callback(stop, d)
             devices[("qsd", s)] = d
-        for (impl, s), d in devices.items():
-            entry: dict[str, Any] = {"impl": impl, "server": s, "dev": d.dev, "command": d.command}
-            if impl == "pyvduse":
-                status = ctl(d.name, "status")
+        for i, s in enumerate(servers):
+            kc = start_kernel_client(work, s, i)
+            stack.callback(stop_kernel_client, kc)  # before its server stops (LIFO)
+            devices[("kernel", s)] = kc
+        for (impl, s), dev in devices.items():
+            entry: dict[str, Any] = {"impl": impl, "server": s, "dev": dev.dev, "command": dev.command}
+            if impl in OURS:
+                status = ctl(dev.name, "status")
                 entry["nbd"] = status.get("nbd")
                 entry["engines"] = [q.get("engine") for q in status.get("queues", [])]
             result["devices"].append(entry)
@@ -234,7 +308,7 @@ def run_matrix(
 
 
 def cell_line(c: dict[str, Any]) -> str:
-    head = f"{c['impl']:8} {c['server']:10} {c['workload']:17}"
+    head = f"{c['impl']:11} {c['server']:10} {c['workload']:17}"
     if "error" in c:
         return f"{head} ERROR: {c['error'][-300:]}"
     cpu = c.get("cpu_us_per_io")
@@ -253,8 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--servers", default=",".join(SERVERS))
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--our-args", default="")
+    p.add_argument("--perf", action="append", default=[], metavar="WORKLOAD")
     args = p.parse_args(argv)
     OUR_EXTRA[:] = shlex.split(args.our_args)
+    PERF_WORKLOADS[:] = args.perf
     try:
         workloads = [WORKLOAD_BY_NAME[n] for n in args.workloads.split(",") if n]
         servers = [n for n in args.servers.split(",") if n]

@@ -36,6 +36,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
+from guest_runner import perf_record, perf_report  # noqa: E402
+
 from tests.vm.net_tools import address_here, move_to_namespace, sh, wait_ping  # noqa: E402
 
 DEFAULT_JSON = HERE / "results" / "net.json"
@@ -110,17 +112,6 @@ def start_ours(extra: list[str], profile: str | None) -> tuple[subprocess.Popen[
     return proc, fields["ifname"]
 
 
-def perf_report(data: str) -> str:
-    """What ``perf record -a`` saw: the share of the guest's CPU time per task and kernel or
-    user symbol (the software clock: TCG has no PMU), the top lines."""
-    p = sh(
-        f"perf report -i {data} --stdio --no-children --sort comm,sym --percent-limit 1 2>/dev/null",
-        check=False,
-        timeout=300,
-    )
-    return "\n".join(line for line in p.stdout.splitlines() if line.strip() and not line.startswith("#"))
-
-
 def guest(args: argparse.Namespace) -> int:
     here, there, ns = OURS
     proc, ifname = start_ours(shlex.split(args.our_args), args.profile)
@@ -144,12 +135,7 @@ def guest(args: argparse.Namespace) -> int:
                 perf = None
                 if name in args.perf:  # the whole guest, sampled while iperf3 runs
                     data = f"/tmp/bench-net-{impl}.perf"
-                    record = ["perf", "record", "-a", "-e", "cpu-clock", "-F", "499", "-o", data]
-                    perf = subprocess.Popen(
-                        [*record, "--", "sleep", str(args.seconds)],
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    )
+                    perf = perf_record(data, args.seconds)
                 cpu0, t0, (busy0, all0) = cpu_seconds(proc.pid), time.monotonic(), cpu_ticks()
                 try:
                     value: float | None = figure(iperf3(server, where, options, args.seconds), kind)

@@ -97,6 +97,8 @@ TEST_PACKAGES = {
     "nbdkit": "nbdkit",
     "qemu-nbd": "qemu-utils",
     "nbdsh": "python3-libnbd",
+    # the kernel's own NBD client (with nbd.ko, GUEST_MODULES): bench/nbd.py's limit
+    "nbd-client": "nbd-client",
     # the Ceph cluster of the RBD tests (pyvduse.testing.ceph); ceph-common brings librbd1
     "ceph-mon": "ceph-mon",
     "ceph-osd": "ceph-osd",

@@ -670,7 +670,7 @@ def nbd_cell(impl: str, server: str, workload: str, figure: float, **kw: Any) ->
         "server_cpu_us_per_io": 30.0,
         "round": 0,
     }
-    if impl == "pyvduse":
+    if impl in ("pyvduse", "py-defaults"):
         cell["depth_mean"] = float(qd[2:])
     cell.update(kw)
     return cell
@@ -679,21 +679,41 @@ def nbd_cell(impl: str, server: str, workload: str, figure: float, **kw: Any) ->
 def test_nbd_rows_limits_and_targets(nbd_bench: ModuleType) -> None:
     cells = []
     for server in ("plain", "delay-1ms"):
-        for w, ours, peer in (
-            ("randread-4k-qd1", 900, 600),
-            ("randread-4k-qd16", 13000, 7000),
-            ("randwrite-4k-qd16", 9000, 10000),
+        for w, defaults, ours, peer, kernel in (
+            ("randread-4k-qd1", 500, 900, 600, 700),
+            ("randread-4k-qd16", 7000, 13000, 7000, 14000),
+            ("randwrite-4k-qd16", 8000, 9000, 10000, 12000),
         ):
             if server == "plain":
-                ours, peer = ours * 2, peer * 2
-            cells += [nbd_cell("pyvduse", server, w, ours), nbd_cell("qsd", server, w, peer)]
+                defaults, ours, peer, kernel = defaults * 2, ours * 2, peer * 2, kernel * 2
+            cells += [
+                nbd_cell("py-defaults", server, w, defaults),
+                nbd_cell("pyvduse", server, w, ours),
+                nbd_cell("qsd", server, w, peer),
+                nbd_cell("kernel", server, w, kernel, cpu_us_per_io=None),
+            ]
     rows = nbd_bench.build_rows(cells)
     by = {(r["server"], r["workload"]): r for r in rows}
     assert len(rows) == 6
     r = by[("delay-1ms", "randread-4k-qd16")]
     assert r["limit"] == 16000 and r["ours_vs_limit"] == pytest.approx(13000 / 16000)
+    assert r["defaults_vs_limit"] == pytest.approx(7000 / 16000)
     assert r["ratio"] == pytest.approx(13000 / 7000) and by[("plain", "randread-4k-qd1")]["limit"] is None
+    assert r["defaults"] == 7000 and r["kernel"] == 14000
+    assert r["defaults_vs_peer"] == pytest.approx(1.0) and r["defaults_vs_kernel"] == pytest.approx(0.5)
+    assert r["defaults_depth"] == 16 and r["our_cpu_us_per_io"] == 50
+    assert by[("plain", "randread-4k-qd1")]["kernel_lat_us"] == pytest.approx(1e6 / 1400)
     targets = {t["target"]: t for t in nbd_bench.evaluate_targets(rows)}
+    # issue 30's, for the defaults, on both servers
+    for server in ("plain", "delay-1ms"):
+        assert targets[f"defaults_vs_peer_{server}_randread_qd1"]["met"] is False  # 0.83x
+        assert targets[f"defaults_vs_peer_{server}_randread_qd16"]["met"] is True  # 1.0x
+        assert targets[f"defaults_vs_kernel_{server}_randread_qd16"]["met"] is False  # 0.5x
+        assert targets[f"defaults_vs_peer_{server}_randwrite_qd16"]["met"] is False  # 0.8x
+        assert targets[f"defaults_vs_kernel_{server}_randwrite_qd16"]["met"] is True  # 0.67x
+        assert targets[f"defaults_vs_peer_{server}_randwrite_qd1"]["met"] is None  # not run
+    assert targets["defaults_vs_kernel_delay-1ms_randread_qd16"]["value"] == "0.50x (7,000 IOPS)"
+    # issue 17's, for the options spelled out
     assert targets["vs_peer"]["met"] is False
     assert targets["vs_peer"]["below"] == [
         "plain randwrite-4k-qd16 0.90x",
@@ -701,17 +721,21 @@ def test_nbd_rows_limits_and_targets(nbd_bench: ModuleType) -> None:
     ]
     assert targets["limit_randread"]["met"] is True and targets["limit_randwrite"]["met"] is False
     text = nbd_bench.report_text({"rows": rows, "targets": list(targets.values()), "info": {"guest": {}}})
-    assert "16,000 IOPS" in text and "1.86x" in text and "not met" in text
+    assert "16,000" in text and "1.86x" in text and "not met" in text and "not measured" in text
+    assert "defaults/kernel" in text and "0.50x" in text
+    assert "delay-1ms randread iodepth 16: defaults >= 0.6x the kernel's NBD client" in text
     failed = nbd_bench.build_rows([nbd_cell("pyvduse", "plain", "randread-4k-qd1", 1, error="fio exited 1")])
     assert failed[0]["ours"] is None and failed[0]["errors"] == ["fio exited 1"]
+    assert failed[0]["defaults"] is None and failed[0]["defaults_vs_peer"] is None
 
 
 @pytest.mark.boots_vm
 @pytest.mark.skipif(os.environ.get("PYVDUSE_IN_VM") == "1", reason="boots a VM from the host")
 @pytest.mark.skipif(os.geteuid() != 0, reason="the test VM needs root")
 def test_nbd_bench_quick_run(tmp_path: Path, nbd_bench: ModuleType) -> None:
-    """The NBD benchmark's smoke form: both daemons on both servers, every figure there, and
-    our queues on the native loop."""
+    """The NBD benchmark's smoke form: our defaults, ours with options, qemu-storage-daemon
+    and the kernel's NBD client on both servers, every figure there, our queues on the native
+    loop, issue 30's targets judged."""
     out = tmp_path / "nbd.json"
     proc = subprocess.run(
         [sys.executable, str(BENCH / "nbd.py"), "--quick", "--json", str(out)],
@@ -727,9 +751,25 @@ def test_nbd_bench_quick_run(tmp_path: Path, nbd_bench: ModuleType) -> None:
     assert set(rows) == {(s, w) for s in ("plain", "delay-1ms") for w in quick}
     for key, r in rows.items():
         assert not r["errors"], key
-        for field in ("ours", "peer", "ratio", "our_cpu_us_per_io", "peer_cpu_us_per_io"):
+        for field in ("defaults", "ours", "peer", "kernel", "ratio", "defaults_vs_peer", "defaults_vs_kernel",
+                      "defaults_cpu_us_per_io", "our_cpu_us_per_io", "peer_cpu_us_per_io"):  # fmt: skip
             assert r[field] is not None and r[field] > 0, (key, field)
-    ours = [d for d in report["info"]["devices"] if d["impl"] == "pyvduse"]
-    assert ours and all(d["engines"] == ["native"] for d in ours), ours
-    assert all(t["met"] in (True, False, None) for t in report["targets"])
-    assert "ours/limit" in proc.stdout
+    devices = report["info"]["devices"]
+    ours = [d for d in devices if d["impl"] in ("pyvduse", "py-defaults")]
+    assert len(ours) == 4 and all(d["engines"] == ["native"] for d in ours), ours
+    (defaults,) = [d for d in ours if d["impl"] == "py-defaults" and d["server"] == "plain"]
+    assert defaults["command"].split(" -m pyvduse ")[1] == (
+        "blk --name pyd-nbd-plain --nbd 'nbd+unix:///?socket=/tmp/nbd-bench/plain.sock'"
+    )
+    kernel = [d for d in devices if d["impl"] == "kernel"]
+    assert sorted(d["dev"] for d in kernel) == ["/dev/nbd0", "/dev/nbd1"], kernel
+    targets = {t["target"]: t for t in report["targets"]}
+    for server in ("plain", "delay-1ms"):
+        for name in (
+            f"defaults_vs_peer_{server}_randread_qd1",
+            f"defaults_vs_peer_{server}_randread_qd16",
+            f"defaults_vs_kernel_{server}_randread_qd16",
+            f"defaults_vs_kernel_{server}_randwrite_qd16",
+        ):
+            assert targets[name]["met"] in (True, False), name
+    assert "defaults/kernel" in proc.stdout
