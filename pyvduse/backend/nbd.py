@@ -460,7 +460,11 @@ class _Connection:
 
     def _serve(self, handle: Any, generation: int) -> None:
         """Drive ``handle`` until it dies or the connection closes."""
-        fd = handle.aio_get_fd()
+        try:
+            fd = handle.aio_get_fd()
+        except self.nbd.Error as e:  # it died already (the server hung up on a resend)
+            self._lost(generation, _describe(e))
+            return
         poller = select.poll()
         poller.register(self._wake_fd, select.POLLIN)
         watched = 0
