@@ -334,7 +334,8 @@ def nbd_scenario(rnd: random.Random, tmp: Path) -> str:
                 early.extend(server.resent_early)
                 print(
                     f"nbd: warning: {len(server.resent_early)} command(s) sent again while the "
-                    f"original was unanswered on an open connection: {server.resent_early[:2]}; lies {seen}",
+                    f"original was unanswered on an open connection ({queues} queue(s)): "
+                    f"{server.resent_early[:2]}; lies {seen}",
                     file=sys.stderr,
                 )
         finally:
