@@ -2,13 +2,16 @@
 # The native engine under AddressSanitizer and UndefinedBehaviorSanitizer: build the
 # extension (every build: plain, io_uring, and io_uring + NBD where libnbd-dev is there) with
 # -fsanitize=address,undefined in a copy of the tree, then run the native-engine tests (the
-# NBD ones against nbdkit when it is installed) and the differential fuzzer
-# (fuzz/ring_cases.py: both engines, byte for byte) against it on a fixed seeded budget.
+# NBD ones against nbdkit when it is installed) and the fuzzers (fuzz/native_run.sh: blk
+# rings on both engines byte for byte, net RX/TX, io_uring with requests in flight, out of
+# order and remapped, NBD against lying servers) against it, on a fresh random seed each
+# run, printed with the command that replays it (SANITIZE_SEED=...).
 # Any sanitizer report fails the run (the first one aborts the process, and every report
 # is also written to a log file this script checks for).
 #
 #   fuzz/sanitize.sh              # CI (.ci/run): the fixed budget, a few minutes
 #   FUZZ_CASES=100000 fuzz/sanitize.sh   # a longer fuzzing run
+#   SANITIZE_SEED=123 fuzz/sanitize.sh   # replay the run that printed seed 123
 #
 # Needs gcc (its libasan and libubsan: Debian's libgcc-12-dev brings them) and the tests'
 # Python packages. The ordinary build in the checkout is left alone. Everything that may
@@ -19,7 +22,7 @@
 # fails only on what it finds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SEED=${SANITIZE_SEED:-20261205}
+SEED=${SANITIZE_SEED:-$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}  # a fresh seed every run
 CASES=${FUZZ_CASES:-4000}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/pyvduse-sanitize.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
@@ -28,6 +31,7 @@ echo "sanitize: copying the tree to $WORK"
 tar --exclude='__pycache__' --exclude='*.so' --exclude='.hypothesis' -cf - \
   pyproject.toml README.md pyvduse tests fuzz | tar -xf - -C "$WORK"
 cd "$WORK"
+echo "sanitize: seed $SEED"
 
 # The build needs setuptools >= 77 (pyproject.toml) in the interpreter that runs it.
 if ! python3 -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 77)'; then
@@ -74,21 +78,13 @@ print(f"sanitize: {native._splitblk.__file__} loaded under AddressSanitizer")
 EOF
 
 status=0
-echo "sanitize: native-engine properties (hypothesis seed $SEED)"
-python3 -m pytest -p no:cacheprovider -q --no-vm -x --hypothesis-seed="$SEED" \
-  tests/unit/test_native_api.py tests/unit/test_native_engine.py \
-  tests/unit/test_hostile_ring.py tests/unit/test_ring_areas.py \
-  tests/unit/test_ring_budget.py tests/unit/test_native_uring.py \
-  tests/unit/test_native_inflight.py tests/unit/test_nbd.py tests/unit/test_nbd_hostile.py \
-  tests/unit/test_native_net.py tests/unit/test_hostile_net.py || status=$?
-if [ "$status" = 0 ]; then
-  echo "sanitize: differential fuzzing, $CASES cases (seed $SEED)"
-  python3 fuzz/fuzz_rings.py --cases "$CASES" --seed "$SEED" || status=$?
-fi
+echo "sanitize: native-engine properties and fuzzers, seed $SEED" \
+  "(replay: SANITIZE_SEED=$SEED FUZZ_CASES=$CASES fuzz/sanitize.sh)"
+FUZZ_SEED=$SEED CASES=$CASES bash fuzz/native_run.sh || status=$?
 if compgen -G "$REPORT*" >/dev/null; then
   echo "sanitize: SANITIZER REPORTS:" >&2
   cat "$REPORT"* >&2
   exit 1
 fi
-[ "$status" = 0 ] || { echo "sanitize: FAILED (exit $status)" >&2; exit "$status"; }
+[ "$status" = 0 ] || { echo "sanitize: FAILED (exit $status, seed $SEED: SANITIZE_SEED=$SEED fuzz/sanitize.sh replays it)" >&2; exit "$status"; }
 echo "sanitize: no sanitizer report"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import select
 import socket
 import struct
 import threading
@@ -83,6 +84,7 @@ class HostileNbdServer:
         self._lock = threading.Lock()
         self._pending: dict[int, dict[int, Command]] = {}  # open connection -> cookie -> command
         self._socks: list[socket.socket] = []
+        self._sock_of: dict[int, socket.socket] = {}  # open connection -> its socket
         self._closed = False
         path.unlink(missing_ok=True)
         self._listener = socket.socket(socket.AF_UNIX)
@@ -120,6 +122,16 @@ class HostileNbdServer:
         with self._lock:
             return len(self._pending)
 
+    def _open(self, conn: int) -> bool:
+        """Whether the client still has connection ``conn`` open (its thread here may not
+        have seen the end yet: it has if the client's side is closed or shut down)."""
+        s = self._sock_of.get(conn)
+        if s is None:
+            return False
+        p = select.poll()  # the client's end: shut down or closed, though commands it sent
+        p.register(s, select.POLLRDHUP)  # before may still wait unread here
+        return not any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _, ev in p.poll(0))
+
     @staticmethod
     def _shut(s: socket.socket) -> None:
         with contextlib.suppress(OSError):
@@ -135,6 +147,7 @@ class HostileNbdServer:
                 conn = self.connections
                 self.connections += 1
                 self._socks.append(s)
+                self._sock_of[conn] = s
             threading.Thread(target=self._serve, args=(s, conn), daemon=True).start()
 
     def _serve(self, s: socket.socket, conn: int) -> None:
@@ -157,7 +170,7 @@ class HostileNbdServer:
                     for other, pending in self._pending.items():
                         for old in pending.values():
                             same = (old.kind, old.offset, old.length) == (kind, offset, length)
-                            if same and (other != conn or old.cookie != cookie):
+                            if same and (other != conn or old.cookie != cookie) and self._open(other):
                                 self.resent_early.append((old, cmd))
                     self._pending[conn][cookie] = cmd
                 reply = self.policy(cmd)
@@ -173,6 +186,7 @@ class HostileNbdServer:
         finally:
             with self._lock:
                 self._pending.pop(conn, None)
+                self._sock_of.pop(conn, None)
                 if s in self._socks:
                     self._socks.remove(s)
             self._shut(s)

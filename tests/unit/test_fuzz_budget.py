@@ -23,3 +23,15 @@ def test_seeded_random_budget() -> None:
 @given(st.binary(min_size=16, max_size=700))
 def test_hypothesis_bytes(data: bytes) -> None:
     run_case(data)
+
+
+def test_the_native_paths_fuzzer_on_a_seeded_budget() -> None:
+    """fuzz/fuzz_native.py (net, io_uring in flight, NBD against lying servers), a few
+    scenarios of each on a fixed seed: the paths it cannot run here are skipped inside."""
+    from fuzz.fuzz_native import fuzz as fuzz_native
+
+    logging.disable(logging.ERROR)
+    try:
+        assert fuzz_native(20261208, {"net": 200, "uring": 10, "nbd": 4}) == 0
+    finally:
+        logging.disable(logging.NOTSET)

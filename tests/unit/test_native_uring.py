@@ -492,9 +492,8 @@ def test_wait_idle_reaps_pushes_and_interrupts(rig_of: Callable[..., Rig]) -> No
     assert rig.engine.in_flight() == 3
     with pytest.raises(RuntimeError, match="in flight"):
         rig.engine.close()
-    t = time.monotonic()
     assert rig.engine.wait_idle(20_000_000) == 3  # nothing can finish: the gate is shut
-    assert time.monotonic() - t >= 0.015
+    assert rig.engine.in_flight() == 3  # it gave up at its timeout, with all three kept
     before = len(rig.interrupts)
     rig.drv.set_used_event(rig.drv.last_used)  # event idx: interrupt at the next completion
     rig.release(3)

@@ -123,7 +123,7 @@ def serve(
 
 
 def engines(rig: ModelRig) -> set[str]:
-    assert rig.server.running.wait(2)
+    assert rig.server.running.wait(10)
     return {"native" if isinstance(w, NativeQueueWorker) else "python" for w in rig.server.workers.values()}
 
 
@@ -348,7 +348,7 @@ def test_a_server_that_comes_back_within_the_window_loses_nothing(
 @needs_nbd
 @pytest.mark.parametrize("data_path", [DataPath.AUTO, DataPath.PYTHON], ids=["auto", "python"])
 def test_past_the_window_requests_fail_and_later_ones_reconnect(
-    sock_dir: Path, nbdkit: list[Nbdkit], data_path: DataPath
+    sock_dir: Path, nbdkit: list[Nbdkit], data_path: DataPath, caplog: pytest.LogCaptureFixture
 ) -> None:
     img = sock_dir / "disk.img"
     img.write_bytes(b"d" * MiB)
@@ -358,10 +358,9 @@ def test_past_the_window_requests_fail_and_later_ones_reconnect(
     with serve(b, data_path=data_path) as rig:
         drv = BlkDriver(rig.kernel)
         server.kill()
-        started = time.monotonic()
-        with pytest.raises(BlkIOError):
+        with caplog.at_level(logging.ERROR, logger="pyvduse.backend.nbd"), pytest.raises(BlkIOError):
             drv.read(0, 512)
-        assert time.monotonic() - started > 0.4  # it waited for the window
+        assert "no server within 0.5 s" in caplog.text  # it failed when the window ended
         server.start()
         assert drv.read(0, 512) == b"d" * 512
         # the server comes back with another disk: refused, the device fails I/O

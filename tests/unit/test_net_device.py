@@ -84,8 +84,10 @@ def test_frame_waits_for_buffers_then_arrives() -> None:
         assert dev.queue_stats[0].drops == 0
 
 
-def test_receive_buffers_are_held_not_waited_for() -> None:
-    """A reset or a drain with every receive buffer waiting for a frame is immediate."""
+def test_receive_buffers_are_held_not_waited_for(caplog: pytest.LogCaptureFixture) -> None:
+    """A reset or a drain with every receive buffer waiting for a frame is immediate: nothing
+    waits for the held buffers (a drain counts none left, the reset's wind-down abandons none
+    after a grace period, the kernel's message does not time out)."""
     dev, be, rig = served()
     with rig:
         nic = NetDriver(rig.kernel, rx_buffers=128)
@@ -94,9 +96,9 @@ def test_receive_buffers_are_held_not_waited_for() -> None:
             time.sleep(0.01)
         assert dev.rx.held == 128
         assert drain(rig.server, 5.0) == 0
-        t = time.monotonic()
         nic.remove()
-        assert time.monotonic() - t < 1.0
+        assert not rig.kernel.broken
+        assert "still in flight after" not in caplog.text
         assert dev.rx.held == 0
         # the driver comes back: the device serves it from scratch
         nic = NetDriver(rig.kernel, rx_buffers=16)

@@ -10,7 +10,6 @@ import socket
 import stat
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,7 +46,7 @@ def served(
     quit_event = threading.Event()
     with ModelRig(device) as rig:
         drv = BlkDriver(rig.kernel) if probe else None
-        assert not probe or rig.server.running.wait(2)  # queues start just after DRIVER_OK
+        assert not probe or rig.server.running.wait(10)  # queues start just after DRIVER_OK
         ops = Operations(
             "t0",
             rig.server,
@@ -252,7 +251,7 @@ def test_many_clients_at_once(sock_dir: Path) -> None:
 def test_quit_calls_back_after_replying(sock_dir: Path) -> None:
     with served(sock_dir) as (_rig, _drv, ops, quit_event):
         assert request(ops.control_path, {"cmd": "quit"}) == {"result": {"stopping": True}}
-        assert quit_event.wait(2)
+        assert quit_event.wait(10)
         assert request(ops.control_path, {"cmd": "status"})["result"]["state"] == "stopping"
 
 
@@ -312,9 +311,12 @@ def test_socket_directory_is_created(sock_dir: Path) -> None:
 
 def test_close_is_quick_with_clients_connected(sock_dir: Path) -> None:
     with served(sock_dir) as (_rig, _drv, ops, _):
-        c = Conn(ops.control_path)
-        start = time.monotonic()
-    assert time.monotonic() - start < 2
+        c = Conn(ops.control_path)  # connected, never sends, never hangs up
+        assert ops.socket is not None and ops.socket._thread is not None
+        thread = ops.socket._thread
+    # close() ended the socket's thread (it did not give up on it after its join timeout)
+    # and hung up on the client
+    assert not thread.is_alive()
     assert c.closed()
 
 

@@ -1,9 +1,12 @@
-"""A stalled backend stalls its own requests, not the management socket nor the control path."""
+"""A stalled backend stalls its own requests, not the management socket nor the control path.
+
+No timing is asserted: a reply "during the stall" is one that arrives while the stalled read
+is still inside the backend (``StallingFile.returned`` unset), which it leaves only when the
+test releases it (or after a minute); every wait has a generous timeout that only a hang hits."""
 
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -30,18 +33,14 @@ class StallingFile(FileBackend):
         self.stall = threading.Event()
         self.release = threading.Event()
         self.entered = threading.Event()
+        self.returned = threading.Event()  # a stalled read left the backend
 
     def readv(self, offset: int, bufs: list[memoryview]) -> None:
         if self.stall.is_set():
             self.entered.set()
             self.release.wait(STALL_SECONDS)
+            self.returned.set()
         super().readv(offset, bufs)
-
-
-def timed(fn: object, *args: object, **kw: object) -> tuple[object, float]:
-    start = time.monotonic()
-    result = fn(*args, **kw)  # type: ignore[operator]
-    return result, time.monotonic() - start
 
 
 def test_socket_and_control_messages_answer_during_a_stall(sock_dir: Path) -> None:
@@ -58,26 +57,26 @@ def test_socket_and_control_messages_answer_during_a_stall(sock_dir: Path) -> No
         head = q.submit([vb.OUTHDR.pack(vb.ReqType.IN, 0, 0)], [4096, 1])
         assert backend.entered.wait(5), "the read never reached the backend"
         try:
-            # the management socket
-            reply, took = timed(request, ops.control_path, {"cmd": "status"}, timeout=1.0)
-            assert took < 1.0
-            q0 = reply["result"]["queues"][0]  # type: ignore[index]
+            # the management socket answers while the read is stuck
+            reply = request(ops.control_path, {"cmd": "status"}, timeout=20.0)
+            q0 = reply["result"]["queues"][0]
             assert q0["in_flight"] == 1 and q0["pending"] == 0
-            reply, took = timed(request, ops.control_path, {"cmd": "stats"}, timeout=1.0)
-            assert took < 1.0 and reply["result"]["total"]["in_flight"] == 1  # type: ignore[index]
+            reply = request(ops.control_path, {"cmd": "stats"}, timeout=20.0)
+            assert reply["result"]["total"]["in_flight"] == 1
+            assert not backend.returned.is_set()
             # a config change goes through while the queue is stuck
-            reply, took = timed(request, ops.control_path, {"cmd": "resize", "size": "8M"}, timeout=2.0)
-            assert reply["result"]["changed"] and took < 2.0  # type: ignore[index]
+            reply = request(ops.control_path, {"cmd": "resize", "size": "8M"}, timeout=20.0)
+            assert reply["result"]["changed"]
             assert drv.capacity == 8 * MiB and drv.virtio.config_changes == 1
-            # the kernel's control messages
-            state, took = timed(rig.kernel.get_vq_state, 0)
-            assert state == (2,) and took < 1.0  # the write and the stuck read
+            # the kernel's control messages are answered (not timed out: broken) meanwhile
+            assert rig.kernel.get_vq_state(0) == (2,)  # the write and the stuck read
             status = rig.kernel.get_status()
-            _, took = timed(rig.kernel.set_status, status | Status.DEVICE_NEEDS_RESET)
-            assert took < 1.0 and not rig.kernel.broken
+            rig.kernel.set_status(status | Status.DEVICE_NEEDS_RESET)
+            assert not rig.kernel.broken
+            assert not backend.returned.is_set()
             # draining gives up after its timeout and says how many did not finish
-            left, took = timed(drain, rig.server, 0.3)
-            assert left == 1 and 0.3 <= took < 1.5
+            assert drain(rig.server, 0.3) == 1
+            assert not backend.returned.is_set()
             assert q.ring.collect() == []  # still stuck
         finally:
             backend.release.set()
@@ -96,26 +95,28 @@ def test_shutdown_drain_waits_for_the_request_in_flight(sock_dir: Path) -> None:
     with open(img, "wb") as f:
         f.truncate(MiB)
     backend = StallingFile(str(img))
-    with served(sock_dir, BlkDevice(backend), drain_timeout=10.0) as (_rig, drv, ops, _):
+    # the drain may wait longer than the stall lasts: only the release (then the abort) ends it
+    with served(sock_dir, BlkDevice(backend), drain_timeout=2 * STALL_SECONDS) as (_rig, drv, ops, _):
         assert drv is not None
         backend.stall.set()
         q = drv.virtio.queues[0]
         head = q.submit([vb.OUTHDR.pack(vb.ReqType.IN, 0, 0)], [512, 1])
         assert backend.entered.wait(5)
         threading.Timer(0.3, backend.release.set).start()
-        left, took = timed(ops.shutdown)
-        assert left == 0 and 0.2 < took < 5
+        assert ops.shutdown() == 0  # it waited for the read ...
+        assert backend.returned.is_set()  # ... which the release ended
         assert ops.target.state == "stopping"
         assert q.wait(head, timeout=5).data[-1] == vb.ReqStatus.OK
         # an abort (a second SIGTERM) ends the wait at once
         backend.release.clear()
         backend.entered.clear()
+        backend.returned.clear()
         head = q.submit([vb.OUTHDR.pack(vb.ReqType.IN, 0, 0)], [512, 1])
         assert backend.entered.wait(5)
         abort = threading.Event()
         threading.Timer(0.2, abort.set).start()
-        left, took = timed(ops.shutdown, abort=abort)
-        assert left == 1 and took < 2
+        assert ops.shutdown(abort=abort) == 1
+        assert not backend.returned.is_set()  # the abort ended the wait, not the read
         backend.release.set()
         q.wait(head, timeout=5)
     backend.close()

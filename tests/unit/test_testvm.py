@@ -527,10 +527,9 @@ def test_run_prepared_timeout_kills_the_vm(fake_qemu: tuple[Path, Path]) -> None
     sink = io.StringIO()
     argv = [sys.executable, str(script), str(rundir), "hang"]
     r = testvm._run_prepared(argv, rundir, timeout=2.0, console=sink)
-    assert (r.exit_code, r.timed_out) == (EXIT_TIMEOUT, True)
-    assert 2.0 <= r.duration < 15
+    assert (r.exit_code, r.timed_out) == (EXIT_TIMEOUT, True)  # the timeout ended it ...
     assert "hello-from-fake" in sink.getvalue()
-    assert _pid_gone(int((rundir / "pid").read_text()))
+    assert _pid_gone(int((rundir / "pid").read_text()))  # ... by killing the VM that hangs
 
 
 def test_run_prepared_hides_a_panicked_boot_only_when_retrying(fake_qemu: tuple[Path, Path]) -> None:
@@ -587,7 +586,8 @@ def test_run_prepared_stops_a_boot_that_hangs(fake_qemu: tuple[Path, Path]) -> N
     sink = io.StringIO()
     r = testvm._run_prepared(argv, rundir, timeout=60, console=sink, will_retry=True, boot_timeout=1.0)
     assert (r.exit_code, r.timed_out, r.boot_hung, sink.getvalue()) == (EXIT_NO_STATUS, False, True, "")
-    assert r.duration < 15 and _pid_gone(int((rundir / "pid").read_text()))
+    # the boot timeout ended it (boot_hung, not timed_out), and the VM was killed
+    assert _pid_gone(int((rundir / "pid").read_text()))
 
 
 def test_run_boots_again_after_a_boot_hang(

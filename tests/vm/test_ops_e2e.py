@@ -198,10 +198,9 @@ def test_stalled_backend_stalls_only_its_request(tmp_path: Path, capsys: pytest.
             return bool(total["in_flight"] == 1)
 
         wait_for("the read to reach the stalled backend", in_flight)
-        # the management socket answers at once, though the queue's worker is stuck
-        start = time.monotonic()
-        reply = request(control, {"cmd": "status"}, timeout=1.0)
-        assert time.monotonic() - start < 1.0
+        # the management socket answers while the queue's worker is stuck (the read is still
+        # in flight in the reply: it answered during the stall, not after it)
+        reply = request(control, {"cmd": "status"}, timeout=30.0)
         q0 = reply["result"]["queues"][0]
         assert q0["in_flight"] == 1 and not q0["broken"]
         p = ctl(name, "status", control=control)

@@ -94,16 +94,16 @@ def test_iotlb_changes_with_requests_in_flight(tmp_path: Path) -> None:
             with v.iova.placed(b):
                 in_b = [(k, drv.submit(vb.ReqType.IN, k * 8, in_len=4096)) for k in range(4, 8)]
             wait_in_flight("vh-iotlb", 8)
-            t = time.monotonic()
             c = v.iova.map(5 * GiB, MiB)
-            added = time.monotonic() - t
-            t = time.monotonic()
+            # nothing waited for (or failed) the requests in flight: all eight still are
+            assert "still use memory being unmapped" not in d.stderr()
+            assert ctl_result("vh-iotlb", "stats")["total"]["in_flight"] == 8
             v.iova.unmap(b)  # B's requests get half the message timeout, then are fenced
-            removed = time.monotonic() - t
+            # the unmap was answered (in the message timeout: the device serves on, below)
+            # after the four requests into B were given up on, and only those
+            assert "4 request(s) still use memory being unmapped" in d.stderr(), d.stderr()[-3000:]
         finally:
             dm.resume()  # (a daemon blocked in I/O on a suspended device cannot even die)
-        assert added < 1.5, added  # nothing waited for the requests in flight
-        assert 2.0 < removed < 6, removed
         for k, p in in_a:
             assert ok(drv, p) == pattern[k]
         for _k, p in in_b:
