@@ -167,7 +167,7 @@ class Layout:
             fmt += code
         self.offsets = offsets
 
-    def unpack(self, data: bytes | memoryview, offset: int = 0) -> tuple[int, ...]:
+    def unpack(self, data: bytes | bytearray | memoryview, offset: int = 0) -> tuple[int, ...]:
         """The field values, padding included (the caller checked ``len(data)``)."""
         return self.st.unpack_from(data, offset)
 

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "pyvduse"
 LAYERS: list[set[str]] = [
     {"abi", "errors", "sizes", "ratelimit"},
     {"ring"},
-    {"backend"},
+    {"backend", "fs"},  # storage backends; filesystems (the API, FUSE session, passthrough)
     {"device"},
     {"fastpath"},
     {"transport"},
