@@ -25,7 +25,7 @@ LAYERS: list[set[str]] = [
     {"runtime", "model"},
     {"ops"},
     {"daemon"},
-    {"netdaemon"},  # a Daemon for network interfaces
+    {"netdaemon", "fsdaemon"},  # Daemons for network interfaces, for virtio-fs
     {"testing", "testvm"},
     {"cli"},
     {"__init__", "__main__"},  # the public names; ``python -m pyvduse``
