@@ -23,7 +23,7 @@ from hello_fs import Hello
 from pyvduse.abi import fuse
 from pyvduse.fs.passthrough import Passthrough
 from pyvduse.fs.session import FuseSession
-from tests.unit.fuse_driver import Driver, split
+from pyvduse.testing.fuse_client import Driver, split
 
 OPCODES = [int(op) for op in fuse.Opcode] + [0, 4096, 0xFFFFFFFF]
 

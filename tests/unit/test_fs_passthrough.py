@@ -15,7 +15,7 @@ from pyvduse.abi import fuse
 from pyvduse.fs import ROOT, Context
 from pyvduse.fs.passthrough import Passthrough
 from pyvduse.fs.session import FuseSession
-from tests.unit.fuse_driver import Driver, FuseError
+from pyvduse.testing.fuse_client import Driver, FuseError
 
 CTX = Context()
 

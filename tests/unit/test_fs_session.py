@@ -17,7 +17,7 @@ from pyvduse.abi import fuse
 from pyvduse.device.fs import FsConfigError, FsDevice
 from pyvduse.fs import ROOT, Attr, Context, Entry, Filesystem
 from pyvduse.fs.session import MAX_WRITE, FuseSession
-from tests.unit.fuse_driver import Driver, FuseError
+from pyvduse.testing.fuse_client import Driver, FuseError
 
 
 def test_init_negotiates_our_minor_and_flags() -> None:

@@ -1,4 +1,5 @@
-"""A FUSE driver for the tests: requests as a virtio-fs driver lays them out in a chain."""
+"""A FUSE client for tests and guides: requests laid out as a virtio-fs driver lays them
+out in a chain, sent to a ``FuseSession`` directly (no kernel, no rings), replies decoded."""
 
 from __future__ import annotations
 
