@@ -51,6 +51,36 @@ class _Inode:
     nlookup: int
 
 
+class _Borrowed:
+    """The fds of one operation: duplicates of the inode and handle tables' fds, closed when
+    the operation ends. A FORGET or RELEASE that a hostile driver races with the operation
+    closes the table's fd only, so no fd number the operation uses can meanwhile be reused
+    for another of the daemon's files (its device fd, an eventfd, a mapped region)."""
+
+    __slots__ = ("_fs", "_open")
+
+    def __init__(self, fs: Passthrough) -> None:
+        self._fs = fs
+        self._open: list[int] = []
+
+    def inode(self, ino: int) -> int:
+        fd = self._fs._dup_inode(ino)
+        self._open.append(fd)
+        return fd
+
+    def handle(self, fh: int) -> int:
+        fd = self._fs._dup_handle(fh)
+        self._open.append(fd)
+        return fd
+
+    def __enter__(self) -> _Borrowed:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self._open:
+            os.close(fd)
+
+
 def _proc(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
@@ -81,11 +111,24 @@ class Passthrough(Filesystem):
 
     # -- inodes -----------------------------------------------------------------------------
 
-    def _fd(self, ino: int) -> int:
-        inode = self._inodes.get(ino)
-        if inode is None:
-            raise OSError(errno.ESTALE, "no such inode")
-        return inode.fd
+    def _fds(self) -> _Borrowed:
+        """The fds one operation uses, duplicated from the tables and closed when it ends
+        (see ``_Borrowed``)."""
+        return _Borrowed(self)
+
+    def _dup_inode(self, ino: int) -> int:
+        with self._lock:
+            inode = self._inodes.get(ino)
+            if inode is None:
+                raise OSError(errno.ESTALE, "no such inode")
+            return os.dup(inode.fd)
+
+    def _dup_handle(self, fh: int) -> int:
+        with self._lock:
+            fd = self._files.get(fh)
+            if fd is None:
+                raise OSError(errno.EBADF, "no such handle")
+            return os.dup(fd)
 
     def _entry_from_fd(self, fd: int) -> Entry:
         """The inode of O_PATH ``fd`` (taken over: kept or closed), one more lookup of it."""
@@ -108,7 +151,8 @@ class Passthrough(Filesystem):
         return Entry(Attr.from_stat(st, ino), entry_timeout=self.timeout, attr_timeout=self.timeout)
 
     def _lookup_fd(self, parent: int, name: bytes) -> int:
-        return openat2(self._fd(parent), name, os.O_PATH | os.O_NOFOLLOW)
+        with self._fds() as f:
+            return openat2(f.inode(parent), name, os.O_PATH | os.O_NOFOLLOW)
 
     def lookup(self, parent: int, name: bytes, ctx: Context) -> Entry:
         return self._entry_from_fd(self._lookup_fd(parent, name))
@@ -132,82 +176,94 @@ class Passthrough(Filesystem):
     # -- attributes -------------------------------------------------------------------------
 
     def getattr(self, ino: int, fh: int | None, ctx: Context) -> Attr:
-        return Attr.from_stat(os.stat(self._fd(ino)), ino)
+        with self._fds() as f:
+            return Attr.from_stat(os.stat(f.inode(ino)), ino)
 
     def setattr(self, ino: int, changes: SetAttr, ctx: Context) -> Attr:
-        fd = self._fd(ino)
-        st = os.fstat(fd)
-        is_link = stat.S_ISLNK(st.st_mode)
-        if changes.mode is not None and not is_link:
-            os.chmod(_proc(fd), stat.S_IMODE(changes.mode))
-        if (changes.uid is not None or changes.gid is not None) and not is_link:
-            uid = -1 if changes.uid is None else changes.uid
-            gid = -1 if changes.gid is None else changes.gid
-            os.chown(_proc(fd), uid, gid)
-        if changes.size is not None:
-            handle = self._files.get(changes.fh) if changes.fh is not None else None
-            if handle is not None:
-                os.ftruncate(handle, changes.size)
-            elif stat.S_ISREG(st.st_mode):
-                os.truncate(_proc(fd), changes.size)
-            else:
-                raise OSError(errno.EINVAL, "not a regular file")
-        if (changes.atime_ns is not None or changes.mtime_ns is not None) and not is_link:
-            now = time.time_ns()
+        with self._fds() as f:
+            fd = f.inode(ino)
+            st = os.fstat(fd)
+            is_link = stat.S_ISLNK(st.st_mode)
+            if changes.mode is not None and not is_link:
+                os.chmod(_proc(fd), stat.S_IMODE(changes.mode))
+            if (changes.uid is not None or changes.gid is not None) and not is_link:
+                uid = -1 if changes.uid is None else changes.uid
+                gid = -1 if changes.gid is None else changes.gid
+                os.chown(_proc(fd), uid, gid)
+            if changes.size is not None:
+                handle = self._files.get(changes.fh) if changes.fh is not None else None
+                if handle is not None:
+                    os.ftruncate(handle, changes.size)
+                elif stat.S_ISREG(st.st_mode):
+                    os.truncate(_proc(fd), changes.size)
+                else:
+                    raise OSError(errno.EINVAL, "not a regular file")
+            if (changes.atime_ns is not None or changes.mtime_ns is not None) and not is_link:
+                now = time.time_ns()
 
-            def pick(value: int | None, current: int) -> int:
-                return current if value is None else now if value == NOW else value
+                def pick(value: int | None, current: int) -> int:
+                    return current if value is None else now if value == NOW else value
 
-            os.utime(
-                _proc(fd), ns=(pick(changes.atime_ns, st.st_atime_ns), pick(changes.mtime_ns, st.st_mtime_ns))
-            )
-        return self.getattr(ino, None, ctx)
+                os.utime(
+                    _proc(fd),
+                    ns=(pick(changes.atime_ns, st.st_atime_ns), pick(changes.mtime_ns, st.st_mtime_ns)),
+                )
+            return self.getattr(ino, None, ctx)
 
     def readlink(self, ino: int, ctx: Context) -> bytes:
-        return os.fsencode(os.readlink("", dir_fd=self._fd(ino)))
+        with self._fds() as f:
+            return os.fsencode(os.readlink("", dir_fd=f.inode(ino)))
 
     def statfs(self, ino: int) -> StatFs:
-        v = os.fstatvfs(self._fd(ino))
-        return StatFs(
-            v.f_blocks, v.f_bfree, v.f_bavail, v.f_files, v.f_ffree, v.f_bsize, v.f_namemax, v.f_frsize
-        )
+        with self._fds() as f:
+            v = os.fstatvfs(f.inode(ino))
+            return StatFs(
+                v.f_blocks, v.f_bfree, v.f_bavail, v.f_files, v.f_ffree, v.f_bsize, v.f_namemax, v.f_frsize
+            )
 
-    # -- names ------------------------------------------------------------------------------
+        # -- names ------------------------------------------------------------------------------
 
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int, ctx: Context) -> Entry:
-        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
-            raise OSError(errno.EPERM, "device nodes cannot be made in a shared directory")
-        os.mknod(name, mode, 0, dir_fd=self._fd(parent))
-        return self.lookup(parent, name, ctx)
+        with self._fds() as f:
+            if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+                raise OSError(errno.EPERM, "device nodes cannot be made in a shared directory")
+            os.mknod(name, mode, 0, dir_fd=f.inode(parent))
+            return self.lookup(parent, name, ctx)
 
     def mkdir(self, parent: int, name: bytes, mode: int, ctx: Context) -> Entry:
-        os.mkdir(name, mode, dir_fd=self._fd(parent))
-        return self.lookup(parent, name, ctx)
+        with self._fds() as f:
+            os.mkdir(name, mode, dir_fd=f.inode(parent))
+            return self.lookup(parent, name, ctx)
 
     def symlink(self, parent: int, name: bytes, target: bytes, ctx: Context) -> Entry:
-        os.symlink(target, name, dir_fd=self._fd(parent))
-        return self.lookup(parent, name, ctx)
+        with self._fds() as f:
+            os.symlink(target, name, dir_fd=f.inode(parent))
+            return self.lookup(parent, name, ctx)
 
     def unlink(self, parent: int, name: bytes, ctx: Context) -> None:
-        os.unlink(name, dir_fd=self._fd(parent))
+        with self._fds() as f:
+            os.unlink(name, dir_fd=f.inode(parent))
 
     def rmdir(self, parent: int, name: bytes, ctx: Context) -> None:
-        os.rmdir(name, dir_fd=self._fd(parent))
+        with self._fds() as f:
+            os.rmdir(name, dir_fd=f.inode(parent))
 
     def rename(
         self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int, ctx: Context
     ) -> None:
-        src, dst = self._fd(parent), self._fd(new_parent)
-        if flags:
-            renameat2(src, name, dst, new_name, flags)
-        else:
-            os.rename(name, new_name, src_dir_fd=src, dst_dir_fd=dst)
+        with self._fds() as f:
+            src, dst = f.inode(parent), f.inode(new_parent)
+            if flags:
+                renameat2(src, name, dst, new_name, flags)
+            else:
+                os.rename(name, new_name, src_dir_fd=src, dst_dir_fd=dst)
 
     def link(self, ino: int, new_parent: int, new_name: bytes, ctx: Context) -> Entry:
-        os.link(_proc(self._fd(ino)), new_name, dst_dir_fd=self._fd(new_parent), follow_symlinks=True)
-        return self.lookup(new_parent, new_name, ctx)
+        with self._fds() as f:
+            os.link(_proc(f.inode(ino)), new_name, dst_dir_fd=f.inode(new_parent), follow_symlinks=True)
+            return self.lookup(new_parent, new_name, ctx)
 
-    # -- files ------------------------------------------------------------------------------
+        # -- files ------------------------------------------------------------------------------
 
     def _new_fh(self, fd: int) -> int:
         with self._lock:
@@ -216,47 +272,48 @@ class Passthrough(Filesystem):
             self._files[fh] = fd
         return fh
 
-    def _handle(self, fh: int) -> int:
-        fd = self._files.get(fh)
-        if fd is None:
-            raise OSError(errno.EBADF, "no such handle")
-        return fd
-
     def open(self, ino: int, flags: int, ctx: Context) -> int:
-        fd = self._fd(ino)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EPERM, "only regular files are opened")
-        flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW)
-        return self._new_fh(os.open(_proc(fd), flags | os.O_CLOEXEC))
+        with self._fds() as f:
+            fd = f.inode(ino)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EPERM, "only regular files are opened")
+            flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW)
+            return self._new_fh(os.open(_proc(fd), flags | os.O_CLOEXEC))
 
     def create(self, parent: int, name: bytes, mode: int, flags: int, ctx: Context) -> Created:
-        flags = (flags | os.O_CREAT | os.O_NOFOLLOW) & ~os.O_NOCTTY
-        fd = openat2(self._fd(parent), name, flags, stat.S_IMODE(mode))
-        try:
-            entry = self._entry_from_fd(os.open(_proc(fd), os.O_PATH | os.O_CLOEXEC))
-        except BaseException:
-            os.close(fd)
-            raise
-        return Created(entry, self._new_fh(fd))
+        with self._fds() as f:
+            flags = (flags | os.O_CREAT | os.O_NOFOLLOW) & ~os.O_NOCTTY
+            fd = openat2(f.inode(parent), name, flags, stat.S_IMODE(mode))
+            try:
+                entry = self._entry_from_fd(os.open(_proc(fd), os.O_PATH | os.O_CLOEXEC))
+            except BaseException:
+                os.close(fd)
+                raise
+            return Created(entry, self._new_fh(fd))
 
     def read_into(self, ino: int, fh: int, offset: int, buffers: list[memoryview]) -> int:
-        if not buffers:
-            return 0
-        return os.preadv(self._handle(fh), buffers, offset)
+        with self._fds() as f:
+            if not buffers:
+                return 0
+            return os.preadv(f.handle(fh), buffers, offset)
 
     def read(self, ino: int, fh: int, offset: int, size: int) -> bytes:
-        return os.pread(self._handle(fh), size, offset)
+        with self._fds() as f:
+            return os.pread(f.handle(fh), size, offset)
 
     def write_from(self, ino: int, fh: int, offset: int, buffers: list[memoryview]) -> int:
-        if not buffers:
-            return 0
-        return os.pwritev(self._handle(fh), buffers, offset)
+        with self._fds() as f:
+            if not buffers:
+                return 0
+            return os.pwritev(f.handle(fh), buffers, offset)
 
     def write(self, ino: int, fh: int, offset: int, data: memoryview) -> int:
-        return os.pwrite(self._handle(fh), data, offset)
+        with self._fds() as f:
+            return os.pwrite(f.handle(fh), data, offset)
 
     def flush(self, ino: int, fh: int) -> None:
-        self._handle(fh)
+        with self._fds() as f:
+            f.handle(fh)
 
     def release(self, ino: int, fh: int) -> None:
         with self._lock:
@@ -265,37 +322,41 @@ class Passthrough(Filesystem):
             os.close(fd)
 
     def fsync(self, ino: int, fh: int, datasync: bool) -> None:
-        fd = self._handle(fh)
-        (os.fdatasync if datasync else os.fsync)(fd)
+        with self._fds() as f:
+            fd = f.handle(fh)
+            (os.fdatasync if datasync else os.fsync)(fd)
 
     def fallocate(self, ino: int, fh: int, offset: int, length: int, mode: int) -> None:
-        if mode:
-            raise OSError(errno.EOPNOTSUPP, "only plain fallocate")
-        os.posix_fallocate(self._handle(fh), offset, length)
+        with self._fds() as f:
+            if mode:
+                raise OSError(errno.EOPNOTSUPP, "only plain fallocate")
+            os.posix_fallocate(f.handle(fh), offset, length)
 
     def lseek(self, ino: int, fh: int, offset: int, whence: int) -> int:
-        return os.lseek(self._handle(fh), offset, whence)
+        with self._fds() as f:
+            return os.lseek(f.handle(fh), offset, whence)
 
-    # -- directories ------------------------------------------------------------------------
+        # -- directories ------------------------------------------------------------------------
 
     def opendir(self, ino: int, ctx: Context) -> int:
-        fd = os.open(_proc(self._fd(ino)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            entries = [DirEntry(b".", ino, stat.S_IFDIR, 1), DirEntry(b"..", ino, stat.S_IFDIR, 2)]
-            with os.scandir(fd) as it:
-                for d in it:
-                    try:
-                        mode = d.stat(follow_symlinks=False).st_mode
-                    except OSError:
-                        continue  # gone meanwhile
-                    entries.append(DirEntry(os.fsencode(d.name), d.inode(), mode, len(entries) + 1))
-        finally:
-            os.close(fd)
-        with self._lock:
-            fh = self._next_fh
-            self._next_fh += 1
-            self._dirs[fh] = entries
-        return fh
+        with self._fds() as f:
+            fd = os.open(_proc(f.inode(ino)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                entries = [DirEntry(b".", ino, stat.S_IFDIR, 1), DirEntry(b"..", ino, stat.S_IFDIR, 2)]
+                with os.scandir(fd) as it:
+                    for d in it:
+                        try:
+                            mode = d.stat(follow_symlinks=False).st_mode
+                        except OSError:
+                            continue  # gone meanwhile
+                        entries.append(DirEntry(os.fsencode(d.name), d.inode(), mode, len(entries) + 1))
+            finally:
+                os.close(fd)
+            with self._lock:
+                fh = self._next_fh
+                self._next_fh += 1
+                self._dirs[fh] = entries
+            return fh
 
     def readdir(self, ino: int, fh: int, offset: int) -> Iterable[DirEntry]:
         entries = self._dirs.get(fh)
@@ -308,8 +369,9 @@ class Passthrough(Filesystem):
             self._dirs.pop(fh, None)
 
     def fsyncdir(self, ino: int, fh: int, datasync: bool) -> None:
-        fd = os.open(_proc(self._fd(ino)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with self._fds() as f:
+            fd = os.open(_proc(f.inode(ino)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)

@@ -161,3 +161,21 @@ def test_no_device_nodes(drv: Driver) -> None:
     body = fuse.MKNOD_IN.pack(stat.S_IFBLK | 0o600, os.makedev(8, 0), 0, 0) + b"sda\0"
     error, _ = drv.raw(fuse.Opcode.MKNOD, ROOT, body)
     assert error == -errno.EPERM
+
+
+def test_no_fd_is_left_behind(shared: Path) -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    fs = Passthrough(shared)
+    d = Driver(FuseSession(fs))
+    d.init()
+    ino, fh = d.create(ROOT, b"f")
+    d.write(ino, fh, 0, b"abc")
+    d.read(ino, fh, 0, 3)
+    d.release(ino, fh)
+    d.readdir(ROOT)
+    sub = d.mkdir(ROOT, b"sub")
+    d.forget(sub, 1)
+    d.forget(ino, 1)
+    assert fs.inode_count() == 1
+    fs.close()
+    assert len(os.listdir("/proc/self/fd")) == before
