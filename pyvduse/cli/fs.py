@@ -6,10 +6,12 @@ import argparse
 import logging
 import os
 
+from pyvduse.cli import plugins
 from pyvduse.cli.blk import parse_bounce_size, parse_msg_timeout
 from pyvduse.daemon import check_bind, check_name
 from pyvduse.device.fs import MAX_REQUEST_QUEUES, FsConfigError, FsDevice
 from pyvduse.errors import UserError
+from pyvduse.fs.api import Filesystem
 from pyvduse.fs.passthrough import Passthrough
 from pyvduse.fsdaemon import FsDaemon, announce, preflight
 from pyvduse.runtime.executors import DEFAULT_IO_THREADS, Aio
@@ -29,7 +31,17 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("--name", required=True, help="device name (/dev/vduse/NAME, vdpa NAME)")
     p.add_argument("--tag", required=True, help="the name mount uses (1 to 36 bytes)")
-    p.add_argument("--dir", required=True, metavar="PATH", help="the directory to serve")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--dir", metavar="PATH", help="the directory to serve")
+    what.add_argument(
+        "--fs",
+        metavar="MODULE:CLASS",
+        help="a pyvduse.fs.Filesystem of one's own (MODULE:CLASS or FILE.py:CLASS), "
+        "constructed with the --fs-arg values",
+    )
+    p.add_argument(
+        "--fs-arg", action="append", metavar="K=V", help="an argument for --fs's constructor (repeatable)"
+    )
     p.add_argument("--readonly", action="store_true", help="refuse every change (EROFS)")
     p.add_argument(
         "--queues",
@@ -71,12 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.io_threads <= 1024:
         raise UserError(f"--io-threads {args.io_threads} must be 1 to 1024")
     check_bind(args.bind)
-    if not os.path.isdir(args.dir):
-        raise UserError(f"--dir {args.dir} is not a directory: give the directory to serve")
-    try:
-        fs = Passthrough(args.dir)
-    except OSError as e:
-        raise UserError(f"--dir {args.dir}: {e.strerror}") from None
+    fs = make_filesystem(args)
     try:
         try:
             device = FsDevice(
@@ -98,4 +105,25 @@ def run(args: argparse.Namespace) -> int:
         daemon.run(signals=True)
         return 0
     finally:
-        fs.close()
+        close = getattr(fs, "close", None)
+        if callable(close):
+            close()
+
+
+def make_filesystem(args: argparse.Namespace) -> Filesystem:
+    """The filesystem --dir or --fs names (its arguments checked first)."""
+    if args.fs is None:
+        if args.fs_arg:
+            raise UserError("--fs-arg goes with --fs, not --dir")
+        if not os.path.isdir(args.dir):
+            raise UserError(f"--dir {args.dir} is not a directory: give the directory to serve")
+        try:
+            return Passthrough(args.dir)
+        except OSError as e:
+            raise UserError(f"--dir {args.dir}: {e.strerror}") from None
+    cls = plugins.load_class(args.fs, "--fs")
+    if not (isinstance(cls, type) and issubclass(cls, Filesystem)):
+        raise UserError(f"--fs {args.fs} is not a subclass of pyvduse.fs.Filesystem")
+    fs = plugins.construct(cls, plugins.parse_args(args.fs_arg, "--fs-arg"), "--fs")
+    assert isinstance(fs, Filesystem)
+    return fs
