@@ -101,3 +101,24 @@ def test_mount_operations_and_fio_verify(tmp_path: Path) -> None:
             sh(f"umount {mnt}", check=False)
         assert d.stop() == 0, d.stderr()
     assert wait_gone(f"/dev/vduse/{name}")
+
+
+def test_hello_filesystem_of_ones_own(tmp_path: Path) -> None:
+    """The guide's first filesystem (examples/hello_fs.py), served with --fs, read-only."""
+    if refuses_fs():
+        pytest.skip(f"Linux {kernel_series()}'s VDUSE refuses virtio-fs (6.15 or later accepts it)")
+    hello = Path(__file__).resolve().parents[2] / "examples" / "hello_fs.py"
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    name = "e2e-fs-hello"
+    with Daemon("--tag", "hello", "--fs", f"{hello}:Hello", "--readonly", name=name, command="fs") as d:
+        sh(f"mount -t virtiofs hello {mnt}")
+        try:
+            assert os.listdir(mnt) == ["hello"]
+            assert (mnt / "hello").read_text() == "Hello from Python!\n"
+            with pytest.raises(OSError):
+                (mnt / "new").write_text("no")
+        finally:
+            sh(f"umount {mnt}", check=False)
+        assert d.stop() == 0, d.stderr()
+    assert wait_gone(f"/dev/vduse/{name}")
