@@ -18,8 +18,9 @@ from pyvduse.device.fs import FsDevice
 from pyvduse.errors import KernelMissing, NoSuchDevice
 from pyvduse.transport.kernel import sysfs
 
-#: Where the virtiofs module shows up once loaded (or built in).
-VIRTIOFS_MODULE = Path("/sys/module/virtiofs")
+#: Where the virtiofs driver shows up once registered (loaded, or built in: a built-in
+#: driver may have no /sys/module entry).
+VIRTIOFS_DRIVER = Path("/sys/bus/virtio/drivers/virtiofs")
 
 
 class FsDaemon(Daemon):
@@ -51,7 +52,7 @@ class FsDaemon(Daemon):
 def preflight(bind: str) -> None:
     """KernelMissing unless VDUSE (and, for a local mount, virtiofs) is there."""
     check_kernel(bind)
-    if bind == "virtio" and not VIRTIOFS_MODULE.exists():
+    if bind == "virtio" and not VIRTIOFS_DRIVER.exists():
         raise KernelMissing("the virtiofs module is not loaded: run 'modprobe virtiofs'")
 
 
