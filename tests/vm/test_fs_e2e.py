@@ -122,3 +122,77 @@ def test_hello_filesystem_of_ones_own(tmp_path: Path) -> None:
             sh(f"umount {mnt}", check=False)
         assert d.stop() == 0, d.stderr()
     assert wait_gone(f"/dev/vduse/{name}")
+
+
+def _apply(root: Path, op: tuple[str, str, str, int, bytes]) -> int:
+    """One operation on ``root`` with os calls; its errno (0: done)."""
+    kind, a, b, n, data = op
+    pa, pb = root / a, root / b
+    try:
+        if kind == "create":
+            os.close(os.open(pa, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        elif kind == "write":
+            fd = os.open(pa, os.O_WRONLY)
+            try:
+                os.pwrite(fd, data, n)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        elif kind == "truncate":
+            os.truncate(pa, n)
+        elif kind == "mkdir":
+            os.mkdir(pa, 0o755)
+        elif kind == "unlink":
+            os.unlink(pa)
+        elif kind == "rmdir":
+            os.rmdir(pa)
+        elif kind == "rename":
+            os.rename(pa, pb)
+        elif kind == "link":
+            os.link(pa, pb)
+        elif kind == "chmod":
+            os.chmod(pa, 0o600 | (n & 0o077))
+        elif kind == "listdir":
+            return len(os.listdir(pa))
+    except OSError as e:
+        return -(e.errno or 1)
+    return 0
+
+
+def test_random_operations_on_the_mount_match_a_reference(tmp_path: Path) -> None:
+    """The same random operations on the mount and on a directory of the guest's tmpfs:
+    the same outcome each time, the same tree after every step (2 seeds x 300 steps)."""
+    import random
+
+    if refuses_fs():
+        pytest.skip(f"Linux {kernel_series()}'s VDUSE refuses virtio-fs (6.15 or later accepts it)")
+    shared, mnt, ref = tmp_path / "shared", tmp_path / "mnt", tmp_path / "ref"
+    for p in (shared, mnt, ref):
+        p.mkdir()
+    name = "e2e-fs-random"
+    paths = ["a", "b", "d1", "d1/a", "d1/b", "d2", "d2/a", "d1/d3", "d1/d3/a"]
+    kinds = ["create", "write", "truncate", "mkdir", "unlink", "rmdir", "rename", "link", "chmod", "listdir"]
+    with Daemon("--tag", "rnd", "--dir", str(shared), name=name, command="fs") as d:
+        sh(f"mount -t virtiofs rnd {mnt}")
+        try:
+            for seed in (1, 2):
+                rng = random.Random(seed)
+                for step in range(300):
+                    op = (
+                        rng.choice(kinds),
+                        rng.choice(paths),
+                        rng.choice(paths),
+                        rng.randrange(0, 70000),
+                        rng.randbytes(rng.randrange(1, 20000)),
+                    )
+                    if op[0] in ("rename", "link") and (op[2] + "/").startswith(op[1] + "/"):
+                        continue  # into itself
+                    got, want = _apply(mnt, op), _apply(ref, op)
+                    assert got == want, (seed, step, op[:4], got, want)
+                    assert tree(mnt) == tree(ref), (seed, step, op[:4])
+                assert tree(shared) == tree(ref)
+                sh(f"rm -rf {mnt}/* {ref}/*")
+        finally:
+            sh(f"umount {mnt}", check=False)
+        assert d.stop() == 0, d.stderr()
+    assert wait_gone(f"/dev/vduse/{name}")
