@@ -102,6 +102,19 @@ class Passthrough(Filesystem):
         self._dirs: dict[int, list[DirEntry]] = {}
         self._next_fh = 1
 
+    def init(self) -> None:
+        """A new mount (FUSE_INIT): the kernel holds none of the previous mount's inodes or
+        handles (a remount after a driver reset), so they are dropped, the root kept."""
+        with self._lock:
+            stale = [i.fd for n, i in self._inodes.items() if n != ROOT] + list(self._files.values())
+            root = self._inodes[ROOT]
+            self._inodes = {ROOT: root}
+            self._by_key = {root.key: ROOT}
+            self._files.clear()
+            self._dirs.clear()
+        for fd in stale:
+            os.close(fd)
+
     def close(self) -> None:
         with self._lock:
             for fd in [i.fd for i in self._inodes.values()] + list(self._files.values()):

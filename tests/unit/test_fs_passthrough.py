@@ -179,3 +179,15 @@ def test_no_fd_is_left_behind(shared: Path) -> None:
     assert fs.inode_count() == 1
     fs.close()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_new_mount_drops_the_old_ones_inodes(drv: Driver, pt: Passthrough, shared: Path) -> None:
+    (shared / "f").write_text("x")
+    ino = drv.lookup(ROOT, b"f")[0]
+    drv.create(ROOT, b"g")
+    assert pt.inode_count() == 3
+    drv.init()  # the driver was reset and mounts again
+    assert pt.inode_count() == 1
+    with pytest.raises(FuseError):
+        drv.getattr(ino)
+    assert drv.lookup(ROOT, b"f")[0] != 0
