@@ -21,7 +21,14 @@ DESCRIPTION = (
 # with only that one, so that starting a daemon neither imports the other commands' modules
 # nor builds their parsers: in the test VM every module and every argparse parser (its
 # gettext look-ups stat the disk) costs tens of milliseconds, and restarting fast matters.
-COMMAND_MODULES = {"blk": "blk", "net": "net", "list": "manage", "destroy": "manage", "ctl": "ctl"}
+COMMAND_MODULES = {
+    "blk": "blk",
+    "net": "net",
+    "fs": "fs",
+    "list": "manage",
+    "destroy": "manage",
+    "ctl": "ctl",
+}
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -45,6 +52,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         from pyvduse.cli import net
 
         net.add_parser(sub)
+    if only in (None, "fs"):
+        from pyvduse.cli import fs
+
+        fs.add_parser(sub)
     if only in (None, "manage"):
         from pyvduse.cli import manage
 

@@ -18,14 +18,14 @@ PACKAGE = Path(__file__).resolve().parents[2] / "pyvduse"
 LAYERS: list[set[str]] = [
     {"abi", "errors", "sizes", "ratelimit"},
     {"ring"},
-    {"backend"},
+    {"backend", "fs"},  # storage backends; filesystems (the API, FUSE session, passthrough)
     {"device"},
     {"fastpath"},
     {"transport"},
     {"runtime", "model"},
     {"ops"},
     {"daemon"},
-    {"netdaemon"},  # a Daemon for network interfaces
+    {"netdaemon", "fsdaemon"},  # Daemons for network interfaces, for virtio-fs
     {"testing", "testvm"},
     {"cli"},
     {"__init__", "__main__"},  # the public names; ``python -m pyvduse``

@@ -9,6 +9,7 @@ import struct
 from pathlib import Path
 
 from pyvduse.abi import vduse as v
+from pyvduse.abi.virtio import DeviceId
 from pyvduse.errors import AccessDenied, KernelMissing, KernelRefused, NameTaken
 from pyvduse.transport.kernel import sysfs
 
@@ -107,6 +108,12 @@ class Control:
                 raise AccessDenied(
                     f"the kernel refused to create '{config.name}' (EPERM): network devices "
                     "need CAP_NET_ADMIN; run as root"
+                ) from None
+            if e.errno == errno.EINVAL and config.device_id == DeviceId.FS:
+                raise KernelRefused(
+                    config.name,
+                    f"this kernel ({os.uname().release}) refuses virtio-fs devices (device id 26) "
+                    "over VDUSE: they need Linux 6.15 or later (the test VM: --kernel 7.3)",
                 ) from None
             if e.errno == errno.EINVAL:
                 raise KernelRefused(

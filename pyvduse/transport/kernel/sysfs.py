@@ -70,6 +70,18 @@ def _virtio_children(name: str, kind: str) -> list[str]:
     return out
 
 
+def virtio_drivers(name: str) -> list[str]:
+    """The drivers bound to the virtio devices virtio_vdpa made of vdpa device ``name``
+    (``virtio_blk``, ``virtiofs``, ...)."""
+    out = []
+    for virtio in sorted((VDPA_DEVICES / name).glob("virtio*")):
+        try:
+            out.append(Path(os.readlink(virtio / "driver")).name)
+        except OSError:
+            continue
+    return out
+
+
 def block_devices(name: str) -> list[str]:
     """Block device names (``vda``) that virtio_vdpa created for vdpa device ``name``."""
     return _virtio_children(name, "block")

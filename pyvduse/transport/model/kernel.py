@@ -109,7 +109,7 @@ class ModelKernel:
             raise ModelError(errno.EINVAL, "VIRTIO_NET_F_CTRL_VQ is refused")
         if spec.device_id == DeviceId.NET and not has(spec.features, F_VERSION_1):
             raise ModelError(errno.EINVAL, "a net device needs VIRTIO_F_VERSION_1")
-        if spec.device_id not in (DeviceId.BLOCK, DeviceId.NET):
+        if spec.device_id not in (DeviceId.BLOCK, DeviceId.NET, DeviceId.FS):  # FS: Linux 6.15+
             raise ModelError(errno.EINVAL, f"device id {spec.device_id} is not allowed")
         if len(spec.config) > 4096 or not 0 < spec.num_queues <= 0xFFFF:
             raise ModelError(errno.EINVAL, "config or queue count out of range")
