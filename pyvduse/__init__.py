@@ -26,6 +26,7 @@ _EXPORTS = {
     "BlkOptions": "pyvduse.device.blk",
     "NetDevice": "pyvduse.device.net",
     "NetOptions": "pyvduse.device.net",
+    "FsDevice": "pyvduse.device.fs",
     # a device from scratch: its id, and the features every device offers
     "DeviceId": "pyvduse.abi.virtio",
     "REQUIRED_FEATURES": "pyvduse.device.base",
@@ -42,6 +43,7 @@ _EXPORTS = {
     "check_kernel": "pyvduse.daemon",
     "NetDaemon": "pyvduse.netdaemon",
     "serve_device": "pyvduse.netdaemon",
+    "FsDaemon": "pyvduse.fsdaemon",
     "parse_size": "pyvduse.sizes",
     "QueueTuning": "pyvduse.runtime.tuning",
     "DataPath": "pyvduse.runtime.tuning",
@@ -91,6 +93,8 @@ __all__ = [
     "DeviceId",
     "DeviceSpec",
     "FileBackend",
+    "FsDaemon",
+    "FsDevice",
     "KernelMissing",
     "KernelRefused",
     "LaterBackend",
@@ -132,6 +136,7 @@ if TYPE_CHECKING:
     from pyvduse.daemon import Daemon, check_kernel
     from pyvduse.device.base import REQUIRED_FEATURES, DeviceSpec, VirtioDevice
     from pyvduse.device.blk import BlkConfigError, BlkDevice, BlkOptions
+    from pyvduse.device.fs import FsDevice
     from pyvduse.device.net import NetConfigError, NetDevice, NetOptions
     from pyvduse.device.request import Request, RequestError
     from pyvduse.errors import (
@@ -149,6 +154,7 @@ if TYPE_CHECKING:
         StateMismatch,
         UserError,
     )
+    from pyvduse.fsdaemon import FsDaemon
     from pyvduse.netdaemon import NetDaemon, serve_device
     from pyvduse.ops.service import OpsOptions
     from pyvduse.ring.chain import Chain

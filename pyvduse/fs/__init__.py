@@ -1,5 +1,6 @@
 """Filesystems served over virtio-fs: the API users implement (``Filesystem``), the FUSE
-session that speaks the protocol for them, and a passthrough of a host directory."""
+session that speaks the protocol for them (``FuseSession``), and a passthrough of a host
+directory (``Passthrough``). This package is public, as ``pyvduse.testing`` is."""
 
 from pyvduse.fs.api import (
     NOW,
@@ -14,6 +15,8 @@ from pyvduse.fs.api import (
     SetAttr,
     StatFs,
 )
+from pyvduse.fs.passthrough import Passthrough
+from pyvduse.fs.session import FuseSession
 
 __all__ = [
     "NOW",
@@ -24,7 +27,9 @@ __all__ = [
     "DirEntry",
     "Entry",
     "Filesystem",
+    "FuseSession",
     "Opened",
+    "Passthrough",
     "SetAttr",
     "StatFs",
 ]

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
 
 #: What a user may import: the package's names, the wire formats, the test kit.
-PUBLIC_MODULES = re.compile(r"^pyvduse(\.abi(\.\w+)?|\.testing)?$")
+PUBLIC_MODULES = re.compile(r"^pyvduse(\.abi(\.\w+)?|\.testing|\.fs)?$")
 
 
 def test_the_package_says_it_is_typed() -> None:
