@@ -56,7 +56,11 @@ def fio(dev: str, size: str, iodepth: int = 16) -> str:
 
 
 def start_fio(dev: str, size: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(fio(dev, size), shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    """fio in the background, at most 200 IOPS a job: still running seconds later however fast
+    the machine (under emulation it does not reach that)."""
+    return subprocess.Popen(
+        f"{fio(dev, size)} --rate_iops=200", shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
 
 
 def wait_for(ready: object, what: str, timeout: float = 60) -> None:
