@@ -174,6 +174,8 @@ GUEST_MODULES = (
     "nbd",
     # the network tests and benchmark: a veth pair is bench/net.py's peer
     "veth",
+    # the kernel's own Ceph RBD client (rbd map): bench/rbd.py's limit
+    "rbd",
 )
 #: Parameters a module is loaded with (null_blk: no device at load, tests make theirs).
 MODULE_PARAMS = {"null_blk": "nr_devices=0"}

@@ -773,3 +773,47 @@ def test_nbd_bench_quick_run(tmp_path: Path, nbd_bench: ModuleType) -> None:
         ):
             assert targets[name]["met"] in (True, False), name
     assert "defaults/kernel" in proc.stdout
+
+
+# --------------------------------------------------------------------------- bench/rbd.py
+
+
+@pytest.fixture(scope="module")
+def rbd_bench(slow: ModuleType) -> ModuleType:
+    """bench/rbd.py, under another name: ``rbd`` is Ceph's Python module."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_rbd", BENCH / "rbd.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_rbd_rows_ratios_and_targets(rbd_bench: ModuleType) -> None:
+    cells = []
+    for w, ours, peer, krbd in (
+        ("randread-4k-qd1", 900, 600, 1000),
+        ("randread-4k-qd16", 8000, 7000, 9000),
+        ("randwrite-4k-qd16", 4000, 5000, 6000),
+    ):
+        for impl, figure in (("pyvduse", ours), ("qsd", peer), ("krbd", krbd)):
+            cell = nbd_cell(impl, "rbd", w, figure, osd_cpu_us_per_io=20.0)
+            if impl == "krbd":
+                cell["cpu_us_per_io"] = None
+            cells.append(cell)
+    rows = rbd_bench.build_rows(cells)
+    by = {r["workload"]: r for r in rows}
+    assert len(rows) == 3
+    r = by["randread-4k-qd16"]
+    assert r["ratio"] == pytest.approx(8000 / 7000) and r["ours_vs_krbd"] == pytest.approx(8000 / 9000)
+    assert r["krbd"] == 9000 and r["osd_cpu"] == {"pyvduse": 20.0, "qsd": 20.0, "krbd": 20.0}
+    targets = {t["target"]: t for t in rbd_bench.evaluate_targets(rows)}
+    assert targets["vs_qsd"]["met"] is False and targets["vs_qsd"]["below"] == ["randwrite-4k-qd16 0.80x"]
+    assert targets["krbd_randread"]["met"] is True and targets["krbd_randwrite"]["met"] is False
+    text = rbd_bench.report_text({"rows": rows, "targets": list(targets.values()), "info": {"guest": {}}})
+    assert "9,000 IOPS" in text and "1.14x" in text and "not met" in text and "ours/krbd" in text
+    failed = rbd_bench.build_rows([nbd_cell("krbd", "rbd", "randread-4k-qd1", 1, error="fio exited 1")])
+    assert failed[0]["krbd"] is None and failed[0]["errors"] == ["krbd: fio exited 1"]
