@@ -29,8 +29,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 IN_VM = os.environ.get("PYVDUSE_IN_VM") == "1"
 RESULTS = ROOT / ".vm-results"
-# All VM tests of one kernel share one guest: about 25 minutes on an idle 2-core machine,
-# both kernels side by side about 35; leave room for a loaded one (CI has an hour).
+# All VM tests of one kernel share one guest: about 25 minutes alone on an idle 2-core machine,
+# 31-32 each with both kernels side by side; leave room for a loaded one (CI has an hour).
 VM_TIMEOUT = float(os.environ.get("PYVDUSE_VM_TIMEOUT", "3600"))
 # pytest-timeout's limits beyond the default of pyproject.toml (600 s, for the host tests):
 # a VM test inside the guest (TCG is slow: the longest take minutes), and on the host the
