@@ -73,11 +73,25 @@ RIGHT = {
 # --------------------------------------------------------------------------- report
 
 
-def _metric(cell: dict[str, Any] | None, large: bool) -> float | None:
+def metric(cell: dict[str, Any] | None, large: bool) -> float | None:
+    """A cell's figure: MB/s for large blocks, IOPS otherwise; None for a failed cell."""
     if not cell or "error" in cell:
         return None
     value = cell.get("mb_s" if large else "iops")
     return None if value is None else float(value)
+
+
+def verdict(met: bool | None) -> str:
+    return "not measured" if met is None else ("met" if met else "not met")
+
+
+def format_verdicts(targets: Sequence[dict[str, Any]], markdown: bool = False) -> str:
+    """Targets as rows of text, measured value (and the cells below the line), verdict."""
+    body = []
+    for t in targets:
+        extra = f" (below: {', '.join(t['below'])})" if t.get("below") else ""
+        body.append([t["text"], f"{t['value'] or '-'}{extra}", verdict(t["met"])])
+    return format_grid(("target", "measured", "verdict"), body, set(), markdown)
 
 
 def merge_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -98,9 +112,9 @@ def merge_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def paired_ratio(ours: Sequence[dict[str, Any]], peer: Sequence[dict[str, Any]], large: bool) -> float | None:
     """Median over rounds of ours/peer within a round (both ran back to back, so under the
     same load), which a drift in the machine's load moves less than a ratio of medians."""
-    by_round = {c.get("round", 0): _metric(c, large) for c in peer}
+    by_round = {c.get("round", 0): metric(c, large) for c in peer}
     ratios = [
-        o / p for c in ours if (o := _metric(c, large)) is not None and (p := by_round.get(c.get("round", 0)))
+        o / p for c in ours if (o := metric(c, large)) is not None and (p := by_round.get(c.get("round", 0)))
     ]
     return statistics.median(ratios) if ratios else None
 
@@ -119,7 +133,7 @@ def build_rows(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             ours = merge_runs(our_runs) if our_runs else None
             peer = merge_runs(peer_runs) if peer_runs else None
-            o, p = _metric(ours, w.large), _metric(peer, w.large)
+            o, p = metric(ours, w.large), metric(peer, w.large)
             rows.append({
                 "backend": b,
                 "workload": w.name,

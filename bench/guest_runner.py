@@ -631,6 +631,16 @@ def _cell_line(c: dict[str, Any]) -> str:
     )
 
 
+def fio_cell_line(head: str, c: dict[str, Any]) -> str:
+    """The log line of one fio cell after ``head`` (who served it): its figures, or its error."""
+    if "error" in c:
+        return f"{head} ERROR: {c['error'][-300:]}"
+    return (
+        f"{head} {c['iops']:8.0f} IOPS {c['mb_s']:7.1f} MB/s lat {c['lat_mean_us']:7.0f} us "
+        f"cpu {_figure(c, 'cpu_us_per_io')} us/IO"
+    )
+
+
 def _figure(c: dict[str, Any], key: str, scale: float = 1, fmt: str = ".0f") -> str:
     """A measured figure for the log line; '-' where it could not be measured (not 0)."""
     value = c.get(key)

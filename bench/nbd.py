@@ -38,11 +38,13 @@ from typing import Any
 from fio_vs_qsd import (
     add_run_options,
     format_grid,
+    format_verdicts,
     git_commit,
     host_cpu_model,
     host_cpu_times,
     host_load,
     merge_runs,
+    metric,
     paired_ratio,
     run_guest,
     source_digest,
@@ -70,13 +72,6 @@ DEFAULTS_TARGETS = (
 )
 
 
-def _metric(cell: dict[str, Any] | None, large: bool) -> float | None:
-    if not cell or "error" in cell:
-        return None
-    value = cell.get("mb_s" if large else "iops")
-    return float(value) if value is not None else None
-
-
 def limit(server: str, bs: str, iodepth: int) -> float | None:
     """What the server's delay allows at this depth: iodepth requests per delay (IOPS, or
     MB/s for large blocks); None without a delay."""
@@ -91,7 +86,7 @@ def _build_row(server: str, w: Workload, runs: dict[str, list[dict[str, Any]]]) 
     large = w.bs != "4k"
     merged = {impl: merge_runs(r) if r else {} for impl, r in runs.items()}
     cap = limit(server, w.bs, w.iodepth)
-    figure = {impl: _metric(m, large) for impl, m in merged.items()}
+    figure = {impl: metric(m, large) for impl, m in merged.items()}
 
     def ratio(a: str, b: str) -> float | None:
         return paired_ratio(runs[a], runs[b], large) if runs[a] and runs[b] else None
@@ -243,15 +238,6 @@ def format_rows(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
     return format_grid(COLUMNS, body, RIGHT, markdown)
 
 
-def format_targets(targets: Sequence[dict[str, Any]], markdown: bool = False) -> str:
-    body = []
-    for t in targets:
-        verdict = "not measured" if t["met"] is None else ("met" if t["met"] else "not met")
-        extra = f" (below: {', '.join(t['below'])})" if t.get("below") else ""
-        body.append([t["text"], f"{t['value'] or '-'}{extra}", verdict])
-    return format_grid(("target", "measured", "verdict"), body, set(), markdown)
-
-
 def format_notes(info: dict[str, Any]) -> str:
     guest = info.get("guest", {})
     steal = info.get("host_steal_share")
@@ -282,7 +268,7 @@ def report_text(report: dict[str, Any], markdown: bool = False) -> str:
     return "\n\n".join(
         [
             format_rows(report["rows"], markdown),
-            format_targets(report["targets"], markdown),
+            format_verdicts(report["targets"], markdown),
             format_notes(report["info"]),
         ]
     )

@@ -48,6 +48,7 @@ from guest_runner import (
     _spawn,
     _wait,
     cpu_seconds,
+    fio_cell_line,
     guest_info,
     launch_qsd,
     local_fio,
@@ -308,14 +309,7 @@ def run_matrix(
 
 
 def cell_line(c: dict[str, Any]) -> str:
-    head = f"{c['impl']:11} {c['server']:10} {c['workload']:17}"
-    if "error" in c:
-        return f"{head} ERROR: {c['error'][-300:]}"
-    cpu = c.get("cpu_us_per_io")
-    return (
-        f"{head} {c['iops']:8.0f} IOPS {c['mb_s']:7.1f} MB/s lat {c['lat_mean_us']:7.0f} us "
-        f"cpu {'-' if cpu is None else f'{cpu:.0f}'} us/IO"
-    )
+    return fio_cell_line(f"{c['impl']:11} {c['server']:10} {c['workload']:17}", c)
 
 
 def main(argv: list[str] | None = None) -> int:

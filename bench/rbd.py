@@ -34,11 +34,13 @@ from typing import Any
 from fio_vs_qsd import (
     add_run_options,
     format_grid,
+    format_verdicts,
     git_commit,
     host_cpu_model,
     host_cpu_times,
     host_load,
     merge_runs,
+    metric,
     paired_ratio,
     run_guest,
     source_digest,
@@ -53,13 +55,6 @@ DEFAULT_JSON = HERE / "results" / "rbd.json"
 DEFAULT_SECONDS = 4.0
 TARGET_DEPTH = 16
 TARGET_SHARE_OF_LIMIT = 0.8
-
-
-def _metric(cell: dict[str, Any] | None, large: bool) -> float | None:
-    if not cell or "error" in cell:
-        return None
-    value = cell.get("mb_s" if large else "iops")
-    return float(value) if value is not None else None
 
 
 def build_rows(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -79,11 +74,11 @@ def build_rows(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             cell = merged[impl]
             return None if "error" in cell else cell.get(key)
 
-        ours = _metric(merged["pyvduse"], large)
+        ours = metric(merged["pyvduse"], large)
         rows.append({
             "workload": w.name, "rw": w.rw, "bs": w.bs, "iodepth": w.iodepth,
             "unit": "MB/s" if large else "IOPS",
-            "ours": ours, "peer": _metric(merged["qsd"], large), "krbd": _metric(merged["krbd"], large),
+            "ours": ours, "peer": metric(merged["qsd"], large), "krbd": metric(merged["krbd"], large),
             "ratio": paired_ratio(runs["pyvduse"], runs["qsd"], large) if runs["qsd"] else None,
             "ours_vs_krbd": (
                 paired_ratio(runs["pyvduse"], runs["krbd"], large) if runs["krbd"] else None
@@ -167,15 +162,6 @@ def format_rows(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
     return format_grid(COLUMNS, body, RIGHT, markdown)
 
 
-def format_targets(targets: Sequence[dict[str, Any]], markdown: bool = False) -> str:
-    body = []
-    for t in targets:
-        verdict = "not measured" if t["met"] is None else ("met" if t["met"] else "not met")
-        extra = f" (below: {', '.join(t['below'])})" if t.get("below") else ""
-        body.append([t["text"], f"{t['value'] or '-'}{extra}", verdict])
-    return format_grid(("target", "measured", "verdict"), body, set(), markdown)
-
-
 def format_notes(info: dict[str, Any]) -> str:
     guest = info.get("guest", {})
     steal = info.get("host_steal_share")
@@ -205,7 +191,7 @@ def report_text(report: dict[str, Any], markdown: bool = False) -> str:
     return "\n\n".join(
         [
             format_rows(report["rows"], markdown),
-            format_targets(report["targets"], markdown),
+            format_verdicts(report["targets"], markdown),
             format_notes(report["info"]),
         ]
     )

@@ -40,6 +40,7 @@ from guest_runner import (
     _spawn,
     _wait,
     cpu_seconds,
+    fio_cell_line,
     guest_info,
     launch_qsd,
     local_fio,
@@ -199,14 +200,7 @@ def run_matrix(workloads: list[Workload], *, seconds: float, ramp: float, repeat
 
 
 def cell_line(c: dict[str, Any]) -> str:
-    head = f"{c['impl']:8} {c['workload']:17}"
-    if "error" in c:
-        return f"{head} ERROR: {c['error'][-300:]}"
-    cpu = c.get("cpu_us_per_io")
-    return (
-        f"{head} {c['iops']:8.0f} IOPS {c['mb_s']:7.1f} MB/s lat {c['lat_mean_us']:7.0f} us "
-        f"cpu {'-' if cpu is None else f'{cpu:.0f}'} us/IO"
-    )
+    return fio_cell_line(f"{c['impl']:8} {c['workload']:17}", c)
 
 
 def main(argv: list[str] | None = None) -> int:

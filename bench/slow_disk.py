@@ -53,6 +53,7 @@ from fio_vs_qsd import (
     run_guest,
     source_digest,
     steal_share,
+    verdict,
 )
 from guest_runner import QUEUE_SIZE
 from slow_disk_guest import (
@@ -340,10 +341,6 @@ def format_summary(summary: Sequence[dict[str, Any]], markdown: bool = False) ->
     return format_grid(SUMMARY_COLUMNS, body, SUMMARY_RIGHT, markdown)
 
 
-def _verdict(met: bool | None) -> str:
-    return "not measured" if met is None else ("met" if met else "not met")
-
-
 def format_targets(targets: Sequence[dict[str, Any]], markdown: bool = False) -> str:
     columns = ("target", "randread", "randwrite")
     body = []
@@ -356,7 +353,7 @@ def format_targets(targets: Sequence[dict[str, Any]], markdown: bool = False) ->
                 if x["target"] == t.key and x["rw"] == rw and x.get("iodepth", TARGET_DEPTH) == t.iodepth
             )
             figure = "-" if e["value"] is None else f"{e['value']:.2f}x ({e['mode']})"
-            line.append(f"{figure} {_verdict(e['met'])}")
+            line.append(f"{figure} {verdict(e['met'])}")
         body.append(line)
     return format_grid(columns, body, {"randread", "randwrite"}, markdown)
 
